@@ -1,0 +1,79 @@
+"""The driver contract every engine implements."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+import msgspec
+
+MANAGED = "sandboxctl.managed"
+SANDBOX = "sandboxctl.sandbox"
+SANDBOX_ID = "sandboxctl.sandbox_id"
+
+
+def container_name(sandbox: str) -> str:
+    return f"sandboxctl-{sandbox}"
+
+
+def volume_name(sandbox: str) -> str:
+    return f"sandboxctl-{sandbox}-workspace"
+
+
+def labels_for(sandbox: str, sandbox_id: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {**(extra or {}), MANAGED: "true", SANDBOX: sandbox, SANDBOX_ID: sandbox_id}
+
+
+class SandboxSpec(msgspec.Struct, kw_only=True):
+    name: str
+    sandbox_id: str
+    image: str
+    command: list[str] | None = None
+    labels: dict[str, str] = {}
+
+
+class ContainerInfo(msgspec.Struct, kw_only=True):
+    sandbox: str
+    sandbox_id: str
+    container_id: str
+    running: bool
+    status: str
+    exit_code: int = 0
+    oom: bool = False
+    incarnation: str = ""  # the engine's start time of the current or last run
+
+
+class EngineEvent(msgspec.Struct, kw_only=True):
+    """A change the engine reports for a managed container."""
+
+    action: str  # "start", "die", "remove"
+    sandbox: str
+    container_id: str
+    exit_code: int | None = None
+
+
+class DriverError(Exception):
+    """The engine could not do what was asked; ``str()`` is the engine's message."""
+
+    def __init__(self, operation: str, message: str) -> None:
+        super().__init__(message)
+        self.operation = operation
+        self.message = message
+
+
+class ContainerMissing(DriverError):
+    pass
+
+
+class Driver(Protocol):
+    name: str
+
+    def ping(self) -> None: ...
+    def create(self, spec: SandboxSpec) -> ContainerInfo: ...
+    def start(self, sandbox: str) -> ContainerInfo: ...
+    def stop(self, sandbox: str, timeout: float) -> ContainerInfo: ...
+    def delete(self, sandbox: str) -> str: ...
+    def inspect(self, sandbox: str) -> ContainerInfo | None: ...
+    def list_managed(self) -> list[ContainerInfo]: ...
+    def events(self) -> Iterator[EngineEvent]: ...
+    def close(self) -> None: ...

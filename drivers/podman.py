@@ -1,0 +1,177 @@
+"""The podman driver: podman's REST API through the podman SDK.
+
+It talks to a ``podman system service`` socket (``sandboxctl up`` starts one of
+its own). Containers run with ``--network none``; the workspace is a named
+volume that outlives the container, so only ``delete`` ever removes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from podman import PodmanClient
+from podman.errors import APIError, NotFound, PodmanError
+
+from drivers.base import (
+    MANAGED,
+    SANDBOX,
+    SANDBOX_ID,
+    ContainerInfo,
+    ContainerMissing,
+    DriverError,
+    EngineEvent,
+    SandboxSpec,
+    container_name,
+    labels_for,
+    volume_name,
+)
+
+_ACTIONS = {"start": "start", "died": "die", "remove": "remove"}
+
+
+def _message(exc: Exception) -> str:
+    explanation = getattr(exc, "explanation", None)
+    return str(explanation or exc).strip() or type(exc).__name__
+
+
+class PodmanDriver:
+    name = "podman"
+
+    def __init__(self, base_url: str, timeout: float = 120.0) -> None:
+        self.base_url = base_url
+        self.timeout = timeout
+        self.client = PodmanClient(base_url=base_url, timeout=timeout)
+
+    def _call(self, operation: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except NotFound as exc:
+            raise ContainerMissing(operation, _message(exc)) from exc
+        except (PodmanError, APIError, OSError) as exc:
+            raise DriverError(operation, _message(exc)) from exc
+        except Exception as exc:  # requests' connection errors and the like
+            raise DriverError(operation, f"{type(exc).__name__}: {exc}") from exc
+
+    def ping(self) -> None:
+        if not self._call("ping", self.client.ping):
+            raise DriverError("ping", f"podman at {self.base_url} did not answer")
+
+    def _info(self, attrs: dict[str, Any]) -> ContainerInfo:
+        state = attrs.get("State", {})
+        labels = (attrs.get("Config") or {}).get("Labels") or {}
+        started = state.get("StartedAt", "")
+        return ContainerInfo(
+            sandbox=labels.get(SANDBOX, ""),
+            sandbox_id=labels.get(SANDBOX_ID, ""),
+            container_id=attrs.get("Id", ""),
+            running=bool(state.get("Running")),
+            status=str(state.get("Status", "")),
+            exit_code=int(state.get("ExitCode") or 0),
+            oom=bool(state.get("OOMKilled")),
+            incarnation="" if started.startswith("0001-") else str(started),
+        )
+
+    def _get(self, operation: str, sandbox: str) -> Any:
+        return self._call(operation, self.client.containers.get, container_name(sandbox))
+
+    def inspect(self, sandbox: str) -> ContainerInfo | None:
+        try:
+            container = self._get("inspect", sandbox)
+        except ContainerMissing:
+            return None
+        return self._info(container.attrs)
+
+    def create(self, spec: SandboxSpec) -> ContainerInfo:
+        existing = self.inspect(spec.name)
+        if existing is not None:
+            if existing.sandbox_id != spec.sandbox_id:
+                raise DriverError(
+                    "create",
+                    f"container {container_name(spec.name)} already exists and belongs to sandbox id "
+                    f"{existing.sandbox_id or '(none)'}",
+                )
+            return existing
+        labels = labels_for(spec.name, spec.sandbox_id, spec.labels)
+        volume = volume_name(spec.name)
+        if not self._call("create", self.client.volumes.exists, volume):
+            self._call("create", self.client.volumes.create, volume, labels=labels)
+        kwargs: dict[str, Any] = {
+            "name": container_name(spec.name),
+            "labels": labels,
+            "volumes": {volume: {"bind": "/workspace", "mode": "rw"}},
+            "network_mode": "none",
+            "hostname": spec.name,
+        }
+        if spec.command:
+            kwargs["command"] = spec.command
+        container = self._call("create", self.client.containers.create, spec.image, **kwargs)
+        container.reload()
+        return self._info(container.attrs)
+
+    def start(self, sandbox: str) -> ContainerInfo:
+        container = self._get("start", sandbox)
+        if container.attrs.get("State", {}).get("Running"):
+            return self._info(container.attrs)
+        self._call("start", container.start)
+        self._call("start", container.reload)
+        return self._info(container.attrs)
+
+    def stop(self, sandbox: str, timeout: float) -> ContainerInfo:
+        container = self._get("stop", sandbox)
+        if container.attrs.get("State", {}).get("Running"):
+            self._call("stop", container.stop, timeout=max(0, round(timeout)))
+            self._call("stop", container.reload)
+        return self._info(container.attrs)
+
+    def delete(self, sandbox: str) -> str:
+        container_id = ""
+        try:
+            container = self._get("delete", sandbox)
+            container_id = container.id
+            self._call("delete", container.remove, force=True)
+        except ContainerMissing:
+            pass
+        try:
+            self._call("delete", self.client.volumes.remove, volume_name(sandbox), force=True)
+        except ContainerMissing:
+            pass
+        return container_id
+
+    def list_managed(self) -> list[ContainerInfo]:
+        containers = self._call("list", self.client.containers.list, all=True, filters={"label": f"{MANAGED}=true"})
+        infos = []
+        for c in containers:
+            try:
+                c.reload()
+            except NotFound:
+                continue
+            infos.append(self._info(c.attrs))
+        return infos
+
+    def events(self) -> Iterator[EngineEvent]:
+        client = PodmanClient(base_url=self.base_url, timeout=None)
+        try:
+            stream = self._call(
+                "events",
+                client.events,
+                filters={"type": "container", "label": f"{MANAGED}=true"},
+                decode=True,
+            )
+            for raw in stream:
+                action = _ACTIONS.get(raw.get("Action") or raw.get("status", ""))
+                attrs = (raw.get("Actor") or {}).get("Attributes") or {}
+                if action is None or not attrs.get(SANDBOX):
+                    continue
+                code = attrs.get("containerExitCode")
+                yield EngineEvent(
+                    action=action,
+                    sandbox=attrs[SANDBOX],
+                    container_id=(raw.get("Actor") or {}).get("ID", raw.get("id", "")),
+                    exit_code=int(code) if action == "die" and code is not None else None,
+                )
+        finally:
+            client.close()
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,72 @@
+"""The wire contract of sandboxctl.
+
+Everything that crosses NATS is defined here as msgspec Structs and encoded as
+JSON, so that a client in any language can publish commands and read the log.
+Nothing in this package performs I/O; every other package imports it.
+"""
+
+from events.commands import (
+    COMMAND_TYPES,
+    CreateSandbox,
+    DeleteSandbox,
+    SandboxCommand,
+    StartSandbox,
+    StopSandbox,
+)
+from events.envelope import Envelope, decode_envelope, encode, new_id, now
+from events.facts import (
+    FACT_TYPES,
+    ContainerCreated,
+    ContainerExited,
+    ContainerRemoved,
+    ContainerStarted,
+    DriverFailed,
+    Fact,
+)
+from events.lifecycle import (
+    EVENT_TYPES,
+    LifecycleEvent,
+    SandboxCreated,
+    SandboxDeleted,
+    SandboxDeleteRequested,
+    SandboxFailed,
+    SandboxReady,
+    SandboxStartRequested,
+    SandboxStopped,
+    SandboxStopRequested,
+)
+from events.replies import ErrorCode, ErrorInfo, Reply
+
+__all__ = [
+    "COMMAND_TYPES",
+    "EVENT_TYPES",
+    "FACT_TYPES",
+    "ContainerCreated",
+    "ContainerExited",
+    "ContainerRemoved",
+    "ContainerStarted",
+    "CreateSandbox",
+    "DeleteSandbox",
+    "DriverFailed",
+    "Envelope",
+    "ErrorCode",
+    "ErrorInfo",
+    "Fact",
+    "LifecycleEvent",
+    "Reply",
+    "SandboxCommand",
+    "SandboxCreated",
+    "SandboxDeleteRequested",
+    "SandboxDeleted",
+    "SandboxFailed",
+    "SandboxReady",
+    "SandboxStartRequested",
+    "SandboxStopRequested",
+    "SandboxStopped",
+    "StartSandbox",
+    "StopSandbox",
+    "decode_envelope",
+    "encode",
+    "new_id",
+    "now",
+]

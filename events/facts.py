@@ -1,0 +1,51 @@
+"""Driver facts: what a driver worker observed a real engine do.
+
+Facts are not phases. The state machine decides what a fact means for the
+sandbox (an exit while Stopping is a stop; an exit while Ready is a failure).
+``incarnation`` names one run of a container (the engine's start time), so a
+late fact from an earlier run can be recognised and ignored.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import msgspec
+
+
+class _Fact(msgspec.Struct, kw_only=True, omit_defaults=True):
+    container_id: str = ""
+    TYPE: ClassVar[str] = ""
+
+
+class ContainerCreated(_Fact):
+    TYPE: ClassVar[str] = "sandboxctl.fact.container_created.v1"
+
+
+class ContainerStarted(_Fact):
+    incarnation: str = ""
+    TYPE: ClassVar[str] = "sandboxctl.fact.container_started.v1"
+
+
+class ContainerExited(_Fact):
+    exit_code: int
+    requested: bool = False
+    oom: bool = False
+    incarnation: str = ""
+    TYPE: ClassVar[str] = "sandboxctl.fact.container_exited.v1"
+
+
+class ContainerRemoved(_Fact):
+    TYPE: ClassVar[str] = "sandboxctl.fact.container_removed.v1"
+
+
+class DriverFailed(_Fact):
+    operation: str
+    message: str
+    TYPE: ClassVar[str] = "sandboxctl.fact.driver_failed.v1"
+
+
+Fact = ContainerCreated | ContainerStarted | ContainerExited | ContainerRemoved | DriverFailed
+FACT_TYPES: dict[str, type[_Fact]] = {
+    cls.TYPE: cls for cls in (ContainerCreated, ContainerStarted, ContainerExited, ContainerRemoved, DriverFailed)
+}

@@ -1,0 +1,43 @@
+"""Replies to commands and queries.
+
+Every reply is either a success or carries an ``error`` with a stable ``code``
+from ErrorCode and a one-line human message; clients branch on the code.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import msgspec
+
+
+class ErrorCode(enum.StrEnum):
+    INVALID_ARGUMENT = "invalid_argument"
+    NOT_FOUND = "not_found"
+    ALREADY_EXISTS = "already_exists"
+    FAILED_PRECONDITION = "failed_precondition"
+    CONFLICT = "conflict"
+    INTERNAL = "internal"
+
+
+class ErrorInfo(msgspec.Struct, kw_only=True):
+    code: ErrorCode
+    message: str
+
+
+class Reply(msgspec.Struct, kw_only=True, omit_defaults=True):
+    accepted: bool = False
+    sandbox: str = ""
+    phase: str = ""
+    seq: int = 0
+    appended: int = 0
+    error: ErrorInfo | None = None
+    result: Any = None
+
+
+reply_decoder = msgspec.json.Decoder(Reply)
+
+
+def error_reply(code: ErrorCode, message: str, sandbox: str = "") -> Reply:
+    return Reply(accepted=False, sandbox=sandbox, error=ErrorInfo(code=code, message=message))

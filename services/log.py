@@ -1,0 +1,114 @@
+"""The JetStream log: stream definitions and the one guarded append.
+
+Every lifecycle event is appended through ``append`` with ``Nats-Msg-Id`` (so a
+retried command or fact is stored once) and
+``Nats-Expected-Last-Subject-Sequence`` (so two writers that decided from the
+same state cannot both win). The log stream denies deletes and purges: it is
+the source of truth, and projections are rebuilt from it.
+"""
+
+from __future__ import annotations
+
+import msgspec
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, PubAck, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import APIError, NotFoundError
+
+from events import subjects
+from events.envelope import Envelope, decode_envelope, encode
+from events.facts import FACT_TYPES
+from events.lifecycle import EVENT_TYPES
+
+WRONG_LAST_SEQUENCE = 10071
+DUPLICATE_WINDOW = 120.0
+
+
+class Conflict(Exception):
+    """Someone else appended to the sandbox's subject since we read it."""
+
+
+def log_stream_config(replicas: int = 1) -> StreamConfig:
+    return StreamConfig(
+        name=subjects.LOG_STREAM,
+        description="sandboxctl lifecycle log (source of truth)",
+        subjects=[subjects.LOG_ALL],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.NEW,
+        duplicate_window=DUPLICATE_WINDOW,
+        num_replicas=replicas,
+        deny_delete=True,
+        deny_purge=True,
+        allow_direct=True,
+    )
+
+
+def facts_stream_config(replicas: int = 1) -> StreamConfig:
+    return StreamConfig(
+        name=subjects.FACTS_STREAM,
+        description="sandboxctl driver facts, consumed by the state machine",
+        subjects=[subjects.FACTS_ALL],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=7 * 24 * 3600.0,
+        duplicate_window=DUPLICATE_WINDOW,
+        num_replicas=replicas,
+        allow_direct=True,
+    )
+
+
+async def ensure_streams(js: JetStreamContext) -> None:
+    for config in (log_stream_config(), facts_stream_config()):
+        try:
+            await js.stream_info(config.name)
+        except NotFoundError:
+            try:
+                await js.add_stream(config)
+            except APIError as exc:  # another process created it first
+                if exc.err_code != 10058:
+                    raise
+
+
+async def append(js: JetStreamContext, envelope: Envelope, expected_seq: int) -> PubAck:
+    try:
+        return await js.publish(
+            subjects.log(envelope.subject),
+            encode(envelope),
+            stream=subjects.LOG_STREAM,
+            headers={
+                "Nats-Msg-Id": envelope.id,
+                "Nats-Expected-Last-Subject-Sequence": str(expected_seq),
+            },
+        )
+    except APIError as exc:
+        if exc.err_code == WRONG_LAST_SEQUENCE:
+            raise Conflict(str(exc)) from exc
+        raise
+
+
+async def publish_fact(js: JetStreamContext, envelope: Envelope) -> PubAck:
+    return await js.publish(
+        subjects.fact(envelope.subject),
+        encode(envelope),
+        stream=subjects.FACTS_STREAM,
+        headers={"Nats-Msg-Id": envelope.id},
+    )
+
+
+def decode_event(payload: bytes) -> Envelope:
+    return decode_envelope(payload, EVENT_TYPES)
+
+
+def decode_fact(payload: bytes) -> Envelope:
+    return decode_envelope(payload, FACT_TYPES)
+
+
+async def last_subject_seq(js: JetStreamContext, name: str) -> int:
+    try:
+        msg = await js.get_last_msg(subjects.LOG_STREAM, subjects.log(name))
+    except NotFoundError:
+        return 0
+    return int(msg.seq or 0)
+
+
+DecodeError = (msgspec.DecodeError, msgspec.ValidationError, ValueError)

@@ -1,0 +1,128 @@
+"""The SQLite projection of the log: schema and reads, shared by the
+projector (the only writer) and the query service (a reader)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sandboxes (
+    name        TEXT PRIMARY KEY,
+    sandbox_id  TEXT NOT NULL,
+    phase       TEXT NOT NULL,
+    driver      TEXT NOT NULL,
+    image       TEXT NOT NULL,
+    command     TEXT,
+    labels      TEXT NOT NULL DEFAULT '{}',
+    last_error  TEXT NOT NULL DEFAULT '',
+    incarnation TEXT NOT NULL DEFAULT '',
+    created_at  TEXT NOT NULL,
+    updated_at  TEXT NOT NULL,
+    last_seq    INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sandboxes_phase ON sandboxes(phase);
+CREATE TABLE IF NOT EXISTS history (
+    seq           INTEGER PRIMARY KEY,
+    name          TEXT NOT NULL,
+    type          TEXT NOT NULL,
+    time          TEXT NOT NULL,
+    actor         TEXT NOT NULL,
+    correlationid TEXT NOT NULL,
+    causationid   TEXT NOT NULL,
+    event_id      TEXT NOT NULL,
+    phase         TEXT NOT NULL,
+    data          TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS history_name ON history(name, seq);
+CREATE TABLE IF NOT EXISTS checkpoint (
+    id  INTEGER PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO checkpoint (id, seq) VALUES (1, 0);
+"""
+
+SANDBOX_COLUMNS = (
+    "name",
+    "sandbox_id",
+    "phase",
+    "driver",
+    "image",
+    "command",
+    "labels",
+    "last_error",
+    "incarnation",
+    "created_at",
+    "updated_at",
+    "last_seq",
+)
+HISTORY_COLUMNS = ("seq", "name", "type", "time", "actor", "correlationid", "causationid", "event_id", "phase", "data")
+
+
+async def connect(path: Path, readonly: bool = False) -> aiosqlite.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = await aiosqlite.connect(path)
+    await db.execute("PRAGMA journal_mode=WAL")
+    await db.execute("PRAGMA synchronous=NORMAL")
+    await db.execute("PRAGMA busy_timeout=5000")
+    if not readonly:
+        await db.executescript(SCHEMA)
+        await db.commit()
+    return db
+
+
+def sandbox_row(row: tuple[Any, ...]) -> dict[str, Any]:
+    item = dict(zip(SANDBOX_COLUMNS, row, strict=True))
+    item["command"] = json.loads(item["command"]) if item["command"] else None
+    item["labels"] = json.loads(item["labels"])
+    return item
+
+
+def history_row(row: tuple[Any, ...]) -> dict[str, Any]:
+    item = dict(zip(HISTORY_COLUMNS, row, strict=True))
+    item["data"] = json.loads(item["data"])
+    return item
+
+
+async def get_sandbox(db: aiosqlite.Connection, name: str) -> dict[str, Any] | None:
+    rows = await db.execute_fetchall(f"SELECT {', '.join(SANDBOX_COLUMNS)} FROM sandboxes WHERE name = ?", (name,))
+    rows = list(rows)
+    return sandbox_row(rows[0]) if rows else None
+
+
+async def list_sandboxes(
+    db: aiosqlite.Connection,
+    phases: list[str] | None = None,
+    labels: dict[str, str] | None = None,
+    include_deleted: bool = False,
+) -> list[dict[str, Any]]:
+    sql = f"SELECT {', '.join(SANDBOX_COLUMNS)} FROM sandboxes"
+    where: list[str] = []
+    args: list[Any] = []
+    if phases:
+        where.append(f"phase IN ({', '.join('?' * len(phases))})")
+        args.extend(phases)
+    elif not include_deleted:
+        where.append("phase != 'Deleted'")
+    for key, value in (labels or {}).items():
+        where.append("json_extract(labels, ?) = ?")
+        args.extend([f'$."{key}"', value])
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY name"
+    return [sandbox_row(r) for r in await db.execute_fetchall(sql, args)]
+
+
+async def history(db: aiosqlite.Connection, name: str) -> list[dict[str, Any]]:
+    rows = await db.execute_fetchall(
+        f"SELECT {', '.join(HISTORY_COLUMNS)} FROM history WHERE name = ? ORDER BY seq", (name,)
+    )
+    return [history_row(r) for r in rows]
+
+
+async def checkpoint(db: aiosqlite.Connection) -> int:
+    rows = list(await db.execute_fetchall("SELECT seq FROM checkpoint WHERE id = 1"))
+    return int(rows[0][0]) if rows else 0

@@ -1,0 +1,277 @@
+"""The state-machine service: the only writer of lifecycle events.
+
+It keeps every sandbox's state in memory, folded from the log by a Tail that
+starts at sequence 1, so a restarted service recovers by reading the log and
+nothing else. Commands arrive by request/reply; driver facts arrive through a
+durable consumer and are acknowledged only after the events they cause are in
+the log. Each append is guarded by the sandbox's last sequence; a conflict
+means another writer got there first, so the service waits until its cache has
+seen that write and decides again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from events import subjects
+from events.commands import CreateSandbox, SandboxCommand, command_decoder
+from events.envelope import Envelope, encode, now, type_name
+from events.lifecycle import LifecycleEvent
+from events.replies import ErrorCode, Reply, error_reply
+from services.log import Conflict, DecodeError, append, decode_event, decode_fact, ensure_streams, last_subject_seq
+from services.tail import Tail, fetch, reraise_if_cancelling
+from statemachine import Rejection, SandboxState, decide, evolve, react
+from statemachine.machine import IllegalTransition
+
+log = logging.getLogger(__name__)
+
+SOURCE = "sandboxctl/statemachine"
+MAX_ATTEMPTS = 8
+FACTS_CONSUMER = "sandboxctl-statemachine"
+
+
+class StateMachineService:
+    def __init__(
+        self,
+        nc: NATS,
+        drivers: tuple[str, ...] = ("podman",),
+        default_driver: str = "podman",
+        max_in_flight: int = 4096,
+    ) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.drivers = drivers
+        self.default_driver = default_driver
+        self.states: dict[str, SandboxState] = {}
+        self.position = 0  # highest log sequence folded into self.states
+        self._tasks: list[asyncio.Task[None]] = []
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._caught_up = asyncio.Event()
+        self._subs: list[object] = []
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        await ensure_streams(self.js)
+        self._tail = Tail(self.js, subjects.LOG_STREAM, subjects.LOG_ALL, start_seq=1)
+        self._tasks.append(asyncio.create_task(self._follow_log(), name="statemachine-log"))
+        await self._caught_up.wait()
+        self._subs.append(
+            await self.nc.subscribe(subjects.COMMANDS_ALL, queue="sandboxctl-statemachine", cb=self._on_command)
+        )
+        self._tasks.append(asyncio.create_task(self._consume_facts(), name="statemachine-facts"))
+        log.info("state machine ready: %d sandboxes folded up to seq %d", len(self.states), self.position)
+
+    async def stop(self) -> None:
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()  # type: ignore[attr-defined]
+            except Exception:
+                pass
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._inflight:
+            await asyncio.wait(self._inflight, timeout=5)
+        await self._tail.close()
+
+    # -- the log -----------------------------------------------------------------
+
+    async def _follow_log(self) -> None:
+        target = await self._tail.last_seq()
+        async for batch in self._tail.batches():
+            for msg in batch:
+                seq = msg.metadata.sequence.stream
+                try:
+                    self._fold(decode_event(msg.data), seq)
+                except (*DecodeError, IllegalTransition) as exc:
+                    log.error("log seq %d cannot be folded: %s", seq, exc)
+                self.position = seq
+            if self._tail.next_seq > target:
+                self._caught_up.set()
+
+    def _fold(self, envelope: Envelope, seq: int) -> None:
+        state = self.states.get(envelope.subject)
+        if state is not None and state.seq >= seq:
+            return  # already applied when we appended it ourselves
+        self.states[envelope.subject] = evolve(state, envelope, seq)
+
+    async def _wait_for(self, name: str, seq: int, timeout: float = 5.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.position < seq and (self.states.get(name) is None or self.states[name].seq < seq):
+            if loop.time() > deadline:
+                raise TimeoutError(f"log reader did not reach seq {seq}")
+            await asyncio.sleep(0.002)
+
+    # -- the one decide-and-append loop ------------------------------------------
+
+    async def _decide_and_append(
+        self,
+        name: str,
+        decide_fn: Callable[[SandboxState | None], list[LifecycleEvent] | Rejection],
+        cause_id: str,
+        actor: str,
+        correlation_id: str,
+    ) -> Reply:
+        for _ in range(MAX_ATTEMPTS):
+            state = self.states.get(name)
+            decision = decide_fn(state)
+            if isinstance(decision, Rejection) or not decision:
+                # An append is checked by the log itself; a refusal or a no-op
+                # is not, so make sure it was not decided on a stale cache.
+                latest = await last_subject_seq(self.js, name)
+                if latest > (state.seq if state else 0):
+                    await self._wait_for(name, latest)
+                    continue
+                if isinstance(decision, Rejection):
+                    return error_reply(decision.code, decision.message, name)
+                return self._accepted(name, state, 0)
+            expected = state.seq if state else 0
+            try:
+                for index, event in enumerate(decision):
+                    envelope = Envelope(
+                        id=f"{cause_id}:{index}",
+                        type=type_name(type(event)),
+                        source=SOURCE,
+                        subject=name,
+                        time=now(),
+                        data=event,
+                        actor=actor,
+                        correlationid=correlation_id or cause_id,
+                        causationid=cause_id,
+                    )
+                    ack = await append(self.js, envelope, expected)
+                    if ack.duplicate:
+                        # Stored before, by us or a twin; the cache learns it from the log.
+                        await self._wait_for(name, ack.seq)
+                    else:
+                        self._fold(envelope, ack.seq)
+                    expected = ack.seq
+            except Conflict:
+                await self._wait_for(name, await last_subject_seq(self.js, name))
+                continue
+            return self._accepted(name, self.states.get(name), len(decision))
+        return error_reply(ErrorCode.CONFLICT, f"sandbox {name} kept changing; try again", name)
+
+    @staticmethod
+    def _accepted(name: str, state: SandboxState | None, appended: int) -> Reply:
+        return Reply(
+            accepted=True,
+            sandbox=name,
+            phase=state.phase.value if state else "",
+            seq=state.seq if state else 0,
+            appended=appended,
+        )
+
+    # -- commands ----------------------------------------------------------------
+
+    async def _on_command(self, msg: Msg) -> None:
+        await self._slots.acquire()
+        task = asyncio.create_task(self._handle_command(msg))
+        self._inflight.add(task)
+        task.add_done_callback(self._command_done)
+
+    def _command_done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._slots.release()
+
+    async def _handle_command(self, msg: Msg) -> None:
+        try:
+            reply = await self.handle(msg.subject, msg.data)
+        except Exception as exc:  # never let one command take the service down
+            log.exception("command on %s failed", msg.subject)
+            reply = error_reply(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        if msg.reply:
+            try:
+                await msg.respond(encode(reply))
+            except Exception:
+                log.warning("could not reply on %s", msg.reply)
+
+    async def handle(self, subject: str, payload: bytes) -> Reply:
+        try:
+            command: SandboxCommand = command_decoder.decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return error_reply(ErrorCode.INVALID_ARGUMENT, f"malformed command: {exc}")
+        verb = subject.rsplit(".", 1)[-1]
+        if verb != command.VERB:
+            return error_reply(
+                ErrorCode.INVALID_ARGUMENT,
+                f"a {command.VERB} command was sent to {subject}; send it to {subjects.command(command.VERB)}",
+                command.name,
+            )
+        if not command.command_id:
+            return error_reply(ErrorCode.INVALID_ARGUMENT, "command_id must not be empty", command.name)
+        if isinstance(command, CreateSandbox) and not command.driver:
+            command = msgspec.structs.replace(command, driver=self.default_driver)
+        return await self._decide_and_append(
+            command.name,
+            lambda state: decide(state, command, self.drivers),
+            command.command_id,
+            command.actor,
+            command.correlation_id,
+        )
+
+    # -- facts -------------------------------------------------------------------
+
+    async def _consume_facts(self) -> None:
+        config = ConsumerConfig(
+            durable_name=FACTS_CONSUMER,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=30.0,
+            max_ack_pending=10_000,
+            filter_subject=subjects.FACTS_ALL,
+        )
+        psub = None
+        while True:
+            try:
+                if psub is None:
+                    psub = await self.js.pull_subscribe(
+                        subjects.FACTS_ALL, durable=FACTS_CONSUMER, stream=subjects.FACTS_STREAM, config=config
+                    )
+                msgs = await fetch(psub, 256, 1.0)
+                await self._apply_facts(msgs)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                reraise_if_cancelling()
+                log.warning("facts consumer: %r; resubscribing", exc)
+                psub = None
+                await asyncio.sleep(0.25)
+
+    async def _apply_facts(self, msgs: list[Msg]) -> None:
+        # Facts of one sandbox are applied in order; different sandboxes in parallel.
+        by_name: dict[str, list[Msg]] = {}
+        for msg in msgs:
+            by_name.setdefault(subjects.name_of(msg.subject), []).append(msg)
+        await asyncio.gather(*(self._apply_sandbox_facts(batch) for batch in by_name.values()))
+
+    async def _apply_sandbox_facts(self, msgs: list[Msg]) -> None:
+        for msg in msgs:
+            try:
+                envelope = decode_fact(msg.data)
+            except DecodeError as exc:
+                log.error("dropping malformed fact on %s: %s", msg.subject, exc)
+                await msg.term()
+                continue
+            fact = envelope.data
+            reply = await self._decide_and_append(
+                envelope.subject,
+                lambda state, fact=fact: react(state, fact),
+                envelope.id,
+                envelope.actor or envelope.source,
+                envelope.correlationid,
+            )
+            if reply.error is not None and reply.error.code == ErrorCode.CONFLICT:
+                await msg.nak(delay=0.1)
+                continue
+            await msg.ack()

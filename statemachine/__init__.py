@@ -1,0 +1,26 @@
+"""The pure core: sandbox phases, and the decider that drives them.
+
+No I/O happens here. ``decide`` turns a command into events or a rejection,
+``react`` turns a driver fact into events, and ``evolve`` folds one event into
+state. Services at the edges feed these from NATS and append their results.
+"""
+
+from statemachine.decider import Decision, Rejection, decide, evolve, fold, react
+from statemachine.machine import IllegalTransition, allowed_sources
+from statemachine.names import validate_name
+from statemachine.phases import Phase
+from statemachine.state import SandboxState
+
+__all__ = [
+    "Decision",
+    "IllegalTransition",
+    "Phase",
+    "Rejection",
+    "SandboxState",
+    "allowed_sources",
+    "decide",
+    "evolve",
+    "fold",
+    "react",
+    "validate_name",
+]

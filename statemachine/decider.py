@@ -1,0 +1,164 @@
+"""decide / react / evolve: the whole lifecycle policy as pure functions.
+
+``decide`` answers a user's command, ``react`` answers a driver's fact; both
+return the events to append (possibly none) and never mutate state. ``evolve``
+is the only way state changes, and it checks every event against the static
+machine, so a log that breaks the rules cannot be folded silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import msgspec
+
+from events.commands import CreateSandbox, DeleteSandbox, SandboxCommand, StartSandbox, StopSandbox
+from events.envelope import Envelope
+from events.facts import ContainerCreated, ContainerExited, ContainerRemoved, ContainerStarted, DriverFailed, Fact
+from events.lifecycle import (
+    LifecycleEvent,
+    SandboxCreated,
+    SandboxDeleted,
+    SandboxDeleteRequested,
+    SandboxFailed,
+    SandboxReady,
+    SandboxStartRequested,
+    SandboxStopped,
+    SandboxStopRequested,
+)
+from events.replies import ErrorCode
+from statemachine.machine import TABLE, allowed_sources, destination
+from statemachine.names import validate_name
+from statemachine.phases import ABSENT, Phase
+from statemachine.state import SandboxState
+
+
+class Rejection(msgspec.Struct, frozen=True):
+    code: ErrorCode
+    message: str
+
+
+Decision = list[LifecycleEvent] | Rejection
+
+_NOOP: dict[type, frozenset[Phase]] = {
+    StopSandbox: frozenset({Phase.STOPPING, Phase.STOPPED}),
+    StartSandbox: frozenset({Phase.STARTING, Phase.READY}),
+    DeleteSandbox: frozenset({Phase.DELETING, Phase.DELETED}),
+}
+
+
+def _not_allowed(state: SandboxState, verb: str, trigger: str, noop: Iterable[Phase]) -> Rejection:
+    allowed = sorted({*allowed_sources(trigger), *noop}, key=lambda p: list(Phase).index(Phase(p)))
+    listed = ", ".join(allowed[:-1]) + f" or {allowed[-1]}" if len(allowed) > 1 else allowed[0]
+    return Rejection(
+        ErrorCode.FAILED_PRECONDITION,
+        f"sandbox {state.name} is {state.phase.value}; {verb} is allowed in {listed}",
+    )
+
+
+def decide(state: SandboxState | None, command: SandboxCommand, drivers: Iterable[str] = ("podman",)) -> Decision:
+    problem = validate_name(command.name)
+    if problem:
+        return Rejection(ErrorCode.INVALID_ARGUMENT, problem)
+    exists = state is not None and state.phase is not Phase.DELETED
+
+    if isinstance(command, CreateSandbox):
+        if exists:
+            assert state is not None
+            if state.sandbox_id == command.command_id:
+                return []  # a retry of the create that made this sandbox
+            return Rejection(ErrorCode.ALREADY_EXISTS, f"sandbox {command.name} already exists ({state.phase.value})")
+        if not command.image.strip():
+            return Rejection(ErrorCode.INVALID_ARGUMENT, "image must not be empty")
+        known = list(drivers)
+        if command.driver not in known:
+            return Rejection(
+                ErrorCode.INVALID_ARGUMENT,
+                f"unknown driver {command.driver!r}; configured drivers: {', '.join(known)}",
+            )
+        return [
+            SandboxCreated(
+                sandbox_id=command.command_id,
+                image=command.image,
+                driver=command.driver,
+                command=command.command,
+                labels=command.labels,
+            )
+        ]
+
+    if state is None or (state.phase is Phase.DELETED and not isinstance(command, DeleteSandbox)):
+        return Rejection(ErrorCode.NOT_FOUND, f"sandbox {command.name} not found")
+    noop = _NOOP[type(command)]
+    if state.phase in noop:
+        return []
+    if isinstance(command, StopSandbox):
+        if state.phase is not Phase.READY:
+            return _not_allowed(state, "stop", "request_stop", noop)
+        return [SandboxStopRequested(sandbox_id=state.sandbox_id, driver=state.driver, timeout=command.timeout)]
+    if isinstance(command, StartSandbox):
+        if (SandboxStartRequested.TRIGGER, state.phase.value) not in TABLE:
+            return _not_allowed(state, "start", "request_start", noop)
+        return [SandboxStartRequested(sandbox_id=state.sandbox_id, driver=state.driver)]
+    return [SandboxDeleteRequested(sandbox_id=state.sandbox_id, driver=state.driver)]
+
+
+def react(state: SandboxState | None, fact: Fact) -> list[LifecycleEvent]:
+    """The phase events a driver fact causes; facts that change nothing give []."""
+    if state is None or state.phase is Phase.DELETED:
+        return []
+    phase = state.phase
+    if isinstance(fact, ContainerStarted):
+        if phase in (Phase.PROVISIONING, Phase.STARTING, Phase.STOPPED, Phase.ERROR):
+            return [SandboxReady(incarnation=fact.incarnation)]
+        if phase is Phase.READY and fact.incarnation and fact.incarnation != state.incarnation:
+            return [SandboxReady(incarnation=fact.incarnation)]
+        return []
+    if isinstance(fact, ContainerExited):
+        if fact.incarnation and state.incarnation and fact.incarnation != state.incarnation:
+            return []  # a late exit from an earlier run of the container
+        if phase is Phase.STOPPING:
+            return [SandboxStopped(exit_code=fact.exit_code)]
+        if phase in (Phase.READY, Phase.STARTING, Phase.PROVISIONING):
+            reason = f"container exited with code {fact.exit_code}" + (" (out of memory)" if fact.oom else "")
+            return [SandboxFailed(reason=reason, exit_code=fact.exit_code, oom=fact.oom)]
+        return []
+    if isinstance(fact, ContainerRemoved):
+        if phase is Phase.DELETING:
+            return [SandboxDeleted()]
+        return [SandboxFailed(reason="backend_missing")]
+    if isinstance(fact, DriverFailed):
+        return [SandboxFailed(reason=f"{fact.operation} failed: {fact.message}", operation=fact.operation)]
+    assert isinstance(fact, ContainerCreated)
+    return []
+
+
+def evolve(state: SandboxState | None, envelope: Envelope, seq: int = 0) -> SandboxState:
+    """Fold one logged event into state; raises IllegalTransition on a broken log."""
+    event = envelope.data
+    source = ABSENT if state is None else state.phase.value
+    phase = Phase(destination(event.TRIGGER, source))
+    if isinstance(event, SandboxCreated):
+        return SandboxState(
+            name=envelope.subject,
+            sandbox_id=event.sandbox_id,
+            phase=phase,
+            driver=event.driver,
+            seq=seq,
+        )
+    assert state is not None
+    changes: dict[str, object] = {"phase": phase, "seq": seq or state.seq}
+    if isinstance(event, SandboxReady):
+        changes["incarnation"] = event.incarnation
+        changes["last_error"] = ""
+    elif isinstance(event, SandboxFailed):
+        changes["last_error"] = event.reason
+    elif isinstance(event, SandboxStopped):
+        changes["last_error"] = ""
+    return msgspec.structs.replace(state, **changes)
+
+
+def fold(envelopes: Iterable[tuple[Envelope, int]]) -> SandboxState | None:
+    state: SandboxState | None = None
+    for envelope, seq in envelopes:
+        state = evolve(state, envelope, seq)
+    return state

@@ -1,0 +1,71 @@
+"""The one static transitions Machine that defines every legal phase change.
+
+It is built once with ``model=None`` and never bound to sandboxes: the log is
+folded, never replayed through triggers. Its transition table is read into a
+plain dict so ``evolve`` costs one lookup per event.
+"""
+
+from __future__ import annotations
+
+from transitions import Machine
+
+from statemachine.phases import ABSENT, Phase
+
+_ALIVE = [p.value for p in Phase if p is not Phase.DELETED]
+
+MACHINE = Machine(
+    model=None,
+    states=[ABSENT, *[p.value for p in Phase]],
+    initial=ABSENT,
+    auto_transitions=False,
+    transitions=[
+        {"trigger": "create", "source": [ABSENT, Phase.DELETED.value], "dest": Phase.PROVISIONING.value},
+        {"trigger": "request_stop", "source": Phase.READY.value, "dest": Phase.STOPPING.value},
+        {"trigger": "stopped", "source": Phase.STOPPING.value, "dest": Phase.STOPPED.value},
+        {
+            "trigger": "request_start",
+            "source": [Phase.STOPPED.value, Phase.ERROR.value],
+            "dest": Phase.STARTING.value,
+        },
+        # Ready from Stopped or Error is a start made outside sandboxctl; Ready
+        # from Ready records a new incarnation of a container that restarted.
+        {
+            "trigger": "ready",
+            "source": [
+                Phase.PROVISIONING.value,
+                Phase.STARTING.value,
+                Phase.STOPPED.value,
+                Phase.ERROR.value,
+                Phase.READY.value,
+            ],
+            "dest": Phase.READY.value,
+        },
+        {"trigger": "fail", "source": _ALIVE, "dest": Phase.ERROR.value},
+        {"trigger": "request_delete", "source": _ALIVE, "dest": Phase.DELETING.value},
+        {"trigger": "deleted", "source": Phase.DELETING.value, "dest": Phase.DELETED.value},
+    ],
+)
+
+
+class IllegalTransition(ValueError):
+    pass
+
+
+TABLE: dict[tuple[str, str], str] = {
+    (trigger, source): transition.dest
+    for trigger, event in MACHINE.events.items()
+    for source, transitions in event.transitions.items()
+    for transition in transitions
+    if transition.dest is not None
+}
+
+
+def destination(trigger: str, source: str) -> str:
+    try:
+        return TABLE[(trigger, source)]
+    except KeyError:
+        raise IllegalTransition(f"{trigger!r} is not allowed from {source}") from None
+
+
+def allowed_sources(trigger: str) -> list[str]:
+    return [s for (t, s) in TABLE if t == trigger and s != ABSENT]

@@ -1,0 +1,25 @@
+"""Sandbox phases. Values are readable words because they appear on the wire."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Phase(enum.StrEnum):
+    PROVISIONING = "Provisioning"
+    READY = "Ready"
+    STOPPING = "Stopping"
+    STOPPED = "Stopped"
+    STARTING = "Starting"
+    ERROR = "Error"
+    DELETING = "Deleting"
+    DELETED = "Deleted"
+
+
+# A sandbox that has never been created (or whose name is free again) has no
+# phase on the wire; the machine still needs a source state for "create".
+ABSENT = "Absent"
+
+# Phases in which the sandbox is waiting on a driver; nothing else may move it
+# except the driver's answer or a delete.
+TRANSIENT = frozenset({Phase.PROVISIONING, Phase.STOPPING, Phase.STARTING, Phase.DELETING})

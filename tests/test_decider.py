@@ -1,0 +1,163 @@
+"""Pure state-machine logic: no NATS, no engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from events import (
+    ContainerCreated,
+    ContainerExited,
+    ContainerRemoved,
+    ContainerStarted,
+    CreateSandbox,
+    DeleteSandbox,
+    DriverFailed,
+    Envelope,
+    SandboxCreated,
+    StartSandbox,
+    StopSandbox,
+    now,
+)
+from events.envelope import type_name
+from events.lifecycle import SandboxFailed, SandboxReady, SandboxStopped, SandboxStopRequested
+from events.replies import ErrorCode
+from statemachine import IllegalTransition, Phase, Rejection, SandboxState, decide, evolve, react
+from statemachine.machine import MACHINE
+
+
+def state(phase: Phase, incarnation: str = "run-1") -> SandboxState:
+    return SandboxState(name="box", sandbox_id="id-1", phase=phase, driver="podman", seq=7, incarnation=incarnation)
+
+
+def env(event: object, name: str = "box") -> Envelope:
+    return Envelope(id="e", type=type_name(type(event)), source="test", subject=name, time=now(), data=event)
+
+
+def cmd(kind: type, **kw: object) -> object:
+    kw.setdefault("name", "box")
+    kw.setdefault("command_id", "c-1")
+    if kind is CreateSandbox:
+        kw.setdefault("image", "img")
+        kw.setdefault("driver", "podman")
+    return kind(**kw)
+
+
+def test_create_then_fold() -> None:
+    events = decide(None, cmd(CreateSandbox))
+    assert isinstance(events, list) and isinstance(events[0], SandboxCreated)
+    folded = evolve(None, env(events[0]), seq=1)
+    assert folded.phase is Phase.PROVISIONING and folded.seq == 1 and folded.sandbox_id == "c-1"
+
+
+@pytest.mark.parametrize(
+    ("command", "code"),
+    [
+        (cmd(CreateSandbox, name=""), ErrorCode.INVALID_ARGUMENT),
+        (cmd(CreateSandbox, name="has.dot"), ErrorCode.INVALID_ARGUMENT),
+        (cmd(CreateSandbox, image=" "), ErrorCode.INVALID_ARGUMENT),
+        (cmd(CreateSandbox, driver="lxc"), ErrorCode.INVALID_ARGUMENT),
+        (cmd(StopSandbox), ErrorCode.NOT_FOUND),
+        (cmd(StartSandbox), ErrorCode.NOT_FOUND),
+        (cmd(DeleteSandbox), ErrorCode.NOT_FOUND),
+    ],
+)
+def test_rejections_without_state(command: object, code: ErrorCode) -> None:
+    decision = decide(None, command)  # type: ignore[arg-type]
+    assert isinstance(decision, Rejection) and decision.code is code
+
+
+def test_create_existing_is_already_exists_but_its_own_retry_is_a_noop() -> None:
+    existing = state(Phase.READY)
+    rejected = decide(existing, cmd(CreateSandbox, command_id="other"))
+    assert isinstance(rejected, Rejection) and rejected.code is ErrorCode.ALREADY_EXISTS
+    assert decide(existing, cmd(CreateSandbox, command_id="id-1")) == []
+
+
+def test_name_is_free_again_after_delete() -> None:
+    assert isinstance(decide(state(Phase.DELETED), cmd(CreateSandbox))[0], SandboxCreated)  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("phase", "command", "outcome"),
+    [
+        (Phase.READY, StopSandbox, "append"),
+        (Phase.STOPPING, StopSandbox, "noop"),
+        (Phase.STOPPED, StopSandbox, "noop"),
+        (Phase.PROVISIONING, StopSandbox, "reject"),
+        (Phase.STARTING, StopSandbox, "reject"),
+        (Phase.ERROR, StopSandbox, "reject"),
+        (Phase.STOPPED, StartSandbox, "append"),
+        (Phase.ERROR, StartSandbox, "append"),
+        (Phase.READY, StartSandbox, "noop"),
+        (Phase.STARTING, StartSandbox, "noop"),
+        (Phase.STOPPING, StartSandbox, "reject"),
+        (Phase.PROVISIONING, StartSandbox, "reject"),
+        (Phase.DELETED, StartSandbox, "not_found"),
+        (Phase.DELETED, StopSandbox, "not_found"),
+        (Phase.DELETED, DeleteSandbox, "noop"),
+        (Phase.DELETING, DeleteSandbox, "noop"),
+    ]
+    + [(p, DeleteSandbox, "append") for p in Phase if p not in (Phase.DELETED, Phase.DELETING)],
+)
+def test_command_table(phase: Phase, command: type, outcome: str) -> None:
+    decision = decide(state(phase), cmd(command))
+    if outcome == "append":
+        assert isinstance(decision, list) and len(decision) == 1
+        assert evolve(state(phase), env(decision[0])).phase in (Phase.STOPPING, Phase.STARTING, Phase.DELETING)
+    elif outcome == "noop":
+        assert decision == []
+    elif outcome == "not_found":
+        assert isinstance(decision, Rejection) and decision.code is ErrorCode.NOT_FOUND
+    else:
+        assert isinstance(decision, Rejection) and decision.code is ErrorCode.FAILED_PRECONDITION
+
+
+def test_rejection_names_the_phase_and_what_is_allowed() -> None:
+    decision = decide(state(Phase.PROVISIONING), cmd(StopSandbox))
+    assert isinstance(decision, Rejection)
+    assert decision.message == "sandbox box is Provisioning; stop is allowed in Ready, Stopping or Stopped"
+
+
+def test_exit_while_stopping_is_stopped_and_while_ready_is_error() -> None:
+    exit_137 = ContainerExited(exit_code=137, incarnation="run-1")
+    assert react(state(Phase.STOPPING), exit_137) == [SandboxStopped(exit_code=137)]
+    (failed,) = react(state(Phase.READY), exit_137)
+    assert isinstance(failed, SandboxFailed) and "137" in failed.reason and failed.exit_code == 137
+    assert evolve(state(Phase.READY), env(failed)).phase is Phase.ERROR
+
+
+def test_stale_exit_from_an_earlier_run_is_ignored() -> None:
+    assert react(state(Phase.READY, incarnation="run-2"), ContainerExited(exit_code=1, incarnation="run-1")) == []
+
+
+def test_start_fact_makes_ready_and_records_incarnation() -> None:
+    for phase in (Phase.PROVISIONING, Phase.STARTING, Phase.STOPPED, Phase.ERROR):
+        (ready,) = react(state(phase), ContainerStarted(incarnation="run-9"))
+        after = evolve(state(phase), env(ready))
+        assert after.phase is Phase.READY and after.incarnation == "run-9"
+    assert react(state(Phase.READY), ContainerStarted(incarnation="run-1")) == []
+
+
+def test_failures_and_removals() -> None:
+    (failed,) = react(state(Phase.STOPPING), DriverFailed(operation="stop", message="engine down"))
+    assert isinstance(failed, SandboxFailed) and "engine down" in failed.reason
+    assert evolve(state(Phase.STOPPING), env(failed)).phase is Phase.ERROR
+    (gone,) = react(state(Phase.STOPPED), ContainerRemoved())
+    assert isinstance(gone, SandboxFailed) and gone.reason == "backend_missing"
+    assert [type(e).__name__ for e in react(state(Phase.DELETING), ContainerRemoved())] == ["SandboxDeleted"]
+    assert react(state(Phase.PROVISIONING), ContainerCreated()) == []
+    assert react(state(Phase.DELETED), DriverFailed(operation="x", message="y")) == []
+
+
+def test_evolve_refuses_an_illegal_event() -> None:
+    with pytest.raises(IllegalTransition):
+        evolve(state(Phase.STOPPED), env(SandboxStopped(exit_code=0)))
+    with pytest.raises(IllegalTransition):
+        evolve(None, env(SandboxReady()))
+    with pytest.raises(IllegalTransition):
+        evolve(state(Phase.PROVISIONING), env(SandboxStopRequested(sandbox_id="x", driver="podman")))
+
+
+def test_one_static_machine_without_models() -> None:
+    assert MACHINE.models == []
+    assert set(MACHINE.states) == {"Absent", *(p.value for p in Phase)}
