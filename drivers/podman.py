@@ -49,7 +49,12 @@ class PodmanDriver:
         except NotFound as exc:
             raise ContainerMissing(operation, _message(exc)) from exc
         except (PodmanError, APIError, OSError) as exc:
-            raise DriverError(operation, _message(exc)) from exc
+            message = _message(exc)
+            # A container removed while podman resolves its name answers 500,
+            # not 404; it is just as gone.
+            if "no such container" in message or "no such volume" in message:
+                raise ContainerMissing(operation, message) from exc
+            raise DriverError(operation, message) from exc
         except Exception as exc:  # requests' connection errors and the like
             raise DriverError(operation, f"{type(exc).__name__}: {exc}") from exc
 
