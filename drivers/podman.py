@@ -38,7 +38,7 @@ def _message(exc: Exception) -> str:
 class PodmanDriver:
     name = "podman"
 
-    def __init__(self, base_url: str, timeout: float = 120.0) -> None:
+    def __init__(self, base_url: str, timeout: float = 60.0) -> None:
         self.base_url = base_url
         self.timeout = timeout
         self.client = PodmanClient(base_url=base_url, timeout=timeout)
@@ -154,14 +154,18 @@ class PodmanDriver:
             infos.append(self._info(c.attrs))
         return infos
 
-    def events(self) -> Iterator[EngineEvent]:
+    def events(self, since: float | None = None) -> Iterator[EngineEvent]:
         client = PodmanClient(base_url=self.base_url, timeout=None)
         try:
+            options: dict[str, Any] = {}
+            if since is not None:
+                options["since"] = int(since)
             stream = self._call(
                 "events",
                 client.events,
                 filters={"type": "container", "label": f"{MANAGED}=true"},
                 decode=True,
+                **options,
             )
             for raw in stream:
                 action = _ACTIONS.get(raw.get("Action") or raw.get("status", ""))
@@ -173,6 +177,7 @@ class PodmanDriver:
                     action=action,
                     sandbox=attrs[SANDBOX],
                     container_id=(raw.get("Actor") or {}).get("ID", raw.get("id", "")),
+                    sandbox_id=attrs.get(SANDBOX_ID, ""),
                     exit_code=int(code) if action == "die" and code is not None else None,
                 )
         finally:

@@ -15,6 +15,9 @@ import msgspec
 
 class _Fact(msgspec.Struct, kw_only=True, omit_defaults=True):
     container_id: str = ""
+    # The sandbox id from the container's labels: a fact about a container of an
+    # earlier sandbox that had the same name must not move the new one.
+    sandbox_id: str = ""
     TYPE: ClassVar[str] = ""
 
 
@@ -45,7 +48,15 @@ class DriverFailed(_Fact):
     TYPE: ClassVar[str] = "sandboxctl.fact.driver_failed.v1"
 
 
-Fact = ContainerCreated | ContainerStarted | ContainerExited | ContainerRemoved | DriverFailed
+class ContainerOrphaned(_Fact):
+    """A managed container with no live sandbox in the log. It is reported, never deleted silently."""
+
+    reason: str
+    TYPE: ClassVar[str] = "sandboxctl.fact.container_orphaned.v1"
+
+
+Fact = ContainerCreated | ContainerStarted | ContainerExited | ContainerRemoved | DriverFailed | ContainerOrphaned
 FACT_TYPES: dict[str, type[_Fact]] = {
-    cls.TYPE: cls for cls in (ContainerCreated, ContainerStarted, ContainerExited, ContainerRemoved, DriverFailed)
+    cls.TYPE: cls
+    for cls in (ContainerCreated, ContainerStarted, ContainerExited, ContainerRemoved, DriverFailed, ContainerOrphaned)
 }

@@ -34,6 +34,9 @@ class Config:
     drivers: tuple[str, ...] = ("podman",)
     default_driver: str = "podman"
     actor: str = ""
+    # What boot reconciliation does with a Ready sandbox whose container exited
+    # while nobody watched (the engine was down): "restart" it, or mark it "error".
+    reconcile_exited: str = "restart"
 
     @property
     def projection_path(self) -> Path:
@@ -57,4 +60,7 @@ class Config:
             cfg.drivers = tuple(d.strip() for d in env["SANDBOXCTL_DRIVERS"].split(",") if d.strip())
         cfg.default_driver = env.get("SANDBOXCTL_DEFAULT_DRIVER", cfg.drivers[0] if cfg.drivers else "podman")
         cfg.actor = env.get("SANDBOXCTL_ACTOR") or env.get("USER") or "cli"
+        cfg.reconcile_exited = env.get("SANDBOXCTL_RECONCILE_EXITED", cfg.reconcile_exited)
+        if cfg.reconcile_exited not in ("restart", "error"):
+            raise ValueError(f"SANDBOXCTL_RECONCILE_EXITED must be restart or error, not {cfg.reconcile_exited!r}")
         return cfg

@@ -22,11 +22,11 @@ import nats
 from nats.aio.client import Client as NATS
 
 from drivers.base import Driver
-from drivers.worker import DriverWorker
 from services.config import Config
 from services.projector import Projector
 from services.query import QueryService
 from services.statemachine import StateMachineService
+from services.worker import DriverWorker
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,11 @@ class ControlPlane:
         await self.query.start()
         self.workers = []
         for driver in self.drivers.values():
-            worker = DriverWorker(await self._connect(f"driver-{driver.name}"), driver)
+            worker = DriverWorker(
+                await self._connect(f"driver-{driver.name}"),
+                driver,
+                restart_exited=self.config.reconcile_exited == "restart",
+            )
             await worker.start()
             self.workers.append(worker)
         return self

@@ -5,13 +5,14 @@ No I/O happens here. ``decide`` turns a command into events or a rejection,
 state. Services at the edges feed these from NATS and append their results.
 """
 
-from statemachine.decider import Decision, Rejection, decide, evolve, fold, react
+from statemachine.decider import BACKEND_MISSING, Decision, Rejection, decide, evolve, fold, react
 from statemachine.machine import IllegalTransition, allowed_sources
 from statemachine.names import validate_name
 from statemachine.phases import Phase
 from statemachine.state import SandboxState
 
 __all__ = [
+    "BACKEND_MISSING",
     "Decision",
     "IllegalTransition",
     "Phase",

@@ -14,7 +14,7 @@ import msgspec
 
 from events.commands import CreateSandbox, DeleteSandbox, SandboxCommand, StartSandbox, StopSandbox
 from events.envelope import Envelope
-from events.facts import ContainerCreated, ContainerExited, ContainerRemoved, ContainerStarted, DriverFailed, Fact
+from events.facts import ContainerExited, ContainerRemoved, ContainerStarted, DriverFailed, Fact
 from events.lifecycle import (
     LifecycleEvent,
     SandboxCreated,
@@ -31,6 +31,9 @@ from statemachine.machine import TABLE, allowed_sources, destination
 from statemachine.names import validate_name
 from statemachine.phases import ABSENT, Phase
 from statemachine.state import SandboxState
+
+# The reason recorded when a sandbox's container disappeared behind sandboxctl's back.
+BACKEND_MISSING = "backend_missing"
 
 
 class Rejection(msgspec.Struct, frozen=True):
@@ -106,6 +109,8 @@ def react(state: SandboxState | None, fact: Fact) -> list[LifecycleEvent]:
     """The phase events a driver fact causes; facts that change nothing give []."""
     if state is None or state.phase is Phase.DELETED:
         return []
+    if fact.sandbox_id and fact.sandbox_id != state.sandbox_id:
+        return []  # about a container of an earlier sandbox with the same name
     phase = state.phase
     if isinstance(fact, ContainerStarted):
         if phase in (Phase.PROVISIONING, Phase.STARTING, Phase.STOPPED, Phase.ERROR):
@@ -116,6 +121,8 @@ def react(state: SandboxState | None, fact: Fact) -> list[LifecycleEvent]:
     if isinstance(fact, ContainerExited):
         if fact.incarnation and state.incarnation and fact.incarnation != state.incarnation:
             return []  # a late exit from an earlier run of the container
+        if phase is Phase.STARTING and fact.incarnation and fact.incarnation == state.incarnation:
+            return []  # the run being replaced; the new run has not reported yet
         if phase is Phase.STOPPING:
             return [SandboxStopped(exit_code=fact.exit_code)]
         if phase in (Phase.READY, Phase.STARTING, Phase.PROVISIONING):
@@ -125,11 +132,17 @@ def react(state: SandboxState | None, fact: Fact) -> list[LifecycleEvent]:
     if isinstance(fact, ContainerRemoved):
         if phase is Phase.DELETING:
             return [SandboxDeleted()]
-        return [SandboxFailed(reason="backend_missing")]
+        return _fail(state, SandboxFailed(reason=BACKEND_MISSING))
     if isinstance(fact, DriverFailed):
-        return [SandboxFailed(reason=f"{fact.operation} failed: {fact.message}", operation=fact.operation)]
-    assert isinstance(fact, ContainerCreated)
-    return []
+        return _fail(state, SandboxFailed(reason=f"{fact.operation} failed: {fact.message}", operation=fact.operation))
+    return []  # ContainerCreated and ContainerOrphaned change no phase
+
+
+def _fail(state: SandboxState, event: SandboxFailed) -> list[LifecycleEvent]:
+    # The same failure seen again (a watcher's copy, a second reconciliation) is already recorded.
+    if state.phase is Phase.ERROR and state.last_error == event.reason:
+        return []
+    return [event]
 
 
 def evolve(state: SandboxState | None, envelope: Envelope, seq: int = 0) -> SandboxState:

@@ -7,6 +7,7 @@ import pytest
 from events import (
     ContainerCreated,
     ContainerExited,
+    ContainerOrphaned,
     ContainerRemoved,
     ContainerStarted,
     CreateSandbox,
@@ -21,7 +22,7 @@ from events import (
 from events.envelope import type_name
 from events.lifecycle import SandboxFailed, SandboxReady, SandboxStopped, SandboxStopRequested
 from events.replies import ErrorCode
-from statemachine import IllegalTransition, Phase, Rejection, SandboxState, decide, evolve, react
+from statemachine import BACKEND_MISSING, IllegalTransition, Phase, Rejection, SandboxState, decide, evolve, react
 from statemachine.machine import MACHINE
 
 
@@ -161,3 +162,29 @@ def test_evolve_refuses_an_illegal_event() -> None:
 def test_one_static_machine_without_models() -> None:
     assert MACHINE.models == []
     assert set(MACHINE.states) == {"Absent", *(p.value for p in Phase)}
+
+
+def test_a_stale_exit_while_starting_does_not_fail_the_new_run() -> None:
+    # Error after run-1 died; start requested; the watcher's late copy of run-1's exit arrives.
+    assert react(state(Phase.STARTING, incarnation="run-1"), ContainerExited(exit_code=137, incarnation="run-1")) == []
+
+
+def test_facts_about_an_earlier_sandbox_of_the_same_name_are_ignored() -> None:
+    assert react(state(Phase.READY), ContainerRemoved(sandbox_id="old-id")) == []
+    assert react(state(Phase.READY), ContainerExited(exit_code=1, sandbox_id="old-id", incarnation="run-1")) == []
+    (failed,) = react(state(Phase.READY), ContainerRemoved(sandbox_id="id-1"))
+    assert isinstance(failed, SandboxFailed) and failed.reason == BACKEND_MISSING
+
+
+def test_the_same_failure_twice_is_recorded_once() -> None:
+    errored = SandboxState(
+        name="box", sandbox_id="id-1", phase=Phase.ERROR, driver="podman", last_error=BACKEND_MISSING
+    )
+    assert react(errored, ContainerRemoved()) == []
+    (again,) = react(errored, DriverFailed(operation="start", message="engine down"))
+    assert again.reason == "start failed: engine down"
+
+
+def test_an_orphan_report_moves_no_phase() -> None:
+    assert react(None, ContainerOrphaned(reason="no sandbox in the log")) == []
+    assert react(state(Phase.READY), ContainerOrphaned(reason="x")) == []

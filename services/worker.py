@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,10 +26,20 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from drivers.base import ContainerInfo, ContainerMissing, Driver, DriverError, EngineEvent, SandboxSpec
 from events import subjects
 from events.envelope import Envelope, new_id, now, type_name
-from events.facts import ContainerCreated, ContainerExited, ContainerRemoved, ContainerStarted, DriverFailed, Fact
+from events.facts import (
+    ContainerCreated,
+    ContainerExited,
+    ContainerOrphaned,
+    ContainerRemoved,
+    ContainerStarted,
+    DriverFailed,
+    Fact,
+)
 from events.lifecycle import SandboxCreated, SandboxDeleteRequested, SandboxStartRequested, SandboxStopRequested
 from services.log import DecodeError, decode_event, ensure_streams, publish_fact
+from services.snapshot import load_states
 from services.tail import fetch, reraise_if_cancelling
+from statemachine import Phase, SandboxState
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +49,7 @@ Facts = list[tuple[str, Fact]]
 def started(info: ContainerInfo) -> tuple[str, Fact]:
     return (
         f"{info.container_id}:{info.incarnation}:started",
-        ContainerStarted(container_id=info.container_id, incarnation=info.incarnation),
+        ContainerStarted(container_id=info.container_id, sandbox_id=info.sandbox_id, incarnation=info.incarnation),
     )
 
 
@@ -47,6 +58,7 @@ def exited(info: ContainerInfo, requested: bool) -> tuple[str, Fact]:
         f"{info.container_id}:{info.incarnation}:exited",
         ContainerExited(
             container_id=info.container_id,
+            sandbox_id=info.sandbox_id,
             exit_code=info.exit_code,
             requested=requested,
             oom=info.oom,
@@ -55,33 +67,60 @@ def exited(info: ContainerInfo, requested: bool) -> tuple[str, Fact]:
     )
 
 
-def removed(container_id: str, fallback_id: str) -> tuple[str, Fact]:
-    return (f"{container_id or fallback_id}:removed", ContainerRemoved(container_id=container_id))
+def removed(container_id: str, sandbox_id: str, fallback_id: str) -> tuple[str, Fact]:
+    return (
+        f"{container_id or fallback_id}:removed",
+        ContainerRemoved(container_id=container_id, sandbox_id=sandbox_id),
+    )
+
+
+def failed(exc: DriverError, sandbox_id: str, fact_id: str) -> tuple[str, Fact]:
+    return (f"{fact_id}:failed", DriverFailed(operation=exc.operation, message=exc.message, sandbox_id=sandbox_id))
+
+
+class _Connected:
+    """Marks that the engine's event stream (re)connected, replaying from ``since``."""
+
+
+CONNECTED = _Connected()
 
 
 class DriverWorker:
-    def __init__(self, nc: NATS, driver: Driver, max_parallel: int = 256) -> None:
+    def __init__(
+        self, nc: NATS, driver: Driver, max_parallel: int = 256, restart_exited: bool = True, retry_wait: float = 1.0
+    ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.driver = driver
+        self.restart_exited = restart_exited
+        self.retry_wait = retry_wait
         self.source = f"sandboxctl/driver/{driver.name}"
         self.consumer = f"sandboxctl-driver-{driver.name}"
+        self.reconciliations = 0  # completed sweeps, for operators and tests
         self._queues: dict[str, asyncio.Queue[Msg]] = {}
         self._runners: dict[str, asyncio.Task[None]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
         self._slots = asyncio.Semaphore(max_parallel)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = threading.Event()
 
     async def start(self) -> None:
         await ensure_streams(self.js)
-        self._tasks.append(asyncio.create_task(self._consume(), name=f"{self.consumer}-work"))
         self._tasks.append(asyncio.create_task(self._watch(), name=f"{self.consumer}-watch"))
+        self._tasks.append(asyncio.create_task(self._consume(), name=f"{self.consumer}-work"))
 
     async def stop(self) -> None:
         self._stopping.set()
         for task in [*self._tasks, *self._runners.values()]:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._runners.values(), return_exceptions=True)
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        # Work orders and reconciliation of one sandbox never interleave.
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = asyncio.Lock()
+        return lock
 
     # -- work from the log -------------------------------------------------------
 
@@ -101,8 +140,7 @@ class DriverWorker:
                     psub = await self.js.pull_subscribe(
                         subjects.LOG_ALL, durable=self.consumer, stream=subjects.LOG_STREAM, config=config
                     )
-                msgs = await fetch(psub, 256, 1.0)
-                for msg in msgs:
+                for msg in await fetch(psub, 256, 1.0):
                     self._enqueue(msg)
             except asyncio.CancelledError:
                 raise
@@ -127,7 +165,7 @@ class DriverWorker:
                     msg = queue.get_nowait()
                 except asyncio.QueueEmpty:
                     return
-                async with self._slots:
+                async with self._slots, self._lock(name):
                     await self._handle(msg)
         finally:
             self._queues.pop(name, None)
@@ -167,6 +205,7 @@ class DriverWorker:
         """Drive the engine for one work order; engine errors become DriverFailed facts."""
         event = envelope.data
         name = envelope.subject
+        sandbox_id = getattr(event, "sandbox_id", "")
         facts: Facts = []
         run: Callable[..., Any] = asyncio.to_thread
         try:
@@ -179,7 +218,8 @@ class DriverWorker:
                     labels=event.labels,
                 )
                 info = await run(self.driver.create, spec)
-                facts.append((f"{info.container_id}:created", ContainerCreated(container_id=info.container_id)))
+                created = ContainerCreated(container_id=info.container_id, sandbox_id=info.sandbox_id)
+                facts.append((f"{info.container_id}:created", created))
                 facts.append(started(await run(self.driver.start, name)))
             elif isinstance(event, SandboxStopRequested):
                 info = await run(self.driver.stop, name, event.timeout)
@@ -187,11 +227,11 @@ class DriverWorker:
             elif isinstance(event, SandboxStartRequested):
                 facts.append(started(await run(self.driver.start, name)))
             elif isinstance(event, SandboxDeleteRequested):
-                facts.append(removed(await run(self.driver.delete, name), envelope.id))
+                facts.append(removed(await run(self.driver.delete, name), sandbox_id, envelope.id))
         except ContainerMissing:
-            facts.append(removed("", envelope.id))
+            facts.append(removed("", sandbox_id, envelope.id))
         except DriverError as exc:
-            facts.append((f"{envelope.id}:failed", DriverFailed(operation=exc.operation, message=exc.message)))
+            facts.append(failed(exc, sandbox_id, envelope.id))
         return facts
 
     async def report(self, name: str, fact_id: str, fact: Fact, cause: Envelope | None = None) -> None:
@@ -208,42 +248,137 @@ class DriverWorker:
         )
         await publish_fact(self.js, envelope)
 
-    # -- changes made outside sandboxctl -----------------------------------------
+    # -- the engine's side: boot reconciliation and changes made outside --------
+
+    async def reconcile(self) -> None:
+        """Compare the log's phases with the engine's containers and settle every difference.
+
+        Runs whenever the engine's event stream (re)connects, so a worker that
+        starts, or an engine that comes back, leaves no sandbox stuck in a
+        transient phase and no phase that disagrees with the engine.
+        """
+        states = await load_states(self.js)
+        containers = await asyncio.to_thread(self.driver.list_managed)
+        by_name: dict[str, list[ContainerInfo]] = {}
+        for info in containers:
+            by_name.setdefault(info.sandbox, []).append(info)
+        for name, state in states.items():
+            infos = by_name.pop(name, [])
+            mine = [i for i in infos if i.sandbox_id == state.sandbox_id and state.driver == self.driver.name]
+            for info in infos:
+                if info not in mine:
+                    await self._orphan(info, f"it belongs to no live sandbox {name} on {self.driver.name}")
+            if state.driver != self.driver.name:
+                continue
+            if state.phase is Phase.DELETED:
+                for info in mine:
+                    await self._orphan(info, f"sandbox {name} is Deleted")
+                continue
+            async with self._lock(name):
+                for fact_id, fact in await self._settle(state, mine[0] if mine else None):
+                    await self.report(name, fact_id, fact)
+        for infos in by_name.values():
+            for info in infos:
+                await self._orphan(info, "no sandbox of that name is in the log")
+        self.reconciliations += 1
+        log.info("%s: reconciled %d sandboxes with %d containers", self.consumer, len(states), len(containers))
+
+    async def _settle(self, state: SandboxState, info: ContainerInfo | None) -> Facts:
+        name, phase = state.name, state.phase
+        fact_id = f"{state.sandbox_id}:{state.seq}:reconcile"
+        run: Callable[..., Any] = asyncio.to_thread
+        try:
+            if phase is Phase.DELETING:
+                return [removed(await run(self.driver.delete, name), state.sandbox_id, fact_id)]
+            if info is None:
+                # A missing container while Provisioning is the create work order's to make.
+                return [] if phase is Phase.PROVISIONING else [removed("", state.sandbox_id, fact_id)]
+            if phase is Phase.STOPPING:
+                if info.running:
+                    info = await run(self.driver.stop, name, 10.0)
+                return [exited(info, requested=True)] if not info.running else []
+            if phase in (Phase.STARTING, Phase.PROVISIONING):
+                if not info.running:
+                    info = await run(self.driver.start, name)
+                return [started(info)]
+            if phase is Phase.READY and not info.running:
+                if not self.restart_exited:
+                    return [exited(info, requested=False)]
+                log.warning(
+                    "%s: %s exited (code %d) while unobserved; restarting it", self.consumer, name, info.exit_code
+                )
+                return [started(await run(self.driver.start, name))]
+            # Ready, Stopped or Error: a running container is the truth (a start made outside).
+            return [started(info)] if info.running else []
+        except ContainerMissing:
+            return [removed("", state.sandbox_id, fact_id)]
+        except DriverError as exc:
+            return [failed(exc, state.sandbox_id, fact_id)]
+
+    async def _orphan(self, info: ContainerInfo, reason: str) -> None:
+        log.warning(
+            "%s: orphan container %s (sandbox label %r): %s; left in place",
+            self.consumer,
+            info.container_id[:12],
+            info.sandbox,
+            reason,
+        )
+        fact = ContainerOrphaned(container_id=info.container_id, sandbox_id=info.sandbox_id, reason=reason)
+        await self.report(info.sandbox, f"{info.container_id}:orphaned", fact)
 
     async def _watch(self) -> None:
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[EngineEvent | Exception] = asyncio.Queue()
+        queue: asyncio.Queue[EngineEvent | Exception | _Connected] = asyncio.Queue()
+
+        def put(item: EngineEvent | Exception | _Connected) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
 
         def pump() -> None:
             try:
                 while not self._stopping.is_set():
                     try:
-                        for event in self.driver.events():
+                        since = time.time()
+                        self.driver.ping()
+                        put(CONNECTED)  # the stream replays from `since`, so the sweep misses nothing
+                        for event in self.driver.events(since=since):
                             if self._stopping.is_set():
                                 return
-                            loop.call_soon_threadsafe(queue.put_nowait, event)
+                            put(event)
                     except Exception as exc:
                         if self._stopping.is_set():
                             return
-                        loop.call_soon_threadsafe(queue.put_nowait, exc)
-                    self._stopping.wait(1.0)
+                        put(exc)
+                    self._stopping.wait(self.retry_wait)
             except RuntimeError:
                 return  # the event loop has closed under us
 
         threading.Thread(target=pump, name=f"{self.consumer}-events", daemon=True).start()
+        lost = False
         while True:
             item = await queue.get()
-            if isinstance(item, Exception):
-                log.warning("%s: engine event stream lost: %s; reconnecting", self.consumer, item)
-                continue
-            try:
-                await self.observe(item)
-            except Exception:
-                log.exception("%s: could not report %s", self.consumer, item)
+            if isinstance(item, _Connected):
+                if lost:
+                    log.warning("%s: engine event stream is back; reconciling", self.consumer)
+                lost = False
+                try:
+                    await self.reconcile()
+                except Exception:
+                    reraise_if_cancelling()
+                    log.exception("%s: reconciliation failed; it runs again when the stream reconnects", self.consumer)
+            elif isinstance(item, Exception):
+                if not lost:
+                    log.warning("%s: engine event stream lost: %s; reconnecting", self.consumer, item)
+                lost = True
+            else:
+                try:
+                    await self.observe(item)
+                except Exception:
+                    reraise_if_cancelling()
+                    log.exception("%s: could not report %s", self.consumer, item)
 
     async def observe(self, event: EngineEvent) -> None:
         if event.action == "remove":
-            fact_id, fact = removed(event.container_id, event.container_id)
+            fact_id, fact = removed(event.container_id, event.sandbox_id, event.container_id)
             await self.report(event.sandbox, fact_id, fact)
             return
         info = await asyncio.to_thread(self.driver.inspect, event.sandbox)

@@ -1,0 +1,40 @@
+"""Every sandbox's state, folded from the whole log once.
+
+For readers that need the log's view at one moment rather than a live cache:
+the driver worker's reconciliation compares it with what the engine has.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from nats.js import JetStreamContext
+
+from events import subjects
+from services.log import DecodeError, decode_event
+from services.tail import Tail
+from statemachine import IllegalTransition, SandboxState, evolve
+
+log = logging.getLogger(__name__)
+
+
+async def load_states(js: JetStreamContext) -> dict[str, SandboxState]:
+    tail = Tail(js, subjects.LOG_STREAM, subjects.LOG_ALL, start_seq=1, idle_timeout=0.5)
+    states: dict[str, SandboxState] = {}
+    target = await tail.last_seq()
+    if target == 0:
+        return states
+    try:
+        async for batch in tail.batches():
+            for msg in batch:
+                seq = msg.metadata.sequence.stream
+                try:
+                    envelope = decode_event(msg.data)
+                    states[envelope.subject] = evolve(states.get(envelope.subject), envelope, seq)
+                except (*DecodeError, IllegalTransition) as exc:
+                    log.error("log seq %d cannot be folded: %s", seq, exc)
+            if tail.next_seq > target:
+                return states
+    finally:
+        await tail.close()
+    return states
