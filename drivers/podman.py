@@ -80,15 +80,18 @@ class PodmanDriver:
     def _get(self, operation: str, sandbox: str) -> Any:
         return self._call(operation, self.client.containers.get, container_name(sandbox))
 
-    def inspect(self, sandbox: str) -> ContainerInfo | None:
+    def _find(self, operation: str, sandbox: str) -> ContainerInfo | None:
         try:
-            container = self._get("inspect", sandbox)
+            container = self._get(operation, sandbox)
         except ContainerMissing:
             return None
         return self._info(container.attrs)
 
+    def inspect(self, sandbox: str) -> ContainerInfo | None:
+        return self._find("inspect", sandbox)
+
     def create(self, spec: SandboxSpec) -> ContainerInfo:
-        existing = self.inspect(spec.name)
+        existing = self._find("create", spec.name)
         if existing is not None:
             if existing.sandbox_id != spec.sandbox_id:
                 raise DriverError(

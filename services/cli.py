@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("name")
     c.add_argument("--image", required=True)
     c.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
-    c.add_argument("--driver", default="", help="podman (default from configuration)")
+    c.add_argument("--driver", default="", help="podman or docker (default: configured, else first found)")
     waiting(c)
 
     for verb, helptext in (

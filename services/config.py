@@ -31,8 +31,10 @@ class Config:
     data_dir: Path = field(default_factory=_default_data_dir)
     run_dir: Path = field(default_factory=_default_run_dir)
     podman_url: str = ""
-    drivers: tuple[str, ...] = ("podman",)
-    default_driver: str = "podman"
+    docker_url: str = ""
+    # Empty means: whichever engines answer when the services start (see embedded.detect_drivers).
+    drivers: tuple[str, ...] = ()
+    default_driver: str = ""
     actor: str = ""
     # What boot reconciliation does with a Ready sandbox whose container exited
     # while nobody watched (the engine was down): "restart" it, or mark it "error".
@@ -46,6 +48,10 @@ class Config:
     def podman_socket_url(self) -> str:
         return self.podman_url or f"unix://{self.run_dir / 'podman.sock'}"
 
+    @property
+    def docker_socket_url(self) -> str:
+        return self.docker_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Config:
         env = dict(os.environ if env is None else env)
@@ -56,9 +62,10 @@ class Config:
         if "SANDBOXCTL_RUN_DIR" in env:
             cfg.run_dir = Path(env["SANDBOXCTL_RUN_DIR"])
         cfg.podman_url = env.get("SANDBOXCTL_PODMAN_URL", "")
+        cfg.docker_url = env.get("SANDBOXCTL_DOCKER_URL", "")
         if "SANDBOXCTL_DRIVERS" in env:
             cfg.drivers = tuple(d.strip() for d in env["SANDBOXCTL_DRIVERS"].split(",") if d.strip())
-        cfg.default_driver = env.get("SANDBOXCTL_DEFAULT_DRIVER", cfg.drivers[0] if cfg.drivers else "podman")
+        cfg.default_driver = env.get("SANDBOXCTL_DEFAULT_DRIVER", cfg.drivers[0] if cfg.drivers else "")
         cfg.actor = env.get("SANDBOXCTL_ACTOR") or env.get("USER") or "cli"
         cfg.reconcile_exited = env.get("SANDBOXCTL_RECONCILE_EXITED", cfg.reconcile_exited)
         if cfg.reconcile_exited not in ("restart", "error"):

@@ -113,16 +113,7 @@ class PodmanService:
         return f"unix://{self.socket_path}"
 
     def answers(self) -> bool:
-        if not self.socket_path.exists():
-            return False
-        try:
-            with socket.socket(socket.AF_UNIX) as s:
-                s.settimeout(1)
-                s.connect(str(self.socket_path))
-                s.sendall(b"GET /_ping HTTP/1.0\r\n\r\n")
-                return b"200" in s.recv(64)
-        except OSError:
-            return False
+        return _socket_answers(self.url)
 
     def start(self) -> PodmanService:
         if self.answers():
@@ -156,7 +147,38 @@ def make_driver(name: str, config: Config) -> Driver:
         from drivers.podman import PodmanDriver
 
         return PodmanDriver(config.podman_socket_url)
-    raise ValueError(f"unknown driver {name!r}")
+    if name == "docker":
+        from drivers.docker import DockerDriver
+
+        return DockerDriver(config.docker_socket_url)
+    raise ValueError(f"unknown driver {name!r}; known drivers: podman, docker")
+
+
+def _socket_answers(url: str) -> bool:
+    path = url.removeprefix("unix://")
+    if not url.startswith("unix://") or not Path(path).exists():
+        return False
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(1)
+            s.connect(path)
+            s.sendall(b"GET /_ping HTTP/1.0\r\n\r\n")
+            return b"200" in s.recv(64)
+    except OSError:
+        return False
+
+
+def detect_drivers(config: Config) -> tuple[str, ...]:
+    """The engines to drive when configuration names none: podman if installed
+    (sandboxctl starts its service), docker if its daemon answers."""
+    found = []
+    if config.podman_url or shutil.which("podman"):
+        found.append("podman")
+    if _socket_answers(config.docker_socket_url):
+        found.append("docker")
+    if not found:
+        raise RuntimeError("no container engine found: install podman (scripts/setup-engines.sh) or start docker")
+    return tuple(found)
 
 
 class ControlPlane:
@@ -234,6 +256,9 @@ async def run_serve(config: Config, banner: str = "") -> None:
     """``sandboxctl serve``: every service against a NATS someone else runs (compose, a cluster)."""
     podman = None
     try:
+        if not config.drivers:
+            config.drivers = detect_drivers(config)
+        config.default_driver = config.default_driver or config.drivers[0]
         if "podman" in config.drivers and not config.podman_url:
             podman = PodmanService(config.run_dir / "podman.sock").start()
         banner = banner or f"sandboxctl services are up on {config.nats_url}, drivers {', '.join(config.drivers)}"

@@ -108,6 +108,8 @@ class Projector:
 
     async def _run(self) -> None:
         target = await self.tail.last_seq()
+        if self.tail.next_seq > target:
+            self.caught_up.set()  # nothing to read: do not wait out an idle fetch
         async for batch in self.tail.batches():
             if batch:
                 await self.apply(batch)

@@ -87,6 +87,8 @@ class StateMachineService:
 
     async def _follow_log(self) -> None:
         target = await self._tail.last_seq()
+        if self._tail.next_seq > target:
+            self._caught_up.set()  # nothing to read: do not wait out an idle fetch
         async for batch in self._tail.batches():
             for msg in batch:
                 seq = msg.metadata.sequence.stream

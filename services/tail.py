@@ -41,10 +41,12 @@ async def fetch(sub: JetStreamContext.PullSubscription, batch: int, timeout: flo
     seen while the task is being cancelled is re-raised as the cancellation.
     """
     try:
-        return await sub.fetch(batch, timeout=timeout)
+        msgs = await sub.fetch(batch, timeout=timeout)
     except (TimeoutError, nats.errors.TimeoutError):
-        reraise_if_cancelling()
-        return []
+        msgs = []
+    # Also after a normal return: a batch fetch may end early on the swallowed cancellation.
+    reraise_if_cancelling()
+    return msgs
 
 
 class Tail:

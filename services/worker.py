@@ -275,8 +275,11 @@ class DriverWorker:
                     await self._orphan(info, f"sandbox {name} is Deleted")
                 continue
             async with self._lock(name):
-                for fact_id, fact in await self._settle(state, mine[0] if mine else None):
-                    await self.report(name, fact_id, fact)
+                facts = await self._settle(state, mine[0] if mine else None)
+            # Keyed by the log position it was decided at: a fact the engine reported
+            # long ago (this run's start) may be the news now, after a failure in between.
+            for index, (_, fact) in enumerate(facts):
+                await self.report(name, f"{state.sandbox_id}:{state.seq}:reconcile:{index}", fact)
         for infos in by_name.values():
             for info in infos:
                 await self._orphan(info, "no sandbox of that name is in the log")

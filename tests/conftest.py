@@ -1,9 +1,11 @@
 """Fixtures that start real parts: a nats-server per test, one podman service
-per session, and the whole control plane in the test's event loop."""
+and one docker daemon per session, and the whole control plane in the test's
+event loop. Tests that take the ``engine`` fixture run once per engine."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from services.dockerd import DockerDaemon
 
 from services.cli import run_main
 from services.client import SandboxClient
@@ -20,10 +23,39 @@ from services.embedded import ControlPlane, NatsServer, PodmanService
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = os.environ.get("SANDBOXCTL_TEST_IMAGE", "localhost/sandboxctl-busybox:latest")
+ENGINES = ("podman", "docker")
 
 
 def podman(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["podman", *args], capture_output=True, text=True, check=check)
+
+
+class Engine:
+    """An engine's own command line, for doing things behind sandboxctl's back."""
+
+    def __init__(self, name: str, url: str) -> None:
+        self.name = name
+        self.url = url
+
+    def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        base = ["podman"] if self.name == "podman" else ["docker", "-H", self.url]
+        return subprocess.run([*base, *args], capture_output=True, text=True, check=check)
+
+    def __repr__(self) -> str:
+        return self.name
+
+    def state(self, sandbox: str) -> dict[str, object]:
+        return json.loads(self("container", "inspect", f"sandboxctl-{sandbox}").stdout)[0]["State"]
+
+    def container_exists(self, sandbox: str) -> bool:
+        return self("container", "inspect", f"sandboxctl-{sandbox}", check=False).returncode == 0
+
+    def volume_exists(self, sandbox: str) -> bool:
+        return self("volume", "inspect", f"sandboxctl-{sandbox}-workspace", check=False).returncode == 0
+
+    def remove(self, sandbox: str) -> None:
+        self("rm", "-f", f"sandboxctl-{sandbox}", check=False)
+        self("volume", "rm", "-f", f"sandboxctl-{sandbox}-workspace", check=False)
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +72,25 @@ def podman_url(tmp_path_factory: pytest.TempPathFactory, image: str) -> Iterator
     service.stop()
 
 
+@pytest.fixture(scope="session")
+def docker_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    daemon = DockerDaemon(tmp_path_factory.mktemp("docker")).start()
+    env = {**os.environ, "DOCKER_HOST": daemon.url, "SKIP_PODMAN": "1"}
+    subprocess.run(["bash", str(ROOT / "scripts" / "build-test-image.sh")], check=True, env=env)
+    yield daemon.url
+    daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def engines(podman_url: str, docker_url: str) -> dict[str, Engine]:
+    return {"podman": Engine("podman", podman_url), "docker": Engine("docker", docker_url)}
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest, engines: dict[str, Engine]) -> Engine:
+    return engines[request.param]
+
+
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     server = NatsServer(tmp_path / "nats").start()
@@ -48,14 +99,18 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
 
 
 @pytest.fixture
-def config(tmp_path: Path, nats_server: NatsServer, podman_url: str) -> Config:
+def config(
+    request: pytest.FixtureRequest, tmp_path: Path, nats_server: NatsServer, engines: dict[str, Engine]
+) -> Config:
+    default = request.getfixturevalue("engine").name if "engine" in request.fixturenames else "podman"
     return Config(
         nats_url=nats_server.url,
         data_dir=tmp_path / "data",
         run_dir=tmp_path / "run",
-        podman_url=podman_url,
-        drivers=("podman",),
-        default_driver="podman",
+        podman_url=engines["podman"].url,
+        docker_url=engines["docker"].url,
+        drivers=ENGINES,
+        default_driver=default,
         actor="test",
     )
 
@@ -75,7 +130,7 @@ async def client(config: Config, plane: ControlPlane) -> AsyncIterator[SandboxCl
 
 
 @pytest.fixture
-def names() -> Iterator[list[str]]:
+def names(engines: dict[str, Engine]) -> Iterator[list[str]]:
     """Unique sandbox names for a test; their containers and volumes are removed after it."""
     prefix = f"t{uuid.uuid4().hex[:8]}"
     made: list[str] = []
@@ -88,8 +143,8 @@ def names() -> Iterator[list[str]]:
 
     yield Names()
     for name in made:
-        podman("rm", "-f", "-t", "0", f"sandboxctl-{name}", check=False)
-        podman("volume", "rm", "-f", f"sandboxctl-{name}-workspace", check=False)
+        for engine in engines.values():
+            engine.remove(name)
 
 
 class CLI:
@@ -107,6 +162,12 @@ class CLI:
 @pytest.fixture
 def cli(config: Config, plane: ControlPlane, capsys: pytest.CaptureFixture[str]) -> CLI:
     return CLI(config, capsys)
+
+
+async def phase(cli: CLI, name: str) -> str:
+    code, out, err = await cli("get", name, "-o", "json")
+    assert code == 0, err
+    return str(json.loads(out)["phase"])
 
 
 async def run_cli_process(config: Config, *argv: str) -> tuple[int, str, str]:

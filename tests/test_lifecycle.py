@@ -1,4 +1,6 @@
-"""The whole lifecycle on a real nats-server and real podman (issue 2's acceptance)."""
+"""The services on a real nats-server and real podman: errors, races, restarts, the CLI.
+
+What depends on the engine lives in test_contract.py, which runs on every engine."""
 
 from __future__ import annotations
 
@@ -14,94 +16,7 @@ from services.client import SandboxClient, SandboxError
 from services.config import Config
 from services.embedded import ControlPlane
 from services.statemachine import StateMachineService
-from tests.conftest import CLI, podman, run_cli_process
-
-
-def container_state(name: str) -> dict[str, object]:
-    out = podman("container", "inspect", f"sandboxctl-{name}").stdout
-    return json.loads(out)[0]["State"]
-
-
-def container_exists(name: str) -> bool:
-    return podman("container", "exists", f"sandboxctl-{name}", check=False).returncode == 0
-
-
-def volume_exists(name: str) -> bool:
-    return podman("volume", "exists", f"sandboxctl-{name}-workspace", check=False).returncode == 0
-
-
-async def phase(cli: CLI, name: str) -> str:
-    code, out, err = await cli("get", name, "-o", "json")
-    assert code == 0, err
-    return json.loads(out)["phase"]
-
-
-async def test_workspace_survives_stop_and_start_and_delete_removes_it(cli: CLI, names, image: str) -> None:
-    name = names.new()
-    code, out, err = await cli("create", name, "--image", image, "--label", "team=a")
-    assert code == 0, err
-    assert await phase(cli, name) == "Ready"
-    podman("exec", f"sandboxctl-{name}", "sh", "-c", "echo 'agent work' > /workspace/notes.txt")
-
-    code, _, err = await cli("stop", name)
-    assert code == 0, err
-    assert await phase(cli, name) == "Stopped"
-    state = container_state(name)
-    assert state["Running"] is False and state["Status"] == "exited"
-    assert volume_exists(name)
-
-    code, _, err = await cli("start", name)
-    assert code == 0, err
-    assert await phase(cli, name) == "Ready"
-    assert container_state(name)["Running"] is True
-    assert podman("exec", f"sandboxctl-{name}", "cat", "/workspace/notes.txt").stdout == "agent work\n"
-
-    code, _, err = await cli("delete", name)
-    assert code == 0, err
-    assert not container_exists(name)
-    assert not volume_exists(name)
-    assert await phase(cli, name) == "Deleted"
-
-    code, out, _ = await cli("history", name, "-o", "json")
-    types = [e["type"].split(".")[2] for e in json.loads(out)]
-    assert types == [
-        "created",
-        "ready",
-        "stop_requested",
-        "stopped",
-        "start_requested",
-        "ready",
-        "delete_requested",
-        "deleted",
-    ]
-
-
-async def test_kill_from_outside_is_error_not_stopped_and_start_recovers(
-    cli: CLI, client: SandboxClient, names, image: str
-) -> None:
-    name = names.new()
-    assert (await cli("create", name, "--image", image))[0] == 0
-    podman("kill", f"sandboxctl-{name}")
-    item = await client.wait_for(name, "Error", timeout=10)
-    assert "137" in item["last_error"]
-    code, _, err = await cli("start", name)
-    assert code == 0, err
-    assert await phase(cli, name) == "Ready"
-    assert container_state(name)["Running"] is True
-
-
-async def test_stop_on_stopped_succeeds_and_appends_nothing(cli: CLI, client: SandboxClient, names, image: str) -> None:
-    name = names.new()
-    await client.create(name, image)
-    await client.wait_for(name, "Ready")
-    assert (await cli("stop", name))[0] == 0
-    before = await client.history(name)
-    reply = await client.stop(name)
-    assert reply.accepted and reply.appended == 0 and reply.phase == "Stopped"
-    code, _, err = await cli("stop", name)
-    assert code == 0, err
-    await asyncio.sleep(0.2)
-    assert await client.history(name) == before
+from tests.conftest import CLI, phase, run_cli_process
 
 
 async def test_bad_names_give_their_error_codes(cli: CLI, client: SandboxClient, names, image: str) -> None:
@@ -175,39 +90,6 @@ async def test_same_command_id_twice_is_stored_once(client: SandboxClient, names
     assert first.accepted and second.accepted and second.appended == 0
     await client.wait_for(name, "Ready")
     assert [e["type"] for e in await client.history(name)].count("sandboxctl.sandbox.created.v1") == 1
-
-
-async def test_stop_all_stops_every_ready_sandbox(cli: CLI, client: SandboxClient, names, image: str) -> None:
-    made = [names.new() for _ in range(4)]
-    await asyncio.gather(*(client.create(n, image) for n in made))
-    await asyncio.gather(*(client.wait_for(n, "Ready") for n in made))
-    await client.stop(made[0])
-    await client.wait_for(made[0], "Stopped")
-    code, out, err = await cli("stop", "--all")
-    assert code == 0, err
-    for n in made:
-        assert await phase(cli, n) == "Stopped"
-        assert container_state(n)["Running"] is False
-    code, out, _ = await cli("list", "-o", "json", "--phase", "Ready")
-    assert json.loads(out) == []
-
-
-async def test_get_json_and_list_filters(cli: CLI, client: SandboxClient, names, image: str) -> None:
-    a, b = names.new(), names.new()
-    await client.create(a, image, labels={"team": "red"})
-    await client.create(b, image, labels={"team": "blue"})
-    await client.wait_for(a, "Ready")
-    await client.wait_for(b, "Ready")
-    code, out, _ = await cli("get", a, "-o", "json")
-    item = json.loads(out)
-    assert code == 0 and item["phase"] == "Ready" and item["labels"] == {"team": "red"} and item["driver"] == "podman"
-    assert item["image"] == image and item["last_seq"] > 0 and item["created_at"]
-    code, out, _ = await cli("list", "-o", "json", "--label", "team=blue")
-    assert [s["name"] for s in json.loads(out)] == [b]
-    code, out, _ = await cli("list", "-o", "yaml")
-    assert f"name: {a}" in out and "phase: Ready" in out
-    code, out, _ = await cli("list")
-    assert out.splitlines()[0].split()[:2] == ["NAME", "PHASE"]
 
 
 async def test_answers_are_rebuilt_from_the_log_after_every_service_restarts(

@@ -1,0 +1,348 @@
+"""The driver contract, run against every engine: the same behaviour on real
+podman and real docker, through the services and through the driver itself.
+
+Everything here that happens "by hand" uses the engine's own command line,
+behind sandboxctl's back, the way an operator or a crash would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from drivers.base import ContainerMissing, SandboxSpec
+from events import ContainerExited, Envelope, now, subjects
+from events.envelope import type_name
+from services.client import SandboxClient
+from services.config import Config
+from services.embedded import ControlPlane, make_driver
+from services.log import decode_fact, publish_fact
+from tests.conftest import CLI, Engine, phase
+
+
+async def test_workspace_survives_stop_and_start_and_delete_removes_it(
+    cli: CLI, names, image: str, engine: Engine
+) -> None:
+    name = names.new()
+    code, out, err = await cli("create", name, "--image", image, "--label", "team=a")
+    assert code == 0, err
+    assert await phase(cli, name) == "Ready"
+    engine("exec", f"sandboxctl-{name}", "sh", "-c", "echo 'agent work' > /workspace/notes.txt")
+
+    code, _, err = await cli("stop", name)
+    assert code == 0, err
+    assert await phase(cli, name) == "Stopped"
+    state = engine.state(name)
+    assert state["Running"] is False and state["Status"] == "exited"
+    assert engine.volume_exists(name)
+
+    code, _, err = await cli("start", name)
+    assert code == 0, err
+    assert await phase(cli, name) == "Ready"
+    assert engine.state(name)["Running"] is True
+    assert engine("exec", f"sandboxctl-{name}", "cat", "/workspace/notes.txt").stdout == "agent work\n"
+
+    code, _, err = await cli("delete", name)
+    assert code == 0, err
+    assert not engine.container_exists(name)
+    assert not engine.volume_exists(name)
+    assert await phase(cli, name) == "Deleted"
+
+    code, out, _ = await cli("history", name, "-o", "json")
+    types = [e["type"].split(".")[2] for e in json.loads(out)]
+    assert types == [
+        "created",
+        "ready",
+        "stop_requested",
+        "stopped",
+        "start_requested",
+        "ready",
+        "delete_requested",
+        "deleted",
+    ]
+
+
+async def test_kill_from_outside_is_error_not_stopped_and_start_recovers(
+    cli: CLI, client: SandboxClient, names, image: str, engine: Engine
+) -> None:
+    name = names.new()
+    assert (await cli("create", name, "--image", image))[0] == 0
+    engine("kill", f"sandboxctl-{name}")
+    item = await client.wait_for(name, "Error", timeout=2)
+    assert "137" in item["last_error"]
+    code, _, err = await cli("start", name)
+    assert code == 0, err
+    assert await phase(cli, name) == "Ready"
+    assert engine.state(name)["Running"] is True
+
+
+async def test_stop_on_stopped_succeeds_and_appends_nothing(
+    cli: CLI, client: SandboxClient, names, image: str, engine: Engine
+) -> None:
+    name = names.new()
+    await client.create(name, image)
+    await client.wait_for(name, "Ready")
+    assert (await cli("stop", name))[0] == 0
+    before = await client.history(name)
+    reply = await client.stop(name)
+    assert reply.accepted and reply.appended == 0 and reply.phase == "Stopped"
+    code, _, err = await cli("stop", name)
+    assert code == 0, err
+    await asyncio.sleep(0.2)
+    assert await client.history(name) == before
+
+
+async def test_stop_all_stops_every_ready_sandbox(
+    cli: CLI, client: SandboxClient, names, image: str, engine: Engine
+) -> None:
+    made = [names.new() for _ in range(4)]
+    await asyncio.gather(*(client.create(n, image) for n in made))
+    await asyncio.gather(*(client.wait_for(n, "Ready") for n in made))
+    await client.stop(made[0])
+    await client.wait_for(made[0], "Stopped")
+    code, out, err = await cli("stop", "--all")
+    assert code == 0, err
+    for n in made:
+        assert await phase(cli, n) == "Stopped"
+        assert engine.state(n)["Running"] is False
+    code, out, _ = await cli("list", "-o", "json", "--phase", "Ready")
+    assert json.loads(out) == []
+
+
+async def test_get_json_and_list_filters(cli: CLI, client: SandboxClient, names, image: str, engine: Engine) -> None:
+    a, b = names.new(), names.new()
+    await client.create(a, image, labels={"team": "red"})
+    await client.create(b, image, labels={"team": "blue"})
+    await client.wait_for(a, "Ready")
+    await client.wait_for(b, "Ready")
+    code, out, _ = await cli("get", a, "-o", "json")
+    item = json.loads(out)
+    assert (
+        code == 0 and item["phase"] == "Ready" and item["labels"] == {"team": "red"} and item["driver"] == engine.name
+    )
+    assert item["image"] == image and item["last_seq"] > 0 and item["created_at"]
+    code, out, _ = await cli("list", "-o", "json", "--label", "team=blue")
+    assert [s["name"] for s in json.loads(out)] == [b]
+    code, out, _ = await cli("list", "-o", "yaml")
+    assert f"name: {a}" in out and "phase: Ready" in out
+    code, out, _ = await cli("list")
+    assert out.splitlines()[0].split()[:2] == ["NAME", "PHASE"]
+
+
+async def test_a_start_by_hand_on_a_stopped_sandbox_makes_it_ready(
+    client: SandboxClient, names, image: str, engine: Engine
+) -> None:
+    name = names.new()
+    await client.create(name, image)
+    await client.wait_for(name, "Ready")
+    reply = await client.stop(name)
+    await client.wait_for(name, "Stopped", reply.seq)
+    engine("start", f"sandboxctl-{name}")
+    item = await client.wait_for(name, "Ready", reply.seq + 1, timeout=5)
+    assert item["last_error"] == ""
+
+
+async def test_removal_by_hand_of_a_stopped_sandbox_is_backend_missing(
+    client: SandboxClient, names, image: str, engine: Engine
+) -> None:
+    name = names.new()
+    await client.create(name, image)
+    await client.wait_for(name, "Ready")
+    reply = await client.stop(name)
+    await client.wait_for(name, "Stopped", reply.seq)
+    engine("rm", "-f", f"sandboxctl-{name}")
+    item = await client.wait_for(name, "Error", timeout=5)
+    assert item["last_error"] == "backend_missing"
+    assert engine.volume_exists(name)  # the workspace is the user's; only delete removes it
+
+
+async def test_a_stale_exit_from_an_earlier_run_leaves_the_new_run_ready(
+    config: Config, plane: ControlPlane, client: SandboxClient, names, image: str, engine: Engine
+) -> None:
+    name = names.new()
+    await client.create(name, image)
+    first = await client.wait_for(name, "Ready")
+    old = plane.statemachine.states[name]
+    reply = await client.stop(name)
+    await client.wait_for(name, "Stopped", reply.seq)
+    reply = await client.start(name)
+    await client.wait_for(name, "Ready", reply.seq)
+    assert plane.statemachine.states[name].incarnation != old.incarnation
+    # The exit of run N, delivered late (after run N+1 started), under an id never seen.
+    stale = ContainerExited(exit_code=137, sandbox_id=old.sandbox_id, incarnation=old.incarnation)
+    js = plane.statemachine.js
+    ack = await publish_fact(
+        js,
+        Envelope(
+            id=f"late-{name}", type=type_name(ContainerExited), source="test", subject=name, time=now(), data=stale
+        ),
+    )
+    await _until_consumed(plane, ack.seq)
+    item = await client.get(name)
+    assert item["phase"] == "Ready" and item["last_seq"] > first["last_seq"]
+    assert engine.state(name)["Running"] is True
+
+
+async def _until_consumed(plane: ControlPlane, facts_seq: int, timeout: float = 5.0) -> None:
+    js = plane.statemachine.js
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = await js.consumer_info(subjects.FACTS_STREAM, "sandboxctl-statemachine")
+        if info.ack_floor.stream_seq >= facts_seq:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"fact {facts_seq} was not consumed within {timeout}s")
+
+
+async def test_reconciliation_after_changes_made_while_everything_was_down(
+    config: Config, plane: ControlPlane, client: SandboxClient, names, image: str, engine: Engine
+) -> None:
+    stopped_by_hand, killed, removed, started_by_hand, stuck_stopping = (names.new(k) for k in "skrbt")
+    made = [stopped_by_hand, killed, removed, started_by_hand, stuck_stopping]
+    await asyncio.gather(*(client.create(n, image) for n in made))
+    await asyncio.gather(*(client.wait_for(n, "Ready") for n in made))
+    reply = await client.stop(started_by_hand)
+    await client.wait_for(started_by_hand, "Stopped", reply.seq)
+    # A stop the driver worker never got to: it is in the log, and nobody acts on it.
+    await plane.workers[[w.driver.name for w in plane.workers].index(engine.name)].stop()
+    await client.stop(stuck_stopping)
+    seen = {n: (await client.get(n))["last_seq"] for n in made}
+    await plane.stop()
+
+    engine("stop", "-t", "1", f"sandboxctl-{stopped_by_hand}")
+    engine("kill", f"sandboxctl-{killed}")
+    engine("rm", "-f", f"sandboxctl-{removed}")
+    engine("start", f"sandboxctl-{started_by_hand}")
+
+    again = await ControlPlane(config).start()
+    try:
+        expected = {
+            stopped_by_hand: "Ready",  # exited while unobserved: restarted (the default)
+            killed: "Ready",
+            removed: "Error",
+            started_by_hand: "Ready",
+            stuck_stopping: "Stopped",
+        }
+        items = await asyncio.gather(*(client.wait_for(n, p, seen[n] + 1, timeout=5) for n, p in expected.items()))
+        assert items[2]["last_error"] == "backend_missing"
+        for n, p in expected.items():
+            if n != removed:
+                assert engine.state(n)["Running"] is (p == "Ready")
+        assert all(engine.volume_exists(n) for n in made)
+    finally:
+        await again.stop()
+
+
+async def test_reconciliation_can_mark_unobserved_exits_as_errors(
+    config: Config, plane: ControlPlane, client: SandboxClient, names, image: str, engine: Engine
+) -> None:
+    name = names.new()
+    await client.create(name, image)
+    await client.wait_for(name, "Ready")
+    await plane.stop()
+    engine("kill", f"sandboxctl-{name}")
+    config.reconcile_exited = "error"
+    again = await ControlPlane(config).start()
+    try:
+        item = await client.wait_for(name, "Error", timeout=5)
+        assert "137" in item["last_error"]
+        assert engine.state(name)["Running"] is False
+    finally:
+        await again.stop()
+
+
+async def test_an_orphan_container_is_reported_and_left_alone(
+    plane: ControlPlane, names, image: str, engine: Engine
+) -> None:
+    name = names.new("orphan")
+    engine(
+        "create", "--name", f"sandboxctl-{name}", "--network", "none",
+        "--label", "sandboxctl.managed=true", "--label", f"sandboxctl.sandbox={name}",
+        "--label", "sandboxctl.sandbox_id=nobody", image,
+    )  # fmt: skip
+    worker = plane.workers[[w.driver.name for w in plane.workers].index(engine.name)]
+    await worker.reconcile()
+    js = plane.statemachine.js
+    msg = await js.get_last_msg(subjects.FACTS_STREAM, subjects.fact(name))
+    fact = decode_fact(msg.data).data
+    assert type(fact).__name__ == "ContainerOrphaned" and fact.sandbox_id == "nobody"
+    assert engine.container_exists(name)
+
+
+async def test_an_unreachable_engine_gives_error_with_its_message_and_never_sticks_in_stopping(
+    config: Config, plane: ControlPlane, client: SandboxClient, names, image: str, engine: Engine, tmp_path
+) -> None:
+    name = names.new()
+    await client.create(name, image)
+    await client.wait_for(name, "Ready")
+    await plane.stop()
+    real = config.podman_url, config.docker_url
+    dead = f"unix://{tmp_path / 'no-engine.sock'}"
+    if engine.name == "podman":
+        config.podman_url = dead
+    else:
+        config.docker_url = dead
+    down = await ControlPlane(config).start()
+    try:
+        began = time.monotonic()
+        reply = await client.stop(name)
+        item = await client.wait_for(name, "Error", reply.seq, timeout=10)
+        assert time.monotonic() - began < 10
+        assert item["last_error"].startswith("stop failed: ") and len(item["last_error"]) > len("stop failed: ")
+        created = await client.create(names.new(), image)
+        assert (await client.wait_for(created.sandbox, "Error", timeout=10))["last_error"].startswith("create failed")
+    finally:
+        await down.stop()
+    # With the engine back, reconciliation sees the container still running: Ready again.
+    config.podman_url, config.docker_url = real
+    back = await ControlPlane(config).start()
+    try:
+        await client.wait_for(name, "Ready", item["last_seq"] + 1, timeout=5)
+    finally:
+        await back.stop()
+
+
+# -- the driver itself -------------------------------------------------------------
+
+
+@pytest.fixture
+def driver(engine: Engine, config: Config):
+    driver = make_driver(engine.name, config)
+    yield driver
+    driver.close()
+
+
+def test_resume_semantics(driver, names, image: str, engine: Engine) -> None:
+    name = names.new()
+    with pytest.raises(ContainerMissing):
+        driver.start(name)  # resuming a missing container reports that it is missing
+    info = driver.create(SandboxSpec(name=name, sandbox_id="sb-1", image=image, labels={"team": "x"}))
+    assert not info.running and info.sandbox_id == "sb-1" and info.sandbox == name
+    assert driver.create(SandboxSpec(name=name, sandbox_id="sb-1", image=image)).container_id == info.container_id
+    first = driver.start(name)
+    assert first.running and first.incarnation
+    assert driver.start(name).incarnation == first.incarnation  # resuming a running container is a no-op
+    stopped = driver.stop(name, 5)
+    assert not stopped.running and driver.stop(name, 5).running is False  # stopping twice is fine
+    again = driver.start(name)  # resuming a stopped container starts it
+    assert again.running and again.incarnation != first.incarnation
+    labels = json.loads(engine("container", "inspect", f"sandboxctl-{name}").stdout)[0]["Config"]["Labels"]
+    assert labels["sandboxctl.sandbox"] == name and labels["sandboxctl.sandbox_id"] == "sb-1" and labels["team"] == "x"
+    mounts = json.loads(engine("container", "inspect", f"sandboxctl-{name}").stdout)[0]["Mounts"]
+    assert [(m["Name"], m["Destination"]) for m in mounts] == [(f"sandboxctl-{name}-workspace", "/workspace")]
+    assert [i.sandbox for i in driver.list_managed() if i.sandbox == name] == [name]
+    driver.delete(name)
+    assert driver.inspect(name) is None and not engine.volume_exists(name)
+    driver.delete(name)  # deleting what is gone succeeds
+    with pytest.raises(ContainerMissing):
+        driver.stop(name, 1)
+
+
+def test_a_container_of_another_sandbox_id_is_not_taken_over(driver, names, image: str) -> None:
+    name = names.new()
+    driver.create(SandboxSpec(name=name, sandbox_id="first", image=image))
+    with pytest.raises(Exception, match="belongs to sandbox id first"):
+        driver.create(SandboxSpec(name=name, sandbox_id="second", image=image))
