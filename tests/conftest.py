@@ -14,11 +14,11 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from services.dockerd import DockerDaemon
 
 from services.cli import run_main
 from services.client import SandboxClient
 from services.config import Config
+from services.dockerd import DockerDaemon
 from services.embedded import ControlPlane, NatsServer, PodmanService
 
 ROOT = Path(__file__).resolve().parent.parent
