@@ -375,6 +375,8 @@ class DriverWorker:
             else:
                 try:
                     await self.observe(item)
+                except DriverError as exc:  # the engine went away mid-event; the next sweep settles it
+                    log.warning("%s: could not inspect after %s: %s", self.consumer, item, exc)
                 except Exception:
                     reraise_if_cancelling()
                     log.exception("%s: could not report %s", self.consumer, item)

@@ -18,7 +18,7 @@ from events import ContainerExited, Envelope, now, subjects
 from events.envelope import type_name
 from services.client import SandboxClient
 from services.config import Config
-from services.embedded import ControlPlane, make_driver
+from services.embedded import ControlPlane, PodmanService, make_driver
 from services.log import decode_fact, publish_fact
 from tests.conftest import CLI, Engine, phase
 
@@ -27,7 +27,7 @@ async def test_workspace_survives_stop_and_start_and_delete_removes_it(
     cli: CLI, names, image: str, engine: Engine
 ) -> None:
     name = names.new()
-    code, out, err = await cli("create", name, "--image", image, "--label", "team=a")
+    code, out, err = await cli("create", name, "--image", image, "--label", "team=a", "--driver", engine.name)
     assert code == 0, err
     assert await phase(cli, name) == "Ready"
     engine("exec", f"sandboxctl-{name}", "sh", "-c", "echo 'agent work' > /workspace/notes.txt")
@@ -346,3 +346,37 @@ def test_a_container_of_another_sandbox_id_is_not_taken_over(driver, names, imag
     driver.create(SandboxSpec(name=name, sandbox_id="first", image=image))
     with pytest.raises(Exception, match="belongs to sandbox id first"):
         driver.create(SandboxSpec(name=name, sandbox_id="second", image=image))
+
+
+async def test_a_watcher_that_loses_its_stream_re_lists_and_misses_nothing(
+    tmp_path, config: Config, nats_server, names, image: str, engines
+) -> None:
+    # A podman service of this test's own, so it can go away while podman itself
+    # (and the containers) stay: what changes meanwhile is seen by no stream.
+    service = PodmanService(tmp_path / "own-podman.sock").start()
+    config.podman_url = service.url
+    config.reconcile_exited = "error"
+    plane = await ControlPlane(config).start()
+    client = await SandboxClient.connect(config.nats_url, actor="test")
+    podman = engines["podman"]
+    try:
+        crashed, vanished = names.new("c"), names.new("v")
+        for n in (crashed, vanished):
+            await client.create(n, image, driver="podman")
+            await client.wait_for(n, "Ready")
+        worker = plane.workers[[w.driver.name for w in plane.workers].index("podman")]
+        sweeps = worker.reconciliations
+        service.stop()
+        podman("kill", f"sandboxctl-{crashed}")
+        podman("rm", "-f", f"sandboxctl-{vanished}")
+        await asyncio.sleep(1.5)  # the watcher notices the loss and retries
+        service.start()
+        assert (await client.wait_for(crashed, "Error", timeout=10))["last_error"].startswith(
+            "container exited with code 137"
+        )
+        assert (await client.wait_for(vanished, "Error", timeout=10))["last_error"] == "backend_missing"
+        assert worker.reconciliations > sweeps
+    finally:
+        await client.close()
+        await plane.stop()
+        service.stop()
