@@ -12,14 +12,17 @@ import asyncio
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import yaml
 
 from events import subjects
+from services import audit
 from services.client import TERMINAL, SandboxClient, SandboxError
 from services.config import Config
+from statemachine import Phase
 
 EXIT_CODES = {
     "invalid_argument": 2,
@@ -117,9 +120,38 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     ls.add_argument("--all", action="store_true", help="include deleted sandboxes")
 
-    ev = sub.add_parser("events", help="print the log")
-    ev.add_argument("--follow", "-f", action="store_true")
+    ev = sub.add_parser("events", help="print the log, one line per event")
+    ev.add_argument("--follow", "-f", action="store_true", help="keep printing as the log grows")
     ev.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    ev.add_argument("--sandbox", help="only this sandbox's events")
+    ev.add_argument("--type", action="append", default=[], help="e.g. stopped, sandbox.failed, or a full type")
+    ev.add_argument("--actor", action="append", default=[])
+    ev.add_argument("--since", help="TIME (ISO 8601) or log SEQ")
+
+    top = sub.add_parser("top", help="a live summary: sandboxes per phase, commands/s, errors")
+    top.add_argument("--interval", type=float, default=1.0)
+    top.add_argument("--once", action="store_true", help="print one summary and exit")
+
+    audit = sub.add_parser("audit", help="answers from the log itself: history, state, replay, verify, export")
+    asub = audit.add_subparsers(dest="audit_cmd", required=True)
+    ah = asub.add_parser("history", help="every event of one sandbox, deleted ones too")
+    ah.add_argument("name")
+    ah.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+    ast = asub.add_parser("state", help="a sandbox as it stood at a moment")
+    ast.add_argument("name")
+    ast.add_argument("--as-of", required=True, metavar="TIME|SEQ")
+    ast.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="json")
+    ar = asub.add_parser("replay", help="rebuild the projection from the log and compare it with the live one")
+    ar.add_argument("--until", metavar="TIME|SEQ")
+    ar.add_argument("--output", type=Path, help="keep the rebuilt projection at this path")
+    asub.add_parser("verify", help="check the log's invariants")
+    ax = asub.add_parser("export", help="stream the log as JSON lines")
+    ax.add_argument("--format", choices=("jsonl",), default="jsonl")
+    ax.add_argument("--sandbox")
+    ax.add_argument("--type", action="append", default=[])
+    ax.add_argument("--since", metavar="TIME|SEQ")
+    ax.add_argument("--until", metavar="TIME|SEQ")
+    ax.add_argument("--output", type=Path, help="a file (default: standard output)")
     return p
 
 
@@ -167,29 +199,110 @@ def _event_line(seq: int, env: Any) -> str:
     return f"{seq:>8} {env.time.isoformat(timespec='milliseconds')} {env.subject:<20} {short:<28} {detail}".rstrip()
 
 
-async def _events(client: SandboxClient, args: argparse.Namespace) -> int:
-    from services.log import DecodeError, decode_event
-    from services.tail import Tail
-
-    tail = Tail(client.nc.jetstream(), subjects.LOG_STREAM, subjects.LOG_ALL, 1, batch=500)
-    end = await tail.last_seq()
+def _point(text: str | None) -> audit.Point | None:
+    if text is None:
+        return None
     try:
-        async for batch in tail.batches():
-            for msg in batch:
-                seq = msg.metadata.sequence.stream
-                try:
-                    env = decode_event(msg.data)
-                except DecodeError as exc:
-                    print(f"{seq:>8} unreadable: {exc}")
-                    continue
-                if args.output == "json":
-                    print(json.dumps({"seq": seq, **msgspec.to_builtins(env)}), flush=True)
-                else:
-                    print(_event_line(seq, env), flush=True)
-            if tail.next_seq > end and not args.follow:
+        return audit.parse_point(text)
+    except ValueError as exc:
+        raise Failure("invalid_argument", str(exc)) from None
+
+
+async def _events(client: SandboxClient, args: argparse.Namespace) -> int:
+    since = _point(args.since)
+    start = since if isinstance(since, int) else 1
+    async for seq, envelope in client.events(args.sandbox, start, follow=args.follow):
+        if not audit.selected(seq, envelope, args.type, args.actor, since):
+            continue
+        if args.output == "json":
+            print(audit.jsonl(seq, envelope).decode(), flush=True)
+        else:
+            print(_event_line(seq, envelope), flush=True)
+    return 0
+
+
+async def _top(client: SandboxClient, args: argparse.Namespace) -> int:
+    commands = 0
+
+    async def count(_msg: Any) -> None:
+        nonlocal commands
+        commands += 1
+
+    sub = await client.nc.subscribe(subjects.COMMANDS_ALL, cb=count)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    try:
+        while True:
+            await asyncio.sleep(args.interval)
+            items = await client.list(include_deleted=False)
+            now_ = loop.time()
+            rate, commands, began = commands / max(now_ - began, 1e-9), 0, now_
+            phases: dict[str, int] = {}
+            for item in items:
+                phases[item["phase"]] = phases.get(item["phase"], 0) + 1
+            lines = [
+                f"sandboxctl top  {len(items)} sandboxes  {rate:.1f} commands/s",
+                "",
+                "  ".join(
+                    f"{phase}: {phases.get(phase, 0)}" for phase in (p.value for p in Phase) if phase != "Deleted"
+                ),
+                "",
+            ]
+            errors = [i for i in items if i["phase"] == "Error"]
+            lines.append(f"in Error ({len(errors)}):" if errors else "nothing in Error")
+            lines += [f"  {i['name']:<24} {i['last_error']}" for i in errors[:50]]
+            screen = "\n".join(lines)
+            if args.once:
+                print(screen)
                 return 0
+            print("\x1b[H\x1b[2J" + screen, flush=True)
     finally:
-        await tail.close()
+        await sub.unsubscribe()
+
+
+async def _audit(client: SandboxClient, args: argparse.Namespace, config: Config) -> int:
+    js = client.nc.jetstream()
+    if args.audit_cmd == "history":
+        items = await audit.history(js, args.name)
+        if not items:
+            raise Failure("not_found", f"sandbox {args.name} has no events in the log")
+        _print(items, args.output, ("seq", "time", "type", "phase", "actor", "correlationid", "causationid"))
+        return 0
+    if args.audit_cmd == "state":
+        point = _point(args.as_of)
+        assert point is not None
+        state = await audit.state_as_of(js, args.name, point)
+        if state is None:
+            raise Failure("not_found", f"sandbox {args.name} did not exist at {args.as_of}")
+        _print(msgspec.to_builtins(state), args.output, ("name", "phase", "seq", "driver", "last_error"))
+        return 0
+    if args.audit_cmd == "replay":
+        if not config.projection_path.exists():
+            raise Failure("not_found", f"no live projection at {config.projection_path}")
+        report = await audit.replay(client.nc, config.projection_path, _point(args.until), args.output)
+        _print(report, "json")
+        if report["differences"]:
+            raise Failure("failed", f"{len(report['differences'])} rows differ between the log and the projection")
+        return 0
+    if args.audit_cmd == "verify":
+        count, problems = await audit.verify(js)
+        for v in problems:
+            print(f"{v.seq:>8} {v.sandbox:<24} {v.problem}")
+        if problems:
+            raise Failure("failed", f"{len(problems)} violations in {count} events")
+        print(f"{count} events, no violations")
+        return 0
+    out = args.output.open("wb") if args.output else None
+    try:
+        write = out.write if out else sys.stdout.buffer.write
+        count = await audit.export(js, write, args.sandbox, args.type, _point(args.since), _point(args.until))
+    finally:
+        if out:
+            out.close()
+        else:
+            sys.stdout.flush()
+    if out:
+        print(f"exported {count} events to {args.output}", file=sys.stderr)
     return 0
 
 
@@ -211,7 +324,11 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
 
         await run_serve(config)
         return 0
-    client = await SandboxClient.connect(config.nats_url, actor=config.actor)
+    # A follower rides out a server restart; a one-shot command reports it at once.
+    patient = args.cmd == "top" or (args.cmd == "events" and args.follow)
+    client = await SandboxClient.connect(
+        config.nats_url, actor=config.actor, **({"max_reconnect_attempts": -1} if patient else {})
+    )
     try:
         if args.cmd == "create":
             reply = await client.create(args.name, args.image, command or None, _labels(args.label), driver=args.driver)
@@ -234,6 +351,10 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
             return 0
         if args.cmd == "events":
             return await _events(client, args)
+        if args.cmd == "top":
+            return await _top(client, args)
+        if args.cmd == "audit":
+            return await _audit(client, args, config)
     finally:
         await client.close()
     return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import msgspec
@@ -18,8 +18,10 @@ from nats.aio.client import Client as NATS
 
 from events import subjects
 from events.commands import CreateSandbox, DeleteSandbox, SandboxCommand, StartSandbox, StopSandbox
-from events.envelope import encode, new_id
+from events.envelope import Envelope, encode, new_id
 from events.replies import ErrorCode, Reply, reply_decoder
+from services.log import decode_event
+from services.tail import Tail
 
 log = logging.getLogger(__name__)
 
@@ -27,22 +29,85 @@ TERMINAL = {"create": "Ready", "start": "Ready", "stop": "Stopped", "delete": "D
 
 
 class SandboxError(Exception):
-    """A rejected command or query; ``code`` is one of events.replies.ErrorCode."""
+    """A rejected command or query; ``code`` is one of events.replies.ErrorCode
+    (or ``unavailable``, ``timeout``, ``failed`` from the client itself).
+
+    Catch the subclass for the code you handle: ``except NotFound``.
+    """
+
+    code = "internal"
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
 
+    @staticmethod
+    def of(code: str, message: str) -> SandboxError:
+        """The typed error for ``code``; an unknown code still gives a SandboxError."""
+        cls = _BY_CODE.get(code)
+        return cls(message) if cls is not None else SandboxError(code, message)
 
-class WaitTimeout(SandboxError):
+
+class _Coded(SandboxError):
     def __init__(self, message: str) -> None:
-        super().__init__("timeout", message)
+        super().__init__(type(self).code, message)
 
 
-class PhaseFailed(SandboxError):
-    def __init__(self, message: str) -> None:
-        super().__init__("failed", message)
+class InvalidArgument(_Coded):
+    code = "invalid_argument"
+
+
+class NotFound(_Coded):
+    code = "not_found"
+
+
+class AlreadyExists(_Coded):
+    code = "already_exists"
+
+
+class FailedPrecondition(_Coded):
+    code = "failed_precondition"
+
+
+class Conflict(_Coded):
+    code = "conflict"
+
+
+class Internal(_Coded):
+    code = "internal"
+
+
+class Unavailable(_Coded):
+    """No NATS, or no service answered in time. Safe to retry with the same command id."""
+
+    code = "unavailable"
+
+
+class WaitTimeout(_Coded):
+    code = "timeout"
+
+
+class PhaseFailed(_Coded):
+    """The sandbox went to Error while the caller waited for another phase."""
+
+    code = "failed"
+
+
+_BY_CODE: dict[str, type[_Coded]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        Conflict,
+        Internal,
+        Unavailable,
+        WaitTimeout,
+        PhaseFailed,
+    )
+}
 
 
 async def _quiet(exc: Exception) -> None:
@@ -52,39 +117,59 @@ async def _quiet(exc: Exception) -> None:
 
 
 class SandboxClient:
-    def __init__(self, nc: NATS, actor: str = "client", request_timeout: float = 10.0) -> None:
+    def __init__(self, nc: NATS, actor: str = "client", request_timeout: float = 10.0, retries: int = 3) -> None:
         self.nc = nc
         self.actor = actor
         self.request_timeout = request_timeout
+        self.retries = retries
 
     @classmethod
     async def connect(cls, url: str, actor: str = "client", **options: Any) -> SandboxClient:
         try:
             options.setdefault("error_cb", _quiet)
-            nc = await nats.connect(
-                url, connect_timeout=2, max_reconnect_attempts=3, reconnect_time_wait=0.5, **options
-            )
+            options.setdefault("connect_timeout", 2)
+            options.setdefault("max_reconnect_attempts", 3)
+            options.setdefault("reconnect_time_wait", 0.5)
+            nc = await nats.connect(url, **options)
         except Exception as exc:
-            raise SandboxError("unavailable", f"cannot reach NATS at {url}: {exc}") from exc
+            raise Unavailable(f"cannot reach NATS at {url}: {exc}") from exc
         return cls(nc, actor)
 
     async def close(self) -> None:
-        await self.nc.drain()
+        if not self.nc.is_closed:
+            await self.nc.drain()
 
     async def _request(self, subject: str, payload: bytes) -> Reply:
         try:
             msg = await self.nc.request(subject, payload, timeout=self.request_timeout)
         except nats.errors.NoRespondersError as exc:
-            raise SandboxError("unavailable", f"no service answers on {subject}; is sandboxctl up running?") from exc
+            raise Unavailable(f"no service answers on {subject}; is sandboxctl up running?") from exc
         except (TimeoutError, nats.errors.TimeoutError) as exc:
-            raise SandboxError("unavailable", f"no answer on {subject} within {self.request_timeout}s") from exc
+            raise Unavailable(f"no answer on {subject} within {self.request_timeout}s") from exc
         return reply_decoder.decode(msg.data)
 
     async def send(self, command: SandboxCommand) -> Reply:
-        reply = await self._request(subjects.command(command.VERB), encode(command))
-        if reply.error is not None:
-            raise SandboxError(reply.error.code, reply.error.message)
-        return reply
+        """Send one command, retrying while no service answers.
+
+        Every retry carries the same command id, so the log stores the
+        command's events once however many attempts reach the service; a
+        ``conflict`` (the sandbox kept changing) is retried the same way.
+        """
+        payload = encode(command)
+        for attempt in range(self.retries + 1):
+            try:
+                reply = await self._request(subjects.command(command.VERB), payload)
+            except Unavailable:
+                if attempt == self.retries:
+                    raise
+                await asyncio.sleep(0.2 * 2**attempt)
+                continue
+            if reply.error is None:
+                return reply
+            if reply.error.code != ErrorCode.CONFLICT or attempt == self.retries:
+                raise SandboxError.of(reply.error.code, reply.error.message)
+            await asyncio.sleep(0.05 * 2**attempt)
+        raise AssertionError("unreachable")
 
     def _meta(self, command_id: str | None) -> dict[str, str]:
         return {"command_id": command_id or new_id(), "actor": self.actor}
@@ -116,7 +201,7 @@ class SandboxClient:
     async def query(self, kind: str, **request: Any) -> Any:
         reply = await self._request(subjects.query(kind), msgspec.json.encode(request))
         if reply.error is not None:
-            raise SandboxError(reply.error.code, reply.error.message)
+            raise SandboxError.of(reply.error.code, reply.error.message)
         return reply.result
 
     async def get(self, name: str) -> dict[str, Any]:
@@ -134,6 +219,29 @@ class SandboxClient:
     async def history(self, name: str) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = await self.query("history", name=name)
         return result
+
+    async def events(
+        self, name: str | None = None, since_seq: int = 1, follow: bool = True
+    ) -> AsyncIterator[tuple[int, Envelope]]:
+        """The log's events (of one sandbox, or all) from ``since_seq``, in order.
+
+        With ``follow`` it keeps going as the log grows, across reconnects and
+        server restarts, without a gap or a repeat; without it, it stops at the
+        end of the log as it stood when called.
+        """
+        filter_subject = subjects.log(name) if name else subjects.LOG_ALL
+        tail = Tail(self.nc.jetstream(), subjects.LOG_STREAM, filter_subject, since_seq, batch=500)
+        end = await tail.last_seq()
+        try:
+            if not follow and tail.next_seq > end:
+                return
+            async for batch in tail.batches():
+                for msg in batch:
+                    yield msg.metadata.sequence.stream, decode_event(msg.data)
+                if not follow and tail.next_seq > end:
+                    return
+        finally:
+            await tail.close()
 
     async def wait_for(self, name: str, phase: str, after_seq: int = 0, timeout: float = 60.0) -> dict[str, Any]:
         """Wait until the projection shows ``phase`` at or after ``after_seq``.

@@ -80,6 +80,13 @@ class Projector:
 
     async def start(self) -> None:
         await ensure_streams(self.js)
+        await self.open()
+        self.tail = Tail(self.js, subjects.LOG_STREAM, subjects.LOG_ALL, start_seq=self.position + 1)
+        self._task = asyncio.create_task(self._run(), name="projector")
+
+    async def open(self) -> None:
+        """Open the database and load its rows and position, without following the log
+        (the audit replay feeds ``apply`` itself)."""
         self.db = await connect(self.db_path)
         self.position = await checkpoint(self.db)
         for r in await self.db.execute_fetchall(f"SELECT {', '.join(SANDBOX_COLUMNS)} FROM sandboxes"):
@@ -96,14 +103,12 @@ class Projector:
             self.rows[state.name] = Row(
                 state, item["image"], item["command"], item["labels"], item["created_at"], item["updated_at"]
             )
-        self.tail = Tail(self.js, subjects.LOG_STREAM, subjects.LOG_ALL, start_seq=self.position + 1)
-        self._task = asyncio.create_task(self._run(), name="projector")
 
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        await self.tail.close()
+            await self.tail.close()
         await self.db.close()
 
     async def _run(self) -> None:

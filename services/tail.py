@@ -85,7 +85,13 @@ class Tail:
         self._consumer_seq = 0
 
     async def last_seq(self) -> int:
-        """The stream's last sequence now: read up to it and you are caught up."""
+        """The last sequence this reader will see as of now: read up to it and you are caught up."""
+        if "*" not in self._filter and ">" not in self._filter:
+            try:
+                msg = await self._js.get_last_msg(self._stream, self._filter)
+            except NotFoundError:
+                return 0
+            return int(msg.seq or 0)
         info = await self._js.stream_info(self._stream)
         return int(info.state.last_seq)
 

@@ -1,0 +1,309 @@
+"""Audit and replay: answers read from the log itself, never from the projection.
+
+The projection is a cache that can be wrong or lost; an auditor needs what the
+source of truth says. Everything here reads SANDBOXCTL_LOG in order and folds
+it with the same ``evolve`` the services use.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from events import subjects
+from events.envelope import Envelope
+from events.lifecycle import SandboxCreated
+from services.log import DecodeError, decode_event
+from services.projection import HISTORY_COLUMNS, SANDBOX_COLUMNS, checkpoint, connect
+from services.projector import Projector
+from services.tail import Tail
+from statemachine import IllegalTransition, Phase, SandboxState, evolve
+
+Point = int | datetime  # a log sequence, or a moment
+
+
+def parse_point(text: str) -> Point:
+    """``TIME|SEQ`` on the command line: a number is a log sequence, anything else an ISO time."""
+    if text.isdigit():
+        return int(text)
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{text!r} is neither a log sequence nor an ISO 8601 time") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def before_or_at(point: Point | None, seq: int, envelope: Envelope) -> bool:
+    if point is None:
+        return True
+    if isinstance(point, int):
+        return seq <= point
+    return envelope.time <= point
+
+
+async def read(
+    js: JetStreamContext, name: str | None = None, start: int = 1, until_seq: int | None = None
+) -> AsyncIterator[list[Msg]]:
+    """The log (or one sandbox's part of it) as it stands now, in batches, then stop."""
+    tail = Tail(js, subjects.LOG_STREAM, subjects.log(name) if name else subjects.LOG_ALL, start, batch=1000)
+    end = await tail.last_seq()
+    if until_seq is not None:
+        end = min(end, until_seq)
+    if end < start:
+        return
+    try:
+        async for batch in tail.batches():
+            kept = [m for m in batch if m.metadata.sequence.stream <= end]
+            if kept:
+                yield kept
+            if tail.next_seq > end:
+                return
+    finally:
+        await tail.close()
+
+
+async def events(
+    js: JetStreamContext, name: str | None = None, start: int = 1, until: Point | None = None
+) -> AsyncIterator[tuple[int, Envelope | Exception, Msg]]:
+    """Decoded events up to ``until``; an unreadable entry comes as its exception."""
+    async for batch in read(js, name, start, until if isinstance(until, int) else None):
+        for msg in batch:
+            seq = msg.metadata.sequence.stream
+            try:
+                envelope = decode_event(msg.data)
+            except DecodeError as exc:
+                yield seq, exc, msg
+                continue
+            if not before_or_at(until, seq, envelope):
+                return
+            yield seq, envelope, msg
+
+
+def record(seq: int, envelope: Envelope, state: SandboxState | None) -> dict[str, Any]:
+    return {
+        "seq": seq,
+        "time": envelope.time.isoformat(),
+        "sandbox": envelope.subject,
+        "type": envelope.type,
+        "actor": envelope.actor,
+        "correlationid": envelope.correlationid,
+        "causationid": envelope.causationid,
+        "id": envelope.id,
+        "phase": state.phase.value if state else "",
+        "data": msgspec.to_builtins(envelope.data),
+    }
+
+
+async def history(js: JetStreamContext, name: str) -> list[dict[str, Any]]:
+    """Every event of one sandbox, with the phase after it; deleted sandboxes included."""
+    out: list[dict[str, Any]] = []
+    state: SandboxState | None = None
+    async for seq, envelope, _ in events(js, name):
+        if isinstance(envelope, Exception):
+            out.append({"seq": seq, "sandbox": name, "type": "unreadable", "error": str(envelope)})
+            continue
+        try:
+            state = evolve(state, envelope, seq)
+        except IllegalTransition as exc:
+            out.append({**record(seq, envelope, state), "error": str(exc)})
+            continue
+        out.append(record(seq, envelope, state))
+    return out
+
+
+async def state_as_of(js: JetStreamContext, name: str, point: Point) -> SandboxState | None:
+    """The sandbox exactly as it stood at ``point``, folded from the log."""
+    state: SandboxState | None = None
+    async for seq, envelope, _ in events(js, name, until=point):
+        if not isinstance(envelope, Exception):
+            state = evolve(state, envelope, seq)
+    return state
+
+
+class Violation(msgspec.Struct):
+    seq: int
+    sandbox: str
+    problem: str
+
+
+async def verify(js: JetStreamContext) -> tuple[int, list[Violation]]:
+    """Check the log's invariants; returns how many events were read and what is wrong.
+
+    - every event's transition is allowed by the state machine;
+    - each sandbox's events form an unbroken chain: every append was guarded by
+      the sequence of the one before it on the same subject;
+    - nothing of a sandbox follows its Deleted (a later create of the same name
+      is a new sandbox, with a new id);
+    - every event id, and so every command id, appears once.
+    """
+    states: dict[str, SandboxState] = {}
+    last: dict[str, int] = {}
+    ids: dict[str, int] = {}
+    problems: list[Violation] = []
+    count = 0
+    async for seq, envelope, msg in events(js):
+        count += 1
+        name = subjects.name_of(msg.subject)
+        expected = (msg.headers or {}).get("Nats-Expected-Last-Subject-Sequence")
+        if expected is None:
+            problems.append(Violation(seq, name, "appended without a sequence guard"))
+        elif int(expected) != last.get(name, 0):
+            problems.append(
+                Violation(
+                    seq, name, f"chain broken: guarded by seq {expected}, but the event before is {last.get(name, 0)}"
+                )
+            )
+        last[name] = seq
+        if isinstance(envelope, Exception):
+            problems.append(Violation(seq, name, f"unreadable: {envelope}"))
+            continue
+        if envelope.subject != name:
+            problems.append(Violation(seq, name, f"envelope names sandbox {envelope.subject!r}"))
+        if envelope.id in ids:
+            problems.append(Violation(seq, name, f"event id {envelope.id} already appended at seq {ids[envelope.id]}"))
+        ids.setdefault(envelope.id, seq)
+        state = states.get(name)
+        if state is not None and state.phase is Phase.DELETED:
+            data = envelope.data
+            if not isinstance(data, SandboxCreated) or data.sandbox_id == state.sandbox_id:
+                problems.append(Violation(seq, name, f"{envelope.type} follows Deleted"))
+                continue
+        try:
+            states[name] = evolve(state, envelope, seq)
+        except IllegalTransition as exc:
+            problems.append(Violation(seq, name, str(exc)))
+    return count, problems
+
+
+class Difference(msgspec.Struct):
+    table: str
+    key: str
+    live: Any
+    replayed: Any
+
+
+async def rebuild(nc: NATS, out: Path, until: Point | None = None) -> int:
+    """Fold the log into a fresh projection at ``out``; returns the last sequence folded."""
+    if os.path.exists(out):  # noqa: ASYNC240 -- one stat before any I/O starts
+        raise FileExistsError(f"{out} exists; replay writes a fresh projection")
+    projector = Projector(nc, out, notify=False)
+    await projector.open()
+    try:
+        js = nc.jetstream()
+        batch: list[Msg] = []
+        async for seq, envelope, msg in events(js, until=until):
+            del seq, envelope
+            batch.append(msg)
+            if len(batch) >= 1000:
+                await projector.apply(batch)
+                batch = []
+        if batch:
+            await projector.apply(batch)
+        return projector.position
+    finally:
+        await projector.db.close()
+
+
+async def _rows(path: Path) -> tuple[int, dict[str, tuple[Any, ...]], dict[str, tuple[Any, ...]]]:
+    db = await connect(path, readonly=True)
+    try:
+        position = await checkpoint(db)
+        sandboxes = {
+            r[0]: tuple(r) for r in await db.execute_fetchall(f"SELECT {', '.join(SANDBOX_COLUMNS)} FROM sandboxes")
+        }
+        history = {
+            str(r[0]): tuple(r) for r in await db.execute_fetchall(f"SELECT {', '.join(HISTORY_COLUMNS)} FROM history")
+        }
+        return position, sandboxes, history
+    finally:
+        await db.close()
+
+
+def _diff(table: str, live: dict[str, tuple[Any, ...]], fresh: dict[str, tuple[Any, ...]]) -> list[Difference]:
+    return [
+        Difference(table, key, live.get(key), fresh.get(key))
+        for key in sorted(set(live) | set(fresh))
+        if live.get(key) != fresh.get(key)
+    ]
+
+
+async def replay(nc: NATS, live: Path, until: Point | None = None, out: Path | None = None) -> dict[str, Any]:
+    """Rebuild the projection from the log and compare it row by row with the live one.
+
+    Without ``until`` the rebuild stops where the live projection's checkpoint
+    is, so the two describe the same log and must match exactly.
+    """
+    live_position, live_sandboxes, live_history = await _rows(live)
+    target: Point = live_position if until is None else until
+    with tempfile.TemporaryDirectory(prefix="sandboxctl-replay-") as tmp:
+        path = out or Path(tmp) / "replayed.sqlite3"
+        position = await rebuild(nc, path, target)
+        _, sandboxes, history = await _rows(path)
+    compared = until is None or position == live_position
+    differences = (
+        _diff("sandboxes", live_sandboxes, sandboxes) + _diff("history", live_history, history) if compared else []
+    )
+    return {
+        "replayed_to": position,
+        "live_position": live_position,
+        "compared": compared,
+        "sandboxes": len(sandboxes),
+        "events": len(history),
+        "differences": [msgspec.to_builtins(d) for d in differences],
+    }
+
+
+def type_matches(patterns: list[str], type_: str) -> bool:
+    """``stopped``, ``sandbox.stopped`` or the full ``sandboxctl.sandbox.stopped.v1`` all select that type."""
+    if not patterns:
+        return True
+    short = type_.split(".")
+    return any(p == type_ or p in short[2:3] or type_.startswith(f"sandboxctl.{p}") for p in patterns)
+
+
+def selected(
+    seq: int,
+    envelope: Envelope,
+    types: list[str] | None = None,
+    actors: list[str] | None = None,
+    since: Point | None = None,
+) -> bool:
+    if not type_matches(types or [], envelope.type):
+        return False
+    if actors and envelope.actor not in actors:
+        return False
+    if since is None:
+        return True
+    return seq >= since if isinstance(since, int) else envelope.time >= since
+
+
+def jsonl(seq: int, envelope: Envelope) -> bytes:
+    return msgspec.json.encode({"seq": seq, **msgspec.to_builtins(envelope)})
+
+
+async def export(
+    js: JetStreamContext,
+    write: Any,
+    name: str | None = None,
+    types: list[str] | None = None,
+    since: Point | None = None,
+    until: Point | None = None,
+) -> int:
+    """Stream the log as JSON lines (one event per line, with its ``seq``) to ``write``."""
+    start = since if isinstance(since, int) else 1
+    count = 0
+    async for seq, envelope, _ in events(js, name, start, until):
+        if isinstance(envelope, Exception) or not selected(seq, envelope, types, None, since):
+            continue
+        write(jsonl(seq, envelope) + b"\n")
+        count += 1
+    return count
