@@ -56,12 +56,37 @@ class SandboxReady(_Event):
 
 
 class SandboxFailed(_Event):
+    """v2 adds ``kind``, so that operators can group failures without parsing ``reason``."""
+
+    kind: str  # "exited" (crash, kill, OOM), "backend_missing", or "driver" (the engine refused or failed)
+    reason: str
+    exit_code: int | None = None
+    oom: bool = False
+    operation: str = ""
+    TYPE: ClassVar[str] = "sandboxctl.sandbox.failed.v2"
+    TRIGGER: ClassVar[str] = "fail"
+
+
+class SandboxFailedV1(_Event):
+    """The failure as first written: read from old logs and upcast, never written now."""
+
     reason: str
     exit_code: int | None = None
     oom: bool = False
     operation: str = ""
     TYPE: ClassVar[str] = "sandboxctl.sandbox.failed.v1"
     TRIGGER: ClassVar[str] = "fail"
+
+    def upcast(self) -> SandboxFailed:
+        if self.operation:
+            kind = "driver"
+        elif self.reason == "backend_missing":
+            kind = "backend_missing"
+        else:
+            kind = "exited"
+        return SandboxFailed(
+            kind=kind, reason=self.reason, exit_code=self.exit_code, oom=self.oom, operation=self.operation
+        )
 
 
 class SandboxDeleteRequested(_Event):
@@ -96,6 +121,7 @@ EVENT_TYPES: dict[str, type[_Event]] = {
         SandboxStartRequested,
         SandboxReady,
         SandboxFailed,
+        SandboxFailedV1,
         SandboxDeleteRequested,
         SandboxDeleted,
     )

@@ -195,7 +195,7 @@ async def _bulk(client: SandboxClient, verb: str, args: argparse.Namespace) -> i
 def _event_line(seq: int, env: Any) -> str:
     data = msgspec.to_builtins(env.data)
     detail = " ".join(f"{k}={v}" for k, v in data.items() if k not in ("sandbox_id",) and v not in (None, "", {}))
-    short = env.type.removeprefix("sandboxctl.").removesuffix(".v1")
+    short = env.type.removeprefix("sandboxctl.").rsplit(".", 1)[0]
     return f"{seq:>8} {env.time.isoformat(timespec='milliseconds')} {env.subject:<20} {short:<28} {detail}".rstrip()
 
 

@@ -5,9 +5,10 @@ acknowledges an event only after the fact it caused is stored in the facts
 stream. Work for one sandbox runs in log order; different sandboxes run in
 parallel, which is what makes ``stop --all`` cost about one engine call.
 
-Fact ids are derived from the container and its incarnation, so the fact an
-operation reports at once and the copy the engine watcher sees later are the
-same message, and JetStream stores it once.
+A work order's facts are keyed by the work order, so a redelivered order
+reports once; the engine watcher's facts are keyed by the container and its
+run, so repeated engine events report once. When both report the same change,
+the second one moves nothing: ``react`` fences by incarnation and phase.
 """
 
 from __future__ import annotations
@@ -185,8 +186,10 @@ class DriverWorker:
         keepalive = asyncio.create_task(self._in_progress(msg))
         try:
             facts = await self.perform(envelope)
-            for fact_id, fact in facts:
-                await self.report(envelope.subject, fact_id, fact, cause=envelope)
+            # Keyed by the work order, not the container run: a start of a container
+            # that is still running reports the same run as before, and is still news.
+            for index, (_, fact) in enumerate(facts):
+                await self.report(envelope.subject, f"{envelope.id}:fact:{index}", fact, cause=envelope)
         except Exception:
             log.exception("%s: %s on %s failed; it will be redelivered", self.consumer, envelope.type, envelope.subject)
             await msg.nak(delay=1.0)

@@ -127,14 +127,15 @@ def react(state: SandboxState | None, fact: Fact) -> list[LifecycleEvent]:
             return [SandboxStopped(exit_code=fact.exit_code)]
         if phase in (Phase.READY, Phase.STARTING, Phase.PROVISIONING):
             reason = f"container exited with code {fact.exit_code}" + (" (out of memory)" if fact.oom else "")
-            return [SandboxFailed(reason=reason, exit_code=fact.exit_code, oom=fact.oom)]
+            return [SandboxFailed(kind="exited", reason=reason, exit_code=fact.exit_code, oom=fact.oom)]
         return []
     if isinstance(fact, ContainerRemoved):
         if phase is Phase.DELETING:
             return [SandboxDeleted()]
-        return _fail(state, SandboxFailed(reason=BACKEND_MISSING))
+        return _fail(state, SandboxFailed(kind=BACKEND_MISSING, reason=BACKEND_MISSING))
     if isinstance(fact, DriverFailed):
-        return _fail(state, SandboxFailed(reason=f"{fact.operation} failed: {fact.message}", operation=fact.operation))
+        reason = f"{fact.operation} failed: {fact.message}"
+        return _fail(state, SandboxFailed(kind="driver", reason=reason, operation=fact.operation))
     return []  # ContainerCreated and ContainerOrphaned change no phase
 
 
