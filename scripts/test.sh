@@ -8,6 +8,11 @@ bash scripts/setup-engines.sh
 bash scripts/venv.sh
 export PATH="$PWD/.venv/bin:$PATH"
 bash scripts/build-test-image.sh
+# The AsyncAPI 3 JSON Schema the contract test validates against, from the npm registry.
+if [ ! -f .cache/asyncapi/node_modules/@asyncapi/specs/schemas/3.0.0.json ]; then
+  command -v npm >/dev/null || { apt-get update -qq && apt-get install -y -qq npm >/dev/null; }
+  npm install --silent --no-audit --no-fund --prefix .cache/asyncapi @asyncapi/specs@6
+fi
 ruff check .
 mypy
 exec pytest "$@"

@@ -1,0 +1,198 @@
+"""The machine-readable contract: an AsyncAPI 3 document built from the msgspec types.
+
+Generated, never hand-edited, so it cannot drift from what the services
+accept and emit; tests/test_contract_doc.py fails when docs/asyncapi.json
+differs from what this module builds. Regenerate with
+``python -m events.asyncapi``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from events import subjects
+from events.commands import COMMAND_TYPES
+from events.envelope import Envelope
+from events.facts import FACT_TYPES
+from events.lifecycle import EVENT_TYPES
+from events.replies import Reply
+
+REF = "#/components/schemas/{name}"
+REPLY = {"channel": {"$ref": "#/channels/reply"}, "messages": [{"$ref": "#/channels/reply/messages/Reply"}]}
+DOCUMENT = Path(__file__).resolve().parent.parent / "docs" / "asyncapi.json"
+
+
+def _asyncapi_schema(node: Any) -> Any:
+    """msgspec writes OpenAPI's discriminator object; an AsyncAPI schema's discriminator is the property name."""
+    if isinstance(node, dict):
+        out = {k: _asyncapi_schema(v) for k, v in node.items()}
+        if isinstance(out.get("discriminator"), dict):
+            out["discriminator"] = out["discriminator"]["propertyName"]
+        return out
+    if isinstance(node, list):
+        return [_asyncapi_schema(v) for v in node]
+    return node
+
+
+def _type_const(type_name: str) -> dict[str, Any]:
+    return {"type": "string", "const": type_name}
+
+
+def document() -> dict[str, Any]:
+    commands = list(COMMAND_TYPES)
+    events = list(EVENT_TYPES.values())
+    facts = list(FACT_TYPES.values())
+    query_requests = {
+        "get": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}},
+        "list": {
+            "type": "object",
+            "properties": {
+                "phases": {"type": "array", "items": {"type": "string"}},
+                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                "include_deleted": {"type": "boolean"},
+            },
+        },
+        "history": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}},
+    }
+    _, schemas = msgspec.json.schema_components([*commands, *events, *facts, Envelope, Reply], ref_template=REF)
+    schemas = _asyncapi_schema(schemas)
+
+    messages: dict[str, Any] = {}
+    for cls in commands:
+        tag = cls.__struct_config__.tag
+        messages[cls.__name__] = {
+            "name": cls.__name__,
+            "title": f"{cls.VERB} command",
+            "summary": f"Ask sandboxctl to {cls.VERB} a sandbox. `type` must be {tag}.",
+            "payload": {"$ref": REF.format(name=cls.__name__)},
+        }
+    upcast_only = {cls.TYPE for cls in events if hasattr(cls, "upcast")}
+    enveloped: list[tuple[str, type]] = [("event", c) for c in events] + [("fact", c) for c in facts]
+    for kind, cls in enveloped:
+        type_name: str = cls.TYPE  # type: ignore[attr-defined]
+        name = f"{cls.__name__}Envelope"
+        schemas[name] = {
+            "allOf": [{"$ref": REF.format(name="Envelope")}],
+            "properties": {"type": _type_const(type_name), "data": {"$ref": REF.format(name=cls.__name__)}},
+        }
+        summary = "an old version: never written now, upcast on read" if type_name in upcast_only else f"a {kind}"
+        messages[name] = {
+            "name": type_name,
+            "title": type_name,
+            "summary": summary,
+            "payload": {"$ref": REF.format(name=name)},
+        }
+    messages["Reply"] = {
+        "name": "Reply",
+        "summary": "Every reply: accepted with sandbox, phase and log seq, or an error with a code and a message.",
+        "payload": {"$ref": REF.format(name="Reply")},
+    }
+    for kind, schema in query_requests.items():
+        name = f"{kind.capitalize()}Query"
+        schemas[name] = schema
+        messages[name] = {"name": name, "payload": {"$ref": REF.format(name=name)}}
+    schemas["ProjectedNotice"] = {
+        "type": "object",
+        "required": ["name", "phase", "seq"],
+        "properties": {"name": {"type": "string"}, "phase": {"type": "string"}, "seq": {"type": "integer"}},
+    }
+    messages["ProjectedNotice"] = {"name": "ProjectedNotice", "payload": {"$ref": REF.format(name="ProjectedNotice")}}
+
+    name_param = {"name": {"description": "The sandbox name: 1-63 letters, digits, '-' or '_'."}}
+    channels: dict[str, Any] = {
+        "reply": {
+            "address": None,
+            "description": "The requester's inbox (NATS request/reply).",
+            "messages": {"Reply": {"$ref": "#/components/messages/Reply"}},
+        },
+        "log": {
+            "address": f"{subjects.LOG}.{{name}}",
+            "description": f"JetStream stream {subjects.LOG_STREAM}: the lifecycle log, the source of truth.",
+            "parameters": name_param,
+            "messages": {
+                f"{c.__name__}Envelope": {"$ref": f"#/components/messages/{c.__name__}Envelope"} for c in events
+            },
+        },
+        "facts": {
+            "address": f"{subjects.FACTS}.{{name}}",
+            "description": f"JetStream stream {subjects.FACTS_STREAM}: what driver workers saw engines do.",
+            "parameters": name_param,
+            "messages": {
+                f"{c.__name__}Envelope": {"$ref": f"#/components/messages/{c.__name__}Envelope"} for c in facts
+            },
+        },
+        "projected": {
+            "address": f"{subjects.PROJECTED}.{{name}}",
+            "description": "Core NATS: the projection committed a change to this sandbox.",
+            "parameters": name_param,
+            "messages": {"ProjectedNotice": {"$ref": "#/components/messages/ProjectedNotice"}},
+        },
+    }
+    operations: dict[str, Any] = {}
+    for cls in commands:
+        channel = f"command-{cls.VERB}"
+        channels[channel] = {
+            "address": subjects.command(cls.VERB),
+            "description": "Request/reply. Set the NATS header Nats-Msg-Id to command_id (optional; the "
+            "service dedupes by command_id either way).",
+            "messages": {cls.__name__: {"$ref": f"#/components/messages/{cls.__name__}"}},
+        }
+        operations[f"{cls.VERB}Sandbox"] = {
+            "action": "send",
+            "channel": {"$ref": f"#/channels/{channel}"},
+            "messages": [{"$ref": f"#/channels/{channel}/messages/{cls.__name__}"}],
+            "reply": {
+                "channel": {"$ref": "#/channels/reply"},
+                "messages": [{"$ref": "#/channels/reply/messages/Reply"}],
+            },
+        }
+    for kind in query_requests:
+        channel, message = f"query-{kind}", f"{kind.capitalize()}Query"
+        channels[channel] = {
+            "address": subjects.query(kind),
+            "description": "Request/reply against the SQLite projection; the answer is in Reply.result.",
+            "messages": {message: {"$ref": f"#/components/messages/{message}"}},
+        }
+        operations[f"query{kind.capitalize()}"] = {
+            "action": "send",
+            "channel": {"$ref": f"#/channels/{channel}"},
+            "messages": [{"$ref": f"#/channels/{channel}/messages/{message}"}],
+            "reply": {
+                "channel": {"$ref": "#/channels/reply"},
+                "messages": [{"$ref": "#/channels/reply/messages/Reply"}],
+            },
+        }
+    for channel in ("log", "facts", "projected"):
+        operations[f"read{channel.capitalize()}"] = {"action": "receive", "channel": {"$ref": f"#/channels/{channel}"}}
+
+    return {
+        "asyncapi": "3.0.0",
+        "info": {
+            "title": "sandboxctl",
+            "version": "0.1.0",
+            "description": "Sandbox lifecycle commands, replies, the lifecycle log, driver facts and queries, "
+            "all JSON over NATS. Generated from events/ by `python -m events.asyncapi`.",
+        },
+        "defaultContentType": "application/json",
+        "channels": channels,
+        "operations": operations,
+        "components": {"schemas": schemas, "messages": messages},
+    }
+
+
+def render() -> str:
+    return json.dumps(document(), indent=2, sort_keys=True) + "\n"
+
+
+def main() -> None:
+    DOCUMENT.write_text(render())
+    print(f"wrote {DOCUMENT}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
