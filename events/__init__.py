@@ -2,7 +2,8 @@
 
 Everything that crosses NATS is defined here as msgspec Structs and encoded as
 JSON, so that a client in any language can publish commands and read the log.
-Nothing in this package performs I/O; every other package imports it.
+Nothing in this package performs I/O (but ``python -m events.asyncapi``, which
+writes the generated contract); every other package imports it.
 """
 
 from events.commands import (
