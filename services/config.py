@@ -10,6 +10,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from statemachine.deadlines import parse_deadlines
+from statemachine.phases import Phase
+
 
 def _default_data_dir() -> Path:
     if os.geteuid() == 0:
@@ -39,6 +42,8 @@ class Config:
     # What boot reconciliation does with a Ready sandbox whose container exited
     # while nobody watched (the engine was down): "restart" it, or mark it "error".
     reconcile_exited: str = "restart"
+    # Deadlines of the transient phases, per driver ("*" for all): SANDBOXCTL_DEADLINES="podman.Stopping=60".
+    deadlines: dict[str, dict[Phase, float]] = field(default_factory=dict)
 
     @property
     def projection_path(self) -> Path:
@@ -68,6 +73,7 @@ class Config:
         cfg.default_driver = env.get("SANDBOXCTL_DEFAULT_DRIVER", cfg.drivers[0] if cfg.drivers else "")
         cfg.actor = env.get("SANDBOXCTL_ACTOR") or env.get("USER") or "cli"
         cfg.reconcile_exited = env.get("SANDBOXCTL_RECONCILE_EXITED", cfg.reconcile_exited)
+        cfg.deadlines = parse_deadlines(env.get("SANDBOXCTL_DEADLINES", ""))
         if cfg.reconcile_exited not in ("restart", "error"):
             raise ValueError(f"SANDBOXCTL_RECONCILE_EXITED must be restart or error, not {cfg.reconcile_exited!r}")
         return cfg

@@ -198,7 +198,10 @@ class ControlPlane:
 
     async def start(self) -> ControlPlane:
         self.statemachine = StateMachineService(
-            await self._connect("statemachine"), tuple(self.drivers), self.config.default_driver
+            await self._connect("statemachine"),
+            tuple(self.drivers),
+            self.config.default_driver,
+            deadlines=self.config.deadlines,
         )
         await self.statemachine.start()
         self.projector = Projector(await self._connect("projector"), self.config.projection_path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 import msgspec
@@ -28,7 +29,9 @@ from events.replies import ErrorCode, Reply, error_reply
 from services.log import Conflict, DecodeError, append, decode_event, decode_fact, ensure_streams, last_subject_seq
 from services.tail import Tail, fetch, reraise_if_cancelling
 from statemachine import Rejection, SandboxState, decide, evolve, react
+from statemachine.deadlines import Deadlines, overdue
 from statemachine.machine import IllegalTransition
+from statemachine.phases import TRANSIENT
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +47,17 @@ class StateMachineService:
         drivers: tuple[str, ...] = ("podman",),
         default_driver: str = "podman",
         max_in_flight: int = 4096,
+        deadlines: Deadlines | None = None,
+        watchdog_interval: float = 1.0,
     ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.drivers = drivers
         self.default_driver = default_driver
         self.states: dict[str, SandboxState] = {}
+        self.deadlines: Deadlines = deadlines or {}
+        self.watchdog_interval = watchdog_interval
+        self._transient: set[str] = set()  # names in a phase with a deadline: all the watchdog looks at
         self.position = 0  # highest log sequence folded into self.states
         self._tasks: list[asyncio.Task[None]] = []
         self._inflight: set[asyncio.Task[None]] = set()
@@ -68,6 +76,7 @@ class StateMachineService:
             await self.nc.subscribe(subjects.COMMANDS_ALL, queue="sandboxctl-statemachine", cb=self._on_command)
         )
         self._tasks.append(asyncio.create_task(self._consume_facts(), name="statemachine-facts"))
+        self._tasks.append(asyncio.create_task(self._watchdog(), name="statemachine-watchdog"))
         log.info("state machine ready: %d sandboxes folded up to seq %d", len(self.states), self.position)
 
     async def stop(self) -> None:
@@ -104,7 +113,11 @@ class StateMachineService:
         state = self.states.get(envelope.subject)
         if state is not None and state.seq >= seq:
             return  # already applied when we appended it ourselves
-        self.states[envelope.subject] = evolve(state, envelope, seq)
+        state = self.states[envelope.subject] = evolve(state, envelope, seq)
+        if state.phase in TRANSIENT:
+            self._transient.add(envelope.subject)
+        else:
+            self._transient.discard(envelope.subject)
 
     async def _wait_for(self, name: str, seq: int, timeout: float = 5.0) -> None:
         loop = asyncio.get_running_loop()
@@ -221,6 +234,30 @@ class StateMachineService:
             command.actor,
             command.correlation_id,
         )
+
+    # -- deadlines -----------------------------------------------------------------
+
+    async def _watchdog(self) -> None:
+        while True:
+            await asyncio.sleep(self.watchdog_interval)
+            now_ = time.time()
+            for name in list(self._transient):
+                state = self.states.get(name)
+                if not overdue(state, now_, self.deadlines):
+                    continue
+                assert state is not None
+                log.warning("%s overstayed %s; failing it with reason timeout", name, state.phase.value)
+                try:
+                    await self._decide_and_append(
+                        name,
+                        lambda current, now_=now_: overdue(current, now_, self.deadlines),
+                        f"{state.sandbox_id}:{state.seq}:timeout",
+                        "sandboxctl/watchdog",
+                        "",
+                    )
+                except Exception:
+                    reraise_if_cancelling()
+                    log.exception("watchdog could not fail %s", name)
 
     # -- facts -------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -103,6 +104,8 @@ class DriverWorker:
         self._locks: dict[str, asyncio.Lock] = {}
         self._slots = asyncio.Semaphore(max_parallel)
         self._tasks: list[asyncio.Task[None]] = []
+        self._urgent: set[asyncio.Task[None]] = set()
+        self._executor = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix=f"driver-{driver.name}")
         self._stopping = threading.Event()
 
     async def start(self) -> None:
@@ -112,9 +115,16 @@ class DriverWorker:
 
     async def stop(self) -> None:
         self._stopping.set()
-        for task in [*self._tasks, *self._runners.values()]:
+        tasks = [*self._tasks, *self._runners.values(), *self._urgent]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, *self._runners.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Engine calls block (the SDKs are synchronous); they run on the worker's own threads,
+        which ``stop`` abandons rather than waits for: a stop hanging in the engine cannot hold us."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _lock(self, name: str) -> asyncio.Lock:
         # Work orders and reconciliation of one sandbox never interleave.
@@ -153,6 +163,13 @@ class DriverWorker:
 
     def _enqueue(self, msg: Msg) -> None:
         name = subjects.name_of(msg.subject)
+        if b".delete_requested." in msg.data:
+            # A delete force-removes, so it need not wait behind a stop or start that
+            # hangs in the engine: that is how a user gets out of a stuck sandbox.
+            task = asyncio.create_task(self._handle_now(msg))
+            self._urgent.add(task)
+            task.add_done_callback(self._urgent.discard)
+            return
         queue = self._queues.get(name)
         if queue is None:
             queue = self._queues[name] = asyncio.Queue()
@@ -171,6 +188,10 @@ class DriverWorker:
         finally:
             self._queues.pop(name, None)
             self._runners.pop(name, None)
+
+    async def _handle_now(self, msg: Msg) -> None:
+        async with self._slots:
+            await self._handle(msg)
 
     async def _handle(self, msg: Msg) -> None:
         try:
@@ -210,7 +231,7 @@ class DriverWorker:
         name = envelope.subject
         sandbox_id = getattr(event, "sandbox_id", "")
         facts: Facts = []
-        run: Callable[..., Any] = asyncio.to_thread
+        run = self._run
         try:
             if isinstance(event, SandboxCreated):
                 spec = SandboxSpec(
@@ -261,7 +282,7 @@ class DriverWorker:
         transient phase and no phase that disagrees with the engine.
         """
         states = await load_states(self.js)
-        containers = await asyncio.to_thread(self.driver.list_managed)
+        containers = await self._run(self.driver.list_managed)
         by_name: dict[str, list[ContainerInfo]] = {}
         for info in containers:
             by_name.setdefault(info.sandbox, []).append(info)
@@ -292,7 +313,7 @@ class DriverWorker:
     async def _settle(self, state: SandboxState, info: ContainerInfo | None) -> Facts:
         name, phase = state.name, state.phase
         fact_id = f"{state.sandbox_id}:{state.seq}:reconcile"
-        run: Callable[..., Any] = asyncio.to_thread
+        run = self._run
         try:
             if phase is Phase.DELETING:
                 return [removed(await run(self.driver.delete, name), state.sandbox_id, fact_id)]
@@ -389,7 +410,7 @@ class DriverWorker:
             fact_id, fact = removed(event.container_id, event.sandbox_id, event.container_id)
             await self.report(event.sandbox, fact_id, fact)
             return
-        info = await asyncio.to_thread(self.driver.inspect, event.sandbox)
+        info = await self._run(self.driver.inspect, event.sandbox)
         if info is None or info.container_id != event.container_id:
             return  # gone already; its removal is reported on its own
         if event.action == "die" and not info.running:

@@ -158,9 +158,12 @@ def evolve(state: SandboxState | None, envelope: Envelope, seq: int = 0) -> Sand
             phase=phase,
             driver=event.driver,
             seq=seq,
+            since=envelope.time.timestamp(),
         )
     assert state is not None
     changes: dict[str, object] = {"phase": phase, "seq": seq or state.seq}
+    if phase is not state.phase:
+        changes["since"] = envelope.time.timestamp()
     if isinstance(event, SandboxReady):
         changes["incarnation"] = event.incarnation
         changes["last_error"] = ""

@@ -15,3 +15,4 @@ class SandboxState(msgspec.Struct, kw_only=True, gc=False):
     seq: int = 0  # stream sequence of the last event on this sandbox's subject
     incarnation: str = ""
     last_error: str = ""
+    since: float = 0.0  # when the current phase was entered (Unix time of its event): deadlines count from it

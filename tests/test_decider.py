@@ -188,3 +188,18 @@ def test_the_same_failure_twice_is_recorded_once() -> None:
 def test_an_orphan_report_moves_no_phase() -> None:
     assert react(None, ContainerOrphaned(reason="no sandbox in the log")) == []
     assert react(state(Phase.READY), ContainerOrphaned(reason="x")) == []
+
+
+def test_deadlines_fail_an_overdue_transient_phase_with_timeout() -> None:
+    from statemachine.deadlines import TIMEOUT, overdue, parse_deadlines
+
+    deadlines = parse_deadlines("podman.Stopping=5, *.Starting=7")
+    stopping = SandboxState(name="b", sandbox_id="i", phase=Phase.STOPPING, driver="podman", since=100.0)
+    assert overdue(stopping, 104.9, deadlines) == []
+    (failed,) = overdue(stopping, 105.0, deadlines)
+    assert failed.reason == TIMEOUT and failed.kind == TIMEOUT and failed.operation == "stop"
+    starting = SandboxState(name="b", sandbox_id="i", phase=Phase.STARTING, driver="docker", since=100.0)
+    assert overdue(starting, 106.0, deadlines) == [] and overdue(starting, 107.0, deadlines)
+    assert overdue(SandboxState(name="b", sandbox_id="i", phase=Phase.READY, driver="podman"), 1e12, deadlines) == []
+    with pytest.raises(ValueError):
+        parse_deadlines("podman.Ready=5")

@@ -1,0 +1,68 @@
+"""Deadlines for the transient phases: no sandbox waits on a driver for ever.
+
+A driver that never answers (a hung engine, a lost work order) would leave a
+sandbox in Provisioning, Stopping, Starting or Deleting with no way out. The
+watchdog asks ``overdue`` about every sandbox in such a phase; past its
+deadline the sandbox fails with reason ``timeout``, and from Error the user
+can start or delete it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from events.lifecycle import LifecycleEvent, SandboxFailed
+from statemachine.phases import TRANSIENT, Phase
+from statemachine.state import SandboxState
+
+TIMEOUT = "timeout"
+
+# Generous on purpose: a stop may wait out the user's grace period, a create may import a large image.
+DEFAULT_DEADLINES: dict[Phase, float] = {
+    Phase.PROVISIONING: 600.0,
+    Phase.STOPPING: 300.0,
+    Phase.STARTING: 300.0,
+    Phase.DELETING: 300.0,
+}
+
+_OPERATION = {
+    Phase.PROVISIONING: "create",
+    Phase.STOPPING: "stop",
+    Phase.STARTING: "start",
+    Phase.DELETING: "delete",
+}
+
+Deadlines = Mapping[str, Mapping[Phase, float]]  # driver -> phase -> seconds
+
+
+def deadline_for(deadlines: Deadlines, driver: str, phase: Phase) -> float:
+    for key in (driver, "*"):
+        if phase in deadlines.get(key, {}):
+            return deadlines[key][phase]
+    return DEFAULT_DEADLINES[phase]
+
+
+def overdue(state: SandboxState | None, now: float, deadlines: Deadlines) -> list[LifecycleEvent]:
+    if state is None or state.phase not in TRANSIENT:
+        return []
+    limit = deadline_for(deadlines, state.driver, state.phase)
+    if now - state.since < limit:
+        return []
+    return [SandboxFailed(kind=TIMEOUT, reason=TIMEOUT, operation=_OPERATION[state.phase])]
+
+
+def parse_deadlines(text: str) -> dict[str, dict[Phase, float]]:
+    """``podman.Stopping=60,*.Provisioning=900``: per driver (``*`` for all) and phase, in seconds."""
+    out: dict[str, dict[Phase, float]] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, _, value = item.partition("=")
+        driver, _, phase = key.strip().rpartition(".")
+        try:
+            parsed = Phase(phase.strip().capitalize())
+            seconds = float(value)
+        except ValueError:
+            raise ValueError(f"bad deadline {item!r}: use driver.Phase=seconds, e.g. podman.Stopping=60") from None
+        if parsed not in TRANSIENT or seconds <= 0:
+            raise ValueError(f"bad deadline {item!r}: phases with deadlines are {', '.join(sorted(TRANSIENT))}")
+        out.setdefault(driver.strip() or "*", {})[parsed] = seconds
+    return out
