@@ -52,8 +52,9 @@ async def test_a_v1_failure_in_the_log_is_read_as_v2_everywhere(
     assert history[-1]["type"] == "sandboxctl.sandbox.failed.v2" and history[-1]["data"]["kind"] == "exited"
     # the state machine's own fold: it accepts a start from Error
     assert plane.statemachine.states[name].phase.value == "Error"
-    assert (await client.start(name)).accepted
-    await client.wait_for(name, "Ready")
+    reply = await client.start(name)
+    assert reply.accepted
+    await client.wait_for(name, "Ready", reply.seq)
     # the audit tools and the operators' stream
     (failed,) = [e for e in await audit.history(js, name) if "failed" in e["type"]]
     assert failed["type"] == "sandboxctl.sandbox.failed.v2" and failed["data"]["kind"] == "exited"
