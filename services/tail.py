@@ -2,18 +2,20 @@
 
 Every reader of the log (the state machine's cache, the projector, the CLI's
 ``events``) needs the same thing: each message exactly once, in order, with no
-gap, across reconnects and server restarts. nats-py's push ordered consumer
-does not reset on missed heartbeats, so this is a pull-based ordered reader of
-our own: an ephemeral consumer with no acks, whose delivery sequence is checked
-for gaps; on a gap, an error or a vanished consumer it is recreated from the
-last stream sequence seen.
+gap, across reconnects and server restarts. nats-py's ordered consumer does not
+reset on missed heartbeats (nats.py #510), so this is an ordered reader of our
+own: an ephemeral push consumer with no acks, whose delivery sequence is
+checked for gaps; on a gap, an error or silent heartbeats it is recreated from
+the last stream sequence seen. ``fetch`` serves the durable pull consumers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import nats.errors
 from nats.aio.msg import Msg
@@ -50,6 +52,19 @@ async def fetch(sub: JetStreamContext.PullSubscription, batch: int, timeout: flo
 
 
 class Tail:
+    """A push consumer delivering to a callback, with flow control and heartbeats.
+
+    Push delivery costs one callback per message, where nats-py's pull
+    ``fetch`` creates a task and a timer per message; and the server keeps
+    delivering while the caller is busy with the previous batch, so reading
+    overlaps with processing. Flow-control requests are answered only once the
+    caller has taken what was buffered, which is the backpressure. A stream of
+    heartbeats that stops (a server restart loses the consumer) makes the
+    reader reopen at the next sequence it expects.
+    """
+
+    HEARTBEAT = 1.0
+
     def __init__(
         self,
         js: JetStreamContext,
@@ -60,29 +75,56 @@ class Tail:
         idle_timeout: float = 1.0,
     ) -> None:
         self._js = js
+        self._nc = js._nc
         self._stream = stream
         self._filter = filter_subject
         self.next_seq = max(1, start_seq)  # next stream sequence we expect to read
         self._batch = batch
         self._idle = idle_timeout
-        self._sub: JetStreamContext.PullSubscription | None = None
+        self._sub: Any = None
+        self._consumer = ""
         self._consumer_seq = 0
+        self._buffer: list[Msg] = []
+        self._ready = asyncio.Event()
+        self._flow: list[str] = []  # flow-control replies owed once the buffer is taken
+        self._heard = 0.0
+
+    async def _deliver(self, msg: Msg) -> None:
+        self._heard = time.monotonic()
+        headers = msg.headers
+        if headers and headers.get("Status") == "100" and not msg.data:
+            reply = msg.reply or headers.get("Nats-Consumer-Stalled", "")
+            if reply:
+                if self._buffer:
+                    self._flow.append(reply)
+                else:
+                    await self._nc.publish(reply, b"")
+            return
+        self._buffer.append(msg)
+        self._ready.set()
 
     async def _open(self) -> None:
         await self.close()
+        inbox = self._nc.new_inbox()
+        self._buffer, self._flow = [], []
+        self._ready.clear()
+        self._sub = await self._nc.subscribe(inbox, cb=self._deliver, pending_msgs_limit=-1, pending_bytes_limit=-1)
         config = ConsumerConfig(
             ack_policy=AckPolicy.NONE,
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
             opt_start_seq=self.next_seq,
             filter_subject=self._filter,
+            deliver_subject=inbox,
+            flow_control=True,
+            idle_heartbeat=self.HEARTBEAT,
             inactive_threshold=300.0,
             mem_storage=True,
             num_replicas=1,
-            max_waiting=16,
         )
         info = await self._js.add_consumer(self._stream, config=config)
-        self._sub = await self._js.pull_subscribe_bind(consumer=info.name, stream=self._stream)
+        self._consumer = info.name
         self._consumer_seq = 0
+        self._heard = time.monotonic()
 
     async def last_seq(self) -> int:
         """The last sequence this reader will see as of now: read up to it and you are caught up."""
@@ -99,34 +141,45 @@ class Tail:
         sub, self._sub = self._sub, None
         if sub is None:
             return
-        consumer = sub._consumer
         try:
             await sub.unsubscribe()
         except Exception:  # the connection may already be gone
             pass
         try:
-            await self._js.delete_consumer(self._stream, consumer)
+            await self._js.delete_consumer(self._stream, self._consumer)
         except Exception:
             pass
 
+    async def _take(self) -> list[Msg]:
+        if not self._buffer:
+            self._ready.clear()
+            try:
+                await asyncio.wait_for(self._ready.wait(), self._idle)
+            except TimeoutError:
+                reraise_if_cancelling()
+                return []
+        taken, self._buffer = self._buffer[: self._batch], self._buffer[self._batch :]
+        if not self._buffer:
+            owed, self._flow = self._flow, []
+            for reply in owed:
+                await self._nc.publish(reply, b"")
+        return taken
+
     async def batches(self) -> AsyncIterator[list[Msg]]:
         """Yield lists of messages in stream order; an empty list means idle."""
-        idle_rounds = 0
         reopen = False
         while True:
             try:
                 if self._sub is None or reopen:
                     reopen = False
                     await self._open()
-                assert self._sub is not None
-                msgs = await fetch(self._sub, self._batch, self._idle)
+                msgs = await self._take()
                 if not msgs:
-                    idle_rounds += 1
-                    if idle_rounds % 5 == 0:
-                        await self._js.consumer_info(self._stream, self._sub._consumer)
+                    if time.monotonic() - self._heard > 3 * self.HEARTBEAT + self._idle:
+                        log.info("tail %s: no heartbeat, reopening at %s", self._filter, self.next_seq)
+                        reopen = True
                     yield []
                     continue
-                idle_rounds = 0
                 good: list[Msg] = []
                 for msg in msgs:
                     meta = msg.metadata
@@ -141,11 +194,6 @@ class Tail:
                     yield good
             except asyncio.CancelledError:
                 raise
-            except NotFoundError:
-                reraise_if_cancelling()
-                log.info("tail %s: consumer gone, reopening at %s", self._filter, self.next_seq)
-                reopen = True
-                await asyncio.sleep(0.1)
             except Exception as exc:  # disconnects, server restarts, no responders
                 reraise_if_cancelling()
                 log.info("tail %s: %r, reopening at %s", self._filter, exc, self.next_seq)
