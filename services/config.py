@@ -44,6 +44,10 @@ class Config:
     reconcile_exited: str = "restart"
     # Deadlines of the transient phases, per driver ("*" for all): SANDBOXCTL_DEADLINES="podman.Stopping=60".
     deadlines: dict[str, dict[Phase, float]] = field(default_factory=dict)
+    # Durability (docs/durability.md): fsync every JetStream write in the embedded server, and
+    # the replica count of the streams when the NATS servers are clustered.
+    sync_always: bool = False
+    replicas: int = 1
 
     @property
     def projection_path(self) -> Path:
@@ -74,6 +78,8 @@ class Config:
         cfg.actor = env.get("SANDBOXCTL_ACTOR") or env.get("USER") or "cli"
         cfg.reconcile_exited = env.get("SANDBOXCTL_RECONCILE_EXITED", cfg.reconcile_exited)
         cfg.deadlines = parse_deadlines(env.get("SANDBOXCTL_DEADLINES", ""))
+        cfg.sync_always = env.get("SANDBOXCTL_SYNC_ALWAYS", "").lower() in ("1", "true", "yes")
+        cfg.replicas = int(env.get("SANDBOXCTL_REPLICAS", "1"))
         if cfg.reconcile_exited not in ("restart", "error"):
             raise ValueError(f"SANDBOXCTL_RECONCILE_EXITED must be restart or error, not {cfg.reconcile_exited!r}")
         return cfg

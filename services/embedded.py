@@ -202,6 +202,7 @@ class ControlPlane:
             tuple(self.drivers),
             self.config.default_driver,
             deadlines=self.config.deadlines,
+            replicas=self.config.replicas,
         )
         await self.statemachine.start()
         self.projector = Projector(await self._connect("projector"), self.config.projection_path)
@@ -273,6 +274,7 @@ async def run_serve(config: Config, banner: str = "") -> None:
 
 async def run_up(config: Config, port: int = 4222, sync_always: bool = False) -> None:
     """``sandboxctl up``: a nats-server of its own plus every service, until interrupted."""
+    sync_always = sync_always or config.sync_always
     server = NatsServer(config.data_dir / "nats", port=port, sync_always=sync_always).start()
     try:
         config.nats_url = server.url

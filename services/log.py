@@ -57,8 +57,10 @@ def facts_stream_config(replicas: int = 1) -> StreamConfig:
     )
 
 
-async def ensure_streams(js: JetStreamContext) -> None:
-    for config in (log_stream_config(), facts_stream_config()):
+async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
+    """Create the streams if missing. Replicas matter only when clustered (use 3 there):
+    a stream's replica count is fixed by whoever creates it, the state machine, first."""
+    for config in (log_stream_config(replicas), facts_stream_config(replicas)):
         try:
             await js.stream_info(config.name)
         except NotFoundError:

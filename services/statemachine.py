@@ -49,7 +49,9 @@ class StateMachineService:
         max_in_flight: int = 4096,
         deadlines: Deadlines | None = None,
         watchdog_interval: float = 1.0,
+        replicas: int = 1,
     ) -> None:
+        self.replicas = replicas
         self.nc = nc
         self.js = nc.jetstream()
         self.drivers = drivers
@@ -68,7 +70,7 @@ class StateMachineService:
     # -- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
-        await ensure_streams(self.js)
+        await ensure_streams(self.js, self.replicas)
         self._tail = Tail(self.js, subjects.LOG_STREAM, subjects.LOG_ALL, start_seq=1)
         self._tasks.append(asyncio.create_task(self._follow_log(), name="statemachine-log"))
         await self._caught_up.wait()
