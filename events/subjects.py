@@ -23,6 +23,11 @@ FACTS_STREAM = "SANDBOXCTL_FACTS"
 FACTS = f"{PREFIX}.fact"
 FACTS_ALL = f"{FACTS}.*"
 
+# Dead letters: messages a consumer gave up on, for operators. Stream DEADLETTER_STREAM.
+DEADLETTER_STREAM = "SANDBOXCTL_DEADLETTER"
+DEADLETTER = f"{PREFIX}.deadletter"
+DEADLETTER_ALL = f"{DEADLETTER}.>"
+
 # Queries: request/reply against the projection.
 QUERY = f"{PREFIX}.query"
 
@@ -48,6 +53,10 @@ def query(kind: str) -> str:
 
 def projected(name: str) -> str:
     return f"{PROJECTED}.{name}"
+
+
+def deadletter(consumer: str, name: str) -> str:
+    return f"{DEADLETTER}.{consumer}.{name}"
 
 
 def name_of(subject: str) -> str:

@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--actor", action="append", default=[])
     ev.add_argument("--since", help="TIME (ISO 8601) or log SEQ")
 
+    dl = sub.add_parser("deadletters", help="messages a consumer gave up on, oldest first")
+    dl.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+
     top = sub.add_parser("top", help="a live summary: sandboxes per phase, commands/s, errors")
     top.add_argument("--interval", type=float, default=1.0)
     top.add_argument("--once", action="store_true", help="print one summary and exit")
@@ -351,6 +354,10 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
             return 0
         if args.cmd == "events":
             return await _events(client, args)
+        if args.cmd == "deadletters":
+            items = await client.dead_letters()
+            _print(items, args.output, ("stream_seq", "time", "consumer", "subject", "deliveries", "reason"))
+            return 0
         if args.cmd == "top":
             return await _top(client, args)
         if args.cmd == "audit":

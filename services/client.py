@@ -243,6 +243,23 @@ class SandboxClient:
         finally:
             await tail.close()
 
+    async def dead_letters(self) -> list[dict[str, Any]]:
+        """Every dead-letter record so far (what a consumer gave up on, and why)."""
+        js = self.nc.jetstream()
+        tail = Tail(js, subjects.DEADLETTER_STREAM, subjects.DEADLETTER_ALL, 1, batch=500)
+        out: list[dict[str, Any]] = []
+        end = await tail.last_seq()
+        if end == 0:
+            return out
+        try:
+            async for batch in tail.batches():
+                out += [msgspec.json.decode(m.data) for m in batch]
+                if tail.next_seq > end:
+                    return out
+        finally:
+            await tail.close()
+        return out
+
     async def wait_for(self, name: str, phase: str, after_seq: int = 0, timeout: float = 60.0) -> dict[str, Any]:
         """Wait until the projection shows ``phase`` at or after ``after_seq``.
 

@@ -10,12 +10,14 @@ the source of truth, and projections are rebuilt from it.
 from __future__ import annotations
 
 import msgspec
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, PubAck, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import APIError, NotFoundError
 
 from events import subjects
-from events.envelope import Envelope, decode_envelope, encode
+from events.deadletter import DeadLettered
+from events.envelope import Envelope, decode_envelope, encode, now
 from events.facts import FACT_TYPES
 from events.lifecycle import EVENT_TYPES
 
@@ -57,10 +59,53 @@ def facts_stream_config(replicas: int = 1) -> StreamConfig:
     )
 
 
+def deadletter_stream_config(replicas: int = 1) -> StreamConfig:
+    return StreamConfig(
+        name=subjects.DEADLETTER_STREAM,
+        description="sandboxctl dead letters: messages a consumer gave up on",
+        subjects=[subjects.DEADLETTER_ALL],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=30 * 24 * 3600.0,
+        num_replicas=replicas,
+    )
+
+
+# A message is tried this many times, with these waits between, before it is dead-lettered.
+MAX_DELIVER = 5
+RETRY_DELAYS = (0.2, 1.0, 2.0, 5.0)
+
+
+def retry_delay(deliveries: int) -> float:
+    return RETRY_DELAYS[min(max(deliveries, 1), len(RETRY_DELAYS)) - 1]
+
+
+async def dead_letter(js: JetStreamContext, consumer: str, msg: Msg, reason: str) -> None:
+    """Record ``msg`` as given up on by ``consumer``, then terminate its delivery."""
+    meta = msg.metadata
+    record = DeadLettered(
+        consumer=consumer,
+        subject=msg.subject,
+        stream=meta.stream,
+        stream_seq=meta.sequence.stream,
+        deliveries=meta.num_delivered,
+        reason=reason[:2000],
+        payload=msg.data[:4096].decode("utf-8", "replace"),
+        time=now().isoformat(),
+    )
+    await js.publish(
+        subjects.deadletter(consumer, subjects.name_of(msg.subject)),
+        msgspec.json.encode(record),
+        stream=subjects.DEADLETTER_STREAM,
+        headers={"Nats-Msg-Id": f"{consumer}:{meta.stream}:{meta.sequence.stream}"},
+    )
+    await msg.term()
+
+
 async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
     """Create the streams if missing. Replicas matter only when clustered (use 3 there):
     a stream's replica count is fixed by whoever creates it, the state machine, first."""
-    for config in (log_stream_config(replicas), facts_stream_config(replicas)):
+    for config in (log_stream_config(replicas), facts_stream_config(replicas), deadletter_stream_config(replicas)):
         try:
             await js.stream_info(config.name)
         except NotFoundError:

@@ -26,7 +26,18 @@ from events.commands import CreateSandbox, SandboxCommand, command_decoder
 from events.envelope import Envelope, encode, now, type_name
 from events.lifecycle import LifecycleEvent
 from events.replies import ErrorCode, Reply, error_reply
-from services.log import Conflict, DecodeError, append, decode_event, decode_fact, ensure_streams, last_subject_seq
+from services.log import (
+    MAX_DELIVER,
+    Conflict,
+    DecodeError,
+    append,
+    dead_letter,
+    decode_event,
+    decode_fact,
+    ensure_streams,
+    last_subject_seq,
+    retry_delay,
+)
 from services.tail import Tail, fetch, reraise_if_cancelling
 from statemachine import Rejection, SandboxState, decide, evolve, react
 from statemachine.deadlines import Deadlines, overdue
@@ -270,6 +281,7 @@ class StateMachineService:
             deliver_policy=DeliverPolicy.ALL,
             ack_wait=30.0,
             max_ack_pending=10_000,
+            max_deliver=MAX_DELIVER,
             filter_subject=subjects.FACTS_ALL,
         )
         psub = None
@@ -301,8 +313,8 @@ class StateMachineService:
             try:
                 envelope = decode_fact(msg.data)
             except DecodeError as exc:
-                log.error("dropping malformed fact on %s: %s", msg.subject, exc)
-                await msg.term()
+                log.error("dead-lettering malformed fact on %s: %s", msg.subject, exc)
+                await dead_letter(self.js, FACTS_CONSUMER, msg, f"unreadable fact: {exc}")
                 continue
             fact = envelope.data
             reply = await self._decide_and_append(
@@ -312,7 +324,11 @@ class StateMachineService:
                 envelope.actor or envelope.source,
                 envelope.correlationid,
             )
-            if reply.error is not None and reply.error.code == ErrorCode.CONFLICT:
-                await msg.nak(delay=0.1)
+            if reply.error is not None and reply.error.code in (ErrorCode.CONFLICT, ErrorCode.INTERNAL):
+                deliveries = msg.metadata.num_delivered
+                if deliveries >= MAX_DELIVER:
+                    await dead_letter(self.js, FACTS_CONSUMER, msg, f"{reply.error.code}: {reply.error.message}")
+                else:
+                    await msg.nak(delay=retry_delay(deliveries))
                 continue
             await msg.ack()

@@ -38,7 +38,7 @@ from events.facts import (
     Fact,
 )
 from events.lifecycle import SandboxCreated, SandboxDeleteRequested, SandboxStartRequested, SandboxStopRequested
-from services.log import DecodeError, decode_event, ensure_streams, publish_fact
+from services.log import MAX_DELIVER, DecodeError, dead_letter, decode_event, ensure_streams, publish_fact, retry_delay
 from services.snapshot import load_states
 from services.tail import fetch, reraise_if_cancelling
 from statemachine import Phase, SandboxState
@@ -142,6 +142,7 @@ class DriverWorker:
             deliver_policy=DeliverPolicy.ALL,
             ack_wait=300.0,
             max_ack_pending=20_000,
+            max_deliver=MAX_DELIVER,
             filter_subject=subjects.LOG_ALL,
         )
         psub = None
@@ -197,8 +198,8 @@ class DriverWorker:
         try:
             envelope = decode_event(msg.data)
         except DecodeError as exc:
-            log.error("%s: skipping unreadable log entry: %s", self.consumer, exc)
-            await msg.ack()
+            log.error("%s: dead-lettering unreadable log entry: %s", self.consumer, exc)
+            await dead_letter(self.js, self.consumer, msg, f"unreadable log entry: {exc}")
             return
         event = envelope.data
         if getattr(event, "driver", None) != self.driver.name:
@@ -211,9 +212,22 @@ class DriverWorker:
             # that is still running reports the same run as before, and is still news.
             for index, (_, fact) in enumerate(facts):
                 await self.report(envelope.subject, f"{envelope.id}:fact:{index}", fact, cause=envelope)
-        except Exception:
-            log.exception("%s: %s on %s failed; it will be redelivered", self.consumer, envelope.type, envelope.subject)
-            await msg.nak(delay=1.0)
+        except Exception as exc:
+            deliveries = msg.metadata.num_delivered
+            if deliveries >= MAX_DELIVER:
+                log.exception(
+                    "%s: %s on %s failed %d times; dead-lettered",
+                    self.consumer,
+                    envelope.type,
+                    envelope.subject,
+                    deliveries,
+                )
+                await dead_letter(self.js, self.consumer, msg, f"{type(exc).__name__}: {exc}")
+            else:
+                log.exception(
+                    "%s: %s on %s failed; it will be redelivered", self.consumer, envelope.type, envelope.subject
+                )
+                await msg.nak(delay=retry_delay(deliveries))
             return
         finally:
             keepalive.cancel()
