@@ -21,6 +21,7 @@ from events import subjects
 from events.envelope import encode
 from events.replies import ErrorCode, Reply, error_reply
 from services.projection import connect, get_sandbox, history, list_sandboxes
+from statemachine.names import validate_name
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,12 @@ class QueryService:
 
     async def handle(self, kind: str, payload: bytes) -> Reply:
         try:
-            if kind == "get":
+            if kind in ("get", "history"):
                 name = msgspec.json.decode(payload, type=GetRequest).name
+                problem = validate_name(name)
+                if problem:
+                    return error_reply(ErrorCode.INVALID_ARGUMENT, problem)
+            if kind == "get":
                 item = await get_sandbox(self.db, name)
                 if item is None:
                     return error_reply(ErrorCode.NOT_FOUND, f"sandbox {name} not found", name)
@@ -83,7 +88,6 @@ class QueryService:
                 items = await list_sandboxes(self.db, req.phases, req.labels, req.include_deleted)
                 return Reply(accepted=True, result=items)
             if kind == "history":
-                name = msgspec.json.decode(payload, type=GetRequest).name
                 events = await history(self.db, name)
                 if not events:
                     return error_reply(ErrorCode.NOT_FOUND, f"sandbox {name} has no history", name)

@@ -39,7 +39,7 @@ from services.log import (
     retry_delay,
 )
 from services.tail import Tail, fetch, reraise_if_cancelling
-from statemachine import Rejection, SandboxState, decide, evolve, react
+from statemachine import Rejection, SandboxState, decide, evolve, react, validate_name
 from statemachine.deadlines import Deadlines, overdue
 from statemachine.machine import IllegalTransition
 from statemachine.phases import TRANSIENT
@@ -236,6 +236,10 @@ class StateMachineService:
                 f"a {command.VERB} command was sent to {subject}; send it to {subjects.command(command.VERB)}",
                 command.name,
             )
+        problem = validate_name(command.name)
+        if problem:
+            # Before anything looks the name up: it is used as a subject token, and "*" or ">" would match others.
+            return error_reply(ErrorCode.INVALID_ARGUMENT, problem)
         if not command.command_id:
             return error_reply(ErrorCode.INVALID_ARGUMENT, "command_id must not be empty", command.name)
         if isinstance(command, CreateSandbox) and not command.driver:

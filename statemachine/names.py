@@ -8,9 +8,15 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 
 
 def validate_name(name: str) -> str | None:
-    """Return why ``name`` is unusable, or None if it is fine."""
+    """Return why ``name`` is unusable, or None if it is fine.
+
+    The whole name must match (``fullmatch``: ``$`` alone also matches before a
+    trailing newline), and the message quotes at most the start of a bad name,
+    so that a huge one cannot make the reply too big to send.
+    """
     if not name:
         return "sandbox name must not be empty"
-    if not _NAME.match(name):
-        return f"invalid sandbox name {name!r}: use 1-63 letters, digits, '-' or '_', starting with a letter or digit"
+    if not _NAME.fullmatch(name):
+        shown = repr(name[:40]) + ("..." if len(name) > 40 else "")
+        return f"invalid sandbox name {shown}: use 1-63 letters, digits, '-' or '_', starting with a letter or digit"
     return None

@@ -1,0 +1,650 @@
+"""Conflicting commands from several processes at the same instant, against a real
+nats-server, real podman and two state-machine instances in the queue group.
+
+Three OS processes, each with its own NATS connection, fire the commands of a
+round at one shared wall-clock instant; the queue group spreads them over the
+plane's state machine and a twin with a cache of its own, so racing commands
+are decided from different caches and only the log's sequence guard can keep
+two of them from both winning.
+
+Round kinds, each three commands at one sandbox:
+
+- double create: ``create`` x3 with different command ids;
+- stop vs start: ``stop, start, stop`` (from Ready) or ``start, stop, start``
+  (from Stopped), so the doubled verb also races itself;
+- delete vs start: ``delete, start, start``.
+
+Every lane (a sandbox) runs a program of *settled* rounds, fired once the
+sandbox is in a phase without engine work pending: double create, five stop
+vs start, delete vs start, twice over. Each settled round is followed at once,
+without waiting for the engine, by FOLLOW_UPS rounds on the phase it left
+(Provisioning, Stopping, Starting, Deleting): they race the commands against
+each other and against the engine's fact landing in the log (a start can win
+the moment Stopped is appended; a create the moment Deleted is). Races are
+decided before any engine work, which is why the many rounds stay cheap; the
+engine only limits how often a settled round can be fired.
+
+Whenever a command wins, the process that sent it at once sends a *chaser*
+(start after a stop or create, stop after a start or delete) with no barrier:
+whichever instance it reaches must already see the win.
+
+Counts: 20 lanes x 14 settled rounds = 280 (40 double create, 200 stop vs
+start, 40 delete vs start), each followed by 3 follow-ups (180 double create,
+660 stop vs start): 1,120 rounds, 3,360 commands plus the chasers. Twenty of
+the double creates are of a name never used, the others re-create a Deleted
+name. A follow-up create that wins a name back skips the next settled double
+create, so the total can end a little lower; at least 1,000 rounds are required.
+
+Checked, from the replies and the log after all rounds:
+
+- one winner per log position: every event a race command caused is claimed
+  by exactly one reply (accepted, ``appended`` 1, ``seq`` = its position), and
+  the phase before it allows the verb;
+- every loser says why and was right at some moment of its round: an accepted
+  no-op names a phase and seq the sandbox really had; ``failed_precondition``
+  names a phase that forbids the verb; ``already_exists`` a live phase;
+  ``not_found`` a deleted sandbox; ``conflict`` says the sandbox kept changing;
+- a settled round's first log position goes to the contested verb (stop from
+  Ready, start from Stopped, create from nothing or Deleted, delete or start
+  from Stopped, delete from Ready), and the delete of a delete-vs-start round
+  always wins a position;
+- a chaser's answer reflects at least the log position its shot won;
+- ``services.audit.verify`` finds no violation, no sandbox failed, and every
+  lane's chain ends Deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+import statistics
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import nats
+import pytest
+from nats.js.errors import NotFoundError
+
+import services.statemachine as statemachine_module
+from events import subjects
+from services import audit
+from services.config import Config
+from services.embedded import ControlPlane
+from services.log import decode_fact
+from services.statemachine import StateMachineService
+from services.tail import Tail
+from tests.conftest import ROOT
+
+PROCESSES = 3
+LANES = 20
+PROGRAM = ["double create", *["stop vs start"] * 5, "delete vs start"] * 2
+FOLLOW_UPS = 3
+MIN_ROUNDS = 1000
+LEAD = 0.03  # seconds between handing a round to the processes and firing it
+REQUEST_TIMEOUT = 20.0
+SETTLE_TIMEOUT = 60.0
+SLEEPER = ["sh", "-c", "trap 'exit 0' TERM; sleep 1000 & wait"]
+
+# The lifecycle rules, written out from docs/architecture.md rather than taken from the decider.
+ALIVE = frozenset({"Provisioning", "Ready", "Stopping", "Stopped", "Starting", "Error", "Deleting"})
+TRANSIENT = frozenset({"Provisioning", "Stopping", "Starting", "Deleting"})
+WINS_FROM: dict[str, frozenset[str | None]] = {
+    "create": frozenset({None, "Deleted"}),
+    "stop": frozenset({"Ready"}),
+    "start": frozenset({"Stopped", "Error"}),
+    "delete": frozenset(ALIVE - {"Deleting"}),
+}
+NOOP_IN: dict[str, frozenset[str]] = {
+    "create": frozenset(),
+    "stop": frozenset({"Stopping", "Stopped"}),
+    "start": frozenset({"Starting", "Ready"}),
+    "delete": frozenset({"Deleting", "Deleted"}),
+}
+APPENDS = {"create": "created", "stop": "stop_requested", "start": "start_requested", "delete": "delete_requested"}
+PHASE_AFTER = {
+    "created": "Provisioning",
+    "ready": "Ready",
+    "stop_requested": "Stopping",
+    "stopped": "Stopped",
+    "start_requested": "Starting",
+    "failed": "Error",
+    "delete_requested": "Deleting",
+    "deleted": "Deleted",
+}
+
+
+def event_kind(type_: str) -> str:
+    """``sandboxctl.sandbox.stopped.v1`` -> ``stopped``: the kind, whatever its version."""
+    return type_.split(".")[2]
+
+
+# What a process sends the instant its command won: refused in the phase the win made.
+CHASE = {"create": "start", "stop": "start", "start": "stop", "delete": "stop"}
+REFUSED = re.compile(r"^sandbox (?P<name>\S+) is (?P<phase>\w+); (?P<verb>\w+) is allowed in .+$")
+EXISTS = re.compile(r"^sandbox (?P<name>\S+) already exists \((?P<phase>\w+)\)$")
+
+# A child process: reads rounds on stdin, fires each at its instant, writes each reply on stdout.
+CHILD = r"""
+import asyncio, json, sys, time
+import nats
+
+async def main(url, index):
+    nc = await nats.connect(url, name=f"race-{index}", max_reconnect_attempts=-1)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 20)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    pending = set()
+
+    def emit(record):
+        sys.stdout.write(json.dumps(record) + "\n")
+        sys.stdout.flush()
+
+    async def ask(subject, payload, timeout):
+        sent = time.time()
+        try:
+            msg = await nc.request(subject, payload.encode(), timeout=timeout)
+            return {"sent": sent, "reply": msg.data.decode()}
+        except Exception as exc:
+            return {"sent": sent, "error": repr(exc)}
+
+    async def fire(job):
+        delay = job["at"] - time.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        record = {"id": job["id"], **await ask(job["subject"], job["payload"], job["timeout"])}
+        chase = job.get("chase")
+        if chase and json.loads(record.get("reply") or "{}").get("appended"):
+            # The instant a command wins, a command that must see the win, to either instance.
+            record["chase"] = await ask(chase["subject"], chase["payload"], job["timeout"])
+        emit(record)
+
+    emit({"ready": index})
+    while line := await reader.readline():
+        task = asyncio.create_task(fire(json.loads(line)))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+    if pending:
+        await asyncio.wait(pending)
+    await nc.drain()
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
+
+
+# (process, subject, payload, the command to chase a win with)
+Job = tuple[int, str, bytes, tuple[str, bytes] | None]
+
+
+class Fleet:
+    """The sending processes, each with a NATS connection of its own."""
+
+    def __init__(self, procs: list[asyncio.subprocess.Process]) -> None:
+        self.procs = procs
+        self.waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self.readers: list[asyncio.Task[None]] = []
+
+    @classmethod
+    async def start(cls, url: str, count: int) -> Fleet:
+        fleet = cls([])
+        for index in range(count):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                CHILD,
+                url,
+                str(index),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                cwd=ROOT,
+            )
+            fleet.procs.append(proc)
+        for index, proc in enumerate(fleet.procs):
+            assert proc.stdout is not None
+            line = await asyncio.wait_for(proc.stdout.readline(), 30)
+            assert json.loads(line) == {"ready": index}, line
+            fleet.readers.append(asyncio.create_task(fleet._read(proc)))
+        return fleet
+
+    async def _read(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        while line := await proc.stdout.readline():
+            record = json.loads(line)
+            future = self.waiting.pop(record["id"], None)
+            if future is not None and not future.done():
+                future.set_result(record)
+
+    async def fire(self, jobs: list[Job], at: float) -> list[dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        futures = []
+        for proc_index, subject, payload, chase in jobs:
+            job_id = uuid.uuid4().hex
+            futures.append(self.waiting.setdefault(job_id, loop.create_future()))
+            job = {"id": job_id, "at": at, "subject": subject, "payload": payload.decode(), "timeout": REQUEST_TIMEOUT}
+            if chase is not None:
+                job["chase"] = {"subject": chase[0], "payload": chase[1].decode()}
+            stdin = self.procs[proc_index].stdin
+            assert stdin is not None
+            stdin.write(json.dumps(job).encode() + b"\n")
+        await asyncio.gather(*(p.stdin.drain() for p in self.procs if p.stdin is not None))
+        return list(await asyncio.wait_for(asyncio.gather(*futures), REQUEST_TIMEOUT + 15))
+
+    async def close(self) -> None:
+        for proc in self.procs:
+            if proc.stdin is not None and not proc.stdin.is_closing():
+                proc.stdin.close()
+        for proc in self.procs:
+            try:
+                await asyncio.wait_for(proc.wait(), 15)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        for reader in self.readers:
+            reader.cancel()
+        await asyncio.gather(*self.readers, return_exceptions=True)
+
+
+@dataclass
+class Shot:
+    verb: str
+    command_id: str
+    proc: int
+    sent: float = 0.0
+    reply: dict[str, Any] | None = None
+    error: str = ""
+    chases: Shot | None = None  # for a chaser: the winning shot it was sent after
+
+
+@dataclass
+class Round:
+    kind: str
+    settled: bool
+    name: str
+    before_seq: int
+    shots: list[Shot]
+    head_seq: int = 0
+
+
+@dataclass
+class Tally:
+    winners: int = 0
+    noop: int = 0
+    failed_precondition: int = 0
+    already_exists: int = 0
+    not_found: int = 0
+    conflict: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+class Races:
+    def __init__(self, plane: ControlPlane, fleet: Fleet, image: str) -> None:
+        self.plane = plane
+        self.js = plane.statemachine.js
+        self.fleet = fleet
+        self.image = image
+        self.random = random.Random(20261129)
+        self.rounds: list[Round] = []
+        self.stuck: dict[str, str] = {}
+
+    def phase(self, name: str) -> tuple[int, str | None]:
+        state = self.plane.statemachine.states.get(name)
+        return (state.seq, state.phase.value) if state else (0, None)
+
+    async def settled(self, name: str) -> str | None:
+        """The phase once no engine work is pending; a phase it is stuck in is recorded and returned."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SETTLE_TIMEOUT
+        while True:
+            _, phase = self.phase(name)
+            if phase not in TRANSIENT:
+                return phase
+            if loop.time() > deadline:
+                self.stuck[name] = f"{phase} for {SETTLE_TIMEOUT:g}s"
+                return phase
+            await asyncio.sleep(0.01)
+
+    async def head(self, name: str) -> int:
+        try:
+            return int((await self.js.get_last_msg(subjects.LOG_STREAM, subjects.log(name))).seq or 0)
+        except NotFoundError:
+            return 0
+
+    def payload(self, verb: str, name: str, command_id: str, proc: int) -> bytes:
+        body: dict[str, Any] = {
+            "type": f"sandboxctl.command.{verb}.v1",
+            "name": name,
+            "command_id": command_id,
+            "actor": f"race-{proc}",
+        }
+        if verb == "create":
+            body |= {"image": self.image, "driver": "podman", "command": SLEEPER}
+        if verb == "stop":
+            body["timeout"] = 5
+        return json.dumps(body).encode()
+
+    async def fire(self, kind: str, settled: bool, name: str, verbs: list[str]) -> Round:
+        # The log's head before sending: every reply must reflect at least this much of the log.
+        before_seq = await self.head(name)
+        procs = self.random.sample(range(PROCESSES), len(verbs))
+        shots = [
+            Shot(verb, f"race:{name}:{len(self.rounds)}:{i}:{uuid.uuid4().hex[:8]}", p)
+            for i, (verb, p) in enumerate(zip(verbs, procs, strict=True))
+        ]
+        round_ = Round(kind, settled, name, before_seq, shots)
+        self.rounds.append(round_)
+        chasers = [Shot(CHASE[s.verb], f"{s.command_id}:chase", s.proc, chases=s) for s in shots]
+        jobs: list[Job] = [
+            (
+                s.proc,
+                subjects.command(s.verb),
+                self.payload(s.verb, name, s.command_id, s.proc),
+                (subjects.command(c.verb), self.payload(c.verb, name, c.command_id, c.proc)),
+            )
+            for s, c in zip(shots, chasers, strict=True)
+        ]
+        results = await self.fleet.fire(jobs, time.time() + LEAD)
+        for shot, chaser, result in zip(list(shots), chasers, results, strict=True):
+            shot.sent = result["sent"]
+            shot.reply = json.loads(result["reply"]) if "reply" in result else None
+            shot.error = result.get("error", "")
+            if "chase" in result:
+                chaser.sent = result["chase"]["sent"]
+                chaser.reply = json.loads(result["chase"]["reply"]) if "reply" in result["chase"] else None
+                chaser.error = result["chase"].get("error", "")
+                shots.append(chaser)
+        round_.head_seq = await self.head(name)
+        return round_
+
+    @staticmethod
+    def stop_vs_start(phase: str | None) -> list[str]:
+        return (
+            ["stop", "start", "stop"] if phase in ("Ready", "Starting", "Provisioning") else ["start", "stop", "start"]
+        )
+
+    async def lane(self, name: str) -> None:
+        for index, kind in enumerate(PROGRAM):
+            phase = await self.settled(name)
+            if phase == "Error" or name in self.stuck:
+                return  # reported after the rounds are checked against the log
+            if kind == "double create":
+                if phase in ALIVE:
+                    continue  # a follow-up create already won the name back the moment it was Deleted
+                verbs = ["create"] * 3
+            elif kind == "stop vs start":
+                verbs = self.stop_vs_start(phase)
+            else:
+                verbs = ["delete", "start", "start"]
+            await self.fire(kind, True, name, verbs)
+            last = index == len(PROGRAM) - 1
+            for _ in range(FOLLOW_UPS):
+                if kind == "double create" or (kind == "delete vs start" and not last):
+                    await self.fire("double create", False, name, ["create"] * 3)
+                else:
+                    await self.fire("stop vs start", False, name, self.stop_vs_start(self.phase(name)[1]))
+        await self.settled(name)
+
+
+# -- checking, from the log --------------------------------------------------------------
+
+
+class Chain:
+    """One sandbox's events, with the phase after each (seq, phase)."""
+
+    def __init__(self) -> None:
+        self.seqs: list[int] = []
+        self.phases: list[str] = []
+        self.events: dict[int, Any] = {}
+
+    def add(self, seq: int, envelope: Any) -> None:
+        self.seqs.append(seq)
+        self.phases.append(PHASE_AFTER[event_kind(envelope.type)])
+        self.events[seq] = envelope
+
+    def phase_at(self, seq: int) -> str | None:
+        """The phase after the last event at or before ``seq`` (None before the first)."""
+        found = None
+        for s, p in zip(self.seqs, self.phases, strict=True):
+            if s > seq:
+                break
+            found = p
+        return found
+
+    def phase_before(self, seq: int) -> str | None:
+        index = self.seqs.index(seq)
+        return self.phases[index - 1] if index else None
+
+    def window(self, start: int, end: int) -> list[tuple[int, str | None]]:
+        return [(start, self.phase_at(start))] + [
+            (s, p) for s, p in zip(self.seqs, self.phases, strict=True) if start < s <= end
+        ]
+
+    def first_after(self, seq: int) -> int | None:
+        return next((s for s in self.seqs if s > seq), None)
+
+
+def check_round(round_: Round, chain: Chain, tally: Tally, claimed: dict[int, str]) -> None:
+    name = round_.name
+    before_phase = chain.phase_at(round_.before_seq)
+
+    log = chain.window(round_.before_seq, round_.head_seq)
+
+    def problem(shot: Shot, what: str) -> None:
+        tally.problems.append(
+            f"{round_.kind} on {name} from {before_phase}@{round_.before_seq} (log {log}): "
+            f"{shot.verb} {shot.command_id}: {what}; reply {shot.reply or shot.error}"
+        )
+
+    for shot in round_.shots:
+        # A chaser was sent after its shot's win was acknowledged, so it must see at least that.
+        start = max(round_.before_seq, shot.chases.reply["seq"]) if shot.chases and shot.chases.reply else None
+        window = chain.window(start or round_.before_seq, round_.head_seq)
+        phases = {p for _, p in window}
+        reply = shot.reply
+        if reply is None:
+            problem(shot, "no reply")
+            continue
+        error = reply.get("error")
+        if error is None:
+            if not reply.get("accepted"):
+                problem(shot, "neither accepted nor an error")
+            elif reply.get("appended", 0) > 0:
+                tally.winners += 1
+                seq = reply.get("seq", 0)
+                event = chain.events.get(seq)
+                if reply["appended"] != 1 or event is None:
+                    problem(shot, "claims an append the log does not have")
+                    continue
+                if seq in claimed:
+                    problem(shot, f"log position {seq} already claimed by {claimed[seq]}")
+                claimed[seq] = shot.command_id
+                if event.causationid != shot.command_id or event_kind(event.type) != APPENDS[shot.verb]:
+                    problem(shot, f"log position {seq} holds {event.type} of {event.causationid}")
+                if not round_.before_seq < seq <= round_.head_seq:
+                    problem(shot, f"won position {seq} outside its round")
+                if chain.phase_before(seq) not in WINS_FROM[shot.verb]:
+                    problem(shot, f"won from {chain.phase_before(seq)}, where {shot.verb} may not append")
+                if reply.get("phase") != chain.phase_at(seq):
+                    problem(shot, f"reply phase {reply.get('phase')} but the log says {chain.phase_at(seq)}")
+            else:
+                tally.noop += 1
+                said = (reply.get("seq", 0), reply.get("phase") or None)
+                if said[1] not in NOOP_IN[shot.verb]:
+                    problem(shot, f"no-op in {said[1]}, where {shot.verb} is not one")
+                elif said not in window:
+                    problem(shot, f"no-op at {said}, which the sandbox never was during the round")
+            continue
+        code, message = error.get("code"), error.get("message", "")
+        if code == "conflict":
+            tally.conflict += 1
+            if "kept changing" not in message:
+                problem(shot, "conflict without saying why")
+        elif code == "failed_precondition":
+            tally.failed_precondition += 1
+            said = REFUSED.match(message)
+            if said is None or said["name"] != name or said["verb"] != shot.verb:
+                problem(shot, "failed_precondition that does not name the phase")
+            elif said["phase"] not in phases:
+                problem(shot, f"refused in {said['phase']}, which the sandbox never was during the round")
+            elif said["phase"] in WINS_FROM[shot.verb] | NOOP_IN[shot.verb] or shot.verb not in ("stop", "start"):
+                problem(shot, f"refused in {said['phase']}, where {shot.verb} is allowed")
+        elif code == "already_exists":
+            tally.already_exists += 1
+            said = EXISTS.match(message)
+            if shot.verb != "create" or said is None or said["name"] != name:
+                problem(shot, "already_exists that does not name the phase")
+            elif said["phase"] not in phases or said["phase"] not in ALIVE:
+                problem(shot, f"already exists in {said['phase']}, which the sandbox never was during the round")
+        elif code == "not_found":
+            tally.not_found += 1
+            if shot.verb not in ("stop", "start") or not phases & {None, "Deleted"}:
+                problem(shot, "not_found while the sandbox existed")
+        else:
+            problem(shot, f"unexpected code {code}")
+
+    if round_.settled:
+        first = chain.first_after(round_.before_seq)
+        event = chain.events.get(first) if first is not None else None
+        mine = {s.command_id: s.verb for s in round_.shots if s.chases is None}
+        contested = {
+            "double create": {"create"},
+            "stop vs start": {"stop"} if before_phase == "Ready" else {"start"},
+            "delete vs start": {"delete"} if before_phase == "Ready" else {"delete", "start"},
+        }[round_.kind]
+        if event is None or mine.get(event.causationid) not in contested:
+            tally.problems.append(
+                f"settled {round_.kind} on {name} from {before_phase}: first log position went to "
+                f"{event and (event.type, event.causationid)}, not to its {sorted(contested)}"
+            )
+        if round_.kind == "delete vs start":
+            deletes = [s for s in round_.shots if s.verb == "delete"]
+            if not all(s.reply and s.reply.get("appended") == 1 for s in deletes):
+                tally.problems.append(f"delete vs start on {name}: the delete did not win a position: {deletes}")
+
+
+async def story(js: Any, name: str) -> str:
+    """One sandbox's log events and driver facts, in time order: what a failure message needs."""
+    lines: list[tuple[str, str]] = []
+    async for seq, envelope, _ in audit.events(js, name):
+        if not isinstance(envelope, Exception):
+            what = f"log {seq} {event_kind(envelope.type)} by {envelope.actor} cause {envelope.causationid}"
+            lines.append((envelope.time.isoformat(), f"{what} {msgspec.to_builtins(envelope.data)}"))
+    tail = Tail(js, subjects.FACTS_STREAM, subjects.fact(name), 1, batch=500)
+    end = await tail.last_seq()
+    try:
+        async for batch in tail.batches():
+            if not end:
+                break
+            for msg in batch:
+                envelope = decode_fact(msg.data)
+                seq = msg.metadata.sequence.stream
+                what = f"fact {seq} {event_kind(envelope.type)} id {envelope.id}"
+                lines.append((envelope.time.isoformat(), f"{what} {msgspec.to_builtins(envelope.data)}"))
+            if tail.next_seq > end:
+                break
+    finally:
+        await tail.close()
+    return "\n".join(f"  {t} {line}" for t, line in sorted(lines))
+
+
+async def test_conflicting_commands_from_several_processes_have_one_winner_per_log_position(
+    config: Config, plane: ControlPlane, names, image: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started = time.monotonic()
+    guard_conflicts = Counter[str]()
+    real_append = statemachine_module.append
+
+    async def counting_append(js: Any, envelope: Any, expected_seq: int) -> Any:
+        try:
+            return await real_append(js, envelope, expected_seq)
+        except statemachine_module.Conflict:
+            guard_conflicts[envelope.subject] += 1
+            raise
+
+    monkeypatch.setattr(statemachine_module, "append", counting_append)
+
+    twin_nc = await nats.connect(config.nats_url, name="statemachine-twin")
+    twin = StateMachineService(twin_nc, config.drivers, config.default_driver)
+    await twin.start()
+    handled = Counter[str]()
+    for label, service in (("plane", plane.statemachine), ("twin", twin)):
+
+        async def handle(subject: str, payload: bytes, _label: str = label, _real: Any = service.handle) -> Any:
+            handled[_label] += 1
+            return await _real(subject, payload)
+
+        monkeypatch.setattr(service, "handle", handle)
+
+    fleet = await Fleet.start(config.nats_url, PROCESSES)
+    races = Races(plane, fleet, image)
+    lanes = [names.new("race") for _ in range(LANES)]
+    try:
+        await asyncio.gather(*(races.lane(name) for name in lanes))
+    finally:
+        await fleet.close()
+        await twin.stop()
+        await twin_nc.close()
+    ran = time.monotonic() - started
+
+    # Walk the log.
+    js = plane.statemachine.js
+    count, violations = await audit.verify(js)
+    chains: dict[str, Chain] = {}
+    failures = []
+    async for seq, envelope, msg in audit.events(js):
+        assert not isinstance(envelope, Exception), f"unreadable log entry at {seq}: {envelope}"
+        chains.setdefault(subjects.name_of(msg.subject), Chain()).add(seq, envelope)
+        if event_kind(envelope.type) == "failed":
+            failures.append((seq, envelope.subject, envelope.data))
+    assert set(chains) == set(lanes)
+
+    tally = Tally()
+    claimed: dict[int, str] = {}
+    for round_ in races.rounds:
+        check_round(round_, chains[round_.name], tally, claimed)
+    assert tally.problems == [], "\n".join(tally.problems[:20])
+    assert violations == [], violations[:10]
+    if failures or races.stuck:
+        told = [await story(js, name) for name in sorted({f[1] for f in failures} | set(races.stuck))[:3]]
+        pytest.fail(f"failed: {failures[:10]}; stuck: {races.stuck}\n" + "\n\n".join(told))
+    for name in lanes:
+        assert chains[name].phases[-1] == "Deleted", f"{name} ended {chains[name].phases[-1]}"
+
+    # Every event a race command caused has exactly one winning reply.
+    ours = {s.command_id for r in races.rounds for s in r.shots}
+    caused = [(e.causationid, seq) for c in chains.values() for seq, e in c.events.items() if e.causationid in ours]
+    assert sorted(seq for _, seq in caused) == sorted(claimed), "log and winning replies disagree"
+    assert {cid: seq for cid, seq in caused} == {cid: seq for seq, cid in claimed.items()}
+    others = {event_kind(e.type) for c in chains.values() for e in c.events.values() if e.causationid not in ours}
+    assert others <= {"ready", "stopped", "deleted"}, others
+
+    rounds = races.rounds
+    commands = sum(len(r.shots) for r in rounds)
+    losers = commands - tally.winners
+    assert len(rounds) >= MIN_ROUNDS
+    assert tally.noop + tally.failed_precondition + tally.already_exists + tally.not_found + tally.conflict == losers
+    assert handled["plane"] > 0 and handled["twin"] > 0, handled
+    chasers = sum(1 for r in rounds for s in r.shots if s.chases)
+    fired = [[s.sent for s in r.shots if s.chases is None] for r in rounds]
+    spread = sorted(max(sent) - min(sent) for sent in fired)
+    kinds = Counter(f"{r.kind} ({'settled' if r.settled else 'follow-up'})" for r in rounds)
+    contested = sum(1 for r in rounds if sum(bool(s.reply and s.reply.get("appended")) for s in r.shots))
+    print(
+        f"\nraces: {len(rounds)} rounds, {commands} commands, {tally.winners} winners, {losers} losers "
+        f"(conflict {tally.conflict}, failed_precondition {tally.failed_precondition}, "
+        f"already_exists {tally.already_exists}, not_found {tally.not_found}, no-op {tally.noop}), "
+        f"log violations {len(violations)}"
+    )
+    print(
+        f"races: {dict(sorted(kinds.items()))}; {contested} rounds had a winner; {chasers} chasers "
+        f"(a command sent the instant a win was acknowledged, included above); "
+        f"{sum(guard_conflicts.values())} appends refused by the sequence guard; commands handled "
+        f"plane {handled['plane']}, twin {handled['twin']}; {PROCESSES} processes fired within "
+        f"{statistics.median(spread) * 1000:.1f} ms (median), {spread[len(spread) * 95 // 100] * 1000:.1f} ms (p95); "
+        f"log {count} events; {LANES} sandboxes; {ran:.1f}s"
+    )
