@@ -1,0 +1,34 @@
+"""Each benchmark, in --quick mode: it runs, measures both sides and saves a
+result that the report can render. The figures themselves are not asserted;
+speed is measured in bench/, not in timed tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.report import ORDER, render
+from tests.conftest import ROOT
+
+
+@pytest.mark.parametrize("name", ORDER)
+def test_benchmark_runs_in_quick_mode(name: str, tmp_path: Path, image: str) -> None:
+    env = {**os.environ, "SANDBOXCTL_BENCH_RESULTS": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-m", f"bench.{name}", "--quick"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "quick" / f"{name}.json").read_text())
+    assert result["benchmark"] == name and result["machine"]["cpus"]
+    page = render(tmp_path / "quick")
+    assert f"python -m bench.{name}" in page
