@@ -154,9 +154,9 @@ class PodmanDriver:
         infos = []
         for c in containers:
             try:
-                c.reload()
-            except NotFound:
-                continue
+                self._call("list", c.reload)
+            except ContainerMissing:
+                continue  # removed between the listing and its inspection
             infos.append(self._info(c.attrs))
         return infos
 

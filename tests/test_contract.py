@@ -141,7 +141,7 @@ async def test_a_start_by_hand_on_a_stopped_sandbox_makes_it_ready(
     reply = await client.stop(name)
     await client.wait_for(name, "Stopped", reply.seq)
     engine("start", f"sandboxctl-{name}")
-    item = await client.wait_for(name, "Ready", reply.seq + 1, timeout=5)
+    item = await client.wait_for(name, "Ready", reply.seq + 1, timeout=15)
     assert item["last_error"] == ""
 
 

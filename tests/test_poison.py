@@ -15,7 +15,8 @@ input deserves; nothing may reach the log; the services must keep running.
 Hypothesis drives a synchronous property in a worker thread and hands each
 example to the test's event loop, where the plane runs, so failures shrink
 against the live services. The regression tests at the bottom pin three bugs this suite found: wildcard
-names, a trailing newline, and replies too big to send.
+names, a trailing newline, and replies too big to send; a strict xfail pins one still open (an error that
+quotes the input back, for a request of exactly the max payload).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Any
 import hypothesis.strategies as st
 import nats
 import nats.errors
+import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis.strategies import SearchStrategy
 
@@ -70,7 +72,7 @@ EXAMPLES = {
     "unknown driver": 20,
     "no such sandbox": 30,
     "bad query": 80,
-    "near max payload": 12,
+    "near max payload": 20,
     "above max payload": 8,
 }
 
@@ -100,6 +102,15 @@ def command(verb: str, **fields: Any) -> dict[str, Any]:
 
 def dumps(obj: Any, ascii_only: bool = True) -> bytes:
     return json.dumps(obj, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+
+
+PAD = "@PAD@"  # stands for the padding in a body that ``filled`` brings to an exact size
+
+
+def filled(body: Any, size: int) -> bytes:
+    """``body`` as JSON of exactly ``size`` bytes, its PAD replaced by as many "p" as that takes."""
+    raw = dumps(body)
+    return raw.replace(PAD.encode(), b"p" * (size - len(raw) + len(PAD)))
 
 
 def text(**kwargs: Any) -> SearchStrategy[str]:
@@ -327,25 +338,26 @@ def strategies(sandbox: str, max_payload: int) -> dict[str, SearchStrategy[Case]
         return Case("bad query", subjects.query(kind), payload, codes)
 
     def near_max(size: int, shape: int) -> Case:
-        """A payload of about ``size`` bytes (<= max payload) that is still poison."""
-        pad = "p" * max(0, size - 400)
-        cases = [
-            ("sandboxctl.cmd.stop", b"\x00" + pad.encode()[1:], INVALID),
-            (
-                "sandboxctl.cmd.create",
-                dumps(command("create", name="../x", image="busybox", labels={"k": pad})),
-                INVALID,
-            ),
-            ("sandboxctl.cmd.create", dumps(command("create", name="px-big", image=" ", command=[pad])), INVALID),
-            ("sandboxctl.cmd.stop", dumps(command("stop", name="px-big", actor=pad)), NOT_FOUND),
-            ("sandboxctl.cmd.start", dumps(command("stop", name=sandbox, correlation_id=pad)), INVALID),
-            ("sandboxctl.cmd.delete", dumps([pad]), INVALID),
-            ("sandboxctl.query.get", dumps({"name": 1, "pad": pad}), INVALID),
-            ("sandboxctl.query.list", dumps({"phases": [pad, 1]}), INVALID),
-            ("sandboxctl.query.history", pad.encode(), INVALID),
+        """Poison of exactly ``size`` bytes, up to the max payload itself.
+
+        The two shapes whose error quotes the input back (an unknown ``type``, a
+        misrouted huge name) are pinned by the xfail test at the bottom instead.
+        """
+        shapes: list[tuple[str, Any, frozenset[str]]] = [
+            ("sandboxctl.cmd.stop", None, INVALID),  # raw bytes
+            ("sandboxctl.cmd.create", command("create", name="../x", image="busybox", labels={"k": PAD}), INVALID),
+            ("sandboxctl.cmd.create", command("create", name="px-big", image=" ", command=[PAD]), INVALID),
+            ("sandboxctl.cmd.stop", command("stop", name="px-big", actor=PAD), NOT_FOUND),
+            ("sandboxctl.cmd.start", command("stop", name=sandbox, correlation_id=PAD), INVALID),
+            ("sandboxctl.cmd.stop", command("stop", name=PAD), INVALID),
+            ("sandboxctl.cmd.delete", [PAD], INVALID),
+            ("sandboxctl.query.get", {"name": PAD}, INVALID),
+            ("sandboxctl.query.history", {"name": 1, "pad": PAD}, INVALID),
+            ("sandboxctl.query.list", {"phases": [PAD, 1]}, INVALID),
         ]
-        subject, payload, codes = cases[shape % len(cases)]
-        assert len(payload) <= max_payload
+        subject, body, codes = shapes[shape % len(shapes)]
+        payload = b"\x00" + b"p" * (size - 1) if body is None else filled(body, size)
+        assert len(payload) == size <= max_payload
         return Case("near max payload", subject, payload, codes)
 
     def above_max(size: int, shape: int) -> Case:
@@ -378,7 +390,9 @@ def strategies(sandbox: str, max_payload: int) -> dict[str, SearchStrategy[Case]
         "unknown driver": unknown_driver(),
         "no such sandbox": no_such_sandbox(),
         "bad query": bad_query(),
-        "near max payload": st.builds(near_max, st.integers(900 * 1024, max_payload - 400), st.integers(0, 8)),
+        "near max payload": st.builds(
+            near_max, st.just(max_payload) | st.integers(900 * 1024, max_payload), st.integers(0, 9)
+        ),
         "above max payload": st.builds(
             above_max, st.integers(max_payload + 1, max_payload + 256 * 1024), st.integers(0, 2)
         ),
@@ -561,3 +575,21 @@ async def test_regression_a_huge_name_still_gets_a_reply(config: Config, plane: 
     finally:
         await nc.close()
     assert [code for code, _ in got] == ["invalid_argument"] * 4, [(code, message[:80]) for code, message in got]
+
+
+@pytest.mark.xfail(strict=True, reason="bug: an error quoting the input back makes a reply over the max payload")
+async def test_known_bug_an_error_quoting_the_input_still_fits_the_max_payload(
+    config: Config, plane: ControlPlane
+) -> None:
+    nc = await nats.connect(config.nats_url)
+    try:
+        size = nc.max_payload
+        got = [
+            # msgspec's message quotes the unknown tag: "malformed command: Invalid value 'ppp...' - at `$.type`"
+            await _ask(nc, subjects.command("stop"), filled({"type": PAD, "name": "x", "command_id": "1"}, size)),
+            # the verb check answers with ``sandbox`` = the name, before the name is validated
+            await _ask(nc, subjects.command("start"), filled(command("stop", name=PAD), size)),
+        ]
+    finally:
+        await nc.close()
+    assert [code for code, _ in got] == ["invalid_argument"] * 2, [(code, message[:80]) for code, message in got]
