@@ -39,5 +39,15 @@ class Reply(msgspec.Struct, kw_only=True, omit_defaults=True):
 reply_decoder = msgspec.json.Decoder(Reply)
 
 
+MAX_MESSAGE = 1000
+
+
 def error_reply(code: ErrorCode, message: str, sandbox: str = "") -> Reply:
-    return Reply(accepted=False, sandbox=sandbox, error=ErrorInfo(code=code, message=message))
+    """An error reply that always fits in a NATS message: parsers quote bad input back,
+    and the input may be close to the max payload, so the message is cut and an
+    over-long (so invalid) sandbox name is not echoed."""
+    if len(message) > MAX_MESSAGE:
+        message = message[: MAX_MESSAGE - 3] + "..."
+    return Reply(
+        accepted=False, sandbox=sandbox if len(sandbox) <= 63 else "", error=ErrorInfo(code=code, message=message)
+    )

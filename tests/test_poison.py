@@ -14,9 +14,9 @@ input deserves; nothing may reach the log; the services must keep running.
 
 Hypothesis drives a synchronous property in a worker thread and hands each
 example to the test's event loop, where the plane runs, so failures shrink
-against the live services. The regression tests at the bottom pin three bugs this suite found: wildcard
-names, a trailing newline, and replies too big to send; a strict xfail pins one still open (an error that
-quotes the input back, for a request of exactly the max payload).
+against the live services. The regression tests at the bottom pin the bugs this
+suite found: wildcard names, a trailing newline, and replies too big to send
+(an error quoting back a name or an input near the max payload).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from typing import Any
 import hypothesis.strategies as st
 import nats
 import nats.errors
-import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis.strategies import SearchStrategy
 
@@ -341,7 +340,7 @@ def strategies(sandbox: str, max_payload: int) -> dict[str, SearchStrategy[Case]
         """Poison of exactly ``size`` bytes, up to the max payload itself.
 
         The two shapes whose error quotes the input back (an unknown ``type``, a
-        misrouted huge name) are pinned by the xfail test at the bottom instead.
+        misrouted huge name) have a regression test of their own at the bottom.
         """
         shapes: list[tuple[str, Any, frozenset[str]]] = [
             ("sandboxctl.cmd.stop", None, INVALID),  # raw bytes
@@ -577,8 +576,7 @@ async def test_regression_a_huge_name_still_gets_a_reply(config: Config, plane: 
     assert [code for code, _ in got] == ["invalid_argument"] * 4, [(code, message[:80]) for code, message in got]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: an error quoting the input back makes a reply over the max payload")
-async def test_known_bug_an_error_quoting_the_input_still_fits_the_max_payload(
+async def test_regression_an_error_quoting_the_input_still_fits_the_max_payload(
     config: Config, plane: ControlPlane
 ) -> None:
     nc = await nats.connect(config.nats_url)
