@@ -15,6 +15,7 @@ from drivers.base import ContainerInfo, ContainerMissing, EngineEvent, SandboxSp
 
 class FakeDriver:
     name = "fake"
+    parallelism = 256
 
     def __init__(self) -> None:
         self._containers: dict[str, ContainerInfo] = {}

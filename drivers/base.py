@@ -68,6 +68,9 @@ class ContainerMissing(DriverError):
 
 class Driver(Protocol):
     name: str
+    # How many operations the engine takes at once before it serialises them and
+    # callers start timing out: the driver worker never runs more at a time.
+    parallelism: int
 
     def ping(self) -> None: ...
     def create(self, spec: SandboxSpec) -> ContainerInfo: ...

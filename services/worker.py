@@ -89,7 +89,12 @@ CONNECTED = _Connected()
 
 class DriverWorker:
     def __init__(
-        self, nc: NATS, driver: Driver, max_parallel: int = 256, restart_exited: bool = True, retry_wait: float = 1.0
+        self,
+        nc: NATS,
+        driver: Driver,
+        max_parallel: int | None = None,
+        restart_exited: bool = True,
+        retry_wait: float = 1.0,
     ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
@@ -102,10 +107,12 @@ class DriverWorker:
         self._queues: dict[str, asyncio.Queue[Msg]] = {}
         self._runners: dict[str, asyncio.Task[None]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self._slots = asyncio.Semaphore(max_parallel)
+        # Work orders share the engine's parallelism; deletes, the watcher and
+        # reconciliation run on threads beside them (at most 256 in all).
+        self._slots = asyncio.Semaphore(max_parallel or driver.parallelism)
         self._tasks: list[asyncio.Task[None]] = []
         self._urgent: set[asyncio.Task[None]] = set()
-        self._executor = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix=f"driver-{driver.name}")
+        self._executor = ThreadPoolExecutor(max_workers=256, thread_name_prefix=f"driver-{driver.name}")
         self._stopping = threading.Event()
 
     async def start(self) -> None:
@@ -191,8 +198,7 @@ class DriverWorker:
             self._runners.pop(name, None)
 
     async def _handle_now(self, msg: Msg) -> None:
-        async with self._slots:
-            await self._handle(msg)
+        await self._handle(msg)  # no slot: a delete must not wait behind operations hung in the engine
 
     async def _handle(self, msg: Msg) -> None:
         try:
