@@ -9,6 +9,7 @@ machine, so a log that breaks the rules cannot be folded silently.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime
 
 import msgspec
 
@@ -113,9 +114,14 @@ def react(state: SandboxState | None, fact: Fact) -> list[LifecycleEvent]:
         return []  # about a container of an earlier sandbox with the same name
     phase = state.phase
     if isinstance(fact, ContainerStarted):
-        if phase in (Phase.PROVISIONING, Phase.STARTING, Phase.STOPPED, Phase.ERROR):
+        # A run that was stopped, or replaced by a later one, never comes back: a report of it
+        # that arrives late (a watcher's copy, a reconciliation decided on an older snapshot)
+        # must not move the sandbox. Runs are ordered by the engine's start time.
+        if phase in (Phase.PROVISIONING, Phase.STARTING):
             return [SandboxReady(incarnation=fact.incarnation)]
-        if phase is Phase.READY and fact.incarnation and fact.incarnation != state.incarnation:
+        if phase is Phase.ERROR and not started_before(fact.incarnation, state.incarnation):
+            return [SandboxReady(incarnation=fact.incarnation)]
+        if phase in (Phase.READY, Phase.STOPPED) and started_before(state.incarnation, fact.incarnation):
             return [SandboxReady(incarnation=fact.incarnation)]
         return []
     if isinstance(fact, ContainerExited):
@@ -137,6 +143,31 @@ def react(state: SandboxState | None, fact: Fact) -> list[LifecycleEvent]:
         reason = f"{fact.operation} failed: {fact.message}"
         return _fail(state, SandboxFailed(kind="driver", reason=reason, operation=fact.operation))
     return []  # ContainerCreated and ContainerOrphaned change no phase
+
+
+def _run_key(incarnation: str) -> tuple[float, int, str]:
+    """An engine start time (RFC 3339, nanoseconds, as podman and docker write it) as a sortable key;
+    anything else sorts as text, after no run at all."""
+    text = incarnation.strip().replace("Z", "+00:00")
+    head, dot, rest = text.partition(".")
+    digits = ""
+    if dot:
+        while rest and rest[0].isdigit():
+            digits, rest = digits + rest[0], rest[1:]
+    try:
+        whole = datetime.fromisoformat(head + rest)
+    except ValueError:
+        return (0.0, 0, incarnation)
+    return (whole.timestamp(), int((digits or "0").ljust(9, "0")[:9]), "")
+
+
+def started_before(earlier: str, later: str) -> bool:
+    """Whether run ``earlier`` started before run ``later``; an unknown run is the oldest."""
+    if not later:
+        return False
+    if not earlier:
+        return True
+    return _run_key(earlier) < _run_key(later)
 
 
 def _fail(state: SandboxState, event: SandboxFailed) -> list[LifecycleEvent]:

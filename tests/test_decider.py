@@ -203,3 +203,21 @@ def test_deadlines_fail_an_overdue_transient_phase_with_timeout() -> None:
     assert overdue(SandboxState(name="b", sandbox_id="i", phase=Phase.READY, driver="podman"), 1e12, deadlines) == []
     with pytest.raises(ValueError):
         parse_deadlines("podman.Ready=5")
+
+
+def test_a_late_report_of_an_older_run_never_moves_the_sandbox() -> None:
+    from statemachine.decider import started_before
+
+    old, new = "2026-11-29T08:20:06.314641231Z", "2026-11-29T08:20:09.716079115Z"
+    assert started_before(old, new) and not started_before(new, old) and not started_before(new, new)
+    assert started_before("2026-11-29T08:20:09.7Z", "2026-11-29T08:20:09.71Z")  # trimmed nanoseconds
+    # Ready on the newer run: a reconciliation's stale "started" of the older run changes nothing.
+    assert react(state(Phase.READY, incarnation=new), ContainerStarted(incarnation=old)) == []
+    (ready,) = react(state(Phase.READY, incarnation=old), ContainerStarted(incarnation=new))
+    assert ready.incarnation == new
+    # Stopped: the run that was stopped is not running again; only a newer run is a start made outside.
+    assert react(state(Phase.STOPPED, incarnation=new), ContainerStarted(incarnation=new)) == []
+    assert react(state(Phase.STOPPED, incarnation=old), ContainerStarted(incarnation=new))
+    # Error: a failure may not have stopped the run, so the same run still running is Ready.
+    assert react(state(Phase.ERROR, incarnation=new), ContainerStarted(incarnation=new))
+    assert react(state(Phase.ERROR, incarnation=new), ContainerStarted(incarnation=old)) == []
