@@ -80,7 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=4222, help="NATS port (default 4222)")
     up.add_argument("--sync-always", action="store_true", help="fsync every JetStream write (slower, safer)")
 
-    sub.add_parser("serve", help="run every service against the NATS in SANDBOXCTL_NATS_URL")
+    serve = sub.add_parser("serve", help="run the services against the NATS in SANDBOXCTL_NATS_URL")
+    serve.add_argument(
+        "--only",
+        default="",
+        metavar="COMPONENT[,...]",
+        help="run only these: statemachine, projector, query, worker (default: all)",
+    )
 
     def waiting(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the phase (default 120)")
@@ -323,9 +329,13 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
         await run_up(config, port=args.port, sync_always=args.sync_always)
         return 0
     if args.cmd == "serve":
-        from services.embedded import run_serve
+        from services.embedded import COMPONENTS, run_serve
 
-        await run_serve(config)
+        only = tuple(c.strip() for c in args.only.split(",") if c.strip()) or COMPONENTS
+        unknown = sorted(set(only) - set(COMPONENTS))
+        if unknown:
+            raise Failure("invalid_argument", f"unknown component {', '.join(unknown)}; known: {', '.join(COMPONENTS)}")
+        await run_serve(config, components=only)
         return 0
     # A follower rides out a server restart; a one-shot command reports it at once.
     patient = args.cmd == "top" or (args.cmd == "events" and args.follow)

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -181,12 +182,25 @@ def detect_drivers(config: Config) -> tuple[str, ...]:
     return tuple(found)
 
 
-class ControlPlane:
-    """Every sandboxctl service on one NATS connection each, in this process."""
+# The services one process can run; ``sandboxctl serve --only`` picks some, so each can be
+# deployed, scaled and killed on its own.
+COMPONENTS = ("statemachine", "projector", "query", "worker")
 
-    def __init__(self, config: Config, drivers: dict[str, Driver] | None = None) -> None:
+
+class ControlPlane:
+    """Every sandboxctl service (or the ``components`` chosen) on one NATS connection each, in this process."""
+
+    def __init__(
+        self, config: Config, drivers: dict[str, Driver] | None = None, components: Sequence[str] = COMPONENTS
+    ) -> None:
+        unknown = set(components) - set(COMPONENTS)
+        if unknown:
+            raise ValueError(f"unknown component(s) {', '.join(sorted(unknown))}; known: {', '.join(COMPONENTS)}")
         self.config = config
-        self.drivers = drivers if drivers is not None else {n: make_driver(n, config) for n in config.drivers}
+        self.components = frozenset(components)
+        if drivers is None:
+            drivers = {n: make_driver(n, config) for n in config.drivers} if "worker" in self.components else {}
+        self.drivers = drivers
         self.connections: list[NATS] = []
 
     async def _connect(self, name: str) -> NATS:
@@ -197,18 +211,21 @@ class ControlPlane:
         return nc
 
     async def start(self) -> ControlPlane:
-        self.statemachine = StateMachineService(
-            await self._connect("statemachine"),
-            tuple(self.drivers),
-            self.config.default_driver,
-            deadlines=self.config.deadlines,
-            replicas=self.config.replicas,
-        )
-        await self.statemachine.start()
-        self.projector = Projector(await self._connect("projector"), self.config.projection_path)
-        await self.projector.start()
-        self.query = QueryService(await self._connect("query"), self.config.projection_path)
-        await self.query.start()
+        if "statemachine" in self.components:
+            self.statemachine = StateMachineService(
+                await self._connect("statemachine"),
+                tuple(self.drivers) or self.config.drivers,
+                self.config.default_driver,
+                deadlines=self.config.deadlines,
+                replicas=self.config.replicas,
+            )
+            await self.statemachine.start()
+        if "projector" in self.components:
+            self.projector = Projector(await self._connect("projector"), self.config.projection_path)
+            await self.projector.start()
+        if "query" in self.components:
+            self.query = QueryService(await self._connect("query"), self.config.projection_path)
+            await self.query.start()
         self.workers = []
         for driver in self.drivers.values():
             worker = DriverWorker(
@@ -240,10 +257,10 @@ class ControlPlane:
         self.connections.clear()
 
 
-async def _run_until_signalled(config: Config, banner: str) -> None:
+async def _run_until_signalled(config: Config, banner: str, components: Sequence[str]) -> None:
     import signal
 
-    plane = await ControlPlane(config).start()
+    plane = await ControlPlane(config, components=components).start()
     print(banner, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -256,17 +273,17 @@ async def _run_until_signalled(config: Config, banner: str) -> None:
         await plane.stop()
 
 
-async def run_serve(config: Config, banner: str = "") -> None:
-    """``sandboxctl serve``: every service against a NATS someone else runs (compose, a cluster)."""
+async def run_serve(config: Config, banner: str = "", components: Sequence[str] = COMPONENTS) -> None:
+    """``sandboxctl serve``: the services against a NATS someone else runs (compose, a cluster)."""
     podman = None
     try:
         if not config.drivers:
             config.drivers = detect_drivers(config)
         config.default_driver = config.default_driver or config.drivers[0]
-        if "podman" in config.drivers and not config.podman_url:
+        if "worker" in components and "podman" in config.drivers and not config.podman_url:
             podman = PodmanService(config.run_dir / "podman.sock").start()
         banner = banner or f"sandboxctl services are up on {config.nats_url}, drivers {', '.join(config.drivers)}"
-        await _run_until_signalled(config, banner)
+        await _run_until_signalled(config, banner, components)
     finally:
         if podman is not None:
             podman.stop()
