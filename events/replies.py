@@ -19,6 +19,8 @@ class ErrorCode(enum.StrEnum):
     FAILED_PRECONDITION = "failed_precondition"
     CONFLICT = "conflict"
     INTERNAL = "internal"
+    # The authenticated user lacks the role the command needs (docs/security.md).
+    PERMISSION_DENIED = "permission_denied"
 
 
 class ErrorInfo(msgspec.Struct, kw_only=True):

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 PREFIX = "sandboxctl"
 
-# Commands: request/reply, one subject per verb, e.g. sandboxctl.cmd.stop.
+# Commands: request/reply, one subject per verb, e.g. sandboxctl.cmd.stop. With
+# authorization on, the sender's NATS user name is a fourth token
+# (sandboxctl.cmd.stop.alice): the server lets each user publish only on its own,
+# so the token is the authenticated actor (see docs/security.md).
 COMMANDS = f"{PREFIX}.cmd"
 COMMANDS_ALL = f"{COMMANDS}.>"
 
@@ -28,6 +31,11 @@ DEADLETTER_STREAM = "SANDBOXCTL_DEADLETTER"
 DEADLETTER = f"{PREFIX}.deadletter"
 DEADLETTER_ALL = f"{DEADLETTER}.>"
 
+# Denied attempts, for auditors: stream AUDIT_STREAM, one subject per user.
+AUDIT_STREAM = "SANDBOXCTL_AUDIT"
+AUDIT = f"{PREFIX}.audit"
+AUDIT_ALL = f"{AUDIT}.>"
+
 # Queries: request/reply against the projection.
 QUERY = f"{PREFIX}.query"
 
@@ -35,8 +43,18 @@ QUERY = f"{PREFIX}.query"
 PROJECTED = f"{PREFIX}.projected"
 
 
-def command(verb: str) -> str:
-    return f"{COMMANDS}.{verb}"
+def command(verb: str, user: str = "") -> str:
+    """The subject of a command; ``user`` only when the server authenticates users."""
+    return f"{COMMANDS}.{verb}.{user}" if user else f"{COMMANDS}.{verb}"
+
+
+def denied(user: str) -> str:
+    return f"{AUDIT}.denied.{user}"
+
+
+def inbox_prefix(user: str) -> str:
+    """Each user's reply inboxes live under a prefix of its own, so no one can subscribe to another's replies."""
+    return f"_INBOX.{user}"
 
 
 def log(name: str) -> str:

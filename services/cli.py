@@ -19,8 +19,8 @@ import msgspec
 import yaml
 
 from events import subjects
-from services import audit
-from services.client import TERMINAL, SandboxClient, SandboxError
+from services import audit, auth
+from services.client import TERMINAL, PermissionDenied, SandboxClient, SandboxError
 from services.config import Config
 from statemachine import Phase
 
@@ -34,6 +34,7 @@ EXIT_CODES = {
     "unavailable": 8,
     "timeout": 9,
     "failed": 10,
+    "permission_denied": 11,
 }
 
 TABLE_COLUMNS = ("name", "phase", "driver", "image", "last_error", "updated_at")
@@ -134,6 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--actor", action="append", default=[])
     ev.add_argument("--since", help="TIME (ISO 8601) or log SEQ")
 
+    us = sub.add_parser("user", help="manage the users of the embedded nats-server (docs/security.md)")
+    usub = us.add_subparsers(dest="user_cmd", required=True)
+    ua = usub.add_parser("add", help="add a user (or change its roles) and reload the running server")
+    ua.add_argument("name")
+    ua.add_argument(
+        "--role", action="append", required=True, choices=auth.ROLES, help="sandbox:read, sandbox:write or admin"
+    )
+    usub.add_parser("list", help="the users and their roles")
+
     dl = sub.add_parser("deadletters", help="messages a consumer gave up on, oldest first")
     dl.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
 
@@ -154,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     ar.add_argument("--until", metavar="TIME|SEQ")
     ar.add_argument("--output", type=Path, help="keep the rebuilt projection at this path")
     asub.add_parser("verify", help="check the log's invariants")
+    ad = asub.add_parser("denied", help="refused commands, from the audit stream (admin)")
+    ad.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
     ax = asub.add_parser("export", help="stream the log as JSON lines")
     ax.add_argument("--format", choices=("jsonl",), default="jsonl")
     ax.add_argument("--sandbox")
@@ -269,8 +281,24 @@ async def _top(client: SandboxClient, args: argparse.Namespace) -> int:
         await sub.unsubscribe()
 
 
+async def _admin_only(client: SandboxClient, what: str) -> None:
+    """replay and verify are operators' tools: only a user who may read the audit stream (admin) runs them."""
+    try:
+        await client.may_read(subjects.AUDIT_STREAM)
+    except PermissionDenied:
+        raise PermissionDenied(f"audit {what} needs the admin role; user {client.user} does not have it") from None
+
+
 async def _audit(client: SandboxClient, args: argparse.Namespace, config: Config) -> int:
     js = client.nc.jetstream()
+    if args.audit_cmd in ("replay", "verify", "denied"):
+        await _admin_only(client, args.audit_cmd)
+    else:
+        await client.may_read(subjects.LOG_STREAM)
+    if args.audit_cmd == "denied":
+        items = await client.denied_attempts()
+        _print(items, args.output, ("time", "user", "action", "sandbox", "required", "reason"))
+        return 0
     if args.audit_cmd == "history":
         items = await audit.history(js, args.name)
         if not items:
@@ -315,6 +343,27 @@ async def _audit(client: SandboxClient, args: argparse.Namespace, config: Config
     return 0
 
 
+def _user(config: Config, args: argparse.Namespace) -> int:
+    """Users live in the auth directory; the embedded server is told to reload them (SIGHUP)."""
+    store = auth.AuthStore(config.auth_path)
+    if args.user_cmd == "list":
+        users = [{"name": u.name, "roles": ", ".join(u.roles)} for u in store.load().values() if not u.component]
+        _print(users, "table", ("name", "roles"))
+        return 0
+    if not store.enabled:
+        raise Failure("failed_precondition", f"no users at {store.users_path}; run sandboxctl up first")
+    try:
+        path = store.add(args.name, args.role)
+    except ValueError as exc:
+        raise Failure("invalid_argument", str(exc)) from None
+    reloaded = store.reload_server()
+    print(f"user {args.name} has {', '.join(args.role)}; credentials in {path}")
+    print(f"  export SANDBOXCTL_CREDENTIALS={path}")
+    if not reloaded:
+        print("no running embedded nats-server found: the user is admitted when it next starts", file=sys.stderr)
+    return 0
+
+
 async def run(argv: Sequence[str], config: Config | None = None) -> int:
     argv = list(argv)
     command: list[str] = []
@@ -328,6 +377,8 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
 
         await run_up(config, port=args.port, sync_always=args.sync_always)
         return 0
+    if args.cmd == "user":
+        return _user(config, args)
     if args.cmd == "serve":
         from services.embedded import COMPONENTS, run_serve
 
@@ -340,7 +391,11 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
     # A follower rides out a server restart; a one-shot command reports it at once.
     patient = args.cmd == "top" or (args.cmd == "events" and args.follow)
     client = await SandboxClient.connect(
-        config.nats_url, actor=config.actor, **({"max_reconnect_attempts": -1} if patient else {})
+        config.nats_url,
+        actor=config.actor,
+        user=config.user,
+        password=config.password,
+        **({"max_reconnect_attempts": -1} if patient else {}),
     )
     try:
         if args.cmd == "create":

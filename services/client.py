@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import msgspec
 import nats
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
 
 from events import subjects
 from events.commands import CreateSandbox, DeleteSandbox, SandboxCommand, StartSandbox, StopSandbox
@@ -78,6 +81,13 @@ class Internal(_Coded):
     code = "internal"
 
 
+class PermissionDenied(_Coded):
+    """The authenticated user lacks the role (the state machine's refusal, recorded in the audit
+    stream), or the NATS server refused a subject the user's permissions do not allow."""
+
+    code = "permission_denied"
+
+
 class Unavailable(_Coded):
     """No NATS, or no service answered in time. Safe to retry with the same command id."""
 
@@ -103,6 +113,7 @@ _BY_CODE: dict[str, type[_Coded]] = {
         FailedPrecondition,
         Conflict,
         Internal,
+        PermissionDenied,
         Unavailable,
         WaitTimeout,
         PhaseFailed,
@@ -110,43 +121,112 @@ _BY_CODE: dict[str, type[_Coded]] = {
 }
 
 
-async def _quiet(exc: Exception) -> None:
-    """nats-py logs every connection error with a traceback; the client reports
-    the one that matters as a SandboxError instead."""
-    log.debug("nats: %r", exc)
+class Denials:
+    """The NATS server's refusals of this connection's publishes, as they arrive.
+
+    A publish the user's permissions forbid is dropped by the server, which
+    says so only asynchronously (``-ERR permissions violation``); a request
+    would just time out. Watching for the refusal turns it into an immediate
+    PermissionDenied instead of an ``unavailable`` ten seconds later.
+    """
+
+    _PATTERN = re.compile(r'permissions violation for publish to "([^"]+)"', re.IGNORECASE)
+
+    def __init__(self) -> None:
+        self.subjects: list[str] = []  # lower-cased, as nats-py reports them
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+
+    async def error_cb(self, exc: Exception) -> None:
+        match = self._PATTERN.search(str(exc))
+        if match is None:
+            log.debug("nats: %r", exc)  # nats-py logs these with a traceback; the client reports what matters
+            return
+        subject = match.group(1).lower()
+        self.subjects.append(subject)
+        for waiter in self._waiters.pop(subject, []):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def watch(self, subject: str) -> asyncio.Future[None]:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(subject.lower(), []).append(waiter)
+        return waiter
+
+    def forget(self, subject: str, waiter: asyncio.Future[None]) -> None:
+        waiters = self._waiters.get(subject.lower(), [])
+        if waiter in waiters:
+            waiters.remove(waiter)
 
 
 class SandboxClient:
-    def __init__(self, nc: NATS, actor: str = "client", request_timeout: float = 10.0, retries: int = 3) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        actor: str = "client",
+        request_timeout: float = 10.0,
+        retries: int = 3,
+        user: str = "",
+        denials: Denials | None = None,
+    ) -> None:
         self.nc = nc
         self.actor = actor
         self.request_timeout = request_timeout
         self.retries = retries
+        # With a NATS user, commands go on that user's own subjects, and the user is the actor.
+        self.user = user
+        self.denials = denials or Denials()
 
     @classmethod
-    async def connect(cls, url: str, actor: str = "client", **options: Any) -> SandboxClient:
+    async def connect(
+        cls, url: str, actor: str = "client", user: str = "", password: str = "", **options: Any
+    ) -> SandboxClient:
+        denials = Denials()
         try:
-            options.setdefault("error_cb", _quiet)
+            options.setdefault("error_cb", denials.error_cb)
             options.setdefault("connect_timeout", 2)
             options.setdefault("max_reconnect_attempts", 3)
             options.setdefault("reconnect_time_wait", 0.5)
+            if user:
+                options.update(user=user, password=password, inbox_prefix=subjects.inbox_prefix(user))
             nc = await nats.connect(url, **options)
         except Exception as exc:
+            if "authorization violation" in str(exc).lower():
+                raise PermissionDenied(f"NATS at {url} did not accept user {user or '(none)'}: {exc}") from exc
             raise Unavailable(f"cannot reach NATS at {url}: {exc}") from exc
-        return cls(nc, actor)
+        return cls(nc, user or actor, user=user, denials=denials)
 
     async def close(self) -> None:
         if not self.nc.is_closed:
             await self.nc.drain()
 
     async def _request(self, subject: str, payload: bytes) -> Reply:
+        return reply_decoder.decode((await self._raw_request(subject, payload)).data)
+
+    async def _raw_request(self, subject: str, payload: bytes) -> Msg:
+        refused = self.denials.watch(subject)
+        request = asyncio.ensure_future(self.nc.request(subject, payload, timeout=self.request_timeout))
         try:
-            msg = await self.nc.request(subject, payload, timeout=self.request_timeout)
+            await asyncio.wait({request, refused}, return_when=asyncio.FIRST_COMPLETED)
+            if refused.done() and not request.done():
+                request.cancel()
+                raise PermissionDenied(f"user {self.user or '(none)'} may not publish to {subject}")
+            msg = await request
         except nats.errors.NoRespondersError as exc:
             raise Unavailable(f"no service answers on {subject}; is sandboxctl up running?") from exc
         except (TimeoutError, nats.errors.TimeoutError) as exc:
             raise Unavailable(f"no answer on {subject} within {self.request_timeout}s") from exc
-        return reply_decoder.decode(msg.data)
+        finally:
+            self.denials.forget(subject, refused)
+            if not request.done():
+                request.cancel()
+        return msg
+
+    async def may_read(self, stream: str) -> None:
+        """Raise PermissionDenied unless this user may read ``stream``: the server is asked for the
+        stream's info, which a user whose role does not cover the stream is refused at once."""
+        if not self.user:
+            return
+        await self._raw_request(f"$JS.API.STREAM.INFO.{stream}", b"")
 
     async def send(self, command: SandboxCommand) -> Reply:
         """Send one command, retrying while no service answers.
@@ -158,7 +238,7 @@ class SandboxClient:
         payload = encode(command)
         for attempt in range(self.retries + 1):
             try:
-                reply = await self._request(subjects.command(command.VERB), payload)
+                reply = await self._request(subjects.command(command.VERB, self.user), payload)
             except Unavailable:
                 if attempt == self.retries:
                     raise
@@ -229,6 +309,7 @@ class SandboxClient:
         server restarts, without a gap or a repeat; without it, it stops at the
         end of the log as it stood when called.
         """
+        await self.may_read(subjects.LOG_STREAM)
         filter_subject = subjects.log(name) if name else subjects.LOG_ALL
         tail = Tail(self.nc.jetstream(), subjects.LOG_STREAM, filter_subject, since_seq, batch=500)
         end = await tail.last_seq()
@@ -245,10 +326,21 @@ class SandboxClient:
 
     async def dead_letters(self) -> list[dict[str, Any]]:
         """Every dead-letter record so far (what a consumer gave up on, and why)."""
+        return await self._records(subjects.DEADLETTER_STREAM, subjects.DEADLETTER_ALL)
+
+    async def denied_attempts(self) -> list[dict[str, Any]]:
+        """Every refused command so far, from the audit stream (admin only)."""
+        return await self._records(subjects.AUDIT_STREAM, subjects.AUDIT_ALL)
+
+    async def _records(self, stream: str, filter_subject: str) -> list[dict[str, Any]]:
+        await self.may_read(stream)
         js = self.nc.jetstream()
-        tail = Tail(js, subjects.DEADLETTER_STREAM, subjects.DEADLETTER_ALL, 1, batch=500)
+        tail = Tail(js, stream, filter_subject, 1, batch=500)
         out: list[dict[str, Any]] = []
-        end = await tail.last_seq()
+        try:
+            end = await tail.last_seq()
+        except NotFoundError:  # the audit stream exists only once authorization is on
+            return out
         if end == 0:
             return out
         try:

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.auth import load_credentials, local_user_name
 from statemachine.deadlines import parse_deadlines
 from statemachine.phases import Phase
 
@@ -48,10 +49,21 @@ class Config:
     # the replica count of the streams when the NATS servers are clustered.
     sync_always: bool = False
     replicas: int = 1
+    # Authorization (docs/security.md). auth_dir holds users.json, the generated server.conf and one
+    # credential file per user; when users.json exists the services authenticate and check roles.
+    auth_dir: Path | None = None
+    # The client's own NATS user: from SANDBOXCTL_CREDENTIALS (a file), SANDBOXCTL_USER and
+    # SANDBOXCTL_PASSWORD, or the credential `sandboxctl up` made for the local user.
+    user: str = ""
+    password: str = ""
 
     @property
     def projection_path(self) -> Path:
         return self.data_dir / "projection.sqlite3"
+
+    @property
+    def auth_path(self) -> Path:
+        return self.auth_dir or self.data_dir / "auth"
 
     @property
     def podman_socket_url(self) -> str:
@@ -80,6 +92,25 @@ class Config:
         cfg.deadlines = parse_deadlines(env.get("SANDBOXCTL_DEADLINES", ""))
         cfg.sync_always = env.get("SANDBOXCTL_SYNC_ALWAYS", "").lower() in ("1", "true", "yes")
         cfg.replicas = int(env.get("SANDBOXCTL_REPLICAS", "1"))
+        if "SANDBOXCTL_AUTH_DIR" in env:
+            cfg.auth_dir = Path(env["SANDBOXCTL_AUTH_DIR"])
+        cfg.user, cfg.password = _credentials(env, cfg.auth_path)
         if cfg.reconcile_exited not in ("restart", "error"):
             raise ValueError(f"SANDBOXCTL_RECONCILE_EXITED must be restart or error, not {cfg.reconcile_exited!r}")
         return cfg
+
+
+def _credentials(env: dict[str, str], auth_dir: Path) -> tuple[str, str]:
+    """The client's NATS user and password: an explicit file, then the environment, then the
+    admin credential ``sandboxctl up`` wrote for the local user, else none (no authentication)."""
+    if env.get("SANDBOXCTL_CREDENTIALS"):
+        creds = load_credentials(Path(env["SANDBOXCTL_CREDENTIALS"]))
+        return creds.user, creds.password
+    if env.get("SANDBOXCTL_USER"):
+        return env["SANDBOXCTL_USER"], env.get("SANDBOXCTL_PASSWORD", "")
+    local = auth_dir / "credentials" / f"{local_user_name(env)}.json"
+    try:
+        creds = load_credentials(local)
+    except OSError:
+        return "", ""
+    return creds.user, creds.password

@@ -23,6 +23,7 @@ import nats
 from nats.aio.client import Client as NATS
 
 from drivers.base import Driver
+from services.auth import Authorizer, AuthStore, component_user, local_user_name
 from services.config import Config
 from services.projector import Projector
 from services.query import QueryService
@@ -60,12 +61,20 @@ def nats_server_binary() -> str:
 
 
 class NatsServer:
-    """A nats-server with JetStream on a data directory of its own."""
+    """A nats-server with JetStream on a data directory of its own.
 
-    def __init__(self, store_dir: Path, port: int = 0, sync_always: bool = False) -> None:
+    With an ``auth`` store it admits only that store's users, each with the
+    permissions generated from its role (services.auth), and writes its pid
+    where ``sandboxctl user add`` finds it to make it reload the users.
+    """
+
+    def __init__(
+        self, store_dir: Path, port: int = 0, sync_always: bool = False, auth: AuthStore | None = None
+    ) -> None:
         self.store_dir = store_dir
         self.port = port or free_port()
         self.sync_always = sync_always
+        self.auth = auth
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -83,8 +92,14 @@ class NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         conf = self.store_dir / "nats-server.conf"
         sync = "\n  sync_interval: always" if self.sync_always else ""
+        auth = ""
+        if self.auth is not None:
+            # nats-server resolves an include against the including file's directory.
+            include = os.path.relpath(self.auth.server_conf_path, self.store_dir)
+            auth = f'pid_file: "{self.auth.pid_path}"\ninclude "{include}"\n'
         conf.write_text(
-            f'listen: "127.0.0.1:{self.port}"\njetstream {{\n  store_dir: "{self.store_dir / "jetstream"}"{sync}\n}}\n'
+            f'listen: "127.0.0.1:{self.port}"\n{auth}'
+            f'jetstream {{\n  store_dir: "{self.store_dir / "jetstream"}"{sync}\n}}\n'
         )
         logfile = open(self.store_dir / "nats-server.log", "ab")
         self.proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=logfile, stderr=logfile)
@@ -198,14 +213,23 @@ class ControlPlane:
             raise ValueError(f"unknown component(s) {', '.join(sorted(unknown))}; known: {', '.join(COMPONENTS)}")
         self.config = config
         self.components = frozenset(components)
+        # With users.json in the auth directory, every service connects as its own user and commands need roles.
+        self.auth = AuthStore(config.auth_path)
+        self.auth_enabled = self.auth.enabled
         if drivers is None:
             drivers = {n: make_driver(n, config) for n in config.drivers} if "worker" in self.components else {}
         self.drivers = drivers
         self.connections: list[NATS] = []
 
     async def _connect(self, name: str) -> NATS:
+        options = self.auth.credentials(component_user(name)).connect_options() if self.auth_enabled else {}
         nc = await nats.connect(
-            self.config.nats_url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.2, connect_timeout=2
+            self.config.nats_url,
+            name=name,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.2,
+            connect_timeout=2,
+            **options,
         )
         self.connections.append(nc)
         return nc
@@ -218,6 +242,7 @@ class ControlPlane:
                 self.config.default_driver,
                 deadlines=self.config.deadlines,
                 replicas=self.config.replicas,
+                authorizer=Authorizer(self.auth) if self.auth_enabled else None,
             )
             await self.statemachine.start()
         if "projector" in self.components:
@@ -292,13 +317,17 @@ async def run_serve(config: Config, banner: str = "", components: Sequence[str] 
 async def run_up(config: Config, port: int = 4222, sync_always: bool = False) -> None:
     """``sandboxctl up``: a nats-server of its own plus every service, until interrupted."""
     sync_always = sync_always or config.sync_always
-    server = NatsServer(config.data_dir / "nats", port=port, sync_always=sync_always).start()
+    auth = AuthStore(config.auth_path)
+    admin = local_user_name()
+    auth.provision(admin)  # a user per service and an admin for whoever runs this; existing ones are kept
+    server = NatsServer(config.data_dir / "nats", port=port, sync_always=sync_always, auth=auth).start()
     try:
         config.nats_url = server.url
         await run_serve(
             config,
             f"sandboxctl is up: NATS {server.url}, data {config.data_dir}, drivers {', '.join(config.drivers)}\n"
-            f"in another shell: export SANDBOXCTL_NATS_URL={server.url}",
+            f"in another shell: export SANDBOXCTL_NATS_URL={server.url}\n"
+            f"you are {admin} (admin), credentials in {auth.credentials_path(admin)}; more: sandboxctl user add",
         )
     finally:
         server.stop()

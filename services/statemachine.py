@@ -26,6 +26,7 @@ from events.commands import CreateSandbox, SandboxCommand, command_decoder
 from events.envelope import Envelope, encode, now, type_name
 from events.lifecycle import LifecycleEvent
 from events.replies import ErrorCode, Reply, error_reply
+from services.auth import Authorizer, check, ensure_audit_stream, record_denied
 from services.log import (
     MAX_DELIVER,
     Conflict,
@@ -61,8 +62,11 @@ class StateMachineService:
         deadlines: Deadlines | None = None,
         watchdog_interval: float = 1.0,
         replicas: int = 1,
+        authorizer: Authorizer | None = None,
     ) -> None:
         self.replicas = replicas
+        # With an authorizer, commands come on sandboxctl.cmd.<verb>.<user> and need the user's role.
+        self.authorizer = authorizer
         self.nc = nc
         self.js = nc.jetstream()
         self.drivers = drivers
@@ -82,6 +86,8 @@ class StateMachineService:
 
     async def start(self) -> None:
         await ensure_streams(self.js, self.replicas)
+        if self.authorizer is not None:
+            await ensure_audit_stream(self.js, self.replicas)
         self._tail = Tail(self.js, subjects.LOG_STREAM, subjects.LOG_ALL, start_seq=1)
         self._tasks.append(asyncio.create_task(self._follow_log(), name="statemachine-log"))
         await self._caught_up.wait()
@@ -229,7 +235,7 @@ class StateMachineService:
             command: SandboxCommand = command_decoder.decode(payload)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             return error_reply(ErrorCode.INVALID_ARGUMENT, f"malformed command: {exc}")
-        verb = subject.rsplit(".", 1)[-1]
+        verb = subject.split(".")[2] if self.authorizer is not None else subject.rsplit(".", 1)[-1]
         if verb != command.VERB:
             return error_reply(
                 ErrorCode.INVALID_ARGUMENT,
@@ -240,6 +246,14 @@ class StateMachineService:
         if problem:
             # Before anything looks the name up: it is used as a subject token, and "*" or ">" would match others.
             return error_reply(ErrorCode.INVALID_ARGUMENT, problem)
+        if self.authorizer is not None:
+            denied = check(self.authorizer, subject, command)
+            if denied is not None:
+                # Recorded before it is answered, and only there: the log holds what happened.
+                await record_denied(self.js, denied)
+                return error_reply(ErrorCode.PERMISSION_DENIED, denied.reason, command.name)
+            # The subject's user token is who sent it (only that user may publish there); the payload's claim is not.
+            command = msgspec.structs.replace(command, actor=subject.split(".")[3])
         if not command.command_id:
             return error_reply(ErrorCode.INVALID_ARGUMENT, "command_id must not be empty", command.name)
         if isinstance(command, CreateSandbox) and not command.driver:

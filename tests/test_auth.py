@@ -1,0 +1,412 @@
+"""Authorization against a real nats-server that admits only its users, with
+the permissions services.auth generates, and the real services and podman
+behind it: who may do what is checked by the server and by the state machine,
+never by a fake."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import signal
+import stat
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats
+import pytest
+from nats.js.api import ConsumerConfig, StreamConfig
+
+from events import subjects
+from services.auth import READ, WRITE, AuthStore, component_user
+from services.client import Denials, PermissionDenied, SandboxClient
+from services.config import Config
+from services.embedded import ControlPlane, NatsServer, free_port
+from tests.conftest import CLI, ROOT, podman
+
+ADMIN_USER = "ops"
+
+
+class Figures:
+    """What the suite tried, printed at the end (the issue asks each suite to state its figures)."""
+
+    attempts = 0
+    refused = 0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _figures() -> Iterator[None]:
+    yield
+    print(f"\nauthorization: {Figures.attempts} forbidden attempts made, {Figures.refused} refused")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> AuthStore:
+    store = AuthStore(tmp_path / "auth")
+    store.provision(ADMIN_USER)
+    store.add("reader", [READ])
+    store.add("writer", [WRITE])
+    store.add("nobody", [])
+    return store
+
+
+@pytest.fixture
+def auth_server(tmp_path: Path, store: AuthStore) -> Iterator[NatsServer]:
+    server = NatsServer(tmp_path / "nats", auth=store).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def auth_config(tmp_path: Path, auth_server: NatsServer, store: AuthStore, podman_url: str) -> Config:
+    return Config(
+        nats_url=auth_server.url,
+        data_dir=tmp_path / "data",
+        run_dir=tmp_path / "run",
+        podman_url=podman_url,
+        drivers=("podman",),
+        default_driver="podman",
+        auth_dir=store.root,
+    )
+
+
+@pytest.fixture
+async def auth_plane(auth_config: Config) -> AsyncIterator[ControlPlane]:
+    plane = await ControlPlane(auth_config).start()
+    assert plane.auth_enabled
+    yield plane
+    await plane.stop()
+
+
+@pytest.fixture
+def sandbox() -> Iterator[str]:
+    name = f"auth-{uuid.uuid4().hex[:8]}"
+    yield name
+    podman("rm", "-f", "-t", "0", f"sandboxctl-{name}", check=False)
+    podman("volume", "rm", "-f", f"sandboxctl-{name}-workspace", check=False)
+
+
+@pytest.fixture
+async def clients(
+    auth_config: Config, auth_plane: ControlPlane, store: AuthStore
+) -> AsyncIterator[dict[str, SandboxClient]]:
+    made: dict[str, SandboxClient] = {}
+    for user in (ADMIN_USER, "reader", "writer", "nobody"):
+        creds = store.credentials(user)
+        made[user] = await SandboxClient.connect(auth_config.nats_url, user=creds.user, password=creds.password)
+    yield made
+    for client in made.values():
+        await client.close()
+
+
+class Raw:
+    """A plain nats-py connection as a user, recording every refusal the server sends it."""
+
+    def __init__(self, nc: Any, denials: Denials, errors: list[str]) -> None:
+        self.nc = nc
+        self.js = nc.jetstream(timeout=1.0)
+        self.denials = denials
+        self.errors = errors
+
+    @classmethod
+    async def connect(cls, url: str, store: AuthStore, user: str) -> Raw:
+        denials, errors = Denials(), []
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(str(exc).lower())
+            await denials.error_cb(exc)
+
+        nc = await nats.connect(url, error_cb=on_error, **store.credentials(user).connect_options())
+        return cls(nc, denials, errors)
+
+    async def refused(self, subject: str, attempt: Any) -> None:
+        """Run ``attempt`` and assert the server refused the publish to ``subject`` (it gets no answer)."""
+        Figures.attempts += 1
+        with pytest.raises((TimeoutError, nats.errors.TimeoutError)):
+            await attempt
+        await self.nc.flush()
+        assert subject.lower() in self.denials.subjects, (subject, self.errors)
+        Figures.refused += 1
+
+
+async def _count(url: str, store: AuthStore, stream: str, subject: str = "") -> int:
+    """Messages in a stream (on one subject), read with the state machine's own credentials (it may
+    look at every stream)."""
+    nc = await nats.connect(url, **store.credentials(component_user("statemachine")).connect_options())
+    try:
+        info = await nc.jetstream().stream_info(stream, subjects_filter=subject or None)
+        return int(info.state.messages) if not subject else sum((info.state.subjects or {}).values())
+    finally:
+        await nc.close()
+
+
+async def test_a_readers_stop_is_refused_recorded_for_auditors_and_never_logged(
+    auth_config: Config, store: AuthStore, clients: dict[str, SandboxClient], sandbox: str, image: str
+) -> None:
+    writer, reader, admin = clients["writer"], clients["reader"], clients[ADMIN_USER]
+    created = await writer.create(sandbox, image)
+    await writer.wait_for(sandbox, "Ready", created.seq)
+    logged = await _count(auth_config.nats_url, store, subjects.LOG_STREAM)
+
+    # the reader claims to be the writer in the payload; the subject says who it is
+    payload = msgspec.json.encode(
+        {"type": "sandboxctl.command.stop.v1", "name": sandbox, "command_id": "c-reader-1", "actor": "writer"}
+    )
+    Figures.attempts += 1
+    reply = await reader._request(subjects.command("stop", "reader"), payload)
+    assert reply.error is not None and reply.error.code == "permission_denied"
+    assert "needs sandbox:write" in reply.error.message and "reader" in reply.error.message
+    Figures.refused += 1
+    with pytest.raises(PermissionDenied):  # the typed error, through the client's own method
+        await reader.stop(sandbox)
+
+    assert await _count(auth_config.nats_url, store, subjects.LOG_STREAM) == logged
+    assert (await reader.get(sandbox))["phase"] == "Ready"  # a reader may read
+    denied = await admin.denied_attempts()
+    first = next(d for d in denied if d["command_id"] == "c-reader-1")
+    assert first["user"] == "reader" and first["action"] == "stop" and first["sandbox"] == sandbox
+    assert first["required"] == WRITE and first["roles"] == [READ] and first["claimed_actor"] == "writer"
+    assert first["subject"] == "sandboxctl.cmd.stop.reader" and first["time"] and first["reason"]
+    assert len(denied) == 2  # and the second stop too
+
+
+async def test_a_writer_creates_stops_starts_and_deletes_on_podman_as_itself(
+    auth_config: Config, clients: dict[str, SandboxClient], sandbox: str, image: str
+) -> None:
+    writer = clients["writer"]
+    # a payload that claims another actor: the event's actor is still the authenticated user
+    payload = msgspec.json.encode(
+        {"type": "sandboxctl.command.create.v1", "name": sandbox, "image": image, "command_id": "c-w", "actor": "ops"}
+    )
+    reply = await writer._request(subjects.command("create", "writer"), payload)
+    assert reply.accepted, reply
+    await writer.wait_for(sandbox, "Ready", reply.seq)
+    assert podman("container", "inspect", "-f", "{{.State.Running}}", f"sandboxctl-{sandbox}").stdout.strip() == "true"
+    await writer.wait_for(sandbox, "Stopped", (await writer.stop(sandbox, timeout=2)).seq)
+    assert podman("container", "inspect", "-f", "{{.State.Running}}", f"sandboxctl-{sandbox}").stdout.strip() == "false"
+    await writer.wait_for(sandbox, "Ready", (await writer.start(sandbox)).seq)
+    await writer.wait_for(sandbox, "Deleted", (await writer.delete(sandbox)).seq)
+    assert podman("container", "exists", f"sandboxctl-{sandbox}", check=False).returncode != 0
+    history = await writer.history(sandbox)
+    commanded = [h for h in history if h["type"].split(".")[2] in ("created", "stop_requested", "start_requested")]
+    assert commanded and {h["actor"] for h in commanded} == {"writer"}
+
+
+async def test_a_client_cannot_publish_facts_write_the_log_or_manage_streams(
+    auth_config: Config, auth_plane: ControlPlane, store: AuthStore
+) -> None:
+    url = auth_config.nats_url
+    logged = await _count(url, store, subjects.LOG_STREAM)
+    fact = b'{"id":"f","type":"sandboxctl.fact.container_removed.v1","source":"x","subject":"victim",'
+    for user in ("writer", ADMIN_USER):  # not even an admin
+        raw = await Raw.connect(url, store, user)
+        try:
+            await raw.refused(subjects.fact("victim"), raw.js.publish(subjects.fact("victim"), fact))
+            await raw.refused(subjects.log("victim"), raw.js.publish(subjects.log("victim"), b"{}"))
+            await raw.refused(
+                "$JS.API.STREAM.CREATE.EVIL", raw.js.add_stream(StreamConfig(name="EVIL", subjects=["evil.>"]))
+            )
+            for verb in ("DELETE", "PURGE", "UPDATE"):
+                subject = f"$JS.API.STREAM.{verb}.{subjects.LOG_STREAM}"
+                await raw.refused(subject, raw.nc.request(subject, b"{}", timeout=1))
+            worker = "sandboxctl-driver-podman"
+            await raw.refused(
+                f"$JS.API.CONSUMER.DELETE.{subjects.LOG_STREAM}.{worker}",
+                raw.js.delete_consumer(subjects.LOG_STREAM, worker),
+            )
+            await raw.refused(  # nor steal the worker's work orders
+                f"$JS.API.CONSUMER.MSG.NEXT.{subjects.LOG_STREAM}.{worker}",
+                raw.nc.request(f"$JS.API.CONSUMER.MSG.NEXT.{subjects.LOG_STREAM}.{worker}", b"1", timeout=1),
+            )
+            # the one consumer call a reader has creates ephemeral consumers only: no taking over a durable
+            hijack = {"stream_name": subjects.LOG_STREAM, "config": {"durable_name": worker, "ack_policy": "none"}}
+            answer = await raw.nc.request(
+                f"$JS.API.CONSUMER.CREATE.{subjects.LOG_STREAM}", json.dumps(hijack).encode(), timeout=2
+            )
+            assert "error" in json.loads(answer.data), answer.data
+        finally:
+            await raw.nc.close()
+    # the worker reports what it finds on the shared engine, so count the victim's facts only
+    assert await _count(url, store, subjects.FACTS_STREAM, subjects.fact("victim")) == 0
+    assert await _count(url, store, subjects.LOG_STREAM) == logged  # and both streams are still there
+
+
+async def test_a_user_without_read_cannot_read_the_log_or_anyones_replies(
+    auth_config: Config, store: AuthStore, clients: dict[str, SandboxClient]
+) -> None:
+    nobody = clients["nobody"]
+    Figures.attempts += 3
+    with pytest.raises(PermissionDenied):
+        async for _ in nobody.events(follow=False):
+            pass
+    with pytest.raises(PermissionDenied):
+        await nobody.list()
+    with pytest.raises(PermissionDenied):
+        await nobody.dead_letters()
+    Figures.refused += 3
+    raw = await Raw.connect(auth_config.nats_url, store, "nobody")
+    try:
+        await raw.refused(
+            f"$JS.API.CONSUMER.CREATE.{subjects.LOG_STREAM}",
+            raw.js.add_consumer(subjects.LOG_STREAM, ConsumerConfig(deliver_subject="_INBOX.nobody.x")),
+        )
+        await raw.refused(
+            f"$JS.API.STREAM.MSG.GET.{subjects.LOG_STREAM}",
+            raw.js.get_last_msg(subjects.LOG_STREAM, subjects.log("x")),
+        )
+        # nor listen where others' replies and log deliveries go, nor to commands or projection notices
+        for subject in ("_INBOX.>", "_INBOX.reader.>", subjects.COMMANDS_ALL, subjects.log("x"), "sandboxctl.>"):
+            Figures.attempts += 1
+            await raw.nc.subscribe(subject)
+            await raw.nc.flush()
+            await asyncio.sleep(0.05)
+            assert any(f'subscription to "{subject.lower()}"' in e for e in raw.errors), (subject, raw.errors)
+            Figures.refused += 1
+    finally:
+        await raw.nc.close()
+
+
+async def test_no_one_can_speak_for_another_user(
+    auth_config: Config, store: AuthStore, clients: dict[str, SandboxClient], sandbox: str
+) -> None:
+    writer = clients["writer"]
+    audited = await _count(auth_config.nats_url, store, subjects.AUDIT_STREAM)
+    logged = await _count(auth_config.nats_url, store, subjects.LOG_STREAM)
+    payload = msgspec.json.encode(
+        {"type": "sandboxctl.command.create.v1", "name": sandbox, "image": "x", "command_id": "c-imp", "actor": "ops"}
+    )
+    for subject in (subjects.command("create", ADMIN_USER), subjects.command("create")):
+        Figures.attempts += 1
+        with pytest.raises(PermissionDenied):  # refused by the server: the state machine never sees it
+            await writer._request(subject, payload)
+        assert subject.lower() in writer.denials.subjects
+        Figures.refused += 1
+    assert await _count(auth_config.nats_url, store, subjects.AUDIT_STREAM) == audited
+    assert await _count(auth_config.nats_url, store, subjects.LOG_STREAM) == logged
+    # with no credentials at all, the server does not let one in
+    Figures.attempts += 1
+    with pytest.raises(Exception, match=r"(?i)authorization"):
+        await nats.connect(auth_config.nats_url, allow_reconnect=False, connect_timeout=2)
+    Figures.refused += 1
+
+
+async def test_the_cli_says_permission_denied_and_only_an_admin_runs_verify(
+    auth_config: Config,
+    auth_plane: ControlPlane,
+    store: AuthStore,
+    capsys: pytest.CaptureFixture[str],
+    sandbox: str,
+    image: str,
+) -> None:
+    def as_user(user: str) -> CLI:
+        creds = store.credentials(user)
+        return CLI(dataclasses.replace(auth_config, user=creds.user, password=creds.password), capsys)
+
+    admin, reader = as_user(ADMIN_USER), as_user("reader")
+    code, out, err = await admin("create", sandbox, "--image", image)
+    assert code == 0, err
+    for argv in (("stop", sandbox), ("delete", sandbox), ("create", "other", "--image", image)):
+        Figures.attempts += 1
+        code, out, err = await reader(*argv)
+        assert code == 11 and err.startswith("sandboxctl: permission_denied: "), (argv, code, err)
+        assert len(err.strip().splitlines()) == 1, err
+        Figures.refused += 1
+    code, out, err = await reader("get", sandbox, "-o", "json")
+    assert code == 0 and json.loads(out)["phase"] == "Ready", err
+    for what in ("verify", "replay", "denied"):
+        Figures.attempts += 1
+        code, out, err = await reader("audit", what)
+        assert code == 11 and err == f"sandboxctl: permission_denied: audit {what} needs the admin role; " \
+            "user reader does not have it\n", err  # fmt: skip
+        Figures.refused += 1
+    code, out, err = await admin("audit", "verify")
+    assert code == 0 and "no violations" in out, err
+    code, out, err = await admin("audit", "denied", "-o", "json")
+    assert code == 0 and {d["action"] for d in json.loads(out)} == {"stop", "delete", "create"}, err
+    code, out, err = await admin("delete", sandbox)
+    assert code == 0, err
+
+    # as a user runs it: the credential comes from a file named in the environment
+    env = {**os.environ, "SANDBOXCTL_NATS_URL": auth_config.nats_url, "SANDBOXCTL_DATA_DIR": str(auth_config.data_dir)}
+    env["SANDBOXCTL_CREDENTIALS"] = str(store.credentials_path("nobody"))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli", "list", env=env, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err_bytes = await proc.communicate()
+    assert proc.returncode == 11, err_bytes
+    assert err_bytes.decode().startswith("sandboxctl: permission_denied: user nobody may not publish to")
+
+
+async def _sandboxctl(env: dict[str, str], *argv: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli", *argv, env=env, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_up_makes_the_credentials_and_user_add_admits_a_new_user(
+    tmp_path: Path, podman_url: str, image: str, sandbox: str
+) -> None:
+    port = free_port()
+    data = tmp_path / "data"
+    env = {
+        **os.environ,
+        "USER": "local-op",
+        "SANDBOXCTL_DATA_DIR": str(data),
+        "SANDBOXCTL_RUN_DIR": str(tmp_path / "run"),
+        "SANDBOXCTL_PODMAN_URL": podman_url,
+        "SANDBOXCTL_DRIVERS": "podman",
+        "SANDBOXCTL_NATS_URL": f"nats://127.0.0.1:{port}",
+    }
+    for key in ("SANDBOXCTL_CREDENTIALS", "SANDBOXCTL_USER", "SANDBOXCTL_PASSWORD"):
+        env.pop(key, None)
+    up = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli", "up", "--port", str(port), env=env, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        assert up.stdout is not None
+        banner = await asyncio.wait_for(up.stdout.readline(), 60)
+        assert b"sandboxctl is up" in banner, banner
+        auth = data / "auth"
+        made = sorted(p.name for p in (auth / "credentials").iterdir())
+        components = ("statemachine", "projector", "query", "driver-podman", "driver-docker")
+        assert made == sorted(["local-op.json", *(f"{component_user(c)}.json" for c in components)])
+        for path in [*(auth / "credentials").iterdir(), auth / "users.json", auth / "server.conf"]:
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+        # the README's commands, with no step of their own: the local user is the admin
+        code, _, err = await _sandboxctl(env, "create", sandbox, "--image", image)
+        assert code == 0, err
+        code, out, err = await _sandboxctl(env, "history", sandbox, "-o", "json")
+        assert code == 0 and {h["actor"] for h in json.loads(out) if h["type"].endswith("created.v1")} == {"local-op"}
+        code, out, err = await _sandboxctl(env, "user", "add", "bob", "--role", "sandbox:read")
+        assert code == 0 and "SANDBOXCTL_CREDENTIALS=" in out, err
+        bob = {**env, "SANDBOXCTL_CREDENTIALS": str(auth / "credentials" / "bob.json")}
+        for _ in range(50):  # the server reloads its users on the signal, a moment later
+            code, out, err = await _sandboxctl(bob, "list", "-o", "json")
+            if code == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert code == 0 and [s["name"] for s in json.loads(out)] == [sandbox], err
+        code, _, err = await _sandboxctl(bob, "stop", sandbox)
+        assert code == 11 and "permission_denied" in err, err
+        code, _, err = await _sandboxctl(env, "delete", sandbox)
+        assert code == 0, err
+        code, _, err = await _sandboxctl(env, "user", "add", "sandboxctl-evil", "--role", "admin")
+        assert code == 2 and "reserved" in err, err
+        up.send_signal(signal.SIGINT)
+        rest, _ = await asyncio.wait_for(up.communicate(), 30)
+        assert up.returncode == 0, rest.decode()
+        assert b"Traceback" not in rest, rest.decode()
+    finally:
+        if up.returncode is None:
+            up.kill()
+            await up.wait()
