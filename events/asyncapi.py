@@ -17,6 +17,7 @@ import msgspec
 
 from events import subjects
 from events.commands import COMMAND_TYPES
+from events.denied import DeniedAttempt
 from events.envelope import Envelope
 from events.facts import FACT_TYPES
 from events.lifecycle import EVENT_TYPES
@@ -59,7 +60,9 @@ def document() -> dict[str, Any]:
         },
         "history": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}},
     }
-    _, schemas = msgspec.json.schema_components([*commands, *events, *facts, Envelope, Reply], ref_template=REF)
+    _, schemas = msgspec.json.schema_components(
+        [*commands, *events, *facts, Envelope, Reply, DeniedAttempt], ref_template=REF
+    )
     schemas = _asyncapi_schema(schemas)
 
     messages: dict[str, Any] = {}
@@ -102,8 +105,16 @@ def document() -> dict[str, Any]:
         "properties": {"name": {"type": "string"}, "phase": {"type": "string"}, "seq": {"type": "integer"}},
     }
     messages["ProjectedNotice"] = {"name": "ProjectedNotice", "payload": {"$ref": REF.format(name="ProjectedNotice")}}
+    messages["DeniedAttempt"] = {
+        "name": "DeniedAttempt",
+        "summary": "A command refused with permission_denied: who, what, which sandbox, when, why.",
+        "payload": {"$ref": REF.format(name="DeniedAttempt")},
+    }
 
     name_param = {"name": {"description": "The sandbox name: 1-63 letters, digits, '-' or '_'."}}
+    user_param = {
+        "user": {"description": "The sender's NATS user name; the server lets each user publish only on its own."}
+    }
     channels: dict[str, Any] = {
         "reply": {
             "address": None,
@@ -132,6 +143,13 @@ def document() -> dict[str, Any]:
             "parameters": name_param,
             "messages": {"ProjectedNotice": {"$ref": "#/components/messages/ProjectedNotice"}},
         },
+        "audit": {
+            "address": f"{subjects.AUDIT}.denied.{{user}}",
+            "description": f"JetStream stream {subjects.AUDIT_STREAM} (authorization on): refused commands; "
+            "admin only. The log never holds them.",
+            "parameters": user_param,
+            "messages": {"DeniedAttempt": {"$ref": "#/components/messages/DeniedAttempt"}},
+        },
     }
     operations: dict[str, Any] = {}
     for cls in commands:
@@ -143,6 +161,25 @@ def document() -> dict[str, Any]:
             "messages": {cls.__name__: {"$ref": f"#/components/messages/{cls.__name__}"}},
         }
         operations[f"{cls.VERB}Sandbox"] = {
+            "action": "send",
+            "channel": {"$ref": f"#/channels/{channel}"},
+            "messages": [{"$ref": f"#/channels/{channel}/messages/{cls.__name__}"}],
+            "reply": {
+                "channel": {"$ref": "#/channels/reply"},
+                "messages": [{"$ref": "#/channels/reply/messages/Reply"}],
+            },
+        }
+    for cls in commands:
+        channel = f"command-{cls.VERB}-as-user"
+        channels[channel] = {
+            "address": subjects.command(cls.VERB, "{user}"),
+            "description": "With authorization on (docs/security.md), the only command subject: the last token "
+            "is the sender's own NATS user, which becomes the events' actor; the payload's actor is ignored. "
+            "The user needs the role sandbox:write, else the reply is permission_denied.",
+            "parameters": user_param,
+            "messages": {cls.__name__: {"$ref": f"#/components/messages/{cls.__name__}"}},
+        }
+        operations[f"{cls.VERB}SandboxAsUser"] = {
             "action": "send",
             "channel": {"$ref": f"#/channels/{channel}"},
             "messages": [{"$ref": f"#/channels/{channel}/messages/{cls.__name__}"}],
@@ -167,7 +204,7 @@ def document() -> dict[str, Any]:
                 "messages": [{"$ref": "#/channels/reply/messages/Reply"}],
             },
         }
-    for channel in ("log", "facts", "projected"):
+    for channel in ("log", "facts", "projected", "audit"):
         operations[f"read{channel.capitalize()}"] = {"action": "receive", "channel": {"$ref": f"#/channels/{channel}"}}
 
     return {
