@@ -193,6 +193,10 @@ class SandboxClient:
             if "authorization violation" in str(exc).lower():
                 raise PermissionDenied(f"NATS at {url} did not accept user {user or '(none)'}: {exc}") from exc
             raise Unavailable(f"cannot reach NATS at {url}: {exc}") from exc
+        if user and not nc._server_info.get("auth_required"):
+            # A server without users (a leftover credential, or SANDBOXCTL_USER set by habit) takes
+            # commands on the plain subjects, with the actor the payload names.
+            return cls(nc, actor, denials=denials)
         return cls(nc, user or actor, user=user, denials=denials)
 
     async def close(self) -> None:

@@ -272,7 +272,7 @@ async def test_a_user_without_read_cannot_read_the_log_or_anyones_replies(
 
 
 async def test_no_one_can_speak_for_another_user(
-    auth_config: Config, store: AuthStore, clients: dict[str, SandboxClient], sandbox: str
+    auth_config: Config, auth_plane: ControlPlane, store: AuthStore, clients: dict[str, SandboxClient], sandbox: str
 ) -> None:
     writer = clients["writer"]
     audited = await _count(auth_config.nats_url, store, subjects.AUDIT_STREAM)
@@ -288,6 +288,9 @@ async def test_no_one_can_speak_for_another_user(
         Figures.refused += 1
     assert await _count(auth_config.nats_url, store, subjects.AUDIT_STREAM) == audited
     assert await _count(auth_config.nats_url, store, subjects.LOG_STREAM) == logged
+    # were a command on the plain subject to reach the state machine, it would refuse it as well
+    reply = await auth_plane.statemachine.handle(subjects.command("create"), payload)
+    assert reply.error is not None and reply.error.code == "permission_denied", reply
     # with no credentials at all, the server does not let one in
     Figures.attempts += 1
     with pytest.raises(Exception, match=r"(?i)authorization"):
@@ -410,3 +413,22 @@ async def test_up_makes_the_credentials_and_user_add_admits_a_new_user(
         if up.returncode is None:
             up.kill()
             await up.wait()
+
+
+async def test_without_users_on_the_server_a_credential_changes_nothing(tmp_path: Path, podman_url: str) -> None:
+    """A leftover credential against a server with no users: the plain subjects, as before."""
+    server = NatsServer(tmp_path / "nats").start()
+    config = Config(nats_url=server.url, data_dir=tmp_path / "data", drivers=("podman",), default_driver="podman")
+    plane = await ControlPlane(config, components=("statemachine",)).start()
+    assert not plane.auth_enabled
+    try:
+        client = await SandboxClient.connect(server.url, actor="someone", user="leftover", password="x")
+        try:
+            assert client.user == ""
+            reply = await client.create("plain-subjects", "localhost/whatever:latest")
+            assert reply.accepted and reply.phase == "Provisioning"
+        finally:
+            await client.close()
+    finally:
+        await plane.stop()
+        server.stop()
