@@ -73,7 +73,7 @@ class FakeDriver:
     def stop(self, sandbox: str, timeout: float) -> ContainerInfo:
         return self._run(sandbox, False)
 
-    def delete(self, sandbox: str) -> str:
+    def delete(self, sandbox: str, sandbox_id: str = "") -> str:
         with self._lock:
             info = self._containers.pop(sandbox, None)
         return info.container_id if info else ""

@@ -24,6 +24,26 @@ def labels_for(sandbox: str, sandbox_id: str, extra: dict[str, str] | None = Non
     return {**(extra or {}), MANAGED: "true", SANDBOX: sandbox, SANDBOX_ID: sandbox_id}
 
 
+def owned_by(labels: dict[str, str] | None, sandbox_id: str) -> bool:
+    """Whether a container or volume found by name may be acted on for sandbox ``sandbox_id``.
+
+    Names are reused: once a sandbox is deleted its name may be created again at once, so a
+    late or repeated delete of the old sandbox must leave the new one's container and
+    workspace alone. An empty ``sandbox_id`` (a caller that does not know) or an unlabelled
+    object matches."""
+    owner = (labels or {}).get(SANDBOX_ID, "")
+    return not sandbox_id or not owner or owner == sandbox_id
+
+
+def foreign_workspace(volume: str, labels: dict[str, str] | None, sandbox_id: str) -> DriverError | None:
+    """The error for a create that finds the name's workspace volume owned by another sandbox:
+    its files are that sandbox's, never to be handed to a new one."""
+    if owned_by(labels, sandbox_id):
+        return None
+    owner = (labels or {}).get(SANDBOX_ID, "")
+    return DriverError("create", f"workspace volume {volume} already exists and belongs to sandbox id {owner}")
+
+
 class SandboxSpec(msgspec.Struct, kw_only=True):
     name: str
     sandbox_id: str
@@ -76,7 +96,11 @@ class Driver(Protocol):
     def create(self, spec: SandboxSpec) -> ContainerInfo: ...
     def start(self, sandbox: str) -> ContainerInfo: ...
     def stop(self, sandbox: str, timeout: float) -> ContainerInfo: ...
-    def delete(self, sandbox: str) -> str: ...
+    def delete(self, sandbox: str, sandbox_id: str = "") -> str:
+        """Remove the container and its workspace volume if they belong to ``sandbox_id``; returns the
+        removed container's id ("" if there was none). Removing what is gone succeeds."""
+        ...
+
     def inspect(self, sandbox: str) -> ContainerInfo | None: ...
     def list_managed(self) -> list[ContainerInfo]: ...
     def events(self, since: float | None = None) -> Iterator[EngineEvent]:

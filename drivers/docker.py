@@ -32,7 +32,9 @@ from drivers.base import (
     EngineEvent,
     SandboxSpec,
     container_name,
+    foreign_workspace,
     labels_for,
+    owned_by,
     volume_name,
 )
 
@@ -152,7 +154,9 @@ class DockerDriver:
         labels = labels_for(spec.name, spec.sandbox_id, spec.labels)
         volume = volume_name(spec.name)
         try:
-            self._call("create", client.volumes.get, volume)
+            problem = foreign_workspace(volume, self._volume_labels("create", spec.name), spec.sandbox_id)
+            if problem is not None:
+                raise problem
         except ContainerMissing:
             # Created here rather than left to the container's mount, which
             # would make it too, but without the labels.
@@ -185,19 +189,24 @@ class DockerDriver:
         self._call("stop", api.stop, container_name(sandbox), timeout=max(0, round(timeout)))
         return self._info(self._call("stop", api.inspect_container, container_name(sandbox)))
 
-    def delete(self, sandbox: str) -> str:
+    def delete(self, sandbox: str, sandbox_id: str = "") -> str:
         container_id = ""
         try:
             container = self._get("delete", sandbox)
-            container_id = container.id
-            self._call("delete", container.remove, force=True)
+            if owned_by(container.attrs.get("Config", {}).get("Labels"), sandbox_id):
+                container_id = container.id
+                self._call("delete", container.remove, force=True)
         except ContainerMissing:
             pass
         try:
-            self._call("delete", self._docker("delete").api.remove_volume, volume_name(sandbox), force=True)
+            if owned_by(self._volume_labels("delete", sandbox), sandbox_id):
+                self._call("delete", self._docker("delete").api.remove_volume, volume_name(sandbox), force=True)
         except ContainerMissing:
             pass
         return container_id
+
+    def _volume_labels(self, operation: str, sandbox: str) -> dict[str, str] | None:
+        return self._call(operation, self._docker(operation).api.inspect_volume, volume_name(sandbox)).get("Labels")
 
     def list_managed(self) -> list[ContainerInfo]:
         containers = self._call(

@@ -23,7 +23,9 @@ from drivers.base import (
     EngineEvent,
     SandboxSpec,
     container_name,
+    foreign_workspace,
     labels_for,
+    owned_by,
     volume_name,
 )
 
@@ -105,7 +107,11 @@ class PodmanDriver:
             return existing
         labels = labels_for(spec.name, spec.sandbox_id, spec.labels)
         volume = volume_name(spec.name)
-        if not self._call("create", self.client.volumes.exists, volume):
+        try:
+            problem = foreign_workspace(volume, self._volume_labels("create", spec.name), spec.sandbox_id)
+            if problem is not None:
+                raise problem
+        except ContainerMissing:
             self._call("create", self.client.volumes.create, volume, labels=labels)
         kwargs: dict[str, Any] = {
             "name": container_name(spec.name),
@@ -138,19 +144,25 @@ class PodmanDriver:
         self._call("stop", container.reload)
         return self._info(container.attrs)
 
-    def delete(self, sandbox: str) -> str:
+    def delete(self, sandbox: str, sandbox_id: str = "") -> str:
         container_id = ""
         try:
             container = self._get("delete", sandbox)
-            container_id = container.id
-            self._call("delete", container.remove, force=True)
+            if owned_by(container.attrs.get("Config", {}).get("Labels"), sandbox_id):
+                container_id = container.id
+                self._call("delete", container.remove, force=True)
         except ContainerMissing:
             pass
         try:
-            self._call("delete", self.client.volumes.remove, volume_name(sandbox), force=True)
+            if owned_by(self._volume_labels("delete", sandbox), sandbox_id):
+                self._call("delete", self.client.volumes.remove, volume_name(sandbox), force=True)
         except ContainerMissing:
             pass
         return container_id
+
+    def _volume_labels(self, operation: str, sandbox: str) -> dict[str, str] | None:
+        volume = self._call(operation, self.client.volumes.get, volume_name(sandbox))
+        return volume.attrs.get("Labels")
 
     def list_managed(self) -> list[ContainerInfo]:
         containers = self._call("list", self.client.containers.list, all=True, filters={"label": f"{MANAGED}=true"})

@@ -18,6 +18,10 @@ class _Fact(msgspec.Struct, kw_only=True, omit_defaults=True):
     # The sandbox id from the container's labels: a fact about a container of an
     # earlier sandbox that had the same name must not move the new one.
     sandbox_id: str = ""
+    # The id of the log event (the work order: created, start or stop requested, ...) this fact
+    # answers; empty for what a watcher or a reconciliation observed. An answer is news about
+    # the engine after the request; an observation may be a late copy of something older.
+    request_id: str = ""
     TYPE: ClassVar[str] = ""
 
 
@@ -39,6 +43,10 @@ class ContainerExited(_Fact):
 
 
 class ContainerRemoved(_Fact):
+    # True only from sandboxctl's own delete, once the workspace volume is gone too. A removal
+    # seen by a watcher says nothing about the volume: taking it as the end of a delete would
+    # free the name while the old workspace is still being removed, by name, under a new sandbox.
+    workspace_removed: bool = False
     TYPE: ClassVar[str] = "sandboxctl.fact.container_removed.v1"
 
 

@@ -38,7 +38,17 @@ from events.facts import (
     Fact,
 )
 from events.lifecycle import SandboxCreated, SandboxDeleteRequested, SandboxStartRequested, SandboxStopRequested
-from services.log import MAX_DELIVER, DecodeError, dead_letter, decode_event, ensure_streams, publish_fact, retry_delay
+from services.audit import events as log_events
+from services.log import (
+    MAX_DELIVER,
+    DecodeError,
+    dead_letter,
+    decode_event,
+    ensure_streams,
+    last_subject_seq,
+    publish_fact,
+    retry_delay,
+)
 from services.snapshot import load_states
 from services.tail import fetch, reraise_if_cancelling
 from statemachine import Phase, SandboxState
@@ -69,10 +79,10 @@ def exited(info: ContainerInfo, requested: bool) -> tuple[str, Fact]:
     )
 
 
-def removed(container_id: str, sandbox_id: str, fallback_id: str) -> tuple[str, Fact]:
+def removed(container_id: str, sandbox_id: str, fallback_id: str, workspace: bool = False) -> tuple[str, Fact]:
     return (
         f"{container_id or fallback_id}:removed",
-        ContainerRemoved(container_id=container_id, sandbox_id=sandbox_id),
+        ContainerRemoved(container_id=container_id, sandbox_id=sandbox_id, workspace_removed=workspace),
     )
 
 
@@ -107,6 +117,9 @@ class DriverWorker:
         self._queues: dict[str, asyncio.Queue[Msg]] = {}
         self._runners: dict[str, asyncio.Task[None]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        # The log position of the latest create seen per name: a stop or start queued before
+        # it is of an older sandbox of that name and must not touch the new one's container.
+        self._created_at: dict[str, int] = {}
         # Work orders share the engine's parallelism; deletes, the watcher and
         # reconciliation run on threads beside them (at most 256 in all).
         self._slots = asyncio.Semaphore(max_parallel or driver.parallelism)
@@ -171,6 +184,9 @@ class DriverWorker:
 
     def _enqueue(self, msg: Msg) -> None:
         name = subjects.name_of(msg.subject)
+        if b".created." in msg.data:
+            seq = msg.metadata.sequence.stream
+            self._created_at[name] = max(seq, self._created_at.get(name, 0))
         if b".delete_requested." in msg.data:
             # A delete force-removes, so it need not wait behind a stop or start that
             # hangs in the engine: that is how a user gets out of a stuck sandbox.
@@ -208,7 +224,7 @@ class DriverWorker:
             await dead_letter(self.js, self.consumer, msg, f"unreadable log entry: {exc}")
             return
         event = envelope.data
-        if getattr(event, "driver", None) != self.driver.name:
+        if getattr(event, "driver", None) != self.driver.name or await self._superseded(msg, event):
             await msg.ack()
             return
         keepalive = asyncio.create_task(self._in_progress(msg))
@@ -217,6 +233,7 @@ class DriverWorker:
             # Keyed by the work order, not the container run: a start of a container
             # that is still running reports the same run as before, and is still news.
             for index, (_, fact) in enumerate(facts):
+                fact.request_id = envelope.id  # an answer to this work order, not an observation
                 await self.report(envelope.subject, f"{envelope.id}:fact:{index}", fact, cause=envelope)
         except Exception as exc:
             deliveries = msg.metadata.num_delivered
@@ -238,6 +255,27 @@ class DriverWorker:
         finally:
             keepalive.cancel()
         await msg.ack()
+
+    async def _superseded(self, msg: Msg, event: Any) -> bool:
+        """Whether a stop or start belongs to an older sandbox of its name, re-created since.
+
+        Containers are addressed by name, so such an order would act on the new sandbox's
+        container. A create after the order's position, seen by this worker or (for a
+        redelivery, which may come before the create it missed) found in the log, says so.
+        Deletes are fenced by the driver instead (by the sandbox id label)."""
+        if not isinstance(event, SandboxStopRequested | SandboxStartRequested):
+            return False
+        name, seq = subjects.name_of(msg.subject), msg.metadata.sequence.stream
+        if self._created_at.get(name, 0) <= seq and msg.metadata.num_delivered > 1:
+            if await last_subject_seq(self.js, name) > seq:
+                async for later, envelope, _ in log_events(self.js, name, start=seq + 1):
+                    if isinstance(envelope, Envelope) and isinstance(envelope.data, SandboxCreated):
+                        self._created_at[name] = max(later, self._created_at.get(name, 0))
+                        break
+        if self._created_at.get(name, 0) > seq:
+            log.warning("%s: %s on %s is of an earlier sandbox of that name; skipped", self.consumer, event, name)
+            return True
+        return False
 
     @staticmethod
     async def _in_progress(msg: Msg) -> None:
@@ -271,7 +309,9 @@ class DriverWorker:
             elif isinstance(event, SandboxStartRequested):
                 facts.append(started(await run(self.driver.start, name)))
             elif isinstance(event, SandboxDeleteRequested):
-                facts.append(removed(await run(self.driver.delete, name), sandbox_id, envelope.id))
+                # The only report that ends a delete: container and workspace are both gone.
+                container_id = await run(self.driver.delete, name, sandbox_id)
+                facts.append(removed(container_id, sandbox_id, envelope.id, workspace=True))
         except ContainerMissing:
             facts.append(removed("", sandbox_id, envelope.id))
         except DriverError as exc:
@@ -308,23 +348,32 @@ class DriverWorker:
             by_name.setdefault(info.sandbox, []).append(info)
         for name, state in states.items():
             infos = by_name.pop(name, [])
-            mine = [i for i in infos if i.sandbox_id == state.sandbox_id and state.driver == self.driver.name]
-            for info in infos:
-                if info not in mine:
-                    await self._orphan(info, f"it belongs to no live sandbox {name} on {self.driver.name}")
-            if state.driver != self.driver.name:
-                continue
-            if state.phase is Phase.DELETED:
-                for info in mine:
-                    await self._orphan(info, f"sandbox {name} is Deleted")
+            if state.phase is Phase.DELETED and not infos:
                 continue
             async with self._lock(name):
+                # The snapshot and the listing took time: if the log has moved on for this name
+                # (a delete completed, the name created again), acting on the old phase would
+                # hit the new sandbox's container. The move's own work order settles it.
+                if await last_subject_seq(self.js, name) != state.seq:
+                    continue
+                mine = [i for i in infos if i.sandbox_id == state.sandbox_id and state.driver == self.driver.name]
+                for info in infos:
+                    if info not in mine:
+                        await self._orphan(info, f"it belongs to no live sandbox {name} on {self.driver.name}")
+                if state.driver != self.driver.name:
+                    continue
+                if state.phase is Phase.DELETED:
+                    for info in mine:
+                        await self._orphan(info, f"sandbox {name} is Deleted")
+                    continue
                 facts = await self._settle(state, mine[0] if mine else None)
-            # Keyed by the log position it was decided at: a fact the engine reported
-            # long ago (this run's start) may be the news now, after a failure in between.
-            for index, (_, fact) in enumerate(facts):
-                await self.report(name, f"{state.sandbox_id}:{state.seq}:reconcile:{index}", fact)
-        for infos in by_name.values():
+                # Keyed by the log position it was decided at: a fact the engine reported
+                # long ago (this run's start) may be the news now, after a failure in between.
+                for index, (_, fact) in enumerate(facts):
+                    await self.report(name, f"{state.sandbox_id}:{state.seq}:reconcile:{index}", fact)
+        for name, infos in by_name.items():
+            if await last_subject_seq(self.js, name):
+                continue  # created since the snapshot: not an orphan
             for info in infos:
                 await self._orphan(info, "no sandbox of that name is in the log")
         self.reconciliations += 1
@@ -336,7 +385,8 @@ class DriverWorker:
         run = self._run
         try:
             if phase is Phase.DELETING:
-                return [removed(await run(self.driver.delete, name), state.sandbox_id, fact_id)]
+                container_id = await run(self.driver.delete, name, state.sandbox_id)
+                return [removed(container_id, state.sandbox_id, fact_id, workspace=True)]
             if info is None:
                 # A missing container while Provisioning is the create work order's to make.
                 return [] if phase is Phase.PROVISIONING else [removed("", state.sandbox_id, fact_id)]

@@ -117,6 +117,9 @@ def react(state: SandboxState | None, fact: Fact) -> list[LifecycleEvent]:
         # A run that was stopped, or replaced by a later one, never comes back: a report of it
         # that arrives late (a watcher's copy, a reconciliation decided on an older snapshot)
         # must not move the sandbox. Runs are ordered by the engine's start time.
+        answer = bool(fact.request_id) and fact.request_id == state.request_id
+        if _has_ended(state, fact.incarnation) and not answer:
+            return []
         if phase in (Phase.PROVISIONING, Phase.STARTING):
             return [SandboxReady(incarnation=fact.incarnation)]
         if phase is Phase.ERROR and not started_before(fact.incarnation, state.incarnation):
@@ -137,7 +140,8 @@ def react(state: SandboxState | None, fact: Fact) -> list[LifecycleEvent]:
         return []
     if isinstance(fact, ContainerRemoved):
         if phase is Phase.DELETING:
-            return [SandboxDeleted()]
+            # Only the delete's own report ends it: the workspace must be gone before the name is free.
+            return [SandboxDeleted()] if fact.workspace_removed else []
         return _fail(state, SandboxFailed(kind=BACKEND_MISSING, reason=BACKEND_MISSING))
     if isinstance(fact, DriverFailed):
         reason = f"{fact.operation} failed: {fact.message}"
@@ -170,6 +174,11 @@ def started_before(earlier: str, later: str) -> bool:
     return _run_key(earlier) < _run_key(later)
 
 
+def _has_ended(state: SandboxState, incarnation: str) -> bool:
+    """Whether run ``incarnation`` is the run known to have ended, or older than it."""
+    return bool(state.ended and incarnation) and not started_before(state.ended, incarnation)
+
+
 def _fail(state: SandboxState, event: SandboxFailed) -> list[LifecycleEvent]:
     # The same failure seen again (a watcher's copy, a second reconciliation) is already recorded.
     if state.phase is Phase.ERROR and state.last_error == event.reason:
@@ -190,6 +199,7 @@ def evolve(state: SandboxState | None, envelope: Envelope, seq: int = 0) -> Sand
             driver=event.driver,
             seq=seq,
             since=envelope.time.timestamp(),
+            request_id=envelope.id,
         )
     assert state is not None
     changes: dict[str, object] = {"phase": phase, "seq": seq or state.seq}
@@ -200,8 +210,13 @@ def evolve(state: SandboxState | None, envelope: Envelope, seq: int = 0) -> Sand
         changes["last_error"] = ""
     elif isinstance(event, SandboxFailed):
         changes["last_error"] = event.reason
+        if event.kind == "exited":
+            changes["ended"] = state.incarnation or state.ended
     elif isinstance(event, SandboxStopped):
         changes["last_error"] = ""
+        changes["ended"] = state.incarnation or state.ended
+    elif isinstance(event, SandboxStopRequested | SandboxStartRequested | SandboxDeleteRequested):
+        changes["request_id"] = envelope.id
     return msgspec.structs.replace(state, **changes)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from events import (
@@ -20,7 +21,13 @@ from events import (
     now,
 )
 from events.envelope import type_name
-from events.lifecycle import SandboxFailed, SandboxReady, SandboxStopped, SandboxStopRequested
+from events.lifecycle import (
+    SandboxFailed,
+    SandboxReady,
+    SandboxStartRequested,
+    SandboxStopped,
+    SandboxStopRequested,
+)
 from events.replies import ErrorCode
 from statemachine import BACKEND_MISSING, IllegalTransition, Phase, Rejection, SandboxState, decide, evolve, react
 from statemachine.machine import MACHINE
@@ -145,7 +152,10 @@ def test_failures_and_removals() -> None:
     assert evolve(state(Phase.STOPPING), env(failed)).phase is Phase.ERROR
     (gone,) = react(state(Phase.STOPPED), ContainerRemoved())
     assert isinstance(gone, SandboxFailed) and gone.reason == "backend_missing"
-    assert [type(e).__name__ for e in react(state(Phase.DELETING), ContainerRemoved())] == ["SandboxDeleted"]
+    # Only the delete's own report (workspace gone too) ends Deleting; a watcher's sighting does not.
+    assert react(state(Phase.DELETING), ContainerRemoved()) == []
+    deleted = react(state(Phase.DELETING), ContainerRemoved(workspace_removed=True))
+    assert [type(e).__name__ for e in deleted] == ["SandboxDeleted"]
     assert react(state(Phase.PROVISIONING), ContainerCreated()) == []
     assert react(state(Phase.DELETED), DriverFailed(operation="x", message="y")) == []
 
@@ -221,3 +231,51 @@ def test_a_late_report_of_an_older_run_never_moves_the_sandbox() -> None:
     # Error: a failure may not have stopped the run, so the same run still running is Ready.
     assert react(state(Phase.ERROR, incarnation=new), ContainerStarted(incarnation=new))
     assert react(state(Phase.ERROR, incarnation=new), ContainerStarted(incarnation=old)) == []
+
+
+def test_a_run_that_ended_never_makes_the_sandbox_ready_again() -> None:
+    """The race suite's late watcher copy: run-1 stopped, a start won, and run-1's own
+    ContainerStarted arrives while Starting. It must wait for the new run."""
+    old, new = "2026-11-29T08:20:09.100Z", "2026-11-29T08:20:11.200Z"
+    stopping = evolve(
+        state(Phase.READY, incarnation=old), env(SandboxStopRequested(sandbox_id="id-1", driver="podman")), seq=8
+    )
+    stopped = evolve(stopping, env(SandboxStopped(exit_code=0)), seq=9)
+    assert stopped.ended == old
+    starting = msgspec.structs.replace(stopped, phase=Phase.STARTING)
+    assert react(starting, ContainerStarted(incarnation=old)) == []
+    (ready,) = react(starting, ContainerStarted(incarnation=new))
+    assert ready.incarnation == new
+
+    crashed = evolve(state(Phase.READY, incarnation=old), env(SandboxFailed(kind="exited", reason="exit 1")), seq=8)
+    assert crashed.ended == old
+    assert react(crashed, ContainerStarted(incarnation=old)) == []
+    assert react(msgspec.structs.replace(crashed, phase=Phase.STARTING), ContainerStarted(incarnation=old)) == []
+    assert react(crashed, ContainerStarted(incarnation=new))
+
+    # A driver failure leaves the run alive: starting it again may report that very run.
+    broken = evolve(state(Phase.READY, incarnation=old), env(SandboxFailed(kind="driver", reason="stop failed")), seq=8)
+    assert broken.ended == ""
+    assert react(msgspec.structs.replace(broken, phase=Phase.STARTING), ContainerStarted(incarnation=old))
+
+
+def test_the_answer_to_a_start_may_name_a_run_recorded_as_ended() -> None:
+    """A failure recorded for a run that is in fact still up (an old writer, a lost race): the
+    start work order's own report, made after the request, is the truth and ends Starting;
+    the same report observed by a watcher may be a late copy and moves nothing."""
+    run = "2026-11-29T08:20:09.100Z"
+    failed = evolve(state(Phase.READY, incarnation=run), env(SandboxFailed(kind="exited", reason="exit 3")), seq=8)
+    start = Envelope(
+        id="req-9",
+        type=type_name(SandboxStartRequested),
+        source="test",
+        subject="box",
+        time=now(),
+        data=SandboxStartRequested(sandbox_id="id-1", driver="podman"),
+    )
+    starting = evolve(failed, start, seq=9)
+    assert starting.request_id == "req-9"
+    assert react(starting, ContainerStarted(incarnation=run)) == []
+    assert react(starting, ContainerStarted(incarnation=run, request_id="req-1")) == []
+    (ready,) = react(starting, ContainerStarted(incarnation=run, request_id="req-9"))
+    assert ready.incarnation == run

@@ -14,7 +14,7 @@ Round kinds, each three commands at one sandbox:
   (from Stopped), so the doubled verb also races itself;
 - delete vs start: ``delete, start, start``.
 
-Every lane runs, twice, with a fresh sandbox name each time, a program of
+Every lane runs, twice, on one sandbox name (created again after its delete), a program of
 *settled* rounds, fired once the sandbox is in a phase without engine work
 pending: double create, five stop vs start, delete vs start. Each settled
 round is followed at once, without waiting for the engine, by FOLLOW_UPS
@@ -32,9 +32,8 @@ whichever instance it reaches must already see the win.
 Counts: 20 lanes x 2 sandboxes x 7 settled rounds = 280 (40 double create,
 200 stop vs start, 40 delete vs start), each followed by 3 follow-ups (120
 double create, 720 stop vs start): 1,120 rounds, 3,360 commands plus the
-chasers; at least 1,000 rounds are required. Double creates are always of a
-name never used: creating a name again right after its delete loses the new
-sandbox's container (a known bug, pinned by the xfails at the bottom).
+chasers; at least 1,000 rounds are required. A lane's second sandbox reuses
+its first one's name, created again the moment the delete is done.
 
 Checked, from the replies and the log after all rounds:
 
@@ -53,15 +52,14 @@ Checked, from the replies and the log after all rounds:
 - ``services.audit.verify`` finds no violation, no sandbox failed, and every
   sandbox's chain ends Deleted.
 
-Strict xfails at the bottom pin the product bugs these races hit under load:
-a name deleted and at once created again can lose its new container (to the
-old delete's volume removal, or to a reconciliation), and a late fact of an
-earlier run can make a Starting sandbox Ready on that dead run and then fail
-it. The last one still strikes the races now and then; it is recognised by its
-signature (a Ready naming a run that had already exited, and the failure right
-after it), counted in the figures, and does not fail the test; the lane goes on
-with ``start`` from Error. Any other failure fails the test with the sandbox's
-log events and driver facts.
+- no Ready names a run that had already stopped or exited.
+
+Any failure fails the test with the troubled sandboxes' log events and driver
+facts. The tests at the bottom pin, deterministically, the product bugs these
+races found under load (all fixed): a name deleted and at once created again
+lost its new container (to the old delete's volume removal, or to a
+reconciliation), and a late fact of an earlier run made a Starting sandbox
+Ready on that dead run, then failed it.
 """
 
 from __future__ import annotations
@@ -90,7 +88,7 @@ from events import subjects
 from events.envelope import Envelope, now, type_name
 from events.facts import ContainerExited, ContainerStarted
 from services import audit
-from services.client import SandboxClient
+from services.client import AlreadyExists, SandboxClient
 from services.config import Config
 from services.embedded import ControlPlane
 from services.log import decode_fact, publish_fact
@@ -442,13 +440,9 @@ class Chain:
     def first_after(self, seq: int) -> int | None:
         return next((s for s in self.seqs if s > seq), None)
 
-    def event_before(self, seq: int) -> int | None:
-        index = self.seqs.index(seq)
-        return self.seqs[index - 1] if index else None
-
     def ready_on_an_exited_run(self) -> list[int]:
-        """Ready events naming a run (incarnation) that had already stopped or exited: the known
-        bug of late facts (test_known_bug_late_facts_of_an_earlier_run_move_nothing)."""
+        """Ready events naming a run (incarnation) that had already stopped or exited: the bug of
+        late facts (test_late_facts_of_an_earlier_run_move_nothing)."""
         exited: set[str] = set()
         current = ""
         found = []
@@ -619,8 +613,8 @@ async def test_conflicting_commands_from_several_processes_have_one_winner_per_l
     fleet = await Fleet.start(config.nats_url, PROCESSES)
     sweeps = sum(w.reconciliations for w in plane.workers)
     races = Races(plane, fleet, image)
-    lanes = [[names.new("race") for _ in range(SANDBOXES_PER_LANE)] for _ in range(LANES)]
-    sandboxes = [name for lane in lanes for name in lane]
+    lanes = [[names.new("race")] * SANDBOXES_PER_LANE for _ in range(LANES)]
+    sandboxes = sorted({name for lane in lanes for name in lane})
     try:
         await asyncio.gather(*(races.lane(lane) for lane in lanes))
     finally:
@@ -647,12 +641,15 @@ async def test_conflicting_commands_from_several_processes_have_one_winner_per_l
         check_round(round_, chains.setdefault(round_.name, Chain()), tally, claimed)
     assert tally.problems == [], "\n".join(tally.problems[:20])
     assert violations == [], violations[:10]
-    dead_runs = {seq for chain in chains.values() for seq in chain.ready_on_an_exited_run()}
-    known = [f for f in failures if chains[f[1]].event_before(f[0]) in dead_runs]
-    failures = [f for f in failures if f not in known]
-    if failures or races.stuck:
-        told = [await story(js, name) for name in sorted({f[1] for f in failures} | set(races.stuck))[:3]]
-        pytest.fail(f"failed: {failures[:10]}; stuck: {races.stuck}\n" + "\n\n".join(told))
+    dead_runs = {name: seqs for name, chain in chains.items() if (seqs := chain.ready_on_an_exited_run())}
+    if failures or races.stuck or dead_runs:
+        told = [
+            await story(js, name) for name in sorted({f[1] for f in failures} | set(races.stuck) | set(dead_runs))[:3]
+        ]
+        pytest.fail(
+            f"failed: {failures[:10]}; stuck: {races.stuck}; Ready on a run that had ended: {dead_runs}\n"
+            + "\n\n".join(told)
+        )
     assert set(chains) == set(sandboxes), f"never created: {sorted(set(sandboxes) - set(chains))}"
     for name in sandboxes:
         assert chains[name].phases[-1] == "Deleted", f"{name} ended {chains[name].phases[-1]}"
@@ -662,13 +659,7 @@ async def test_conflicting_commands_from_several_processes_have_one_winner_per_l
     caused = [(e.causationid, seq) for c in chains.values() for seq, e in c.events.items() if e.causationid in ours]
     assert sorted(seq for _, seq in caused) == sorted(claimed), "log and winning replies disagree"
     assert {cid: seq for cid, seq in caused} == {cid: seq for seq, cid in claimed.items()}
-    tolerated = {seq for seq, _, _ in known}
-    others = {
-        event_kind(e.type)
-        for c in chains.values()
-        for seq, e in c.events.items()
-        if e.causationid not in ours and seq not in tolerated
-    }
+    others = {event_kind(e.type) for c in chains.values() for e in c.events.values() if e.causationid not in ours}
     assert others <= {"ready", "stopped", "deleted"}, others
 
     rounds = races.rounds
@@ -694,64 +685,78 @@ async def test_conflicting_commands_from_several_processes_have_one_winner_per_l
         f"{sum(guard_conflicts.values())} appends refused by the sequence guard; commands handled "
         f"plane {handled['plane']}, twin {handled['twin']}; {PROCESSES} processes fired within "
         f"{statistics.median(spread) * 1000:.1f} ms (median), {spread[len(spread) * 95 // 100] * 1000:.1f} ms (p95); "
-        f"log {count} events; {len(sandboxes)} sandboxes; "
+        f"log {count} events; {LANES * SANDBOXES_PER_LANE} sandboxes on {len(sandboxes)} names; "
         f"{sum(w.reconciliations for w in plane.workers) - sweeps} engine reconciliations during the races; "
-        f"known bug hits: {len(dead_runs)} Ready on an exited run ({len(known)} failed after it); {ran:.1f}s"
+        f"{ran:.1f}s"
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a removal seen by the watcher makes the sandbox Deleted while the delete work order is still "
-    "removing by name; the name's next sandbox loses its volume and container (backend_missing)",
-)
-async def test_known_bug_a_name_created_again_right_after_delete_keeps_its_container(
+async def test_a_name_created_again_right_after_delete_keeps_its_container(
     plane: ControlPlane, client: SandboxClient, names, image: str, engines, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Seen once in the races above under heavy load; made deterministic with a slow engine: the
-    old sandbox's volume removal (``volume rm --force``, by name) is held until the next sandbox
-    of the name is Ready. Nothing is faked: real podman does every step."""
+    """Seen once in the races above under heavy load: the watcher saw the old container go and
+    its removal made the sandbox Deleted while the delete work order was still removing the
+    workspace by name, so the name's next sandbox lost its volume and container. Now only the
+    delete's own report, once the workspace is gone too, ends a delete; and a delete removes
+    only what carries its sandbox id. Made deterministic with a slow engine: the old sandbox's
+    volume removal is held until the watcher's removal report has been taken by the state
+    machine. Nothing is faked: real podman does every step."""
     name = names.new("reuse")
     await client.create(name, image, command=SLEEPER, command_id=f"{name}-first")
     await client.wait_for(name, "Ready")
     states = plane.statemachine.states
-    volumes = next(w for w in plane.workers if w.driver.name == "podman").driver.client.volumes
+    js = plane.statemachine.js
+    driver = next(w for w in plane.workers if w.driver.name == "podman").driver
+    volumes = driver.client.volumes
     real_remove = volumes.remove
-    removed = threading.Event()
+    holding, release = threading.Event(), threading.Event()
 
     def slow_remove(*args: Any, **kwargs: Any) -> Any:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            state = states.get(name)
-            if state is not None and state.sandbox_id == f"{name}-second" and state.phase.value == "Ready":
-                break
-            time.sleep(0.02)
-        try:
-            return real_remove(*args, **kwargs)
-        finally:
-            removed.set()
+        holding.set()
+        release.wait(30)
+        return real_remove(*args, **kwargs)
 
     monkeypatch.setattr(volumes, "remove", slow_remove)
     await client.delete(name)
-    await client.wait_for(name, "Deleted")  # reached through the watcher, before the delete work order ends
+    assert await asyncio.to_thread(holding.wait, 30)  # the container is gone, the workspace not yet
+    watcher_seq = 0
+    for _ in range(400):  # up to 20 s for the watcher's removal report, then for the state machine to take it
+        if not watcher_seq:
+            tail = Tail(js, subjects.FACTS_STREAM, subjects.fact(name), 1, batch=100)
+            end = await tail.last_seq()
+            try:
+                async for batch in tail.batches():
+                    for msg in batch:
+                        fact = decode_fact(msg.data)
+                        if event_kind(fact.type) == "container_removed" and not fact.causationid:
+                            watcher_seq = msg.metadata.sequence.stream
+                    if tail.next_seq > end:
+                        break
+            finally:
+                await tail.close()
+        else:
+            info = await js.consumer_info(subjects.FACTS_STREAM, FACTS_CONSUMER)
+            if info.ack_floor is not None and (info.ack_floor.stream_seq or 0) >= watcher_seq:
+                break
+        await asyncio.sleep(0.05)
+    assert watcher_seq, "the watcher never reported the container's removal"
+    assert states[name].phase.value == "Deleting", "a watcher's removal ended the delete before the workspace went"
+    with pytest.raises(AlreadyExists, match="Deleting"):
+        await client.create(name, image, command=SLEEPER, command_id=f"{name}-too-early")
+
+    release.set()
+    await client.wait_for(name, "Deleted")
+    assert not engines["podman"].volume_exists(name)
     second = await client.create(name, image, command=SLEEPER, command_id=f"{name}-second")
     await client.wait_for(name, "Ready", second.seq)
-    assert await asyncio.to_thread(removed.wait, 30)
-    for _ in range(200):  # up to 10 s for the watcher to report what the late removal did
-        if states[name].phase.value != "Ready":
-            break
-        await asyncio.sleep(0.05)
+    # The old delete, delivered again (at least once), must leave the new sandbox alone.
+    assert driver.delete(name, f"{name}-first") == ""
     state = states[name]
     assert (state.sandbox_id, state.phase.value, state.last_error) == (f"{name}-second", "Ready", "")
-    assert engines["podman"].container_exists(name)
+    assert engines["podman"].container_exists(name) and engines["podman"].volume_exists(name)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: reconciliation acts by name on a phase it read before a slow engine listing; it deletes the "
-    "container of the name's next sandbox (backend_missing)",
-)
-async def test_known_bug_reconciliation_does_not_act_on_a_phase_that_has_passed(
+async def test_reconciliation_does_not_act_on_a_phase_that_has_passed(
     plane: ControlPlane, client: SandboxClient, names, image: str, engines, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Seen in the races under load (facts ``<old id>:<seq>:reconcile:0`` removing the new container);
@@ -780,9 +785,9 @@ async def test_known_bug_reconciliation_does_not_act_on_a_phase_that_has_passed(
         snapshot.set()
         return states_read
 
-    def delete(sandbox: str) -> str:
+    def delete(sandbox: str, sandbox_id: str = "") -> str:
         snapshot.wait(10)  # the delete work order lets the sweep read the log first
-        return real_delete(sandbox)
+        return real_delete(sandbox, sandbox_id)
 
     def list_managed() -> Any:
         next_sandbox_ready()
@@ -806,18 +811,14 @@ async def test_known_bug_reconciliation_does_not_act_on_a_phase_that_has_passed(
     assert engines["podman"].container_exists(name)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a late copy of an earlier run's ContainerStarted, applied while Starting, makes the sandbox Ready "
-    "on that dead run, and the run's late exit then fails it",
-)
-async def test_known_bug_late_facts_of_an_earlier_run_move_nothing(
+async def test_late_facts_of_an_earlier_run_move_nothing(
     plane: ControlPlane, client: SandboxClient, names, image: str, engines, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Seen in the races (twin state machines, load): the watcher's ``container_started`` of run I1,
     published while Stopping, was applied only after the stop completed and a start won, so in
     Starting it read as the new run: Ready on I1; then I1's ``container_exited`` failed the sandbox.
-    Made deterministic by holding the engine's start and publishing the watcher's two late copies
+    Fixed by recording the run that ended (``SandboxState.ended``). Made deterministic by holding
+    the engine's start and publishing the watcher's two late copies
     (new fact ids, same content) while the sandbox is Starting."""
     name = names.new("late")
     await client.create(name, image, command=SLEEPER)
