@@ -23,6 +23,7 @@ import pytest
 from nats.js.api import ConsumerConfig, StreamConfig
 
 from events import subjects
+from events.commands import command_decoder
 from services.auth import READ, WRITE, AuthStore, component_user
 from services.client import Denials, PermissionDenied, SandboxClient
 from services.config import Config
@@ -288,6 +289,38 @@ async def test_no_one_can_speak_for_another_user(
         Figures.refused += 1
     assert await _count(auth_config.nats_url, store, subjects.AUDIT_STREAM) == audited
     assert await _count(auth_config.nats_url, store, subjects.LOG_STREAM) == logged
+    # A reader's push consumer may name any deliver subject (JetStream does not check it against the
+    # reader's permissions), even another user's command subject: what arrives there is a log envelope,
+    # never a command, so it is refused as malformed and acts for no one (docs/security.md).
+    watcher = await nats.connect(
+        auth_config.nats_url, **store.credentials(component_user("statemachine")).connect_options()
+    )
+    reader = await Raw.connect(auth_config.nats_url, store, "reader")
+    assert (await writer.create(sandbox, "localhost/no-such-image:latest")).accepted  # something in the log
+    audited = await _count(auth_config.nats_url, store, subjects.AUDIT_STREAM)
+    try:
+        seen: list[bytes] = []
+
+        async def note(msg: Any) -> None:
+            seen.append(msg.data)
+
+        await watcher.subscribe(subjects.command("stop", ADMIN_USER), cb=note)
+        await watcher.flush()
+        config = {"deliver_subject": subjects.command("stop", ADMIN_USER), "ack_policy": "none"}
+        request = {"stream_name": subjects.LOG_STREAM, "config": {**config, "deliver_policy": "all"}}
+        await reader.nc.request(
+            f"$JS.API.CONSUMER.CREATE.{subjects.LOG_STREAM}", json.dumps(request).encode(), timeout=2
+        )
+        await asyncio.sleep(1)
+        for data in seen:
+            with pytest.raises(msgspec.ValidationError):
+                command_decoder.decode(data)
+            reply = await auth_plane.statemachine.handle(subjects.command("stop", ADMIN_USER), data)
+            assert reply.error is not None and reply.error.code == "invalid_argument"
+    finally:
+        await reader.nc.close()
+        await watcher.close()
+    assert await _count(auth_config.nats_url, store, subjects.AUDIT_STREAM) == audited
     # were a command on the plain subject to reach the state machine, it would refuse it as well
     reply = await auth_plane.statemachine.handle(subjects.command("create"), payload)
     assert reply.error is not None and reply.error.code == "permission_denied", reply
