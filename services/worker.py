@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -56,6 +57,19 @@ from statemachine import Phase, SandboxState
 log = logging.getLogger(__name__)
 
 Facts = list[tuple[str, Fact]]
+
+WORK_ACK_WAIT = 15.0  # seconds before an order not acknowledged nor kept alive is delivered again
+
+
+_TYPE = re.compile(rb'"type":"([^"]*)"')
+_REQUEST = re.compile(r"sandboxctl\.sandbox\.(created|\w+_requested)\.v\d+")
+
+
+def _is_request(data: bytes) -> bool:
+    """Whether a log entry is a request that gives the driver work, read from its JSON without
+    decoding it: the envelope's ``type`` is its first ``"type"`` key."""
+    found = _TYPE.search(data)
+    return found is not None and _REQUEST.fullmatch(found.group(1).decode()) is not None
 
 
 def started(info: ContainerInfo) -> tuple[str, Fact]:
@@ -117,9 +131,12 @@ class DriverWorker:
         self._queues: dict[str, asyncio.Queue[Msg]] = {}
         self._runners: dict[str, asyncio.Task[None]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        # The log position of the latest create seen per name: a stop or start queued before
-        # it is of an older sandbox of that name and must not touch the new one's container.
-        self._created_at: dict[str, int] = {}
+        # The log position of the latest request (create, stop, start, delete) seen per name:
+        # an order before it is superseded (see _superseded).
+        self._latest_request: dict[str, int] = {}
+        # Orders received and not yet acknowledged, by stream sequence: kept alive while they
+        # wait their turn, and a redelivery of one still in hand is not run twice.
+        self._held: dict[int, Msg] = {}
         # Work orders share the engine's parallelism; deletes, the watcher and
         # reconciliation run on threads beside them (at most 256 in all).
         self._slots = asyncio.Semaphore(max_parallel or driver.parallelism)
@@ -132,6 +149,7 @@ class DriverWorker:
         await ensure_streams(self.js)
         self._tasks.append(asyncio.create_task(self._watch(), name=f"{self.consumer}-watch"))
         self._tasks.append(asyncio.create_task(self._consume(), name=f"{self.consumer}-work"))
+        self._tasks.append(asyncio.create_task(self._keep_alive(), name=f"{self.consumer}-keepalive"))
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -160,7 +178,9 @@ class DriverWorker:
             durable_name=self.consumer,
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
-            ack_wait=300.0,
+            # Short, so that the orders a killed worker held are redelivered soon to the next one;
+            # those still in hand are kept alive (_keep_alive), however long they wait their turn.
+            ack_wait=WORK_ACK_WAIT,
             max_ack_pending=20_000,
             max_deliver=MAX_DELIVER,
             filter_subject=subjects.LOG_ALL,
@@ -184,9 +204,12 @@ class DriverWorker:
 
     def _enqueue(self, msg: Msg) -> None:
         name = subjects.name_of(msg.subject)
-        if b".created." in msg.data:
-            seq = msg.metadata.sequence.stream
-            self._created_at[name] = max(seq, self._created_at.get(name, 0))
+        seq = msg.metadata.sequence.stream
+        if seq in self._held:
+            return  # redelivered while still in hand (a slow engine): the first copy runs
+        self._held[seq] = msg
+        if _is_request(msg.data):
+            self._latest_request[name] = max(seq, self._latest_request.get(name, 0))
         if b".delete_requested." in msg.data:
             # A delete force-removes, so it need not wait behind a stop or start that
             # hangs in the engine: that is how a user gets out of a stuck sandbox.
@@ -218,16 +241,21 @@ class DriverWorker:
 
     async def _handle(self, msg: Msg) -> None:
         try:
+            await self._work(msg)
+        finally:
+            self._held.pop(msg.metadata.sequence.stream, None)
+
+    async def _work(self, msg: Msg) -> None:
+        try:
             envelope = decode_event(msg.data)
         except DecodeError as exc:
             log.error("%s: dead-lettering unreadable log entry: %s", self.consumer, exc)
             await dead_letter(self.js, self.consumer, msg, f"unreadable log entry: {exc}")
             return
         event = envelope.data
-        if getattr(event, "driver", None) != self.driver.name or await self._superseded(msg, event):
+        if getattr(event, "driver", None) != self.driver.name or await self._superseded(msg, envelope):
             await msg.ack()
             return
-        keepalive = asyncio.create_task(self._in_progress(msg))
         try:
             facts = await self.perform(envelope)
             # Keyed by the work order, not the container run: a start of a container
@@ -252,36 +280,43 @@ class DriverWorker:
                 )
                 await msg.nak(delay=retry_delay(deliveries))
             return
-        finally:
-            keepalive.cancel()
         await msg.ack()
 
-    async def _superseded(self, msg: Msg, event: Any) -> bool:
-        """Whether a stop or start belongs to an older sandbox of its name, re-created since.
+    async def _superseded(self, msg: Msg, envelope: Envelope) -> bool:
+        """Whether a later request on the same name has overtaken this work order.
 
-        Containers are addressed by name, so such an order would act on the new sandbox's
-        container. A create after the order's position, seen by this worker or (for a
-        redelivery, which may come before the create it missed) found in the log, says so.
-        Deletes are fenced by the driver instead (by the sandbox id label)."""
-        if not isinstance(event, SandboxStopRequested | SandboxStartRequested):
-            return False
+        Delivery is at least once: an order whose worker died before acknowledging it comes
+        again, possibly after the sandbox has moved on (the stop was done, a start won since,
+        or the sandbox was deleted and its name created again). Containers are addressed by
+        name, so running it then would stop the newer run, or touch the new sandbox. An order
+        is current while no later request is in the log; the requests this worker has seen
+        answer that at once, and a redelivery, which may come before what it missed, asks the log.
+        """
         name, seq = subjects.name_of(msg.subject), msg.metadata.sequence.stream
-        if self._created_at.get(name, 0) <= seq and msg.metadata.num_delivered > 1:
+        if self._latest_request.get(name, 0) <= seq and msg.metadata.num_delivered > 1:
             if await last_subject_seq(self.js, name) > seq:
-                async for later, envelope, _ in log_events(self.js, name, start=seq + 1):
-                    if isinstance(envelope, Envelope) and isinstance(envelope.data, SandboxCreated):
-                        self._created_at[name] = max(later, self._created_at.get(name, 0))
+                async for later, logged, _ in log_events(self.js, name, start=seq + 1):
+                    if isinstance(logged, Envelope) and _REQUEST.fullmatch(logged.type):
+                        self._latest_request[name] = max(later, self._latest_request.get(name, 0))
                         break
-        if self._created_at.get(name, 0) > seq:
-            log.warning("%s: %s on %s is of an earlier sandbox of that name; skipped", self.consumer, event, name)
+        if self._latest_request.get(name, 0) > seq:
+            log.warning(
+                "%s: %s of %s at %d is superseded by a later request; skipped", self.consumer, envelope.type, name, seq
+            )
             return True
         return False
 
-    @staticmethod
-    async def _in_progress(msg: Msg) -> None:
+    async def _keep_alive(self) -> None:
+        """Tell the server every order in hand is being worked on, so none is redelivered while
+        it waits its turn behind the sandbox's earlier orders or the engine's parallelism."""
         while True:
-            await asyncio.sleep(60)
-            await msg.in_progress()
+            await asyncio.sleep(WORK_ACK_WAIT / 3)
+            for msg in list(self._held.values()):
+                try:
+                    await msg.in_progress()
+                except Exception as exc:
+                    reraise_if_cancelling()
+                    log.debug("%s: in-progress for %s: %r", self.consumer, msg.subject, exc)
 
     async def perform(self, envelope: Envelope) -> Facts:
         """Drive the engine for one work order; engine errors become DriverFailed facts."""

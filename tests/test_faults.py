@@ -1,0 +1,404 @@
+"""Fault injection: a mixed workload while services are killed, NATS restarts and the engine goes away.
+
+Every service runs in a process of its own (``sandboxctl serve --only ...``),
+against a nats-server and a ``podman system service`` of this test's own, as
+they would be deployed. While LANES lanes drive at least MIN_COMMANDS commands
+(create, stop, start, delete, and a create again of a deleted name), faults
+come one after another at random moments, in rounds, each kind once a round:
+
+- ``kill -9`` of the state machine, the driver worker, the projector and the
+  query service, each restarted after a random pause;
+- ``kill -9`` of the nats-server, restarted on the same port and data;
+- the engine's service stopped, and brought back after a pause.
+
+A lane reads each sandbox's phase from the log itself (not from the query
+service, which is one of the victims) and sends its next command once the
+sandbox has settled. Once the workload is over and everything is back:
+
+- every command's events are in the log exactly once: no reply claims an
+  append the log lacks (lost), and no command caused two events (duplicated);
+- every sandbox is settled (Ready, Stopped, Error or Deleted) within
+  SETTLE_BOUND seconds, and the engine agrees with the phase;
+- ``services.audit.verify`` finds no violation of the log's invariants;
+- the projection, once caught up, equals a fresh replay of the log, and the
+  query service serves it.
+
+The figures are printed at the end (run with ``-s`` to see them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from nats.js.errors import NotFoundError
+
+from events import subjects
+from services import audit
+from services.client import SandboxClient, SandboxError
+from services.embedded import NatsServer, PodmanService
+from services.log import decode_event
+from services.projection import checkpoint, connect
+from tests.conftest import ROOT, Engine
+
+LANES = 32
+MIN_COMMANDS = 320  # at least 10 per lane
+MIN_FAULT_ROUNDS = 2
+SETTLE_BOUND = 120.0  # seconds for every sandbox to settle once the faults are over
+LANE_WAIT = 150.0  # a lane gives up waiting for one sandbox to settle after this long
+SLEEPER = ["sh", "-c", "trap 'exit 0' TERM; sleep 1000 & wait"]
+SERVICES = ("statemachine", "worker", "projector", "query")
+FAULTS = (*(f"kill -9 {s}" for s in SERVICES), "kill -9 nats-server", "stop the engine")
+SETTLED = frozenset({"Ready", "Stopped", "Error", "Deleted"})
+PHASE_AFTER = {
+    "created": "Provisioning",
+    "ready": "Ready",
+    "stop_requested": "Stopping",
+    "stopped": "Stopped",
+    "start_requested": "Starting",
+    "failed": "Error",
+    "delete_requested": "Deleting",
+    "deleted": "Deleted",
+}
+
+
+def phase_of(type_: str) -> str:
+    return PHASE_AFTER[type_.split(".")[2]]
+
+
+class Service:
+    """One sandboxctl service in a process of its own, killed with SIGKILL when asked."""
+
+    def __init__(self, component: str, env: dict[str, str], logs: Path) -> None:
+        self.component = component
+        self.env = env
+        self.log_path = logs / f"{component}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        banner_count = self._banners()
+        with open(self.log_path, "ab") as logfile:
+            self.proc = subprocess.Popen(
+                [str(Path(sys.executable).parent / "sandboxctl"), "serve", "--only", self.component],
+                env=self.env,
+                stdout=logfile,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                start_new_session=True,
+            )
+        self.starts += 1
+        deadline = time.monotonic() + 60
+        while self._banners() == banner_count:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.component} exited with {self.proc.returncode}:\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.component} did not come up:\n{self.tail()}")
+            time.sleep(0.05)
+
+    def _banners(self) -> int:
+        try:
+            return self.log_path.read_text(errors="replace").count("sandboxctl services are up")
+        except FileNotFoundError:
+            return 0
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+
+@dataclass
+class Sent:
+    name: str
+    verb: str
+    command_id: str
+    reply: Any = None
+    error: str = ""
+
+
+@dataclass
+class Figures:
+    sent: list[Sent] = field(default_factory=list)
+    faults: Counter[str] = field(default_factory=Counter)
+    fault_rounds: int = 0
+    stuck: dict[str, str] = field(default_factory=dict)
+
+
+class Workload:
+    def __init__(self, client: SandboxClient, js: Any, image: str, figures: Figures) -> None:
+        self.client = client
+        self.js = js
+        self.image = image
+        self.figures = figures
+        self.random = random.Random(20261129)
+        self.faults_done = asyncio.Event()
+
+    async def phase(self, name: str) -> tuple[int, str | None]:
+        """The sandbox's phase from its last log event, riding out a NATS restart."""
+        for _ in range(600):
+            try:
+                msg = await self.js.get_last_msg(subjects.LOG_STREAM, subjects.log(name))
+            except NotFoundError:
+                return 0, None
+            except Exception:
+                await asyncio.sleep(0.1)
+                continue
+            return int(msg.seq or 0), phase_of(decode_event(msg.data).type)
+        raise AssertionError(f"could not read the log for {name} for a minute")
+
+    async def settled(self, name: str) -> str | None:
+        deadline = time.monotonic() + LANE_WAIT
+        while True:
+            _, phase = await self.phase(name)
+            if phase is None or phase in SETTLED:
+                return phase
+            if time.monotonic() > deadline:
+                self.figures.stuck[name] = f"{phase} for {LANE_WAIT:g}s while the faults went on"
+                return phase
+            await asyncio.sleep(0.1)
+
+    def next_verb(self, phase: str | None) -> str:
+        roll = self.random.random()
+        if phase in (None, "Deleted"):
+            return "create"
+        if phase == "Ready":
+            return "stop" if roll < 0.7 else "delete" if roll < 0.85 else "start"
+        if phase == "Stopped":
+            return "start" if roll < 0.7 else "delete" if roll < 0.9 else "stop"
+        return "start" if roll < 0.6 else "delete"  # Error
+
+    async def send(self, name: str, verb: str) -> None:
+        sent = Sent(name, verb, f"fault:{name}:{len(self.figures.sent)}")
+        self.figures.sent.append(sent)
+        try:
+            if verb == "create":
+                sent.reply = await self.client.create(
+                    name, self.image, command=SLEEPER, driver="podman", command_id=sent.command_id
+                )
+            elif verb == "stop":
+                sent.reply = await self.client.stop(name, timeout=5, command_id=sent.command_id)
+            else:
+                sent.reply = await getattr(self.client, verb)(name, command_id=sent.command_id)
+        except SandboxError as exc:
+            sent.error = f"{exc.code}: {exc}"
+
+    async def lane(self, name: str, quota: int) -> None:
+        done = 0
+        while done < quota or not self.faults_done.is_set():
+            phase = await self.settled(name)
+            if name in self.figures.stuck:
+                return
+            await self.send(name, self.next_verb(phase))
+            done += 1
+            # A user whose sandbox failed (the engine is away) looks before trying again.
+            await asyncio.sleep(self.random.uniform(0.5, 1.5) if phase == "Error" else self.random.uniform(0, 0.3))
+
+
+async def inject_faults(
+    services: dict[str, Service], server: NatsServer, engine: PodmanService, figures: Figures, rng: random.Random
+) -> None:
+    for round_ in range(MIN_FAULT_ROUNDS):
+        order = list(FAULTS)
+        rng.shuffle(order)
+        for fault in order:
+            await asyncio.sleep(rng.uniform(1.0, 4.0))
+            if fault == "kill -9 nats-server":
+                assert server.proc is not None
+                server.proc.kill()
+                server.proc.wait()
+                await asyncio.sleep(rng.uniform(0.5, 2.0))
+                await asyncio.to_thread(server.start)
+            elif fault == "stop the engine":
+                await asyncio.to_thread(engine.stop)
+                await asyncio.sleep(rng.uniform(2.0, 5.0))
+                await asyncio.to_thread(engine.start)
+            else:
+                service = services[fault.removeprefix("kill -9 ")]
+                await asyncio.to_thread(service.kill)
+                await asyncio.sleep(rng.uniform(0.2, 2.0))
+                await asyncio.to_thread(service.start)
+            figures.faults[fault] += 1
+        figures.fault_rounds = round_ + 1
+
+
+@pytest.fixture
+def podman_service(tmp_path: Path, image: str) -> Any:
+    """A podman API service of this test's own: stopping it leaves the other tests' engine alone."""
+    service = PodmanService(tmp_path / "podman" / "podman.sock").start()
+    yield service
+    service.stop()
+
+
+@pytest.mark.timeout(900)
+async def test_no_event_lost_and_no_sandbox_stuck_through_kills_restarts_and_engine_outages(
+    tmp_path: Path, image: str, names, engines: dict[str, Engine], podman_service: PodmanService
+) -> None:
+    started = time.monotonic()
+    server = NatsServer(tmp_path / "nats").start()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("SANDBOXCTL_")},
+        "SANDBOXCTL_NATS_URL": server.url,
+        "SANDBOXCTL_DATA_DIR": str(tmp_path / "data"),
+        "SANDBOXCTL_RUN_DIR": str(tmp_path / "run"),
+        "SANDBOXCTL_PODMAN_URL": podman_service.url,
+        "SANDBOXCTL_DRIVERS": "podman",
+        "SANDBOXCTL_DEFAULT_DRIVER": "podman",
+    }
+    services = {c: Service(c, env, tmp_path) for c in SERVICES}
+    figures = Figures()
+    nc = client = None
+    try:
+        for service in services.values():
+            await asyncio.to_thread(service.start)
+        nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+        js = nc.jetstream()
+        client = await SandboxClient.connect(
+            server.url, actor="fault-suite", max_reconnect_attempts=-1, reconnect_time_wait=0.2
+        )
+        client.retries, client.request_timeout = 10, 5.0
+        workload = Workload(client, js, image, figures)
+        lanes = [names.new("fault") for _ in range(LANES)]
+        quota = -(-MIN_COMMANDS // LANES)
+
+        async def faults() -> None:
+            try:
+                await inject_faults(services, server, podman_service, figures, random.Random(1129))
+            finally:
+                workload.faults_done.set()
+
+        async def progress() -> None:
+            while True:
+                await asyncio.sleep(10)
+                print(
+                    f"faults: {time.monotonic() - started:.0f}s: {len(figures.sent)} commands, "
+                    f"faults {dict(figures.faults)}, stuck {figures.stuck}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+        reporter = asyncio.create_task(progress())
+        try:
+            await asyncio.gather(faults(), *(workload.lane(name, quota) for name in lanes))
+        finally:
+            reporter.cancel()
+        workload_done = time.monotonic()
+
+        # Everything is back: every sandbox settles within the bound.
+        settle_deadline = time.monotonic() + SETTLE_BOUND
+        final: dict[str, str | None] = {}
+        for name in lanes:
+            while True:
+                seq, phase = await workload.phase(name)
+                if phase is None or phase in SETTLED or time.monotonic() > settle_deadline:
+                    final[name] = phase
+                    break
+                await asyncio.sleep(0.1)
+        settle_time = time.monotonic() - workload_done
+        unsettled = {n: p for n, p in final.items() if p is not None and p not in SETTLED}
+        figures.stuck.update({n: f"{p} after {SETTLE_BOUND:g}s" for n, p in unsettled.items()})
+        assert not figures.stuck, f"stuck: {figures.stuck}\n" + "\n\n".join(
+            f"--- {s.component}\n{s.tail()}" for s in services.values()
+        )
+
+        # Exactly once: each command caused at most one event; no reply claims an append the log lacks.
+        count, violations = await audit.verify(js)
+        assert violations == [], violations[:10]
+        caused: dict[str, list[int]] = {}
+        async for seq, envelope, _ in audit.events(js):
+            assert not isinstance(envelope, Exception), f"unreadable log entry {seq}: {envelope}"
+            if envelope.causationid.startswith("fault:"):
+                caused.setdefault(envelope.causationid, []).append(seq)
+        duplicated = {cid: seqs for cid, seqs in caused.items() if len(seqs) > 1}
+        lost = [
+            s
+            for s in figures.sent
+            if s.reply is not None and s.reply.appended and caused.get(s.command_id) != [s.reply.seq]
+        ]
+        assert not duplicated, duplicated
+        assert not lost, lost[:10]
+        accepted = [s for s in figures.sent if s.reply is not None]
+        unanswered = [s for s in figures.sent if s.error.startswith("unavailable")]
+
+        # The engine agrees with the log.
+        for name, phase in final.items():
+            if phase == "Ready":
+                assert podman_state(name)["Running"], f"{name} is Ready but its container is not running"
+            elif phase == "Stopped":
+                assert not podman_state(name)["Running"], f"{name} is Stopped but its container runs"
+            elif phase == "Deleted":
+                assert not engines["podman"].container_exists(name), f"{name} is Deleted but its container is there"
+                assert not engines["podman"].volume_exists(name), f"{name} is Deleted but its workspace is there"
+
+        # The projection catches up and equals a fresh replay; the query service serves it.
+        head = (await js.stream_info(subjects.LOG_STREAM)).state.last_seq
+        projection = tmp_path / "data" / "projection.sqlite3"
+        for _ in range(600):
+            db = await connect(projection, readonly=True)
+            try:
+                if await checkpoint(db) >= head:
+                    break
+            finally:
+                await db.close()
+            await asyncio.sleep(0.1)
+        replayed = await audit.replay(nc, projection)
+        assert replayed["differences"] == [], replayed["differences"][:10]
+        listed = {item["name"]: item["phase"] for item in await client.list()}
+        assert {n: p for n, p in final.items() if p not in (None, "Deleted")} == {
+            n: p for n, p in listed.items() if n in final and p != "Deleted"
+        }
+
+        phases = Counter(p for p in final.values())
+        print(
+            f"\nfaults: {len(figures.sent)} commands sent over {LANES} sandboxes "
+            f"({dict(Counter(s.verb for s in figures.sent))}); {len(accepted)} accepted, "
+            f"{len(figures.sent) - len(accepted) - len(unanswered)} refused, {len(unanswered)} unanswered; "
+            f"{sum(figures.faults.values())} faults injected in {figures.fault_rounds} rounds "
+            f"({dict(figures.faults)}); log {count} events; events lost 0, duplicated 0; "
+            f"sandboxes stuck 0 (all settled {settle_time:.1f}s after the workload, bound {SETTLE_BOUND:g}s); "
+            f"final phases {dict(phases)}; service starts { ({c: s.starts for c, s in services.items()}) }; "
+            f"{time.monotonic() - started:.1f}s"
+        )
+        assert len(figures.sent) >= MIN_COMMANDS
+        assert all(figures.faults[f] >= MIN_FAULT_ROUNDS for f in FAULTS), figures.faults
+    finally:
+        if client is not None:
+            await client.close()
+        if nc is not None:
+            await nc.close()
+        for service in services.values():
+            await asyncio.to_thread(service.stop)
+        server.stop()
+
+
+def podman_state(name: str) -> dict[str, Any]:
+    out = subprocess.run(
+        ["podman", "container", "inspect", f"sandboxctl-{name}"], capture_output=True, text=True, check=True
+    ).stdout
+    return dict(json.loads(out)[0]["State"])
