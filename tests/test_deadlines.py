@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 
 from services.client import SandboxClient
 from services.config import Config
@@ -31,12 +32,18 @@ async def test_a_stop_that_overstays_its_deadline_becomes_error_timeout_and_can_
                 break
             await asyncio.sleep(0.1)
         failed = history[-1]
+        overstayed = datetime.fromisoformat(failed["time"]) - datetime.fromisoformat(history[-2]["time"])
         assert failed["phase"] == "Error" and failed["data"]["reason"] == "timeout"
         assert failed["data"]["kind"] == "timeout" and failed["actor"] == "sandboxctl/watchdog"
         # From Error the user can act: delete removes it, even with the stop still hanging in the engine.
         reply = await client.delete(name)
         await client.wait_for(name, "Deleted", reply.seq, timeout=60)
         assert podman("container", "exists", f"sandboxctl-{name}", check=False).returncode != 0
+        print(
+            f"\ndeadlines: 1 sandbox hung in Stopping (deadline 1 s, grace period 30 s); Error/timeout "
+            f"{overstayed.total_seconds():.2f}s after Stopping, recorded by the watchdog; deleted from Error "
+            f"with the stop still hanging in the engine; sandboxes stuck 0"
+        )
     finally:
         await client.close()
         await plane.stop()

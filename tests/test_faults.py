@@ -297,7 +297,7 @@ async def test_no_event_lost_and_no_sandbox_stuck_through_kills_restarts_and_eng
             while True:
                 await asyncio.sleep(10)
                 print(
-                    f"faults: {time.monotonic() - started:.0f}s: {len(figures.sent)} commands, "
+                    f"faults (progress) {time.monotonic() - started:.0f}s: {len(figures.sent)} commands, "
                     f"faults {dict(figures.faults)}, stuck {figures.stuck}",
                     file=sys.stderr,
                     flush=True,
