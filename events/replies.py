@@ -29,7 +29,7 @@ class ErrorInfo(msgspec.Struct, kw_only=True):
 
 
 class Reply(msgspec.Struct, kw_only=True, omit_defaults=True):
-    accepted: bool = False
+    accepted: bool  # always present: false on an error reply
     sandbox: str = ""
     phase: str = ""
     seq: int = 0
