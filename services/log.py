@@ -9,7 +9,11 @@ the source of truth, and projections are rebuilt from it.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import msgspec
+import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, PubAck, RetentionPolicy, StorageType, StreamConfig
@@ -20,6 +24,8 @@ from events.deadletter import DeadLettered
 from events.envelope import Envelope, decode_envelope, encode, now
 from events.facts import FACT_TYPES
 from events.lifecycle import EVENT_TYPES
+
+log = logging.getLogger(__name__)
 
 WRONG_LAST_SEQUENCE = 10071
 DUPLICATE_WINDOW = 120.0
@@ -104,16 +110,30 @@ async def dead_letter(js: JetStreamContext, consumer: str, msg: Msg, reason: str
 
 async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
     """Create the streams if missing. Replicas matter only when clustered (use 3 there):
-    a stream's replica count is fixed by whoever creates it, the state machine, first."""
+    a stream's replica count is fixed by whoever creates it, the state machine, first.
+
+    With authorization on only the state machine may create streams; a worker or projector
+    started before it (``serve --only``) waits for them, as the server drops its request."""
     for config in (log_stream_config(replicas), facts_stream_config(replicas), deadletter_stream_config(replicas)):
-        try:
-            await js.stream_info(config.name)
-        except NotFoundError:
+        waited = False
+        while True:
+            try:
+                await js.stream_info(config.name)
+                break
+            except NotFoundError:
+                pass
             try:
                 await js.add_stream(config)
+                break
             except APIError as exc:  # another process created it first
                 if exc.err_code != 10058:
                     raise
+                break
+            except (TimeoutError, nats.errors.TimeoutError):
+                if not waited:
+                    log.warning("cannot create stream %s here; waiting for the state machine to", config.name)
+                    waited = True
+                await asyncio.sleep(0.5)
 
 
 async def append(js: JetStreamContext, envelope: Envelope, expected_seq: int) -> PubAck:

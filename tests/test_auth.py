@@ -465,3 +465,27 @@ async def test_without_users_on_the_server_a_credential_changes_nothing(tmp_path
     finally:
         await plane.stop()
         server.stop()
+
+
+async def test_services_started_before_the_state_machine_wait_for_its_streams(
+    auth_config: Config, store: AuthStore, sandbox: str, image: str
+) -> None:
+    """Only the state machine may create streams; ``serve --only worker`` or ``--only projector``
+    started first must wait for them, not fail."""
+    early = ControlPlane(auth_config, components=("projector", "query", "worker"))
+    starting = asyncio.create_task(early.start())
+    await asyncio.sleep(1.5)
+    assert not starting.done(), "started without the streams"
+    late = await ControlPlane(auth_config, components=("statemachine",)).start()
+    try:
+        await asyncio.wait_for(starting, 30)
+        creds = store.credentials("writer")
+        client = await SandboxClient.connect(auth_config.nats_url, user=creds.user, password=creds.password)
+        try:
+            await client.create(sandbox, image)
+            await client.wait_for(sandbox, "Ready", timeout=60)
+        finally:
+            await client.close()
+    finally:
+        await early.stop()
+        await late.stop()
