@@ -8,11 +8,18 @@ writes the generated contract); every other package imports it.
 
 from events.commands import (
     COMMAND_TYPES,
+    AcquireLease,
     CreateSandbox,
     DeleteSandbox,
+    PlaceStopHold,
+    ReleaseLease,
+    ReleaseStopHold,
+    RenewLease,
     SandboxCommand,
     StartSandbox,
     StopSandbox,
+    TouchSandbox,
+    WarnSandbox,
 )
 from events.envelope import Envelope, decode_envelope, encode, new_id, now
 from events.facts import (
@@ -43,6 +50,7 @@ __all__ = [
     "COMMAND_TYPES",
     "EVENT_TYPES",
     "FACT_TYPES",
+    "AcquireLease",
     "ContainerCreated",
     "ContainerExited",
     "ContainerOrphaned",
@@ -56,6 +64,10 @@ __all__ = [
     "ErrorInfo",
     "Fact",
     "LifecycleEvent",
+    "PlaceStopHold",
+    "ReleaseLease",
+    "ReleaseStopHold",
+    "RenewLease",
     "Reply",
     "SandboxCommand",
     "SandboxCreated",
@@ -68,6 +80,8 @@ __all__ = [
     "SandboxStopped",
     "StartSandbox",
     "StopSandbox",
+    "TouchSandbox",
+    "WarnSandbox",
     "decode_envelope",
     "encode",
     "new_id",

@@ -40,6 +40,11 @@ def _asyncapi_schema(node: Any) -> Any:
     return node
 
 
+def _doc(cls: type) -> str:
+    """A command's own docstring, joined into one line, for its summary."""
+    return " ".join((cls.__doc__ or "").split())
+
+
 def _type_const(type_name: str) -> dict[str, Any]:
     return {"type": "string", "const": type_name}
 
@@ -71,7 +76,7 @@ def document() -> dict[str, Any]:
         messages[cls.__name__] = {
             "name": cls.__name__,
             "title": f"{cls.VERB} command",
-            "summary": f"Ask sandboxctl to {cls.VERB} a sandbox. `type` must be {tag}.",
+            "summary": f"{_doc(cls) or f'Ask sandboxctl to {cls.VERB} a sandbox.'} `type` must be {tag}.",
             "payload": {"$ref": REF.format(name=cls.__name__)},
         }
     upcast_only = {cls.TYPE for cls in events if hasattr(cls, "upcast")}

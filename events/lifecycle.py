@@ -16,6 +16,9 @@ import msgspec
 class _Event(msgspec.Struct, kw_only=True, omit_defaults=True):
     TYPE: ClassVar[str] = ""
     TRIGGER: ClassVar[str] = ""
+    # Whether the event is use of the sandbox, which restarts its idle clock: everything but
+    # the reaper's own warnings and their cancellation (see statemachine/idle.py).
+    ACTIVITY: ClassVar[bool] = True
 
 
 class SandboxCreated(_Event):
@@ -24,6 +27,8 @@ class SandboxCreated(_Event):
     driver: str
     command: list[str] | None = None
     labels: dict[str, str] = {}
+    idle_timeout: float = 0.0  # seconds; 0: never auto-stopped
+    auto_delete_after: float = 0.0  # seconds Stopped before an auto-delete; 0 (the default): never
     TYPE: ClassVar[str] = "sandboxctl.sandbox.created.v1"
     TRIGGER: ClassVar[str] = "create"
 
@@ -32,6 +37,7 @@ class SandboxStopRequested(_Event):
     sandbox_id: str
     driver: str
     timeout: float = 10.0
+    reason: str = ""  # "idle" when the reaper stopped it
     TYPE: ClassVar[str] = "sandboxctl.sandbox.stop_requested.v1"
     TRIGGER: ClassVar[str] = "request_stop"
 
@@ -92,6 +98,7 @@ class SandboxFailedV1(_Event):
 class SandboxDeleteRequested(_Event):
     sandbox_id: str
     driver: str
+    reason: str = ""  # "auto_delete" when the reaper deleted it (opt-in)
     TYPE: ClassVar[str] = "sandboxctl.sandbox.delete_requested.v1"
     TRIGGER: ClassVar[str] = "request_delete"
 
@@ -99,6 +106,84 @@ class SandboxDeleteRequested(_Event):
 class SandboxDeleted(_Event):
     TYPE: ClassVar[str] = "sandboxctl.sandbox.deleted.v1"
     TRIGGER: ClassVar[str] = "deleted"
+
+
+# Use, leases, holds and the reaper's warnings. None of them changes the phase (trigger
+# ``note``, a self-transition of every live phase); none is a work order, so no driver acts
+# on them (their types must never end in ``_requested``: see services/worker.py).
+
+
+class SandboxTouched(_Event):
+    via: str = "touch"
+    TYPE: ClassVar[str] = "sandboxctl.sandbox.touched.v1"
+    TRIGGER: ClassVar[str] = "note"
+
+
+class SandboxLeaseAcquired(_Event):
+    holder: str
+    ttl: float  # seconds from the event's time
+    TYPE: ClassVar[str] = "sandboxctl.sandbox.lease_acquired.v1"
+    TRIGGER: ClassVar[str] = "note"
+
+
+class SandboxLeaseRenewed(_Event):
+    holder: str
+    ttl: float
+    TYPE: ClassVar[str] = "sandboxctl.sandbox.lease_renewed.v1"
+    TRIGGER: ClassVar[str] = "note"
+
+
+class SandboxLeaseReleased(_Event):
+    holder: str
+    TYPE: ClassVar[str] = "sandboxctl.sandbox.lease_released.v1"
+    TRIGGER: ClassVar[str] = "note"
+
+
+class SandboxStopHoldPlaced(_Event):
+    holder: str
+    reason: str = ""
+    TYPE: ClassVar[str] = "sandboxctl.sandbox.stop_hold_placed.v1"
+    TRIGGER: ClassVar[str] = "note"
+
+
+class SandboxStopHoldReleased(_Event):
+    holder: str
+    TYPE: ClassVar[str] = "sandboxctl.sandbox.stop_hold_released.v1"
+    TRIGGER: ClassVar[str] = "note"
+
+
+class SandboxStopWarning(_Event):
+    """Stopping soon: the sandbox was idle past its timeout; the reaper stops it after ``grace``
+    seconds unless a touch or a lease comes first."""
+
+    grace: float
+    activity_seq: int  # the deadline's identity: the log sequence of the activity it counts from
+    idle_timeout: float = 0.0
+    TYPE: ClassVar[str] = "sandboxctl.sandbox.stop_warning.v1"
+    TRIGGER: ClassVar[str] = "note"
+    ACTIVITY: ClassVar[bool] = False
+
+
+class SandboxDeleteWarning(_Event):
+    """Deleting soon (opt-in auto-delete): Stopped past ``auto_delete_after``; the workspace is
+    destroyed after ``grace`` seconds unless a touch or a lease comes first."""
+
+    grace: float
+    activity_seq: int
+    auto_delete_after: float = 0.0
+    TYPE: ClassVar[str] = "sandboxctl.sandbox.delete_warning.v1"
+    TRIGGER: ClassVar[str] = "note"
+    ACTIVITY: ClassVar[bool] = False
+
+
+class SandboxWarningCancelled(_Event):
+    """A pending stop or delete warning no longer holds: someone used the sandbox in its grace."""
+
+    kind: str  # "stop" or "delete"
+    cause: str  # the command that cancelled it: touch, lease_acquire, ...
+    TYPE: ClassVar[str] = "sandboxctl.sandbox.warning_cancelled.v1"
+    TRIGGER: ClassVar[str] = "note"
+    ACTIVITY: ClassVar[bool] = False
 
 
 LifecycleEvent = (
@@ -110,6 +195,15 @@ LifecycleEvent = (
     | SandboxFailed
     | SandboxDeleteRequested
     | SandboxDeleted
+    | SandboxTouched
+    | SandboxLeaseAcquired
+    | SandboxLeaseRenewed
+    | SandboxLeaseReleased
+    | SandboxStopHoldPlaced
+    | SandboxStopHoldReleased
+    | SandboxStopWarning
+    | SandboxDeleteWarning
+    | SandboxWarningCancelled
 )
 WORK_ORDERS = (SandboxCreated, SandboxStopRequested, SandboxStartRequested, SandboxDeleteRequested)
 EVENT_TYPES: dict[str, type[_Event]] = {
@@ -124,5 +218,14 @@ EVENT_TYPES: dict[str, type[_Event]] = {
         SandboxFailedV1,
         SandboxDeleteRequested,
         SandboxDeleted,
+        SandboxTouched,
+        SandboxLeaseAcquired,
+        SandboxLeaseRenewed,
+        SandboxLeaseReleased,
+        SandboxStopHoldPlaced,
+        SandboxStopHoldReleased,
+        SandboxStopWarning,
+        SandboxDeleteWarning,
+        SandboxWarningCancelled,
     )
 }

@@ -13,7 +13,14 @@ from datetime import datetime
 
 import msgspec
 
-from events.commands import CreateSandbox, DeleteSandbox, SandboxCommand, StartSandbox, StopSandbox
+from events.commands import (
+    CreateSandbox,
+    DeleteSandbox,
+    SandboxCommand,
+    StartSandbox,
+    StopSandbox,
+    WarnSandbox,
+)
 from events.envelope import Envelope
 from events.facts import ContainerExited, ContainerRemoved, ContainerStarted, DriverFailed, Fact
 from events.lifecycle import (
@@ -28,21 +35,28 @@ from events.lifecycle import (
     SandboxStopRequested,
 )
 from events.replies import ErrorCode
+from statemachine.idle import (
+    AUTO_DELETE,
+    DELETE,
+    IDLE,
+    STOP,
+    ActivityCommand,
+    check_create,
+    check_reaped,
+    check_start,
+    decide_activity,
+    fold_activity,
+)
 from statemachine.machine import TABLE, allowed_sources, destination
 from statemachine.names import validate_name
 from statemachine.phases import ABSENT, Phase
+from statemachine.rejection import Decision, Rejection
 from statemachine.state import SandboxState
 
 # The reason recorded when a sandbox's container disappeared behind sandboxctl's back.
 BACKEND_MISSING = "backend_missing"
 
-
-class Rejection(msgspec.Struct, frozen=True):
-    code: ErrorCode
-    message: str
-
-
-Decision = list[LifecycleEvent] | Rejection
+__all__ = ["BACKEND_MISSING", "Decision", "Rejection", "decide", "evolve", "fold", "react"]
 
 _NOOP: dict[type, frozenset[Phase]] = {
     StopSandbox: frozenset({Phase.STOPPING, Phase.STOPPED}),
@@ -60,7 +74,11 @@ def _not_allowed(state: SandboxState, verb: str, trigger: str, noop: Iterable[Ph
     )
 
 
-def decide(state: SandboxState | None, command: SandboxCommand, drivers: Iterable[str] = ("podman",)) -> Decision:
+def decide(
+    state: SandboxState | None, command: SandboxCommand, drivers: Iterable[str] = ("podman",), now: float = 0.0
+) -> Decision:
+    """``now`` (Unix time) is when the command is decided: leases expire and grace periods end by
+    it. Left at 0, every lease is live and no grace period has ended, so nothing is reaped."""
     problem = validate_name(command.name)
     if problem:
         return Rejection(ErrorCode.INVALID_ARGUMENT, problem)
@@ -74,6 +92,10 @@ def decide(state: SandboxState | None, command: SandboxCommand, drivers: Iterabl
             return Rejection(ErrorCode.ALREADY_EXISTS, f"sandbox {command.name} already exists ({state.phase.value})")
         if not command.image.strip():
             return Rejection(ErrorCode.INVALID_ARGUMENT, "image must not be empty")
+        idle_timeout = command.idle_timeout or 0.0
+        invalid = check_create(idle_timeout, command.auto_delete_after)
+        if invalid is not None:
+            return invalid
         known = list(drivers)
         if command.driver not in known:
             return Rejection(
@@ -87,23 +109,43 @@ def decide(state: SandboxState | None, command: SandboxCommand, drivers: Iterabl
                 driver=command.driver,
                 command=command.command,
                 labels=command.labels,
+                idle_timeout=idle_timeout,
+                auto_delete_after=command.auto_delete_after,
             )
         ]
 
     if state is None or (state.phase is Phase.DELETED and not isinstance(command, DeleteSandbox)):
         return Rejection(ErrorCode.NOT_FOUND, f"sandbox {command.name} not found")
+    if isinstance(command, ActivityCommand | WarnSandbox):
+        return decide_activity(state, command, now)
     noop = _NOOP[type(command)]
     if state.phase in noop:
         return []
     if isinstance(command, StopSandbox):
         if state.phase is not Phase.READY:
             return _not_allowed(state, "stop", "request_stop", noop)
-        return [SandboxStopRequested(sandbox_id=state.sandbox_id, driver=state.driver, timeout=command.timeout)]
+        if command.reason == IDLE:
+            refused = check_reaped(state, STOP, now)
+            if refused is not None:
+                return refused
+        return [
+            SandboxStopRequested(
+                sandbox_id=state.sandbox_id, driver=state.driver, timeout=command.timeout, reason=command.reason
+            )
+        ]
     if isinstance(command, StartSandbox):
         if (SandboxStartRequested.TRIGGER, state.phase.value) not in TABLE:
             return _not_allowed(state, "start", "request_start", noop)
+        held = check_start(state)
+        if held is not None:
+            return held
         return [SandboxStartRequested(sandbox_id=state.sandbox_id, driver=state.driver)]
-    return [SandboxDeleteRequested(sandbox_id=state.sandbox_id, driver=state.driver)]
+    assert isinstance(command, DeleteSandbox)
+    if command.reason == AUTO_DELETE:
+        refused = check_reaped(state, DELETE, now)
+        if refused is not None:
+            return refused
+    return [SandboxDeleteRequested(sandbox_id=state.sandbox_id, driver=state.driver, reason=command.reason)]
 
 
 def react(state: SandboxState | None, fact: Fact) -> list[LifecycleEvent]:
@@ -200,11 +242,16 @@ def evolve(state: SandboxState | None, envelope: Envelope, seq: int = 0) -> Sand
             seq=seq,
             since=envelope.time.timestamp(),
             request_id=envelope.id,
+            idle_timeout=event.idle_timeout,
+            auto_delete_after=event.auto_delete_after,
+            last_activity=envelope.time.timestamp(),
+            activity_seq=seq,
         )
     assert state is not None
     changes: dict[str, object] = {"phase": phase, "seq": seq or state.seq}
     if phase is not state.phase:
         changes["since"] = envelope.time.timestamp()
+    fold_activity(state, envelope, seq, phase, changes)
     if isinstance(event, SandboxReady):
         changes["incarnation"] = event.incarnation
         changes["last_error"] = ""

@@ -43,6 +43,8 @@ MACHINE = Machine(
         {"trigger": "fail", "source": _ALIVE, "dest": Phase.ERROR.value},
         {"trigger": "request_delete", "source": _ALIVE, "dest": Phase.DELETING.value},
         {"trigger": "deleted", "source": Phase.DELETING.value, "dest": Phase.DELETED.value},
+        # Use, leases, holds and the reaper's warnings are recorded in any live phase and keep it.
+        {"trigger": "note", "source": _ALIVE, "dest": "="},
     ],
 )
 

@@ -7,6 +7,30 @@ import msgspec
 from statemachine.phases import Phase
 
 
+class Lease(msgspec.Struct, frozen=True, gc=False):
+    """A keep-alive: while ``expires`` (Unix time) is ahead, the reaper leaves the sandbox alone."""
+
+    holder: str
+    expires: float
+
+
+class Hold(msgspec.Struct, frozen=True, gc=False):
+    """A stop hold: the sandbox may not be started until the holder releases it."""
+
+    holder: str
+    reason: str = ""
+
+
+class PendingWarning(msgspec.Struct, frozen=True, gc=False):
+    """A pending reaper warning: ``kind`` (stop or delete) happens at ``deadline`` unless the
+    sandbox is used first. It belongs to the activity at log seq ``activity_seq``."""
+
+    kind: str
+    activity_seq: int
+    deadline: float
+    grace: float
+
+
 class SandboxState(msgspec.Struct, kw_only=True, gc=False):
     name: str
     sandbox_id: str
@@ -20,3 +44,11 @@ class SandboxState(msgspec.Struct, kw_only=True, gc=False):
     request_id: str = ""  # the id of the event that asked the driver for the current phase's work
     last_error: str = ""
     since: float = 0.0  # when the current phase was entered (Unix time of its event): deadlines count from it
+    # Idleness (statemachine/idle.py). Tuples, not dicts: empty ones cost nothing per sandbox.
+    idle_timeout: float = 0.0  # seconds; 0: never auto-stopped
+    auto_delete_after: float = 0.0  # seconds Stopped before the opt-in auto-delete; 0: never
+    last_activity: float = 0.0  # Unix time of the last event that was use of the sandbox
+    activity_seq: int = 0  # its log sequence: the identity of the idle deadline counted from it
+    leases: tuple[Lease, ...] = ()
+    holds: tuple[Hold, ...] = ()
+    warning: PendingWarning | None = None
