@@ -95,6 +95,7 @@ from services.log import decode_fact, publish_fact
 from services.statemachine import FACTS_CONSUMER, StateMachineService
 from services.tail import Tail
 from tests.conftest import ROOT
+from tests.logview import event_kind, phase_after
 
 PROCESSES = 3
 LANES = 20
@@ -123,21 +124,6 @@ NOOP_IN: dict[str, frozenset[str]] = {
     "delete": frozenset({"Deleting", "Deleted"}),
 }
 APPENDS = {"create": "created", "stop": "stop_requested", "start": "start_requested", "delete": "delete_requested"}
-PHASE_AFTER = {
-    "created": "Provisioning",
-    "ready": "Ready",
-    "stop_requested": "Stopping",
-    "stopped": "Stopped",
-    "start_requested": "Starting",
-    "failed": "Error",
-    "delete_requested": "Deleting",
-    "deleted": "Deleted",
-}
-
-
-def event_kind(type_: str) -> str:
-    """``sandboxctl.sandbox.stopped.v1`` -> ``stopped``: the kind, whatever its version."""
-    return type_.split(".")[2]
 
 
 # What a process sends the instant its command won: refused in the phase the win made.
@@ -416,7 +402,7 @@ class Chain:
 
     def add(self, seq: int, envelope: Any) -> None:
         self.seqs.append(seq)
-        self.phases.append(PHASE_AFTER[event_kind(envelope.type)])
+        self.phases.append(phase_after(envelope.type, self.phases[-1] if self.phases else None) or "")
         self.events[seq] = envelope
 
     def phase_at(self, seq: int) -> str | None:
