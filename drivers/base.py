@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import msgspec
@@ -107,4 +107,25 @@ class Driver(Protocol):
         """Follow the engine's changes to managed containers, replaying those since ``since`` (a Unix time)."""
         ...
 
+    def exec(self, sandbox: str, command: list[str], output: Callable[[int, bytes], None]) -> int:
+        """Run ``command`` in the running container (in its working directory, without a tty),
+        handing its output to ``output(fd, chunk)`` (1 stdout, 2 stderr) as it comes; returns
+        its exit code. Blocks until the command ends."""
+        ...
+
+    def logs(
+        self, sandbox: str, tail: int | None = None, since: float | None = None, follow: bool = False
+    ) -> Iterator[bytes]:
+        """The container's output (stdout and stderr, as the engine stored it): the last ``tail``
+        lines, from ``since`` (a Unix time); with ``follow``, until the container stops."""
+        ...
+
+    def interactive(self, sandbox: str, command: list[str], tty: bool) -> list[str]:
+        """The engine's own command line that runs ``command`` in the container attached to the
+        caller's terminal: terminal modes and resizes are the engine client's business."""
+        ...
+
     def close(self) -> None: ...
+
+
+EXEC_SETTLE = 2.0  # seconds to wait for an engine to record an exec's exit code once its output ends

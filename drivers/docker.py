@@ -15,7 +15,8 @@ anything below 1.44) working.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import requests
@@ -23,6 +24,7 @@ from docker import DockerClient
 from docker.errors import DockerException, ImageNotFound, NotFound
 
 from drivers.base import (
+    EXEC_SETTLE,
     MANAGED,
     SANDBOX,
     SANDBOX_ID,
@@ -248,6 +250,60 @@ class DockerDriver:
                 )
         finally:
             client.close()
+
+    def _streaming(self, operation: str) -> DockerClient:
+        """A client without a read timeout: an exec or a followed log may be silent for long."""
+        return self._connect(operation, None, self._docker(operation).api.api_version)
+
+    def exec(self, sandbox: str, command: list[str], output: Callable[[int, bytes], None]) -> int:
+        client = self._streaming("exec")
+        try:
+            api = client.api
+            exec_id = self._call("exec", api.exec_create, container_name(sandbox), command, stdout=True, stderr=True)
+            stream = self._call("exec", api.exec_start, exec_id["Id"], stream=True, demux=True)
+            for out, err in stream:
+                if out:
+                    output(1, out)
+                if err:
+                    output(2, err)
+            deadline = time.monotonic() + EXEC_SETTLE
+            while True:
+                state = self._call("exec", api.exec_inspect, exec_id["Id"])
+                if not state.get("Running") or time.monotonic() > deadline:
+                    return int(state.get("ExitCode") or 0)
+                time.sleep(0.02)
+        finally:
+            client.close()
+
+    def logs(
+        self, sandbox: str, tail: int | None = None, since: float | None = None, follow: bool = False
+    ) -> Iterator[bytes]:
+        client = self._streaming("logs")
+        try:
+            stream = self._call(
+                "logs",
+                client.api.logs,
+                container_name(sandbox),
+                stream=True,
+                follow=follow,
+                tail="all" if tail is None else tail,
+                since=None if since is None else int(since),
+            )
+            yield from stream
+        finally:
+            client.close()
+
+    def interactive(self, sandbox: str, command: list[str], tty: bool) -> list[str]:
+        return [
+            "docker",
+            "-H",
+            self.base_url,
+            "exec",
+            "-i",
+            *(["-t"] if tty else []),
+            container_name(sandbox),
+            *command,
+        ]
 
     def close(self) -> None:
         with self._lock:

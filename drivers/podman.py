@@ -7,13 +7,17 @@ volume that outlives the container, so only ``delete`` ever removes it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from podman import PodmanClient
+from podman.api import stream_frames
 from podman.errors import APIError, NotFound, PodmanError
 
 from drivers.base import (
+    EXEC_SETTLE,
     MANAGED,
     SANDBOX,
     SANDBOX_ID,
@@ -203,6 +207,72 @@ class PodmanDriver:
                 )
         finally:
             client.close()
+
+    def _streaming(self) -> PodmanClient:
+        """A client without a read timeout: an exec or a followed log may be silent for long."""
+        return PodmanClient(base_url=self.base_url, timeout=None)
+
+    def exec(self, sandbox: str, command: list[str], output: Callable[[int, bytes], None]) -> int:
+        client = self._streaming()
+        try:
+            api = client.api
+            body = {"Cmd": command, "AttachStdout": True, "AttachStderr": True, "AttachStdin": False, "Tty": False}
+            made = self._call("exec", api.post, f"/containers/{container_name(sandbox)}/exec", data=json.dumps(body))
+            self._call("exec", made.raise_for_status)
+            exec_id = made.json()["Id"]
+            started = self._call(
+                "exec",
+                api.post,
+                f"/exec/{exec_id}/start",
+                data=json.dumps({"Detach": False, "Tty": False}),
+                stream=True,
+            )
+            self._call("exec", started.raise_for_status)
+            for out, err in stream_frames(started, demux=True):
+                if out:
+                    output(1, out)
+                if err:
+                    output(2, err)
+            deadline = time.monotonic() + EXEC_SETTLE
+            while True:
+                info = self._call("exec", api.get, f"/exec/{exec_id}/json")
+                self._call("exec", info.raise_for_status)
+                state = info.json()
+                if not state.get("Running") or time.monotonic() > deadline:
+                    return int(state.get("ExitCode") or 0)
+                time.sleep(0.02)
+        finally:
+            client.close()
+
+    def logs(
+        self, sandbox: str, tail: int | None = None, since: float | None = None, follow: bool = False
+    ) -> Iterator[bytes]:
+        client = self._streaming()
+        try:
+            container = self._call("logs", client.containers.get, container_name(sandbox))
+            stream = self._call(
+                "logs",
+                container.logs,
+                stream=True,
+                follow=follow,
+                tail=tail,
+                since=None if since is None else int(since),
+            )
+            yield from stream
+        finally:
+            client.close()
+
+    def interactive(self, sandbox: str, command: list[str], tty: bool) -> list[str]:
+        return [
+            "podman",
+            "--url",
+            self.base_url,
+            "exec",
+            "-i",
+            *(["-t"] if tty else []),
+            container_name(sandbox),
+            *command,
+        ]
 
     def close(self) -> None:
         self.client.close()

@@ -42,12 +42,30 @@ WRITE = "sandbox:write"
 ADMIN = "admin"
 # Each role includes the ones before it: a writer waits on the projection, so it reads too.
 ROLES = (READ, WRITE, ADMIN)
-VERB_ROLE = {"create": WRITE, "stop": WRITE, "start": WRITE, "delete": WRITE}
+VERB_ROLE = {
+    verb: WRITE
+    for verb in (
+        "create",
+        "stop",
+        "start",
+        "delete",
+        "touch",
+        "lease_acquire",
+        "lease_renew",
+        "lease_release",
+        "hold",
+        "unhold",
+        "warn",
+    )
+}
 
 # The services' own users: one per component and one per engine's driver worker.
 COMPONENT_PREFIX = "sandboxctl-"
 DRIVERS = ("podman", "docker")
-SERVICE_COMPONENTS = ("statemachine", "projector", "query", *(f"driver-{d}" for d in DRIVERS))
+SERVICE_COMPONENTS = ("statemachine", "projector", "query", "reaper", *(f"driver-{d}" for d in DRIVERS))
+# Services that send commands, with the role the state machine grants them: the reaper warns
+# and stops (or, opted in, deletes) like any writer, on its own command subjects.
+COMPONENT_ROLES = {"reaper": [WRITE]}
 STATEMACHINE_CONSUMER = "sandboxctl-statemachine"  # services.statemachine.FACTS_CONSUMER
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
@@ -174,6 +192,18 @@ def component_permissions(component: str) -> dict[str, Any]:
                     *_stream_info(*CORE_STREAMS),
                     *_stream_reader(subjects.LOG_STREAM),
                     f"{subjects.PROJECTED}.*",
+                ],
+                "deny": PROTECTED_CONSUMERS,
+            },
+            "subscribe": {"allow": [inbox]},
+        }
+    if component == "reaper":
+        return {
+            "publish": {
+                "allow": [
+                    *_stream_info(*CORE_STREAMS),
+                    *_stream_reader(subjects.LOG_STREAM),  # it folds the log for its deadlines
+                    subjects.command("*", component_user(component)),
                 ],
                 "deny": PROTECTED_CONSUMERS,
             },
@@ -338,7 +368,7 @@ class Authorizer:
         self._roles: dict[str, list[str]] = {}
 
     def roles(self, user: str) -> list[str] | None:
-        """The user's roles, or None for a user that does not exist (or is a service)."""
+        """The user's roles, or None for a user that does not exist (or is a service that sends no commands)."""
         try:
             st = self.store.users_path.stat()
             stamp = (st.st_mtime_ns, st.st_size)
@@ -346,7 +376,11 @@ class Authorizer:
             stamp = None
         if stamp != self._stamp:
             users = self.store.load()
-            self._roles = {u.name: list(u.roles) for u in users.values() if not u.component}
+            self._roles = {
+                u.name: list(u.roles) if not u.component else COMPONENT_ROLES[u.component]
+                for u in users.values()
+                if not u.component or u.component in COMPONENT_ROLES
+            }
             self._stamp = stamp
         return self._roles.get(user)
 

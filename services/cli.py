@@ -19,9 +19,9 @@ import msgspec
 import yaml
 
 from events import subjects
-from services import audit, auth
+from services import attach, audit, auth
 from services.client import TERMINAL, PermissionDenied, SandboxClient, SandboxError
-from services.config import Config
+from services.config import Config, parse_duration
 from statemachine import Phase
 
 EXIT_CODES = {
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--only",
         default="",
         metavar="COMPONENT[,...]",
-        help="run only these: statemachine, projector, query, worker (default: all)",
+        help="run only these: statemachine, projector, query, worker, reaper (default: all)",
     )
 
     def waiting(sp: argparse.ArgumentParser) -> None:
@@ -102,7 +102,57 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--image", required=True)
     c.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     c.add_argument("--driver", default="", help="podman or docker (default: configured, else first found)")
+    c.add_argument(
+        "--idle-timeout",
+        metavar="DURATION",
+        help="stop it (never delete it) after this long idle, e.g. 30m; 0 never (default: SANDBOXCTL_IDLE_TIMEOUT)",
+    )
+    c.add_argument(
+        "--auto-delete-after",
+        metavar="DURATION",
+        default="0",
+        help="DESTROYS THE WORKSPACE: delete it once Stopped this long, e.g. 7d (default 0: never)",
+    )
     waiting(c)
+
+    t = sub.add_parser("touch", help="record use of a sandbox: its idle clock starts again")
+    t.add_argument("name")
+
+    lease = sub.add_parser("lease", help="keep a sandbox from being auto-stopped while you hold a lease")
+    lsub = lease.add_subparsers(dest="lease_cmd", required=True)
+    for verb in ("acquire", "renew", "release"):
+        sp = lsub.add_parser(verb)
+        sp.add_argument("name")
+        sp.add_argument("--holder", default="", help="who holds it (default: SANDBOXCTL_ACTOR, else $USER)")
+        if verb != "release":
+            sp.add_argument("--ttl", default="10m", metavar="DURATION", help="how long it lasts (default 10m)")
+
+    h = sub.add_parser("hold", help="place a stop hold: the sandbox cannot start until it is released")
+    h.add_argument("name")
+    h.add_argument("--holder", default="", help="who holds it (default: SANDBOXCTL_ACTOR, else $USER)")
+    h.add_argument("--reason", default="")
+    uh = sub.add_parser("unhold", help="release a stop hold")
+    uh.add_argument("name")
+    uh.add_argument("--holder", default="")
+
+    for verb, helptext in (
+        ("exec", "run a command in a sandbox, starting it first if it is Stopped"),
+        ("shell", "an interactive shell in a sandbox, starting it first if it is Stopped"),
+    ):
+        sp = sub.add_parser(
+            verb, help=helptext, usage=f"sandboxctl {verb} NAME [options]" + (" -- CMD..." if verb == "exec" else "")
+        )
+        sp.add_argument("name")
+        sp.add_argument("--no-start", action="store_true", help="refuse instead of starting a Stopped sandbox")
+        sp.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for Ready (default 120)")
+        if verb == "shell":
+            sp.add_argument("--shell", default="sh", help="the shell to run (default sh)")
+
+    lg = sub.add_parser("logs", help="the container's output")
+    lg.add_argument("name")
+    lg.add_argument("--follow", "-f", action="store_true", help="keep printing until the container stops")
+    lg.add_argument("--tail", type=int, metavar="N", help="only the last N lines")
+    lg.add_argument("--since", metavar="DURATION|TIME", help="only output since then: 10m, or an ISO 8601 time")
 
     for verb, helptext in (
         ("stop", "stop sandboxes, keeping their workspaces"),
@@ -114,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--all", action="store_true")
         if verb == "stop":
             sp.add_argument("--grace", type=float, default=10.0, help="seconds before SIGKILL (default 10)")
+            sp.add_argument("--reason", default="", help="why, recorded in the log (history shows it)")
         waiting(sp)
 
     for verb in ("get", "history"):
@@ -189,7 +240,7 @@ async def _bulk(client: SandboxClient, verb: str, args: argparse.Namespace) -> i
     async def one(name: str) -> str | None:
         try:
             if verb == "stop":
-                reply = await client.stop(name, timeout=args.grace)
+                reply = await client.stop(name, timeout=args.grace, reason=args.reason)
             elif verb == "start":
                 reply = await client.start(name)
             else:
@@ -211,6 +262,14 @@ async def _bulk(client: SandboxClient, verb: str, args: argparse.Namespace) -> i
     if failed:
         return EXIT_CODES.get(failed[0][1].split(":", 1)[0], 1)
     return 0
+
+
+def _why(data: dict[str, Any]) -> str:
+    """What a history line shows of an event's data: a stop's reason, a lease's holder, ..."""
+    parts = [str(data[k]) for k in ("reason", "via", "holder", "kind", "cause") if data.get(k)]
+    if "grace" in data:
+        parts.append(f"grace {data['grace']:g}s")
+    return " ".join(parts)
 
 
 def _event_line(seq: int, env: Any) -> str:
@@ -343,6 +402,57 @@ async def _audit(client: SandboxClient, args: argparse.Namespace, config: Config
     return 0
 
 
+def _duration(text: str, what: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise Failure("invalid_argument", f"{what}: {exc}") from None
+
+
+async def _idle(client: SandboxClient, args: argparse.Namespace, config: Config) -> int:
+    """touch, lease and hold: each appends (at most) an event and prints what it did."""
+    holder = getattr(args, "holder", "") or config.actor
+    if args.cmd == "touch":
+        await client.touch(args.name)
+        print(f"sandbox {args.name} touched")
+    elif args.cmd == "hold":
+        await client.hold(args.name, holder, args.reason)
+        print(f"sandbox {args.name} is on hold by {holder}: it cannot start until released")
+    elif args.cmd == "unhold":
+        await client.unhold(args.name, holder)
+        print(f"stop hold of {holder} on {args.name} released")
+    elif args.lease_cmd == "release":
+        await client.release_lease(args.name, holder)
+        print(f"lease of {holder} on {args.name} released")
+    else:
+        ttl = _duration(args.ttl, "--ttl")
+        if args.lease_cmd == "acquire":
+            await client.acquire_lease(args.name, holder, ttl)
+        else:
+            await client.renew_lease(args.name, holder, ttl)
+        print(f"{holder} holds a lease on {args.name} for {args.ttl}")
+    return 0
+
+
+async def _attach(client: SandboxClient, args: argparse.Namespace, config: Config, command: list[str]) -> int:
+    if args.cmd == "logs":
+        try:
+            since = attach.since_time(args.since) if args.since else None
+        except ValueError as exc:
+            raise Failure("invalid_argument", str(exc)) from None
+        await attach.show_logs(client, config, args.name, args.tail, since, args.follow)
+        return 0
+    if args.cmd == "shell":
+        command = command or [args.shell]
+        tty = sys.stdin.isatty() and sys.stdout.isatty()
+        return await attach.exec_in(
+            client, config, args.name, command, not args.no_start, args.timeout, interactive=True, tty=tty
+        )
+    if not command:
+        raise Failure("invalid_argument", "exec needs a command: sandboxctl exec NAME -- CMD...")
+    return await attach.exec_in(client, config, args.name, command, not args.no_start, args.timeout)
+
+
 def _user(config: Config, args: argparse.Namespace) -> int:
     """Users live in the auth directory; the embedded server is told to reload them (SIGHUP)."""
     store = auth.AuthStore(config.auth_path)
@@ -399,13 +509,25 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
     )
     try:
         if args.cmd == "create":
-            reply = await client.create(args.name, args.image, command or None, _labels(args.label), driver=args.driver)
+            reply = await client.create(
+                args.name,
+                args.image,
+                command or None,
+                _labels(args.label),
+                driver=args.driver,
+                idle_timeout=None if args.idle_timeout is None else _duration(args.idle_timeout, "--idle-timeout"),
+                auto_delete_after=_duration(args.auto_delete_after, "--auto-delete-after"),
+            )
             if not args.no_wait:
                 await client.wait_for(args.name, "Ready", reply.seq, args.timeout)
             print(f"sandbox {args.name} {'created' if not args.no_wait else 'accepted'}")
             return 0
         if args.cmd in ("stop", "start", "delete"):
             return await _bulk(client, args.cmd, args)
+        if args.cmd in ("touch", "lease", "hold", "unhold"):
+            return await _idle(client, args, config)
+        if args.cmd in ("exec", "shell", "logs"):
+            return await _attach(client, args, config, command)
         if args.cmd == "get":
             _print(await client.get(args.name), args.output)
             return 0
@@ -415,7 +537,9 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
             return 0
         if args.cmd == "history":
             items = await client.history(args.name)
-            _print(items, args.output, ("seq", "time", "type", "phase", "actor", "causationid"))
+            if args.output == "table":
+                items = [{**item, "why": _why(item.get("data") or {})} for item in items]
+            _print(items, args.output, ("seq", "time", "type", "phase", "actor", "why", "causationid"))
             return 0
         if args.cmd == "events":
             return await _events(client, args)

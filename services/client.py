@@ -8,6 +8,8 @@ same id can never apply a command twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import re
 from collections.abc import AsyncIterator, Iterable
@@ -20,7 +22,19 @@ from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
 from events import subjects
-from events.commands import CreateSandbox, DeleteSandbox, SandboxCommand, StartSandbox, StopSandbox
+from events.commands import (
+    AcquireLease,
+    CreateSandbox,
+    DeleteSandbox,
+    PlaceStopHold,
+    ReleaseLease,
+    ReleaseStopHold,
+    RenewLease,
+    SandboxCommand,
+    StartSandbox,
+    StopSandbox,
+    TouchSandbox,
+)
 from events.envelope import Envelope, encode, new_id
 from events.replies import ErrorCode, Reply, reply_decoder
 from services.log import decode_event
@@ -266,21 +280,104 @@ class SandboxClient:
         labels: dict[str, str] | None = None,
         driver: str = "",
         command_id: str | None = None,
+        idle_timeout: float | None = None,
+        auto_delete_after: float = 0.0,
     ) -> Reply:
+        """``idle_timeout``: seconds idle before the reaper stops it (0 never; None, the service's
+        default). ``auto_delete_after``: seconds Stopped before the reaper deletes it, workspace
+        and all (0, the default, never)."""
         return await self.send(
             CreateSandbox(
-                name=name, image=image, command=command, labels=labels or {}, driver=driver, **self._meta(command_id)
+                name=name,
+                image=image,
+                command=command,
+                labels=labels or {},
+                driver=driver,
+                idle_timeout=idle_timeout,
+                auto_delete_after=auto_delete_after,
+                **self._meta(command_id),
             )
         )
 
-    async def stop(self, name: str, timeout: float = 10.0, command_id: str | None = None) -> Reply:
-        return await self.send(StopSandbox(name=name, timeout=timeout, **self._meta(command_id)))
+    async def stop(self, name: str, timeout: float = 10.0, command_id: str | None = None, reason: str = "") -> Reply:
+        return await self.send(StopSandbox(name=name, timeout=timeout, reason=reason, **self._meta(command_id)))
 
     async def start(self, name: str, command_id: str | None = None) -> Reply:
         return await self.send(StartSandbox(name=name, **self._meta(command_id)))
 
     async def delete(self, name: str, command_id: str | None = None) -> Reply:
         return await self.send(DeleteSandbox(name=name, **self._meta(command_id)))
+
+    # -- activity, leases and holds (statemachine/idle.py) ------------------------------
+
+    async def touch(self, name: str, via: str = "touch", command_id: str | None = None) -> Reply:
+        """Record use of the sandbox: its idle clock starts again (and a pending stop is cancelled)."""
+        return await self.send(TouchSandbox(name=name, via=via, **self._meta(command_id)))
+
+    async def acquire_lease(self, name: str, holder: str, ttl: float, command_id: str | None = None) -> Reply:
+        """Keep the sandbox from being auto-stopped for ``ttl`` seconds (acquiring again extends it)."""
+        return await self.send(AcquireLease(name=name, holder=holder, ttl=ttl, **self._meta(command_id)))
+
+    async def renew_lease(self, name: str, holder: str, ttl: float, command_id: str | None = None) -> Reply:
+        """Extend a live lease to ``ttl`` seconds from now; FailedPrecondition if it has lapsed."""
+        return await self.send(RenewLease(name=name, holder=holder, ttl=ttl, **self._meta(command_id)))
+
+    async def release_lease(self, name: str, holder: str, command_id: str | None = None) -> Reply:
+        return await self.send(ReleaseLease(name=name, holder=holder, **self._meta(command_id)))
+
+    async def hold(self, name: str, holder: str, reason: str = "", command_id: str | None = None) -> Reply:
+        """Place a stop hold: ``start`` fails with FailedPrecondition naming ``holder`` until released."""
+        return await self.send(PlaceStopHold(name=name, holder=holder, reason=reason, **self._meta(command_id)))
+
+    async def unhold(self, name: str, holder: str, command_id: str | None = None) -> Reply:
+        return await self.send(ReleaseStopHold(name=name, holder=holder, **self._meta(command_id)))
+
+    @contextlib.asynccontextmanager
+    async def lease(self, name: str, holder: str, ttl: float = 60.0) -> AsyncIterator[None]:
+        """Hold a lease for the length of a ``with`` block, renewed at a third of its ttl, so a
+        caller that dies leaves a lease that lapses on its own within ``ttl``."""
+        await self.acquire_lease(name, holder, ttl)
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(ttl / 3)
+                try:
+                    await self.renew_lease(name, holder, ttl)
+                except FailedPrecondition:
+                    await self.acquire_lease(name, holder, ttl)  # lapsed while we were slow: take it again
+
+        renewer = asyncio.create_task(renew())
+        try:
+            yield
+        finally:
+            renewer.cancel()
+            await asyncio.gather(renewer, return_exceptions=True)
+            try:
+                await self.release_lease(name, holder)
+            except SandboxError as exc:  # deleted meanwhile, say: nothing left to release
+                log.debug("releasing lease %s on %s: %s", holder, name, exc)
+
+    async def ensure_running(self, name: str, start: bool = True, timeout: float = 120.0) -> dict[str, Any]:
+        """The sandbox once it is Ready: started first if it is Stopped (or stopping), unless
+        ``start`` is False, which raises FailedPrecondition instead."""
+        item = await self.get(name)
+        phase = item["phase"]
+        if phase == "Ready":
+            return item
+        if phase in ("Provisioning", "Starting"):
+            return await self.wait_for(name, "Ready", item["last_seq"], timeout)
+        if phase not in ("Stopped", "Stopping"):
+            reason = f": {item['last_error']}" if item.get("last_error") else ""
+            raise FailedPrecondition(f"sandbox {name} is {phase}{reason}; start it or delete it first")
+        if not start:
+            raise FailedPrecondition(
+                f"sandbox {name} is {phase} and --no-start keeps it that way; "
+                f"run sandboxctl start {name}, or leave out --no-start"
+            )
+        if phase == "Stopping":
+            item = await self.wait_for(name, "Stopped", item["last_seq"], timeout)
+        reply = await self.start(name)
+        return await self.wait_for(name, "Ready", reply.seq, timeout)
 
     async def query(self, kind: str, **request: Any) -> Any:
         reply = await self._request(subjects.query(kind), msgspec.json.encode(request))
@@ -363,22 +460,35 @@ class SandboxClient:
         if neither happens in time.
         """
         changed = asyncio.Event()
+        noticed: list[dict[str, Any]] = []
 
-        async def poke(_msg: Any) -> None:
+        async def poke(msg: Any) -> None:
+            # A notice carries the row it announces (the projector commits it first); an older
+            # projector's notice carries none, and the row is read back with a get.
+            try:
+                item = json.loads(msg.data).get("item")
+            except ValueError:
+                item = None
+            if isinstance(item, dict):
+                noticed.append(item)
             changed.set()
 
         sub = await self.nc.subscribe(subjects.projected(name), cb=poke)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        fresh = False  # whether the last notice carried its row
         try:
             while True:
                 changed.clear()
-                try:
-                    item = await self.get(name)
-                except SandboxError as exc:
-                    if exc.code != ErrorCode.NOT_FOUND:
-                        raise
-                    item = None
+                if fresh:
+                    item: dict[str, Any] | None = noticed[-1]
+                else:
+                    try:
+                        item = await self.get(name)
+                    except SandboxError as exc:
+                        if exc.code != ErrorCode.NOT_FOUND:
+                            raise
+                        item = None
                 if item is not None and item["last_seq"] >= after_seq:
                     if item["phase"] == phase:
                         return item
@@ -388,9 +498,11 @@ class SandboxClient:
                 if remaining <= 0:
                     now_phase = item["phase"] if item else "unknown"
                     raise WaitTimeout(f"sandbox {name} did not reach {phase} within {timeout:g}s (it is {now_phase})")
+                noticed.clear()
                 try:
                     await asyncio.wait_for(changed.wait(), timeout=min(remaining, 1.0))
                 except TimeoutError:
                     pass
+                fresh = bool(noticed)
         finally:
             await sub.unsubscribe()

@@ -6,7 +6,9 @@ on 4222, data under the user's data directory, podman on a socket of our own.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +58,11 @@ class Config:
     # SANDBOXCTL_PASSWORD, or the credential `sandboxctl up` made for the local user.
     user: str = ""
     password: str = ""
+    # Idleness (docs/architecture.md): a create's idle_timeout when it names none, in seconds (0:
+    # never auto-stopped), the grace period the reaper's warnings give, and how often it looks.
+    idle_timeout: float = 0.0
+    idle_grace: float = 60.0
+    reaper_interval: float = 1.0
 
     @property
     def projection_path(self) -> Path:
@@ -95,9 +102,29 @@ class Config:
         if "SANDBOXCTL_AUTH_DIR" in env:
             cfg.auth_dir = Path(env["SANDBOXCTL_AUTH_DIR"])
         cfg.user, cfg.password = _credentials(env, cfg.auth_path)
+        cfg.idle_timeout = parse_duration(env.get("SANDBOXCTL_IDLE_TIMEOUT", "0"))
+        cfg.idle_grace = parse_duration(env.get("SANDBOXCTL_IDLE_GRACE", "60"))
         if cfg.reconcile_exited not in ("restart", "error"):
             raise ValueError(f"SANDBOXCTL_RECONCILE_EXITED must be restart or error, not {cfg.reconcile_exited!r}")
         return cfg
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)")
+_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``90``, ``90s``, ``10m``, ``2h``, ``7d`` or a sum like ``1h30m``."""
+    spec = text.strip().lower()
+    pos, total = 0, 0.0
+    for match in _DURATION.finditer(spec):
+        if match.start() != pos or (match.group(2) == "" and match.end() != len(spec)):
+            break
+        total += float(match.group(1)) * _UNIT[match.group(2)]
+        pos = match.end()
+    if not spec or pos != len(spec) or not math.isfinite(total):
+        raise ValueError(f"bad duration {text!r}: use seconds or a number with s, m, h or d, e.g. 10m")
+    return total
 
 
 def _credentials(env: dict[str, str], auth_dir: Path) -> tuple[str, str]:

@@ -27,6 +27,7 @@ from services.auth import Authorizer, AuthStore, component_user, local_user_name
 from services.config import Config
 from services.projector import Projector
 from services.query import QueryService
+from services.reaper import Reaper
 from services.statemachine import StateMachineService
 from services.worker import DriverWorker
 
@@ -199,7 +200,7 @@ def detect_drivers(config: Config) -> tuple[str, ...]:
 
 # The services one process can run; ``sandboxctl serve --only`` picks some, so each can be
 # deployed, scaled and killed on its own.
-COMPONENTS = ("statemachine", "projector", "query", "worker")
+COMPONENTS = ("statemachine", "projector", "query", "worker", "reaper")
 
 
 class ControlPlane:
@@ -243,6 +244,7 @@ class ControlPlane:
                 deadlines=self.config.deadlines,
                 replicas=self.config.replicas,
                 authorizer=Authorizer(self.auth) if self.auth_enabled else None,
+                idle_timeout=self.config.idle_timeout,
             )
             await self.statemachine.start()
         if "projector" in self.components:
@@ -260,10 +262,19 @@ class ControlPlane:
             )
             await worker.start()
             self.workers.append(worker)
+        if "reaper" in self.components:
+            self.reaper = Reaper(
+                await self._connect("reaper"),
+                grace=self.config.idle_grace,
+                interval=self.config.reaper_interval,
+                user=component_user("reaper") if self.auth_enabled else "",
+            )
+            await self.reaper.start()
         return self
 
     async def stop(self) -> None:
         for service in [
+            getattr(self, "reaper", None),
             *getattr(self, "workers", []),
             getattr(self, "query", None),
             getattr(self, "projector", None),

@@ -4,10 +4,13 @@ projector (the only writer) and the query service (a reader)."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
+
+from statemachine.state import Hold, Lease, PendingWarning, SandboxState
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (
@@ -22,7 +25,14 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     incarnation TEXT NOT NULL DEFAULT '',
     created_at  TEXT NOT NULL,
     updated_at  TEXT NOT NULL,
-    last_seq    INTEGER NOT NULL
+    last_seq    INTEGER NOT NULL,
+    idle_timeout      REAL NOT NULL DEFAULT 0,
+    auto_delete_after REAL NOT NULL DEFAULT 0,
+    last_activity     TEXT NOT NULL DEFAULT '',
+    activity_seq      INTEGER NOT NULL DEFAULT 0,
+    leases            TEXT NOT NULL DEFAULT '[]',
+    holds             TEXT NOT NULL DEFAULT '[]',
+    warning           TEXT
 );
 CREATE INDEX IF NOT EXISTS sandboxes_phase ON sandboxes(phase);
 CREATE TABLE IF NOT EXISTS history (
@@ -42,8 +52,11 @@ CREATE TABLE IF NOT EXISTS checkpoint (
     id  INTEGER PRIMARY KEY CHECK (id = 1),
     seq INTEGER NOT NULL
 );
-INSERT OR IGNORE INTO checkpoint (id, seq) VALUES (1, 0);
+INSERT OR IGNORE INTO checkpoint (id, seq) VALUES (1, 0)
 """
+# Bumped whenever the tables change: an older projection is dropped and refolded from the
+# log, which holds everything it showed (it is a cache; the log is the truth).
+SCHEMA_VERSION = 2
 
 SANDBOX_COLUMNS = (
     "name",
@@ -58,6 +71,14 @@ SANDBOX_COLUMNS = (
     "created_at",
     "updated_at",
     "last_seq",
+    # idleness (statemachine/idle.py); times as ISO 8601 like the others
+    "idle_timeout",
+    "auto_delete_after",
+    "last_activity",
+    "activity_seq",
+    "leases",
+    "holds",
+    "warning",
 )
 HISTORY_COLUMNS = ("seq", "name", "type", "time", "actor", "correlationid", "causationid", "event_id", "phase", "data")
 
@@ -71,15 +92,83 @@ async def connect(path: Path, readonly: bool = False) -> aiosqlite.Connection:
     await db.execute("PRAGMA synchronous=OFF")
     await db.execute("PRAGMA busy_timeout=5000")
     if not readonly:
-        await db.executescript(SCHEMA)
-        await db.commit()
+        await _migrate(db)
     return db
+
+
+async def _migrate(db: aiosqlite.Connection) -> None:
+    """Create the tables, or drop and recreate ones of an older schema (checkpoint included,
+    so the projector refolds the log from its start). Under a write lock: the projector and
+    the query service both open the file when they start."""
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        (version,) = next(iter(await db.execute_fetchall("PRAGMA user_version")))
+        if version < SCHEMA_VERSION:
+            for table in ("sandboxes", "history", "checkpoint"):
+                await db.execute(f"DROP TABLE IF EXISTS {table}")
+            for statement in SCHEMA.split(";"):
+                await db.execute(statement)
+            await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        await db.commit()
+    except BaseException:
+        await db.rollback()
+        raise
+
+
+def _iso(moment: float) -> str:
+    return datetime.fromtimestamp(moment, UTC).isoformat() if moment else ""
+
+
+def _moment(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp() if iso else 0.0
+
+
+def idle_values(state: SandboxState) -> tuple[object, ...]:
+    """The idleness columns of a sandbox row, in SANDBOX_COLUMNS order."""
+    warning = state.warning
+    return (
+        state.idle_timeout,
+        state.auto_delete_after,
+        _iso(state.last_activity),
+        state.activity_seq,
+        json.dumps([{"holder": x.holder, "expires": _iso(x.expires)} for x in state.leases]) if state.leases else "[]",
+        json.dumps([{"holder": x.holder, "reason": x.reason} for x in state.holds]) if state.holds else "[]",
+        None
+        if warning is None
+        else json.dumps(
+            {
+                "kind": warning.kind,
+                "activity_seq": warning.activity_seq,
+                "deadline": _iso(warning.deadline),
+                "grace": warning.grace,
+            }
+        ),
+    )
+
+
+def idle_fields(item: dict[str, Any]) -> dict[str, Any]:
+    """SandboxState fields from a row's idleness columns (the inverse of idle_values)."""
+    warning = json.loads(item["warning"]) if item["warning"] else None
+    return {
+        "idle_timeout": float(item["idle_timeout"]),
+        "auto_delete_after": float(item["auto_delete_after"]),
+        "last_activity": _moment(item["last_activity"]),
+        "activity_seq": int(item["activity_seq"]),
+        "leases": tuple(Lease(x["holder"], _moment(x["expires"])) for x in json.loads(item["leases"])),
+        "holds": tuple(Hold(x["holder"], x["reason"]) for x in json.loads(item["holds"])),
+        "warning": None
+        if warning is None
+        else PendingWarning(warning["kind"], warning["activity_seq"], _moment(warning["deadline"]), warning["grace"]),
+    }
 
 
 def sandbox_row(row: tuple[Any, ...]) -> dict[str, Any]:
     item = dict(zip(SANDBOX_COLUMNS, row, strict=True))
     item["command"] = json.loads(item["command"]) if item["command"] else None
     item["labels"] = json.loads(item["labels"])
+    item["leases"] = json.loads(item["leases"])
+    item["holds"] = json.loads(item["holds"])
+    item["warning"] = json.loads(item["warning"]) if item["warning"] else None
     return item
 
 

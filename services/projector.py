@@ -22,7 +22,7 @@ from events import subjects
 from events.envelope import encode
 from events.lifecycle import SandboxCreated
 from services.log import DecodeError, decode_event, ensure_streams
-from services.projection import HISTORY_COLUMNS, SANDBOX_COLUMNS, checkpoint, connect
+from services.projection import HISTORY_COLUMNS, SANDBOX_COLUMNS, checkpoint, connect, idle_fields, idle_values
 from services.tail import Tail
 from statemachine import SandboxState, evolve
 from statemachine.machine import IllegalTransition
@@ -64,6 +64,7 @@ class Row(msgspec.Struct):
             self.created_at,
             self.updated_at,
             s.seq,
+            *idle_values(s),
         )
 
 
@@ -99,6 +100,7 @@ class Projector:
                 seq=item["last_seq"],
                 incarnation=item["incarnation"],
                 last_error=item["last_error"],
+                **idle_fields(item),
             )
             self.rows[state.name] = Row(
                 state, item["image"], item["command"], item["labels"], item["created_at"], item["updated_at"]

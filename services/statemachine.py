@@ -63,8 +63,10 @@ class StateMachineService:
         watchdog_interval: float = 1.0,
         replicas: int = 1,
         authorizer: Authorizer | None = None,
+        idle_timeout: float = 0.0,
     ) -> None:
         self.replicas = replicas
+        self.idle_timeout = idle_timeout  # a create's idle_timeout when it names none (0: never auto-stopped)
         # With an authorizer, commands come on sandboxctl.cmd.<verb>.<user> and need the user's role.
         self.authorizer = authorizer
         self.nc = nc
@@ -258,9 +260,11 @@ class StateMachineService:
             return error_reply(ErrorCode.INVALID_ARGUMENT, "command_id must not be empty", command.name)
         if isinstance(command, CreateSandbox) and not command.driver:
             command = msgspec.structs.replace(command, driver=self.default_driver)
+        if isinstance(command, CreateSandbox) and command.idle_timeout is None:
+            command = msgspec.structs.replace(command, idle_timeout=self.idle_timeout)
         return await self._decide_and_append(
             command.name,
-            lambda state: decide(state, command, self.drivers),
+            lambda state: decide(state, command, self.drivers, time.time()),
             command.command_id,
             command.actor,
             command.correlation_id,
