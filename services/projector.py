@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 from pathlib import Path
 
 import msgspec
@@ -22,7 +23,15 @@ from events import subjects
 from events.envelope import encode
 from events.lifecycle import SandboxCreated
 from services.log import DecodeError, decode_event, ensure_streams
-from services.projection import HISTORY_COLUMNS, SANDBOX_COLUMNS, checkpoint, connect, idle_fields, idle_values
+from services.projection import (
+    HISTORY_COLUMNS,
+    SANDBOX_COLUMNS,
+    checkpoint,
+    connect,
+    idle_fields,
+    idle_values,
+    sandbox_row,
+)
 from services.tail import Tail
 from statemachine import SandboxState, evolve
 from statemachine.machine import IllegalTransition
@@ -37,6 +46,20 @@ _UPSERT = (
 _INSERT_HISTORY = (
     f"INSERT OR IGNORE INTO history ({', '.join(HISTORY_COLUMNS)}) VALUES ({', '.join('?' * len(HISTORY_COLUMNS))})"
 )
+
+
+def _write_batch(
+    conn: sqlite3.Connection, upserts: list[tuple[object, ...]], history: list[tuple[object, ...]], last: int
+) -> None:
+    """A batch's rows, history and position in one transaction, run on aiosqlite's thread."""
+    try:
+        conn.executemany(_UPSERT, upserts)
+        conn.executemany(_INSERT_HISTORY, history)
+        conn.execute("UPDATE checkpoint SET seq = ? WHERE id = 1", (last,))
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
 
 
 class Row(msgspec.Struct):
@@ -170,12 +193,14 @@ class Projector:
                 )
             )
         last = batch[-1].metadata.sequence.stream
-        await self.db.executemany(_UPSERT, [row.values() for row in changed.values()])
-        await self.db.executemany(_INSERT_HISTORY, history)
-        await self.db.execute("UPDATE checkpoint SET seq = ? WHERE id = 1", (last,))
-        await self.db.commit()
+        # One hand-off to the database thread per batch, not one per statement: each costs
+        # a queue, a future and a wake-up, on the path of every waiting client.
+        upserts = [row.values() for row in changed.values()]
+        await self.db._execute(_write_batch, self.db._conn, upserts, history, last)
         self.position = last
         if self.notify:
             for name, row in changed.items():
-                notice = {"name": name, "phase": row.state.phase.value, "seq": row.state.seq}
+                # The row as a get would read it: a waiter has its answer without asking for it.
+                item = sandbox_row(row.values())
+                notice = {"name": name, "phase": row.state.phase.value, "seq": row.state.seq, "item": item}
                 await self.nc.publish(subjects.projected(name), encode(notice))
