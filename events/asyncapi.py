@@ -8,6 +8,7 @@ differs from what this module builds. Regenerate with
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -29,11 +30,16 @@ DOCUMENT = Path(__file__).resolve().parent.parent / "docs" / "asyncapi.json"
 
 
 def _asyncapi_schema(node: Any) -> Any:
-    """msgspec writes OpenAPI's discriminator object; an AsyncAPI schema's discriminator is the property name."""
+    """msgspec writes OpenAPI's discriminator object; an AsyncAPI schema's discriminator is the property name.
+
+    Descriptions come from docstrings, which msgspec 0.23 dedents and 0.22 does not: cleaned here,
+    so the document does not depend on which msgspec generated it."""
     if isinstance(node, dict):
         out = {k: _asyncapi_schema(v) for k, v in node.items()}
         if isinstance(out.get("discriminator"), dict):
             out["discriminator"] = out["discriminator"]["propertyName"]
+        if isinstance(out.get("description"), str):
+            out["description"] = inspect.cleandoc(out["description"])
         return out
     if isinstance(node, list):
         return [_asyncapi_schema(v) for v in node]
