@@ -476,12 +476,12 @@ class SandboxClient:
         sub = await self.nc.subscribe(subjects.projected(name), cb=poke)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        fresh = False  # whether the last notice carried its row
         try:
             while True:
                 changed.clear()
-                if fresh:
+                if noticed:
                     item: dict[str, Any] | None = noticed[-1]
+                    noticed.clear()
                 else:
                     try:
                         item = await self.get(name)
@@ -498,11 +498,9 @@ class SandboxClient:
                 if remaining <= 0:
                     now_phase = item["phase"] if item else "unknown"
                     raise WaitTimeout(f"sandbox {name} did not reach {phase} within {timeout:g}s (it is {now_phase})")
-                noticed.clear()
                 try:
                     await asyncio.wait_for(changed.wait(), timeout=min(remaining, 1.0))
                 except TimeoutError:
                     pass
-                fresh = bool(noticed)
         finally:
             await sub.unsubscribe()

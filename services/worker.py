@@ -62,14 +62,15 @@ WORK_ACK_WAIT = 15.0  # seconds before an order not acknowledged nor kept alive 
 
 
 _TYPE = re.compile(rb'"type":"([^"]*)"')
+# The log events that give a driver work.
 _REQUEST = re.compile(r"sandboxctl\.sandbox\.(created|\w+_requested)\.v\d+")
 
 
-def _is_request(data: bytes) -> bool:
-    """Whether a log entry is a request that gives the driver work, read from its JSON without
-    decoding it: the envelope's ``type`` is its first ``"type"`` key."""
+def _raw_type(data: bytes) -> str:
+    """A log entry's type read from its JSON without decoding it (the envelope's ``type`` is
+    its first ``"type"`` key), so that routing never matches words in the event's data."""
     found = _TYPE.search(data)
-    return found is not None and _REQUEST.fullmatch(found.group(1).decode()) is not None
+    return found.group(1).decode() if found else ""
 
 
 def started(info: ContainerInfo) -> tuple[str, Fact]:
@@ -208,9 +209,10 @@ class DriverWorker:
         if seq in self._held:
             return  # redelivered while still in hand (a slow engine): the first copy runs
         self._held[seq] = msg
-        if _is_request(msg.data):
+        kind = _raw_type(msg.data)
+        if _REQUEST.fullmatch(kind):
             self._latest_request[name] = max(seq, self._latest_request.get(name, 0))
-        if b".delete_requested." in msg.data:
+        if ".delete_requested." in kind:
             # A delete force-removes, so it need not wait behind a stop or start that
             # hangs in the engine: that is how a user gets out of a stuck sandbox.
             task = asyncio.create_task(self._handle_now(msg))
