@@ -7,7 +7,8 @@ import contextlib
 from typing import Any
 
 from events import subjects
-from services.log import DecodeError, decode_event
+from events.envelope import Envelope
+from services.log import DecodeError, decode_event, decode_fact
 from services.tail import Tail
 from statemachine import IllegalTransition, SandboxState, evolve
 
@@ -32,6 +33,21 @@ def event_kind(type_: str) -> str:
 
 def phase_after(type_: str, before: str | None) -> str | None:
     return PHASE_AFTER.get(event_kind(type_), before)
+
+
+async def facts_of(js: Any, name: str) -> list[tuple[int, Envelope]]:
+    """Every driver fact stored so far about one sandbox, in stream order."""
+    tail = Tail(js, subjects.FACTS_STREAM, subjects.fact(name), 1, batch=500)
+    end = await tail.last_seq()
+    found: list[tuple[int, Envelope]] = []
+    try:
+        async for batch in tail.batches():
+            found += [(msg.metadata.sequence.stream, decode_fact(msg.data)) for msg in batch]
+            if tail.next_seq > end:
+                break
+    finally:
+        await tail.close()
+    return found
 
 
 class LogFollower:

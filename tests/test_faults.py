@@ -29,7 +29,6 @@ The figures are printed at the end (run with ``-s`` to see them).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
 import signal
@@ -331,9 +330,9 @@ async def test_no_event_lost_and_no_sandbox_stuck_through_kills_restarts_and_eng
         # The engine agrees with the log.
         for name, phase in final.items():
             if phase == "Ready":
-                assert podman_state(name)["Running"], f"{name} is Ready but its container is not running"
+                assert engines["podman"].state(name)["Running"], f"{name} is Ready but its container is not running"
             elif phase == "Stopped":
-                assert not podman_state(name)["Running"], f"{name} is Stopped but its container runs"
+                assert not engines["podman"].state(name)["Running"], f"{name} is Stopped but its container runs"
             elif phase == "Deleted":
                 assert not engines["podman"].container_exists(name), f"{name} is Deleted but its container is there"
                 assert not engines["podman"].volume_exists(name), f"{name} is Deleted but its workspace is there"
@@ -379,10 +378,3 @@ async def test_no_event_lost_and_no_sandbox_stuck_through_kills_restarts_and_eng
         for service in services.values():
             await asyncio.to_thread(service.stop)
         server.stop()
-
-
-def podman_state(name: str) -> dict[str, Any]:
-    out = subprocess.run(
-        ["podman", "container", "inspect", f"sandboxctl-{name}"], capture_output=True, text=True, check=True
-    ).stdout
-    return dict(json.loads(out)[0]["State"])

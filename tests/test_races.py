@@ -91,11 +91,10 @@ from services import audit
 from services.client import AlreadyExists, SandboxClient
 from services.config import Config
 from services.embedded import ControlPlane
-from services.log import decode_fact, publish_fact
+from services.log import publish_fact
 from services.statemachine import FACTS_CONSUMER, StateMachineService
-from services.tail import Tail
 from tests.conftest import ROOT
-from tests.logview import event_kind, phase_after
+from tests.logview import event_kind, facts_of, phase_after
 
 PROCESSES = 3
 LANES = 20
@@ -550,21 +549,9 @@ async def story(js: Any, name: str) -> str:
         if not isinstance(envelope, Exception):
             what = f"log {seq} {event_kind(envelope.type)} by {envelope.actor} cause {envelope.causationid}"
             lines.append((envelope.time.isoformat(), f"{what} {msgspec.to_builtins(envelope.data)}"))
-    tail = Tail(js, subjects.FACTS_STREAM, subjects.fact(name), 1, batch=500)
-    end = await tail.last_seq()
-    try:
-        async for batch in tail.batches():
-            if not end:
-                break
-            for msg in batch:
-                envelope = decode_fact(msg.data)
-                seq = msg.metadata.sequence.stream
-                what = f"fact {seq} {event_kind(envelope.type)} id {envelope.id}"
-                lines.append((envelope.time.isoformat(), f"{what} {msgspec.to_builtins(envelope.data)}"))
-            if tail.next_seq > end:
-                break
-    finally:
-        await tail.close()
+    for seq, envelope in await facts_of(js, name):
+        what = f"fact {seq} {event_kind(envelope.type)} id {envelope.id}"
+        lines.append((envelope.time.isoformat(), f"{what} {msgspec.to_builtins(envelope.data)}"))
     return "\n".join(f"  {t} {line}" for t, line in sorted(lines))
 
 
@@ -708,18 +695,9 @@ async def test_a_name_created_again_right_after_delete_keeps_its_container(
     watcher_seq = 0
     for _ in range(400):  # up to 20 s for the watcher's removal report, then for the state machine to take it
         if not watcher_seq:
-            tail = Tail(js, subjects.FACTS_STREAM, subjects.fact(name), 1, batch=100)
-            end = await tail.last_seq()
-            try:
-                async for batch in tail.batches():
-                    for msg in batch:
-                        fact = decode_fact(msg.data)
-                        if event_kind(fact.type) == "container_removed" and not fact.causationid:
-                            watcher_seq = msg.metadata.sequence.stream
-                    if tail.next_seq > end:
-                        break
-            finally:
-                await tail.close()
+            for seq, fact in await facts_of(js, name):
+                if event_kind(fact.type) == "container_removed" and not fact.causationid:
+                    watcher_seq = seq
         else:
             info = await js.consumer_info(subjects.FACTS_STREAM, FACTS_CONSUMER)
             if info.ack_floor is not None and (info.ack_floor.stream_seq or 0) >= watcher_seq:
