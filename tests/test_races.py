@@ -80,6 +80,7 @@ from typing import Any
 import msgspec
 import nats
 import pytest
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 import services.statemachine as statemachine_module
@@ -93,6 +94,7 @@ from services.config import Config
 from services.embedded import ControlPlane
 from services.log import publish_fact
 from services.statemachine import FACTS_CONSUMER, StateMachineService
+from services.worker import DriverWorker
 from tests.conftest import ROOT
 from tests.logview import event_kind, facts_of, phase_after
 
@@ -839,3 +841,45 @@ async def test_late_facts_of_an_earlier_run_move_nothing(
         ("ready", plane.statemachine.states[name].incarnation)
     ], after
     assert plane.statemachine.states[name].incarnation != first.incarnation
+
+
+async def test_a_stop_delivered_again_after_a_start_won_leaves_the_new_run_alone(
+    plane: ControlPlane, client: SandboxClient, names, image: str, engines
+) -> None:
+    """At least once: a worker that died before acknowledging a stop has it delivered again to the
+    next worker, perhaps after a start has won. Run then, the stop would kill the new run (and the
+    sandbox would fail). Here JetStream really redelivers the old stop (fetched, nak'd, fetched
+    again) to a worker that never saw the start: it must find the later request in the log and
+    skip the order."""
+    name = names.new("again")
+    await client.create(name, image, command=SLEEPER)
+    await client.wait_for(name, "Ready")
+    stop = await client.stop(name, timeout=5)
+    await client.wait_for(name, "Stopped", stop.seq)
+    start = await client.start(name)
+    await client.wait_for(name, "Ready", start.seq)
+    running = engines["podman"].state(name)["StartedAt"]
+
+    js = plane.statemachine.js
+    psub = await js.pull_subscribe(
+        subjects.log(name),
+        durable=f"redeliver-{uuid.uuid4().hex[:8]}",
+        stream=subjects.LOG_STREAM,
+        config=ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=stop.seq, ack_wait=30, max_ack_pending=1
+        ),
+    )
+    (first,) = await psub.fetch(1, timeout=5)
+    await first.nak()
+    (again,) = await psub.fetch(1, timeout=5)
+    assert again.metadata.sequence.stream == stop.seq and again.metadata.num_delivered == 2
+
+    driver = next(w for w in plane.workers if w.driver.name == "podman").driver
+    fresh = DriverWorker(await nats.connect(plane.config.nats_url), driver)  # knows nothing of the start
+    try:
+        await fresh._handle(again)
+    finally:
+        await fresh.nc.close()
+    state = engines["podman"].state(name)
+    assert state["Running"] and state["StartedAt"] == running, "the old stop ran on the new run"
+    assert plane.statemachine.states[name].phase.value == "Ready"
