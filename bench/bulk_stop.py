@@ -11,12 +11,14 @@ its own, timed from launch to exit, against the control plane running as
 That includes the CLI's interpreter start, which the raw side does not pay, so
 a no-op CLI call (``sandboxctl list``) is timed too and reported next to it.
 
-The raw side is the strictest baseline we could make: container objects
-fetched beforehand, then only ``container.stop()`` calls, from a thread pool
-of 1 to 64 threads (one trial each, containers restarted in between); the
-fastest trial is the baseline. A single trial per parallelism makes the best
-one a slight underestimate on a noisy machine, which only makes the target
-harder to meet.
+The raw side: container objects fetched beforehand, then only
+``container.stop()`` calls from a thread pool. A sweep of pool sizes (1 to 64,
+one trial each, containers restarted in between) finds the best size; then
+each ``stop --all`` trial is followed by a raw trial at that size, and the
+target compares the two medians. A median against the single luckiest of six
+sweep trials would compare unlike statistics on a machine whose engines vary by
+a fifth from one trial to the next; that harsher ratio is reported too
+(``ratio_to_fastest_raw_trial``).
 
 Only one engine's sandboxes are Ready at a time, so each ``stop --all``
 stops exactly that engine's 100. From the log it also reports when the first
@@ -130,40 +132,35 @@ async def last_seq(client: SandboxClient, stream: str) -> int:
     return int((await client.nc.jetstream().stream_info(stream)).state.last_seq)
 
 
-async def sandboxctl_trials(
-    client: SandboxClient, cfg: Config, names: list[str], trials: int, serve_pid: int
-) -> tuple[list[float], list[dict[str, Any]]]:
-    times, timelines = [], []
-    for trial in range(trials):
-        if trial:
-            await bounded(SETUP_PARALLEL, [to_phase(client, n, "start") for n in names])
-        await asyncio.sleep(2.0)  # let the last starts' watcher copies settle
-        log_from = await last_seq(client, subjects.LOG_STREAM) + 1
-        facts_from = await last_seq(client, subjects.FACTS_STREAM) + 1
-        t0 = time.time()
-        serve_cpu, cli_cpu = process_cpu(serve_pid), children_cpu()
-        elapsed, code, out = await run_cli(cfg, "stop", "--all")
-        serve_cpu, cli_cpu = process_cpu(serve_pid) - serve_cpu, children_cpu() - cli_cpu
-        # A sandbox the stop failed for is the product's failure, not the benchmark's: it is
-        # recorded (and fails the target) rather than raised, so the other engine is still measured.
-        stopped = {s["name"] for s in await client.list(phases=["Stopped"])}
-        failed = len(set(names) - stopped)
-        if failed and code == 0:
-            raise RuntimeError(f"stop --all exited 0 but left {failed} sandboxes not Stopped: {out}")
-        times.append(elapsed)
-        await asyncio.sleep(1.0)
-        timelines.append(
-            {
-                "total_ms": elapsed * 1000,
-                **await timeline(client, log_from, facts_from, t0),
-                "serve_cpu_s": serve_cpu,
-                "cli_cpu_s": cli_cpu,
-                "exit_code": code,
-                "not_stopped": failed,
-                "first_error": next((line for line in out.splitlines() if line.startswith("sandboxctl:")), ""),
-            }
-        )
-    return times, timelines
+async def sandboxctl_trial(
+    client: SandboxClient, cfg: Config, names: list[str], first: bool, serve_pid: int
+) -> tuple[float, dict[str, Any]]:
+    """One ``stop --all``: seconds from launch to exit, and its timeline from the log."""
+    if not first:
+        await bounded(SETUP_PARALLEL, [to_phase(client, n, "start") for n in names])
+    await asyncio.sleep(2.0)  # let the last starts' watcher copies settle
+    log_from = await last_seq(client, subjects.LOG_STREAM) + 1
+    facts_from = await last_seq(client, subjects.FACTS_STREAM) + 1
+    t0 = time.time()
+    serve_cpu, cli_cpu = process_cpu(serve_pid), children_cpu()
+    elapsed, code, out = await run_cli(cfg, "stop", "--all")
+    serve_cpu, cli_cpu = process_cpu(serve_pid) - serve_cpu, children_cpu() - cli_cpu
+    # A sandbox the stop failed for is the product's failure, not the benchmark's: it is
+    # recorded (and fails the target) rather than raised, so the other engine is still measured.
+    stopped = {s["name"] for s in await client.list(phases=["Stopped"])}
+    failed = len(set(names) - stopped)
+    if failed and code == 0:
+        raise RuntimeError(f"stop --all exited 0 but left {failed} sandboxes not Stopped: {out}")
+    await asyncio.sleep(1.0)
+    return elapsed, {
+        "total_ms": elapsed * 1000,
+        **await timeline(client, log_from, facts_from, t0),
+        "serve_cpu_s": serve_cpu,
+        "cli_cpu_s": cli_cpu,
+        "exit_code": code,
+        "not_stopped": failed,
+        "first_error": next((line for line in out.splitlines() if line.startswith("sandboxctl:")), ""),
+    }
 
 
 def raw_trials(sdk: Any, names: list[str], parallelism: list[int]) -> dict[int, float]:
@@ -199,25 +196,37 @@ async def measure_engine(
         await bounded(SETUP_PARALLEL, [to_phase(client, n, "create", driver=engine) for n in names])
         with ThreadPoolExecutor(SETUP_PARALLEL) as setup:
             list(setup.map(lambda n: create_raw(sdk, n), raws))
-        ours, timelines = await sandboxctl_trials(client, cfg, names, trials, serve_pid)
-        raw = await asyncio.to_thread(raw_trials, sdk, raws, parallelism)
+        # The sweep finds the best pool size; then sandboxctl and the raw SDK at that size take
+        # turns, so drift in the engine (it slows as it ages) weighs on both sides alike, and
+        # the two medians compare like with like.
+        sweep = await asyncio.to_thread(raw_trials, sdk, raws, parallelism)
+        best_threads = min(sweep, key=lambda t: sweep[t])
+        ours, timelines, raw_best = [], [], []
+        for trial in range(trials):
+            elapsed, line = await sandboxctl_trial(client, cfg, names, trial == 0, serve_pid)
+            ours.append(elapsed)
+            timelines.append(line)
+            raw_best.append((await asyncio.to_thread(raw_trials, sdk, raws, [best_threads]))[best_threads])
     finally:
         await bounded(SETUP_PARALLEL, [to_phase(client, n, "delete") for n in names])
         with ThreadPoolExecutor(SETUP_PARALLEL) as setup:
             list(setup.map(lambda n: remove_raw(sdk, n), raws))
         sdk.close()
-    best_threads = min(raw, key=lambda t: raw[t])
-    median = statistics.median(ours)
+    median, raw_median = statistics.median(ours), statistics.median(raw_best)
+    ratio = median / raw_median
     return {
         "sandboxes": count,
         "sandboxctl_stop_all_ms": [t * 1000 for t in ours],
         "sandboxctl_median_ms": median * 1000,
-        "raw_ms_by_parallelism": {str(t): s * 1000 for t, s in raw.items()},
+        "raw_sweep_ms_by_parallelism": {str(t): s * 1000 for t, s in sweep.items()},
         "raw_best_parallelism": best_threads,
-        "raw_best_ms": raw[best_threads] * 1000,
-        "ratio": median / raw[best_threads],
+        "raw_best_ms": [t * 1000 for t in raw_best],
+        "raw_best_median_ms": raw_median * 1000,
+        "ratio": ratio,
+        # sandboxctl's median against the single fastest raw trial of all: the harshest reading
+        "ratio_to_fastest_raw_trial": median / min([*raw_best, *sweep.values()]),
         "sandboxes_not_stopped": sum(int(t["not_stopped"]) for t in timelines),
-        "target_met": median / raw[best_threads] <= TARGET_RATIO and not any(t["not_stopped"] for t in timelines),
+        "target_met": ratio <= TARGET_RATIO and not any(t["not_stopped"] for t in timelines),
         "timeline_ms": timelines,
     }
 
@@ -239,7 +248,7 @@ async def run(
         }
         for result in results.values():
             result["ratio_without_cli_start"] = (result["sandboxctl_median_ms"] - statistics.median(noop)) / result[
-                "raw_best_ms"
+                "raw_best_median_ms"
             ]
         return {"cli_noop_ms": statistics.median(noop), **results}
     finally:
@@ -262,7 +271,8 @@ def main() -> None:
             "title": "Bulk stop",
             "summary": (
                 f"sandboxctl stop --all over {count} Ready sandboxes (the console script, launch to exit) "
-                f"against stopping {count} identical containers with the raw SDK at the best thread-pool size. "
+                f"against stopping {count} identical containers with the raw SDK at the best thread-pool size "
+                "(found by a sweep, then measured in turns with sandboxctl's trials; medians compared). "
                 f"Target: at most {TARGET_RATIO:g}x the raw time."
             ),
             "notes": (

@@ -43,9 +43,9 @@ def _message(exc: Exception) -> str:
 
 class PodmanDriver:
     name = "podman"
-    # Podman 4.3 works through concurrent stops largely one at a time; with 100 in
+    # Podman 4.3 works through concurrent stops largely one at a time: with 100 in
     # flight the last ones outlive the SDK's read timeout (1.5 x grace) and fail.
-    parallelism = 6
+    parallelism = 16  # the best raw thread count measured for 100 stops (bench/bulk_stop.py)
 
     def __init__(self, base_url: str, timeout: float = 60.0) -> None:
         self.base_url = base_url
