@@ -148,7 +148,7 @@ class Run:
     seconds: float
     events_per_s: float
     mb_per_s: float
-    client_cpu_s: float
+    client_cpu_s: float  # with the CPU of any process the client started (the catch-up reader)
     server_cpu_s: float
     load1: float  # the machine's 1-minute load average as the run started: other work skews a 2-core box
 
@@ -162,12 +162,18 @@ class Reading:
     finished: float = 0.0
 
 
+def client_cpu_seconds() -> float:
+    """This process's CPU and its finished children's: the projector's catch-up reader is one."""
+    t = os.times()
+    return cpu_seconds() + t.children_user + t.children_system
+
+
 async def measure(name: str, server_pid: int, read: Callable[[], Awaitable[Reading]]) -> Run:
     load1 = os.getloadavg()[0]
-    cpu0, srv0 = cpu_seconds(), server_cpu_seconds(server_pid)
+    cpu0, srv0 = client_cpu_seconds(), server_cpu_seconds(server_pid)
     start = time.perf_counter()
     got = await read()
-    cpu1, srv1 = cpu_seconds(), server_cpu_seconds(server_pid)
+    cpu1, srv1 = client_cpu_seconds(), server_cpu_seconds(server_pid)
     elapsed = got.finished - start
     return Run(
         reader=name,
@@ -270,6 +276,37 @@ async def read_ordered_push(nc: NATS, events: int) -> Reading:
             await sub.unsubscribe()
 
 
+async def read_push_flow_control(nc: NATS, events: int) -> Reading:
+    """A plain push consumer with flow control, counted in a callback: nats-py's ordered
+    consumer without its per-message sequence checks (the catch-up reader's way)."""
+    js = nc.jetstream()
+    inbox = nc.new_inbox()
+    subs: list[Any] = []
+    consumers: list[str] = []
+
+    async def start(count: Callable[[Msg], Awaitable[None]]) -> None:
+        async def cb(msg: Msg) -> None:
+            if msg.data:
+                await count(msg)
+            elif msg.reply:  # flow control
+                await nc.publish(msg.reply, b"")
+
+        subs.append(await nc.subscribe(inbox, cb=cb, pending_msgs_limit=-1, pending_bytes_limit=-1))
+        config = _ephemeral()
+        config.deliver_subject = inbox
+        config.flow_control = True
+        config.idle_heartbeat = 1.0
+        consumers.append((await js.add_consumer(STREAM, config=config)).name)
+
+    try:
+        return await _counting(nc, events, start)
+    finally:
+        for sub in subs:
+            await sub.unsubscribe()
+        for name in consumers:
+            await js.delete_consumer(STREAM, name)
+
+
 async def read_pipelined_pull(nc: NATS, events: int, batch: int = BATCH, window: int = WINDOW) -> Reading:
     """A pull consumer driven by hand: ``WINDOW`` pull requests of ``BATCH`` kept in
     flight on a plain subscription with a callback, so the server never waits
@@ -342,6 +379,7 @@ RAW_READERS: dict[str, Callable[[NATS, int], Awaitable[Reading]]] = {
     "fetch_1000": lambda nc, n: read_fetch(nc, n, 1_000),
     f"fetch_{BATCH}": lambda nc, n: read_fetch(nc, n, BATCH),
     "ordered_push": read_ordered_push,
+    "push_flow_control": read_push_flow_control,
     f"pipelined_pull_{BATCH}x{WINDOW}": read_pipelined_pull,
     f"direct_get_batch_1000x{WINDOW}": read_direct_batch,
 }

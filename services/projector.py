@@ -12,8 +12,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sqlite3
+import sys
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -22,6 +26,7 @@ from nats.aio.msg import Msg
 from events import subjects
 from events.envelope import encode
 from events.lifecycle import SandboxCreated
+from services.bulkread import READER_ENV
 from services.log import DecodeError, decode_event, ensure_streams
 from services.projection import (
     HISTORY_COLUMNS,
@@ -47,19 +52,41 @@ _INSERT_HISTORY = (
     f"INSERT OR IGNORE INTO history ({', '.join(HISTORY_COLUMNS)}) VALUES ({', '.join('?' * len(HISTORY_COLUMNS))})"
 )
 
+# Catching up with a reader process (services/bulkread.py) pays once this far behind at start.
+BULK_BEHIND = 20_000
+HISTORY_CHUNK = 20_000  # history rows per write while catching up
+ROWS_EVERY = 500_000  # events between commits of the rows and the position while catching up
+
 
 def _write_batch(
-    conn: sqlite3.Connection, upserts: list[tuple[object, ...]], history: list[tuple[object, ...]], last: int
+    conn: sqlite3.Connection, upserts: list[tuple[object, ...]], history: list[tuple[object, ...]], last: int | None
 ) -> None:
-    """A batch's rows, history and position in one transaction, run on aiosqlite's thread."""
+    """Rows, history and position (unless ``last`` is None) in one transaction, run on
+    aiosqlite's thread. History alone may run ahead of the position: its rows are keyed
+    by sequence and inserted or ignored, so re-projecting them is harmless."""
     try:
-        conn.executemany(_UPSERT, upserts)
-        conn.executemany(_INSERT_HISTORY, history)
-        conn.execute("UPDATE checkpoint SET seq = ? WHERE id = 1", (last,))
+        if upserts:
+            conn.executemany(_UPSERT, upserts)
+        if history:
+            conn.executemany(_INSERT_HISTORY, history)
+        if last is not None:
+            conn.execute("UPDATE checkpoint SET seq = ? WHERE id = 1", (last,))
         conn.commit()
     except BaseException:
         conn.rollback()
         raise
+
+
+def _reader_connect(nc: NATS) -> dict[str, Any]:
+    """The reader process's nats.connect options: the projector's own server, user and inboxes."""
+    url = nc.connected_url
+    options: dict[str, Any] = {"servers": [url.geturl()] if url else []}
+    for key in ("user", "password", "token"):
+        if nc.options.get(key):
+            options[key] = nc.options[key]
+    if nc._inbox_prefix:
+        options["inbox_prefix"] = bytes(nc._inbox_prefix).decode()
+    return options
 
 
 class Row(msgspec.Struct):
@@ -70,7 +97,7 @@ class Row(msgspec.Struct):
     command: str | None
     labels: str
     created_at: str
-    updated_at: str
+    updated: datetime  # formatted only when the row is written: most events are overtaken first
 
     def values(self) -> tuple[object, ...]:
         s = self.state
@@ -85,18 +112,19 @@ class Row(msgspec.Struct):
             s.last_error,
             s.incarnation,
             self.created_at,
-            self.updated_at,
+            self.updated.isoformat(),
             s.seq,
             *idle_values(s),
         )
 
 
 class Projector:
-    def __init__(self, nc: NATS, db_path: Path, notify: bool = True) -> None:
+    def __init__(self, nc: NATS, db_path: Path, notify: bool = True, bulk_behind: int = BULK_BEHIND) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.db_path = db_path
         self.notify = notify
+        self.bulk_behind = bulk_behind
         self.rows: dict[str, Row] = {}
         self.position = 0
         self.caught_up = asyncio.Event()
@@ -126,7 +154,12 @@ class Projector:
                 **idle_fields(item),
             )
             self.rows[state.name] = Row(
-                state, item["image"], item["command"], item["labels"], item["created_at"], item["updated_at"]
+                state,
+                item["image"],
+                item["command"],
+                item["labels"],
+                item["created_at"],
+                datetime.fromisoformat(item["updated_at"]),
             )
 
     async def stop(self) -> None:
@@ -138,6 +171,9 @@ class Projector:
 
     async def _run(self) -> None:
         target = await self.tail.last_seq()
+        if target - self.position >= self.bulk_behind:
+            await self._catch_up(target)
+            self.tail.next_seq = self.position + 1
         if self.tail.next_seq > target:
             self.caught_up.set()  # nothing to read: do not wait out an idle fetch
         async for batch in self.tail.batches():
@@ -146,61 +182,141 @@ class Projector:
             if self.tail.next_seq > target:
                 self.caught_up.set()
 
+    def _fold(self, seq: int, data: bytes, changed: dict[str, Row], history: list[tuple[object, ...]]) -> None:
+        """Fold one logged event into ``rows``, noting the row it changed and its history line."""
+        try:
+            envelope = decode_event(data)
+        except DecodeError as exc:
+            log.error("log seq %d is not a readable event: %s", seq, exc)
+            return
+        name = envelope.subject
+        row = self.rows.get(name)
+        try:
+            state = evolve(row.state if row else None, envelope, seq)
+        except IllegalTransition as exc:
+            log.error("log seq %d breaks the state machine: %s", seq, exc)
+            return
+        event = envelope.data
+        if isinstance(event, SandboxCreated):
+            stamp = envelope.time.isoformat()
+            row = Row(
+                state,
+                event.image,
+                json.dumps(event.command) if event.command is not None else None,
+                json.dumps(event.labels, sort_keys=True),
+                stamp,
+                envelope.time,
+            )
+            self.rows[name] = row
+        else:
+            assert row is not None
+            row.state, row.updated = state, envelope.time  # the one live copy of the row: no new object per event
+        changed[name] = row
+        history.append((seq, name, state.phase.value, data))
+
     async def apply(self, batch: list[Msg]) -> None:
         changed: dict[str, Row] = {}
         history: list[tuple[object, ...]] = []
         for msg in batch:
-            seq = msg.metadata.sequence.stream
-            try:
-                envelope = decode_event(msg.data)
-            except DecodeError as exc:
-                log.error("log seq %d is not a readable event: %s", seq, exc)
-                continue
-            name = envelope.subject
-            row = self.rows.get(name)
-            try:
-                state = evolve(row.state if row else None, envelope, seq)
-            except IllegalTransition as exc:
-                log.error("log seq %d breaks the state machine: %s", seq, exc)
-                continue
-            stamp = envelope.time.isoformat()
-            event = envelope.data
-            if isinstance(event, SandboxCreated):
-                row = Row(
-                    state,
-                    event.image,
-                    json.dumps(event.command) if event.command is not None else None,
-                    json.dumps(event.labels, sort_keys=True),
-                    stamp,
-                    stamp,
-                )
-            else:
-                assert row is not None
-                row = msgspec.structs.replace(row, state=state, updated_at=stamp)
-            self.rows[name] = changed[name] = row
-            history.append(
-                (
-                    seq,
-                    name,
-                    envelope.type,
-                    stamp,
-                    envelope.actor,
-                    envelope.correlationid,
-                    envelope.causationid,
-                    envelope.id,
-                    state.phase.value,
-                    encode(event).decode(),
-                )
-            )
+            self._fold(msg.metadata.sequence.stream, msg.data, changed, history)
         last = batch[-1].metadata.sequence.stream
         # One hand-off to the database thread per batch, not one per statement: each costs
         # a queue, a future and a wake-up, on the path of every waiting client.
+        await self._commit(changed, history, last)
+
+    def _submit(
+        self, changed: dict[str, Row], history: list[tuple[object, ...]], last: int | None
+    ) -> asyncio.Future[None]:
+        """Hand rows (as they are now), history and position to the database thread."""
         upserts = [row.values() for row in changed.values()]
-        await self.db._execute(_write_batch, self.db._conn, upserts, history, last)
+        return asyncio.ensure_future(self.db._execute(_write_batch, self.db._conn, upserts, history, last))
+
+    async def _commit(self, changed: dict[str, Row], history: list[tuple[object, ...]], last: int) -> None:
+        await self._submit(changed, history, last)
         self.position = last
         if self.notify:
-            for name, row in changed.items():
-                # The row as a get would read it: a waiter has its answer without asking for it.
-                item = sandbox_row(row.values())
-                notice = {"name": name, "phase": row.state.phase.value, "seq": row.state.seq, "item": item}
-                await self.nc.publish(subjects.projected(name), encode(notice))
+            await self._announce(changed)
+
+    async def _announce(self, changed: dict[str, Row]) -> None:
+        """Tell waiters what was committed: the row as a get would read it, so a waiter
+        has its answer without asking for it."""
+        for name, row in changed.items():
+            item = sandbox_row(row.values())
+            notice = {"name": name, "phase": row.state.phase.value, "seq": row.state.seq, "item": item}
+            await self.nc.publish(subjects.projected(name), encode(notice))
+
+    async def _catch_up(self, target: int) -> None:
+        """Fold the log up to ``target`` with a reader process feeding this one.
+
+        Reading and folding each cost about a core's worth of a long replay, so the
+        reader (services/bulkread.py) runs beside the fold instead of taking turns
+        with it. Writes go to SQLite's thread while the next frames are folded: history
+        every ``HISTORY_CHUNK`` events, rows with the position every ``ROWS_EVERY``
+        events and at the end, so a crash resumes at a position whose rows are all
+        there. If the reader fails, what was folded is committed and the ordinary
+        reader goes on from there. Waiters hear of the rows once, at the end."""
+        reader = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "services.bulkread",
+            subjects.LOG_STREAM,
+            subjects.LOG_ALL,
+            str(self.position + 1),
+            str(target),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, READER_ENV: json.dumps(_reader_connect(self.nc))},
+            limit=1 << 22,
+        )
+        assert reader.stdout is not None and reader.stderr is not None
+        decode_frame = msgspec.msgpack.Decoder(tuple[int, list[bytes]]).decode
+        changed: dict[str, Row] = {}  # since the last commit of rows
+        touched: dict[str, Row] = {}  # since the catch-up began
+        history: list[tuple[object, ...]] = []
+        writing: asyncio.Future[None] | None = None  # one write in flight: memory stays bounded
+        writing_position: int | None = None
+        folded = committed = self.position
+        whole = True  # every frame read was folded whole: rows and ``folded`` agree
+
+        async def settle() -> None:
+            nonlocal writing
+            if writing is not None:
+                await writing
+                writing = None
+                if writing_position is not None:
+                    self.position = writing_position
+
+        try:
+            while folded < target:
+                try:
+                    size = int.from_bytes(await reader.stdout.readexactly(4), "big")
+                    last, payloads = decode_frame(await reader.stdout.readexactly(size))
+                except asyncio.IncompleteReadError:
+                    break
+                whole = False
+                for seq, data in enumerate(payloads, last - len(payloads) + 1):
+                    self._fold(seq, data, changed, history)
+                folded, whole = last, True
+                rows_due = folded - committed >= ROWS_EVERY
+                if rows_due or len(history) >= HISTORY_CHUNK:
+                    await settle()
+                    writing_position = folded if rows_due else None
+                    writing = self._submit(changed if rows_due else {}, history, writing_position)
+                    history = []
+                    if rows_due:
+                        touched.update(changed)
+                        changed, committed = {}, folded
+        finally:
+            if reader.returncode is None:
+                reader.kill()
+            error = (await reader.stderr.read()).decode(errors="replace").strip()
+            await reader.wait()
+            await settle()
+            if whole:
+                touched.update(changed)
+                await self._submit(changed, history, folded)
+                self.position = folded
+        if self.notify:
+            await self._announce(touched)
+        if folded < target:
+            log.warning("projector: catch-up reader stopped at %d of %d (%s); reading on", folded, target, error)

@@ -242,14 +242,25 @@ def check_start(state: SandboxState) -> Rejection | None:
     )
 
 
-def fold_activity(state: SandboxState, envelope: Envelope, seq: int, phase: Phase, changes: dict[str, object]) -> None:
+_WARNINGS = (SandboxStopWarning, SandboxDeleteWarning)
+
+
+def fold_activity(
+    state: SandboxState,
+    envelope: Envelope,
+    seq: int,
+    phase: Phase,
+    changes: dict[str, object],
+    moment: float | None = None,
+) -> None:
     """Add to ``changes`` what ``envelope`` does to activity, leases, holds and warnings.
 
     Lapsed leases are dropped at each event, by the event's own time, so the fold is the
     same whenever it runs. Phase events (the hot path of every fold) cost two attribute
-    reads and a timestamp here."""
+    reads here; ``moment`` is the event's time as a timestamp, if the caller has it."""
     event = envelope.data
-    moment = envelope.time.timestamp()
+    if moment is None:
+        moment = envelope.time.timestamp()
     if state.leases and any(lease.expires <= moment for lease in state.leases):
         changes["leases"] = tuple(lease for lease in state.leases if lease.expires > moment)
     if event.TRIGGER == "note":
@@ -261,7 +272,7 @@ def fold_activity(state: SandboxState, envelope: Envelope, seq: int, phase: Phas
             changes["warning"] = None
     elif state.warning is not None and (phase is not state.phase or isinstance(event, SandboxWarningCancelled)):
         changes["warning"] = None
-    if isinstance(event, SandboxStopWarning | SandboxDeleteWarning):
+    if isinstance(event, _WARNINGS):
         kind = STOP if isinstance(event, SandboxStopWarning) else DELETE
         changes["warning"] = PendingWarning(
             kind=kind, activity_seq=event.activity_seq, deadline=moment + event.grace, grace=event.grace

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import os
 import signal
 import stat
@@ -22,12 +23,14 @@ import nats
 import pytest
 from nats.js.api import ConsumerConfig, StreamConfig
 
+from bench.replay import fill
 from events import subjects
 from events.commands import command_decoder
 from services.auth import READ, WRITE, AuthStore, component_user
 from services.client import Denials, PermissionDenied, SandboxClient
 from services.config import Config
 from services.embedded import ControlPlane, NatsServer, free_port
+from services.projector import Projector
 from tests.conftest import CLI, ROOT, podman
 
 ADMIN_USER = "ops"
@@ -489,3 +492,26 @@ async def test_services_started_before_the_state_machine_wait_for_its_streams(
     finally:
         await early.stop()
         await late.stop()
+
+
+async def test_the_projectors_catch_up_reader_reads_with_the_projectors_own_permissions(
+    tmp_path: Path, auth_server: NatsServer, store: AuthStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A long catch-up hands the reading to a process of its own (services/bulkread.py); it
+    connects as the projector, and what that user may do must be enough for it."""
+    writer = await nats.connect(auth_server.url, **store.credentials(component_user("statemachine")).connect_options())
+    try:
+        await fill(writer, 500, 50)
+    finally:
+        await writer.close()
+    nc = await nats.connect(auth_server.url, **store.credentials(component_user("projector")).connect_options())
+    projector = Projector(nc, tmp_path / "projection.db", notify=True, bulk_behind=1)
+    try:
+        with caplog.at_level(logging.WARNING, logger="services.projector"):
+            await projector.start()
+            await asyncio.wait_for(projector.caught_up.wait(), 60)
+        assert projector.position == 500 and len(projector.rows) == 50
+        assert not [r.getMessage() for r in caplog.records if "catch-up reader" in r.getMessage()]
+    finally:
+        await projector.stop()
+        await nc.close()

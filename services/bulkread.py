@@ -1,0 +1,166 @@
+"""A reader process for catching up on a long stretch of the log.
+
+A projector rebuilding from a long log is bound by CPU, and on one interpreter
+reading (nats-py spends about 10 us per message) and folding (decode, evolve,
+SQLite) take turns on one core. Run as ``python -m services.bulkread``, this
+process does only the reading, the fastest way we found for nats-py to read
+a stream (an ephemeral push consumer with flow control, delivered to a plain
+callback that looks at a message's reply subject only once a frame), and
+writes what it read to stdout in frames, so the projector folds on the other
+core while the next messages arrive. It needs no permission beyond what the
+projector's ordinary reader (services/tail.py) has.
+
+A frame is a 4-byte big-endian length and a msgpack array
+``[last_sequence, [payload, ...]]``: consecutive messages in stream order,
+the last of them at ``last_sequence``. The process exits 0 once it has
+written the message at the last sequence it was asked for, and non-zero (with
+the reason on stderr) on any failure, or when nothing has arrived for ``IDLE``
+seconds: the projector then goes on from what it has
+folded with its ordinary reader, so a failure here only costs speed.
+
+Connection settings come in the environment (``READER_ENV``, JSON), never on
+the command line, where other users of the machine could read a password.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import json
+import os
+import sys
+from typing import Any
+
+import msgspec
+import nats
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+READER_ENV = "SANDBOXCTL_BULKREAD_CONNECT"
+HEARTBEAT = 1.0
+FRAME = 2_000  # messages per frame written to the projector
+IDLE = 10.0
+CONNECT = 3.0
+
+
+def sequences(reply: str) -> tuple[int, int]:
+    """The stream sequence and the consumer's delivery count in a JetStream delivery's reply
+    subject, in either of its formats ($JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.
+    <ts>.<pending>, and the newer one with domain and account hash tokens first and a random
+    token last)."""
+    tokens = reply.split(".")
+    return (int(tokens[5]), int(tokens[6])) if len(tokens) == 9 else (int(tokens[7]), int(tokens[8]))
+
+
+async def read(connect: dict[str, Any], stream: str, subject: str, first: int, last: int) -> None:
+    errors: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(exc)
+
+    try:  # nats-py retries a refused first connect for ever
+        nc = await asyncio.wait_for(nats.connect(**connect, allow_reconnect=False, error_cb=on_error), CONNECT)
+    except TimeoutError:
+        raise RuntimeError(f"cannot connect: {errors[-1] if errors else 'timed out'}") from None
+    js = nc.jetstream()
+    out = sys.stdout.buffer
+    try:  # a bigger pipe lets a whole frame wait there while the projector folds the last one
+        fcntl.fcntl(out.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
+    except OSError:
+        pass
+    inbox = nc.new_inbox()
+    frame: list[bytes] = []
+    failure: list[str] = []
+    seen = 0
+    done = asyncio.Event()
+    heard = asyncio.Event()
+    encode = msgspec.msgpack.Encoder().encode
+
+    def flush(last_seq: int) -> None:
+        body = encode((last_seq, frame))
+        out.write(len(body).to_bytes(4, "big"))
+        out.write(body)
+        frame.clear()
+
+    async def on_msg(msg: Msg) -> None:
+        nonlocal seen
+        heard.set()
+        if not msg.data:  # flow control (answered at once: the pipe is the backpressure) or a heartbeat
+            reply = msg.reply or (msg.headers or {}).get("Nats-Consumer-Stalled", "")
+            if reply:
+                await nc.publish(reply, b"")
+            return
+        if done.is_set():
+            return
+        # The log is never deleted from, so the n-th message delivered is sequence first + n - 1.
+        # The reply subject says so once a frame; a message lost on the way shows there as a
+        # delivery count ahead of ours, and the projector reads on from the last good frame.
+        frame.append(msg.data)
+        seen += 1
+        if len(frame) >= FRAME or seen + first > last:
+            seq, delivered = sequences(msg.reply)
+            if delivered != seen or seq != first + seen - 1:
+                failure.append(f"message {delivered} (sequence {seq}) arrived as the {seen}th")
+                done.set()
+                return
+            flush(seq)
+            if seq >= last:
+                done.set()
+
+    sub = await nc.subscribe(inbox, cb=on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1)
+    info = None
+    try:
+        info = await js.add_consumer(
+            stream,
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.NONE,
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=first,
+                filter_subject=subject,
+                deliver_subject=inbox,
+                flow_control=True,
+                idle_heartbeat=HEARTBEAT,
+                inactive_threshold=60.0,
+                mem_storage=True,
+                num_replicas=1,
+            ),
+        )
+        while not done.is_set():
+            heard.clear()
+            try:
+                await asyncio.wait_for(heard.wait(), IDLE)
+            except TimeoutError:
+                if not done.is_set():
+                    raise RuntimeError(f"nothing heard for {IDLE:g}s after {seen} messages") from None
+        out.flush()
+        if failure:
+            raise RuntimeError(failure[0])
+    finally:
+        await sub.unsubscribe()
+        try:
+            if info is not None:
+                await js.delete_consumer(stream, info.name)
+        finally:
+            await nc.close()
+
+
+def main() -> None:
+    args = argparse.ArgumentParser(description=__doc__)
+    args.add_argument("stream")
+    args.add_argument("subject")
+    args.add_argument("first", type=int)
+    args.add_argument("last", type=int)
+    opts = args.parse_args()
+    connect = json.loads(os.environ.get(READER_ENV, "{}"))
+    try:
+        asyncio.run(read(connect, opts.stream, opts.subject, opts.first, opts.last))
+    except BrokenPipeError:
+        sys.exit(1)  # the projector went away
+    except Exception as exc:
+        print(f"bulkread: {exc!r}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Rebuilding the projection from a long log with the catch-up reader process
+(services/bulkread.py), against a real nats-server: the result must be the
+same projection the ordinary reader builds, event for event, and a reader
+that fails must cost only speed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+
+import services.projector
+from bench.replay import fill
+from events.envelope import Envelope, new_id, now
+from events.lifecycle import SandboxStopRequested
+from services.embedded import NatsServer
+from services.log import append, last_subject_seq
+from services.projector import Projector
+
+EVENTS, SANDBOXES = 3_000, 300
+UNREACHABLE = {"servers": ["nats://127.0.0.1:1"]}
+
+
+def dump(path: Path) -> dict[str, Any]:
+    with sqlite3.connect(path) as db:
+        return {
+            "sandboxes": db.execute("SELECT * FROM sandboxes ORDER BY name").fetchall(),
+            "history": db.execute("SELECT * FROM history ORDER BY seq").fetchall(),
+            "checkpoint": db.execute("SELECT seq FROM checkpoint").fetchall(),
+            "indexes": sorted(r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")),
+        }
+
+
+async def until(check: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if check():
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+async def project(url: str, path: Path, bulk_behind: int) -> Projector:
+    nc = await nats.connect(url)
+    projector = Projector(nc, path, notify=False, bulk_behind=bulk_behind)
+    await projector.start()
+    await asyncio.wait_for(projector.caught_up.wait(), 60)
+    return projector
+
+
+async def close(projector: Projector) -> None:
+    await projector.stop()
+    await projector.nc.close()
+
+
+@pytest.fixture
+async def long_log(nats_server: NatsServer) -> str:
+    nc = await nats.connect(nats_server.url)
+    try:
+        await fill(nc, EVENTS, SANDBOXES)
+    finally:
+        await nc.close()
+    return nats_server.url
+
+
+async def append_stop_request(url: str, name: str, sandbox_id: str) -> int:
+    """One more event after the rebuild, appended as the state machine appends."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        command = new_id()
+        envelope = Envelope(
+            id=f"{command}:0",
+            type=SandboxStopRequested.TYPE,
+            source="sandboxctl/statemachine",
+            subject=name,
+            time=now(),
+            data=SandboxStopRequested(sandbox_id=sandbox_id, driver="podman", timeout=1.0),
+            actor="test",
+            correlationid=command,
+            causationid=command,
+        )
+        ack = await append(js, envelope, await last_subject_seq(js, name))
+        return int(ack.seq)
+    finally:
+        await nc.close()
+
+
+async def test_catch_up_with_a_reader_process_builds_the_same_projection(long_log: str, tmp_path: Path) -> None:
+    ordinary = await project(long_log, tmp_path / "ordinary.db", bulk_behind=10**9)
+    await close(ordinary)
+    bulk = await project(long_log, tmp_path / "bulk.db", bulk_behind=1)
+    try:
+        assert bulk.position == EVENTS
+        assert dump(tmp_path / "bulk.db") == dump(tmp_path / "ordinary.db")
+        # and it goes on following the log with its ordinary reader
+        seq = await append_stop_request(long_log, "sbx-000007", bulk.rows["sbx-000007"].state.sandbox_id)
+        await until(lambda: bulk.position >= seq)
+        assert bulk.rows["sbx-000007"].state.phase.value == "Stopping"
+    finally:
+        await close(bulk)
+
+
+async def test_a_reader_that_fails_costs_only_speed(
+    long_log: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    ordinary = await project(long_log, tmp_path / "ordinary.db", bulk_behind=10**9)
+    await close(ordinary)
+    monkeypatch.setattr(services.projector, "_reader_connect", lambda nc: UNREACHABLE)
+    with caplog.at_level(logging.WARNING, logger="services.projector"):
+        bulk = await project(long_log, tmp_path / "bulk.db", bulk_behind=1)
+    await close(bulk)
+    assert any("catch-up reader stopped at 0" in r.getMessage() for r in caplog.records)
+    assert dump(tmp_path / "bulk.db") == dump(tmp_path / "ordinary.db")
+
+
+async def test_a_catch_up_cut_short_resumes_where_its_rows_were_committed(
+    long_log: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped mid-way (after its first commit of rows and position), the next start
+    resumes from that position and finishes the same projection."""
+    ordinary = await project(long_log, tmp_path / "ordinary.db", bulk_behind=10**9)
+    await close(ordinary)
+    monkeypatch.setattr(services.projector, "ROWS_EVERY", 1)  # commit after every frame
+    nc = await nats.connect(long_log)
+    cut = Projector(nc, tmp_path / "bulk.db", notify=False, bulk_behind=1)
+    await cut.start()
+    await until(lambda: cut.position > 0)
+    await close(cut)
+    bulk = await project(long_log, tmp_path / "bulk.db", bulk_behind=1)
+    await close(bulk)
+    assert dump(tmp_path / "bulk.db") == dump(tmp_path / "ordinary.db")
