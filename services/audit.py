@@ -23,7 +23,7 @@ from events import subjects
 from events.envelope import Envelope
 from events.lifecycle import SandboxCreated
 from services.log import DecodeError, decode_event
-from services.projection import HISTORY_COLUMNS, SANDBOX_COLUMNS, checkpoint, connect
+from services.projection import SANDBOX_COLUMNS, checkpoint, connect
 from services.projector import Projector
 from services.tail import Tail
 from statemachine import IllegalTransition, Phase, SandboxState, evolve
@@ -213,17 +213,14 @@ async def rebuild(nc: NATS, out: Path, until: Point | None = None) -> int:
         await projector.db.close()
 
 
-async def _rows(path: Path) -> tuple[int, dict[str, tuple[Any, ...]], dict[str, tuple[Any, ...]]]:
+async def _rows(path: Path) -> tuple[int, dict[str, tuple[Any, ...]]]:
     db = await connect(path, readonly=True)
     try:
         position = await checkpoint(db)
         sandboxes = {
             r[0]: tuple(r) for r in await db.execute_fetchall(f"SELECT {', '.join(SANDBOX_COLUMNS)} FROM sandboxes")
         }
-        history = {
-            str(r[0]): tuple(r) for r in await db.execute_fetchall(f"SELECT {', '.join(HISTORY_COLUMNS)} FROM history")
-        }
-        return position, sandboxes, history
+        return position, sandboxes
     finally:
         await db.close()
 
@@ -242,22 +239,20 @@ async def replay(nc: NATS, live: Path, until: Point | None = None, out: Path | N
     Without ``until`` the rebuild stops where the live projection's checkpoint
     is, so the two describe the same log and must match exactly.
     """
-    live_position, live_sandboxes, live_history = await _rows(live)
+    live_position, live_sandboxes = await _rows(live)
     target: Point = live_position if until is None else until
     with tempfile.TemporaryDirectory(prefix="sandboxctl-replay-") as tmp:
         path = out or Path(tmp) / "replayed.sqlite3"
         position = await rebuild(nc, path, target)
-        _, sandboxes, history = await _rows(path)
+        _, sandboxes = await _rows(path)
     compared = until is None or position == live_position
-    differences = (
-        _diff("sandboxes", live_sandboxes, sandboxes) + _diff("history", live_history, history) if compared else []
-    )
+    differences = _diff("sandboxes", live_sandboxes, sandboxes) if compared else []
     return {
         "replayed_to": position,
         "live_position": live_position,
         "compared": compared,
         "sandboxes": len(sandboxes),
-        "events": len(history),
+        "events": position,  # the log is never deleted from: its last sequence is its length
         "differences": [msgspec.to_builtins(d) for d in differences],
     }
 

@@ -211,7 +211,8 @@ def component_permissions(component: str) -> dict[str, Any]:
         }
     if component == "query":
         return {
-            "publish": {"deny": [">"]},  # it only answers, through allow_responses
+            # It answers through allow_responses, and reads a sandbox's history from the log.
+            "publish": {"allow": _stream_reader(subjects.LOG_STREAM), "deny": PROTECTED_CONSUMERS},
             "subscribe": {"allow": [f"{subjects.QUERY}.*", inbox]},
             "allow_responses": True,
         }

@@ -9,9 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
-import msgspec
 
-from services.log import decode_event
 from statemachine.state import Hold, Lease, PendingWarning, SandboxState
 
 SCHEMA = """
@@ -37,13 +35,6 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     warning           TEXT
 );
 CREATE INDEX IF NOT EXISTS sandboxes_phase ON sandboxes(phase);
-CREATE TABLE IF NOT EXISTS history (
-    seq       INTEGER PRIMARY KEY,
-    name      TEXT NOT NULL,
-    phase     TEXT NOT NULL,
-    envelope  BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS history_name ON history(name, seq);
 CREATE TABLE IF NOT EXISTS checkpoint (
     id  INTEGER PRIMARY KEY CHECK (id = 1),
     seq INTEGER NOT NULL
@@ -52,9 +43,9 @@ INSERT OR IGNORE INTO checkpoint (id, seq) VALUES (1, 0)
 """
 # Bumped whenever the tables change: an older projection is dropped and refolded from the
 # log, which holds everything it showed (it is a cache; the log is the truth).
-# 3: history keeps each event as logged, decoded when asked for, not split into columns on
-# the way in (a replay writes a million history rows and reads almost none of them).
-SCHEMA_VERSION = 3
+# 4: no history table: a sandbox's history is read from the log, which holds it already
+# (services/audit.history), instead of a copy of every event written on the way in.
+SCHEMA_VERSION = 4
 
 SANDBOX_COLUMNS = (
     "name",
@@ -78,7 +69,6 @@ SANDBOX_COLUMNS = (
     "holds",
     "warning",
 )
-HISTORY_COLUMNS = ("seq", "name", "phase", "envelope")
 
 
 async def connect(path: Path, readonly: bool = False) -> aiosqlite.Connection:
@@ -170,24 +160,6 @@ def sandbox_row(row: tuple[Any, ...]) -> dict[str, Any]:
     return item
 
 
-def history_row(row: tuple[Any, ...]) -> dict[str, Any]:
-    """A history line: the event as this version reads it (old payloads upcast), and the phase it led to."""
-    seq, name, phase, logged = row
-    envelope = decode_event(logged)
-    return {
-        "seq": seq,
-        "name": name,
-        "type": envelope.type,
-        "time": envelope.time.isoformat(),
-        "actor": envelope.actor,
-        "correlationid": envelope.correlationid,
-        "causationid": envelope.causationid,
-        "event_id": envelope.id,
-        "phase": phase,
-        "data": msgspec.json.decode(msgspec.json.encode(envelope.data)),
-    }
-
-
 async def get_sandbox(db: aiosqlite.Connection, name: str) -> dict[str, Any] | None:
     rows = await db.execute_fetchall(f"SELECT {', '.join(SANDBOX_COLUMNS)} FROM sandboxes WHERE name = ?", (name,))
     rows = list(rows)
@@ -215,13 +187,6 @@ async def list_sandboxes(
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY name"
     return [sandbox_row(r) for r in await db.execute_fetchall(sql, args)]
-
-
-async def history(db: aiosqlite.Connection, name: str) -> list[dict[str, Any]]:
-    rows = await db.execute_fetchall(
-        f"SELECT {', '.join(HISTORY_COLUMNS)} FROM history WHERE name = ? ORDER BY seq", (name,)
-    )
-    return [history_row(r) for r in rows]
 
 
 async def checkpoint(db: aiosqlite.Connection) -> int:

@@ -29,7 +29,6 @@ from events.lifecycle import SandboxCreated
 from services.bulkread import READER_ENV
 from services.log import DecodeError, decode_event, ensure_streams
 from services.projection import (
-    HISTORY_COLUMNS,
     SANDBOX_COLUMNS,
     checkpoint,
     connect,
@@ -48,29 +47,17 @@ _UPSERT = (
     f"INSERT INTO sandboxes ({', '.join(SANDBOX_COLUMNS)}) VALUES ({', '.join('?' * len(SANDBOX_COLUMNS))}) "
     "ON CONFLICT(name) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in SANDBOX_COLUMNS if c not in ("name",))
 )
-_INSERT_HISTORY = (
-    f"INSERT OR IGNORE INTO history ({', '.join(HISTORY_COLUMNS)}) VALUES ({', '.join('?' * len(HISTORY_COLUMNS))})"
-)
 
 # Catching up with a reader process (services/bulkread.py) pays once this far behind at start.
 BULK_BEHIND = 20_000
-HISTORY_CHUNK = 20_000  # history rows per write while catching up
 ROWS_EVERY = 1_000_000  # events between commits of rows and position while catching up: at most ~15 s redone
 
 
-def _write_batch(
-    conn: sqlite3.Connection, upserts: list[tuple[object, ...]], history: list[tuple[object, ...]], last: int | None
-) -> None:
-    """Rows, history and position (unless ``last`` is None) in one transaction, run on
-    aiosqlite's thread. History alone may run ahead of the position: its rows are keyed
-    by sequence and inserted or ignored, so re-projecting them is harmless."""
+def _write_batch(conn: sqlite3.Connection, upserts: list[tuple[object, ...]], last: int) -> None:
+    """Rows and position in one transaction, run on aiosqlite's thread."""
     try:
-        if upserts:
-            conn.executemany(_UPSERT, upserts)
-        if history:
-            conn.executemany(_INSERT_HISTORY, history)
-        if last is not None:
-            conn.execute("UPDATE checkpoint SET seq = ? WHERE id = 1", (last,))
+        conn.executemany(_UPSERT, upserts)
+        conn.execute("UPDATE checkpoint SET seq = ? WHERE id = 1", (last,))
         conn.commit()
     except BaseException:
         conn.rollback()
@@ -182,8 +169,8 @@ class Projector:
             if self.tail.next_seq > target:
                 self.caught_up.set()
 
-    def _fold(self, seq: int, data: bytes, changed: dict[str, Row], history: list[tuple[object, ...]]) -> None:
-        """Fold one logged event into ``rows``, noting the row it changed and its history line."""
+    def _fold(self, seq: int, data: bytes, changed: dict[str, Row]) -> None:
+        """Fold one logged event into ``rows``, noting the row it changed."""
         try:
             envelope = decode_event(data)
         except DecodeError as exc:
@@ -212,27 +199,23 @@ class Projector:
             assert row is not None
             row.state, row.updated = state, envelope.time  # the one live copy of the row: no new object per event
         changed[name] = row
-        history.append((seq, name, state.phase.value, data))
 
     async def apply(self, batch: list[Msg]) -> None:
         changed: dict[str, Row] = {}
-        history: list[tuple[object, ...]] = []
         for msg in batch:
-            self._fold(msg.metadata.sequence.stream, msg.data, changed, history)
+            self._fold(msg.metadata.sequence.stream, msg.data, changed)
         last = batch[-1].metadata.sequence.stream
         # One hand-off to the database thread per batch, not one per statement: each costs
         # a queue, a future and a wake-up, on the path of every waiting client.
-        await self._commit(changed, history, last)
+        await self._commit(changed, last)
 
-    def _submit(
-        self, changed: dict[str, Row], history: list[tuple[object, ...]], last: int | None
-    ) -> asyncio.Future[None]:
-        """Hand rows (as they are now), history and position to the database thread."""
+    def _submit(self, changed: dict[str, Row], last: int) -> asyncio.Future[None]:
+        """Hand rows (as they are now) and position to the database thread."""
         upserts = [row.values() for row in changed.values()]
-        return asyncio.ensure_future(self.db._execute(_write_batch, self.db._conn, upserts, history, last))
+        return asyncio.ensure_future(self.db._execute(_write_batch, self.db._conn, upserts, last))
 
-    async def _commit(self, changed: dict[str, Row], history: list[tuple[object, ...]], last: int) -> None:
-        await self._submit(changed, history, last)
+    async def _commit(self, changed: dict[str, Row], last: int) -> None:
+        await self._submit(changed, last)
         self.position = last
         if self.notify:
             await self._announce(changed)
@@ -250,10 +233,9 @@ class Projector:
 
         Reading and folding each cost about a core's worth of a long replay, so the
         reader (services/bulkread.py) runs beside the fold instead of taking turns
-        with it. Writes go to SQLite's thread while the next frames are folded: history
-        every ``HISTORY_CHUNK`` events, rows with the position every ``ROWS_EVERY``
-        events and at the end, so a crash resumes at a position whose rows are all
-        there. If the reader fails, what was folded is committed and the ordinary
+        with it. Rows and position go to SQLite's thread every ``ROWS_EVERY`` events,
+        while the next frames are folded, and at the end, so a crash resumes at a
+        position whose rows are all there. If the reader fails, what was folded is committed and the ordinary
         reader goes on from there. Waiters hear of the rows once, at the end."""
         reader = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -272,9 +254,8 @@ class Projector:
         decode_frame = msgspec.msgpack.Decoder(tuple[int, list[bytes]]).decode
         changed: dict[str, Row] = {}  # since the last commit of rows
         touched: dict[str, Row] = {}  # since the catch-up began
-        history: list[tuple[object, ...]] = []
         writing: asyncio.Future[None] | None = None  # one write in flight: memory stays bounded
-        writing_position: int | None = None
+        writing_position = self.position
         folded = committed = self.position
         whole = True  # every frame read was folded whole: rows and ``folded`` agree
 
@@ -283,8 +264,7 @@ class Projector:
             if writing is not None:
                 await writing
                 writing = None
-                if writing_position is not None:
-                    self.position = writing_position
+                self.position = writing_position
 
         try:
             while folded < target:
@@ -295,17 +275,13 @@ class Projector:
                     break
                 whole = False
                 for seq, data in enumerate(payloads, last - len(payloads) + 1):
-                    self._fold(seq, data, changed, history)
+                    self._fold(seq, data, changed)
                 folded, whole = last, True
-                rows_due = folded - committed >= ROWS_EVERY
-                if rows_due or len(history) >= HISTORY_CHUNK:
+                if folded - committed >= ROWS_EVERY:
                     await settle()
-                    writing_position = folded if rows_due else None
-                    writing = self._submit(changed if rows_due else {}, history, writing_position)
-                    history = []
-                    if rows_due:
-                        touched.update(changed)
-                        changed, committed = {}, folded
+                    writing, writing_position = self._submit(changed, folded), folded
+                    touched.update(changed)
+                    changed, committed = {}, folded
         finally:
             if reader.returncode is None:
                 reader.kill()
@@ -314,7 +290,7 @@ class Projector:
             await settle()
             if whole:
                 touched.update(changed)
-                await self._submit(changed, history, folded)
+                await self._submit(changed, folded)
                 self.position = folded
         if self.notify:
             await self._announce(touched)

@@ -1,8 +1,9 @@
-"""The query service: get, list and history over request/reply, from SQLite.
+"""The query service: get and list from SQLite, history from the log, over request/reply.
 
-It only reads the projection, so any number of replicas can run beside one
-projector. Requests and replies are JSON; errors use the same codes as
-commands.
+It only reads, so any number of replicas can run beside one projector. A
+sandbox's history is its part of the log (one subject), folded for the phase
+after each event: the projection keeps no second copy of every event.
+Requests and replies are JSON; errors use the same codes as commands.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from nats.aio.msg import Msg
 from events import subjects
 from events.envelope import encode
 from events.replies import ErrorCode, Reply, error_reply
-from services.projection import connect, get_sandbox, history, list_sandboxes
+from services.audit import history
+from services.projection import connect, get_sandbox, list_sandboxes
 from statemachine.names import validate_name
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ class ListRequest(msgspec.Struct):
 class QueryService:
     def __init__(self, nc: NATS, db_path: Path) -> None:
         self.nc = nc
+        self.js = nc.jetstream()
         self.db_path = db_path
         self._sub: Any = None
         self._pending: set[asyncio.Task[None]] = set()
@@ -88,7 +91,7 @@ class QueryService:
                 items = await list_sandboxes(self.db, req.phases, req.labels, req.include_deleted)
                 return Reply(accepted=True, result=items)
             if kind == "history":
-                events = await history(self.db, name)
+                events = await history(self.js, name)
                 if not events:
                     return error_reply(ErrorCode.NOT_FOUND, f"sandbox {name} has no history", name)
                 return Reply(accepted=True, sandbox=name, result=events)

@@ -158,7 +158,7 @@ async def test_a_touch_in_the_grace_period_cancels_the_stop(cli: CLI, client: Sa
     history = await client.history(name)
     (stop,) = idle_stops(history)
     touch_seq = [h["seq"] for h in history if h["type"].endswith("touched.v1")][-1]
-    assert stop["event_id"].startswith(f"idle:{history[0]['data']['sandbox_id']}:{touch_seq}")
+    assert stop["id"].startswith(f"idle:{history[0]['data']['sandbox_id']}:{touch_seq}")
 
 
 async def test_a_restarted_reaper_honours_earlier_deadlines_and_none_fires_twice(

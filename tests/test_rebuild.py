@@ -32,7 +32,6 @@ def dump(path: Path) -> dict[str, Any]:
     with sqlite3.connect(path) as db:
         return {
             "sandboxes": db.execute("SELECT * FROM sandboxes ORDER BY name").fetchall(),
-            "history": db.execute("SELECT * FROM history ORDER BY seq").fetchall(),
             "checkpoint": db.execute("SELECT seq FROM checkpoint").fetchall(),
             "indexes": sorted(r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")),
         }
