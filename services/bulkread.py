@@ -14,9 +14,10 @@ A frame is a 4-byte big-endian length and a msgpack array
 ``[last_sequence, [payload, ...]]``: consecutive messages in stream order,
 the last of them at ``last_sequence``. The process exits 0 once it has
 written the message at the last sequence it was asked for, and non-zero (with
-the reason on stderr) on any failure, or when nothing has arrived for ``IDLE``
-seconds: the projector then goes on from what it has
-folded with its ordinary reader, so a failure here only costs speed.
+the reason on stderr) on any failure, when no message has arrived for ``IDLE``
+seconds, or when the projector that started it has gone. The projector then
+goes on from what it has folded with its ordinary reader, so a failure here
+only costs speed.
 
 Connection settings come in the environment (``READER_ENV``, JSON), never on
 the command line, where other users of the machine could read a password.
@@ -30,6 +31,7 @@ import fcntl
 import json
 import os
 import sys
+import time
 from typing import Any
 
 import msgspec
@@ -74,18 +76,20 @@ async def read(connect: dict[str, Any], stream: str, subject: str, first: int, l
     failure: list[str] = []
     seen = 0
     done = asyncio.Event()
-    heard = asyncio.Event()
     encode = msgspec.msgpack.Encoder().encode
 
     def flush(last_seq: int) -> None:
         body = encode((last_seq, frame))
-        out.write(len(body).to_bytes(4, "big"))
-        out.write(body)
         frame.clear()
+        try:
+            out.write(len(body).to_bytes(4, "big"))
+            out.write(body)
+        except OSError as exc:  # the projector went away (nats-py would swallow this in a callback)
+            failure.append(f"cannot write to the projector: {exc!r}")
+            done.set()
 
     async def on_msg(msg: Msg) -> None:
         nonlocal seen
-        heard.set()
         if not msg.data:  # flow control (answered at once: the pipe is the backpressure) or a heartbeat
             reply = msg.reply or (msg.headers or {}).get("Nats-Consumer-Stalled", "")
             if reply:
@@ -126,16 +130,25 @@ async def read(connect: dict[str, Any], stream: str, subject: str, first: int, l
                 num_replicas=1,
             ),
         )
+        # Progress is counted in messages read (heartbeats keep coming from a consumer that
+        # delivers nothing), and the reader never outlives the projector it reads for.
+        parent, last_seen, progressed = os.getppid(), -1, time.monotonic()
         while not done.is_set():
-            heard.clear()
             try:
-                await asyncio.wait_for(heard.wait(), IDLE)
+                await asyncio.wait_for(done.wait(), 1.0)
             except TimeoutError:
-                if not done.is_set():
-                    raise RuntimeError(f"nothing heard for {IDLE:g}s after {seen} messages") from None
-        out.flush()
+                pass
+            if os.getppid() != parent:
+                raise RuntimeError("the projector went away")
+            if errors:
+                raise RuntimeError(f"connection failed: {errors[-1]!r}")
+            if seen != last_seen:
+                last_seen, progressed = seen, time.monotonic()
+            elif time.monotonic() - progressed > IDLE:
+                raise RuntimeError(f"no message for {IDLE:g}s after {seen} messages")
         if failure:
             raise RuntimeError(failure[0])
+        out.flush()
     finally:
         await sub.unsubscribe()
         try:

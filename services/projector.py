@@ -271,8 +271,8 @@ class Projector:
                 try:
                     size = int.from_bytes(await reader.stdout.readexactly(4), "big")
                     last, payloads = decode_frame(await reader.stdout.readexactly(size))
-                except asyncio.IncompleteReadError:
-                    break
+                except (asyncio.IncompleteReadError, msgspec.DecodeError, msgspec.ValidationError):
+                    break  # the reader ended or wrote nonsense: it is only a faster way to read
                 whole = False
                 for seq, data in enumerate(payloads, last - len(payloads) + 1):
                     self._fold(seq, data, changed)
@@ -283,6 +283,11 @@ class Projector:
                     touched.update(changed)
                     changed, committed = {}, folded
         finally:
+            if reader.returncode is None and folded >= target:
+                try:  # it deletes its consumer on the way out
+                    await asyncio.wait_for(reader.wait(), 5.0)
+                except TimeoutError:
+                    pass
             if reader.returncode is None:
                 reader.kill()
             error = (await reader.stderr.read()).decode(errors="replace").strip()

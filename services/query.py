@@ -27,6 +27,9 @@ from statemachine.names import validate_name
 
 log = logging.getLogger(__name__)
 
+# A reader of the log retries while JetStream is away; a history request gives up after this.
+HISTORY_DEADLINE = 8.0  # under the client's own request timeout (10 s), so the reason reaches it
+
 
 class GetRequest(msgspec.Struct):
     name: str
@@ -91,7 +94,12 @@ class QueryService:
                 items = await list_sandboxes(self.db, req.phases, req.labels, req.include_deleted)
                 return Reply(accepted=True, result=items)
             if kind == "history":
-                events = await history(self.js, name)
+                try:
+                    events = await asyncio.wait_for(history(self.js, name), HISTORY_DEADLINE)
+                except TimeoutError:
+                    return error_reply(
+                        ErrorCode.INTERNAL, f"history of {name}: the log did not answer in {HISTORY_DEADLINE:g}s", name
+                    )
                 if not events:
                     return error_reply(ErrorCode.NOT_FOUND, f"sandbox {name} has no history", name)
                 return Reply(accepted=True, sandbox=name, result=events)

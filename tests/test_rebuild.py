@@ -93,11 +93,16 @@ async def append_stop_request(url: str, name: str, sandbox_id: str) -> int:
         await nc.close()
 
 
-async def test_catch_up_with_a_reader_process_builds_the_same_projection(long_log: str, tmp_path: Path) -> None:
+async def test_catch_up_with_a_reader_process_builds_the_same_projection(
+    long_log: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     ordinary = await project(long_log, tmp_path / "ordinary.db", bulk_behind=10**9)
     await close(ordinary)
-    bulk = await project(long_log, tmp_path / "bulk.db", bulk_behind=1)
+    with caplog.at_level(logging.WARNING, logger="services.projector"):
+        bulk = await project(long_log, tmp_path / "bulk.db", bulk_behind=1)
     try:
+        # the reader process did the reading: the ordinary reader did not have to take over
+        assert not [r.getMessage() for r in caplog.records if "catch-up reader" in r.getMessage()]
         assert bulk.position == EVENTS
         assert dump(tmp_path / "bulk.db") == dump(tmp_path / "ordinary.db")
         # and it goes on following the log with its ordinary reader
@@ -124,16 +129,36 @@ async def test_a_reader_that_fails_costs_only_speed(
 async def test_a_catch_up_cut_short_resumes_where_its_rows_were_committed(
     long_log: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Stopped mid-way (after its first commit of rows and position), the next start
-    resumes from that position and finishes the same projection."""
+    """The database fails after the catch-up's first commit (rows and position of the first
+    frame): what the file holds is that position with exactly its rows, and the next start
+    resumes from there and finishes the same projection."""
     ordinary = await project(long_log, tmp_path / "ordinary.db", bulk_behind=10**9)
     await close(ordinary)
     monkeypatch.setattr(services.projector, "ROWS_EVERY", 1)  # commit after every frame
+    writes = 0
+
+    def failing(conn: sqlite3.Connection, upserts: list[tuple[object, ...]], last: int) -> None:
+        nonlocal writes
+        writes += 1
+        if writes > 1:
+            raise sqlite3.OperationalError("disk I/O error (injected)")
+        write(conn, upserts, last)
+
+    write = services.projector._write_batch
+    monkeypatch.setattr(services.projector, "_write_batch", failing)
     nc = await nats.connect(long_log)
     cut = Projector(nc, tmp_path / "bulk.db", notify=False, bulk_behind=1)
     await cut.start()
-    await until(lambda: cut.position > 0)
+    assert cut._task is not None
+    await until(cut._task.done)
+    assert isinstance(cut._task.exception(), sqlite3.OperationalError)
     await close(cut)
+    with sqlite3.connect(tmp_path / "bulk.db") as db:
+        (position,) = db.execute("SELECT seq FROM checkpoint").fetchone()
+        (newest,) = db.execute("SELECT max(last_seq) FROM sandboxes").fetchone()
+    assert 0 < position < EVENTS and newest <= position  # the rows are the position's, no more
+
+    monkeypatch.setattr(services.projector, "_write_batch", write)
     bulk = await project(long_log, tmp_path / "bulk.db", bulk_behind=1)
     await close(bulk)
     assert dump(tmp_path / "bulk.db") == dump(tmp_path / "ordinary.db")

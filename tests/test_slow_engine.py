@@ -7,6 +7,7 @@ outlasts it several times over."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -35,6 +36,7 @@ async def test_an_order_that_outlasts_the_ack_wait_is_delivered_once(
         consumer = f"sandboxctl-driver-{engine.name}"
         js = client.nc.jetstream()
         assert (await js.consumer_info(subjects.LOG_STREAM, consumer)).config.ack_wait == ACK_WAIT
+        began = time.monotonic()
         reply = await client.stop(name, timeout=GRACE)
         stopped = asyncio.create_task(client.wait_for(name, "Stopped", reply.seq, timeout=60))
         # The server counts a redelivery only while the message is unacknowledged: look while
@@ -44,6 +46,7 @@ async def test_an_order_that_outlasts_the_ack_wait_is_delivered_once(
             redelivered = max(redelivered, (await js.consumer_info(subjects.LOG_STREAM, consumer)).num_redelivered)
             await asyncio.sleep(0.25)
         await stopped
+        assert time.monotonic() - began >= 2 * ACK_WAIT, "the stop did not outlast the ack wait: nothing was tested"
         assert redelivered == 0, f"{redelivered} orders delivered again while in hand"
     finally:
         await client.close()
