@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 
@@ -61,6 +61,29 @@ class ContainerInfo(msgspec.Struct, kw_only=True):
     exit_code: int = 0
     oom: bool = False
     incarnation: str = ""  # the engine's start time of the current or last run
+
+
+def container_info(attrs: dict[str, Any]) -> ContainerInfo:
+    """A container as both engines' inspect output describes it (podman's follows docker's)."""
+    state = attrs.get("State", {})
+    labels = (attrs.get("Config") or {}).get("Labels") or {}
+    started = state.get("StartedAt", "")
+    return ContainerInfo(
+        sandbox=labels.get(SANDBOX, ""),
+        sandbox_id=labels.get(SANDBOX_ID, ""),
+        container_id=attrs.get("Id", ""),
+        running=bool(state.get("Running")),
+        status=str(state.get("Status", "")),
+        exit_code=int(state.get("ExitCode") or 0),
+        oom=bool(state.get("OOMKilled")),
+        incarnation="" if started.startswith("0001-") else str(started),
+    )
+
+
+def exec_command(engine: list[str], sandbox: str, command: list[str], tty: bool) -> list[str]:
+    """The engine CLI's command line (``engine``: the program and its connection flags) that
+    runs ``command`` in the sandbox's container attached to this terminal."""
+    return [*engine, "exec", "-i", *(["-t"] if tty else []), container_name(sandbox), *command]
 
 
 class EngineEvent(msgspec.Struct, kw_only=True):

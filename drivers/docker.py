@@ -33,7 +33,9 @@ from drivers.base import (
     DriverError,
     EngineEvent,
     SandboxSpec,
+    container_info,
     container_name,
+    exec_command,
     foreign_workspace,
     labels_for,
     owned_by,
@@ -113,21 +115,6 @@ class DockerDriver:
         if not self._call("ping", self._docker("ping").ping):
             raise DriverError("ping", f"docker at {self.base_url} did not answer")
 
-    def _info(self, attrs: dict[str, Any]) -> ContainerInfo:
-        state = attrs.get("State", {})
-        labels = (attrs.get("Config") or {}).get("Labels") or {}
-        started = state.get("StartedAt", "")
-        return ContainerInfo(
-            sandbox=labels.get(SANDBOX, ""),
-            sandbox_id=labels.get(SANDBOX_ID, ""),
-            container_id=attrs.get("Id", ""),
-            running=bool(state.get("Running")),
-            status=str(state.get("Status", "")),
-            exit_code=int(state.get("ExitCode") or 0),
-            oom=bool(state.get("OOMKilled")),
-            incarnation="" if started.startswith("0001-") else str(started),
-        )
-
     def _get(self, operation: str, sandbox: str) -> Any:
         return self._call(operation, self._docker(operation).containers.get, container_name(sandbox))
 
@@ -136,7 +123,7 @@ class DockerDriver:
             container = self._get(operation, sandbox)
         except ContainerMissing:
             return None
-        return self._info(container.attrs)
+        return container_info(container.attrs)
 
     def inspect(self, sandbox: str) -> ContainerInfo | None:
         return self._find("inspect", sandbox)
@@ -174,7 +161,7 @@ class DockerDriver:
             kwargs["command"] = spec.command
         container = self._call("create", client.containers.create, spec.image, **kwargs)
         self._call("create", container.reload)
-        return self._info(container.attrs)
+        return container_info(container.attrs)
 
     # Start and stop address the container by name and inspect once after: two engine
     # calls, not three. The daemon answers 304 for a container already in that state.
@@ -182,14 +169,14 @@ class DockerDriver:
     def start(self, sandbox: str) -> ContainerInfo:
         api = self._docker("start").api
         self._call("start", api.start, container_name(sandbox))
-        return self._info(self._call("start", api.inspect_container, container_name(sandbox)))
+        return container_info(self._call("start", api.inspect_container, container_name(sandbox)))
 
     def stop(self, sandbox: str, timeout: float) -> ContainerInfo:
         api = self._docker("stop").api
         # The daemon sends SIGTERM, waits out the timeout, then kills; the SDK
         # extends its own read timeout by the same amount.
         self._call("stop", api.stop, container_name(sandbox), timeout=max(0, round(timeout)))
-        return self._info(self._call("stop", api.inspect_container, container_name(sandbox)))
+        return container_info(self._call("stop", api.inspect_container, container_name(sandbox)))
 
     def delete(self, sandbox: str, sandbox_id: str = "") -> str:
         container_id = ""
@@ -218,7 +205,7 @@ class DockerDriver:
             filters={"label": f"{MANAGED}=true"},
             ignore_removed=True,  # one removed between listing and inspecting is simply not listed
         )
-        return [self._info(c.attrs) for c in containers]
+        return [container_info(c.attrs) for c in containers]
 
     def events(self, since: float | None = None) -> Iterator[EngineEvent]:
         # A client of its own without a read timeout: the stream is idle for as
@@ -294,16 +281,7 @@ class DockerDriver:
             client.close()
 
     def interactive(self, sandbox: str, command: list[str], tty: bool) -> list[str]:
-        return [
-            "docker",
-            "-H",
-            self.base_url,
-            "exec",
-            "-i",
-            *(["-t"] if tty else []),
-            container_name(sandbox),
-            *command,
-        ]
+        return exec_command(["docker", "-H", self.base_url], sandbox, command, tty)
 
     def close(self) -> None:
         with self._lock:

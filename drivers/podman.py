@@ -26,7 +26,9 @@ from drivers.base import (
     DriverError,
     EngineEvent,
     SandboxSpec,
+    container_info,
     container_name,
+    exec_command,
     foreign_workspace,
     labels_for,
     owned_by,
@@ -71,21 +73,6 @@ class PodmanDriver:
         if not self._call("ping", self.client.ping):
             raise DriverError("ping", f"podman at {self.base_url} did not answer")
 
-    def _info(self, attrs: dict[str, Any]) -> ContainerInfo:
-        state = attrs.get("State", {})
-        labels = (attrs.get("Config") or {}).get("Labels") or {}
-        started = state.get("StartedAt", "")
-        return ContainerInfo(
-            sandbox=labels.get(SANDBOX, ""),
-            sandbox_id=labels.get(SANDBOX_ID, ""),
-            container_id=attrs.get("Id", ""),
-            running=bool(state.get("Running")),
-            status=str(state.get("Status", "")),
-            exit_code=int(state.get("ExitCode") or 0),
-            oom=bool(state.get("OOMKilled")),
-            incarnation="" if started.startswith("0001-") else str(started),
-        )
-
     def _get(self, operation: str, sandbox: str) -> Any:
         return self._call(operation, self.client.containers.get, container_name(sandbox))
 
@@ -94,7 +81,7 @@ class PodmanDriver:
             container = self._get(operation, sandbox)
         except ContainerMissing:
             return None
-        return self._info(container.attrs)
+        return container_info(container.attrs)
 
     def inspect(self, sandbox: str) -> ContainerInfo | None:
         return self._find("inspect", sandbox)
@@ -128,7 +115,7 @@ class PodmanDriver:
             kwargs["command"] = spec.command
         container = self._call("create", self.client.containers.create, spec.image, **kwargs)
         container.reload()
-        return self._info(container.attrs)
+        return container_info(container.attrs)
 
     # Start and stop address the container by name and inspect once after: two engine
     # calls, not three. Podman answers 304 for a container already in that state.
@@ -140,13 +127,13 @@ class PodmanDriver:
         container = self._by_name(sandbox)
         self._call("start", container.start)
         self._call("start", container.reload)
-        return self._info(container.attrs)
+        return container_info(container.attrs)
 
     def stop(self, sandbox: str, timeout: float) -> ContainerInfo:
         container = self._by_name(sandbox)
         self._call("stop", container.stop, timeout=max(0, round(timeout)), ignore=True)
         self._call("stop", container.reload)
-        return self._info(container.attrs)
+        return container_info(container.attrs)
 
     def delete(self, sandbox: str, sandbox_id: str = "") -> str:
         container_id = ""
@@ -176,7 +163,7 @@ class PodmanDriver:
                 self._call("list", c.reload)
             except ContainerMissing:
                 continue  # removed between the listing and its inspection
-            infos.append(self._info(c.attrs))
+            infos.append(container_info(c.attrs))
         return infos
 
     def events(self, since: float | None = None) -> Iterator[EngineEvent]:
@@ -263,16 +250,7 @@ class PodmanDriver:
             client.close()
 
     def interactive(self, sandbox: str, command: list[str], tty: bool) -> list[str]:
-        return [
-            "podman",
-            "--url",
-            self.base_url,
-            "exec",
-            "-i",
-            *(["-t"] if tty else []),
-            container_name(sandbox),
-            *command,
-        ]
+        return exec_command(["podman", "--url", self.base_url], sandbox, command, tty)
 
     def close(self) -> None:
         self.client.close()

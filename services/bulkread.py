@@ -37,7 +37,8 @@ from typing import Any
 import msgspec
 import nats
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from services.tail import flow_control_reply, push_consumer
 
 READER_ENV = "SANDBOXCTL_BULKREAD_CONNECT"
 HEARTBEAT = 1.0
@@ -91,7 +92,7 @@ async def read(connect: dict[str, Any], stream: str, subject: str, first: int, l
     async def on_msg(msg: Msg) -> None:
         nonlocal seen
         if not msg.data:  # flow control (answered at once: the pipe is the backpressure) or a heartbeat
-            reply = msg.reply or (msg.headers or {}).get("Nats-Consumer-Stalled", "")
+            reply = flow_control_reply(msg)
             if reply:
                 await nc.publish(reply, b"")
             return
@@ -115,21 +116,7 @@ async def read(connect: dict[str, Any], stream: str, subject: str, first: int, l
     sub = await nc.subscribe(inbox, cb=on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1)
     info = None
     try:
-        info = await js.add_consumer(
-            stream,
-            config=ConsumerConfig(
-                ack_policy=AckPolicy.NONE,
-                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                opt_start_seq=first,
-                filter_subject=subject,
-                deliver_subject=inbox,
-                flow_control=True,
-                idle_heartbeat=HEARTBEAT,
-                inactive_threshold=60.0,
-                mem_storage=True,
-                num_replicas=1,
-            ),
-        )
+        info = await js.add_consumer(stream, config=push_consumer(subject, first, inbox, HEARTBEAT, 60.0))
         # Progress is counted in messages read (heartbeats keep coming from a consumer that
         # delivers nothing), and the reader never outlives the projector it reads for.
         parent, last_seen, progressed = os.getppid(), -1, time.monotonic()

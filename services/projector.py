@@ -235,8 +235,9 @@ class Projector:
         reader (services/bulkread.py) runs beside the fold instead of taking turns
         with it. Rows and position go to SQLite's thread every ``ROWS_EVERY`` events,
         while the next frames are folded, and at the end, so a crash resumes at a
-        position whose rows are all there. If the reader fails, what was folded is committed and the ordinary
-        reader goes on from there. Waiters hear of the rows once, at the end."""
+        position whose rows are all there. If the reader fails, what was folded is
+        committed and the ordinary reader goes on from there. Waiters hear of the
+        rows once, at the end."""
         reader = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -255,8 +256,7 @@ class Projector:
         changed: dict[str, Row] = {}  # since the last commit of rows
         touched: dict[str, Row] = {}  # since the catch-up began
         writing: asyncio.Future[None] | None = None  # one write in flight: memory stays bounded
-        writing_position = self.position
-        folded = committed = self.position
+        folded = committed = self.position  # committed: what the write in flight (or done) holds
         whole = True  # every frame read was folded whole: rows and ``folded`` agree
 
         async def settle() -> None:
@@ -264,7 +264,7 @@ class Projector:
             if writing is not None:
                 await writing
                 writing = None
-                self.position = writing_position
+                self.position = committed
 
         try:
             while folded < target:
@@ -279,7 +279,7 @@ class Projector:
                 folded, whole = last, True
                 if folded - committed >= ROWS_EVERY:
                     await settle()
-                    writing, writing_position = self._submit(changed, folded), folded
+                    writing = self._submit(changed, folded)
                     touched.update(changed)
                     changed, committed = {}, folded
         finally:

@@ -51,6 +51,31 @@ async def fetch(sub: JetStreamContext.PullSubscription, batch: int, timeout: flo
     return msgs
 
 
+def push_consumer(
+    filter_subject: str, start_seq: int, deliver_subject: str, heartbeat: float, inactive_threshold: float = 300.0
+) -> ConsumerConfig:
+    """An ephemeral in-memory push consumer with no acks and flow control, from ``start_seq``:
+    how the log's readers read (this Tail, and the projector's catch-up reader)."""
+    return ConsumerConfig(
+        ack_policy=AckPolicy.NONE,
+        deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+        opt_start_seq=start_seq,
+        filter_subject=filter_subject,
+        deliver_subject=deliver_subject,
+        flow_control=True,
+        idle_heartbeat=heartbeat,
+        inactive_threshold=inactive_threshold,
+        mem_storage=True,
+        num_replicas=1,
+    )
+
+
+def flow_control_reply(msg: Msg) -> str:
+    """Where to answer a status message without data: a flow-control request's reply
+    subject, or a heartbeat's stalled-consumer subject ("" for a plain heartbeat)."""
+    return msg.reply or (msg.headers or {}).get("Nats-Consumer-Stalled", "")
+
+
 class Tail:
     """A push consumer delivering to a callback, with flow control and heartbeats.
 
@@ -93,7 +118,7 @@ class Tail:
         self._heard = time.monotonic()
         headers = msg.headers
         if headers and headers.get("Status") == "100" and not msg.data:
-            reply = msg.reply or headers.get("Nats-Consumer-Stalled", "")
+            reply = flow_control_reply(msg)
             if reply:
                 if self._buffer:
                     self._flow.append(reply)
@@ -109,18 +134,7 @@ class Tail:
         self._buffer, self._flow = [], []
         self._ready.clear()
         self._sub = await self._nc.subscribe(inbox, cb=self._deliver, pending_msgs_limit=-1, pending_bytes_limit=-1)
-        config = ConsumerConfig(
-            ack_policy=AckPolicy.NONE,
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=self.next_seq,
-            filter_subject=self._filter,
-            deliver_subject=inbox,
-            flow_control=True,
-            idle_heartbeat=self.HEARTBEAT,
-            inactive_threshold=300.0,
-            mem_storage=True,
-            num_replicas=1,
-        )
+        config = push_consumer(self._filter, self.next_seq, inbox, self.HEARTBEAT)
         info = await self._js.add_consumer(self._stream, config=config)
         self._consumer = info.name
         self._consumer_seq = 0

@@ -228,9 +228,7 @@ def _fail(state: SandboxState, event: SandboxFailed) -> list[LifecycleEvent]:
     return [event]
 
 
-# Folding is the hot loop of every replay: a transition's phase is looked up once here,
-# not built from its name per event, and isinstance gets tuples, not a union built per call.
-_PHASES = {key: Phase(value) for key, value in TABLE.items()}
+# Folding is the hot loop of every replay: isinstance gets a tuple, not a union built per call.
 _REQUESTS = (SandboxStopRequested, SandboxStartRequested, SandboxDeleteRequested)
 
 
@@ -238,7 +236,7 @@ def evolve(state: SandboxState | None, envelope: Envelope, seq: int = 0) -> Sand
     """Fold one logged event into state; raises IllegalTransition on a broken log."""
     event = envelope.data
     source = ABSENT if state is None else state.phase.value
-    phase = _PHASES.get((event.TRIGGER, source)) or Phase(destination(event.TRIGGER, source))
+    phase = destination(event.TRIGGER, source)
     moment = envelope.time.timestamp()
     if isinstance(event, SandboxCreated):
         return SandboxState(

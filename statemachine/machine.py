@@ -62,9 +62,13 @@ TABLE: dict[tuple[str, str], str] = {
 }
 
 
-def destination(trigger: str, source: str) -> str:
+# The same table with the destination as a Phase, so a fold never builds one from its name.
+_DESTINATIONS: dict[tuple[str, str], Phase] = {key: Phase(dest) for key, dest in TABLE.items()}
+
+
+def destination(trigger: str, source: str) -> Phase:
     try:
-        return TABLE[(trigger, source)]
+        return _DESTINATIONS[(trigger, source)]
     except KeyError:
         raise IllegalTransition(f"{trigger!r} is not allowed from {source}") from None
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from events import subjects
 from events.envelope import Envelope
+from services.client import SandboxClient
 from services.log import DecodeError, decode_event, decode_fact
 from services.tail import Tail
 from statemachine import IllegalTransition, SandboxState, evolve
@@ -29,6 +30,22 @@ PHASE_AFTER = {
 def event_kind(type_: str) -> str:
     """``sandboxctl.sandbox.stopped.v1`` -> ``stopped``: the kind, whatever its version."""
     return type_.split(".")[2]
+
+
+def kinds(history: list[dict[str, Any]]) -> list[str]:
+    """The kind of each entry of a sandbox's history, in order."""
+    return [event_kind(h["type"]) for h in history]
+
+
+async def settled(client: SandboxClient, name: str) -> dict[str, Any]:
+    """The sandbox's row once the projection has caught up with its log."""
+    last = [seq async for seq, _ in client.events(name, follow=False)][-1]
+    for _ in range(200):
+        item = await client.get(name)
+        if item["last_seq"] >= last:
+            return item
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the projection of {name} did not reach seq {last}")
 
 
 def phase_after(type_: str, before: str | None) -> str | None:

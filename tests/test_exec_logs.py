@@ -6,31 +6,16 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from typing import Any
 
 from services import attach
 from services.client import SandboxClient
 from services.config import Config
 from tests.conftest import CLI, ROOT, Engine
+from tests.logview import kinds, settled
 
 # PID 1 prints, then ticks until it is stopped (and exits at once on SIGTERM).
 TICKING = ["sh", "-c", "echo line-1; echo line-2; echo oops >&2; echo line-3; "
            "trap 'exit 0' TERM; i=0; while :; do sleep 0.2 & wait $!; i=$((i+1)); echo tick-$i; done"]  # fmt: skip
-
-
-def kinds(history: list[dict[str, Any]]) -> list[str]:
-    return [h["type"].split(".")[2] for h in history]
-
-
-async def settled(client: SandboxClient, name: str) -> dict[str, Any]:
-    """The sandbox's row once the projection has caught up with its log."""
-    last = [seq async for seq, _ in client.events(name, follow=False)][-1]
-    for _ in range(200):
-        item = await client.get(name)
-        if item["last_seq"] >= last:
-            return item
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"the projection of {name} did not reach seq {last}")
 
 
 async def stopped(

@@ -20,6 +20,7 @@ from services.config import Config
 from services.embedded import ControlPlane, NatsServer
 from services.reaper import Reaper
 from tests.conftest import CLI, Engine
+from tests.logview import kinds, settled
 
 GRACE = 1.0
 
@@ -31,23 +32,8 @@ def config(config: Config) -> Config:
     return config
 
 
-def kinds(history: list[dict[str, Any]]) -> list[str]:
-    return [h["type"].split(".")[2] for h in history]
-
-
 def idle_stops(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [h for h in history if h["type"].endswith("stop_requested.v1") and h["data"].get("reason") == "idle"]
-
-
-async def settled(client: SandboxClient, name: str) -> dict[str, Any]:
-    """The sandbox's row once the projection has caught up with its log."""
-    last = [seq async for seq, _ in client.events(name, follow=False)][-1]
-    for _ in range(200):
-        item = await client.get(name)
-        if item["last_seq"] >= last:
-            return item
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"the projection of {name} did not reach seq {last}")
 
 
 async def log_of(client: SandboxClient, name: str) -> list[tuple[int, Any]]:
