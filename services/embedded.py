@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -309,7 +309,9 @@ async def _run_until_signalled(config: Config, banner: str, components: Sequence
         await plane.stop()
 
 
-async def run_serve(config: Config, banner: str = "", components: Sequence[str] = COMPONENTS) -> None:
+async def run_serve(
+    config: Config, banner: Callable[[Config], str] | None = None, components: Sequence[str] = COMPONENTS
+) -> None:
     """``sandboxctl serve``: the services against a NATS someone else runs (compose, a cluster)."""
     podman = None
     try:
@@ -318,8 +320,13 @@ async def run_serve(config: Config, banner: str = "", components: Sequence[str] 
         config.default_driver = config.default_driver or config.drivers[0]
         if "worker" in components and "podman" in config.drivers and not config.podman_url:
             podman = PodmanService(config.run_dir / "podman.sock").start()
-        banner = banner or f"sandboxctl services are up on {config.nats_url}, drivers {', '.join(config.drivers)}"
-        await _run_until_signalled(config, banner, components)
+        # Written once the engines are known: configuration may name none (detect_drivers).
+        text = (
+            banner(config)
+            if banner
+            else f"sandboxctl services are up on {config.nats_url}, drivers {', '.join(config.drivers)}"
+        )
+        await _run_until_signalled(config, text, components)
     finally:
         if podman is not None:
             podman.stop()
@@ -336,9 +343,11 @@ async def run_up(config: Config, port: int = 4222, sync_always: bool = False) ->
         config.nats_url = server.url
         await run_serve(
             config,
-            f"sandboxctl is up: NATS {server.url}, data {config.data_dir}, drivers {', '.join(config.drivers)}\n"
-            f"in another shell: export SANDBOXCTL_NATS_URL={server.url}\n"
-            f"you are {admin} (admin), credentials in {auth.credentials_path(admin)}; more: sandboxctl user add",
+            lambda cfg: (
+                f"sandboxctl is up: NATS {server.url}, data {cfg.data_dir}, drivers {', '.join(cfg.drivers)}\n"
+                f"in another shell: export SANDBOXCTL_NATS_URL={server.url}\n"
+                f"you are {admin} (admin), credentials in {auth.credentials_path(admin)}; more: sandboxctl user add"
+            ),
         )
     finally:
         server.stop()

@@ -42,7 +42,7 @@ async def test_up_runs_everything_and_stops_cleanly_on_ctrl_c(tmp_path: Path, po
     try:
         assert up.stdout is not None
         banner = await asyncio.wait_for(up.stdout.readline(), 60)
-        assert b"sandboxctl is up" in banner, banner
+        assert b"sandboxctl is up" in banner and b"drivers podman" in banner, banner  # the engines it found
         code, _, err = await _sandboxctl(env, "create", name, "--image", image)
         assert code == 0, err
         code, out, err = await _sandboxctl(env, "get", name, "-o", "json")
