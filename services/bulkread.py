@@ -1,23 +1,24 @@
 """A reader process for catching up on a long stretch of the log.
 
-A projector rebuilding from a long log is bound by CPU, and on one interpreter
-reading (nats-py spends about 10 us per message) and folding (decode, evolve,
-SQLite) take turns on one core. Run as ``python -m services.bulkread``, this
-process does only the reading, the fastest way we found for nats-py to read
-a stream (an ephemeral push consumer with flow control, delivered to a plain
-callback that looks at a message's reply subject only once a frame), and
-writes what it read to stdout in frames, so the projector folds on the other
-core while the next messages arrive. It needs no permission beyond what the
-projector's ordinary reader (services/tail.py) has.
+A projector rebuilding from a long log, or a state machine folding it at start,
+is bound by CPU, and on one interpreter reading (nats-py spends about 10 us per
+message) and folding take turns on one core. Run as ``python -m
+services.bulkread``, this process does only the reading, the fastest way we
+found for nats-py to read a stream (an ephemeral push consumer with flow
+control, delivered to a plain callback that looks at a message's reply subject
+only once a frame), and writes what it read to stdout in frames, so the
+service folds on the other core while the next messages arrive. It needs no
+permission beyond what the service's ordinary reader (services/tail.py) has.
+``Frames`` is the service's side: it starts the process and yields its frames.
 
 A frame is a 4-byte big-endian length and a msgpack array
 ``[last_sequence, [payload, ...]]``: consecutive messages in stream order,
 the last of them at ``last_sequence``. The process exits 0 once it has
 written the message at the last sequence it was asked for, and non-zero (with
 the reason on stderr) on any failure, when no message has arrived for ``IDLE``
-seconds, or when the projector that started it has gone. The projector then
-goes on from what it has folded with its ordinary reader, so a failure here
-only costs speed.
+seconds, or when the service that started it has gone. The service then goes
+on from what it has folded with its ordinary reader, so a failure here only
+costs speed.
 
 Connection settings come in the environment (``READER_ENV``, JSON), never on
 the command line, where other users of the machine could read a password.
@@ -32,10 +33,12 @@ import json
 import os
 import sys
 import time
+from types import TracebackType
 from typing import Any
 
 import msgspec
 import nats
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from services.tail import flow_control_reply, push_consumer
@@ -45,6 +48,87 @@ HEARTBEAT = 1.0
 FRAME = 2_000  # messages per frame written to the projector
 IDLE = 10.0
 CONNECT = 3.0
+# A service this far behind the log at start catches up through a reader process: below it,
+# starting one costs more than it saves.
+BULK_BEHIND = 20_000
+
+
+def connect_options(nc: NATS) -> dict[str, Any]:
+    """The reader process's nats.connect options: the service's own server, user and inboxes."""
+    url = nc.connected_url
+    options: dict[str, Any] = {"servers": [url.geturl()] if url else []}
+    for key in ("user", "password", "token"):
+        if nc.options.get(key):
+            options[key] = nc.options[key]
+    if nc._inbox_prefix:
+        options["inbox_prefix"] = bytes(nc._inbox_prefix).decode()
+    return options
+
+
+class Frames:
+    """A reader process for stream positions ``first`` to ``last``, as an async iterator of
+    ``(last_sequence, [payload, ...])`` frames in stream order.
+
+    Iteration ends when the reader has delivered ``last``, or early when it fails or
+    writes nonsense; then ``last_read`` says how far it got and ``error`` why it
+    stopped. Use it as an async context manager: leaving lets a finished reader delete
+    its consumer, and kills one that has not finished."""
+
+    def __init__(self, nc: NATS, stream: str, subject: str, first: int, last: int) -> None:
+        self.nc, self.stream, self.subject = nc, stream, subject
+        self.first, self.last = first, last
+        self.last_read = first - 1
+        self.error = ""
+        self._decode = msgspec.msgpack.Decoder(tuple[int, list[bytes]]).decode
+        self._proc: asyncio.subprocess.Process | None = None
+
+    async def __aenter__(self) -> Frames:
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "services.bulkread",
+            self.stream,
+            self.subject,
+            str(self.first),
+            str(self.last),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, READER_ENV: json.dumps(connect_options(self.nc))},
+            limit=1 << 22,
+        )
+        return self
+
+    def __aiter__(self) -> Frames:
+        return self
+
+    async def __anext__(self) -> tuple[int, list[bytes]]:
+        assert self._proc is not None and self._proc.stdout is not None
+        if self.last_read >= self.last:
+            raise StopAsyncIteration
+        try:
+            size = int.from_bytes(await self._proc.stdout.readexactly(4), "big")
+            last, payloads = self._decode(await self._proc.stdout.readexactly(size))
+        except (asyncio.IncompleteReadError, msgspec.DecodeError, msgspec.ValidationError):
+            raise StopAsyncIteration from None  # the reader ended or wrote nonsense: it is only a faster way
+        if last != self.last_read + len(payloads) or not payloads:
+            raise StopAsyncIteration
+        self.last_read = last
+        return last, payloads
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        proc = self._proc
+        assert proc is not None and proc.stderr is not None
+        if proc.returncode is None and self.last_read >= self.last:
+            try:  # it deletes its consumer on the way out
+                await asyncio.wait_for(proc.wait(), 5.0)
+            except TimeoutError:
+                pass
+        if proc.returncode is None:
+            proc.kill()
+        self.error = (await proc.stderr.read()).decode(errors="replace").strip()
+        await proc.wait()
 
 
 def sequences(reply: str) -> tuple[int, int]:

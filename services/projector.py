@@ -12,12 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import sqlite3
-import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -26,7 +23,7 @@ from nats.aio.msg import Msg
 from events import subjects
 from events.envelope import encode
 from events.lifecycle import SandboxCreated
-from services.bulkread import READER_ENV
+from services.bulkread import BULK_BEHIND, Frames
 from services.log import DecodeError, decode_event, ensure_streams
 from services.projection import (
     SANDBOX_COLUMNS,
@@ -48,8 +45,6 @@ _UPSERT = (
     "ON CONFLICT(name) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in SANDBOX_COLUMNS if c not in ("name",))
 )
 
-# Catching up with a reader process (services/bulkread.py) pays once this far behind at start.
-BULK_BEHIND = 20_000
 ROWS_EVERY = 1_000_000  # events between commits of rows and position while catching up: at most ~15 s redone
 
 
@@ -62,18 +57,6 @@ def _write_batch(conn: sqlite3.Connection, upserts: list[tuple[object, ...]], la
     except BaseException:
         conn.rollback()
         raise
-
-
-def _reader_connect(nc: NATS) -> dict[str, Any]:
-    """The reader process's nats.connect options: the projector's own server, user and inboxes."""
-    url = nc.connected_url
-    options: dict[str, Any] = {"servers": [url.geturl()] if url else []}
-    for key in ("user", "password", "token"):
-        if nc.options.get(key):
-            options[key] = nc.options[key]
-    if nc._inbox_prefix:
-        options["inbox_prefix"] = bytes(nc._inbox_prefix).decode()
-    return options
 
 
 class Row(msgspec.Struct):
@@ -238,21 +221,6 @@ class Projector:
         position whose rows are all there. If the reader fails, what was folded is
         committed and the ordinary reader goes on from there. Waiters hear of the
         rows once, at the end."""
-        reader = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "services.bulkread",
-            subjects.LOG_STREAM,
-            subjects.LOG_ALL,
-            str(self.position + 1),
-            str(target),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, READER_ENV: json.dumps(_reader_connect(self.nc))},
-            limit=1 << 22,
-        )
-        assert reader.stdout is not None and reader.stderr is not None
-        decode_frame = msgspec.msgpack.Decoder(tuple[int, list[bytes]]).decode
         changed: dict[str, Row] = {}  # since the last commit of rows
         touched: dict[str, Row] = {}  # since the catch-up began
         writing: asyncio.Future[None] | None = None  # one write in flight: memory stays bounded
@@ -266,32 +234,20 @@ class Projector:
                 writing = None
                 self.position = committed
 
+        reader = Frames(self.nc, subjects.LOG_STREAM, subjects.LOG_ALL, self.position + 1, target)
         try:
-            while folded < target:
-                try:
-                    size = int.from_bytes(await reader.stdout.readexactly(4), "big")
-                    last, payloads = decode_frame(await reader.stdout.readexactly(size))
-                except (asyncio.IncompleteReadError, msgspec.DecodeError, msgspec.ValidationError):
-                    break  # the reader ended or wrote nonsense: it is only a faster way to read
-                whole = False
-                for seq, data in enumerate(payloads, last - len(payloads) + 1):
-                    self._fold(seq, data, changed)
-                folded, whole = last, True
-                if folded - committed >= ROWS_EVERY:
-                    await settle()
-                    writing = self._submit(changed, folded)
-                    touched.update(changed)
-                    changed, committed = {}, folded
+            async with reader:
+                async for last, payloads in reader:
+                    whole = False
+                    for seq, data in enumerate(payloads, last - len(payloads) + 1):
+                        self._fold(seq, data, changed)
+                    folded, whole = last, True
+                    if folded - committed >= ROWS_EVERY:
+                        await settle()
+                        writing = self._submit(changed, folded)
+                        touched.update(changed)
+                        changed, committed = {}, folded
         finally:
-            if reader.returncode is None and folded >= target:
-                try:  # it deletes its consumer on the way out
-                    await asyncio.wait_for(reader.wait(), 5.0)
-                except TimeoutError:
-                    pass
-            if reader.returncode is None:
-                reader.kill()
-            error = (await reader.stderr.read()).decode(errors="replace").strip()
-            await reader.wait()
             await settle()
             if whole:
                 touched.update(changed)
@@ -300,4 +256,4 @@ class Projector:
         if self.notify:
             await self._announce(touched)
         if folded < target:
-            log.warning("projector: catch-up reader stopped at %d of %d (%s); reading on", folded, target, error)
+            log.warning("projector: catch-up reader stopped at %d of %d (%s); reading on", folded, target, reader.error)

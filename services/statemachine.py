@@ -2,11 +2,13 @@
 
 It keeps every sandbox's state in memory, folded from the log by a Tail that
 starts at sequence 1, so a restarted service recovers by reading the log and
-nothing else. Commands arrive by request/reply; driver facts arrive through a
-durable consumer and are acknowledged only after the events they cause are in
-the log. Each append is guarded by the sandbox's last sequence; a conflict
-means another writer got there first, so the service waits until its cache has
-seen that write and decides again.
+nothing else; a long log is read at start by a reader process of its own
+(services/bulkread.py), so reading and folding use both cores. Commands
+arrive by request/reply; driver facts arrive through a durable consumer and
+are acknowledged only after the events they cause are in the log. Each append
+is guarded by the sandbox's last sequence; a conflict means another writer got
+there first, so the service waits until its cache has seen that write and
+decides again.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from events.envelope import Envelope, encode, now, type_name
 from events.lifecycle import LifecycleEvent
 from events.replies import ErrorCode, Reply, error_reply
 from services.auth import Authorizer, check, ensure_audit_stream, record_denied
+from services.bulkread import BULK_BEHIND, Frames
 from services.log import (
     MAX_DELIVER,
     Conflict,
@@ -64,8 +67,10 @@ class StateMachineService:
         replicas: int = 1,
         authorizer: Authorizer | None = None,
         idle_timeout: float = 0.0,
+        bulk_behind: int = BULK_BEHIND,
     ) -> None:
         self.replicas = replicas
+        self.bulk_behind = bulk_behind
         self.idle_timeout = idle_timeout  # a create's idle_timeout when it names none (0: never auto-stopped)
         # With an authorizer, commands come on sandboxctl.cmd.<verb>.<user> and need the user's role.
         self.authorizer = authorizer
@@ -117,6 +122,9 @@ class StateMachineService:
 
     async def _follow_log(self) -> None:
         target = await self._tail.last_seq()
+        if target - self.position >= self.bulk_behind:
+            await self._catch_up(target)
+            self._tail.next_seq = self.position + 1
         if self._tail.next_seq > target:
             self._caught_up.set()  # nothing to read: do not wait out an idle fetch
         async for batch in self._tail.batches():
@@ -125,13 +133,34 @@ class StateMachineService:
                 # Most of the log is this instance's own appends, folded when they were
                 # acknowledged: skip decoding them (a fifth of its CPU under load).
                 if not self._applied(subjects.name_of(msg.subject), seq):
-                    try:
-                        self._fold(decode_event(msg.data), seq)
-                    except (*DecodeError, IllegalTransition) as exc:
-                        log.error("log seq %d cannot be folded: %s", seq, exc)
+                    self._fold_logged(msg.data, seq)
                 self.position = seq
             if self._tail.next_seq > target:
                 self._caught_up.set()
+
+    async def _catch_up(self, target: int) -> None:
+        """Fold the log up to ``target`` from a reader process. Commands wait for it (the
+        service is not ready until it is caught up), so a restart on a long log is as
+        short as reading it; a reader that fails leaves the rest to the Tail."""
+        reader = Frames(self.nc, subjects.LOG_STREAM, subjects.LOG_ALL, self.position + 1, target)
+        async with reader:
+            async for last, payloads in reader:
+                for seq, data in enumerate(payloads, last - len(payloads) + 1):
+                    self._fold_logged(data, seq)
+                self.position = last
+        if self.position < target:
+            log.warning(
+                "state machine: catch-up reader stopped at %d of %d (%s); reading on",
+                self.position,
+                target,
+                reader.error,
+            )
+
+    def _fold_logged(self, data: bytes, seq: int) -> None:
+        try:
+            self._fold(decode_event(data), seq)
+        except (*DecodeError, IllegalTransition) as exc:
+            log.error("log seq %d cannot be folded: %s", seq, exc)
 
     def _applied(self, name: str, seq: int) -> bool:
         """Whether the cache already holds log position ``seq`` of ``name``: our own appends are

@@ -26,11 +26,12 @@ from nats.js.api import ConsumerConfig, StreamConfig
 from bench.replay import fill
 from events import subjects
 from events.commands import command_decoder
-from services.auth import READ, WRITE, AuthStore, component_user
+from services.auth import READ, WRITE, Authorizer, AuthStore, component_user
 from services.client import Denials, PermissionDenied, SandboxClient
 from services.config import Config
 from services.embedded import ControlPlane, NatsServer, free_port
 from services.projector import Projector
+from services.statemachine import StateMachineService
 from tests.conftest import CLI, ROOT, podman
 
 ADMIN_USER = "ops"
@@ -514,4 +515,27 @@ async def test_the_projectors_catch_up_reader_reads_with_the_projectors_own_perm
         assert not [r.getMessage() for r in caplog.records if "catch-up reader" in r.getMessage()]
     finally:
         await projector.stop()
+        await nc.close()
+
+
+async def test_the_state_machines_catch_up_reader_reads_with_the_state_machines_own_permissions(
+    auth_server: NatsServer, store: AuthStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The state machine folds a long log at start through the same reader process; it
+    connects as the state machine, whose permissions must be enough for it."""
+    options = store.credentials(component_user("statemachine")).connect_options()
+    writer = await nats.connect(auth_server.url, **options)
+    try:
+        await fill(writer, 500, 50)
+    finally:
+        await writer.close()
+    nc = await nats.connect(auth_server.url, **options)
+    service = StateMachineService(nc, authorizer=Authorizer(store), bulk_behind=1)
+    try:
+        with caplog.at_level(logging.WARNING, logger="services.statemachine"):
+            await asyncio.wait_for(service.start(), 60)
+        assert service.position == 500 and len(service.states) == 50
+        assert not [r.getMessage() for r in caplog.records if "catch-up reader" in r.getMessage()]
+    finally:
+        await service.stop()
         await nc.close()

@@ -1,7 +1,7 @@
-"""Rebuilding the projection from a long log with the catch-up reader process
-(services/bulkread.py), against a real nats-server: the result must be the
-same projection the ordinary reader builds, event for event, and a reader
-that fails must cost only speed."""
+"""Rebuilding the projection, and the state machine's cache at start, from a
+long log with the catch-up reader process (services/bulkread.py), against a
+real nats-server: the result must be what the ordinary reader builds, event
+for event, and a reader that fails must cost only speed."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from typing import Any
 import nats
 import pytest
 
+import services.bulkread
 import services.projector
 from bench.replay import fill
 from events.envelope import Envelope, new_id, now
@@ -23,6 +24,7 @@ from events.lifecycle import SandboxStopRequested
 from services.embedded import NatsServer
 from services.log import append, last_subject_seq
 from services.projector import Projector
+from services.statemachine import StateMachineService
 
 EVENTS, SANDBOXES = 3_000, 300
 UNREACHABLE = {"servers": ["nats://127.0.0.1:1"]}
@@ -118,7 +120,7 @@ async def test_a_reader_that_fails_costs_only_speed(
 ) -> None:
     ordinary = await project(long_log, tmp_path / "ordinary.db", bulk_behind=10**9)
     await close(ordinary)
-    monkeypatch.setattr(services.projector, "_reader_connect", lambda nc: UNREACHABLE)
+    monkeypatch.setattr(services.bulkread, "connect_options", lambda nc: UNREACHABLE)
     with caplog.at_level(logging.WARNING, logger="services.projector"):
         bulk = await project(long_log, tmp_path / "bulk.db", bulk_behind=1)
     await close(bulk)
@@ -162,3 +164,52 @@ async def test_a_catch_up_cut_short_resumes_where_its_rows_were_committed(
     bulk = await project(long_log, tmp_path / "bulk.db", bulk_behind=1)
     await close(bulk)
     assert dump(tmp_path / "bulk.db") == dump(tmp_path / "ordinary.db")
+
+
+async def recover(url: str, bulk_behind: int) -> StateMachineService:
+    nc = await nats.connect(url)
+    service = StateMachineService(nc, drivers=("podman",), bulk_behind=bulk_behind)
+    await asyncio.wait_for(service.start(), 60)
+    return service
+
+
+async def stop_service(service: StateMachineService) -> None:
+    await service.stop()
+    await service.nc.close()
+
+
+async def test_the_state_machine_recovers_through_a_reader_process_to_the_same_states(
+    long_log: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    ordinary = await recover(long_log, bulk_behind=10**9)
+    expected, expected_transient = dict(ordinary.states), set(ordinary._transient)
+    await stop_service(ordinary)
+    with caplog.at_level(logging.WARNING, logger="services.statemachine"):
+        bulk = await recover(long_log, bulk_behind=1)
+    try:
+        assert not [r.getMessage() for r in caplog.records if "catch-up reader" in r.getMessage()]
+        assert bulk.position == EVENTS and len(expected) == SANDBOXES
+        assert bulk.states == expected and bulk._transient == expected_transient
+        # and it decides on what it folded, and goes on following the log with its Tail
+        seq = await append_stop_request(long_log, "sbx-000011", bulk.states["sbx-000011"].sandbox_id)
+        await until(lambda: bulk.position >= seq)
+        assert bulk.states["sbx-000011"].phase.value == "Stopping"
+        assert bulk.states["sbx-000011"].seq == seq
+    finally:
+        await stop_service(bulk)
+
+
+async def test_a_state_machine_whose_reader_fails_recovers_with_its_tail(
+    long_log: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    ordinary = await recover(long_log, bulk_behind=10**9)
+    expected = dict(ordinary.states)
+    await stop_service(ordinary)
+    monkeypatch.setattr(services.bulkread, "connect_options", lambda nc: UNREACHABLE)
+    with caplog.at_level(logging.WARNING, logger="services.statemachine"):
+        bulk = await recover(long_log, bulk_behind=1)
+    try:
+        assert any("catch-up reader stopped at 0" in r.getMessage() for r in caplog.records)
+        assert bulk.position == EVENTS and bulk.states == expected
+    finally:
+        await stop_service(bulk)
