@@ -36,6 +36,7 @@ from nats.js.errors import APIError, NotFoundError
 
 from events import subjects
 from events.denied import DeniedAttempt
+from services.publish import publish
 
 READ = "sandbox:read"
 WRITE = "sandbox:write"
@@ -448,9 +449,10 @@ def check(authorizer: Authorizer, subject: str, command: Any) -> DeniedAttempt |
 
 async def record_denied(js: JetStreamContext, attempt: DeniedAttempt) -> None:
     """Store the refusal before it is answered, so a caller who saw the reply finds the record."""
-    await js.publish(
+    await publish(
+        js,
         subjects.denied(attempt.user),
         msgspec.json.encode(attempt),
-        stream=subjects.AUDIT_STREAM,
-        headers={"Nats-Msg-Id": attempt.id},
+        subjects.AUDIT_STREAM,
+        {"Nats-Msg-Id": attempt.id},
     )

@@ -16,7 +16,7 @@ import msgspec
 import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, PubAck, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import APIError, NotFoundError
 
 from events import subjects
@@ -24,6 +24,7 @@ from events.deadletter import DeadLettered
 from events.envelope import Envelope, decode_envelope, encode, now
 from events.facts import FACT_TYPES
 from events.lifecycle import EVENT_TYPES
+from services.publish import Ack, publish
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +100,12 @@ async def dead_letter(js: JetStreamContext, consumer: str, msg: Msg, reason: str
         payload=msg.data[:4096].decode("utf-8", "replace"),
         time=now().isoformat(),
     )
-    await js.publish(
+    await publish(
+        js,
         subjects.deadletter(consumer, subjects.name_of(msg.subject)),
         msgspec.json.encode(record),
-        stream=subjects.DEADLETTER_STREAM,
-        headers={"Nats-Msg-Id": f"{consumer}:{meta.stream}:{meta.sequence.stream}"},
+        subjects.DEADLETTER_STREAM,
+        {"Nats-Msg-Id": f"{consumer}:{meta.stream}:{meta.sequence.stream}"},
     )
     await msg.term()
 
@@ -136,16 +138,14 @@ async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
                 await asyncio.sleep(0.5)
 
 
-async def append(js: JetStreamContext, envelope: Envelope, expected_seq: int) -> PubAck:
+async def append(js: JetStreamContext, envelope: Envelope, expected_seq: int) -> Ack:
     try:
-        return await js.publish(
+        return await publish(
+            js,
             subjects.log(envelope.subject),
             encode(envelope),
-            stream=subjects.LOG_STREAM,
-            headers={
-                "Nats-Msg-Id": envelope.id,
-                "Nats-Expected-Last-Subject-Sequence": str(expected_seq),
-            },
+            subjects.LOG_STREAM,
+            {"Nats-Msg-Id": envelope.id, "Nats-Expected-Last-Subject-Sequence": str(expected_seq)},
         )
     except APIError as exc:
         if exc.err_code == WRONG_LAST_SEQUENCE:
@@ -153,12 +153,9 @@ async def append(js: JetStreamContext, envelope: Envelope, expected_seq: int) ->
         raise
 
 
-async def publish_fact(js: JetStreamContext, envelope: Envelope) -> PubAck:
-    return await js.publish(
-        subjects.fact(envelope.subject),
-        encode(envelope),
-        stream=subjects.FACTS_STREAM,
-        headers={"Nats-Msg-Id": envelope.id},
+async def publish_fact(js: JetStreamContext, envelope: Envelope) -> Ack:
+    return await publish(
+        js, subjects.fact(envelope.subject), encode(envelope), subjects.FACTS_STREAM, {"Nats-Msg-Id": envelope.id}
     )
 
 
