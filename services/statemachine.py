@@ -42,7 +42,7 @@ from services.log import (
     last_subject_seq,
     retry_delay,
 )
-from services.tail import Tail, fetch, reraise_if_cancelling
+from services.tail import Pull, Tail, reraise_if_cancelling
 from statemachine import Rejection, SandboxState, decide, evolve, react, validate_name
 from statemachine.deadlines import Deadlines, overdue
 from statemachine.machine import IllegalTransition
@@ -343,22 +343,19 @@ class StateMachineService:
             max_deliver=MAX_DELIVER,
             filter_subject=subjects.FACTS_ALL,
         )
-        psub = None
-        while True:
-            try:
-                if psub is None:
-                    psub = await self.js.pull_subscribe(
-                        subjects.FACTS_ALL, durable=FACTS_CONSUMER, stream=subjects.FACTS_STREAM, config=config
-                    )
-                msgs = await fetch(psub, 256, 1.0)
-                await self._apply_facts(msgs)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                reraise_if_cancelling()
-                log.warning("facts consumer: %r; resubscribing", exc)
-                psub = None
-                await asyncio.sleep(0.25)
+        pull = Pull(self.js, subjects.FACTS_STREAM, config)
+        try:
+            async for msgs in pull.batches():
+                if not msgs:
+                    continue
+                try:
+                    await self._apply_facts(msgs)
+                except Exception:  # what was not acknowledged comes again after the ack wait
+                    reraise_if_cancelling()
+                    log.exception("facts consumer: applying %d facts failed", len(msgs))
+                    await asyncio.sleep(0.25)
+        finally:
+            await pull.close()
 
     async def _apply_facts(self, msgs: list[Msg]) -> None:
         # Facts of one sandbox are applied in order; different sandboxes in parallel.

@@ -51,7 +51,7 @@ from services.log import (
     retry_delay,
 )
 from services.snapshot import load_states
-from services.tail import fetch, reraise_if_cancelling
+from services.tail import Pull, reraise_if_cancelling
 from statemachine import Phase, SandboxState
 
 log = logging.getLogger(__name__)
@@ -186,22 +186,13 @@ class DriverWorker:
             max_deliver=MAX_DELIVER,
             filter_subject=subjects.LOG_ALL,
         )
-        psub = None
-        while True:
-            try:
-                if psub is None:
-                    psub = await self.js.pull_subscribe(
-                        subjects.LOG_ALL, durable=self.consumer, stream=subjects.LOG_STREAM, config=config
-                    )
-                for msg in await fetch(psub, 256, 1.0):
+        pull = Pull(self.js, subjects.LOG_STREAM, config)
+        try:
+            async for msgs in pull.batches():
+                for msg in msgs:
                     self._enqueue(msg)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                reraise_if_cancelling()
-                log.warning("%s: %r; resubscribing", self.consumer, exc)
-                psub = None
-                await asyncio.sleep(0.25)
+        finally:
+            await pull.close()
 
     def _enqueue(self, msg: Msg) -> None:
         name = subjects.name_of(msg.subject)

@@ -1,0 +1,112 @@
+"""services.tail.Pull against a real nats-server: the durable pull reader the
+state machine (facts) and the driver workers (work orders) read with. Every
+message must come, in order, once it is acknowledged never again, and the
+reader must survive its consumer being deleted."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+
+from services.embedded import NatsServer
+from services.tail import Pull
+
+STREAM, DURABLE = "PULLTEST", "pull-test"
+
+
+def config(ack_wait: float = 30.0) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=DURABLE,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=ack_wait,
+        filter_subject="pulltest.>",
+    )
+
+
+@pytest.fixture
+async def nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
+    conn = await nats.connect(nats_server.url)
+    await conn.jetstream().add_stream(StreamConfig(name=STREAM, subjects=["pulltest.>"], storage=StorageType.FILE))
+    yield conn
+    await conn.close()
+
+
+async def publish(nc: NATS, first: int, count: int) -> None:
+    js = nc.jetstream()
+    for i in range(first, first + count):
+        await js.publish(f"pulltest.s{i % 7}", str(i).encode(), stream=STREAM)
+
+
+async def read(batches: AsyncIterator[list[Msg]], count: int, ack: bool = True, timeout: float = 20.0) -> list[Msg]:
+    """The next ``count`` messages from one reader's batches (it is used across calls)."""
+    got: list[Msg] = []
+
+    async def run() -> None:
+        async for msgs in batches:
+            for msg in msgs:
+                got.append(msg)
+                if ack:
+                    await msg.ack()
+            if len(got) >= count:
+                return
+
+    await asyncio.wait_for(run(), timeout)
+    return got
+
+
+async def test_every_message_comes_in_order_across_many_requests(nc: NATS) -> None:
+    await publish(nc, 0, 700)  # more than two requests' worth (batch 256) already waiting
+    pull = Pull(nc.jetstream(), STREAM, config())
+    batches = pull.batches()
+    try:
+        got = await read(batches, 700)
+        later = asyncio.create_task(read(batches, 50))
+        await asyncio.sleep(0.2)  # the reader is waiting on an open request when these arrive
+        await publish(nc, 700, 50)
+        got += await later
+    finally:
+        await pull.close()
+    assert [int(m.data) for m in got] == list(range(750))
+    info = await nc.jetstream().consumer_info(STREAM, DURABLE)
+    assert info.num_ack_pending == 0 and info.num_pending == 0 and info.delivered.stream_seq == 750
+
+
+async def test_what_was_not_acknowledged_comes_again_and_what_was_does_not(nc: NATS) -> None:
+    await publish(nc, 0, 10)
+    pull = Pull(nc.jetstream(), STREAM, config(ack_wait=1.0))
+    batches = pull.batches()
+    try:
+        first = await read(batches, 10, ack=False)
+        for msg in first[:5]:
+            await msg.ack()
+        again = await read(batches, 5)  # after the ack wait, the five left unacknowledged
+    finally:
+        await pull.close()
+    assert [int(m.data) for m in again] == [5, 6, 7, 8, 9]
+    assert all(m.metadata.num_delivered == 2 for m in again)
+
+
+async def test_a_deleted_consumer_is_made_again_and_reading_goes_on(nc: NATS) -> None:
+    js = nc.jetstream()
+    await publish(nc, 0, 3)
+    pull = Pull(js, STREAM, config())
+    batches = pull.batches()
+    try:
+        await read(batches, 3)
+        waiting = asyncio.create_task(read(batches, 5))
+        await asyncio.sleep(0.3)  # its request is open on the consumer about to go
+        await js.delete_consumer(STREAM, DURABLE)
+        await asyncio.sleep(0.3)
+        await publish(nc, 3, 2)
+        # A consumer made again starts over (DeliverPolicy.ALL): all five, the two new ones last.
+        assert [int(m.data) for m in await waiting] == [0, 1, 2, 3, 4]
+    finally:
+        await pull.close()
+    assert (await js.consumer_info(STREAM, DURABLE)).config.filter_subject == "pulltest.>"
