@@ -25,7 +25,7 @@ from events.lifecycle import SandboxCreated
 from services.log import DecodeError, decode_event
 from services.projection import SANDBOX_COLUMNS, checkpoint, connect
 from services.projector import Projector
-from services.tail import Tail
+from services.tail import Tail, stream_seq
 from statemachine import IllegalTransition, Phase, SandboxState, evolve
 
 Point = int | datetime  # a log sequence, or a moment
@@ -62,7 +62,7 @@ async def read(
         return
     try:
         async for batch in tail.batches():
-            kept = [m for m in batch if m.metadata.sequence.stream <= end]
+            kept = [m for m in batch if stream_seq(m) <= end]
             if kept:
                 yield kept
             if tail.next_seq > end:
@@ -77,7 +77,7 @@ async def events(
     """Decoded events up to ``until``; an unreadable entry comes as its exception."""
     async for batch in read(js, name, start, until if isinstance(until, int) else None):
         for msg in batch:
-            seq = msg.metadata.sequence.stream
+            seq = stream_seq(msg)
             try:
                 envelope = decode_event(msg.data)
             except DecodeError as exc:

@@ -41,7 +41,7 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from services.tail import flow_control_reply, push_consumer
+from services.tail import flow_control_reply, push_consumer, sequences
 
 READER_ENV = "SANDBOXCTL_BULKREAD_CONNECT"
 HEARTBEAT = 1.0
@@ -129,15 +129,6 @@ class Frames:
             proc.kill()
         self.error = (await proc.stderr.read()).decode(errors="replace").strip()
         await proc.wait()
-
-
-def sequences(reply: str) -> tuple[int, int]:
-    """The stream sequence and the consumer's delivery count in a JetStream delivery's reply
-    subject, in either of its formats ($JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.
-    <ts>.<pending>, and the newer one with domain and account hash tokens first and a random
-    token last)."""
-    tokens = reply.split(".")
-    return (int(tokens[5]), int(tokens[6])) if len(tokens) == 9 else (int(tokens[7]), int(tokens[8]))
 
 
 async def read(connect: dict[str, Any], stream: str, subject: str, first: int, last: int) -> None:

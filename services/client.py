@@ -38,7 +38,7 @@ from events.commands import (
 from events.envelope import Envelope, encode, new_id
 from events.replies import ErrorCode, Reply, reply_decoder
 from services.log import decode_event
-from services.tail import Tail
+from services.tail import Tail, stream_seq
 
 log = logging.getLogger(__name__)
 
@@ -419,7 +419,7 @@ class SandboxClient:
                 return
             async for batch in tail.batches():
                 for msg in batch:
-                    yield msg.metadata.sequence.stream, decode_event(msg.data)
+                    yield stream_seq(msg), decode_event(msg.data)
                 if not follow and tail.next_seq > end:
                     return
         finally:

@@ -33,7 +33,7 @@ from services.projection import (
     idle_values,
     sandbox_row,
 )
-from services.tail import Tail
+from services.tail import Tail, stream_seq
 from statemachine import SandboxState, evolve
 from statemachine.machine import IllegalTransition
 from statemachine.phases import Phase
@@ -186,8 +186,8 @@ class Projector:
     async def apply(self, batch: list[Msg]) -> None:
         changed: dict[str, Row] = {}
         for msg in batch:
-            self._fold(msg.metadata.sequence.stream, msg.data, changed)
-        last = batch[-1].metadata.sequence.stream
+            self._fold(stream_seq(msg), msg.data, changed)
+        last = stream_seq(batch[-1])
         # One hand-off to the database thread per batch, not one per statement: each costs
         # a queue, a future and a wake-up, on the path of every waiting client.
         await self._commit(changed, last)

@@ -23,7 +23,7 @@ from nats.aio.client import Client as NATS
 from events import subjects
 from services.client import SandboxClient, SandboxError
 from services.log import DecodeError, decode_event, ensure_streams
-from services.tail import Tail, reraise_if_cancelling
+from services.tail import Tail, reraise_if_cancelling, stream_seq
 from statemachine import IllegalTransition, Phase, SandboxState, evolve
 from statemachine.idle import REAPER, ReaperCommand, due
 
@@ -79,7 +79,7 @@ class Reaper:
             self.caught_up.set()
         async for batch in self._tail.batches():
             for msg in batch:
-                seq = msg.metadata.sequence.stream
+                seq = stream_seq(msg)
                 try:
                     envelope = decode_event(msg.data)
                     state = evolve(self.states.get(envelope.subject), envelope, seq)

@@ -12,7 +12,7 @@ from nats.js import JetStreamContext
 
 from events import subjects
 from services.log import DecodeError, decode_event
-from services.tail import Tail
+from services.tail import Tail, stream_seq
 from statemachine import IllegalTransition, SandboxState, evolve
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ async def load_states(js: JetStreamContext) -> dict[str, SandboxState]:
     try:
         async for batch in tail.batches():
             for msg in batch:
-                seq = msg.metadata.sequence.stream
+                seq = stream_seq(msg)
                 try:
                     envelope = decode_event(msg.data)
                     states[envelope.subject] = evolve(states.get(envelope.subject), envelope, seq)

@@ -42,7 +42,7 @@ from services.log import (
     last_subject_seq,
     retry_delay,
 )
-from services.tail import Pull, Tail, reraise_if_cancelling
+from services.tail import Pull, Tail, reraise_if_cancelling, stream_seq
 from statemachine import Rejection, SandboxState, decide, evolve, react, validate_name
 from statemachine.deadlines import Deadlines, overdue
 from statemachine.machine import IllegalTransition
@@ -129,7 +129,7 @@ class StateMachineService:
             self._caught_up.set()  # nothing to read: do not wait out an idle fetch
         async for batch in self._tail.batches():
             for msg in batch:
-                seq = msg.metadata.sequence.stream
+                seq = stream_seq(msg)
                 # Most of the log is this instance's own appends, folded when they were
                 # acknowledged: skip decoding them (a fifth of its CPU under load).
                 if not self._applied(subjects.name_of(msg.subject), seq):

@@ -163,6 +163,21 @@ class Pull:
                 await asyncio.sleep(0.25)
 
 
+def sequences(reply: str) -> tuple[int, int]:
+    """The stream sequence and the consumer sequence in a JetStream delivery's reply subject,
+    in either of its formats ($JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.
+    <pending>, and the newer one with domain and account hash tokens first and a random
+    token last). nats-py's ``msg.metadata`` reads the same, plus a datetime and two objects
+    per message: a twentieth of a busy log reader's CPU."""
+    tokens = reply.split(".")
+    return (int(tokens[5]), int(tokens[6])) if len(tokens) == 9 else (int(tokens[7]), int(tokens[8]))
+
+
+def stream_seq(msg: Msg) -> int:
+    """Where a message delivered by a consumer sits in its stream."""
+    return sequences(msg.reply)[0]
+
+
 def push_consumer(
     filter_subject: str, start_seq: int, deliver_subject: str, heartbeat: float, inactive_threshold: float = 300.0
 ) -> ConsumerConfig:
@@ -308,13 +323,13 @@ class Tail:
                     continue
                 good: list[Msg] = []
                 for msg in msgs:
-                    meta = msg.metadata
-                    if meta.sequence.consumer != self._consumer_seq + 1 or meta.sequence.stream < self.next_seq:
-                        log.info("tail %s: gap at consumer seq %s, reopening", self._filter, meta.sequence.consumer)
+                    sseq, cseq = sequences(msg.reply)
+                    if cseq != self._consumer_seq + 1 or sseq < self.next_seq:
+                        log.info("tail %s: gap at consumer seq %s, reopening", self._filter, cseq)
                         reopen = True
                         break
-                    self._consumer_seq = meta.sequence.consumer
-                    self.next_seq = meta.sequence.stream + 1
+                    self._consumer_seq = cseq
+                    self.next_seq = sseq + 1
                     good.append(msg)
                 if good:
                     yield good

@@ -15,7 +15,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
 from services.embedded import NatsServer
-from services.tail import Pull
+from services.tail import Pull, sequences
 
 STREAM, DURABLE = "PULLTEST", "pull-test"
 
@@ -110,3 +110,16 @@ async def test_a_deleted_consumer_is_made_again_and_reading_goes_on(nc: NATS) ->
     finally:
         await pull.close()
     assert (await js.consumer_info(STREAM, DURABLE)).config.filter_subject == "pulltest.>"
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "$JS.ACK.SANDBOXCTL_LOG.c1.3.1042.77.1732890000000000000.5",
+        "$JS.ACK._.ACCHASH.SANDBOXCTL_LOG.c1.3.1042.77.1732890000000000000.5.x9Zr",
+        "$JS.ACK.hub.ACCHASH.SANDBOXCTL_LOG.c1.1.1042.77.1732890000000000000.0",
+    ],
+)
+def test_sequences_reads_the_reply_subject_as_nats_py_does(reply: str) -> None:
+    meta = Msg.Metadata._from_reply(reply)
+    assert sequences(reply) == (meta.sequence.stream, meta.sequence.consumer) == (1042, 77)
