@@ -38,7 +38,13 @@ from events.facts import (
     DriverFailed,
     Fact,
 )
-from events.lifecycle import SandboxCreated, SandboxDeleteRequested, SandboxStartRequested, SandboxStopRequested
+from events.lifecycle import (
+    EVENT_TYPES,
+    SandboxCreated,
+    SandboxDeleteRequested,
+    SandboxStartRequested,
+    SandboxStopRequested,
+)
 from services.audit import events as log_events
 from services.log import (
     MAX_DELIVER,
@@ -51,7 +57,7 @@ from services.log import (
     retry_delay,
 )
 from services.snapshot import load_states
-from services.tail import Pull, reraise_if_cancelling
+from services.tail import Pull, reraise_if_cancelling, stream_seq
 from statemachine import Phase, SandboxState
 
 log = logging.getLogger(__name__)
@@ -64,6 +70,8 @@ WORK_ACK_WAIT = 15.0  # seconds before an order not acknowledged nor kept alive 
 _TYPE = re.compile(rb'"type":"([^"]*)"')
 # The log events that give a driver work.
 _REQUEST = re.compile(r"sandboxctl\.sandbox\.(created|\w+_requested)\.v\d+")
+# The log events that give none: the phases the state machine decided.
+_PHASES = frozenset(kind for kind in EVENT_TYPES if not _REQUEST.fullmatch(kind))
 
 
 def _raw_type(data: bytes) -> str:
@@ -190,17 +198,23 @@ class DriverWorker:
         try:
             async for msgs in pull.batches():
                 for msg in msgs:
-                    self._enqueue(msg)
+                    if not self._enqueue(msg):
+                        await msg.ack()  # a phase, not an order: nothing to do, nothing to wait behind
         finally:
             await pull.close()
 
-    def _enqueue(self, msg: Msg) -> None:
-        name = subjects.name_of(msg.subject)
-        seq = msg.metadata.sequence.stream
-        if seq in self._held:
-            return  # redelivered while still in hand (a slow engine): the first copy runs
-        self._held[seq] = msg
+    def _enqueue(self, msg: Msg) -> bool:
+        """Queue a work order behind its sandbox's earlier ones; False for a log entry that
+        orders no work (half the log: the phases the state machine decides), which needs
+        neither a queue nor a decode. An entry of no known type is queued, to be dead-lettered."""
         kind = _raw_type(msg.data)
+        if kind in _PHASES:
+            return False
+        name = subjects.name_of(msg.subject)
+        seq = stream_seq(msg)
+        if seq in self._held:
+            return True  # redelivered while still in hand (a slow engine): the first copy runs
+        self._held[seq] = msg
         if _REQUEST.fullmatch(kind):
             self._latest_request[name] = max(seq, self._latest_request.get(name, 0))
         if ".delete_requested." in kind:
@@ -209,12 +223,13 @@ class DriverWorker:
             task = asyncio.create_task(self._handle_now(msg))
             self._urgent.add(task)
             task.add_done_callback(self._urgent.discard)
-            return
+            return True
         queue = self._queues.get(name)
         if queue is None:
             queue = self._queues[name] = asyncio.Queue()
             self._runners[name] = asyncio.create_task(self._run_sandbox(name, queue))
         queue.put_nowait(msg)
+        return True
 
     async def _run_sandbox(self, name: str, queue: asyncio.Queue[Msg]) -> None:
         try:
