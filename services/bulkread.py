@@ -83,7 +83,14 @@ class Frames:
         self._proc: asyncio.subprocess.Process | None = None
 
     async def __aenter__(self) -> Frames:
-        self._proc = await asyncio.create_subprocess_exec(
+        try:
+            self._proc = await self._start()
+        except OSError as exc:  # no process, no frames: the service reads on with its own reader
+            self.error = f"cannot start the reader: {exc!r}"
+        return self
+
+    async def _start(self) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "services.bulkread",
@@ -96,15 +103,14 @@ class Frames:
             env={**os.environ, READER_ENV: json.dumps(connect_options(self.nc))},
             limit=1 << 22,
         )
-        return self
 
     def __aiter__(self) -> Frames:
         return self
 
     async def __anext__(self) -> tuple[int, list[bytes]]:
-        assert self._proc is not None and self._proc.stdout is not None
-        if self.last_read >= self.last:
+        if self._proc is None or self.last_read >= self.last:
             raise StopAsyncIteration
+        assert self._proc.stdout is not None
         try:
             size = int.from_bytes(await self._proc.stdout.readexactly(4), "big")
             last, payloads = self._decode(await self._proc.stdout.readexactly(size))
@@ -119,7 +125,9 @@ class Frames:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         proc = self._proc
-        assert proc is not None and proc.stderr is not None
+        if proc is None:
+            return
+        assert proc.stderr is not None
         if proc.returncode is None and self.last_read >= self.last:
             try:  # it deletes its consumer on the way out
                 await asyncio.wait_for(proc.wait(), 5.0)

@@ -48,7 +48,7 @@ class _Acks:
     """The ack inbox of one connection: tokens waiting for their ack, oldest deadline first."""
 
     def __init__(self, nc: NATS) -> None:
-        self.nc = nc
+        # No reference to ``nc`` here: it is this object's key in a weak dictionary.
         self.prefix = f"{nc.new_inbox()}."
         self.cut = len(self.prefix)
         self.waiting: dict[str, asyncio.Future[Msg]] = {}
@@ -74,7 +74,7 @@ class _Acks:
             if future is not None and not future.done():
                 future.set_exception(nats.errors.TimeoutError())
 
-    async def publish(self, subject: str, payload: bytes, headers: dict[str, str], timeout: float) -> Ack:
+    async def publish(self, nc: NATS, subject: str, payload: bytes, headers: dict[str, str], timeout: float) -> Ack:
         if not self.ready.done():
             await asyncio.shield(self.ready)
         loop = asyncio.get_running_loop()
@@ -85,7 +85,7 @@ class _Acks:
         if self.sweeper is None or self.sweeper.done():
             self.sweeper = asyncio.create_task(self._sweep(), name="sandboxctl-ack-sweeper")
         try:
-            await self.nc.publish(subject, payload, reply=self.prefix + token, headers=headers)
+            await nc.publish(subject, payload, reply=self.prefix + token, headers=headers)
             msg = await future
         finally:
             self.waiting.pop(token, None)
@@ -111,6 +111,6 @@ async def publish(
     """Publish to ``stream`` and return once the server says it is stored (or why not)."""
     nc: NATS = js._nc
     acks = _inboxes.get(nc)
-    if acks is None:
-        acks = _inboxes[nc] = _Acks(nc)
-    return await acks.publish(subject, payload, {**headers, "Nats-Expected-Stream": stream}, timeout)
+    if acks is None or (acks.ready.done() and acks.ready.exception() is not None):
+        acks = _inboxes[nc] = _Acks(nc)  # the first, or one whose subscription failed: a fresh inbox
+    return await acks.publish(nc, subject, payload, {**headers, "Nats-Expected-Stream": stream}, timeout)

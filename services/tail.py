@@ -73,7 +73,7 @@ class Pull:
         self._request = 0  # the open request's number: its status replies come to <inbox>.<number>
         self._want = 0  # messages the open request may still deliver; 0: none open
         self._lost = False  # the consumer is gone: create it again
-        self._unavailable = False  # no JetStream answered the last request: wait before the next
+        self._backoff = False  # the last request was refused, not used up or expired: wait before the next
         self._buffer: list[Msg] = []
         self._ready = asyncio.Event()
         self._heard = 0.0
@@ -82,19 +82,23 @@ class Pull:
         self._heard = time.monotonic()
         status = msg.headers.get("Status") if msg.headers and not msg.data else None
         if status is None:
-            self._want -= 1
+            self._want -= 1  # counted against the open request, as we cannot tell which request it answers
             self._buffer.append(msg)
             self._ready.set()
             return
         if status == "100":
             return  # the open request's idle heartbeat
         if msg.subject == f"{self._inbox}.{self._request}":
-            # 408: the request expired; 409: it ended (the consumer was deleted, a leader
-            # changed, too many waiting); 503: no JetStream to answer it. Ask again.
+            # 408: the request expired, ask again. 409: it ended (the consumer was deleted, a
+            # leader changed, too many waiting); 503: no consumer or no JetStream answered it.
+            # Then wait a little, and after a deletion or a 503 make sure the consumer exists
+            # (one deleted while no request was open answers only with a 503).
             self._want = 0
-            if status == "409" and "deleted" in (msg.headers or {}).get("Description", "").lower():
+            self._backoff = status != "408"
+            if status not in ("408", "409", "503"):
+                log.warning("pull %s: request refused: %s %s", self._config.durable_name, status, msg.headers)
+            if status == "503" or (status == "409" and "deleted" in msg.headers.get("Description", "").lower()):
                 self._lost = True
-            self._unavailable = status == "503"
             self._ready.set()
 
     async def _open(self) -> None:
@@ -147,7 +151,8 @@ class Pull:
                     reopen = False
                     await self._open()
                 if self._want <= 0:
-                    if self._unavailable:
+                    if self._backoff:
+                        self._backoff = False
                         await asyncio.sleep(0.25)
                     await self._ask()
                 elif time.monotonic() - self._heard > 3 * self.HEARTBEAT:

@@ -198,8 +198,12 @@ class DriverWorker:
         try:
             async for msgs in pull.batches():
                 for msg in msgs:
-                    if not self._enqueue(msg):
-                        await msg.ack()  # a phase, not an order: nothing to do, nothing to wait behind
+                    try:
+                        if not self._enqueue(msg):
+                            await msg.ack()  # a phase, not an order: nothing to do, nothing to wait behind
+                    except Exception:  # what was not acknowledged comes again after the ack wait
+                        reraise_if_cancelling()
+                        log.exception("%s: could not take %s", self.consumer, msg.subject)
         finally:
             await pull.close()
 

@@ -123,3 +123,24 @@ async def test_a_deleted_consumer_is_made_again_and_reading_goes_on(nc: NATS) ->
 def test_sequences_reads_the_reply_subject_as_nats_py_does(reply: str) -> None:
     meta = Msg.Metadata._from_reply(reply)
     assert sequences(reply) == (meta.sequence.stream, meta.sequence.consumer) == (1042, 77)
+
+
+async def test_a_consumer_deleted_while_no_request_was_open_is_made_again(
+    nc: NATS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deleted between requests (say, while the reader was cut off), the consumer answers the
+    next request only with a 503 "no responders": the reader must make it again, not wait on."""
+    monkeypatch.setattr(Pull, "EXPIRES", 0.5)
+    monkeypatch.setattr(Pull, "HEARTBEAT", 0.1)  # the server refuses a heartbeat over half the expiry
+    js = nc.jetstream()
+    await publish(nc, 0, 3)
+    pull = Pull(js, STREAM, config())
+    batches = pull.batches()
+    try:
+        await read(batches, 3)
+        await asyncio.sleep(1.0)  # not reading: its request expires, and none is open
+        await js.delete_consumer(STREAM, DURABLE)
+        await publish(nc, 3, 2)
+        assert [int(m.data) for m in await read(batches, 5, timeout=10)] == [0, 1, 2, 3, 4]
+    finally:
+        await pull.close()
