@@ -144,3 +144,36 @@ async def test_a_consumer_deleted_while_no_request_was_open_is_made_again(
         assert [int(m.data) for m in await read(batches, 5, timeout=10)] == [0, 1, 2, 3, 4]
     finally:
         await pull.close()
+
+
+async def test_reading_goes_on_after_the_server_restarts(nats_server: NatsServer) -> None:
+    """A server killed outright tells no open request that it ends (one stopped gracefully
+    answers 409), and its restart loses the request (the consumer is on file, the request
+    is not): its heartbeats stop, and the reader must ask again rather than wait for ever."""
+    conn = await nats.connect(nats_server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    try:
+        js = conn.jetstream()
+        await js.add_stream(StreamConfig(name=STREAM, subjects=["pulltest.>"], storage=StorageType.FILE))
+        await publish(conn, 0, 2)
+        pull = Pull(js, STREAM, config())
+        batches = pull.batches()
+        try:
+            await read(batches, 2)
+            waiting = asyncio.create_task(read(batches, 2, timeout=30))
+            await asyncio.sleep(0.3)
+            assert nats_server.proc is not None
+            nats_server.proc.kill()
+            nats_server.proc.wait()
+            nats_server.start()
+            for _ in range(100):  # until the client is back and JetStream answers
+                try:
+                    await js.stream_info(STREAM)
+                    break
+                except Exception:
+                    await asyncio.sleep(0.1)
+            await publish(conn, 2, 2)
+            assert [int(m.data) for m in await waiting] == [2, 3]
+        finally:
+            await pull.close()
+    finally:
+        await conn.close()
