@@ -42,7 +42,8 @@ from services.log import (
     last_subject_seq,
     retry_delay,
 )
-from services.tail import Pull, Tail, reraise_if_cancelling, stream_seq
+from services.pull import Pull
+from services.tail import Tail, reraise_if_cancelling, stream_seq
 from statemachine import Rejection, SandboxState, decide, evolve, react, validate_name
 from statemachine.deadlines import Deadlines, overdue
 from statemachine.machine import IllegalTransition

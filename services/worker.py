@@ -56,8 +56,9 @@ from services.log import (
     publish_fact,
     retry_delay,
 )
+from services.pull import Pull
 from services.snapshot import load_states
-from services.tail import Pull, reraise_if_cancelling, stream_seq
+from services.tail import reraise_if_cancelling, stream_seq
 from statemachine import Phase, SandboxState
 
 log = logging.getLogger(__name__)

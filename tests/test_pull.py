@@ -1,4 +1,4 @@
-"""services.tail.Pull against a real nats-server: the durable pull reader the
+"""services.pull.Pull against a real nats-server: the durable pull reader the
 state machine (facts) and the driver workers (work orders) read with. Every
 message must come, in order, once it is acknowledged never again, and the
 reader must survive its consumer being deleted."""
@@ -15,7 +15,8 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
 from services.embedded import NatsServer
-from services.tail import Pull, sequences
+from services.pull import Pull
+from services.tail import sequences
 
 STREAM, DURABLE = "PULLTEST", "pull-test"
 

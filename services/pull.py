@@ -1,0 +1,156 @@
+"""Read a durable pull consumer continuously: the state machine's facts, the workers' orders.
+
+Both are work queues with explicit acks, where the log's other readers (services/tail.py)
+follow the stream without acks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig
+from nats.js.errors import NotFoundError
+
+from services.tail import reraise_if_cancelling
+
+log = logging.getLogger(__name__)
+
+
+class Pull:
+    """A durable pull consumer, read continuously: one long-poll request kept open.
+
+    nats-py's ``fetch`` costs, per call, a no-wait probe with its "no messages"
+    answer and then a lingering request, and per message a ``next_msg`` with a
+    timer of its own. Here one request for ``batch`` messages is kept open
+    (``EXPIRES`` long, with idle heartbeats), deliveries arrive at a callback,
+    and the next request goes out once the last one is used up or has ended, so
+    the server hands over work as soon as there is some and the reader pays
+    only nats-py's own per-message cost. Acks, naks and redelivery are the
+    durable's, as before. A request that goes silent (no message and no
+    heartbeat for three heartbeats: a server restart) is replaced, and a
+    consumer that is gone is created again.
+    """
+
+    EXPIRES = 10.0
+    HEARTBEAT = 1.0
+
+    def __init__(
+        self, js: JetStreamContext, stream: str, config: ConsumerConfig, batch: int = 256, idle_timeout: float = 1.0
+    ) -> None:
+        assert config.durable_name, "a Pull reads a durable consumer"
+        # Named as well as durable, as nats-py's pull_subscribe makes it: created on
+        # CONSUMER.CREATE.<stream>.<name>.<filter>, the subject the services may use.
+        config = dataclasses.replace(config, name=config.durable_name)
+        self._js = js
+        self._nc = js._nc
+        self._stream = stream
+        self._config = config
+        self._batch = batch
+        self._idle = idle_timeout
+        self._next = f"{js._prefix}.CONSUMER.MSG.NEXT.{stream}.{config.durable_name}"
+        self._sub: Any = None
+        self._inbox = ""
+        self._request = 0  # the open request's number: its status replies come to <inbox>.<number>
+        self._want = 0  # messages the open request may still deliver; 0: none open
+        self._lost = False  # the consumer is gone: create it again
+        self._backoff = False  # the last request was refused, not used up or expired: wait before the next
+        self._buffer: list[Msg] = []
+        self._ready = asyncio.Event()
+        self._heard = 0.0
+
+    async def _deliver(self, msg: Msg) -> None:
+        self._heard = time.monotonic()
+        status = msg.headers.get("Status") if msg.headers and not msg.data else None
+        if status is None:
+            self._want -= 1  # counted against the open request, as we cannot tell which request it answers
+            self._buffer.append(msg)
+            self._ready.set()
+            return
+        if status == "100":
+            return  # the open request's idle heartbeat
+        if msg.subject == f"{self._inbox}.{self._request}":
+            # 408: the request expired, ask again. 409: it ended (the consumer was deleted, a
+            # leader changed, too many waiting); 503: no consumer or no JetStream answered it.
+            # Then wait a little, and after a deletion or a 503 make sure the consumer exists
+            # (one deleted while no request was open answers only with a 503).
+            self._want = 0
+            self._backoff = status != "408"
+            if status not in ("408", "409", "503"):
+                log.warning("pull %s: request refused: %s %s", self._config.durable_name, status, msg.headers)
+            if status == "503" or (status == "409" and "deleted" in msg.headers.get("Description", "").lower()):
+                self._lost = True
+            self._ready.set()
+
+    async def _open(self) -> None:
+        await self.close()
+        try:
+            await self._js.consumer_info(self._stream, self._config.durable_name)
+        except NotFoundError:
+            await self._js.add_consumer(self._stream, config=self._config)
+        self._inbox = self._nc.new_inbox()
+        self._sub = await self._nc.subscribe(
+            f"{self._inbox}.*", cb=self._deliver, pending_msgs_limit=-1, pending_bytes_limit=-1
+        )
+        self._want, self._lost = 0, False
+
+    async def _ask(self) -> None:
+        self._request += 1
+        self._want = self._batch
+        self._heard = time.monotonic()
+        request = {
+            "batch": self._batch,
+            "expires": int(self.EXPIRES * 1e9),
+            "idle_heartbeat": int(self.HEARTBEAT * 1e9),
+        }
+        await self._nc.publish(self._next, json.dumps(request).encode(), reply=f"{self._inbox}.{self._request}")
+
+    async def close(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            try:
+                await sub.unsubscribe()
+            except Exception:  # the connection may already be gone
+                pass
+
+    async def _take(self) -> list[Msg]:
+        if not self._buffer:
+            self._ready.clear()
+            try:
+                await asyncio.wait_for(self._ready.wait(), self._idle)
+            except TimeoutError:
+                reraise_if_cancelling()
+        taken, self._buffer = self._buffer, []
+        return taken
+
+    async def batches(self) -> AsyncIterator[list[Msg]]:
+        """Yield the messages delivered since the last yield; an empty list means idle."""
+        reopen = True
+        while True:
+            try:
+                if reopen or self._lost:
+                    reopen = False
+                    await self._open()
+                if self._want <= 0:
+                    if self._backoff:
+                        self._backoff = False
+                        await asyncio.sleep(0.25)
+                    await self._ask()
+                elif time.monotonic() - self._heard > 3 * self.HEARTBEAT:
+                    log.info("pull %s: request went silent, asking again", self._config.durable_name)
+                    await self._ask()
+                yield await self._take()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # disconnects, server restarts, no responders
+                reraise_if_cancelling()
+                log.info("pull %s: %r, reopening", self._config.durable_name, exc)
+                reopen = True
+                await asyncio.sleep(0.25)
