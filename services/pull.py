@@ -19,7 +19,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
 from nats.js.errors import NotFoundError
 
-from services.tail import reraise_if_cancelling
+from services.tail import reraise_if_cancelling, unsubscribe, wait_for_delivery
 
 log = logging.getLogger(__name__)
 
@@ -115,18 +115,11 @@ class Pull:
     async def close(self) -> None:
         sub, self._sub = self._sub, None
         if sub is not None:
-            try:
-                await sub.unsubscribe()
-            except Exception:  # the connection may already be gone
-                pass
+            await unsubscribe(sub)
 
     async def _take(self) -> list[Msg]:
         if not self._buffer:
-            self._ready.clear()
-            try:
-                await asyncio.wait_for(self._ready.wait(), self._idle)
-            except TimeoutError:
-                reraise_if_cancelling()
+            await wait_for_delivery(self._ready, self._idle)
         taken, self._buffer = self._buffer, []
         return taken
 

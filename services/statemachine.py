@@ -43,7 +43,7 @@ from services.log import (
     retry_delay,
 )
 from services.pull import Pull
-from services.tail import Tail, reraise_if_cancelling, stream_seq
+from services.tail import Tail, reraise_if_cancelling, stream_seq, unsubscribe
 from statemachine import Rejection, SandboxState, decide, evolve, react, validate_name
 from statemachine.deadlines import Deadlines, overdue
 from statemachine.machine import IllegalTransition
@@ -108,10 +108,7 @@ class StateMachineService:
 
     async def stop(self) -> None:
         for sub in self._subs:
-            try:
-                await sub.unsubscribe()  # type: ignore[attr-defined]
-            except Exception:
-                pass
+            await unsubscribe(sub)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

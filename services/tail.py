@@ -34,6 +34,22 @@ def reraise_if_cancelling() -> None:
         raise asyncio.CancelledError
 
 
+async def wait_for_delivery(ready: asyncio.Event, timeout: float) -> None:
+    """Wait until a delivery callback sets ``ready``, or ``timeout`` passes: an idle round."""
+    ready.clear()
+    try:
+        await asyncio.wait_for(ready.wait(), timeout)
+    except TimeoutError:
+        reraise_if_cancelling()
+
+
+async def unsubscribe(sub: Any) -> None:
+    try:
+        await sub.unsubscribe()
+    except Exception:  # the connection may already be gone
+        pass
+
+
 def sequences(reply: str) -> tuple[int, int]:
     """The stream sequence and the consumer sequence in a JetStream delivery's reply subject,
     in either of its formats ($JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.
@@ -153,10 +169,7 @@ class Tail:
         sub, self._sub = self._sub, None
         if sub is None:
             return
-        try:
-            await sub.unsubscribe()
-        except Exception:  # the connection may already be gone
-            pass
+        await unsubscribe(sub)
         try:
             await self._js.delete_consumer(self._stream, self._consumer)
         except Exception:
@@ -164,11 +177,8 @@ class Tail:
 
     async def _take(self) -> list[Msg]:
         if not self._buffer:
-            self._ready.clear()
-            try:
-                await asyncio.wait_for(self._ready.wait(), self._idle)
-            except TimeoutError:
-                reraise_if_cancelling()
+            await wait_for_delivery(self._ready, self._idle)
+            if not self._buffer:
                 return []
         taken, self._buffer = self._buffer[: self._batch], self._buffer[self._batch :]
         if not self._buffer:

@@ -6,12 +6,14 @@ reader must survive its consumer being deleted."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
 from services.embedded import NatsServer
@@ -45,6 +47,16 @@ async def publish(nc: NATS, first: int, count: int) -> None:
         await js.publish(f"pulltest.s{i % 7}", str(i).encode(), stream=STREAM)
 
 
+@contextlib.asynccontextmanager
+async def reading(js: JetStreamContext, ack_wait: float = 30.0) -> AsyncIterator[AsyncIterator[list[Msg]]]:
+    """One reader's batches, used across ``read`` calls, and the reader closed at the end."""
+    pull = Pull(js, STREAM, config(ack_wait))
+    try:
+        yield pull.batches()
+    finally:
+        await pull.close()
+
+
 async def read(batches: AsyncIterator[list[Msg]], count: int, ack: bool = True, timeout: float = 20.0) -> list[Msg]:
     """The next ``count`` messages from one reader's batches (it is used across calls)."""
     got: list[Msg] = []
@@ -64,16 +76,12 @@ async def read(batches: AsyncIterator[list[Msg]], count: int, ack: bool = True, 
 
 async def test_every_message_comes_in_order_across_many_requests(nc: NATS) -> None:
     await publish(nc, 0, 700)  # more than two requests' worth (batch 256) already waiting
-    pull = Pull(nc.jetstream(), STREAM, config())
-    batches = pull.batches()
-    try:
+    async with reading(nc.jetstream()) as batches:
         got = await read(batches, 700)
         later = asyncio.create_task(read(batches, 50))
         await asyncio.sleep(0.2)  # the reader is waiting on an open request when these arrive
         await publish(nc, 700, 50)
         got += await later
-    finally:
-        await pull.close()
     assert [int(m.data) for m in got] == list(range(750))
     info = await nc.jetstream().consumer_info(STREAM, DURABLE)
     assert info.num_ack_pending == 0 and info.num_pending == 0 and info.delivered.stream_seq == 750
@@ -81,15 +89,11 @@ async def test_every_message_comes_in_order_across_many_requests(nc: NATS) -> No
 
 async def test_what_was_not_acknowledged_comes_again_and_what_was_does_not(nc: NATS) -> None:
     await publish(nc, 0, 10)
-    pull = Pull(nc.jetstream(), STREAM, config(ack_wait=1.0))
-    batches = pull.batches()
-    try:
+    async with reading(nc.jetstream(), ack_wait=1.0) as batches:
         first = await read(batches, 10, ack=False)
         for msg in first[:5]:
             await msg.ack()
         again = await read(batches, 5)  # after the ack wait, the five left unacknowledged
-    finally:
-        await pull.close()
     assert [int(m.data) for m in again] == [5, 6, 7, 8, 9]
     assert all(m.metadata.num_delivered == 2 for m in again)
 
@@ -97,9 +101,7 @@ async def test_what_was_not_acknowledged_comes_again_and_what_was_does_not(nc: N
 async def test_a_deleted_consumer_is_made_again_and_reading_goes_on(nc: NATS) -> None:
     js = nc.jetstream()
     await publish(nc, 0, 3)
-    pull = Pull(js, STREAM, config())
-    batches = pull.batches()
-    try:
+    async with reading(js) as batches:
         await read(batches, 3)
         waiting = asyncio.create_task(read(batches, 5))
         await asyncio.sleep(0.3)  # its request is open on the consumer about to go
@@ -108,8 +110,6 @@ async def test_a_deleted_consumer_is_made_again_and_reading_goes_on(nc: NATS) ->
         await publish(nc, 3, 2)
         # A consumer made again starts over (DeliverPolicy.ALL): all five, the two new ones last.
         assert [int(m.data) for m in await waiting] == [0, 1, 2, 3, 4]
-    finally:
-        await pull.close()
     assert (await js.consumer_info(STREAM, DURABLE)).config.filter_subject == "pulltest.>"
 
 
@@ -135,16 +135,12 @@ async def test_a_consumer_deleted_while_no_request_was_open_is_made_again(
     monkeypatch.setattr(Pull, "HEARTBEAT", 0.1)  # the server refuses a heartbeat over half the expiry
     js = nc.jetstream()
     await publish(nc, 0, 3)
-    pull = Pull(js, STREAM, config())
-    batches = pull.batches()
-    try:
+    async with reading(js) as batches:
         await read(batches, 3)
         await asyncio.sleep(1.0)  # not reading: its request expires, and none is open
         await js.delete_consumer(STREAM, DURABLE)
         await publish(nc, 3, 2)
         assert [int(m.data) for m in await read(batches, 5, timeout=10)] == [0, 1, 2, 3, 4]
-    finally:
-        await pull.close()
 
 
 async def test_reading_goes_on_after_the_server_restarts(nats_server: NatsServer) -> None:
@@ -156,9 +152,7 @@ async def test_reading_goes_on_after_the_server_restarts(nats_server: NatsServer
         js = conn.jetstream()
         await js.add_stream(StreamConfig(name=STREAM, subjects=["pulltest.>"], storage=StorageType.FILE))
         await publish(conn, 0, 2)
-        pull = Pull(js, STREAM, config())
-        batches = pull.batches()
-        try:
+        async with reading(js) as batches:
             await read(batches, 2)
             waiting = asyncio.create_task(read(batches, 2, timeout=30))
             await asyncio.sleep(0.3)
@@ -174,7 +168,5 @@ async def test_reading_goes_on_after_the_server_restarts(nats_server: NatsServer
                     await asyncio.sleep(0.1)
             await publish(conn, 2, 2)
             assert [int(m.data) for m in await waiting] == [2, 3]
-        finally:
-            await pull.close()
     finally:
         await conn.close()
