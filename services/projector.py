@@ -192,24 +192,24 @@ class Projector:
         # a queue, a future and a wake-up, on the path of every waiting client.
         await self._commit(changed, last)
 
-    def _submit(self, changed: dict[str, Row], last: int) -> asyncio.Future[None]:
-        """Hand rows (as they are now) and position to the database thread."""
-        upserts = [row.values() for row in changed.values()]
+    def _submit(self, upserts: list[tuple[object, ...]], last: int) -> asyncio.Future[None]:
+        """Hand rows (their values as they are now) and position to the database thread."""
         return asyncio.ensure_future(self.db._execute(_write_batch, self.db._conn, upserts, last))
 
     async def _commit(self, changed: dict[str, Row], last: int) -> None:
-        await self._submit(changed, last)
+        upserts = [row.values() for row in changed.values()]
+        await self._submit(upserts, last)
         self.position = last
         if self.notify:
-            await self._announce(changed)
+            await self._announce(upserts)
 
-    async def _announce(self, changed: dict[str, Row]) -> None:
+    async def _announce(self, upserts: list[tuple[object, ...]]) -> None:
         """Tell waiters what was committed: the row as a get would read it, so a waiter
         has its answer without asking for it."""
-        for name, row in changed.items():
-            item = sandbox_row(row.values())
-            notice = {"name": name, "phase": row.state.phase.value, "seq": row.state.seq, "item": item}
-            await self.nc.publish(subjects.projected(name), encode(notice))
+        for values in upserts:
+            item = sandbox_row(values)
+            notice = {"name": item["name"], "phase": item["phase"], "seq": item["last_seq"], "item": item}
+            await self.nc.publish(subjects.projected(item["name"]), encode(notice))
 
     async def _catch_up(self, target: int) -> None:
         """Fold the log up to ``target`` with a reader process feeding this one.
@@ -244,16 +244,16 @@ class Projector:
                     folded, whole = last, True
                     if folded - committed >= ROWS_EVERY:
                         await settle()
-                        writing = self._submit(changed, folded)
+                        writing = self._submit([row.values() for row in changed.values()], folded)
                         touched.update(changed)
                         changed, committed = {}, folded
         finally:
             await settle()
             if whole:
                 touched.update(changed)
-                await self._submit(changed, folded)
+                await self._submit([row.values() for row in changed.values()], folded)
                 self.position = folded
         if self.notify:
-            await self._announce(touched)
+            await self._announce([row.values() for row in touched.values()])
         if folded < target:
             log.warning("projector: catch-up reader stopped at %d of %d (%s); reading on", folded, target, reader.error)

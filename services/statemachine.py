@@ -43,7 +43,7 @@ from services.log import (
     retry_delay,
 )
 from services.pull import Pull
-from services.tail import Tail, reraise_if_cancelling, stream_seq, unsubscribe
+from services.tail import Tail, deliveries, reraise_if_cancelling, stream_seq, unsubscribe
 from statemachine import Rejection, SandboxState, decide, evolve, react, validate_name
 from statemachine.deadlines import Deadlines, overdue
 from statemachine.machine import IllegalTransition
@@ -379,10 +379,10 @@ class StateMachineService:
                 envelope.correlationid,
             )
             if reply.error is not None and reply.error.code in (ErrorCode.CONFLICT, ErrorCode.INTERNAL):
-                deliveries = msg.metadata.num_delivered
-                if deliveries >= MAX_DELIVER:
+                delivered = deliveries(msg)
+                if delivered >= MAX_DELIVER:
                     await dead_letter(self.js, FACTS_CONSUMER, msg, f"{reply.error.code}: {reply.error.message}")
                 else:
-                    await msg.nak(delay=retry_delay(deliveries))
+                    await msg.nak(delay=retry_delay(delivered))
                 continue
             await msg.ack()

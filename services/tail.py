@@ -65,6 +65,13 @@ def stream_seq(msg: Msg) -> int:
     return sequences(msg.reply)[0]
 
 
+def deliveries(msg: Msg) -> int:
+    """How many times a consumer has delivered this message, this time included: the
+    token before the stream sequence in either reply format (see ``sequences``)."""
+    tokens = msg.reply.split(".")
+    return int(tokens[4] if len(tokens) == 9 else tokens[6])
+
+
 def push_consumer(
     filter_subject: str, start_seq: int, deliver_subject: str, heartbeat: float, inactive_threshold: float = 300.0
 ) -> ConsumerConfig:

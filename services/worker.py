@@ -58,7 +58,7 @@ from services.log import (
 )
 from services.pull import Pull
 from services.snapshot import load_states
-from services.tail import reraise_if_cancelling, stream_seq
+from services.tail import deliveries, reraise_if_cancelling, stream_seq
 from statemachine import Phase, SandboxState
 
 log = logging.getLogger(__name__)
@@ -256,7 +256,7 @@ class DriverWorker:
         try:
             await self._work(msg)
         finally:
-            self._held.pop(msg.metadata.sequence.stream, None)
+            self._held.pop(stream_seq(msg), None)
 
     async def _work(self, msg: Msg) -> None:
         try:
@@ -277,21 +277,21 @@ class DriverWorker:
                 fact.request_id = envelope.id  # an answer to this work order, not an observation
                 await self.report(envelope.subject, f"{envelope.id}:fact:{index}", fact, cause=envelope)
         except Exception as exc:
-            deliveries = msg.metadata.num_delivered
-            if deliveries >= MAX_DELIVER:
+            delivered = deliveries(msg)
+            if delivered >= MAX_DELIVER:
                 log.exception(
                     "%s: %s on %s failed %d times; dead-lettered",
                     self.consumer,
                     envelope.type,
                     envelope.subject,
-                    deliveries,
+                    delivered,
                 )
                 await dead_letter(self.js, self.consumer, msg, f"{type(exc).__name__}: {exc}")
             else:
                 log.exception(
                     "%s: %s on %s failed; it will be redelivered", self.consumer, envelope.type, envelope.subject
                 )
-                await msg.nak(delay=retry_delay(deliveries))
+                await msg.nak(delay=retry_delay(delivered))
             return
         await msg.ack()
 
@@ -305,8 +305,8 @@ class DriverWorker:
         is current while no later request is in the log; the requests this worker has seen
         answer that at once, and a redelivery, which may come before what it missed, asks the log.
         """
-        name, seq = subjects.name_of(msg.subject), msg.metadata.sequence.stream
-        if self._latest_request.get(name, 0) <= seq and msg.metadata.num_delivered > 1:
+        name, seq = subjects.name_of(msg.subject), stream_seq(msg)
+        if self._latest_request.get(name, 0) <= seq and deliveries(msg) > 1:
             if await last_subject_seq(self.js, name) > seq:
                 async for later, logged, _ in log_events(self.js, name, start=seq + 1):
                     if isinstance(logged, Envelope) and _REQUEST.fullmatch(logged.type):

@@ -18,7 +18,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, S
 
 from services.embedded import NatsServer
 from services.pull import Pull
-from services.tail import sequences
+from services.tail import deliveries, sequences
 
 STREAM, DURABLE = "PULLTEST", "pull-test"
 
@@ -124,6 +124,7 @@ async def test_a_deleted_consumer_is_made_again_and_reading_goes_on(nc: NATS) ->
 def test_sequences_reads_the_reply_subject_as_nats_py_does(reply: str) -> None:
     meta = Msg.Metadata._from_reply(reply)
     assert sequences(reply) == (meta.sequence.stream, meta.sequence.consumer) == (1042, 77)
+    assert deliveries(Msg(None, reply=reply)) == meta.num_delivered  # type: ignore[arg-type]
 
 
 async def test_a_consumer_deleted_while_no_request_was_open_is_made_again(
