@@ -23,8 +23,15 @@ is counted and fails the run. Each accepted command therefore costs the whole
 round: decide and guarded append, work order, fact, the reaction's append and
 the projection.
 
-Baseline, in the same run and on the same server: ``js.publish_async`` of as
-many ~300-byte messages, each with a ``Nats-Msg-Id``, to a file-backed stream.
+Baselines, in the same run:
+
+- ``js.publish_async`` of as many ~300-byte messages, each with a
+  ``Nats-Msg-Id``, to a file-backed stream, on the same server: one leg of the
+  round, the one the issue names.
+- The bare round (bench/bare_round.py): the same legs, processes and transport
+  with none of sandboxctl's own work, driven by the same load generator on a
+  server of its own. What it reaches is what the round's shape allows on this
+  machine; sandboxctl against it is the cost of sandboxctl's code.
 
 Usage: ``python -m bench.throughput [--quick]``. The ``--serve ROLE`` form is
 the benchmark starting its own parts; it is not meant to be run by hand.
@@ -190,6 +197,35 @@ async def serve_plane(url: str, data_dir: Path) -> None:
         driver.close()
         await query.stop()
         await projector.stop()
+        for nc in connections:
+            await nc.close()
+
+
+async def serve_bare_statemachine(url: str) -> None:
+    from bench.bare_round import BareStateMachine
+
+    nc = await _connect(url, "bench-bare-statemachine")
+    service = BareStateMachine(nc)
+    await service.start()
+    say(ready=True, pid=os.getpid())
+    try:
+        await until_told_to_stop()
+    finally:
+        await service.stop()
+        await nc.close()
+
+
+async def serve_bare_plane(url: str) -> None:
+    from bench.bare_round import BarePlane
+
+    connections = [await _connect(url, f"bench-bare-{part}") for part in ("worker", "projector")]
+    plane = BarePlane(*connections)
+    await plane.start()
+    say(ready=True, pid=os.getpid())
+    try:
+        await until_told_to_stop()
+    finally:
+        await plane.stop()
         for nc in connections:
             await nc.close()
 
@@ -365,66 +401,88 @@ async def raw_publish(url: str, server_pid: int, count: int, names: list[str]) -
         await nc.close()
 
 
+async def drive(
+    url: str, server_pid: int, names: list[str], commands: int, roles: tuple[str, str], data_dir: Path
+) -> dict[str, Any]:
+    """Start a state machine and the rest of a plane as ``roles``, create the sandboxes, then
+    time ``commands`` stop/start commands across them, with the CPU each process spent."""
+    async with contextlib.AsyncExitStack() as stack:
+        sm, _ = await Child.start("bench.throughput", roles[0], "--nats-url", url)
+        stack.push_async_callback(sm.stop)
+        plane, _ = await Child.start("bench.throughput", roles[1], "--nats-url", url, "--data-dir", str(data_dir))
+        stack.push_async_callback(plane.stop)
+        nc = await _connect(url, "bench-load")
+        stack.push_async_callback(nc.close)
+        load = Load(nc)
+        await load.watch()
+
+        start = time.perf_counter()
+        await load.run(create_plan(names))
+        create_s = time.perf_counter() - start
+        if load.rejected or load.accepted != len(names):
+            raise RuntimeError(f"creating sandboxes: {load.rejected[:5]}")
+        load.reset()
+
+        plan = cycle_plan(names, commands)
+        before = (sm.cpu_seconds(), plane.cpu_seconds(), process_cpu_seconds(server_pid), cpu_seconds())
+        start = time.perf_counter()
+        await load.run(plan)
+        elapsed = time.perf_counter() - start
+        after = (sm.cpu_seconds(), plane.cpu_seconds(), process_cpu_seconds(server_pid), cpu_seconds())
+    if load.rejected or load.noops:
+        raise RuntimeError(f"{len(load.rejected)} rejected, {load.noops} no-ops: {load.rejected[:5]}")
+    sm_cpu, plane_cpu, server_cpu, load_cpu = (b - a for a, b in zip(before, after, strict=True))
+    accepted = load.accepted
+    return {
+        "commands_accepted": accepted,
+        "create_s": create_s,
+        "elapsed_s": elapsed,
+        "commands_per_s": accepted / elapsed,
+        "cpu_us_per_command_by_process": {
+            "statemachine": sm_cpu / accepted * 1e6,
+            "rest_of_plane": plane_cpu / accepted * 1e6,
+            "nats_server": server_cpu / accepted * 1e6,
+            "load_generator": load_cpu / accepted * 1e6,
+        },
+        "statemachine_cpu_busy": sm_cpu / elapsed,
+        "command_reply_latency": percentiles(load.latencies),
+    }
+
+
 async def measure(sandboxes: int, commands: int) -> dict[str, Any]:
     names = sandbox_names(sandboxes)
     with workdir() as root, nats_server(root) as server:
         assert server.proc is not None
-        server_pid = server.proc.pid
-        raw = await raw_publish(server.url, server_pid, commands, names)
-        async with contextlib.AsyncExitStack() as stack:
-            sm, _ = await Child.start("bench.throughput", "statemachine", "--nats-url", server.url)
-            stack.push_async_callback(sm.stop)
-            plane, _ = await Child.start(
-                "bench.throughput", "plane", "--nats-url", server.url, "--data-dir", str(root / "data")
-            )
-            stack.push_async_callback(plane.stop)
-            nc = await _connect(server.url, "bench-load")
-            stack.push_async_callback(nc.close)
-            load = Load(nc)
-            await load.watch()
+        raw = await raw_publish(server.url, server.proc.pid, commands, names)
+        real = await drive(server.url, server.proc.pid, names, commands, ("statemachine", "plane"), root / "data")
+    # The bare round on a server of its own, so neither run's streams weigh on the other.
+    with workdir() as root, nats_server(root) as server:
+        assert server.proc is not None
+        bare = await drive(
+            server.url, server.proc.pid, names, commands, ("bare-statemachine", "bare-plane"), root / "data"
+        )
 
-            start = time.perf_counter()
-            await load.run(create_plan(names))
-            create_s = time.perf_counter() - start
-            if load.rejected or load.accepted != sandboxes:
-                raise RuntimeError(f"creating sandboxes: {load.rejected[:5]}")
-            load.reset()
-
-            plan = cycle_plan(names, commands)
-            before = (sm.cpu_seconds(), plane.cpu_seconds(), process_cpu_seconds(server_pid), cpu_seconds())
-            start = time.perf_counter()
-            await load.run(plan)
-            elapsed = time.perf_counter() - start
-            after = (sm.cpu_seconds(), plane.cpu_seconds(), process_cpu_seconds(server_pid), cpu_seconds())
-        if load.rejected or load.noops:
-            raise RuntimeError(f"{len(load.rejected)} rejected, {load.noops} no-ops: {load.rejected[:5]}")
-
-    sm_cpu, plane_cpu, server_cpu, load_cpu = (b - a for a, b in zip(before, after, strict=True))
-    accepted = load.accepted
-    per_command = {
-        "statemachine": sm_cpu / accepted * 1e6,
-        "rest_of_plane": plane_cpu / accepted * 1e6,
-        "nats_server": server_cpu / accepted * 1e6,
-        "load_generator": load_cpu / accepted * 1e6,
-    }
-    rate = accepted / elapsed
+    per_command = real["cpu_us_per_command_by_process"]
+    rate = real["commands_per_s"]
+    whole = sum(per_command.values())
+    bare_whole = sum(bare["cpu_us_per_command_by_process"].values())
     return {
         "sandboxes": sandboxes,
         "commands_sent": commands,
-        "commands_accepted": accepted,
-        "commands_rejected": len(load.rejected),
-        "create_s": create_s,
-        "elapsed_s": elapsed,
-        "commands_per_s": rate,
+        "commands_rejected": 0,
+        **real,
         "raw_msgs_per_s": raw["msgs_per_s"],
         "ratio_to_raw": rate / raw["msgs_per_s"],
+        "bare_round_commands_per_s": bare["commands_per_s"],
+        "ratio_to_bare_round": rate / bare["commands_per_s"],
         "cpu_us_per_command": per_command["statemachine"],
-        "cpu_us_per_command_by_process": per_command,
-        "statemachine_cpu_busy": sm_cpu / elapsed,
+        "cpu_us_per_command_all_processes": whole,
+        "bare_round_cpu_us_per_command_all_processes": bare_whole,
         "statemachine_cpu_bound_commands_per_s": 1e6 / per_command["statemachine"],
         "one_process_cpu_bound_commands_per_s": 1e6 / (per_command["statemachine"] + per_command["rest_of_plane"]),
-        "command_reply_latency": percentiles(load.latencies),
+        "machine_cpu_bound_commands_per_s": (os.cpu_count() or 1) * 1e6 / whole,
         "raw": raw,
+        "bare_round": bare,
         "target_commands_per_s": TARGET_COMMANDS_PER_S,
         "target_met": rate >= TARGET_COMMANDS_PER_S,
     }
@@ -434,7 +492,9 @@ def main() -> None:
     p = parser(__doc__ or "")
     p.add_argument("--sandboxes", type=int, default=1000)
     p.add_argument("--commands", type=int, default=20_000)
-    p.add_argument("--serve", choices=("statemachine", "plane"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--serve", choices=("statemachine", "plane", "bare-statemachine", "bare-plane"), help=argparse.SUPPRESS
+    )
     p.add_argument("--nats-url", help=argparse.SUPPRESS)
     p.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -445,6 +505,12 @@ def main() -> None:
     if args.serve == "plane":
         asyncio.run(serve_plane(args.nats_url, args.data_dir))
         return
+    if args.serve == "bare-statemachine":
+        asyncio.run(serve_bare_statemachine(args.nats_url))
+        return
+    if args.serve == "bare-plane":
+        asyncio.run(serve_bare_plane(args.nats_url))
+        return
     sandboxes, commands = (50, 200) if args.quick else (args.sandboxes, args.commands)
     result = asyncio.run(measure(sandboxes, commands))
     save(
@@ -454,15 +520,18 @@ def main() -> None:
             "summary": (
                 f"Accepted stop/start commands per second through one state-machine process, "
                 f"{sandboxes:,} sandboxes at once, FakeDriver, nats-server with file storage; "
-                f"against js.publish_async of as many messages in the same run. "
+                f"against js.publish_async of as many messages and against the bare round "
+                f"(the same messages with none of sandboxctl's work), in the same run. "
                 f"Target: at least {TARGET_COMMANDS_PER_S:,}/s."
             ),
             "notes": (
                 "Each command is sent once the previous one for its sandbox has landed in the projection, so every "
                 "command is accepted and costs a full round (append, work order, fact, reaction, projection). "
                 "The state machine runs alone in one process, the driver worker, projector and query service in "
-                "another, the load generator in a third; CPU is read from /proc per process. A 2-core machine "
-                "shared with other work: rates are noisy, CPU per command less so."
+                "another, the load generator in a third; CPU is read from /proc per process. The bare round "
+                "(bench/bare_round.py) runs the same legs over the same transport, in the same processes, with no "
+                "envelope, decide, evolve, SQLite or engine thread. A 2-core machine shared with other work: "
+                "rates are noisy, CPU per command less so."
             ),
             **result,
         },
