@@ -19,7 +19,6 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -59,6 +58,7 @@ from services.log import (
 from services.pull import Pull
 from services.snapshot import load_states
 from services.tail import deliveries, reraise_if_cancelling, stream_seq
+from services.threads import EngineThreads
 from statemachine import Phase, SandboxState
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ class DriverWorker:
         self._slots = asyncio.Semaphore(max_parallel or driver.parallelism)
         self._tasks: list[asyncio.Task[None]] = []
         self._urgent: set[asyncio.Task[None]] = set()
-        self._executor = ThreadPoolExecutor(max_workers=256, thread_name_prefix=f"driver-{driver.name}")
+        self._threads = EngineThreads(256, f"driver-{driver.name}")
         self._stopping = threading.Event()
 
     async def start(self) -> None:
@@ -167,12 +167,12 @@ class DriverWorker:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._threads.shutdown()
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Engine calls block (the SDKs are synchronous); they run on the worker's own threads,
         which ``stop`` abandons rather than waits for: a stop hanging in the engine cannot hold us."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await self._threads.call(fn, *args)
 
     def _lock(self, name: str) -> asyncio.Lock:
         # Work orders and reconciliation of one sandbox never interleave.

@@ -1,0 +1,85 @@
+"""services.threads.EngineThreads: the driver worker's threads for blocking engine calls."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from services.threads import EngineThreads
+
+
+async def test_results_and_errors_come_back_from_other_threads() -> None:
+    threads = EngineThreads(4, "t")
+    try:
+        here = threading.get_ident()
+        value, ident = await threads.call(lambda a, b: (a + b, threading.get_ident()), 2, 3)
+        assert value == 5 and ident != here
+
+        def fail() -> None:
+            raise KeyError("no such container")
+
+        with pytest.raises(KeyError, match="no such container"):
+            await threads.call(fail)
+    finally:
+        threads.shutdown()
+
+
+async def test_a_burst_of_calls_all_get_their_own_answers() -> None:
+    threads = EngineThreads(8, "t")
+    try:
+        answers = await asyncio.gather(*(threads.call(lambda i=i: i * i) for i in range(2000)))
+        assert answers == [i * i for i in range(2000)]
+    finally:
+        threads.shutdown()
+
+
+async def test_calls_run_side_by_side_up_to_the_limit_and_threads_are_kept() -> None:
+    threads = EngineThreads(4, "t")
+    try:
+        # Four calls can only pass the barrier together: they must run at once, on four threads.
+        barrier = threading.Barrier(4, timeout=10)
+
+        def meet() -> int:
+            barrier.wait()
+            return threading.get_ident()
+
+        first = await asyncio.gather(*(threads.call(meet) for _ in range(8)))
+        assert len(set(first)) == 4
+        # One call at a time needs no new thread.
+        after = {await threads.call(threading.get_ident) for _ in range(50)}
+        assert after <= set(first)
+        assert sum(1 for t in threading.enumerate() if t.name.startswith("t-")) == 4
+    finally:
+        threads.shutdown()
+
+
+async def test_callers_that_give_up_do_not_cost_the_others_their_answers() -> None:
+    threads = EngineThreads(20, "t")
+    release = threading.Event()
+    try:
+        calls = [threads.call(lambda i=i: (release.wait(10), i)[1]) for i in range(20)]
+        await asyncio.sleep(0.05)
+        for call in calls[::2]:
+            call.cancel()
+        release.set()  # all twenty finish at once, their results handed back together
+        answers = await asyncio.wait_for(asyncio.gather(*calls[1::2]), 5)
+        assert answers == list(range(1, 20, 2))
+        assert all(call.cancelled() for call in calls[::2])
+        assert await threads.call(lambda: "next") == "next"
+    finally:
+        threads.shutdown()
+
+
+async def test_shutdown_does_not_wait_for_a_call_hung_in_the_engine() -> None:
+    threads = EngineThreads(2, "hung")
+    never = threading.Event()
+    hung = asyncio.ensure_future(threads.call(never.wait))
+    await asyncio.sleep(0.05)
+    threads.shutdown()  # returns at once; the hung thread is a daemon and holds nothing up
+    assert all(t.daemon for t in threading.enumerate() if t.name.startswith("hung-"))
+    with pytest.raises(RuntimeError, match="shut down"):
+        threads.call(lambda: None)
+    hung.cancel()
+    never.set()
