@@ -75,7 +75,6 @@ class BareStateMachine:
         self.nc = nc
         self.js = nc.jetstream()
         self.last: dict[str, int] = {}
-        self.conflicts = 0
         self.position = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._inflight: set[asyncio.Task[None]] = set()
@@ -110,7 +109,6 @@ class BareStateMachine:
                 # not seen (a command can overtake it): take the sequence the server names.
                 if exc.err_code != WRONG_LAST_SEQUENCE:
                     raise
-                self.conflicts += 1
                 self.last[name] = max(self.last.get(name, 0), int(str(exc.description).rsplit(" ", 1)[-1]))
                 continue
             self.last[name] = max(self.last.get(name, 0), ack.seq)
