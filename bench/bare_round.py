@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -32,7 +33,7 @@ from events.replies import Reply
 from services.log import WRONG_LAST_SEQUENCE, ensure_streams
 from services.publish import publish
 from services.pull import Pull
-from services.tail import Tail, stream_seq
+from services.tail import Tail, stream_seq, unsubscribe
 
 # What each command appends, what its fact makes of it, and the phases the projection shows.
 ORDER = {"create": "create_requested", "stop": "stop_requested", "start": "start_requested"}
@@ -78,7 +79,7 @@ class BareStateMachine:
         self.position = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._inflight: set[asyncio.Task[None]] = set()
-        self._sub: object = None
+        self._sub: Any = None
 
     async def start(self) -> None:
         await ensure_streams(self.js)
@@ -88,9 +89,10 @@ class BareStateMachine:
         self._sub = await self.nc.subscribe(subjects.COMMANDS_ALL, queue="bare-statemachine", cb=self._on_command)
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        await unsubscribe(self._sub)
+        for task in [*self._tasks, *self._inflight]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._inflight, return_exceptions=True)
         await self._tail.close()
 
     async def _append(self, name: str, kind: str, msg_id: str) -> int:

@@ -65,11 +65,19 @@ class EngineThreads:
             if item is None:
                 return
             future, fn, args = item
+            del item
+            if future.cancelled():  # its caller gave up while it queued: an engine call nobody awaits
+                with self._lock:
+                    self._idle += 1
+                del future, fn, args
+                continue
             try:
                 outcome = (future, True, fn(*args))
+            except StopIteration as exc:  # a future cannot hold it
+                outcome = (future, False, RuntimeError(f"engine call raised StopIteration: {exc!r}"))
             except BaseException as exc:  # handed to the caller, as run_in_executor would
                 outcome = (future, False, exc)
-            del item, fn, args
+            del future, fn, args  # an idle thread pins neither the call nor its caller
             with self._lock:
                 self._idle += 1
                 wake = not self._results
@@ -88,14 +96,28 @@ class EngineThreads:
         for future, ok, value in results:
             if future.cancelled():
                 continue
-            if ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
+            try:
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
+            except Exception as exc:  # one bad result must not cost the others theirs
+                future.get_loop().call_exception_handler(
+                    {"message": "engine call result could not be delivered", "exception": exc, "future": future}
+                )
 
     def shutdown(self) -> None:
-        """Let idle threads end; busy ones end after their call, and nobody waits for them."""
+        """Drop the calls still queued, let idle threads end; a busy one ends after its call,
+        and nobody waits for it. A queued engine call must not run after the worker has
+        stopped: its order goes to the next worker, and running it late would act twice."""
         self._closed = True
+        while True:
+            try:
+                item = self._calls.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
         with self._lock:
             threads = self._threads
         for _ in range(threads):

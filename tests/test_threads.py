@@ -36,7 +36,7 @@ async def test_a_burst_of_calls_all_get_their_own_answers() -> None:
 
 
 async def test_calls_run_side_by_side_up_to_the_limit_and_threads_are_kept() -> None:
-    threads = EngineThreads(4, "t")
+    threads = EngineThreads(4, "kept")
     try:
         # Four calls can only pass the barrier together: they must run at once, on four threads.
         barrier = threading.Barrier(4, timeout=10)
@@ -50,7 +50,7 @@ async def test_calls_run_side_by_side_up_to_the_limit_and_threads_are_kept() -> 
         # One call at a time needs no new thread.
         after = {await threads.call(threading.get_ident) for _ in range(50)}
         assert after <= set(first)
-        assert sum(1 for t in threading.enumerate() if t.name.startswith("t-")) == 4
+        assert sum(1 for t in threading.enumerate() if t.name.startswith("kept-")) == 4
     finally:
         threads.shutdown()
 
@@ -83,3 +83,46 @@ async def test_shutdown_does_not_wait_for_a_call_hung_in_the_engine() -> None:
         threads.call(lambda: None)
     hung.cancel()
     never.set()
+
+
+async def test_calls_given_up_or_still_queued_at_shutdown_never_run() -> None:
+    threads = EngineThreads(1, "queued")
+    ran: list[str] = []
+    # The one thread is busy while a call queues behind it, and its caller gives up.
+    busy = threading.Event()
+    first = threads.call(busy.wait, 10)
+    given_up = threads.call(ran.append, "given up")
+    await asyncio.sleep(0.05)
+    given_up.cancel()
+    busy.set()
+    assert await first is True
+    assert await threads.call(lambda: "after") == "after"
+    # Busy again, with a call queued when the worker stops.
+    busy = threading.Event()
+    second = threads.call(busy.wait, 10)
+    queued = threads.call(ran.append, "queued at shutdown")
+    await asyncio.sleep(0.05)
+    threads.shutdown()
+    assert queued.cancelled()
+    busy.set()
+    assert await second is True
+    await asyncio.sleep(0.1)
+    assert ran == []
+
+
+async def test_a_result_a_future_cannot_hold_does_not_cost_the_others_theirs() -> None:
+    threads = EngineThreads(4, "t")
+    release = threading.Event()
+
+    def stop_iteration() -> None:
+        release.wait(10)
+        raise StopIteration
+
+    try:
+        calls = [threads.call(stop_iteration), *(threads.call(lambda i=i: (release.wait(10), i)[1]) for i in range(3))]
+        await asyncio.sleep(0.05)
+        release.set()
+        outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5)
+        assert isinstance(outcomes[0], RuntimeError) and outcomes[1:] == [0, 1, 2]
+    finally:
+        threads.shutdown()
