@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+import msgspec
 
 from statemachine.state import Hold, Lease, PendingWarning, SandboxState
 
@@ -150,14 +151,28 @@ def idle_fields(item: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+JSON_COLUMNS = ("command", "labels", "leases", "holds", "warning")  # stored as JSON text; None when empty
+
+
 def sandbox_row(row: tuple[Any, ...]) -> dict[str, Any]:
     item = dict(zip(SANDBOX_COLUMNS, row, strict=True))
-    item["command"] = json.loads(item["command"]) if item["command"] else None
-    item["labels"] = json.loads(item["labels"])
-    item["leases"] = json.loads(item["leases"])
-    item["holds"] = json.loads(item["holds"])
-    item["warning"] = json.loads(item["warning"]) if item["warning"] else None
+    for column in JSON_COLUMNS:
+        item[column] = json.loads(item[column]) if item[column] else None
     return item
+
+
+_encode_notice = msgspec.json.Encoder().encode
+
+
+def projected_notice(row: tuple[Any, ...]) -> tuple[str, bytes]:
+    """The sandbox a committed row belongs to, and the projector's notice of it: name, phase,
+    sequence and the row as ``sandbox_row`` gives it. The JSON columns go in as the JSON they
+    are stored as, not decoded and encoded again: the projector sends one or two per command."""
+    item = dict(zip(SANDBOX_COLUMNS, row, strict=True))
+    for column in JSON_COLUMNS:
+        item[column] = msgspec.Raw(item[column].encode()) if item[column] else None
+    name = item["name"]
+    return name, _encode_notice({"name": name, "phase": item["phase"], "seq": item["last_seq"], "item": item})
 
 
 async def get_sandbox(db: aiosqlite.Connection, name: str) -> dict[str, Any] | None:

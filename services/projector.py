@@ -21,7 +21,6 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from events import subjects
-from events.envelope import encode
 from events.lifecycle import SandboxCreated
 from services.bulkread import BULK_BEHIND, Frames
 from services.log import DecodeError, decode_event, ensure_streams
@@ -31,7 +30,7 @@ from services.projection import (
     connect,
     idle_fields,
     idle_values,
-    sandbox_row,
+    projected_notice,
 )
 from services.tail import Tail, stream_seq
 from statemachine import SandboxState, evolve
@@ -207,9 +206,8 @@ class Projector:
         """Tell waiters what was committed: the row as a get would read it, so a waiter
         has its answer without asking for it."""
         for values in upserts:
-            item = sandbox_row(values)
-            notice = {"name": item["name"], "phase": item["phase"], "seq": item["last_seq"], "item": item}
-            await self.nc.publish(subjects.projected(item["name"]), encode(notice))
+            name, notice = projected_notice(values)
+            await self.nc.publish(subjects.projected(name), notice)
 
     async def _catch_up(self, target: int) -> None:
         """Fold the log up to ``target`` with a reader process feeding this one.
