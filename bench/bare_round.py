@@ -25,6 +25,7 @@ from typing import Any
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError
 
@@ -67,6 +68,19 @@ def event(kind: str, name: str) -> bytes:
 
 def kind_of(data: bytes) -> str:
     return _kind(data).kind
+
+
+def work_queue(js: JetStreamContext, stream: str, durable: str, filter_subject: str, max_ack_pending: int) -> Pull:
+    """A durable read with explicit acks from the start, as the state machine's facts and
+    the workers' orders are read."""
+    config = ConsumerConfig(
+        durable_name=durable,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        max_ack_pending=max_ack_pending,
+        filter_subject=filter_subject,
+    )
+    return Pull(js, stream, config)
 
 
 class BareStateMachine:
@@ -134,14 +148,7 @@ class BareStateMachine:
                 self.position = stream_seq(batch[-1])
 
     async def _facts(self) -> None:
-        config = ConsumerConfig(
-            durable_name="bare-statemachine",
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            max_ack_pending=10_000,
-            filter_subject=subjects.FACTS_ALL,
-        )
-        pull = Pull(self.js, subjects.FACTS_STREAM, config)
+        pull = work_queue(self.js, subjects.FACTS_STREAM, "bare-statemachine", subjects.FACTS_ALL, 10_000)
         try:
             async for msgs in pull.batches():
                 await asyncio.gather(*(self._fact(msg) for msg in msgs))
@@ -178,14 +185,7 @@ class BarePlane:
             await self._tail.close()
 
     async def _work(self) -> None:
-        config = ConsumerConfig(
-            durable_name="bare-worker",
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            max_ack_pending=20_000,
-            filter_subject=subjects.LOG_ALL,
-        )
-        pull = Pull(self.worker_js, subjects.LOG_STREAM, config)
+        pull = work_queue(self.worker_js, subjects.LOG_STREAM, "bare-worker", subjects.LOG_ALL, 20_000)
         try:
             async for msgs in pull.batches():
                 for msg in msgs:

@@ -47,6 +47,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -159,18 +160,25 @@ async def _connect(url: str, name: str) -> NATS:
     return await nats.connect(url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.2, connect_timeout=2)
 
 
+async def serve_until_told(connections: list[NATS], stop: Callable[[], Awaitable[None]]) -> None:
+    """A started part's life: report ready, run until the benchmark says stop, then stop it
+    and close its connections."""
+    say(ready=True, pid=os.getpid())
+    try:
+        await until_told_to_stop()
+    finally:
+        await stop()
+        for nc in connections:
+            await nc.close()
+
+
 async def serve_statemachine(url: str) -> None:
     from services.statemachine import StateMachineService
 
     nc = await _connect(url, "bench-statemachine")
     service = StateMachineService(nc, drivers=("fake",), default_driver="fake")
     await service.start()
-    say(ready=True, pid=os.getpid())
-    try:
-        await until_told_to_stop()
-    finally:
-        await service.stop()
-        await nc.close()
+    await serve_until_told([nc], service.stop)
 
 
 async def serve_plane(url: str, data_dir: Path) -> None:
@@ -189,16 +197,14 @@ async def serve_plane(url: str, data_dir: Path) -> None:
     await query.start()
     worker = DriverWorker(connections[2], driver)
     await worker.start()
-    say(ready=True, pid=os.getpid())
-    try:
-        await until_told_to_stop()
-    finally:
+
+    async def stop() -> None:
         await worker.stop()
         driver.close()
         await query.stop()
         await projector.stop()
-        for nc in connections:
-            await nc.close()
+
+    await serve_until_told(connections, stop)
 
 
 async def serve_bare_statemachine(url: str) -> None:
@@ -207,12 +213,7 @@ async def serve_bare_statemachine(url: str) -> None:
     nc = await _connect(url, "bench-bare-statemachine")
     service = BareStateMachine(nc)
     await service.start()
-    say(ready=True, pid=os.getpid())
-    try:
-        await until_told_to_stop()
-    finally:
-        await service.stop()
-        await nc.close()
+    await serve_until_told([nc], service.stop)
 
 
 async def serve_bare_plane(url: str) -> None:
@@ -221,13 +222,7 @@ async def serve_bare_plane(url: str) -> None:
     connections = [await _connect(url, f"bench-bare-{part}") for part in ("worker", "projector")]
     plane = BarePlane(*connections)
     await plane.start()
-    say(ready=True, pid=os.getpid())
-    try:
-        await until_told_to_stop()
-    finally:
-        await plane.stop()
-        for nc in connections:
-            await nc.close()
+    await serve_until_told(connections, plane.stop)
 
 
 # -- the load generator ----------------------------------------------------------------
