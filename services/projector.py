@@ -97,13 +97,13 @@ class Projector:
         self.rows: dict[str, Row] = {}
         self.position = 0
         self.caught_up = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self.tasks: list[asyncio.Task[None]] = []  # long-running: a supervisor watches them
 
     async def start(self) -> None:
         await ensure_streams(self.js)
         await self.open()
         self.tail = Tail(self.js, subjects.LOG_STREAM, subjects.LOG_ALL, start_seq=self.position + 1)
-        self._task = asyncio.create_task(self._run(), name="projector")
+        self.tasks.append(asyncio.create_task(self._run(), name="projector"))
 
     async def open(self) -> None:
         """Open the database and load its rows and position, without following the log
@@ -132,9 +132,10 @@ class Projector:
             )
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        if self.tasks:
+            for task in self.tasks:
+                task.cancel()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
             await self.tail.close()
         await self.db.close()
 

@@ -48,6 +48,7 @@ class QueryService:
         self.db_path = db_path
         self._sub: Any = None
         self._pending: set[asyncio.Task[None]] = set()
+        self.tasks: list[asyncio.Task[None]] = []  # none long-running: it answers from a subscription
 
     async def start(self) -> None:
         self.db = await connect(self.db_path)

@@ -54,21 +54,21 @@ class Reaper:
         # name -> (command id, the sandbox's seq when sent, when): not sent again until the log
         # answers, or a while passes (a refusal on a clock a little behind ours).
         self._sent: dict[str, tuple[str, int, float]] = {}
-        self._tasks: list[asyncio.Task[None]] = []
+        self.tasks: list[asyncio.Task[None]] = []
         self._inflight: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         await ensure_streams(self.js)
         self._tail = Tail(self.js, subjects.LOG_STREAM, subjects.LOG_ALL, start_seq=1)
-        self._tasks.append(asyncio.create_task(self._follow_log(), name="reaper-log"))
+        self.tasks.append(asyncio.create_task(self._follow_log(), name="reaper-log"))
         await self.caught_up.wait()
-        self._tasks.append(asyncio.create_task(self._timers(), name="reaper-timers"))
+        self.tasks.append(asyncio.create_task(self._timers(), name="reaper-timers"))
         log.info("reaper ready: %d sandboxes with deadlines, log folded to seq %d", len(self.watched), self.position)
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        for task in self.tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self.tasks, return_exceptions=True)
         if self._inflight:
             await asyncio.wait(self._inflight, timeout=5)
         await self._tail.close()

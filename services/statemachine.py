@@ -84,7 +84,7 @@ class StateMachineService:
         self.watchdog_interval = watchdog_interval
         self._transient: set[str] = set()  # names in a phase with a deadline: all the watchdog looks at
         self.position = 0  # highest log sequence folded into self.states
-        self._tasks: list[asyncio.Task[None]] = []
+        self.tasks: list[asyncio.Task[None]] = []
         self._inflight: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(max_in_flight)
         self._caught_up = asyncio.Event()
@@ -97,21 +97,21 @@ class StateMachineService:
         if self.authorizer is not None:
             await ensure_audit_stream(self.js, self.replicas)
         self._tail = Tail(self.js, subjects.LOG_STREAM, subjects.LOG_ALL, start_seq=1)
-        self._tasks.append(asyncio.create_task(self._follow_log(), name="statemachine-log"))
+        self.tasks.append(asyncio.create_task(self._follow_log(), name="statemachine-log"))
         await self._caught_up.wait()
         self._subs.append(
             await self.nc.subscribe(subjects.COMMANDS_ALL, queue="sandboxctl-statemachine", cb=self._on_command)
         )
-        self._tasks.append(asyncio.create_task(self._consume_facts(), name="statemachine-facts"))
-        self._tasks.append(asyncio.create_task(self._watchdog(), name="statemachine-watchdog"))
+        self.tasks.append(asyncio.create_task(self._consume_facts(), name="statemachine-facts"))
+        self.tasks.append(asyncio.create_task(self._watchdog(), name="statemachine-watchdog"))
         log.info("state machine ready: %d sandboxes folded up to seq %d", len(self.states), self.position)
 
     async def stop(self) -> None:
         for sub in self._subs:
             await unsubscribe(sub)
-        for task in self._tasks:
+        for task in self.tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self.tasks, return_exceptions=True)
         if self._inflight:
             await asyncio.wait(self._inflight, timeout=5)
         await self._tail.close()

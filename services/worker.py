@@ -150,20 +150,20 @@ class DriverWorker:
         # Work orders share the engine's parallelism; deletes, the watcher and
         # reconciliation run on threads beside them (at most 256 in all).
         self._slots = asyncio.Semaphore(max_parallel or driver.parallelism)
-        self._tasks: list[asyncio.Task[None]] = []
+        self.tasks: list[asyncio.Task[None]] = []
         self._urgent: set[asyncio.Task[None]] = set()
         self._threads = EngineThreads(256, f"driver-{driver.name}")
         self._stopping = threading.Event()
 
     async def start(self) -> None:
         await ensure_streams(self.js)
-        self._tasks.append(asyncio.create_task(self._watch(), name=f"{self.consumer}-watch"))
-        self._tasks.append(asyncio.create_task(self._consume(), name=f"{self.consumer}-work"))
-        self._tasks.append(asyncio.create_task(self._keep_alive(), name=f"{self.consumer}-keepalive"))
+        self.tasks.append(asyncio.create_task(self._watch(), name=f"{self.consumer}-watch"))
+        self.tasks.append(asyncio.create_task(self._consume(), name=f"{self.consumer}-work"))
+        self.tasks.append(asyncio.create_task(self._keep_alive(), name=f"{self.consumer}-keepalive"))
 
     async def stop(self) -> None:
         self._stopping.set()
-        tasks = [*self._tasks, *self._runners.values(), *self._urgent]
+        tasks = [*self.tasks, *self._runners.values(), *self._urgent]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -490,7 +490,7 @@ async def test_poison_gets_a_structured_error_and_never_reaches_the_log(
         await nc.close()
 
     # The services are still running, and still act.
-    assert all(not task.done() for task in plane.statemachine._tasks)
+    assert all(not task.done() for task in plane.statemachine.tasks)
     after = names.new("after")
     assert (await client.create(after, image, command=SLEEPER)).accepted
     await client.wait_for(after, "Ready")

@@ -83,7 +83,12 @@ async def test_every_message_comes_in_order_across_many_requests(nc: NATS) -> No
         await publish(nc, 700, 50)
         got += await later
     assert [int(m.data) for m in got] == list(range(750))
-    info = await nc.jetstream().consumer_info(STREAM, DURABLE)
+    # An ack is a plain publish, which the server applies on its own time: ask until it has.
+    for _ in range(50):
+        info = await nc.jetstream().consumer_info(STREAM, DURABLE)
+        if info.num_ack_pending == 0:
+            break
+        await asyncio.sleep(0.05)
     assert info.num_ack_pending == 0 and info.num_pending == 0 and info.delivered.stream_seq == 750
 
 

@@ -151,9 +151,9 @@ async def test_a_catch_up_cut_short_resumes_where_its_rows_were_committed(
     nc = await nats.connect(long_log)
     cut = Projector(nc, tmp_path / "bulk.db", notify=False, bulk_behind=1)
     await cut.start()
-    assert cut._task is not None
-    await until(cut._task.done)
-    assert isinstance(cut._task.exception(), sqlite3.OperationalError)
+    assert cut.tasks
+    await until(cut.tasks[0].done)
+    assert isinstance(cut.tasks[0].exception(), sqlite3.OperationalError)
     await close(cut)
     with sqlite3.connect(tmp_path / "bulk.db") as db:
         (position,) = db.execute("SELECT seq FROM checkpoint").fetchone()

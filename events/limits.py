@@ -1,0 +1,51 @@
+"""The bounds of every field a client may send, stated once.
+
+Commands come from other services, careless or hostile: every string has a
+maximum length, every collection a maximum size and every number a finite
+range. The command types in ``events.commands`` carry these as msgspec
+constraints, so a command outside them is refused at decoding (with
+``invalid_argument``) and the AsyncAPI document states them; the CLI checks
+the same constants before it sends anything. Together they keep every event
+the state machine appends far below NATS's maximum payload (1 MiB by default).
+"""
+
+from __future__ import annotations
+
+# A sandbox name is one NATS subject token and part of a container name (statemachine/names.py).
+NAME_MAX = 63
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
+
+# The idempotency key: letters, digits and ``. _ : @ -``. No ``/``: the state machine keeps
+# the ids of events that answer facts, the watchdog and each authenticated user apart with
+# it (see services/statemachine.py), so no command can take another's id.
+COMMAND_ID_MAX = 128
+COMMAND_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
+
+ACTOR_MAX = 200
+CORRELATION_ID_MAX = 200
+IMAGE_MAX = 512
+DRIVER_MAX = 32
+REASON_MAX = 512  # a stop's or a delete's reason, a hold's reason
+HOLDER_MAX = 200
+VIA_MAX = 32
+KIND_MAX = 16
+
+# The main process's command line: how many arguments, and how long each may be.
+COMMAND_ARGS_MAX = 256
+COMMAND_ARG_MAX = 8192
+
+# Labels: at most this many, keys and values bounded like Kubernetes' (a key names one
+# thing; a value is short). Keys are what ``list --label`` selects on.
+LABELS_MAX = 64
+LABEL_KEY_MAX = 128
+LABEL_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$"
+LABEL_VALUE_MAX = 256
+
+# Seconds. A stop's grace period (SIGTERM, then SIGKILL after it): an hour at most.
+GRACE_MAX = 3600.0
+# A lease's ttl and the reaper's warning grace: a day at most.
+TTL_MAX = 86400.0
+# Idle timeout and auto-delete: a year at most (0 is off).
+IDLE_MAX = 366 * 86400.0
+# A log sequence named in a command (the reaper's ``activity_seq``).
+SEQ_MAX = 2**63 - 1
