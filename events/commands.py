@@ -8,38 +8,70 @@ so a retried command never appends twice.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import msgspec
 
+from events import limits
+
+# Every field a client sends is bounded here (events/limits.py says why): a command outside
+# these bounds is refused at decoding with invalid_argument, and the AsyncAPI document states them.
+Name = Annotated[str, msgspec.Meta(max_length=limits.NAME_MAX)]
+CommandId = Annotated[
+    str,
+    msgspec.Meta(
+        max_length=limits.COMMAND_ID_MAX,
+        pattern=limits.COMMAND_ID_PATTERN,
+        description="The idempotency key: the same id with the same command is applied once; "
+        "with another command it is refused.",
+    ),
+]
+Actor = Annotated[str, msgspec.Meta(max_length=limits.ACTOR_MAX)]
+CorrelationId = Annotated[str, msgspec.Meta(max_length=limits.CORRELATION_ID_MAX)]
+Image = Annotated[str, msgspec.Meta(max_length=limits.IMAGE_MAX)]
+Argument = Annotated[str, msgspec.Meta(max_length=limits.COMMAND_ARG_MAX)]
+Arguments = Annotated[list[Argument], msgspec.Meta(max_length=limits.COMMAND_ARGS_MAX)]
+LabelKey = Annotated[str, msgspec.Meta(max_length=limits.LABEL_KEY_MAX, pattern=limits.LABEL_KEY_PATTERN)]
+LabelValue = Annotated[str, msgspec.Meta(max_length=limits.LABEL_VALUE_MAX)]
+Labels = Annotated[dict[LabelKey, LabelValue], msgspec.Meta(max_length=limits.LABELS_MAX)]
+Driver = Annotated[str, msgspec.Meta(max_length=limits.DRIVER_MAX)]
+Reason = Annotated[str, msgspec.Meta(max_length=limits.REASON_MAX)]
+Holder = Annotated[str, msgspec.Meta(max_length=limits.HOLDER_MAX)]
+Grace = Annotated[float, msgspec.Meta(ge=0, le=limits.GRACE_MAX)]
+Ttl = Annotated[float, msgspec.Meta(gt=0, le=limits.TTL_MAX)]
+Idle = Annotated[float, msgspec.Meta(ge=0, le=limits.IDLE_MAX)]
+
 
 class _Command(msgspec.Struct, kw_only=True, tag_field="type", omit_defaults=True):
-    name: str
-    command_id: str
-    actor: str = "anonymous"
-    correlation_id: str = ""
+    name: Name
+    command_id: CommandId
+    actor: Actor = "anonymous"
+    correlation_id: CorrelationId = ""
     VERB: ClassVar[str] = ""
 
 
 class CreateSandbox(_Command, tag="sandboxctl.command.create.v1"):
-    image: str
-    command: list[str] | None = None
-    labels: dict[str, str] = {}
-    driver: str = ""
+    image: Image
+    command: Arguments | None = None
+    labels: Labels = {}
+    driver: Driver = ""
     # Seconds of idleness after which the reaper stops (never deletes) the sandbox; 0 disables,
     # absent takes the state machine's configured default (SANDBOXCTL_IDLE_TIMEOUT).
-    idle_timeout: float | None = None
+    idle_timeout: Idle | None = None
     # Seconds a Stopped sandbox may stay Stopped before the reaper deletes it, workspace and all.
     # Opt-in only: 0, the default, never deletes.
-    auto_delete_after: float = 0.0
+    auto_delete_after: Idle = 0.0
     VERB: ClassVar[str] = "create"
 
 
 class StopSandbox(_Command, tag="sandboxctl.command.stop.v1"):
-    timeout: float = 10.0
+    """Stop the sandbox, keeping its workspace: SIGTERM, then SIGKILL after ``timeout`` seconds. A stop
+    while Stopping with a grace that ends sooner than the pending one shortens the wait."""
+
+    timeout: Grace = 10.0
     # Why, recorded in the log (``idle`` for the reaper's stops, which the decider checks
     # against the warning it gave; anything else is free text).
-    reason: str = ""
+    reason: Reason = ""
     VERB: ClassVar[str] = "stop"
 
 
@@ -48,7 +80,7 @@ class StartSandbox(_Command, tag="sandboxctl.command.start.v1"):
 
 
 class DeleteSandbox(_Command, tag="sandboxctl.command.delete.v1"):
-    reason: str = ""  # ``auto_delete`` for the reaper's opt-in deletes, checked like an idle stop
+    reason: Reason = ""  # ``auto_delete`` for the reaper's opt-in deletes, checked like an idle stop
     VERB: ClassVar[str] = "delete"
 
 
@@ -58,41 +90,41 @@ class DeleteSandbox(_Command, tag="sandboxctl.command.delete.v1"):
 class TouchSandbox(_Command, tag="sandboxctl.command.touch.v1"):
     """Someone is using the sandbox: its idle clock starts again."""
 
-    via: str = "touch"  # what the activity was: ``touch``, ``exec``, ``shell``
+    via: Annotated[str, msgspec.Meta(max_length=limits.VIA_MAX)] = "touch"  # ``touch``, ``exec``, ``shell``
     VERB: ClassVar[str] = "touch"
 
 
 class AcquireLease(_Command, tag="sandboxctl.command.lease_acquire.v1"):
     """Keep the sandbox from being auto-stopped for ``ttl`` seconds; acquiring again extends it."""
 
-    holder: str
-    ttl: float
+    holder: Holder
+    ttl: Ttl
     VERB: ClassVar[str] = "lease_acquire"
 
 
 class RenewLease(_Command, tag="sandboxctl.command.lease_renew.v1"):
     """Extend a live lease by ``ttl`` seconds from now; an expired one must be acquired again."""
 
-    holder: str
-    ttl: float
+    holder: Holder
+    ttl: Ttl
     VERB: ClassVar[str] = "lease_renew"
 
 
 class ReleaseLease(_Command, tag="sandboxctl.command.lease_release.v1"):
-    holder: str
+    holder: Holder
     VERB: ClassVar[str] = "lease_release"
 
 
 class PlaceStopHold(_Command, tag="sandboxctl.command.hold.v1"):
     """Keep the sandbox from starting until the holder releases the hold."""
 
-    holder: str
-    reason: str = ""
+    holder: Holder
+    reason: Reason = ""
     VERB: ClassVar[str] = "hold"
 
 
 class ReleaseStopHold(_Command, tag="sandboxctl.command.unhold.v1"):
-    holder: str
+    holder: Holder
     VERB: ClassVar[str] = "unhold"
 
 
@@ -101,9 +133,9 @@ class WarnSandbox(_Command, tag="sandboxctl.command.warn.v1"):
     opted in, deleted (``delete``) after ``grace`` seconds unless activity or a lease comes first.
     ``activity_seq`` names the deadline: the log sequence of the activity it counts from."""
 
-    kind: str
-    activity_seq: int
-    grace: float
+    kind: Annotated[str, msgspec.Meta(max_length=limits.KIND_MAX)]
+    activity_seq: Annotated[int, msgspec.Meta(ge=0, le=limits.SEQ_MAX)]
+    grace: Annotated[float, msgspec.Meta(ge=0, le=limits.TTL_MAX)]
     VERB: ClassVar[str] = "warn"
 
 

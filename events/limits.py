@@ -33,6 +33,7 @@ KIND_MAX = 16
 # The main process's command line: how many arguments, and how long each may be.
 COMMAND_ARGS_MAX = 256
 COMMAND_ARG_MAX = 8192
+COMMAND_BYTES_MAX = 65536  # all arguments together
 
 # Labels: at most this many, keys and values bounded like Kubernetes' (a key names one
 # thing; a value is short). Keys are what ``list --label`` selects on.
@@ -40,6 +41,7 @@ LABELS_MAX = 64
 LABEL_KEY_MAX = 128
 LABEL_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$"
 LABEL_VALUE_MAX = 256
+RESERVED_LABEL_PREFIX = "sandboxctl."  # sandboxctl's own labels on containers and volumes
 
 # Seconds. A stop's grace period (SIGTERM, then SIGKILL after it): an hour at most.
 GRACE_MAX = 3600.0

@@ -11,6 +11,8 @@ from typing import Any
 
 import msgspec
 
+from events.limits import NAME_MAX
+
 
 class ErrorCode(enum.StrEnum):
     INVALID_ARGUMENT = "invalid_argument"
@@ -21,6 +23,9 @@ class ErrorCode(enum.StrEnum):
     INTERNAL = "internal"
     # The authenticated user lacks the role the command needs (docs/security.md).
     PERMISSION_DENIED = "permission_denied"
+    # The log could not be read or written (JetStream away, its disk full). Nothing was stored
+    # unless the message says the outcome is unknown; a retry with the same command_id is safe.
+    UNAVAILABLE = "unavailable"
 
 
 class ErrorInfo(msgspec.Struct, kw_only=True):
@@ -51,5 +56,5 @@ def error_reply(code: ErrorCode, message: str, sandbox: str = "") -> Reply:
     if len(message) > MAX_MESSAGE:
         message = message[: MAX_MESSAGE - 3] + "..."
     return Reply(
-        accepted=False, sandbox=sandbox if len(sandbox) <= 63 else "", error=ErrorInfo(code=code, message=message)
+        accepted=False, sandbox=sandbox if len(sandbox) <= NAME_MAX else "", error=ErrorInfo(code=code, message=message)
     )

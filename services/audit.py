@@ -7,6 +7,7 @@ it with the same ``evolve`` the services use.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
 from collections.abc import AsyncIterator
@@ -22,7 +23,7 @@ from nats.js import JetStreamContext
 from events import subjects
 from events.envelope import Envelope
 from events.lifecycle import SandboxCreated
-from services.log import DecodeError, decode_event
+from services.log import DecodeError, decode_event, fold_logged
 from services.projection import SANDBOX_COLUMNS, checkpoint, connect
 from services.projector import Projector
 from services.tail import Tail, stream_seq
@@ -104,28 +105,28 @@ def record(seq: int, envelope: Envelope, state: SandboxState | None) -> dict[str
 
 
 async def history(js: JetStreamContext, name: str) -> list[dict[str, Any]]:
-    """Every event of one sandbox, with the phase after it; deleted sandboxes included."""
+    """Every event of one sandbox, with the phase after it; deleted sandboxes included. An entry
+    that cannot be folded is shown with its ``error`` and skipped as every reader skips it."""
     out: list[dict[str, Any]] = []
     state: SandboxState | None = None
-    async for seq, envelope, _ in events(js, name):
-        if isinstance(envelope, Exception):
-            out.append({"seq": seq, "sandbox": name, "type": "unreadable", "error": str(envelope)})
-            continue
-        try:
-            state = evolve(state, envelope, seq)
-        except IllegalTransition as exc:
-            out.append({**record(seq, envelope, state), "error": str(exc)})
-            continue
-        out.append(record(seq, envelope, state))
+    async for batch in read(js, name):
+        for msg in batch:
+            seq = stream_seq(msg)
+            state, envelope, problem = fold_logged(state, name, msg.data, seq)
+            if envelope is None:
+                out.append({"seq": seq, "sandbox": name, "type": "unreadable", "error": problem})
+            elif problem:
+                out.append({**record(seq, envelope, state), "sandbox": name, "error": problem})
+            else:
+                out.append(record(seq, envelope, state))
     return out
 
 
 async def state_as_of(js: JetStreamContext, name: str, point: Point) -> SandboxState | None:
     """The sandbox exactly as it stood at ``point``, folded from the log."""
     state: SandboxState | None = None
-    async for seq, envelope, _ in events(js, name, until=point):
-        if not isinstance(envelope, Exception):
-            state = evolve(state, envelope, seq)
+    async for seq, _, msg in events(js, name, until=point):
+        state, _, _ = fold_logged(state, name, msg.data, seq)
     return state
 
 
@@ -233,13 +234,26 @@ def _diff(table: str, live: dict[str, tuple[Any, ...]], fresh: dict[str, tuple[A
     ]
 
 
-async def replay(nc: NATS, live: Path, until: Point | None = None, out: Path | None = None) -> dict[str, Any]:
+async def replay(
+    nc: NATS, live: Path, until: Point | None = None, out: Path | None = None, settle: float = 5.0
+) -> dict[str, Any]:
     """Rebuild the projection from the log and compare it row by row with the live one.
 
-    Without ``until`` the rebuild stops where the live projection's checkpoint
-    is, so the two describe the same log and must match exactly.
+    Without ``until`` the comparison is made at the live projection's own position, so the
+    two describe the same log and must match exactly; and the live position is measured against
+    the log's head: a projector that works reaches the head it was read at within ``settle``
+    seconds, one that does not (dead, or stuck on a full disk) stays ``behind``, which is
+    reported, never hidden by a comparison that stops where it stopped.
     """
+    info = await nc.jetstream().stream_info(subjects.LOG_STREAM)
+    head = int(info.state.last_seq)
     live_position, live_sandboxes = await _rows(live)
+    if until is None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settle
+        while live_position < head and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+            live_position, live_sandboxes = await _rows(live)
     target: Point = live_position if until is None else until
     with tempfile.TemporaryDirectory(prefix="sandboxctl-replay-") as tmp:
         path = out or Path(tmp) / "replayed.sqlite3"
@@ -250,6 +264,8 @@ async def replay(nc: NATS, live: Path, until: Point | None = None, out: Path | N
     return {
         "replayed_to": position,
         "live_position": live_position,
+        "log_head": head,
+        "behind": max(0, head - live_position),
         "compared": compared,
         "sandboxes": len(sandboxes),
         "events": position,  # the log is never deleted from: its last sequence is its length

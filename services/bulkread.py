@@ -12,8 +12,9 @@ permission beyond what the service's ordinary reader (services/tail.py) has.
 ``Frames`` is the service's side: it starts the process and yields its frames.
 
 A frame is a 4-byte big-endian length and a msgpack array
-``[last_sequence, [payload, ...]]``: consecutive messages in stream order,
-the last of them at ``last_sequence``. The process exits 0 once it has
+``[last_sequence, [payload, ...], [name, ...]]``: consecutive messages in stream
+order, the last of them at ``last_sequence``, with the last token of each one's
+subject (the sandbox it was appended for: readers check it against the entry). The process exits 0 once it has
 written the message at the last sequence it was asked for, and non-zero (with
 the reason on stderr) on any failure, when no message has arrived for ``IDLE``
 seconds, or when the service that started it has gone. The service then goes
@@ -67,7 +68,7 @@ def connect_options(nc: NATS) -> dict[str, Any]:
 
 class Frames:
     """A reader process for stream positions ``first`` to ``last``, as an async iterator of
-    ``(last_sequence, [payload, ...])`` frames in stream order.
+    ``(last_sequence, [payload, ...], [name, ...])`` frames in stream order.
 
     Iteration ends when the reader has delivered ``last``, or early when it fails or
     writes nonsense; then ``last_read`` says how far it got and ``error`` why it
@@ -79,7 +80,7 @@ class Frames:
         self.first, self.last = first, last
         self.last_read = first - 1
         self.error = ""
-        self._decode = msgspec.msgpack.Decoder(tuple[int, list[bytes]]).decode
+        self._decode = msgspec.msgpack.Decoder(tuple[int, list[bytes], list[str]]).decode
         self._proc: asyncio.subprocess.Process | None = None
 
     async def __aenter__(self) -> Frames:
@@ -107,19 +108,19 @@ class Frames:
     def __aiter__(self) -> Frames:
         return self
 
-    async def __anext__(self) -> tuple[int, list[bytes]]:
+    async def __anext__(self) -> tuple[int, list[bytes], list[str]]:
         if self._proc is None or self.last_read >= self.last:
             raise StopAsyncIteration
         assert self._proc.stdout is not None
         try:
             size = int.from_bytes(await self._proc.stdout.readexactly(4), "big")
-            last, payloads = self._decode(await self._proc.stdout.readexactly(size))
+            last, payloads, names = self._decode(await self._proc.stdout.readexactly(size))
         except (asyncio.IncompleteReadError, msgspec.DecodeError, msgspec.ValidationError):
             raise StopAsyncIteration from None  # the reader ended or wrote nonsense: it is only a faster way
-        if last != self.last_read + len(payloads) or not payloads:
+        if last != self.last_read + len(payloads) or not payloads or len(names) != len(payloads):
             raise StopAsyncIteration
         self.last_read = last
-        return last, payloads
+        return last, payloads, names
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -157,14 +158,16 @@ async def read(connect: dict[str, Any], stream: str, subject: str, first: int, l
         pass
     inbox = nc.new_inbox()
     frame: list[bytes] = []
+    names: list[str] = []
     failure: list[str] = []
     seen = 0
     done = asyncio.Event()
     encode = msgspec.msgpack.Encoder().encode
 
     def flush(last_seq: int) -> None:
-        body = encode((last_seq, frame))
+        body = encode((last_seq, frame, names))
         frame.clear()
+        names.clear()
         try:
             out.write(len(body).to_bytes(4, "big"))
             out.write(body)
@@ -185,6 +188,7 @@ async def read(connect: dict[str, Any], stream: str, subject: str, first: int, l
         # The reply subject says so once a frame; a message lost on the way shows there as a
         # delivery count ahead of ours, and the projector reads on from the last good frame.
         frame.append(msg.data)
+        names.append(msg.subject.rpartition(".")[2])
         seen += 1
         if len(frame) >= FRAME or seen + first > last:
             seq, delivered = sequences(msg.reply)

@@ -25,6 +25,8 @@ from events.envelope import Envelope, decode_envelope, encode, now
 from events.facts import FACT_TYPES
 from events.lifecycle import EVENT_TYPES
 from services.publish import Ack, publish
+from statemachine import IllegalTransition, SandboxState, evolve
+from statemachine.decider import skip
 
 log = logging.getLogger(__name__)
 
@@ -138,15 +140,17 @@ async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
                 await asyncio.sleep(0.5)
 
 
-async def append(js: JetStreamContext, envelope: Envelope, expected_seq: int) -> Ack:
+# The header an event appended for a command carries: a digest of the command it answers, so
+# that a command id used again can be told apart from a retry (services/statemachine.py).
+COMMAND_DIGEST = "Sandboxctl-Command-Digest"
+
+
+async def append(js: JetStreamContext, envelope: Envelope, expected_seq: int, digest: str = "") -> Ack:
+    headers = {"Nats-Msg-Id": envelope.id, "Nats-Expected-Last-Subject-Sequence": str(expected_seq)}
+    if digest:
+        headers[COMMAND_DIGEST] = digest
     try:
-        return await publish(
-            js,
-            subjects.log(envelope.subject),
-            encode(envelope),
-            subjects.LOG_STREAM,
-            {"Nats-Msg-Id": envelope.id, "Nats-Expected-Last-Subject-Sequence": str(expected_seq)},
-        )
+        return await publish(js, subjects.log(envelope.subject), encode(envelope), subjects.LOG_STREAM, headers)
     except APIError as exc:
         if exc.err_code == WRONG_LAST_SEQUENCE:
             raise Conflict(str(exc)) from exc
@@ -161,6 +165,31 @@ async def publish_fact(js: JetStreamContext, envelope: Envelope) -> Ack:
 
 def decode_event(payload: bytes) -> Envelope:
     return decode_envelope(payload, EVENT_TYPES)
+
+
+def fold_logged(
+    state: SandboxState | None, name: str, data: bytes, seq: int
+) -> tuple[SandboxState | None, Envelope | None, str]:
+    """Fold the log entry ``data``, at stream sequence ``seq`` on sandbox ``name``'s subject.
+
+    Returns the state after it, the entry's envelope if it could be read, and why it could not
+    be folded ("" when it was). The log is append-only and anyone allowed to write it may write
+    garbage, or an event that does not fit the sandbox's phase, or one that names another
+    sandbox than its subject: such an entry is skipped, and skipping still moves the sandbox's
+    position to ``seq``, so that the next append is guarded by the sequence the log really
+    holds. Every reader (state machine, projector, reaper, worker, audit) folds through this one
+    function, so each skips the same entries and folds the same states.
+    """
+    try:
+        envelope = decode_event(data)
+    except DecodeError as exc:
+        return skip(state, seq), None, f"unreadable: {exc}"
+    if envelope.subject != name:
+        return skip(state, seq), envelope, f"names sandbox {envelope.subject[:80]!r} on the subject of {name}"
+    try:
+        return evolve(state, envelope, seq), envelope, ""
+    except IllegalTransition as exc:
+        return skip(state, seq), envelope, str(exc)
 
 
 def decode_fact(payload: bytes) -> Envelope:

@@ -23,7 +23,7 @@ from nats.aio.msg import Msg
 from events import subjects
 from events.lifecycle import SandboxCreated
 from services.bulkread import BULK_BEHIND, Frames
-from services.log import DecodeError, decode_event, ensure_streams
+from services.log import ensure_streams, fold_logged
 from services.projection import (
     SANDBOX_COLUMNS,
     checkpoint,
@@ -33,8 +33,7 @@ from services.projection import (
     projected_notice,
 )
 from services.tail import Tail, stream_seq
-from statemachine import SandboxState, evolve
-from statemachine.machine import IllegalTransition
+from statemachine import SandboxState
 from statemachine.phases import Phase
 
 log = logging.getLogger(__name__)
@@ -152,20 +151,19 @@ class Projector:
             if self.tail.next_seq > target:
                 self.caught_up.set()
 
-    def _fold(self, seq: int, data: bytes, changed: dict[str, Row]) -> None:
-        """Fold one logged event into ``rows``, noting the row it changed."""
-        try:
-            envelope = decode_event(data)
-        except DecodeError as exc:
-            log.error("log seq %d is not a readable event: %s", seq, exc)
-            return
-        name = envelope.subject
+    def _fold(self, seq: int, name: str, data: bytes, changed: dict[str, Row]) -> None:
+        """Fold one logged event into ``rows``, noting the row it changed. An entry that cannot be
+        folded is skipped as every reader skips it (services.log.fold_logged): the row keeps its
+        state but takes the entry's position, so a waiter for that position is answered."""
         row = self.rows.get(name)
-        try:
-            state = evolve(row.state if row else None, envelope, seq)
-        except IllegalTransition as exc:
-            log.error("log seq %d breaks the state machine: %s", seq, exc)
+        state, envelope, problem = fold_logged(row.state if row else None, name, data, seq)
+        if problem:
+            log.error("log seq %d of %s is skipped: %s", seq, name, problem)
+            if row is not None and state is not None:
+                row.state = state
+                changed[name] = row
             return
+        assert envelope is not None and state is not None
         event = envelope.data
         if isinstance(event, SandboxCreated):
             stamp = envelope.time.isoformat()
@@ -186,7 +184,7 @@ class Projector:
     async def apply(self, batch: list[Msg]) -> None:
         changed: dict[str, Row] = {}
         for msg in batch:
-            self._fold(stream_seq(msg), msg.data, changed)
+            self._fold(stream_seq(msg), subjects.name_of(msg.subject), msg.data, changed)
         last = stream_seq(batch[-1])
         # One hand-off to the database thread per batch, not one per statement: each costs
         # a queue, a future and a wake-up, on the path of every waiting client.
@@ -236,10 +234,10 @@ class Projector:
         reader = Frames(self.nc, subjects.LOG_STREAM, subjects.LOG_ALL, self.position + 1, target)
         try:
             async with reader:
-                async for last, payloads in reader:
+                async for last, payloads, names in reader:
                     whole = False
-                    for seq, data in enumerate(payloads, last - len(payloads) + 1):
-                        self._fold(seq, data, changed)
+                    for seq, data, name in zip(range(last - len(payloads) + 1, last + 1), payloads, names, strict=True):
+                        self._fold(seq, name, data, changed)
                     folded, whole = last, True
                     if folded - committed >= ROWS_EVERY:
                         await settle()

@@ -22,9 +22,9 @@ from nats.aio.client import Client as NATS
 
 from events import subjects
 from services.client import SandboxClient, SandboxError
-from services.log import DecodeError, decode_event, ensure_streams
+from services.log import ensure_streams, fold_logged
 from services.tail import Tail, reraise_if_cancelling, stream_seq
-from statemachine import IllegalTransition, Phase, SandboxState, evolve
+from statemachine import Phase, SandboxState
 from statemachine.idle import REAPER, ReaperCommand, due
 
 log = logging.getLogger(__name__)
@@ -80,14 +80,13 @@ class Reaper:
         async for batch in self._tail.batches():
             for msg in batch:
                 seq = stream_seq(msg)
-                try:
-                    envelope = decode_event(msg.data)
-                    state = evolve(self.states.get(envelope.subject), envelope, seq)
-                except (*DecodeError, IllegalTransition) as exc:
-                    log.error("log seq %d cannot be folded: %s", seq, exc)
+                self.position = seq
+                name = subjects.name_of(msg.subject)
+                state, _, problem = fold_logged(self.states.get(name), name, msg.data, seq)
+                if problem:
+                    log.error("log seq %d of %s is skipped: %s", seq, name, problem)
+                if state is None:
                     continue
-                finally:
-                    self.position = seq
                 if state.phase is Phase.DELETED:
                     self.states.pop(state.name, None)
                     self.watched.discard(state.name)

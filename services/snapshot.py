@@ -11,9 +11,9 @@ import logging
 from nats.js import JetStreamContext
 
 from events import subjects
-from services.log import DecodeError, decode_event
+from services.log import fold_logged
 from services.tail import Tail, stream_seq
-from statemachine import IllegalTransition, SandboxState, evolve
+from statemachine import SandboxState
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +28,12 @@ async def load_states(js: JetStreamContext) -> dict[str, SandboxState]:
         async for batch in tail.batches():
             for msg in batch:
                 seq = stream_seq(msg)
-                try:
-                    envelope = decode_event(msg.data)
-                    states[envelope.subject] = evolve(states.get(envelope.subject), envelope, seq)
-                except (*DecodeError, IllegalTransition) as exc:
-                    log.error("log seq %d cannot be folded: %s", seq, exc)
+                name = subjects.name_of(msg.subject)
+                state, _, problem = fold_logged(states.get(name), name, msg.data, seq)
+                if problem:
+                    log.debug("log seq %d of %s is skipped: %s", seq, name, problem)
+                if state is not None:
+                    states[name] = state
             if tail.next_seq > target:
                 return states
     finally:

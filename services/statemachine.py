@@ -14,14 +14,18 @@ decides again.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 import msgspec
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RawStreamMsg
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
 from events import subjects
 from events.commands import CreateSandbox, SandboxCommand, command_decoder
@@ -31,22 +35,24 @@ from events.replies import ErrorCode, Reply, error_reply
 from services.auth import Authorizer, check, ensure_audit_stream, record_denied
 from services.bulkread import BULK_BEHIND, Frames
 from services.log import (
+    COMMAND_DIGEST,
+    DUPLICATE_WINDOW,
     MAX_DELIVER,
     Conflict,
     DecodeError,
     append,
     dead_letter,
-    decode_event,
     decode_fact,
     ensure_streams,
+    fold_logged,
     last_subject_seq,
     retry_delay,
 )
+from services.publish import Ack
 from services.pull import Pull
 from services.tail import Tail, deliveries, reraise_if_cancelling, stream_seq, unsubscribe
 from statemachine import Rejection, SandboxState, decide, evolve, react, validate_name
 from statemachine.deadlines import Deadlines, overdue
-from statemachine.machine import IllegalTransition
 from statemachine.phases import TRANSIENT
 
 log = logging.getLogger(__name__)
@@ -54,6 +60,81 @@ log = logging.getLogger(__name__)
 SOURCE = "sandboxctl/statemachine"
 MAX_ATTEMPTS = 8
 FACTS_CONSUMER = "sandboxctl-statemachine"
+
+# The ids of the events a fact or the watchdog causes start with these. A command id cannot hold
+# a "/" (events/limits.py), and user names cannot start with "sandboxctl-" (services/auth.py), so
+# no command, whoever sends it, can take the id (and so the Nats-Msg-Id) of another's event.
+FACT_EVENTS = "sandboxctl-fact/"
+WATCHDOG_EVENTS = "sandboxctl-watchdog/"
+
+# How many accepted commands' outcomes are kept for their retries, and for how long: the log's
+# duplicate window, after which a retry is decided again like any command.
+OUTCOMES = 16_384
+# How long a fact waits before it is tried again when the log could not take its events.
+UNAVAILABLE_RETRY = 2.0
+
+# What a request to JetStream raises when the log cannot be reached or cannot store.
+_UNAVAILABLE = (
+    TimeoutError,
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    NoStreamResponseError,
+    ServiceUnavailableError,
+)
+
+
+# JetStream's answers when it cannot store: out of resources or storage (a full disk), not
+# enabled (it disables itself after a write error). Any 5xx is the server's trouble too.
+RESOURCES_EXHAUSTED = frozenset({10023, 10028, 10039, 10047, 10076, 10077})
+
+
+def _why(exc: BaseException) -> str:
+    return str(exc).strip() or type(exc).__name__
+
+
+class Cause(msgspec.Struct, frozen=True):
+    """What an append answers. Its events' ids are ``<key>:<index>`` (their Nats-Msg-Id): the
+    command id, under its sender's name when users are authenticated, or a fact's or the
+    watchdog's id under their own prefix. ``id`` is the causation id the log records."""
+
+    key: str
+    id: str
+    actor: str
+    correlation_id: str = ""
+    digest: str = ""  # a command's (command_digest); empty for facts and the watchdog
+
+
+def command_digest(command: SandboxCommand) -> str:
+    """What an idempotency key is bound to: the command as decided (after the service filled in
+    its defaults and, with users, the authenticated actor)."""
+    return hashlib.sha256(encode(command)).hexdigest()[:32]
+
+
+class Outcomes:
+    """The replies to recent accepted commands, by idempotency key: a retry gets its first outcome
+    (the sequence and sandbox it was answered with), and a key used again for another command is
+    told apart by the command's digest. Bounded in size and age, so it costs memory in proportion
+    to the command rate, not to the number of sandboxes."""
+
+    def __init__(self, size: int = OUTCOMES, ttl: float = DUPLICATE_WINDOW) -> None:
+        self.size, self.ttl = size, ttl
+        self._kept: OrderedDict[str, tuple[float, str, Reply]] = OrderedDict()
+
+    def get(self, key: str, now: float) -> tuple[str, Reply] | None:
+        while self._kept:
+            oldest = next(iter(self._kept.values()))
+            if now - oldest[0] < self.ttl:
+                break
+            self._kept.popitem(last=False)
+        kept = self._kept.get(key)
+        return None if kept is None else kept[1:]
+
+    def put(self, key: str, digest: str, reply: Reply, now: float) -> None:
+        self._kept[key] = (now, digest, reply)
+        self._kept.move_to_end(key)
+        while len(self._kept) > self.size:
+            self._kept.popitem(last=False)
 
 
 class StateMachineService:
@@ -80,6 +161,10 @@ class StateMachineService:
         self.drivers = drivers
         self.default_driver = default_driver
         self.states: dict[str, SandboxState] = {}
+        # Names whose log holds entries but no sandbox (every entry was skipped, see
+        # services.log.fold_logged), with the last such entry's sequence: what an append expects.
+        self._skipped: dict[str, int] = {}
+        self._outcomes = Outcomes()
         self.deadlines: Deadlines = deadlines or {}
         self.watchdog_interval = watchdog_interval
         self._transient: set[str] = set()  # names in a phase with a deadline: all the watchdog looks at
@@ -128,10 +213,11 @@ class StateMachineService:
         async for batch in self._tail.batches():
             for msg in batch:
                 seq = stream_seq(msg)
+                name = subjects.name_of(msg.subject)
                 # Most of the log is this instance's own appends, folded when they were
                 # acknowledged: skip decoding them (a fifth of its CPU under load).
-                if not self._applied(subjects.name_of(msg.subject), seq):
-                    self._fold_logged(msg.data, seq)
+                if not self._applied(name, seq):
+                    self._fold_logged(name, msg.data, seq)
                 self.position = seq
             if self._tail.next_seq > target:
                 self._caught_up.set()
@@ -142,9 +228,9 @@ class StateMachineService:
         short as reading it; a reader that fails leaves the rest to the Tail."""
         reader = Frames(self.nc, subjects.LOG_STREAM, subjects.LOG_ALL, self.position + 1, target)
         async with reader:
-            async for last, payloads in reader:
-                for seq, data in enumerate(payloads, last - len(payloads) + 1):
-                    self._fold_logged(data, seq)
+            async for last, payloads, names in reader:
+                for seq, data, name in zip(range(last - len(payloads) + 1, last + 1), payloads, names, strict=True):
+                    self._fold_logged(name, data, seq)
                 self.position = last
         if self.position < target:
             log.warning(
@@ -154,31 +240,45 @@ class StateMachineService:
                 reader.error,
             )
 
-    def _fold_logged(self, data: bytes, seq: int) -> None:
-        try:
-            self._fold(decode_event(data), seq)
-        except (*DecodeError, IllegalTransition) as exc:
-            log.error("log seq %d cannot be folded: %s", seq, exc)
+    def _fold_logged(self, name: str, data: bytes, seq: int) -> None:
+        state, _, problem = fold_logged(self.states.get(name), name, data, seq)
+        if problem:
+            # Skipped, the same way by every reader; `audit verify` lists it for operators.
+            log.error("log seq %d of %s is skipped: %s", seq, name, problem)
+            if state is None:
+                self._skipped[name] = seq
+                return
+        self._keep(name, state)
+
+    def _keep(self, name: str, state: SandboxState | None) -> None:
+        if state is None:
+            return
+        self.states[name] = state
+        self._skipped.pop(name, None)
+        if state.phase in TRANSIENT:
+            self._transient.add(name)
+        else:
+            self._transient.discard(name)
+
+    def _last_seq(self, name: str) -> int:
+        """The sequence of the last log entry of ``name`` this instance has folded or skipped."""
+        state = self.states.get(name)
+        return state.seq if state is not None else self._skipped.get(name, 0)
 
     def _applied(self, name: str, seq: int) -> bool:
         """Whether the cache already holds log position ``seq`` of ``name``: our own appends are
         folded on their ack and come back through the log, in either order."""
-        state = self.states.get(name)
-        return state is not None and state.seq >= seq
+        return self._last_seq(name) >= seq
 
     def _fold(self, envelope: Envelope, seq: int) -> None:
         if self._applied(envelope.subject, seq):
             return
-        state = self.states[envelope.subject] = evolve(self.states.get(envelope.subject), envelope, seq)
-        if state.phase in TRANSIENT:
-            self._transient.add(envelope.subject)
-        else:
-            self._transient.discard(envelope.subject)
+        self._keep(envelope.subject, evolve(self.states.get(envelope.subject), envelope, seq))
 
     async def _wait_for(self, name: str, seq: int, timeout: float = 5.0) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while self.position < seq and (self.states.get(name) is None or self.states[name].seq < seq):
+        while self.position < seq and self._last_seq(name) < seq:
             if loop.time() > deadline:
                 raise TimeoutError(f"log reader did not reach seq {seq}")
             await asyncio.sleep(0.002)
@@ -189,40 +289,61 @@ class StateMachineService:
         self,
         name: str,
         decide_fn: Callable[[SandboxState | None], list[LifecycleEvent] | Rejection],
-        cause_id: str,
-        actor: str,
-        correlation_id: str,
+        cause: Cause,
+    ) -> Reply:
+        """Decide on the current state and append what was decided, guarded by the sandbox's last
+        sequence; a refusal from the log itself (someone appended first) decides again. A log that
+        cannot be reached is answered ``unavailable``, never ``internal``."""
+        try:
+            return await self._decide_and_append_once(name, decide_fn, cause)
+        except _UNAVAILABLE as exc:
+            reraise_if_cancelling()
+            return error_reply(ErrorCode.UNAVAILABLE, f"the log is unavailable: {_why(exc)}", name)
+        except APIError as exc:
+            if (exc.code or 0) < 500 and exc.err_code not in RESOURCES_EXHAUSTED:
+                raise
+            return error_reply(ErrorCode.UNAVAILABLE, f"the log cannot store: {exc.description or exc}", name)
+
+    async def _decide_and_append_once(
+        self,
+        name: str,
+        decide_fn: Callable[[SandboxState | None], list[LifecycleEvent] | Rejection],
+        cause: Cause,
     ) -> Reply:
         for _ in range(MAX_ATTEMPTS):
             state = self.states.get(name)
             decision = decide_fn(state)
+            expected = self._last_seq(name)
             if isinstance(decision, Rejection) or not decision:
                 # An append is checked by the log itself; a refusal or a no-op
                 # is not, so make sure it was not decided on a stale cache.
                 latest = await last_subject_seq(self.js, name)
-                if latest > (state.seq if state else 0):
+                if latest > expected:
                     await self._wait_for(name, latest)
                     continue
                 if isinstance(decision, Rejection):
                     return error_reply(decision.code, decision.message, name)
                 return self._accepted(name, state, 0)
-            expected = state.seq if state else 0
             try:
                 for index, event in enumerate(decision):
                     envelope = Envelope(
-                        id=f"{cause_id}:{index}",
+                        id=f"{cause.key}:{index}",
                         type=type_name(type(event)),
                         source=SOURCE,
                         subject=name,
                         time=now(),
                         data=event,
-                        actor=actor,
-                        correlationid=correlation_id or cause_id,
-                        causationid=cause_id,
+                        actor=cause.actor,
+                        correlationid=cause.correlation_id or cause.id,
+                        causationid=cause.id,
                     )
-                    ack = await append(self.js, envelope, expected)
+                    ack = await self._append(envelope, expected, cause.digest)
                     if ack.duplicate:
-                        # Stored before, by us or a twin; the cache learns it from the log.
+                        # Stored before: by us or a twin (a retry), or for another command that
+                        # used the same id, which this one must not be answered for.
+                        reused = await self._reused(envelope, ack.seq, cause)
+                        if reused is not None:
+                            return reused
                         await self._wait_for(name, ack.seq)
                     else:
                         self._fold(envelope, ack.seq)
@@ -230,16 +351,54 @@ class StateMachineService:
             except Conflict:
                 await self._wait_for(name, await last_subject_seq(self.js, name))
                 continue
-            return self._accepted(name, self.states.get(name), len(decision))
+            return self._accepted(name, self.states.get(name), len(decision), expected)
         return error_reply(ErrorCode.CONFLICT, f"sandbox {name} kept changing; try again", name)
 
+    async def _append(self, envelope: Envelope, expected: int, digest: str) -> Ack:
+        """Append, and when JetStream's ack does not come in time, learn from the log whether the
+        event was stored before answering anything: an ack can be lost after the write."""
+        try:
+            return await append(self.js, envelope, expected, digest)
+        except (TimeoutError, nats.errors.TimeoutError):
+            stored = await self._stored_last(envelope.subject)
+            if stored is not None and (stored.headers or {}).get("Nats-Msg-Id") == envelope.id:
+                return Ack(stream=subjects.LOG_STREAM, seq=int(stored.seq or 0), duplicate=False)
+            raise
+
+    async def _stored_last(self, name: str) -> RawStreamMsg | None:
+        try:
+            return await self.js.get_last_msg(subjects.LOG_STREAM, subjects.log(name))
+        except NotFoundError:
+            return None
+
+    async def _reused(self, envelope: Envelope, seq: int, cause: Cause) -> Reply | None:
+        """None if the event stored at ``seq`` under ``envelope``'s id answers this same command (a
+        retry); otherwise the refusal: an idempotency key names one command, and a command that
+        reuses one is never answered with another's outcome."""
+        if not cause.digest:
+            return None  # a fact's or the watchdog's event: ids derived from what caused them
+        stored = await self.js.get_msg(subjects.LOG_STREAM, seq)
+        if (stored.headers or {}).get(COMMAND_DIGEST) == cause.digest and stored.subject == subjects.log(
+            envelope.subject
+        ):
+            return None
+        other = subjects.name_of(stored.subject or "")
+        return error_reply(
+            ErrorCode.INVALID_ARGUMENT,
+            f"command_id {cause.id!r} was already used for another command (log seq {seq}, sandbox {other}): "
+            "an idempotency key names one command; send this one with a new id",
+            envelope.subject,
+        )
+
     @staticmethod
-    def _accepted(name: str, state: SandboxState | None, appended: int) -> Reply:
+    def _accepted(name: str, state: SandboxState | None, appended: int, seq: int = 0) -> Reply:
+        """Accepted: ``seq`` is the last event this command appended (the sandbox's position for a
+        no-op), so a caller waits from exactly what it caused."""
         return Reply(
             accepted=True,
             sandbox=name,
             phase=state.phase.value if state else "",
-            seq=state.seq if state else 0,
+            seq=seq or (state.seq if state else 0),
             appended=appended,
         )
 
@@ -272,17 +431,22 @@ class StateMachineService:
             command: SandboxCommand = command_decoder.decode(payload)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             return error_reply(ErrorCode.INVALID_ARGUMENT, f"malformed command: {exc}")
-        verb = subject.split(".")[2] if self.authorizer is not None else subject.rsplit(".", 1)[-1]
-        if verb != command.VERB:
+        # Only the documented subjects command: sandboxctl.cmd.<verb>, and with users
+        # sandboxctl.cmd.<verb>.<user> (a plain one is refused and recorded by the authorizer).
+        tokens = subject.split(".")
+        shapes = (3, 4) if self.authorizer is not None else (3,)
+        if len(tokens) not in shapes or tokens[2] != command.VERB:
+            where = subjects.command(command.VERB, "<user>" if self.authorizer is not None else "")
             return error_reply(
                 ErrorCode.INVALID_ARGUMENT,
-                f"a {command.VERB} command was sent to {subject}; send it to {subjects.command(command.VERB)}",
+                f"a {command.VERB} command was sent to {subject[:200]}; send it to {where}",
                 command.name,
             )
         problem = validate_name(command.name)
         if problem:
             # Before anything looks the name up: it is used as a subject token, and "*" or ">" would match others.
             return error_reply(ErrorCode.INVALID_ARGUMENT, problem)
+        key = command.command_id
         if self.authorizer is not None:
             denied = check(self.authorizer, subject, command)
             if denied is not None:
@@ -290,20 +454,33 @@ class StateMachineService:
                 await record_denied(self.js, denied)
                 return error_reply(ErrorCode.PERMISSION_DENIED, denied.reason, command.name)
             # The subject's user token is who sent it (only that user may publish there); the payload's claim is not.
-            command = msgspec.structs.replace(command, actor=subject.split(".")[3])
-        if not command.command_id:
-            return error_reply(ErrorCode.INVALID_ARGUMENT, "command_id must not be empty", command.name)
+            command = msgspec.structs.replace(command, actor=tokens[3])
+            key = f"{tokens[3]}/{command.command_id}"  # each user's ids are its own
         if isinstance(command, CreateSandbox) and not command.driver:
             command = msgspec.structs.replace(command, driver=self.default_driver)
         if isinstance(command, CreateSandbox) and command.idle_timeout is None:
             command = msgspec.structs.replace(command, idle_timeout=self.idle_timeout)
-        return await self._decide_and_append(
+        digest = command_digest(command)
+        moment = time.time()
+        known = self._outcomes.get(key, moment)
+        if known is not None:
+            first_digest, first = known
+            if first_digest == digest:
+                return first  # a retry: its first outcome, whatever happened since
+            return error_reply(
+                ErrorCode.INVALID_ARGUMENT,
+                f"command_id {command.command_id!r} was already used for another command (sandbox {first.sandbox}, "
+                f"log seq {first.seq}): an idempotency key names one command; send this one with a new id",
+                command.name,
+            )
+        reply = await self._decide_and_append(
             command.name,
-            lambda state: decide(state, command, self.drivers, time.time()),
-            command.command_id,
-            command.actor,
-            command.correlation_id,
+            lambda state: decide(state, command, self.drivers, moment),
+            Cause(key, command.command_id, command.actor, command.correlation_id, digest),
         )
+        if reply.accepted:
+            self._outcomes.put(key, digest, reply, moment)
+        return reply
 
     # -- deadlines -----------------------------------------------------------------
 
@@ -318,12 +495,11 @@ class StateMachineService:
                 assert state is not None
                 log.warning("%s overstayed %s; failing it with reason timeout", name, state.phase.value)
                 try:
+                    cause = f"{state.sandbox_id}:{state.seq}:timeout"
                     await self._decide_and_append(
                         name,
                         lambda current, now_=now_: overdue(current, now_, self.deadlines),
-                        f"{state.sandbox_id}:{state.seq}:timeout",
-                        "sandboxctl/watchdog",
-                        "",
+                        Cause(WATCHDOG_EVENTS + cause, cause, "sandboxctl/watchdog"),
                     )
                 except Exception:
                     reraise_if_cancelling()
@@ -374,10 +550,13 @@ class StateMachineService:
             reply = await self._decide_and_append(
                 envelope.subject,
                 lambda state, fact=fact: react(state, fact),
-                envelope.id,
-                envelope.actor or envelope.source,
-                envelope.correlationid,
+                Cause(
+                    FACT_EVENTS + envelope.id, envelope.id, envelope.actor or envelope.source, envelope.correlationid
+                ),
             )
+            if reply.error is not None and reply.error.code is ErrorCode.UNAVAILABLE:
+                await msg.nak(delay=UNAVAILABLE_RETRY)  # the log's trouble, not the fact's: never dead-lettered
+                continue
             if reply.error is not None and reply.error.code in (ErrorCode.CONFLICT, ErrorCode.INTERNAL):
                 delivered = deliveries(msg)
                 if delivered >= MAX_DELIVER:

@@ -46,7 +46,9 @@ def overdue(state: SandboxState | None, now: float, deadlines: Deadlines) -> lis
     if state is None or state.phase not in TRANSIENT:
         return []
     limit = deadline_for(deadlines, state.driver, state.phase)
-    if now - state.since < limit:
+    # A stop counts from when its grace period ends: the engine waits that long by design.
+    began = max(state.since, state.stop_by) if state.phase is Phase.STOPPING else state.since
+    if now - began < limit:
         return []
     return [SandboxFailed(kind=TIMEOUT, reason=TIMEOUT, operation=_OPERATION[state.phase])]
 

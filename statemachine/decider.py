@@ -34,6 +34,7 @@ from events.lifecycle import (
     SandboxStopped,
     SandboxStopRequested,
 )
+from events.limits import COMMAND_BYTES_MAX, GRACE_MAX, RESERVED_LABEL_PREFIX
 from events.replies import ErrorCode
 from statemachine.idle import (
     AUTO_DELETE,
@@ -41,6 +42,7 @@ from statemachine.idle import (
     IDLE,
     STOP,
     ActivityCommand,
+    bad_seconds,
     check_create,
     check_reaped,
     check_start,
@@ -57,6 +59,10 @@ from statemachine.state import SandboxState
 BACKEND_MISSING = "backend_missing"
 
 __all__ = ["BACKEND_MISSING", "Decision", "Rejection", "decide", "evolve", "fold", "react"]
+
+# A second stop shortens a pending grace only when it ends at least this much sooner (seconds):
+# a retry of the same stop, decided a moment later, must stay a no-op.
+SHORTER = 1.0
 
 _NOOP: dict[type, frozenset[Phase]] = {
     StopSandbox: frozenset({Phase.STOPPING, Phase.STOPPED}),
@@ -92,6 +98,14 @@ def decide(
             return Rejection(ErrorCode.ALREADY_EXISTS, f"sandbox {command.name} already exists ({state.phase.value})")
         if not command.image.strip():
             return Rejection(ErrorCode.INVALID_ARGUMENT, "image must not be empty")
+        if command.command is not None and sum(len(arg) for arg in command.command) > COMMAND_BYTES_MAX:
+            return Rejection(ErrorCode.INVALID_ARGUMENT, f"command must be at most {COMMAND_BYTES_MAX} bytes in all")
+        reserved = sorted(key for key in command.labels if key.startswith(RESERVED_LABEL_PREFIX))
+        if reserved:
+            return Rejection(
+                ErrorCode.INVALID_ARGUMENT,
+                f"label {reserved[0][:40]!r}: keys starting with {RESERVED_LABEL_PREFIX!r} are sandboxctl's own",
+            )
         idle_timeout = command.idle_timeout or 0.0
         invalid = check_create(idle_timeout, command.auto_delete_after)
         if invalid is not None:
@@ -118,6 +132,18 @@ def decide(
         return Rejection(ErrorCode.NOT_FOUND, f"sandbox {command.name} not found")
     if isinstance(command, ActivityCommand | WarnSandbox):
         return decide_activity(state, command, now)
+    if isinstance(command, StopSandbox):
+        bad = bad_seconds("timeout", command.timeout, GRACE_MAX, positive=False)
+        if bad is not None:
+            return bad
+        if state.phase is Phase.STOPPING and now + command.timeout < state.stop_by - SHORTER:
+            # A stop while stopping whose grace ends sooner: the engine is asked again, and its
+            # SIGKILL comes at the earlier time. A longer grace never extends the pending one.
+            return [
+                SandboxStopRequested(
+                    sandbox_id=state.sandbox_id, driver=state.driver, timeout=command.timeout, reason=command.reason
+                )
+            ]
     noop = _NOOP[type(command)]
     if state.phase in noop:
         return []
@@ -269,7 +295,19 @@ def evolve(state: SandboxState | None, envelope: Envelope, seq: int = 0) -> Sand
         changes["ended"] = state.incarnation or state.ended
     elif isinstance(event, _REQUESTS):
         changes["request_id"] = envelope.id
+        if isinstance(event, SandboxStopRequested):
+            # When the engine's SIGKILL comes: the earliest grace asked for since Ready.
+            stop_by = moment + event.timeout
+            changes["stop_by"] = min(stop_by, state.stop_by) if state.phase is Phase.STOPPING else stop_by
     return msgspec.structs.replace(state, **changes)
+
+
+def skip(state: SandboxState | None, seq: int) -> SandboxState | None:
+    """The state after a log entry at ``seq`` that cannot be folded: unchanged but for its position,
+    which is the log's (see services.log.fold_logged). A sandbox with no state has none to move."""
+    if state is None or state.seq >= seq:
+        return state
+    return msgspec.structs.replace(state, seq=seq)
 
 
 def fold(envelopes: Iterable[tuple[Envelope, int]]) -> SandboxState | None:

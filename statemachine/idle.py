@@ -40,6 +40,7 @@ from events.lifecycle import (
     SandboxTouched,
     SandboxWarningCancelled,
 )
+from events.limits import HOLDER_MAX, IDLE_MAX, TTL_MAX
 from events.replies import ErrorCode
 from statemachine.phases import Phase
 from statemachine.rejection import Decision, Rejection
@@ -49,7 +50,6 @@ REAPER = "sandboxctl/reaper"  # the reaper's actor when authorization is off
 IDLE = "idle"  # the reason of the reaper's stops
 AUTO_DELETE = "auto_delete"  # the reason of its opt-in deletes
 STOP, DELETE = "stop", "delete"  # warning kinds
-MAX_HOLDER = 200
 
 ActivityCommand = TouchSandbox | AcquireLease | RenewLease | ReleaseLease | PlaceStopHold | ReleaseStopHold
 
@@ -114,21 +114,23 @@ def _reject(message: str, code: ErrorCode = ErrorCode.FAILED_PRECONDITION) -> Re
 def _bad_holder(holder: str) -> Rejection | None:
     if not holder.strip():
         return _reject("holder must not be empty", ErrorCode.INVALID_ARGUMENT)
-    if len(holder) > MAX_HOLDER:
-        return _reject(f"holder must be at most {MAX_HOLDER} characters", ErrorCode.INVALID_ARGUMENT)
+    if len(holder) > HOLDER_MAX:
+        return _reject(f"holder must be at most {HOLDER_MAX} characters", ErrorCode.INVALID_ARGUMENT)
     return None
 
 
-def _bad_seconds(what: str, value: float, positive: bool = True) -> Rejection | None:
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+def bad_seconds(what: str, value: float, maximum: float, positive: bool = True) -> Rejection | None:
+    """Why ``value`` is not a number of seconds in range (None if it is): finite, not negative
+    (not zero either when ``positive``), and at most ``maximum`` (events/limits.py)."""
+    if not math.isfinite(value) or value < 0 or (positive and value == 0) or value > maximum:
         need = "a positive" if positive else "a non-negative"
-        return _reject(f"{what} must be {need} number of seconds", ErrorCode.INVALID_ARGUMENT)
+        return _reject(f"{what} must be {need} number of seconds, at most {maximum:g}", ErrorCode.INVALID_ARGUMENT)
     return None
 
 
 def check_create(idle_timeout: float, auto_delete_after: float) -> Rejection | None:
-    return _bad_seconds("idle_timeout", idle_timeout, positive=False) or _bad_seconds(
-        "auto_delete_after", auto_delete_after, positive=False
+    return bad_seconds("idle_timeout", idle_timeout, IDLE_MAX, positive=False) or bad_seconds(
+        "auto_delete_after", auto_delete_after, IDLE_MAX, positive=False
     )
 
 
@@ -152,7 +154,7 @@ def decide_activity(state: SandboxState, command: ActivityCommand | WarnSandbox,
         held = any(lease.holder == command.holder for lease in state.leases)
         on_hold = any(hold.holder == command.holder for hold in state.holds)
         if isinstance(command, AcquireLease | RenewLease):
-            problem = _bad_seconds("ttl", command.ttl)
+            problem = bad_seconds("ttl", command.ttl, TTL_MAX)
             if problem is not None:
                 return problem
         if isinstance(command, AcquireLease):
@@ -182,7 +184,7 @@ def decide_activity(state: SandboxState, command: ActivityCommand | WarnSandbox,
 def _warn(state: SandboxState, command: WarnSandbox, now: float) -> Decision:
     if command.kind not in (STOP, DELETE):
         return _reject(f"warning kind must be {STOP} or {DELETE}, not {command.kind!r}", ErrorCode.INVALID_ARGUMENT)
-    problem = _bad_seconds("grace", command.grace, positive=False)
+    problem = bad_seconds("grace", command.grace, TTL_MAX, positive=False)
     if problem is not None:
         return problem
     warning = state.warning

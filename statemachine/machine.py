@@ -20,7 +20,12 @@ MACHINE = Machine(
     auto_transitions=False,
     transitions=[
         {"trigger": "create", "source": [ABSENT, Phase.DELETED.value], "dest": Phase.PROVISIONING.value},
-        {"trigger": "request_stop", "source": Phase.READY.value, "dest": Phase.STOPPING.value},
+        # From Stopping too: a second stop whose grace ends sooner (statemachine.decider.decide).
+        {
+            "trigger": "request_stop",
+            "source": [Phase.READY.value, Phase.STOPPING.value],
+            "dest": Phase.STOPPING.value,
+        },
         {"trigger": "stopped", "source": Phase.STOPPING.value, "dest": Phase.STOPPED.value},
         {
             "trigger": "request_start",

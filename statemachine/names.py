@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+from events.limits import NAME_MAX, NAME_PATTERN
+
+_NAME = re.compile(NAME_PATTERN)
 
 
 def validate_name(name: str) -> str | None:
@@ -18,5 +20,8 @@ def validate_name(name: str) -> str | None:
         return "sandbox name must not be empty"
     if not _NAME.fullmatch(name):
         shown = repr(name[:40]) + ("..." if len(name) > 40 else "")
-        return f"invalid sandbox name {shown}: use 1-63 letters, digits, '-' or '_', starting with a letter or digit"
+        return (
+            f"invalid sandbox name {shown}: use 1-{NAME_MAX} letters, digits, '-' or '_', "
+            "starting with a letter or digit"
+        )
     return None

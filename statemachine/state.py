@@ -44,6 +44,7 @@ class SandboxState(msgspec.Struct, kw_only=True, gc=False):
     request_id: str = ""  # the id of the event that asked the driver for the current phase's work
     last_error: str = ""
     since: float = 0.0  # when the current phase was entered (Unix time of its event): deadlines count from it
+    stop_by: float = 0.0  # while Stopping: when the grace period asked for ends and the engine kills (Unix time)
     # Idleness (statemachine/idle.py). Tuples, not dicts: empty ones cost nothing per sandbox.
     idle_timeout: float = 0.0  # seconds; 0: never auto-stopped
     auto_delete_after: float = 0.0  # seconds Stopped before the opt-in auto-delete; 0: never

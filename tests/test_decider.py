@@ -279,3 +279,111 @@ def test_the_answer_to_a_start_may_name_a_run_recorded_as_ended() -> None:
     assert react(starting, ContainerStarted(incarnation=run, request_id="req-1")) == []
     (ready,) = react(starting, ContainerStarted(incarnation=run, request_id="req-9"))
     assert ready.incarnation == run
+
+
+def at(moment: float) -> object:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(moment, UTC)
+
+
+def test_a_second_stop_with_a_shorter_grace_shortens_the_wait_and_a_longer_one_changes_nothing() -> None:
+    ready = state(Phase.READY)
+    (first,) = decide(ready, cmd(StopSandbox, timeout=600.0), now=1000.0)  # type: ignore[arg-type,misc]
+    stopping = evolve(ready, msgspec.structs.replace(env(first), time=at(1000.0)), seq=8)
+    assert stopping.phase is Phase.STOPPING and stopping.stop_by == 1600.0
+    # a retry of the same stop, or a longer grace: the pending one stands
+    assert decide(stopping, cmd(StopSandbox, timeout=600.0), now=1000.2) == []  # type: ignore[arg-type]
+    assert decide(stopping, cmd(StopSandbox, timeout=3000.0), now=1100.0) == []  # type: ignore[arg-type]
+    # a grace that ends sooner: asked again, recorded, and the SIGKILL comes at the earlier time
+    (second,) = decide(stopping, cmd(StopSandbox, command_id="c-2", timeout=1.0), now=1100.0)  # type: ignore[arg-type,misc]
+    assert isinstance(second, SandboxStopRequested) and second.timeout == 1.0
+    shorter = evolve(stopping, msgspec.structs.replace(env(second), id="e2", time=at(1100.0)), seq=9)
+    assert shorter.phase is Phase.STOPPING and shorter.stop_by == 1101.0 and shorter.request_id == "e2"
+    assert shorter.since == stopping.since  # still the same Stopping
+    # and the watchdog's deadline of a stop counts from the end of its grace
+    from statemachine.deadlines import overdue
+
+    long_stop = msgspec.structs.replace(stopping, since=1000.0)
+    assert overdue(long_stop, 1000.0 + 310, {}) == []  # the default 300 s would have failed it mid-grace
+    assert overdue(long_stop, 1600.0 + 300, {})
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), -1.0, 1e300, 3600.5])
+def test_a_stop_grace_out_of_range_is_invalid(timeout: float) -> None:
+    decision = decide(state(Phase.READY), cmd(StopSandbox, timeout=timeout))  # type: ignore[arg-type]
+    assert isinstance(decision, Rejection) and decision.code is ErrorCode.INVALID_ARGUMENT
+    assert "timeout" in decision.message
+
+
+def test_a_create_is_bounded_beyond_each_field_and_keeps_sandboxctls_labels_its_own() -> None:
+    from events.limits import COMMAND_ARG_MAX, COMMAND_BYTES_MAX
+
+    args = ["x" * COMMAND_ARG_MAX] * (COMMAND_BYTES_MAX // COMMAND_ARG_MAX + 1)
+    big = decide(None, cmd(CreateSandbox, command=args))  # type: ignore[arg-type]
+    assert isinstance(big, Rejection) and big.code is ErrorCode.INVALID_ARGUMENT
+    ours = decide(None, cmd(CreateSandbox, labels={"sandboxctl.sandbox_id": "someone-else"}))  # type: ignore[arg-type]
+    assert isinstance(ours, Rejection) and ours.code is ErrorCode.INVALID_ARGUMENT
+    assert isinstance(decide(None, cmd(CreateSandbox, labels={"team": "red"})), list)  # type: ignore[arg-type]
+
+
+def test_every_command_field_is_bounded_at_decoding() -> None:
+    """The contract's bounds (events/limits.py) hold where a command enters: msgspec refuses it."""
+    from events.commands import command_decoder
+
+    def stop(**fields: object) -> bytes:
+        return msgspec.json.encode({"type": "sandboxctl.command.stop.v1", "name": "box", "command_id": "c", **fields})
+
+    for bad in (
+        stop(timeout=1e300),
+        stop(timeout=-1),
+        stop(command_id="x" * 129),
+        stop(command_id="a/b"),  # "/" keeps the ids of facts' and users' events apart
+        stop(command_id=""),
+        stop(actor="a" * 201),
+        stop(reason="r" * 513),
+        msgspec.json.encode(
+            {
+                "type": "sandboxctl.command.create.v1",
+                "name": "b",
+                "command_id": "c",
+                "image": "i",
+                "labels": {f"k{i}": "v" for i in range(65)},
+            }
+        ),
+        msgspec.json.encode(
+            {
+                "type": "sandboxctl.command.create.v1",
+                "name": "b",
+                "command_id": "c",
+                "image": "i",
+                "labels": {"k": "v" * 257},
+            }
+        ),
+    ):
+        with pytest.raises(msgspec.ValidationError):
+            command_decoder.decode(bad)
+    assert command_decoder.decode(stop(timeout=3600, command_id="idle:abc:12")).timeout == 3600.0  # type: ignore[union-attr]
+
+
+def test_an_entry_that_cannot_be_folded_is_skipped_but_moves_the_sandboxs_position() -> None:
+    from events.envelope import encode
+    from services.log import fold_logged
+    from statemachine.decider import skip
+
+    ready = state(Phase.READY)
+    for data, why in (
+        (b"\x00garbage", "unreadable"),
+        (encode(env(SandboxStopped(exit_code=0))), "not allowed"),  # Stopped does not follow Ready
+        (encode(env(SandboxStopRequested(sandbox_id="id-1", driver="podman"), name="other")), "names sandbox"),
+    ):
+        after, _, problem = fold_logged(ready, "box", data, 9)
+        assert why in problem and after is not None
+        assert after.seq == 9 and msgspec.structs.replace(after, seq=ready.seq) == ready
+    # a sandbox with no state has no position to move; nothing is made up for it
+    assert fold_logged(None, "box", b"\x00", 3) == (None, None, fold_logged(None, "box", b"\x00", 3)[2])
+    assert skip(None, 3) is None and skip(ready, 5) is ready  # never moves a position back
+    folded, envelope, problem = fold_logged(
+        ready, "box", encode(env(SandboxStopRequested(sandbox_id="id-1", driver="podman"))), 9
+    )
+    assert problem == "" and envelope is not None and folded is not None and folded.phase is Phase.STOPPING

@@ -1,0 +1,134 @@
+"""Entries a careless or hostile writer put in the log: every reader skips them the same way,
+and the sandbox they were written on stays usable, across restarts.
+
+The log is append-only, so nothing can take a bad entry out again: garbage bytes, an event
+that does not fit the sandbox's phase, an event whose envelope names another sandbox than
+its subject. Once, one of these made every later command on its sandbox answer
+``conflict: kept changing`` for ever (the state machine's position stopped before it while
+the log's guard counted it) and dead-lettered its facts.
+"""
+
+from __future__ import annotations
+
+import json
+
+import nats
+from nats.js import JetStreamContext
+
+from events import subjects
+from events.envelope import Envelope, encode, now, type_name
+from events.lifecycle import SandboxStopped, SandboxStopRequested
+from services import audit
+from services.client import SandboxClient
+from services.config import Config
+from services.embedded import ControlPlane
+from services.log import last_subject_seq
+from services.snapshot import load_states
+from services.statemachine import StateMachineService
+from tests.conftest import CLI
+
+SLEEPER = ["sh", "-c", "trap 'exit 0' TERM; sleep 1000 & wait"]
+
+
+def forged(name: str, event: object, subject_name: str | None = None) -> bytes:
+    return encode(
+        Envelope(
+            id=f"forged-{name}-{type_name(type(event))}",
+            type=type_name(type(event)),
+            source="someone",
+            subject=subject_name or name,
+            time=now(),
+            data=event,
+        )
+    )
+
+
+async def write(js: JetStreamContext, name: str, data: bytes) -> int:
+    """Append as anyone with write access to the log could: guarded like a real writer, so the
+    entry lands right after the sandbox's last one."""
+    expected = await last_subject_seq(js, name)
+    ack = await js.publish(subjects.log(name), data, headers={"Nats-Expected-Last-Subject-Sequence": str(expected)})
+    return int(ack.seq)
+
+
+async def positions(plane: ControlPlane, name: str) -> dict[str, int]:
+    """Where each reader of the log has ``name``: they must agree with the log itself."""
+    js = plane.statemachine.js
+    return {
+        "log": await last_subject_seq(js, name),
+        "statemachine": plane.statemachine.states[name].seq,
+        "reaper": plane.reaper.states[name].seq,
+        "projection": (await SandboxClient(plane.statemachine.nc).get(name))["last_seq"],
+        "snapshot": (await load_states(js))[name].seq,
+    }
+
+
+async def test_bad_entries_are_skipped_by_every_reader_and_the_sandbox_stays_usable(
+    config: Config, plane: ControlPlane, client: SandboxClient, cli: CLI, names, image: str
+) -> None:
+    name, other = names.new("victim"), names.new("other")
+    for each in (name, other):
+        await client.create(each, image, command=SLEEPER)
+        await client.wait_for(each, "Ready")
+    js = plane.statemachine.js
+    stop_of_other = SandboxStopRequested(sandbox_id=plane.statemachine.states[other].sandbox_id, driver="podman")
+    bad = [
+        await write(js, name, b"\x00\xff not an event"),
+        await write(js, name, forged(name, SandboxStopped(exit_code=0))),  # Ready cannot be Stopped
+        await write(js, name, forged(name, stop_of_other, subject_name=other)),  # on name's subject, names other
+    ]
+    # Commands on it are decided and appended as if nothing had happened.
+    reply = await client.stop(name, timeout=5)
+    assert reply.accepted and reply.appended == 1 and reply.seq > bad[-1]
+    await client.wait_for(name, "Stopped", reply.seq, timeout=30)
+    assert (await client.get(other))["phase"] == "Ready"  # the entry naming it moved nothing
+    reply = await client.start(name)
+    await client.wait_for(name, "Ready", reply.seq, timeout=30)
+    ours = await positions(plane, name)
+    assert len(set(ours.values())) == 1, ours
+
+    # Its facts went through: none was dead-lettered by the state machine.
+    assert not [r for r in await client.dead_letters() if r["consumer"] == "sandboxctl-statemachine"]
+    # Operators see the entries: history shows each with its error, verify lists them.
+    history = await audit.history(js, name)
+    flagged = {e["seq"]: e["error"] for e in history if "error" in e}
+    assert sorted(flagged) == bad and "unreadable" in flagged[bad[0]] and "names sandbox" in flagged[bad[2]]
+    _, violations = await audit.verify(js)
+    assert {v.seq for v in violations} == set(bad)
+    _, out, err = await cli("audit", "replay")
+    assert json.loads(out)["differences"] == [], out + err
+
+
+async def test_a_restarted_plane_and_a_bulk_reader_skip_them_the_same_way(
+    config: Config, plane: ControlPlane, client: SandboxClient, names, image: str
+) -> None:
+    name, fresh = names.new("victim"), names.new("fresh")
+    await client.create(name, image, command=SLEEPER)
+    await client.wait_for(name, "Ready")
+    js = plane.statemachine.js
+    await write(js, name, forged(name, SandboxStopped(exit_code=0)))
+    await write(js, fresh, b"garbage before the sandbox was ever created")
+    await plane.stop()
+
+    again = await ControlPlane(config).start()
+    try:
+        reply = await client.stop(name, timeout=5)  # was "conflict: kept changing" for ever
+        assert reply.accepted and reply.appended == 1
+        await client.wait_for(name, "Stopped", reply.seq, timeout=30)
+        created = await client.create(fresh, image, command=SLEEPER)  # its subject already holds an entry
+        assert created.accepted
+        await client.wait_for(fresh, "Ready", created.seq, timeout=30)
+        # A state machine reading the log through a reader process folds and skips the same.
+        nc = await nats.connect(config.nats_url)
+        try:
+            bulk = StateMachineService(nc, drivers=("podman", "docker"), bulk_behind=1)
+            await bulk.start()
+            try:
+                assert bulk.states == again.statemachine.states
+            finally:
+                await bulk.stop()
+        finally:
+            await nc.close()
+        assert len(set((await positions(again, name)).values())) == 1
+    finally:
+        await again.stop()
