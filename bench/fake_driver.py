@@ -16,6 +16,7 @@ from drivers.base import ContainerInfo, ContainerMissing, EngineEvent, SandboxSp
 class FakeDriver:
     name = "fake"
     parallelism = 256
+    timeout = 0.0  # it answers at once
 
     def __init__(self) -> None:
         self._containers: dict[str, ContainerInfo] = {}
@@ -23,10 +24,10 @@ class FakeDriver:
         self._lock = threading.Lock()
         self._stopped = threading.Event()
 
-    def _run(self, sandbox: str, running: bool) -> ContainerInfo:
+    def _run(self, sandbox: str, sandbox_id: str, running: bool) -> ContainerInfo:
         with self._lock:
             info = self._containers.get(sandbox)
-            if info is None:
+            if info is None or info.sandbox_id != sandbox_id:
                 raise ContainerMissing("start", f"no container for {sandbox}")
             if running and not info.running:
                 self._runs += 1
@@ -67,19 +68,26 @@ class FakeDriver:
                 self._containers[spec.name] = info
             return info
 
-    def start(self, sandbox: str) -> ContainerInfo:
-        return self._run(sandbox, True)
+    def start(self, sandbox: str, sandbox_id: str) -> ContainerInfo:
+        return self._run(sandbox, sandbox_id, True)
 
-    def stop(self, sandbox: str, timeout: float) -> ContainerInfo:
-        return self._run(sandbox, False)
+    def stop(self, sandbox: str, sandbox_id: str, timeout: float) -> ContainerInfo:
+        return self._run(sandbox, sandbox_id, False)
 
-    def delete(self, sandbox: str, sandbox_id: str = "") -> str:
+    def delete(self, sandbox: str, sandbox_id: str) -> str:
         with self._lock:
-            info = self._containers.pop(sandbox, None)
-        return info.container_id if info else ""
+            info = self._containers.get(sandbox)
+            if info is None or info.sandbox_id != sandbox_id:
+                return ""
+            del self._containers[sandbox]
+        return info.container_id
 
-    def inspect(self, sandbox: str) -> ContainerInfo | None:
-        return self._containers.get(sandbox)
+    def inspect(self, sandbox: str, sandbox_id: str) -> ContainerInfo | None:
+        info = self._containers.get(sandbox)
+        return info if info is not None and info.sandbox_id == sandbox_id else None
+
+    def workspace(self, sandbox: str, sandbox_id: str) -> bool:
+        return self.inspect(sandbox, sandbox_id) is not None
 
     def list_managed(self) -> list[ContainerInfo]:
         with self._lock:

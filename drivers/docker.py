@@ -2,7 +2,8 @@
 
 The same contract as the podman driver, on a docker daemon: containers run with
 ``network_mode="none"``; the workspace is a named volume that outlives the
-container, so only ``delete`` ever removes it.
+container, so only ``delete`` ever removes it. The operations are
+drivers.base.EngineDriver's; this module supplies docker's primitives.
 
 The SDK client is made on first use, not in the constructor: the SDK asks the
 daemon for its API version while it is being built, and a driver must be
@@ -15,8 +16,7 @@ anything below 1.44) working.
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import requests
@@ -24,21 +24,17 @@ from docker import DockerClient
 from docker.errors import DockerException, ImageNotFound, NotFound
 
 from drivers.base import (
-    EXEC_SETTLE,
     MANAGED,
     SANDBOX,
     SANDBOX_ID,
     ContainerInfo,
     ContainerMissing,
     DriverError,
+    EngineDriver,
     EngineEvent,
-    SandboxSpec,
+    EngineTimeout,
     container_info,
-    container_name,
-    exec_command,
-    foreign_workspace,
-    labels_for,
-    owned_by,
+    timed_out,
     volume_name,
 )
 
@@ -54,13 +50,12 @@ def _message(exc: Exception) -> str:
     return str(explanation or exc).strip() or type(exc).__name__
 
 
-class DockerDriver:
+class DockerDriver(EngineDriver):
     name = "docker"
     parallelism = 32  # the best raw thread count measured for 100 stops (bench/bulk_stop.py)
 
     def __init__(self, base_url: str, timeout: float = 30.0) -> None:
-        self.base_url = base_url
-        self.timeout = timeout
+        super().__init__(base_url, timeout)
         self._client: DockerClient | None = None
         self._lock = threading.Lock()
 
@@ -78,8 +73,12 @@ class DockerDriver:
             lowered = message.lower()
             if "no such container" in lowered or "no such volume" in lowered:
                 raise ContainerMissing(operation, message) from exc
+            if timed_out(exc):
+                raise EngineTimeout(operation, message) from exc
             raise DriverError(operation, message) from exc
         except Exception as exc:  # urllib3's errors and the like
+            if timed_out(exc):
+                raise EngineTimeout(operation, f"{type(exc).__name__}: {exc}") from exc
             raise DriverError(operation, f"{type(exc).__name__}: {exc}") from exc
 
     def _connect(self, operation: str, timeout: float | None, version: str = "auto") -> DockerClient:
@@ -115,87 +114,67 @@ class DockerDriver:
         if not self._call("ping", self._docker("ping").ping):
             raise DriverError("ping", f"docker at {self.base_url} did not answer")
 
-    def _get(self, operation: str, sandbox: str) -> Any:
-        return self._call(operation, self._docker(operation).containers.get, container_name(sandbox))
+    # -- primitives (drivers.base.EngineDriver) -----------------------------------------
 
-    def _find(self, operation: str, sandbox: str) -> ContainerInfo | None:
-        try:
-            container = self._get(operation, sandbox)
-        except ContainerMissing:
-            return None
-        return container_info(container.attrs)
+    def _inspect(self, operation: str, ref: str) -> dict[str, Any]:
+        return self._call(operation, self._docker(operation).api.inspect_container, ref)  # type: ignore[no-any-return]
 
-    def inspect(self, sandbox: str) -> ContainerInfo | None:
-        return self._find("inspect", sandbox)
+    def _start(self, container_id: str) -> None:
+        self._call("start", self._docker("start").api.start, container_id)
 
-    def create(self, spec: SandboxSpec) -> ContainerInfo:
-        # Looked up as part of "create", so an unreachable daemon fails the create, not an inspect nobody asked for.
-        existing = self._find("create", spec.name)
-        if existing is not None:
-            if existing.sandbox_id != spec.sandbox_id:
-                raise DriverError(
-                    "create",
-                    f"container {container_name(spec.name)} already exists and belongs to sandbox id "
-                    f"{existing.sandbox_id or '(none)'}",
-                )
-            return existing
-        client = self._docker("create")
-        labels = labels_for(spec.name, spec.sandbox_id, spec.labels)
-        volume = volume_name(spec.name)
-        try:
-            problem = foreign_workspace(volume, self._volume_labels("create", spec.name), spec.sandbox_id)
-            if problem is not None:
-                raise problem
-        except ContainerMissing:
-            # Created here rather than left to the container's mount, which
-            # would make it too, but without the labels.
-            self._call("create", client.volumes.create, name=volume, labels=labels)
-        kwargs: dict[str, Any] = {
-            "name": container_name(spec.name),
-            "labels": labels,
-            "volumes": {volume: {"bind": "/workspace", "mode": "rw"}},
-            "network_mode": "none",
-            "hostname": spec.name,
-        }
-        if spec.command:
-            kwargs["command"] = spec.command
-        container = self._call("create", client.containers.create, spec.image, **kwargs)
-        self._call("create", container.reload)
-        return container_info(container.attrs)
+    def _stop(self, container_id: str, grace: int) -> None:
+        # The daemon sends SIGTERM, waits out the grace, then kills; the SDK extends its own read
+        # timeout by the same amount.
+        self._call("stop", self._docker("stop").api.stop, container_id, timeout=grace)
 
-    # Start and stop address the container by name and inspect once after: two engine
-    # calls, not three. The daemon answers 304 for a container already in that state.
+    def _kill(self, container_id: str) -> None:
+        self._call("stop", self._docker("stop").api.kill, container_id, "KILL")
 
-    def start(self, sandbox: str) -> ContainerInfo:
-        api = self._docker("start").api
-        self._call("start", api.start, container_name(sandbox))
-        return container_info(self._call("start", api.inspect_container, container_name(sandbox)))
-
-    def stop(self, sandbox: str, timeout: float) -> ContainerInfo:
-        api = self._docker("stop").api
-        # The daemon sends SIGTERM, waits out the timeout, then kills; the SDK
-        # extends its own read timeout by the same amount.
-        self._call("stop", api.stop, container_name(sandbox), timeout=max(0, round(timeout)))
-        return container_info(self._call("stop", api.inspect_container, container_name(sandbox)))
-
-    def delete(self, sandbox: str, sandbox_id: str = "") -> str:
-        container_id = ""
-        try:
-            container = self._get("delete", sandbox)
-            if owned_by(container.attrs.get("Config", {}).get("Labels"), sandbox_id):
-                container_id = container.id
-                self._call("delete", container.remove, force=True)
-        except ContainerMissing:
-            pass
-        try:
-            if owned_by(self._volume_labels("delete", sandbox), sandbox_id):
-                self._call("delete", self._docker("delete").api.remove_volume, volume_name(sandbox), force=True)
-        except ContainerMissing:
-            pass
-        return container_id
+    def _remove(self, container_id: str) -> None:
+        self._call("delete", self._docker("delete").api.remove_container, container_id, force=True)
 
     def _volume_labels(self, operation: str, sandbox: str) -> dict[str, str] | None:
-        return self._call(operation, self._docker(operation).api.inspect_volume, volume_name(sandbox)).get("Labels")
+        return self._call(operation, self._docker(operation).api.inspect_volume, volume_name(sandbox)).get("Labels")  # type: ignore[no-any-return]
+
+    def _make_volume(self, volume: str, labels: dict[str, str]) -> None:
+        self._call("create", self._docker("create").volumes.create, name=volume, labels=labels)
+
+    def _remove_volume(self, volume: str) -> None:
+        # force only makes docker ignore a missing volume; one in use is refused (409) either way.
+        self._call("delete", self._docker("delete").api.remove_volume, volume, force=False)
+
+    def _volume_users(self, volume: str) -> list[tuple[str, dict[str, str]]]:
+        found = self._call("delete", self._docker("delete").api.containers, all=True, filters={"volume": volume})
+        return [((c.get("Names") or [c.get("Id", "")])[0].lstrip("/"), c.get("Labels") or {}) for c in found]
+
+    def _make_container(self, image: str, settings: dict[str, Any]) -> dict[str, Any]:
+        container = self._call("create", self._docker("create").containers.create, image, **settings)
+        self._call("create", container.reload)
+        return container.attrs  # type: ignore[no-any-return]
+
+    def _api_prefix(self, operation: str) -> str:
+        return f"/v{self._docker(operation).api.api_version}"
+
+    def _log_stream(self, container_id: str, tail: int | None, since: float | None, follow: bool) -> Iterator[bytes]:
+        # With the timed client: the SDK lifts the read timeout itself once the daemon has answered.
+        stream = self._call(
+            "logs",
+            self._docker("logs").api.logs,
+            container_id,
+            stream=True,
+            follow=follow,
+            tail="all" if tail is None else tail,
+            since=None if since is None else int(since),
+        )
+        try:
+            yield from stream
+        finally:
+            stream.close()
+
+    def _engine_cli(self) -> list[str]:
+        return ["docker", "-H", self.base_url]
+
+    # -- listing and events -------------------------------------------------------------
 
     def list_managed(self) -> list[ContainerInfo]:
         containers = self._call(
@@ -237,51 +216,6 @@ class DockerDriver:
                 )
         finally:
             client.close()
-
-    def _streaming(self, operation: str) -> DockerClient:
-        """A client without a read timeout: an exec or a followed log may be silent for long."""
-        return self._connect(operation, None, self._docker(operation).api.api_version)
-
-    def exec(self, sandbox: str, command: list[str], output: Callable[[int, bytes], None]) -> int:
-        client = self._streaming("exec")
-        try:
-            api = client.api
-            exec_id = self._call("exec", api.exec_create, container_name(sandbox), command, stdout=True, stderr=True)
-            stream = self._call("exec", api.exec_start, exec_id["Id"], stream=True, demux=True)
-            for out, err in stream:
-                if out:
-                    output(1, out)
-                if err:
-                    output(2, err)
-            deadline = time.monotonic() + EXEC_SETTLE
-            while True:
-                state = self._call("exec", api.exec_inspect, exec_id["Id"])
-                if not state.get("Running") or time.monotonic() > deadline:
-                    return int(state.get("ExitCode") or 0)
-                time.sleep(0.02)
-        finally:
-            client.close()
-
-    def logs(
-        self, sandbox: str, tail: int | None = None, since: float | None = None, follow: bool = False
-    ) -> Iterator[bytes]:
-        client = self._streaming("logs")
-        try:
-            stream = self._call(
-                "logs",
-                client.api.logs,
-                container_name(sandbox),
-                stream=True,
-                follow=follow,
-                tail="all" if tail is None else tail,
-                since=None if since is None else int(since),
-            )
-            yield from stream
-        finally:
-            client.close()
-
-    def interactive(self, sandbox: str, command: list[str], tty: bool) -> list[str]:
-        return exec_command(["docker", "-H", self.base_url], sandbox, command, tty)
 
     def close(self) -> None:
         with self._lock:

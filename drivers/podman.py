@@ -2,14 +2,18 @@
 
 It talks to a ``podman system service`` socket (``sandboxctl up`` starts one of
 its own). Containers run with ``--network none``; the workspace is a named
-volume that outlives the container, so only ``delete`` ever removes it.
+volume that outlives the container, so only ``delete`` ever removes it. The
+operations are drivers.base.EngineDriver's; this module supplies podman's
+primitives.
+
+The SDK client is made on first use, so ``timeout`` can still be set after the
+driver is built (the CLI bounds exec and logs that way).
 """
 
 from __future__ import annotations
 
-import json
-import time
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from podman import PodmanClient
@@ -17,21 +21,18 @@ from podman.api import stream_frames
 from podman.errors import APIError, NotFound, PodmanError
 
 from drivers.base import (
-    EXEC_SETTLE,
     MANAGED,
     SANDBOX,
     SANDBOX_ID,
     ContainerInfo,
     ContainerMissing,
     DriverError,
+    EngineDriver,
     EngineEvent,
-    SandboxSpec,
+    EngineTimeout,
     container_info,
-    container_name,
-    exec_command,
-    foreign_workspace,
-    labels_for,
-    owned_by,
+    timed_out,
+    untimed,
     volume_name,
 )
 
@@ -43,16 +44,23 @@ def _message(exc: Exception) -> str:
     return str(explanation or exc).strip() or type(exc).__name__
 
 
-class PodmanDriver:
+class PodmanDriver(EngineDriver):
     name = "podman"
     # Podman 4.3 works through concurrent stops largely one at a time: with 100 in
-    # flight the last ones outlive the SDK's read timeout (1.5 x grace) and fail.
+    # flight the last ones outlive the SDK's read timeout and fail.
     parallelism = 16  # the best raw thread count measured for 100 stops (bench/bulk_stop.py)
 
     def __init__(self, base_url: str, timeout: float = 60.0) -> None:
-        self.base_url = base_url
-        self.timeout = timeout
-        self.client = PodmanClient(base_url=base_url, timeout=timeout)
+        super().__init__(base_url, timeout)
+        self._client: PodmanClient | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> PodmanClient:
+        with self._lock:
+            if self._client is None:
+                self._client = PodmanClient(base_url=self.base_url, timeout=self.timeout)
+            return self._client
 
     def _call(self, operation: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -65,95 +73,92 @@ class PodmanDriver:
             # not 404; it is just as gone.
             if "no such container" in message or "no such volume" in message:
                 raise ContainerMissing(operation, message) from exc
+            if timed_out(exc):
+                raise EngineTimeout(operation, f"{message}: {exc.__cause__ or exc}") from exc
             raise DriverError(operation, message) from exc
         except Exception as exc:  # requests' connection errors and the like
+            if timed_out(exc):
+                raise EngineTimeout(operation, f"{type(exc).__name__}: {exc}") from exc
             raise DriverError(operation, f"{type(exc).__name__}: {exc}") from exc
+
+    def _ok(self, operation: str, response: Any) -> Any:
+        self._call(operation, response.raise_for_status)
+        return response
 
     def ping(self) -> None:
         if not self._call("ping", self.client.ping):
             raise DriverError("ping", f"podman at {self.base_url} did not answer")
 
-    def _get(self, operation: str, sandbox: str) -> Any:
-        return self._call(operation, self.client.containers.get, container_name(sandbox))
+    # -- primitives (drivers.base.EngineDriver) -----------------------------------------
 
-    def _find(self, operation: str, sandbox: str) -> ContainerInfo | None:
-        try:
-            container = self._get(operation, sandbox)
-        except ContainerMissing:
-            return None
-        return container_info(container.attrs)
+    def _inspect(self, operation: str, ref: str) -> dict[str, Any]:
+        response = self._call(operation, self.client.api.get, f"/containers/{ref}/json")
+        return self._ok(operation, response).json()  # type: ignore[no-any-return]
 
-    def inspect(self, sandbox: str) -> ContainerInfo | None:
-        return self._find("inspect", sandbox)
+    def _start(self, container_id: str) -> None:
+        self._ok("start", self._call("start", self.client.api.post, f"/containers/{container_id}/start"))
 
-    def create(self, spec: SandboxSpec) -> ContainerInfo:
-        existing = self._find("create", spec.name)
-        if existing is not None:
-            if existing.sandbox_id != spec.sandbox_id:
-                raise DriverError(
-                    "create",
-                    f"container {container_name(spec.name)} already exists and belongs to sandbox id "
-                    f"{existing.sandbox_id or '(none)'}",
-                )
-            return existing
-        labels = labels_for(spec.name, spec.sandbox_id, spec.labels)
-        volume = volume_name(spec.name)
-        try:
-            problem = foreign_workspace(volume, self._volume_labels("create", spec.name), spec.sandbox_id)
-            if problem is not None:
-                raise problem
-        except ContainerMissing:
-            self._call("create", self.client.volumes.create, volume, labels=labels)
-        kwargs: dict[str, Any] = {
-            "name": container_name(spec.name),
-            "labels": labels,
-            "volumes": {volume: {"bind": "/workspace", "mode": "rw"}},
-            "network_mode": "none",
-            "hostname": spec.name,
-        }
-        if spec.command:
-            kwargs["command"] = spec.command
-        container = self._call("create", self.client.containers.create, spec.image, **kwargs)
-        container.reload()
-        return container_info(container.attrs)
+    def _stop(self, container_id: str, grace: int) -> None:
+        # The engine's answer comes after the grace: the read timeout is the grace plus the usual one
+        # (the SDK's own, 1.5 x grace, fails a stop of grace 1 that podman takes 1.2 s over).
+        response = self._call(
+            "stop",
+            self.client.api.post,
+            f"/containers/{container_id}/stop",
+            params={"timeout": grace},
+            timeout=grace + self.timeout,
+        )
+        self._ok("stop", response)
 
-    # Start and stop address the container by name and inspect once after: two engine
-    # calls, not three. Podman answers 304 for a container already in that state.
+    def _kill(self, container_id: str) -> None:
+        response = self._call(
+            "stop", self.client.api.post, f"/containers/{container_id}/kill", params={"signal": "KILL"}
+        )
+        self._ok("stop", response)
 
-    def _by_name(self, sandbox: str) -> Any:
-        return self.client.containers.prepare_model(attrs={"Id": container_name(sandbox)})
-
-    def start(self, sandbox: str) -> ContainerInfo:
-        container = self._by_name(sandbox)
-        self._call("start", container.start)
-        self._call("start", container.reload)
-        return container_info(container.attrs)
-
-    def stop(self, sandbox: str, timeout: float) -> ContainerInfo:
-        container = self._by_name(sandbox)
-        self._call("stop", container.stop, timeout=max(0, round(timeout)), ignore=True)
-        self._call("stop", container.reload)
-        return container_info(container.attrs)
-
-    def delete(self, sandbox: str, sandbox_id: str = "") -> str:
-        container_id = ""
-        try:
-            container = self._get("delete", sandbox)
-            if owned_by(container.attrs.get("Config", {}).get("Labels"), sandbox_id):
-                container_id = container.id
-                self._call("delete", container.remove, force=True)
-        except ContainerMissing:
-            pass
-        try:
-            if owned_by(self._volume_labels("delete", sandbox), sandbox_id):
-                self._call("delete", self.client.volumes.remove, volume_name(sandbox), force=True)
-        except ContainerMissing:
-            pass
-        return container_id
+    def _remove(self, container_id: str) -> None:
+        self._call("delete", self.client.containers.remove, container_id, force=True)
 
     def _volume_labels(self, operation: str, sandbox: str) -> dict[str, str] | None:
         volume = self._call(operation, self.client.volumes.get, volume_name(sandbox))
-        return volume.attrs.get("Labels")
+        return volume.attrs.get("Labels")  # type: ignore[no-any-return]
+
+    def _make_volume(self, volume: str, labels: dict[str, str]) -> None:
+        self._call("create", self.client.volumes.create, volume, labels=labels)
+
+    def _remove_volume(self, volume: str) -> None:
+        self._call("delete", self.client.volumes.remove, volume, force=False)
+
+    def _volume_users(self, volume: str) -> list[tuple[str, dict[str, str]]]:
+        containers = self._call("delete", self.client.containers.list, all=True, filters={"volume": volume})
+        return [((c.attrs.get("Names") or [c.id])[0], c.attrs.get("Labels") or {}) for c in containers]
+
+    def _make_container(self, image: str, settings: dict[str, Any]) -> dict[str, Any]:
+        container = self._call("create", self.client.containers.create, image, **settings)
+        self._call("create", container.reload)
+        return container.attrs  # type: ignore[no-any-return]
+
+    def _api_prefix(self, operation: str) -> str:
+        return str(self.client.api.path_prefix)
+
+    def _log_stream(self, container_id: str, tail: int | None, since: float | None, follow: bool) -> Iterator[bytes]:
+        params = {"stdout": True, "stderr": True, "follow": follow, "tail": tail}
+        if since is not None:
+            params["since"] = int(since)
+        response = self._call(
+            "logs", self.client.api.get, f"/containers/{container_id}/logs", params=params, stream=True
+        )
+        try:
+            self._ok("logs", response)
+            untimed(response)  # podman has answered; a followed log may now be silent for long
+            yield from stream_frames(response)
+        finally:
+            response.close()
+
+    def _engine_cli(self) -> list[str]:
+        return ["podman", "--url", self.base_url]
+
+    # -- listing and events -------------------------------------------------------------
 
     def list_managed(self) -> list[ContainerInfo]:
         containers = self._call("list", self.client.containers.list, all=True, filters={"label": f"{MANAGED}=true"})
@@ -195,62 +200,8 @@ class PodmanDriver:
         finally:
             client.close()
 
-    def _streaming(self) -> PodmanClient:
-        """A client without a read timeout: an exec or a followed log may be silent for long."""
-        return PodmanClient(base_url=self.base_url, timeout=None)
-
-    def exec(self, sandbox: str, command: list[str], output: Callable[[int, bytes], None]) -> int:
-        client = self._streaming()
-        try:
-            api = client.api
-            body = {"Cmd": command, "AttachStdout": True, "AttachStderr": True, "AttachStdin": False, "Tty": False}
-            made = self._call("exec", api.post, f"/containers/{container_name(sandbox)}/exec", data=json.dumps(body))
-            self._call("exec", made.raise_for_status)
-            exec_id = made.json()["Id"]
-            started = self._call(
-                "exec",
-                api.post,
-                f"/exec/{exec_id}/start",
-                data=json.dumps({"Detach": False, "Tty": False}),
-                stream=True,
-            )
-            self._call("exec", started.raise_for_status)
-            for out, err in stream_frames(started, demux=True):
-                if out:
-                    output(1, out)
-                if err:
-                    output(2, err)
-            deadline = time.monotonic() + EXEC_SETTLE
-            while True:
-                info = self._call("exec", api.get, f"/exec/{exec_id}/json")
-                self._call("exec", info.raise_for_status)
-                state = info.json()
-                if not state.get("Running") or time.monotonic() > deadline:
-                    return int(state.get("ExitCode") or 0)
-                time.sleep(0.02)
-        finally:
-            client.close()
-
-    def logs(
-        self, sandbox: str, tail: int | None = None, since: float | None = None, follow: bool = False
-    ) -> Iterator[bytes]:
-        client = self._streaming()
-        try:
-            container = self._call("logs", client.containers.get, container_name(sandbox))
-            stream = self._call(
-                "logs",
-                container.logs,
-                stream=True,
-                follow=follow,
-                tail=tail,
-                since=None if since is None else int(since),
-            )
-            yield from stream
-        finally:
-            client.close()
-
-    def interactive(self, sandbox: str, command: list[str], tty: bool) -> list[str]:
-        return exec_command(["podman", "--url", self.base_url], sandbox, command, tty)
-
     def close(self) -> None:
-        self.client.close()
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()

@@ -9,6 +9,14 @@ A work order's facts are keyed by the work order, so a redelivered order
 reports once; the engine watcher's facts are keyed by the container and its
 run, so repeated engine events report once. When both report the same change,
 the second one moves nothing: ``react`` fences by incarnation and phase.
+
+The phase follows the engine, not the engine's silence: an engine that took a
+request and stopped answering (paused, overloaded: a read timeout) is looked at
+again with backoff while the order stays in hand, and what it then shows is the
+outcome (``_patiently``); only an engine that refuses the connection fails the
+order at once. A start whose container was removed outside sandboxctl makes it
+again from the log's record while the workspace volume is intact (``_remake``).
+A second stop (a shorter grace) goes to the engine at once, beside the first.
 """
 
 from __future__ import annotations
@@ -25,7 +33,17 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from drivers.base import ContainerInfo, ContainerMissing, Driver, DriverError, EngineEvent, SandboxSpec
+from drivers.base import (
+    ContainerInfo,
+    ContainerMissing,
+    Driver,
+    DriverError,
+    EngineEvent,
+    EngineTimeout,
+    SandboxSpec,
+    container_name,
+    volume_name,
+)
 from events import subjects
 from events.envelope import Envelope, new_id, now, type_name
 from events.facts import (
@@ -66,6 +84,12 @@ log = logging.getLogger(__name__)
 Facts = list[tuple[str, Fact]]
 
 WORK_ACK_WAIT = 15.0  # seconds before an order not acknowledged nor kept alive is delivered again
+# Seconds an operation waits for an engine that took its request and stopped answering (paused,
+# overloaded) before it is reported failed: under the state machine's watchdog (300 s by default),
+# which fails a transient phase after its deadline anyway.
+ENGINE_PATIENCE = 240.0
+ENGINE_BACKOFF = (0.5, 10.0)  # the first and the longest wait between two looks at such an engine
+STOP_GRACE = 10.0  # the grace of a stop reconciliation completes when the log does not say how long is left
 
 
 _TYPE = re.compile(rb'"type":"([^"]*)"')
@@ -147,6 +171,9 @@ class DriverWorker:
         # Orders received and not yet acknowledged, by stream sequence: kept alive while they
         # wait their turn, and a redelivery of one still in hand is not run twice.
         self._held: dict[int, Msg] = {}
+        # Sandboxes with a stop order in the engine right now: a later stop (a shorter grace)
+        # runs at once beside it rather than waiting out the first one's grace behind it.
+        self._stops_in_engine: dict[str, int] = {}
         # Work orders share the engine's parallelism; deletes, the watcher and
         # reconciliation run on threads beside them (at most 256 in all).
         self._slots = asyncio.Semaphore(max_parallel or driver.parallelism)
@@ -222,9 +249,10 @@ class DriverWorker:
         self._held[seq] = msg
         if _REQUEST.fullmatch(kind):
             self._latest_request[name] = max(seq, self._latest_request.get(name, 0))
-        if ".delete_requested." in kind:
+        if ".delete_requested." in kind or (".stop_requested." in kind and self._stops_in_engine.get(name)):
             # A delete force-removes, so it need not wait behind a stop or start that
-            # hangs in the engine: that is how a user gets out of a stuck sandbox.
+            # hangs in the engine: that is how a user gets out of a stuck sandbox. A second
+            # stop (a shorter grace) must reach the engine while the first waits out its grace.
             task = asyncio.create_task(self._handle_now(msg))
             self._urgent.add(task)
             task.add_done_callback(self._urgent.discard)
@@ -250,7 +278,7 @@ class DriverWorker:
             self._runners.pop(name, None)
 
     async def _handle_now(self, msg: Msg) -> None:
-        await self._handle(msg)  # no slot: a delete must not wait behind operations hung in the engine
+        await self._handle(msg)  # no slot: it must not wait behind operations hung in the engine
 
     async def _handle(self, msg: Msg) -> None:
         try:
@@ -266,6 +294,13 @@ class DriverWorker:
             await dead_letter(self.js, self.consumer, msg, f"unreadable log entry: {exc}")
             return
         event = envelope.data
+        if envelope.subject != subjects.name_of(msg.subject):
+            # Written by someone else on another sandbox's subject: every reader of the log skips
+            # it (services.log.fold_logged), and no engine is touched for it.
+            log.error("%s: a %s on %s names sandbox %r; skipped", self.consumer, envelope.type, msg.subject,
+                      envelope.subject[:80])  # fmt: skip
+            await msg.ack()
+            return
         if getattr(event, "driver", None) != self.driver.name or await self._superseded(msg, envelope):
             await msg.ack()
             return
@@ -337,7 +372,6 @@ class DriverWorker:
         name = envelope.subject
         sandbox_id = getattr(event, "sandbox_id", "")
         facts: Facts = []
-        run = self._run
         try:
             if isinstance(event, SandboxCreated):
                 spec = SandboxSpec(
@@ -347,24 +381,128 @@ class DriverWorker:
                     command=event.command,
                     labels=event.labels,
                 )
-                info = await run(self.driver.create, spec)
-                created = ContainerCreated(container_id=info.container_id, sandbox_id=info.sandbox_id)
-                facts.append((f"{info.container_id}:created", created))
-                facts.append(started(await run(self.driver.start, name)))
+                facts.extend(await self._make(spec))
             elif isinstance(event, SandboxStopRequested):
-                info = await run(self.driver.stop, name, event.timeout)
+                info = await self._stop(name, sandbox_id, event.timeout)
                 facts.append(exited(info, requested=True) if not info.running else started(info))
             elif isinstance(event, SandboxStartRequested):
-                facts.append(started(await run(self.driver.start, name)))
+                facts.extend(await self._start(name, sandbox_id))
             elif isinstance(event, SandboxDeleteRequested):
                 # The only report that ends a delete: container and workspace are both gone.
-                container_id = await run(self.driver.delete, name, sandbox_id)
+                container_id = await self._patiently(self.driver.delete, name, sandbox_id)
                 facts.append(removed(container_id, sandbox_id, envelope.id, workspace=True))
         except ContainerMissing:
             facts.append(removed("", sandbox_id, envelope.id))
         except DriverError as exc:
             facts.append(failed(exc, sandbox_id, envelope.id))
         return facts
+
+    async def _make(self, spec: SandboxSpec) -> Facts:
+        info = await self._patiently(self.driver.create, spec)
+        created = ContainerCreated(container_id=info.container_id, sandbox_id=info.sandbox_id)
+        return [
+            (f"{info.container_id}:created", created),
+            started(await self._start_container(spec.name, spec.sandbox_id)),
+        ]
+
+    async def _start_container(self, name: str, sandbox_id: str) -> ContainerInfo:
+        info: ContainerInfo = await self._patiently(
+            self.driver.start, name, sandbox_id, done=lambda i: i.running and not i.stopping
+        )
+        return info
+
+    async def _start(self, name: str, sandbox_id: str) -> Facts:
+        """Start the sandbox's container; if it is gone but the workspace is not, make it again."""
+        try:
+            return [started(await self._start_container(name, sandbox_id))]
+        except ContainerMissing:
+            return await self._remake(name, sandbox_id)
+
+    async def _stop(self, name: str, sandbox_id: str, timeout: float) -> ContainerInfo:
+        self._stops_in_engine[name] = self._stops_in_engine.get(name, 0) + 1
+        try:
+            info: ContainerInfo = await self._patiently(
+                self.driver.stop, name, sandbox_id, timeout, done=lambda i: not i.running
+            )
+            return info
+        finally:
+            left = self._stops_in_engine.pop(name, 1) - 1
+            if left > 0:
+                self._stops_in_engine[name] = left
+
+    async def _remake(self, name: str, sandbox_id: str) -> Facts:
+        """The container was removed outside sandboxctl while its workspace volume stayed: make it
+        again from the image and settings the log recorded at create, on the same workspace, and
+        start it. Without the workspace there is nothing left to start: say so plainly."""
+        if not await self._patiently(self.driver.workspace, name, sandbox_id):
+            raise DriverError(
+                "start",
+                f"the container {container_name(name)} and the workspace volume {volume_name(name)} are both gone: "
+                f"the sandbox's files are lost, and it can only be deleted (sandboxctl delete {name})",
+            )
+        spec = await self._recorded(name, sandbox_id)
+        if spec is None:
+            raise DriverError("start", f"the container {container_name(name)} is gone and the log has no record of it")
+        log.warning(
+            "%s: %s has no container but its workspace is intact; making the container again", self.consumer, name
+        )
+        return await self._make(spec)
+
+    async def _recorded(self, name: str, sandbox_id: str) -> SandboxSpec | None:
+        """The spec the sandbox was created with: its SandboxCreated in the log (read only on this rare path)."""
+        async for _, logged, _ in log_events(self.js, name):
+            if isinstance(logged, Envelope) and isinstance(logged.data, SandboxCreated):
+                created = logged.data
+                if created.sandbox_id == sandbox_id:
+                    return SandboxSpec(
+                        name=name,
+                        sandbox_id=sandbox_id,
+                        image=created.image,
+                        command=created.command,
+                        labels=created.labels,
+                    )
+        return None
+
+    async def _patiently(
+        self, operation: Callable[..., Any], *args: Any, done: Callable[[ContainerInfo], bool] | None = None
+    ) -> Any:
+        """``operation(*args)`` on the engine, riding out an engine that took the request and stopped
+        answering (paused, overloaded): a read timeout is no failure yet, since the engine may still
+        carry the request out. The order stays in hand (kept alive) while the sandbox's container is
+        looked at again with backoff until the engine answers; then what it shows is the outcome if
+        ``done`` says the work is done (a stop: exited), else the operation runs again (every
+        operation is idempotent). Up to ENGINE_PATIENCE seconds, then EngineTimeout (a work order
+        reports it as DriverFailed); an engine that refuses connections fails at once, as before."""
+        deadline = time.monotonic() + ENGINE_PATIENCE
+        name, sandbox_id = (args[0].name, args[0].sandbox_id) if isinstance(args[0], SandboxSpec) else args[:2]
+        while True:
+            try:
+                return await self._run(operation, *args)
+            except EngineTimeout as exc:
+                timeout = exc
+            log.warning(
+                "%s: %s of %s: the engine did not answer (%s); waiting for it",
+                self.consumer,
+                timeout.operation,
+                name,
+                timeout.message,
+            )
+            wait = ENGINE_BACKOFF[0]
+            while True:
+                if time.monotonic() + wait > deadline:
+                    raise EngineTimeout(
+                        timeout.operation,
+                        f"{timeout.message} (the engine has not answered for {ENGINE_PATIENCE:g}s)",
+                    )
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, ENGINE_BACKOFF[1])
+                try:
+                    info = await self._run(self.driver.inspect, name, sandbox_id)
+                    break
+                except EngineTimeout:
+                    continue
+            if done is not None and info is not None and done(info):
+                return info
 
     async def report(self, name: str, fact_id: str, fact: Fact, cause: Envelope | None = None) -> None:
         envelope = Envelope(
@@ -428,37 +566,48 @@ class DriverWorker:
         log.info("%s: reconciled %d sandboxes with %d containers", self.consumer, len(states), len(containers))
 
     async def _settle(self, state: SandboxState, info: ContainerInfo | None) -> Facts:
-        name, phase = state.name, state.phase
-        fact_id = f"{state.sandbox_id}:{state.seq}:reconcile"
-        run = self._run
+        name, phase, sandbox_id = state.name, state.phase, state.sandbox_id
+        fact_id = f"{sandbox_id}:{state.seq}:reconcile"
         try:
             if phase is Phase.DELETING:
-                container_id = await run(self.driver.delete, name, state.sandbox_id)
-                return [removed(container_id, state.sandbox_id, fact_id, workspace=True)]
+                container_id = await self._patiently(self.driver.delete, name, sandbox_id)
+                return [removed(container_id, sandbox_id, fact_id, workspace=True)]
             if info is None:
+                if phase is Phase.STARTING:
+                    return await self._remake(name, sandbox_id)  # removed outside while it was being started
                 # A missing container while Provisioning is the create work order's to make.
-                return [] if phase is Phase.PROVISIONING else [removed("", state.sandbox_id, fact_id)]
+                return [] if phase is Phase.PROVISIONING else [removed("", sandbox_id, fact_id)]
             if phase is Phase.STOPPING:
+                # Alive (a stop still in its grace counts: podman's "stopping"): complete the stop
+                # with what is left of the grace asked for, and report it once the process is gone.
                 if info.running:
-                    info = await run(self.driver.stop, name, 10.0)
+                    info = await self._stop(name, sandbox_id, _grace_left(state))
                 return [exited(info, requested=True)] if not info.running else []
             if phase in (Phase.STARTING, Phase.PROVISIONING):
+                if info.stopping:  # a stop from before the start request is still under way: end it first
+                    info = await self._stop(name, sandbox_id, _grace_left(state))
                 if not info.running:
-                    info = await run(self.driver.start, name)
+                    info = await self._start_container(name, sandbox_id)
                 return [started(info)]
+            if info.stopping:
+                return []  # its exit, once the stop is done, is reported then (watcher or next sweep)
             if phase is Phase.READY and not info.running:
                 if not self.restart_exited:
                     return [exited(info, requested=False)]
                 log.warning(
                     "%s: %s exited (code %d) while unobserved; restarting it", self.consumer, name, info.exit_code
                 )
-                return [started(await run(self.driver.start, name))]
+                return [started(await self._start_container(name, sandbox_id))]
+            if phase is Phase.ERROR and not info.running and state.failed_operation == "stop":
+                return [exited(info, requested=True)]  # the stop that failed for us was done after all
             # Ready, Stopped or Error: a running container is the truth (a start made outside).
             return [started(info)] if info.running else []
         except ContainerMissing:
-            return [removed("", state.sandbox_id, fact_id)]
+            return [removed("", sandbox_id, fact_id)]
+        except EngineTimeout:
+            raise  # an engine that stays silent ends the sweep; it runs again when the engine's stream reconnects
         except DriverError as exc:
-            return [failed(exc, state.sandbox_id, fact_id)]
+            return [failed(exc, sandbox_id, fact_id)]
 
     async def _orphan(self, info: ContainerInfo, reason: str) -> None:
         log.warning(
@@ -528,7 +677,7 @@ class DriverWorker:
             fact_id, fact = removed(event.container_id, event.sandbox_id, event.container_id)
             await self.report(event.sandbox, fact_id, fact)
             return
-        info = await self._run(self.driver.inspect, event.sandbox)
+        info = await self._run(self.driver.inspect, event.sandbox, event.sandbox_id)
         if info is None or info.container_id != event.container_id:
             return  # gone already; its removal is reported on its own
         if event.action == "die" and not info.running:
@@ -538,3 +687,9 @@ class DriverWorker:
         else:
             return  # the container changed again since; the later event reports it
         await self.report(event.sandbox, fact_id, fact)
+
+
+def _grace_left(state: SandboxState) -> float:
+    """What is left of the grace the sandbox's stop asked for (the log records when it ends),
+    or STOP_GRACE where the log does not say."""
+    return max(0.0, state.stop_by - time.time()) if state.stop_by else STOP_GRACE

@@ -318,27 +318,27 @@ def driver(engine: Engine, config: Config):
 def test_resume_semantics(driver, names, image: str, engine: Engine) -> None:
     name = names.new()
     with pytest.raises(ContainerMissing):
-        driver.start(name)  # resuming a missing container reports that it is missing
+        driver.start(name, "sb-1")  # resuming a missing container reports that it is missing
     info = driver.create(SandboxSpec(name=name, sandbox_id="sb-1", image=image, labels={"team": "x"}))
     assert not info.running and info.sandbox_id == "sb-1" and info.sandbox == name
     assert driver.create(SandboxSpec(name=name, sandbox_id="sb-1", image=image)).container_id == info.container_id
-    first = driver.start(name)
+    first = driver.start(name, "sb-1")
     assert first.running and first.incarnation
-    assert driver.start(name).incarnation == first.incarnation  # resuming a running container is a no-op
-    stopped = driver.stop(name, 5)
-    assert not stopped.running and driver.stop(name, 5).running is False  # stopping twice is fine
-    again = driver.start(name)  # resuming a stopped container starts it
+    assert driver.start(name, "sb-1").incarnation == first.incarnation  # resuming a running container is a no-op
+    stopped = driver.stop(name, "sb-1", 5)
+    assert not stopped.running and driver.stop(name, "sb-1", 5).running is False  # stopping twice is fine
+    again = driver.start(name, "sb-1")  # resuming a stopped container starts it
     assert again.running and again.incarnation != first.incarnation
     labels = json.loads(engine("container", "inspect", f"sandboxctl-{name}").stdout)[0]["Config"]["Labels"]
     assert labels["sandboxctl.sandbox"] == name and labels["sandboxctl.sandbox_id"] == "sb-1" and labels["team"] == "x"
     mounts = json.loads(engine("container", "inspect", f"sandboxctl-{name}").stdout)[0]["Mounts"]
     assert [(m["Name"], m["Destination"]) for m in mounts] == [(f"sandboxctl-{name}-workspace", "/workspace")]
     assert [i.sandbox for i in driver.list_managed() if i.sandbox == name] == [name]
-    driver.delete(name)
-    assert driver.inspect(name) is None and not engine.volume_exists(name)
-    driver.delete(name)  # deleting what is gone succeeds
+    driver.delete(name, "sb-1")
+    assert driver.inspect(name, "sb-1") is None and not engine.volume_exists(name)
+    driver.delete(name, "sb-1")  # deleting what is gone succeeds
     with pytest.raises(ContainerMissing):
-        driver.stop(name, 1)
+        driver.stop(name, "sb-1", 1)
 
 
 def test_a_container_of_another_sandbox_id_is_not_taken_over(driver, names, image: str) -> None:

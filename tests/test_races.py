@@ -564,9 +564,9 @@ async def test_conflicting_commands_from_several_processes_have_one_winner_per_l
     guard_conflicts = Counter[str]()
     real_append = statemachine_module.append
 
-    async def counting_append(js: Any, envelope: Any, expected_seq: int) -> Any:
+    async def counting_append(js: Any, envelope: Any, expected_seq: int, digest: str = "") -> Any:
         try:
-            return await real_append(js, envelope, expected_seq)
+            return await real_append(js, envelope, expected_seq, digest)
         except statemachine_module.Conflict:
             guard_conflicts[envelope.subject] += 1
             raise
@@ -798,9 +798,9 @@ async def test_late_facts_of_an_earlier_run_move_nothing(
     worker = next(w for w in plane.workers if w.driver.name == "podman")
     real_start, release = worker.driver.start, threading.Event()
 
-    def held_start(sandbox: str) -> Any:
+    def held_start(sandbox: str, sandbox_id: str) -> Any:
         release.wait(30)
-        return real_start(sandbox)
+        return real_start(sandbox, sandbox_id)
 
     monkeypatch.setattr(worker.driver, "start", held_start)
     started = await client.start(name)
