@@ -104,15 +104,21 @@ def record(seq: int, envelope: Envelope, state: SandboxState | None) -> dict[str
     }
 
 
-async def history(js: JetStreamContext, name: str) -> list[dict[str, Any]]:
-    """Every event of one sandbox, with the phase after it; deleted sandboxes included. An entry
-    that cannot be folded is shown with its ``error`` and skipped as every reader skips it."""
+async def history(js: JetStreamContext, name: str, after: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
+    """Every event of one sandbox after log sequence ``after`` (at most ``limit`` of them), with
+    the phase after it; deleted sandboxes included. The phases are folded from the sandbox's first
+    event whatever ``after`` is, and reading stops once ``limit`` are found. An entry that cannot
+    be folded is shown with its ``error`` and skipped as every reader skips it."""
     out: list[dict[str, Any]] = []
     state: SandboxState | None = None
     async for batch in read(js, name):
         for msg in batch:
             seq = stream_seq(msg)
             state, envelope, problem = fold_logged(state, name, msg.data, seq)
+            if seq <= after:
+                continue
+            if limit is not None and len(out) >= limit:
+                return out
             if envelope is None:
                 out.append({"seq": seq, "sandbox": name, "type": "unreadable", "error": problem})
             elif problem:

@@ -3,41 +3,59 @@
 Every command exits 0 on success. On a rejection, an error or a timeout it
 prints one line, ``sandboxctl: <code>: <reason>``, to stderr and exits with the
 code's number from EXIT_CODES, so scripts can branch without parsing text.
+Input is checked against the bounds in events/limits.py before anything is
+sent: a bad number, name, phase or label is ``invalid_argument`` (exit 2).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import math
+import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import msgspec
 import yaml
 
 from events import subjects
+from events.limits import (
+    GRACE_MAX,
+    HOLDER_MAX,
+    IDLE_MAX,
+    LABEL_KEY_MAX,
+    LABEL_KEY_PATTERN,
+    LABEL_VALUE_MAX,
+    LABELS_MAX,
+    REASON_MAX,
+    TTL_MAX,
+)
+from events.queries import ListRequest
+from events.replies import ErrorCode
 from services import attach, audit, auth
-from services.client import TERMINAL, PermissionDenied, SandboxClient, SandboxError
+from services.client import EXIT_STATUS, TERMINAL, PermissionDenied, SandboxClient, SandboxError
 from services.config import Config, parse_duration
-from statemachine import Phase
+from services.query import list_problem
+from statemachine import Phase, validate_name
 
-EXIT_CODES = {
-    "invalid_argument": 2,
-    "not_found": 3,
-    "already_exists": 4,
-    "failed_precondition": 5,
-    "conflict": 6,
-    "internal": 7,
-    "unavailable": 8,
-    "timeout": 9,
-    "failed": 10,
-    "permission_denied": 11,
-}
+# The reader of our output went away (`sandboxctl exec NAME -- yes | head`): the status a shell
+# gives a command killed by SIGPIPE, 128 + 13.
+BROKEN_PIPE = "broken_pipe"
+# Each code's exit status, from the one table beside the client's error types (services.client.ERRORS),
+# and the CLI's own.
+EXIT_CODES = {**EXIT_STATUS, BROKEN_PIPE: 141}
+
+# The longest a command waits for a phase (--timeout), or top sleeps between screens: a day.
+WAIT_MAX = 86400.0
 
 TABLE_COLUMNS = ("name", "phase", "driver", "image", "last_error", "updated_at")
+PHASE_CHOICES = ", ".join(p.value for p in Phase)
 
 
 class Failure(Exception):
@@ -46,14 +64,115 @@ class Failure(Exception):
         self.code = code
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are failures like any other: one line, ``invalid_argument``, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise Failure(ErrorCode.INVALID_ARGUMENT, f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+_LABEL_KEY = re.compile(LABEL_KEY_PATTERN)
+
+
 def _labels(pairs: Sequence[str]) -> dict[str, str]:
-    labels = {}
+    """``KEY=VALUE`` pairs as labels, within events/limits.py's bounds (a create's and a list's alike)."""
+    labels: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise Failure("invalid_argument", f"label {pair!r} is not KEY=VALUE")
+            raise Failure(ErrorCode.INVALID_ARGUMENT, f"label {pair[:80]!r} is not KEY=VALUE")
+        if not _LABEL_KEY.fullmatch(key):
+            raise Failure(
+                ErrorCode.INVALID_ARGUMENT,
+                f"label key {key[:80]!r}: 1-{LABEL_KEY_MAX} letters, digits, '.', '_', '/' or '-', "
+                "starting with a letter or digit",
+            )
+        if len(value) > LABEL_VALUE_MAX:
+            raise Failure(ErrorCode.INVALID_ARGUMENT, f"label {key}: the value is longer than {LABEL_VALUE_MAX}")
+        if key in labels:
+            raise Failure(ErrorCode.INVALID_ARGUMENT, f"label {key} is given twice")
         labels[key] = value
+    if len(labels) > LABELS_MAX:
+        raise Failure(ErrorCode.INVALID_ARGUMENT, f"{len(labels)} labels: at most {LABELS_MAX}")
     return labels
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if math.isfinite(value) and value.is_integer() and abs(value) < 1e15 else f"{value:g}"
+
+
+def _seconds(value: float, flag: str, high: float, zero: bool) -> float:
+    """A number of seconds from the command line: finite, at most ``high``, and not negative (nor 0
+    unless ``zero``)."""
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero) or value > high:
+        low = "from 0 to" if zero else "more than 0 and at most"
+        raise Failure(
+            ErrorCode.INVALID_ARGUMENT,
+            f"{flag} must be {low} {_number(high)} seconds, not {_number(value)}",
+        )
+    return value
+
+
+def _duration(text: str, what: str, high: float, zero: bool = True) -> float:
+    """A duration (``90``, ``10m``, ``7d``) from the command line, in seconds, bounded like ``_seconds``."""
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise Failure(ErrorCode.INVALID_ARGUMENT, f"{what}: {exc}") from None
+    return _seconds(seconds, what, high, zero)
+
+
+def _check(args: argparse.Namespace) -> None:
+    """What can be wrong with the arguments themselves, found before anything is sent: numbers
+    out of range (NaN and infinity included), bad or repeated sandbox names, unknown phases,
+    labels and texts over the bounds of events/limits.py."""
+    if isinstance(getattr(args, "timeout", None), float):
+        _seconds(args.timeout, "--timeout", WAIT_MAX, zero=False)
+    if args.cmd == "stop":
+        _seconds(args.grace, "--grace", GRACE_MAX, zero=True)
+    if args.cmd == "top":
+        _seconds(args.interval, "--interval", WAIT_MAX, zero=False)
+    if args.cmd == "status":
+        _seconds(args.wait, "--wait", WAIT_MAX, zero=False)
+    if args.cmd in ("exec", "shell", "logs"):
+        _seconds(args.engine_timeout, "--engine-timeout", WAIT_MAX, zero=False)
+    for flag, limit in (("reason", REASON_MAX), ("holder", HOLDER_MAX)):
+        if len(getattr(args, flag, None) or "") > limit:
+            raise Failure(ErrorCode.INVALID_ARGUMENT, f"--{flag} is longer than {limit} characters")
+    names = list(getattr(args, "names", None) or [])
+    if args.cmd in ("stop", "start", "delete"):
+        if names and args.all:
+            raise Failure(ErrorCode.INVALID_ARGUMENT, "give names or --all, not both")
+        if not names and not args.all:
+            raise Failure(ErrorCode.INVALID_ARGUMENT, f"{args.cmd} needs at least one NAME, or --all")
+    if isinstance(getattr(args, "name", None), str) and args.cmd != "user":
+        names.append(args.name)
+    seen: set[str] = set()
+    for name in names:
+        problem = validate_name(name)
+        if problem:
+            raise Failure(ErrorCode.INVALID_ARGUMENT, problem)
+        if name in seen:
+            raise Failure(ErrorCode.INVALID_ARGUMENT, f"sandbox {name} is named twice")
+        seen.add(name)
+    # Parsed here, once, so that nothing is sent (nor any connection made) with a bad one.
+    if args.cmd == "create":
+        args.labels = _labels(args.label)
+        args.idle_timeout_seconds = (
+            None if args.idle_timeout is None else _duration(args.idle_timeout, "--idle-timeout", IDLE_MAX)
+        )
+        args.auto_delete_seconds = _duration(args.auto_delete_after, "--auto-delete-after", IDLE_MAX)
+    if args.cmd == "lease" and args.lease_cmd != "release":
+        args.ttl_seconds = _duration(args.ttl, "--ttl", TTL_MAX, zero=False)
+    if args.cmd == "list":
+        args.labels = _labels(args.label)
+        try:  # the query service's own check of a list request
+            request = msgspec.convert({"phases": args.phase, "labels": args.labels}, ListRequest)
+        except msgspec.ValidationError as exc:
+            raise Failure(ErrorCode.INVALID_ARGUMENT, f"list: {exc}") from None
+        problem = list_problem(request)
+        if problem:
+            raise Failure(ErrorCode.INVALID_ARGUMENT, problem)
 
 
 def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
@@ -74,7 +193,7 @@ def _print(data: Any, output: str, columns: Sequence[str] = TABLE_COLUMNS) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sandboxctl", description="Create, stop, start and delete sandboxes.")
+    p = _Parser(prog="sandboxctl", description="Create, stop, start and delete sandboxes.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     up = sub.add_parser("up", help="run nats-server, podman and every service on embedded defaults")
@@ -88,6 +207,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="COMPONENT[,...]",
         help="run only these: statemachine, projector, query, worker, reaper (default: all)",
     )
+
+    st = sub.add_parser(
+        "status", help="each service's health and position in the log; exits 8 if one is down or behind"
+    )
+    st.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+    st.add_argument("--wait", type=float, default=1.0, metavar="S", help="seconds to gather answers (default 1)")
+
+    def engine_timeout(sp: argparse.ArgumentParser, before: str) -> None:
+        sp.add_argument(
+            "--engine-timeout",
+            type=float,
+            default=attach.ANSWER_TIMEOUT,
+            metavar="S",
+            help=f"seconds the engine may take to answer before {before} (default {attach.ANSWER_TIMEOUT:g})",
+        )
 
     def waiting(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the phase (default 120)")
@@ -147,23 +281,42 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for Ready (default 120)")
         if verb == "shell":
             sp.add_argument("--shell", default="sh", help="the shell to run (default sh)")
+        else:
+            sp.add_argument(
+                "--no-stdin",
+                "-n",
+                action="store_true",
+                help="do not forward piped standard input (a terminal never is): the command reads an empty one",
+            )
+        engine_timeout(sp, "the command starts")
 
     lg = sub.add_parser("logs", help="the container's output")
     lg.add_argument("name")
     lg.add_argument("--follow", "-f", action="store_true", help="keep printing until the container stops")
     lg.add_argument("--tail", type=int, metavar="N", help="only the last N lines")
     lg.add_argument("--since", metavar="DURATION|TIME", help="only output since then: 10m, or an ISO 8601 time")
+    engine_timeout(lg, "output starts")
 
-    for verb, helptext in (
-        ("stop", "stop sandboxes, keeping their workspaces"),
-        ("start", "start sandboxes again"),
-        ("delete", "delete sandboxes and their workspaces"),
+    for verb, helptext, every in (
+        ("stop", "stop sandboxes, keeping their workspaces", "stop every Ready sandbox"),
+        ("start", "start sandboxes again", "start every Stopped sandbox and every one in Error"),
+        (
+            "delete",
+            "delete sandboxes and their workspaces",
+            "delete every sandbox, whatever its phase, DESTROYING ALL THEIR WORKSPACES (asks first unless --yes)",
+        ),
     ):
         sp = sub.add_parser(verb, help=helptext)
-        sp.add_argument("names", nargs="*")
-        sp.add_argument("--all", action="store_true")
+        sp.add_argument("names", nargs="*", metavar="NAME")
+        sp.add_argument("--all", action="store_true", help=every)
+        if verb == "delete":
+            sp.add_argument(
+                "-y", "--yes", action="store_true", help="do not ask before delete --all (a script must say it)"
+            )
         if verb == "stop":
-            sp.add_argument("--grace", type=float, default=10.0, help="seconds before SIGKILL (default 10)")
+            sp.add_argument(
+                "--grace", type=float, default=10.0, help=f"seconds before SIGKILL, 0 to {GRACE_MAX:g} (default 10)"
+            )
             sp.add_argument("--reason", default="", help="why, recorded in the log (history shows it)")
         waiting(sp)
 
@@ -172,10 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("name")
         sp.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
 
-    ls = sub.add_parser("list")
+    ls = sub.add_parser("list", help="the sandboxes, by name (read page by page, however many there are)")
     ls.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
-    ls.add_argument("--phase", action="append", default=[])
-    ls.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    ls.add_argument(
+        "--phase", action="append", default=[], help=f"only sandboxes in this phase (repeatable): {PHASE_CHOICES}"
+    )
+    ls.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="only sandboxes with this label")
     ls.add_argument("--all", action="store_true", help="include deleted sandboxes")
 
     ev = sub.add_parser("events", help="print the log, one line per event")
@@ -194,12 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--role", action="append", required=True, choices=auth.ROLES, help="sandbox:read, sandbox:write or admin"
     )
     usub.add_parser("list", help="the users and their roles")
+    ur = usub.add_parser("remove", help="remove a user and its credential file, and reload the running server")
+    ur.add_argument("name")
 
     dl = sub.add_parser("deadletters", help="messages a consumer gave up on, oldest first")
     dl.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
 
     top = sub.add_parser("top", help="a live summary: sandboxes per phase, commands/s, errors")
-    top.add_argument("--interval", type=float, default=1.0)
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between screens (default 1)")
     top.add_argument("--once", action="store_true", help="print one summary and exit")
 
     audit = sub.add_parser("audit", help="answers from the log itself: history, state, replay, verify, export")
@@ -227,15 +384,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# What --all takes in, by verb: the phases the command fits (delete fits every live one).
+ALL_PHASES: dict[str, tuple[Phase, ...]] = {
+    "stop": (Phase.READY,),
+    "start": (Phase.STOPPED, Phase.ERROR),
+    "delete": (),
+}
+
+
+async def _confirm_delete_all(names: list[str]) -> None:
+    """Deleting everything destroys every workspace: a person confirms it on a terminal, a script
+    says --yes. Raises unless confirmed."""
+    count = f"{len(names)} sandbox{'es' if len(names) != 1 else ''}"
+    if not sys.stdin.isatty():
+        raise Failure(
+            ErrorCode.INVALID_ARGUMENT,
+            f"delete --all would delete {count} and destroy their workspaces; "
+            "stdin is not a terminal, so nothing was deleted: say --yes to confirm",
+        )
+    shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    print(
+        f"delete --all deletes {count} ({shown}) and DESTROYS THEIR WORKSPACES, every file in them; "
+        "there is no undo.\nType yes to delete them: ",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
+    answer = await asyncio.to_thread(sys.stdin.readline)
+    if answer.strip().lower() != "yes":
+        raise Failure(ErrorCode.FAILED_PRECONDITION, "not confirmed: nothing was deleted")
+
+
 async def _bulk(client: SandboxClient, verb: str, args: argparse.Namespace) -> int:
-    names = list(args.names)
+    names = list(args.names)  # names or --all, never both: see _check
     if args.all:
-        if names:
-            raise Failure("invalid_argument", "give names or --all, not both")
-        phases = {"stop": ["Ready"], "start": ["Stopped", "Error"], "delete": []}[verb]
-        names = [s["name"] for s in await client.list(phases=phases)]
-    elif not names:
-        raise Failure("invalid_argument", f"{verb} needs at least one NAME, or --all")
+        names = [s["name"] for s in await client.list(phases=ALL_PHASES[verb])]
+        if verb == "delete" and names and not args.yes:
+            await _confirm_delete_all(names)
 
     async def one(name: str) -> str | None:
         try:
@@ -261,6 +446,8 @@ async def _bulk(client: SandboxClient, verb: str, args: argparse.Namespace) -> i
         print(f"{done} sandbox{'es' if done != 1 else ''} {past if not args.no_wait else 'accepted'}")
     if failed:
         return EXIT_CODES.get(failed[0][1].split(":", 1)[0], 1)
+    if not names:
+        print(f"no sandbox to {verb}")
     return 0
 
 
@@ -314,23 +501,23 @@ async def _top(client: SandboxClient, args: argparse.Namespace) -> int:
     try:
         while True:
             await asyncio.sleep(args.interval)
-            items = await client.list(include_deleted=False)
+            # One bounded reply (counts per phase, the latest in Error) however many sandboxes there are.
+            summary = await client.summary()
             now_ = loop.time()
             rate, commands, began = commands / max(now_ - began, 1e-9), 0, now_
-            phases: dict[str, int] = {}
-            for item in items:
-                phases[item["phase"]] = phases.get(item["phase"], 0) + 1
+            live = [p for p in Phase if p is not Phase.DELETED]
+            phases = {p: int(summary["phases"].get(p.value, 0)) for p in live}
             lines = [
-                f"sandboxctl top  {len(items)} sandboxes  {rate:.1f} commands/s",
+                f"sandboxctl top  {sum(phases.values())} sandboxes  {rate:.1f} commands/s",
                 "",
-                "  ".join(
-                    f"{phase}: {phases.get(phase, 0)}" for phase in (p.value for p in Phase) if phase != "Deleted"
-                ),
+                "  ".join(f"{phase}: {count}" for phase, count in phases.items()),
                 "",
             ]
-            errors = [i for i in items if i["phase"] == "Error"]
-            lines.append(f"in Error ({len(errors)}):" if errors else "nothing in Error")
-            lines += [f"  {i['name']:<24} {i['last_error']}" for i in errors[:50]]
+            errors, in_error = summary["errors"], phases[Phase.ERROR]
+            lines.append(f"in Error ({in_error}):" if in_error else "nothing in Error")
+            lines += [f"  {i['name']:<24} {i['last_error']}" for i in errors]
+            if in_error > len(errors):
+                lines.append(f"  ... and {in_error - len(errors)} more: sandboxctl list --phase Error")
             screen = "\n".join(lines)
             if args.once:
                 print(screen)
@@ -379,6 +566,12 @@ async def _audit(client: SandboxClient, args: argparse.Namespace, config: Config
         _print(report, "json")
         if report["differences"]:
             raise Failure("failed", f"{len(report['differences'])} rows differ between the log and the projection")
+        if report["behind"]:
+            raise Failure(
+                "failed",
+                f"the projection is {report['behind']} events behind the log's head ({report['live_position']} of "
+                f"{report['log_head']}) and did not catch up: is the projector running? (sandboxctl status)",
+            )
         return 0
     if args.audit_cmd == "verify":
         count, problems = await audit.verify(js)
@@ -402,13 +595,6 @@ async def _audit(client: SandboxClient, args: argparse.Namespace, config: Config
     return 0
 
 
-def _duration(text: str, what: str) -> float:
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise Failure("invalid_argument", f"{what}: {exc}") from None
-
-
 async def _idle(client: SandboxClient, args: argparse.Namespace, config: Config) -> int:
     """touch, lease and hold: each appends (at most) an event and prints what it did."""
     holder = getattr(args, "holder", "") or config.actor
@@ -425,7 +611,7 @@ async def _idle(client: SandboxClient, args: argparse.Namespace, config: Config)
         await client.release_lease(args.name, holder)
         print(f"lease of {holder} on {args.name} released")
     else:
-        ttl = _duration(args.ttl, "--ttl")
+        ttl = args.ttl_seconds
         if args.lease_cmd == "acquire":
             await client.acquire_lease(args.name, holder, ttl)
         else:
@@ -435,22 +621,48 @@ async def _idle(client: SandboxClient, args: argparse.Namespace, config: Config)
 
 
 async def _attach(client: SandboxClient, args: argparse.Namespace, config: Config, command: list[str]) -> int:
-    if args.cmd == "logs":
+    """exec, shell and logs. A closed output pipe (``| head``) ends the command (run_main exits 141
+    with one line); a signal ends it and exits 128 + the signal; piped standard input reaches
+    ``exec``'s command (a terminal does not: like ``docker exec`` without ``-i``)."""
+    wait = args.engine_timeout
+    try:
+        if args.cmd == "logs":
+            try:
+                since = attach.since_time(args.since) if args.since else None
+            except ValueError as exc:
+                raise Failure("invalid_argument", str(exc)) from None
+            await attach.show_logs(client, config, args.name, args.tail, since, args.follow, answer_timeout=wait)
+            return 0
+        if args.cmd == "shell":
+            command = command or [args.shell]
+            tty = sys.stdin.isatty() and sys.stdout.isatty()
+            return await attach.exec_in(
+                client,
+                config,
+                args.name,
+                command,
+                not args.no_start,
+                args.timeout,
+                interactive=True,
+                tty=tty,
+                answer_timeout=wait,
+            )
+        if not command:
+            raise Failure("invalid_argument", "exec needs a command: sandboxctl exec NAME -- CMD...")
+        piped = None if args.no_stdin else attach.piped_stdin()
         try:
-            since = attach.since_time(args.since) if args.since else None
-        except ValueError as exc:
-            raise Failure("invalid_argument", str(exc)) from None
-        await attach.show_logs(client, config, args.name, args.tail, since, args.follow)
-        return 0
-    if args.cmd == "shell":
-        command = command or [args.shell]
-        tty = sys.stdin.isatty() and sys.stdout.isatty()
-        return await attach.exec_in(
-            client, config, args.name, command, not args.no_start, args.timeout, interactive=True, tty=tty
-        )
-    if not command:
-        raise Failure("invalid_argument", "exec needs a command: sandboxctl exec NAME -- CMD...")
-    return await attach.exec_in(client, config, args.name, command, not args.no_start, args.timeout)
+            return await attach.exec_in(
+                client, config, args.name, command, not args.no_start, args.timeout, stdin=piped, answer_timeout=wait
+            )
+        finally:
+            if piped is not None:
+                piped.close()
+    except attach.Interrupted as exc:
+        print(f"sandboxctl: interrupted: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    except BrokenPipeError:
+        done = "the command was ended" if args.cmd == "exec" else "stopped reading"
+        raise Failure(BROKEN_PIPE, f"the output of {args.cmd} in sandbox {args.name} was closed; {done}") from None
 
 
 def _user(config: Config, args: argparse.Namespace) -> int:
@@ -461,11 +673,23 @@ def _user(config: Config, args: argparse.Namespace) -> int:
         _print(users, "table", ("name", "roles"))
         return 0
     if not store.enabled:
-        raise Failure("failed_precondition", f"no users at {store.users_path}; run sandboxctl up first")
+        raise Failure(ErrorCode.FAILED_PRECONDITION, f"no users at {store.users_path}; run sandboxctl up first")
+    if args.user_cmd == "remove":
+        try:
+            path = store.remove(args.name)
+        except ValueError as exc:
+            raise Failure(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
+        except KeyError:
+            raise Failure(ErrorCode.NOT_FOUND, f"no user {args.name[:80]!r} in {store.users_path}") from None
+        reloaded = store.reload_server()
+        print(f"user {args.name} removed; its credentials ({path}) are deleted")
+        if not reloaded:
+            print("no running embedded nats-server found: the user is refused when it next starts", file=sys.stderr)
+        return 0
     try:
         path = store.add(args.name, args.role)
     except ValueError as exc:
-        raise Failure("invalid_argument", str(exc)) from None
+        raise Failure(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
     reloaded = store.reload_server()
     print(f"user {args.name} has {', '.join(args.role)}; credentials in {path}")
     print(f"  export SANDBOXCTL_CREDENTIALS={path}")
@@ -481,6 +705,7 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
         split = argv.index("--")
         argv, command = argv[:split], argv[split + 1 :]
     args = build_parser().parse_args(argv)
+    _check(args)
     config = config or Config.from_env()
     if args.cmd == "up":
         from services.embedded import run_up
@@ -508,15 +733,19 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
         **({"max_reconnect_attempts": -1} if patient else {}),
     )
     try:
+        if args.cmd == "status":
+            from services.health import status
+
+            return await status(client, args.output, args.wait)
         if args.cmd == "create":
             reply = await client.create(
                 args.name,
                 args.image,
                 command or None,
-                _labels(args.label),
+                args.labels,
                 driver=args.driver,
-                idle_timeout=None if args.idle_timeout is None else _duration(args.idle_timeout, "--idle-timeout"),
-                auto_delete_after=_duration(args.auto_delete_after, "--auto-delete-after"),
+                idle_timeout=args.idle_timeout_seconds,
+                auto_delete_after=args.auto_delete_seconds,
             )
             if not args.no_wait:
                 await client.wait_for(args.name, "Ready", reply.seq, args.timeout)
@@ -532,7 +761,7 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
             _print(await client.get(args.name), args.output)
             return 0
         if args.cmd == "list":
-            items = await client.list(args.phase, _labels(args.label), include_deleted=args.all)
+            items = await client.list(args.phase, args.labels, include_deleted=args.all)
             _print(items, args.output)
             return 0
         if args.cmd == "history":
@@ -560,13 +789,19 @@ async def run_main(argv: Sequence[str], config: Config | None = None) -> int:
     """Run one CLI command and turn any failure into its one line and exit code."""
     try:
         return await run(argv, config)
-    except SystemExit as exc:  # argparse has printed its usage line
+    except SystemExit as exc:  # argparse has printed the help asked for
         return int(exc.code or 0)
     except (SandboxError, Failure) as exc:
-        code_name = str(getattr(exc, "code", "internal"))
+        code_name = str(getattr(exc, "code", ErrorCode.INTERNAL))
         message = getattr(exc, "message", str(exc))
+    except BrokenPipeError:  # `sandboxctl list | head`: whoever read the output has gone
+        code_name, message = BROKEN_PIPE, "the output was closed before it was all written"
     except OSError as exc:
-        code_name, message = "unavailable", str(exc)
+        code_name, message = ErrorCode.UNAVAILABLE, str(exc)
+    if code_name == BROKEN_PIPE:
+        # Nothing more may go to that pipe, not even the interpreter's last flush.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     print(f"sandboxctl: {code_name}: {message}", file=sys.stderr)
     return EXIT_CODES.get(code_name, 1)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import json
 import logging
 import re
@@ -34,25 +35,42 @@ from events.commands import (
     StartSandbox,
     StopSandbox,
     TouchSandbox,
+    command_decoder,
 )
 from events.envelope import Envelope, encode, new_id
+from events.lifecycle import SandboxDeleted
 from events.replies import ErrorCode, Reply, reply_decoder
 from services.log import decode_event
 from services.tail import Tail, stream_seq
+from statemachine.phases import Phase
 
 log = logging.getLogger(__name__)
 
-TERMINAL = {"create": "Ready", "start": "Ready", "stop": "Stopped", "delete": "Deleted"}
+# The phase each verb's command leads to, which the CLI waits for.
+TERMINAL: dict[str, Phase] = {
+    "create": Phase.READY,
+    "start": Phase.READY,
+    "stop": Phase.STOPPED,
+    "delete": Phase.DELETED,
+}
+
+
+class ClientCode(enum.StrEnum):
+    """Codes the client reports itself, beside the services' ErrorCode: they describe what the
+    client saw (or did not see), so no service ever sends them."""
+
+    TIMEOUT = "timeout"  # the phase waited for did not come in time
+    FAILED = "failed"  # the sandbox went to Error while waited for
+    UNAUTHENTICATED = "unauthenticated"  # the NATS server did not accept the user and password
 
 
 class SandboxError(Exception):
-    """A rejected command or query; ``code`` is one of events.replies.ErrorCode
-    (or ``unavailable``, ``timeout``, ``failed`` from the client itself).
+    """A rejected command or query, or what the client itself reports: ``code`` is one of
+    events.replies.ErrorCode or ClientCode, and each code has a subclass (``except NotFound``)
+    and an ``exit_status`` of its own, which the CLI exits with (ERRORS is the one table)."""
 
-    Catch the subclass for the code you handle: ``except NotFound``.
-    """
-
-    code = "internal"
+    code: str = ErrorCode.INTERNAL
+    exit_status = 1  # for a code this client does not know
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
@@ -72,67 +90,158 @@ class _Coded(SandboxError):
 
 
 class InvalidArgument(_Coded):
-    code = "invalid_argument"
+    code = ErrorCode.INVALID_ARGUMENT
+    exit_status = 2
 
 
 class NotFound(_Coded):
-    code = "not_found"
+    code = ErrorCode.NOT_FOUND
+    exit_status = 3
 
 
 class AlreadyExists(_Coded):
-    code = "already_exists"
+    code = ErrorCode.ALREADY_EXISTS
+    exit_status = 4
 
 
 class FailedPrecondition(_Coded):
-    code = "failed_precondition"
+    """The command does not fit the sandbox's phase, or a wait ended because the phase waited
+    for can no longer come without another command (it was deleted, or stopped, meanwhile)."""
+
+    code = ErrorCode.FAILED_PRECONDITION
+    exit_status = 5
 
 
 class Conflict(_Coded):
-    code = "conflict"
+    code = ErrorCode.CONFLICT
+    exit_status = 6
 
 
 class Internal(_Coded):
-    code = "internal"
+    code = ErrorCode.INTERNAL
+    exit_status = 7
+
+
+class Unavailable(_Coded):
+    """The command certainly did nothing: no NATS, no service subscribed (no responders), the
+    connection was closed before it went out, or the state machine answered that it cannot
+    write the log. Safe to retry with the same command id.
+
+    A query that got no answer in time is Unavailable too (a read changes nothing); a command
+    that got none is OutcomeUnknown. ``maybe_delivered`` tells the two apart inside the client."""
+
+    code = ErrorCode.UNAVAILABLE
+    exit_status = 8
+
+    def __init__(self, message: str, maybe_delivered: bool = False) -> None:
+        super().__init__(message)
+        self.maybe_delivered = maybe_delivered
+
+
+class WaitTimeout(_Coded):
+    code = ClientCode.TIMEOUT
+    exit_status = 9
+
+
+class PhaseFailed(_Coded):
+    """The sandbox went to Error while the caller waited for another phase."""
+
+    code = ClientCode.FAILED
+    exit_status = 10
 
 
 class PermissionDenied(_Coded):
     """The authenticated user lacks the role (the state machine's refusal, recorded in the audit
     stream), or the NATS server refused a subject the user's permissions do not allow."""
 
-    code = "permission_denied"
+    code = ErrorCode.PERMISSION_DENIED
+    exit_status = 11
 
 
-class Unavailable(_Coded):
-    """No NATS, or no service answered in time. Safe to retry with the same command id."""
+class OutcomeUnknown(_Coded):
+    """A command was sent and no answer came back (it timed out, or the connection was lost after
+    it went out): the state machine may have applied it. ``command_id`` finds it in the log
+    (its events' causationid), and a retry with that id is applied at most once."""
 
-    code = "unavailable"
+    code = ErrorCode.OUTCOME_UNKNOWN
+    exit_status = 12
 
-
-class WaitTimeout(_Coded):
-    code = "timeout"
-
-
-class PhaseFailed(_Coded):
-    """The sandbox went to Error while the caller waited for another phase."""
-
-    code = "failed"
+    def __init__(self, message: str, command_id: str = "") -> None:
+        super().__init__(message)
+        self.command_id = command_id
 
 
-_BY_CODE: dict[str, type[_Coded]] = {
-    cls.code: cls
-    for cls in (
-        InvalidArgument,
-        NotFound,
-        AlreadyExists,
-        FailedPrecondition,
-        Conflict,
-        Internal,
-        PermissionDenied,
-        Unavailable,
-        WaitTimeout,
-        PhaseFailed,
-    )
+class Unauthenticated(_Coded):
+    """The NATS server did not accept the user and password (wrong, or the user was removed).
+    Not PermissionDenied: the server does not know who is asking, so no role is in question,
+    and the fix is other credentials, not another role."""
+
+    code = ClientCode.UNAUTHENTICATED
+    exit_status = 13
+
+
+# Every code with its exception type and exit status, in one place: the CLI's table is read from here.
+ERRORS: tuple[type[_Coded], ...] = (
+    InvalidArgument,
+    NotFound,
+    AlreadyExists,
+    FailedPrecondition,
+    Conflict,
+    Internal,
+    Unavailable,
+    WaitTimeout,
+    PhaseFailed,
+    PermissionDenied,
+    OutcomeUnknown,
+    Unauthenticated,
+)
+_BY_CODE: dict[str, type[_Coded]] = {cls.code: cls for cls in ERRORS}
+EXIT_STATUS: dict[str, int] = {cls.code: cls.exit_status for cls in ERRORS}
+
+# Phases from which the phase waited for still comes without another command (by the
+# transitions in statemachine/machine.py: the driver's answer to the pending request). Seen
+# after the command in any other phase, a sandbox will not get there: the wait ends at once.
+_ON_THE_WAY: dict[Phase, frozenset[Phase]] = {
+    Phase.READY: frozenset({Phase.PROVISIONING, Phase.STARTING}),
+    Phase.STOPPED: frozenset({Phase.STOPPING}),
+    Phase.DELETED: frozenset({Phase.DELETING}),
 }
+_WHY_NOT: dict[Phase, str] = {
+    Phase.DELETING: "it is being deleted",
+    Phase.DELETED: "it was deleted",
+    Phase.STOPPING: "it is being stopped",
+    Phase.STOPPED: "it was stopped",
+    Phase.STARTING: "it is being started again",
+    Phase.READY: "it was started again",
+    Phase.PROVISIONING: "it was deleted and created again",
+}
+
+
+def wait_verdict(name: str, target: Phase, after_seq: int, item: dict[str, Any] | None) -> bool | SandboxError:
+    """Where a wait for ``target`` stands, given the sandbox's row (None: not projected yet):
+    True when it is there, False to keep waiting, or the error that ends the wait because
+    ``target`` can no longer come (the sandbox is in Error, or a later command took it elsewhere).
+
+    Only a row at or after ``after_seq`` counts. Another phase ends the wait only at a sequence
+    after ``after_seq``, so after the command (or the point the caller named: a sandbox Stopped
+    at ``after_seq`` may still be started by hand, which makes it Ready); with ``after_seq`` 0 the
+    caller gave no position, and a row in another phase may predate its command: only Error
+    ends such a wait early."""
+    if item is None or item["last_seq"] < after_seq:
+        return False
+    phase = Phase(item["phase"])
+    if phase is target:
+        return True
+    if phase is Phase.ERROR:
+        return PhaseFailed(f"sandbox {name} is Error: {item['last_error'] or 'no reason recorded'}")
+    on_the_way = _ON_THE_WAY.get(target)
+    if after_seq == 0 or item["last_seq"] == after_seq or on_the_way is None or phase in on_the_way:
+        return False
+    why = _WHY_NOT.get(phase, "a later command moved it")
+    return FailedPrecondition(
+        f"sandbox {name} is {phase} (log seq {item['last_seq']}, after the command at {after_seq}): {why}, "
+        f"so it will not become {target}; see sandboxctl history {name}"
+    )
 
 
 class Denials:
@@ -172,6 +281,23 @@ class Denials:
             waiters.remove(waiter)
 
 
+Rows = list[dict[str, Any]]  # what list and history return (``list`` is a method of the client, too)
+
+
+def _phase(phase: Phase | str) -> Phase:
+    try:
+        return Phase(phase)
+    except ValueError:
+        raise InvalidArgument(
+            f"unknown phase {str(phase)[:40]!r}; phases are {', '.join(p.value for p in Phase)}"
+        ) from None
+
+
+def _refuses_login(exc: Exception) -> bool:
+    """Whether NATS refused to let this connection in (nats-py words it in more than one way)."""
+    return isinstance(exc, nats.errors.AuthorizationError) or "authorization violation" in str(exc).lower()
+
+
 class SandboxClient:
     def __init__(
         self,
@@ -194,18 +320,33 @@ class SandboxClient:
     async def connect(
         cls, url: str, actor: str = "client", user: str = "", password: str = "", **options: Any
     ) -> SandboxClient:
+        """Connect to NATS. Raises Unauthenticated if the server refuses the user and password (nats-py
+        only reports that to its error callback, and then says no server is available), and
+        Unavailable if no server answers."""
         denials = Denials()
+        refusals: list[Exception] = []
+        their_cb = options.pop("error_cb", denials.error_cb)
+
+        async def error_cb(exc: Exception) -> None:
+            if _refuses_login(exc):
+                refusals.append(exc)
+            await their_cb(exc)
+
         try:
-            options.setdefault("error_cb", denials.error_cb)
             options.setdefault("connect_timeout", 2)
             options.setdefault("max_reconnect_attempts", 3)
             options.setdefault("reconnect_time_wait", 0.5)
             if user:
                 options.update(user=user, password=password, inbox_prefix=subjects.inbox_prefix(user))
-            nc = await nats.connect(url, **options)
+            nc = await nats.connect(url, error_cb=error_cb, **options)
         except Exception as exc:
-            if "authorization violation" in str(exc).lower():
-                raise PermissionDenied(f"NATS at {url} did not accept user {user or '(none)'}: {exc}") from exc
+            if refusals or _refuses_login(exc):
+                who = f"user {user}" if user else "a client without credentials"
+                raise Unauthenticated(
+                    f"NATS at {url} did not accept {who}: wrong user name or password, or no such user "
+                    "(credentials come from SANDBOXCTL_CREDENTIALS, SANDBOXCTL_USER/SANDBOXCTL_PASSWORD "
+                    "or <data dir>/auth/credentials)"
+                ) from exc
             raise Unavailable(f"cannot reach NATS at {url}: {exc}") from exc
         if user and not nc._server_info.get("auth_required"):
             # A server without users (a leftover credential, or SANDBOXCTL_USER set by habit) takes
@@ -218,9 +359,15 @@ class SandboxClient:
             await self.nc.drain()
 
     async def _request(self, subject: str, payload: bytes) -> Reply:
-        return reply_decoder.decode((await self._raw_request(subject, payload)).data)
+        data = (await self._raw_request(subject, payload)).data
+        try:
+            return reply_decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:  # a service of another version, or none
+            raise Internal(f"unreadable reply on {subject}: {exc}") from None
 
     async def _raw_request(self, subject: str, payload: bytes) -> Msg:
+        """One request. Raises Unavailable with ``maybe_delivered`` set when the request went out and
+        no answer came (a service may have acted on it), unset when it certainly reached no one."""
         refused = self.denials.watch(subject)
         request = asyncio.ensure_future(self.nc.request(subject, payload, timeout=self.request_timeout))
         try:
@@ -231,8 +378,18 @@ class SandboxClient:
             msg = await request
         except nats.errors.NoRespondersError as exc:
             raise Unavailable(f"no service answers on {subject}; is sandboxctl up running?") from exc
+        except nats.errors.MaxPayloadError as exc:
+            raise InvalidArgument(
+                f"the request is {len(payload)} bytes, over the server's {self.nc.max_payload}-byte max payload"
+            ) from exc
+        except (
+            nats.errors.ConnectionClosedError,
+            nats.errors.ConnectionDrainingError,
+            nats.errors.OutboundBufferLimitError,
+        ) as exc:
+            raise Unavailable(f"the connection to NATS is gone ({type(exc).__name__}); nothing was sent") from exc
         except (TimeoutError, nats.errors.TimeoutError) as exc:
-            raise Unavailable(f"no answer on {subject} within {self.request_timeout}s") from exc
+            raise Unavailable(f"no answer on {subject} within {self.request_timeout:g}s", maybe_delivered=True) from exc
         finally:
             self.denials.forget(subject, refused)
             if not request.done():
@@ -247,27 +404,50 @@ class SandboxClient:
         await self._raw_request(f"$JS.API.STREAM.INFO.{stream}", b"")
 
     async def send(self, command: SandboxCommand) -> Reply:
-        """Send one command, retrying while no service answers.
+        """Send one command; retry while no service answers, the state machine cannot write the log
+        (``unavailable``) or the sandbox keeps changing (``conflict``).
 
-        Every retry carries the same command id, so the log stores the
-        command's events once however many attempts reach the service; a
-        ``conflict`` (the sandbox kept changing) is retried the same way.
+        A command outside the wire contract's bounds (events/commands.py) raises InvalidArgument
+        before anything is sent. Every retry carries the same command id, so the log stores the
+        command's events once however many attempts reach the service. When the last attempt
+        fails and some attempt went out unanswered, the command may have been applied:
+        OutcomeUnknown, with the command id to look it up, never Unavailable (which promises that
+        nothing was done).
         """
         payload = encode(command)
+        try:
+            command_decoder.decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise InvalidArgument(f"{command.VERB} {command.name[:80]}: {exc}") from None
+        subject = subjects.command(command.VERB, self.user)
+        unanswered: SandboxError | None = None  # the first attempt that may have been applied
         for attempt in range(self.retries + 1):
             try:
-                reply = await self._request(subjects.command(command.VERB, self.user), payload)
-            except Unavailable:
-                if attempt == self.retries:
-                    raise
-                await asyncio.sleep(0.2 * 2**attempt)
-                continue
-            if reply.error is None:
-                return reply
-            if reply.error.code != ErrorCode.CONFLICT or attempt == self.retries:
-                raise SandboxError.of(reply.error.code, reply.error.message)
-            await asyncio.sleep(0.05 * 2**attempt)
-        raise AssertionError("unreachable")
+                reply = await self._request(subject, payload)
+            except Unavailable as exc:
+                unanswered = unanswered or (exc if exc.maybe_delivered else None)
+                error: SandboxError = exc
+                pause = 0.2 * 2**attempt
+            else:
+                if reply.error is None:
+                    return reply
+                error = SandboxError.of(reply.error.code, reply.error.message)
+                if reply.error.code == ErrorCode.CONFLICT:
+                    pause = 0.05 * 2**attempt
+                elif reply.error.code == ErrorCode.UNAVAILABLE:  # the log is away: nothing was stored
+                    pause = 0.2 * 2**attempt
+                else:
+                    raise error
+            if attempt < self.retries:
+                await asyncio.sleep(pause)
+        if unanswered is not None:
+            raise OutcomeUnknown(
+                f"{command.VERB} {command.name} was sent and its outcome is unknown ({unanswered.message}): "
+                f"it may have been accepted. Its command id is {command.command_id}: sandboxctl history "
+                f"{command.name} shows its events (causationid), and a retry with that id is applied at most once",
+                command.command_id,
+            ) from error
+        raise error
 
     def _meta(self, command_id: str | None) -> dict[str, str]:
         return {"command_id": command_id or new_id(), "actor": self.actor}
@@ -361,12 +541,12 @@ class SandboxClient:
         """The sandbox once it is Ready: started first if it is Stopped (or stopping), unless
         ``start`` is False, which raises FailedPrecondition instead."""
         item = await self.get(name)
-        phase = item["phase"]
-        if phase == "Ready":
+        phase = Phase(item["phase"])
+        if phase is Phase.READY:
             return item
-        if phase in ("Provisioning", "Starting"):
-            return await self.wait_for(name, "Ready", item["last_seq"], timeout)
-        if phase not in ("Stopped", "Stopping"):
+        if phase in (Phase.PROVISIONING, Phase.STARTING):
+            return await self.wait_for(name, Phase.READY, item["last_seq"], timeout)
+        if phase not in (Phase.STOPPED, Phase.STOPPING):
             reason = f": {item['last_error']}" if item.get("last_error") else ""
             raise FailedPrecondition(f"sandbox {name} is {phase}{reason}; start it or delete it first")
         if not start:
@@ -374,10 +554,10 @@ class SandboxClient:
                 f"sandbox {name} is {phase} and --no-start keeps it that way; "
                 f"run sandboxctl start {name}, or leave out --no-start"
             )
-        if phase == "Stopping":
-            item = await self.wait_for(name, "Stopped", item["last_seq"], timeout)
+        if phase is Phase.STOPPING:
+            item = await self.wait_for(name, Phase.STOPPED, item["last_seq"], timeout)
         reply = await self.start(name)
-        return await self.wait_for(name, "Ready", reply.seq, timeout)
+        return await self.wait_for(name, Phase.READY, reply.seq, timeout)
 
     async def query(self, kind: str, **request: Any) -> Any:
         reply = await self._request(subjects.query(kind), msgspec.json.encode(request))
@@ -389,17 +569,66 @@ class SandboxClient:
         result: dict[str, Any] = await self.query("get", name=name)
         return result
 
+    async def _pages(self, kind: str, start: Any, **request: Any) -> AsyncIterator[Rows]:
+        """The pages of a paged query (``list``, ``history``), following ``next`` from ``start``
+        until the service says there is no more. A cursor that does not move on is the service's
+        bug, and raises Internal rather than asking for the same page for ever."""
+        after = start
+        while True:
+            result = await self.query(kind, **request, after=after)
+            if isinstance(result, list):  # a query service from before pages: everything at once
+                yield result
+                return
+            yield result["items"]
+            following = result["next"]
+            if not following:
+                return
+            if following <= after:
+                raise Internal(f"the {kind} query returned cursor {following!r} after {after!r}: it does not move on")
+            after = following
+
+    def list_pages(
+        self,
+        phases: Iterable[Phase | str] = (),
+        labels: dict[str, str] | None = None,
+        include_deleted: bool = False,
+        limit: int | None = None,
+    ) -> AsyncIterator[Rows]:
+        """The sandboxes page by page, in name order, for callers with many: each page is one reply,
+        at most ``limit`` rows (the service's default when None) and never over NATS's max
+        payload. ``phases``: rows in one of these; none, every phase but Deleted unless
+        ``include_deleted``. ``labels``: rows carrying all of them.
+
+        Pages are read one at a time, not as one snapshot: a sandbox created or deleted while
+        they are read may or may not be in them, and none comes twice."""
+        request: dict[str, Any] = {
+            "phases": [_phase(p).value for p in phases],
+            "labels": labels or {},
+            "include_deleted": include_deleted,
+        }
+        if limit is not None:
+            request["limit"] = limit
+        return self._pages("list", "", **request)
+
     async def list(
-        self, phases: Iterable[str] = (), labels: dict[str, str] | None = None, include_deleted: bool = False
-    ) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = await self.query(
-            "list", phases=list(phases), labels=labels or {}, include_deleted=include_deleted
-        )
+        self,
+        phases: Iterable[Phase | str] = (),
+        labels: dict[str, str] | None = None,
+        include_deleted: bool = False,
+    ) -> Rows:
+        """Every sandbox that matches (see list_pages), however many pages that takes."""
+        return [item async for page in self.list_pages(phases, labels, include_deleted) for item in page]
+
+    async def summary(self) -> dict[str, Any]:
+        """What ``sandboxctl top`` shows, in one bounded reply: ``phases``, how many sandboxes are in
+        each phase (every phase named, Deleted too); ``errors``, the most recent ones in Error
+        (``name``, ``last_error``, ``updated_at``), at most the query service's SUMMARY_ERRORS."""
+        result: dict[str, Any] = await self.query("summary")
         return result
 
-    async def history(self, name: str) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = await self.query("history", name=name)
-        return result
+    async def history(self, name: str) -> Rows:
+        """Every event of the sandbox, with the phase after each, however many pages that takes."""
+        return [item async for page in self._pages("history", 0, name=name) for item in page]
 
     async def events(
         self, name: str | None = None, since_seq: int = 1, follow: bool = True
@@ -425,15 +654,15 @@ class SandboxClient:
         finally:
             await tail.close()
 
-    async def dead_letters(self) -> list[dict[str, Any]]:
+    async def dead_letters(self) -> Rows:
         """Every dead-letter record so far (what a consumer gave up on, and why)."""
         return await self._records(subjects.DEADLETTER_STREAM, subjects.DEADLETTER_ALL)
 
-    async def denied_attempts(self) -> list[dict[str, Any]]:
+    async def denied_attempts(self) -> Rows:
         """Every refused command so far, from the audit stream (admin only)."""
         return await self._records(subjects.AUDIT_STREAM, subjects.AUDIT_ALL)
 
-    async def _records(self, stream: str, filter_subject: str) -> list[dict[str, Any]]:
+    async def _records(self, stream: str, filter_subject: str) -> Rows:
         await self.may_read(stream)
         js = self.nc.jetstream()
         tail = Tail(js, stream, filter_subject, 1, batch=500)
@@ -453,12 +682,20 @@ class SandboxClient:
             await tail.close()
         return out
 
-    async def wait_for(self, name: str, phase: str, after_seq: int = 0, timeout: float = 60.0) -> dict[str, Any]:
-        """Wait until the projection shows ``phase`` at or after ``after_seq``.
+    async def wait_for(
+        self, name: str, phase: Phase | str, after_seq: int = 0, timeout: float = 60.0
+    ) -> dict[str, Any]:
+        """Wait until the projection shows ``phase`` at or after ``after_seq`` (a command's reply.seq),
+        and return the row.
 
-        Raises PhaseFailed if the sandbox lands in Error instead, WaitTimeout
-        if neither happens in time.
+        Ends as soon as the phase can no longer come (see wait_verdict): PhaseFailed if the sandbox
+        lands in Error, FailedPrecondition if a later command took it elsewhere (a start waiting
+        for Ready while a delete or a stop came after it). A wait for Deleted that finds the name
+        live again looks in the log: if the sandbox was deleted and then created again, the wait
+        is over, and the row returned is the new sandbox's. WaitTimeout if none of this happens in
+        ``timeout`` seconds.
         """
+        target = _phase(phase)
         changed = asyncio.Event()
         noticed: list[dict[str, Any]] = []
 
@@ -485,22 +722,30 @@ class SandboxClient:
                 else:
                     try:
                         item = await self.get(name)
-                    except SandboxError as exc:
-                        if exc.code != ErrorCode.NOT_FOUND:
-                            raise
+                    except NotFound:
                         item = None
-                if item is not None and item["last_seq"] >= after_seq:
-                    if item["phase"] == phase:
+                verdict = wait_verdict(name, target, after_seq, item)
+                if verdict is True:
+                    assert item is not None
+                    return item
+                if isinstance(verdict, SandboxError):
+                    if target is Phase.DELETED and item is not None and await self._deleted_since(name, after_seq):
                         return item
-                    if item["phase"] == "Error":
-                        raise PhaseFailed(f"sandbox {name} is Error: {item['last_error'] or 'no reason recorded'}")
+                    raise verdict
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     now_phase = item["phase"] if item else "unknown"
-                    raise WaitTimeout(f"sandbox {name} did not reach {phase} within {timeout:g}s (it is {now_phase})")
+                    raise WaitTimeout(f"sandbox {name} did not reach {target} within {timeout:g}s (it is {now_phase})")
                 try:
                     await asyncio.wait_for(changed.wait(), timeout=min(remaining, 1.0))
                 except TimeoutError:
                     pass
         finally:
             await sub.unsubscribe()
+
+    async def _deleted_since(self, name: str, seq: int) -> bool:
+        """Whether the log holds a Deleted event of ``name`` after ``seq``."""
+        async for _, envelope in self.events(name, since_seq=seq + 1, follow=False):
+            if isinstance(envelope.data, SandboxDeleted):
+                return True
+        return False

@@ -4,6 +4,7 @@ projector (the only writer) and the query service (a reader)."""
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncGenerator, Collection, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import aiosqlite
 import msgspec
 
+from statemachine.phases import Phase
 from statemachine.state import Hold, Lease, PendingWarning, SandboxState
 
 SCHEMA = """
@@ -161,47 +163,113 @@ def sandbox_row(row: tuple[Any, ...]) -> dict[str, Any]:
     return item
 
 
+def _raw_item(row: tuple[Any, ...]) -> dict[str, Any]:
+    """A row as ``sandbox_row`` gives it, with the JSON columns embedded as the JSON they are
+    stored as instead of decoded (to be encoded again at once)."""
+    item = dict(zip(SANDBOX_COLUMNS, row, strict=True))
+    for column in JSON_COLUMNS:
+        item[column] = msgspec.Raw(item[column].encode()) if item[column] else None
+    return item
+
+
 _encode_notice = msgspec.json.Encoder().encode
+
+
+# A notice carries its row only up to this size, far below any NATS max payload: a larger row
+# (a log written outside events/limits.py's bounds) is announced without it, and a waiter reads
+# it with a get, as it does after an older projector's notice. Publishing it whole would fail,
+# and take the projector down with it.
+NOTICE_MAX = 256 * 1024
 
 
 def projected_notice(row: tuple[Any, ...]) -> tuple[str, bytes]:
     """The sandbox a committed row belongs to, and the projector's notice of it: name, phase,
-    sequence and the row as ``sandbox_row`` gives it. The JSON columns go in as the JSON they
-    are stored as, not decoded and encoded again: the projector sends one or two per command."""
-    item = dict(zip(SANDBOX_COLUMNS, row, strict=True))
-    for column in JSON_COLUMNS:
-        item[column] = msgspec.Raw(item[column].encode()) if item[column] else None
+    sequence and the row as ``sandbox_row`` gives it (left out past NOTICE_MAX). The JSON columns
+    go in as the JSON they are stored as, not decoded and encoded again: the projector sends one
+    or two per command."""
+    item = _raw_item(row)
     name = item["name"]
-    return name, _encode_notice({"name": name, "phase": item["phase"], "seq": item["last_seq"], "item": item})
+    notice = {"name": name, "phase": item["phase"], "seq": item["last_seq"]}
+    encoded = _encode_notice({**notice, "item": item})
+    return name, encoded if len(encoded) <= NOTICE_MAX else _encode_notice(notice)
+
+
+def encoded_row(row: tuple[Any, ...]) -> bytes:
+    """A row as JSON, exactly what ``sandbox_row`` decodes to: a list page is built from these,
+    measured one by one, so it can be cut before it outgrows a NATS message."""
+    return _encode_notice(_raw_item(row))
+
+
+# What a list shows of a row too large for a reply of its own: its identity and phase, all
+# bounded by events/limits.py, and ``truncated`` so the reader knows the rest was left out.
+STUB_COLUMNS = ("name", "sandbox_id", "phase", "driver", "last_seq", "updated_at")
+
+
+def stub_row(row: tuple[Any, ...]) -> bytes:
+    item = dict(zip(SANDBOX_COLUMNS, row, strict=True))
+    return _encode_notice({**{c: item[c] for c in STUB_COLUMNS}, "truncated": True})
 
 
 async def get_sandbox(db: aiosqlite.Connection, name: str) -> dict[str, Any] | None:
     rows = await db.execute_fetchall(f"SELECT {', '.join(SANDBOX_COLUMNS)} FROM sandboxes WHERE name = ?", (name,))
-    rows = list(rows)
-    return sandbox_row(rows[0]) if rows else None
+    found = [tuple(row) for row in rows]
+    return sandbox_row(found[0]) if found else None
 
 
-async def list_sandboxes(
+FETCH = 256  # rows per hand-off from SQLite's thread while a page is filled
+
+
+async def rows_after(
     db: aiosqlite.Connection,
-    phases: list[str] | None = None,
-    labels: dict[str, str] | None = None,
+    after: str,
+    limit: int,
+    phases: Collection[Phase] = (),
+    labels: Mapping[str, str] | None = None,
     include_deleted: bool = False,
-) -> list[dict[str, Any]]:
-    sql = f"SELECT {', '.join(SANDBOX_COLUMNS)} FROM sandboxes"
-    where: list[str] = []
-    args: list[Any] = []
+) -> AsyncGenerator[tuple[Any, ...], None]:
+    """At most ``limit`` rows whose name sorts after ``after``, in name order, that match the
+    filters: with ``phases``, rows in one of them; without, every row but Deleted ones unless
+    ``include_deleted``; with ``labels``, rows carrying each of them.
+
+    The rows are read along the primary key from the cursor on, and the filters are applied on
+    the way (``+phase`` keeps SQLite off the phase index, which would make it sort every match
+    for each page), so listing N rows page by page costs O(N) in all, however the filters cut.
+    Label keys must be valid (events.commands.LabelKey): they are spliced into a JSON path."""
+    where = ["name > ?"]
+    args: list[Any] = [after]
     if phases:
-        where.append(f"phase IN ({', '.join('?' * len(phases))})")
-        args.extend(phases)
+        where.append(f"+phase IN ({', '.join('?' * len(phases))})")
+        args.extend(Phase(p).value for p in phases)
     elif not include_deleted:
-        where.append("phase != 'Deleted'")
+        where.append("+phase != ?")
+        args.append(Phase.DELETED.value)
     for key, value in (labels or {}).items():
         where.append("json_extract(labels, ?) = ?")
         args.extend([f'$."{key}"', value])
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY name"
-    return [sandbox_row(r) for r in await db.execute_fetchall(sql, args)]
+    sql = f"SELECT {', '.join(SANDBOX_COLUMNS)} FROM sandboxes WHERE {' AND '.join(where)} ORDER BY name LIMIT ?"
+    args.append(limit)
+    async with db.execute(sql, args) as cursor:
+        while rows := await cursor.fetchmany(FETCH):
+            for row in rows:
+                yield tuple(row)
+
+
+async def phase_counts(db: aiosqlite.Connection) -> dict[Phase, int]:
+    """How many sandboxes are in each phase (every phase, 0 for none), from the phase index alone."""
+    counts = dict.fromkeys(Phase, 0)
+    for phase, count in await db.execute_fetchall("SELECT phase, COUNT(*) FROM sandboxes GROUP BY phase"):
+        counts[Phase(phase)] = int(count)
+    return counts
+
+
+async def in_error(db: aiosqlite.Connection, limit: int, reason_max: int) -> list[dict[str, Any]]:
+    """Up to ``limit`` sandboxes in Error, most recently failed first: name, when, and the
+    reason cut to ``reason_max`` characters (an engine's message can be long)."""
+    rows = await db.execute_fetchall(
+        "SELECT name, last_error, updated_at FROM sandboxes WHERE phase = ? ORDER BY updated_at DESC, name LIMIT ?",
+        (Phase.ERROR.value, limit),
+    )
+    return [{"name": n, "last_error": e[:reason_max], "updated_at": u} for n, e, u in rows]
 
 
 async def checkpoint(db: aiosqlite.Connection) -> int:

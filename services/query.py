@@ -1,15 +1,36 @@
-"""The query service: get and list from SQLite, history from the log, over request/reply.
+"""The query service: get, list and summary from SQLite, history from the log, over request/reply.
 
 It only reads, so any number of replicas can run beside one projector. A
 sandbox's history is its part of the log (one subject), folded for the phase
 after each event: the projection keeps no second copy of every event.
 Requests and replies are JSON; errors use the same codes as commands.
+
+Every request is answered, and every answer fits in one NATS message:
+
+- ``list`` and ``history`` answer in pages, ``{"items": [...], "next": CURSOR}``.
+  A page holds at most ``limit`` items (PAGE_LIMIT_DEFAULT when the request
+  names none, never more than PAGE_LIMIT_MAX) and is cut before its encoding
+  would pass the connection's max payload less REPLY_MARGIN, however many
+  sandboxes there are and however large their rows. ``next`` is the cursor of
+  the following page (``after`` in the next request): for ``list`` the last
+  name of this page (rows are ordered by name, the primary key), for
+  ``history`` the last log sequence; ``""`` and ``0`` when there is no more.
+  A row too large for a page of its own (only a log written outside the
+  bounds of events/limits.py makes one) is listed as its identity and phase
+  with ``"truncated": true``.
+- ``summary`` is what ``sandboxctl top`` shows: sandboxes per phase and the
+  most recent ones in Error, bounded, whatever the number of sandboxes.
+- A reply that cannot be sent (too large, or refused by the connection) is
+  replaced by an ``internal`` error reply that can: a query never times out
+  because its answer was lost.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,25 +41,77 @@ from nats.aio.msg import Msg
 
 from events import subjects
 from events.envelope import encode
+from events.limits import REASON_MAX
+from events.queries import (
+    GetRequest,
+    HistoryPage,
+    HistoryRequest,
+    InError,
+    ListPage,
+    ListRequest,
+    Summary,
+    SummaryRequest,
+)
 from events.replies import ErrorCode, Reply, error_reply
 from services.audit import history
-from services.projection import connect, get_sandbox, list_sandboxes
+from services.projection import connect, encoded_row, get_sandbox, in_error, phase_counts, rows_after, stub_row
 from statemachine.names import validate_name
+from statemachine.phases import Phase
 
 log = logging.getLogger(__name__)
 
 # A reader of the log retries while JetStream is away; a history request gives up after this.
 HISTORY_DEADLINE = 8.0  # under the client's own request timeout (10 s), so the reason reaches it
 
+# Bytes kept free in every reply beside its items: the reply's own fields and a cursor of the
+# longest name fit in far less.
+REPLY_MARGIN = 1024
+# ``summary``: how many sandboxes in Error it names, and how much of each one's reason.
+SUMMARY_ERRORS = 50
 
-class GetRequest(msgspec.Struct):
-    name: str
+QUERIES = ("get", "list", "history", "summary")
+
+PHASES = frozenset(p.value for p in Phase)
+PHASE_NAMES = ", ".join(p.value for p in Phase)
 
 
-class ListRequest(msgspec.Struct):
-    phases: list[str] = []
-    labels: dict[str, str] = {}
-    include_deleted: bool = False
+def list_problem(request: ListRequest) -> str:
+    """Why a list request that decoded is still invalid ("" if it is not): an unknown phase, or
+    a cursor that is not a sandbox name. The CLI asks the same before it sends one."""
+    for phase in request.phases:
+        if phase not in PHASES:
+            return f"unknown phase {phase[:40]!r}; phases are {PHASE_NAMES}"
+    if request.after and validate_name(request.after):
+        return f"after must be a sandbox name (the next of the previous page), not {request.after[:40]!r}"
+    return ""
+
+
+def list_request(payload: bytes) -> ListRequest | str:
+    """A list request from its JSON, or why it is invalid."""
+    try:
+        request = msgspec.json.decode(payload or b"{}", type=ListRequest)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        return f"malformed query: {exc}"
+    return list_problem(request) or request
+
+
+class _Page:
+    """Encoded items for one reply, never more than ``budget`` bytes together."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.items: list[msgspec.Raw] = []
+        self.size = 0
+
+    def fits(self, item: bytes) -> bool:
+        return self.size + len(item) + 1 <= self.budget  # one comma between items
+
+    def add(self, item: bytes) -> None:
+        self.items.append(msgspec.Raw(item))
+        self.size += len(item) + 1
+
+    def __len__(self) -> int:
+        return len(self.items)
 
 
 class QueryService:
@@ -64,46 +137,125 @@ class QueryService:
             await asyncio.wait(self._pending, timeout=5)
         await self.db.close()
 
+    @property
+    def budget(self) -> int:
+        """The most a page's items may take: the connection's max payload less the reply's own fields."""
+        return int(self.nc.max_payload) - REPLY_MARGIN
+
     async def _on_request(self, msg: Msg) -> None:
         task = asyncio.create_task(self._respond(msg))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
     async def _respond(self, msg: Msg) -> None:
+        """Answer ``msg`` whatever happens: a failure to decide, to encode or to send the reply is
+        answered with an ``internal`` error that fits, so no query is left to time out."""
+        kind = msg.subject.rsplit(".", 1)[-1]
         try:
-            reply = await self.handle(msg.subject.rsplit(".", 1)[-1], msg.data)
+            reply = await self.handle(kind, msg.data)
         except Exception as exc:
             log.exception("query %s failed", msg.subject)
             reply = error_reply(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
-        if msg.reply:
-            await msg.respond(encode(reply))
+        if not msg.reply:
+            return
+        if not subjects.replies_to(msg.reply):
+            # A request names its reply subject, and a response may go wherever it names (the
+            # log included): answer only into an inbox.
+            log.warning("query %s: no answer to %s, which is not an inbox", msg.subject[:200], msg.reply[:200])
+            return
+        try:
+            data = encode(reply)
+            if len(data) <= self.nc.max_payload:
+                await msg.respond(data)
+                return
+            problem = f"the {kind[:20]} reply is {len(data)} bytes, over the {self.nc.max_payload}-byte max payload"
+        except Exception as exc:
+            problem = f"the {kind[:20]} reply could not be sent: {type(exc).__name__}: {exc}"
+        log.error("query %s: %s", msg.subject, problem)
+        try:
+            await msg.respond(encode(error_reply(ErrorCode.INTERNAL, problem, reply.sandbox)))
+        except Exception:
+            log.exception("query %s: cannot send even an error reply", msg.subject)
 
     async def handle(self, kind: str, payload: bytes) -> Reply:
         try:
-            if kind in ("get", "history"):
+            if kind == "get":
                 name = msgspec.json.decode(payload, type=GetRequest).name
                 problem = validate_name(name)
                 if problem:
                     return error_reply(ErrorCode.INVALID_ARGUMENT, problem)
-            if kind == "get":
                 item = await get_sandbox(self.db, name)
                 if item is None:
                     return error_reply(ErrorCode.NOT_FOUND, f"sandbox {name} not found", name)
                 return Reply(accepted=True, sandbox=name, phase=item["phase"], seq=item["last_seq"], result=item)
             if kind == "list":
-                req = msgspec.json.decode(payload or b"{}", type=ListRequest)
-                items = await list_sandboxes(self.db, req.phases, req.labels, req.include_deleted)
-                return Reply(accepted=True, result=items)
+                request = list_request(payload)
+                if isinstance(request, str):
+                    return error_reply(ErrorCode.INVALID_ARGUMENT, request)
+                return await self._list(request)
             if kind == "history":
-                try:
-                    events = await asyncio.wait_for(history(self.js, name), HISTORY_DEADLINE)
-                except TimeoutError:
-                    return error_reply(
-                        ErrorCode.INTERNAL, f"history of {name}: the log did not answer in {HISTORY_DEADLINE:g}s", name
-                    )
-                if not events:
-                    return error_reply(ErrorCode.NOT_FOUND, f"sandbox {name} has no history", name)
-                return Reply(accepted=True, sandbox=name, result=events)
+                return await self._history(msgspec.json.decode(payload, type=HistoryRequest))
+            if kind == "summary":
+                msgspec.json.decode(payload or b"{}", type=SummaryRequest)
+                counts = await phase_counts(self.db)
+                errors = await in_error(self.db, SUMMARY_ERRORS, REASON_MAX)
+                phases = {p.value: n for p, n in counts.items()}
+                return Reply(accepted=True, result=Summary(phases, [InError(**e) for e in errors]))
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             return error_reply(ErrorCode.INVALID_ARGUMENT, f"malformed query: {exc}")
-        return error_reply(ErrorCode.INVALID_ARGUMENT, f"unknown query {kind!r}; use get, list or history")
+        return error_reply(ErrorCode.INVALID_ARGUMENT, f"unknown query {kind[:40]!r}; use {', '.join(QUERIES)}")
+
+    async def _list(self, request: ListRequest) -> Reply:
+        page, last, more = _Page(self.budget), "", False
+        rows = rows_after(
+            self.db,
+            request.after,
+            request.limit + 1,  # one more than the page: whether there is a next one
+            [Phase(p) for p in request.phases],
+            request.labels,
+            request.include_deleted,
+        )
+        async with contextlib.aclosing(rows):
+            async for row in rows:
+                item = encoded_row(row)
+                if len(page) == request.limit or (page and not page.fits(item)):
+                    more = True
+                    break
+                if not page.fits(item):
+                    log.error("list: sandbox %s's row is %d bytes, over a page: listed truncated", row[0], len(item))
+                    item = stub_row(row)
+                page.add(item)
+                last = row[0]
+        return Reply(accepted=True, result=ListPage(page.items, last if more else ""))
+
+    async def _history(self, request: HistoryRequest) -> Reply:
+        name = request.name
+        problem = validate_name(name)
+        if problem:
+            return error_reply(ErrorCode.INVALID_ARGUMENT, problem)
+        try:
+            # One more than a page: whether there is a next page is known without reading the rest.
+            events = await asyncio.wait_for(history(self.js, name, request.after, request.limit + 1), HISTORY_DEADLINE)
+        except TimeoutError:
+            return error_reply(
+                ErrorCode.INTERNAL, f"history of {name}: the log did not answer in {HISTORY_DEADLINE:g}s", name
+            )
+        if not events and not request.after:
+            return error_reply(ErrorCode.NOT_FOUND, f"sandbox {name} has no history", name)
+        page, last, more = _Page(self.budget), 0, False
+        for record, item in _encoded_after(events, request.after):
+            if len(page) == request.limit or not page.fits(item):
+                if page:
+                    more = True
+                    break
+                # One event larger than a page: only a log written outside events/limits.py holds one.
+                item = encode({**{k: record.get(k) for k in ("seq", "sandbox", "type", "phase")}, "truncated": True})
+            page.add(item)
+            last = record["seq"]
+        return Reply(accepted=True, sandbox=name, result=HistoryPage(page.items, last if more else 0))
+
+
+def _encoded_after(events: list[dict[str, Any]], after: int) -> Iterator[tuple[dict[str, Any], bytes]]:
+    for record in events:
+        if record["seq"] > after:
+            yield record, encode(record)

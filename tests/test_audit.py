@@ -94,6 +94,23 @@ async def test_replay_matches_and_then_finds_a_tampered_row(
     assert "Ready" in diff["live"] and "Stopped" in diff["replayed"]
 
 
+async def test_replay_reports_a_projection_that_stopped_behind_the_log(
+    config: Config, plane: ControlPlane, cli: CLI, client: SandboxClient, names, image: str
+) -> None:
+    """A projector that died leaves a projection that agrees with the log up to where it stopped:
+    replay must measure it against the log's head, not only up to its own checkpoint."""
+    name = names.new()
+    await client.create(name, image)
+    await client.wait_for(name, "Ready")
+    await plane.projector.stop()  # dead, as after a write error nobody restarted it
+    reply = await client.stop(name)
+    code, out, err = await cli("audit", "replay")
+    report = json.loads(out)
+    assert code == 10 and "behind the log's head" in err, err
+    assert report["differences"] == [] and report["log_head"] >= reply.seq > report["live_position"]
+    assert report["behind"] == report["log_head"] - report["live_position"]
+
+
 async def test_verify_passes_a_clean_log_and_reports_a_crafted_one(
     plane: ControlPlane, cli: CLI, client: SandboxClient, names, image: str
 ) -> None:

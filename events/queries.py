@@ -1,0 +1,81 @@
+"""Queries and their results: what the query service answers on ``sandboxctl.query.<kind>``.
+
+Requests are JSON objects; every answer is a ``Reply`` whose ``result`` is one of the
+result types below. ``list`` and ``history`` answer in pages, so that no reply can exceed
+the max payload however many sandboxes or events there are: a page holds at most
+``limit`` items and is cut before its encoding passes the max payload; ``next`` is the
+cursor of the following page (``after`` in the next request), empty (or 0) at the end.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+from events.commands import Labels
+from events.limits import NAME_MAX, PAGE_LIMIT_DEFAULT, PAGE_LIMIT_MAX, SEQ_MAX
+
+Limit = Annotated[int, msgspec.Meta(ge=1, le=PAGE_LIMIT_MAX)]
+PhaseName = Annotated[str, msgspec.Meta(max_length=16)]  # a phase's name; the service checks it is one
+PHASES_MAX = 16  # phase names in one list request (there are 8 phases)
+
+
+class GetRequest(msgspec.Struct):
+    """One sandbox's row; ``result`` is the row."""
+
+    name: str
+
+
+class ListRequest(msgspec.Struct):
+    """Sandboxes in name order. ``phases``: rows in any of these phases; none: every phase but
+    Deleted, unless ``include_deleted``. ``labels``: rows carrying every one of these.
+    ``after``: the ``next`` of the previous page."""
+
+    phases: Annotated[list[PhaseName], msgspec.Meta(max_length=PHASES_MAX)] = []
+    labels: Labels = {}
+    include_deleted: bool = False
+    after: Annotated[str, msgspec.Meta(max_length=NAME_MAX)] = ""
+    limit: Limit = PAGE_LIMIT_DEFAULT
+
+
+class HistoryRequest(msgspec.Struct):
+    """A sandbox's events after log sequence ``after`` (the ``next`` of the previous page), in
+    order, each with the phase after it, read from the log."""
+
+    name: str
+    after: Annotated[int, msgspec.Meta(ge=0, le=SEQ_MAX)] = 0
+    limit: Limit = PAGE_LIMIT_DEFAULT
+
+
+class SummaryRequest(msgspec.Struct):
+    """What ``sandboxctl top`` shows, bounded whatever the number of sandboxes."""
+
+
+class ListPage(msgspec.Struct):
+    """``items``: rows as ``get`` returns them (a row too large for a page, which only a log written
+    outside the bounds holds, as its identity and phase with ``truncated``)."""
+
+    items: list[msgspec.Raw]
+    next: str = ""
+
+
+class HistoryPage(msgspec.Struct):
+    items: list[msgspec.Raw]
+    next: int = 0
+
+
+class InError(msgspec.Struct):
+    name: str
+    last_error: str
+    updated_at: str
+
+
+class Summary(msgspec.Struct):
+    """Sandboxes per phase, and the most recent ones in Error (at most 50, reasons cut)."""
+
+    phases: dict[str, int]
+    errors: list[InError]
+
+
+QUERY_TYPES = {"get": GetRequest, "list": ListRequest, "history": HistoryRequest, "summary": SummaryRequest}
