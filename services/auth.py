@@ -166,7 +166,13 @@ PROTECTED_CONSUMERS = [f"{API}.CONSUMER.DELETE.{subjects.LOG_STREAM}.sandboxctl-
 
 
 def component_permissions(component: str) -> dict[str, Any]:
-    """Least privilege per service: exactly the subjects its code uses (see docs/security.md)."""
+    """Least privilege per service: exactly the subjects its code uses (see docs/security.md).
+
+    Every service may hear ``sandboxctl.health``: the process that runs it reports its services'
+    health (services/health.py). The answer goes to the asker's inbox, so a service that does
+    not answer requests anyway may publish to inboxes (``_INBOX.>``) rather than get
+    ``allow_responses``: nats-server lets a response go to whatever reply subject the asker
+    named, the log's included, even past a deny rule."""
     inbox = f"{subjects.inbox_prefix(component_user(component))}.>"
     if component == "statemachine":
         streams = (*CORE_STREAMS, subjects.AUDIT_STREAM)
@@ -183,7 +189,7 @@ def component_permissions(component: str) -> dict[str, Any]:
                 ],
                 "deny": PROTECTED_CONSUMERS,
             },
-            "subscribe": {"allow": [subjects.COMMANDS_ALL, inbox]},
+            "subscribe": {"allow": [subjects.COMMANDS_ALL, inbox, subjects.HEALTH]},
             "allow_responses": True,
         }
     if component == "projector":
@@ -193,10 +199,11 @@ def component_permissions(component: str) -> dict[str, Any]:
                     *_stream_info(*CORE_STREAMS),
                     *_stream_reader(subjects.LOG_STREAM),
                     f"{subjects.PROJECTED}.*",
+                    subjects.INBOXES_ALL,
                 ],
                 "deny": PROTECTED_CONSUMERS,
             },
-            "subscribe": {"allow": [inbox]},
+            "subscribe": {"allow": [inbox, subjects.HEALTH]},
         }
     if component == "reaper":
         return {
@@ -205,16 +212,17 @@ def component_permissions(component: str) -> dict[str, Any]:
                     *_stream_info(*CORE_STREAMS),
                     *_stream_reader(subjects.LOG_STREAM),  # it folds the log for its deadlines
                     subjects.command("*", component_user(component)),
+                    subjects.INBOXES_ALL,
                 ],
                 "deny": PROTECTED_CONSUMERS,
             },
-            "subscribe": {"allow": [inbox]},
+            "subscribe": {"allow": [inbox, subjects.HEALTH]},
         }
     if component == "query":
         return {
             # It answers through allow_responses, and reads a sandbox's history from the log.
             "publish": {"allow": _stream_reader(subjects.LOG_STREAM), "deny": PROTECTED_CONSUMERS},
-            "subscribe": {"allow": [f"{subjects.QUERY}.*", inbox]},
+            "subscribe": {"allow": [f"{subjects.QUERY}.*", inbox, subjects.HEALTH]},
             "allow_responses": True,
         }
     if component.startswith("driver-"):
@@ -227,23 +235,25 @@ def component_permissions(component: str) -> dict[str, Any]:
                     *_durable(subjects.LOG_STREAM, consumer),
                     subjects.FACTS_ALL,
                     f"{subjects.DEADLETTER}.{consumer}.*",
+                    subjects.INBOXES_ALL,
                 ],
                 "deny": PROTECTED_CONSUMERS,
             },
-            "subscribe": {"allow": [inbox]},
+            "subscribe": {"allow": [inbox, subjects.HEALTH]},
         }
     raise ValueError(f"unknown component {component!r}")
 
 
 def user_permissions(name: str, roles: Iterable[str]) -> dict[str, Any]:
     """A person's (or another service's) permissions: its own command subjects whatever its roles
-    (the state machine checks those, and records refusals), and streams by role."""
+    (the state machine checks those, and records refusals), and streams by role. A reader may
+    also ask every process for its services' health (``sandboxctl status``)."""
     roles = list(roles)
     publish = [subjects.command("*", name)]
     subscribe = [f"{subjects.inbox_prefix(name)}.>"]
     sub_deny: list[str] = []
     if has_role(roles, READ):
-        publish += [f"{subjects.QUERY}.*", *_stream_reader(subjects.LOG_STREAM)]
+        publish += [f"{subjects.QUERY}.*", *_stream_reader(subjects.LOG_STREAM), subjects.HEALTH]
         subscribe += [f"{subjects.PROJECTED}.*"]
     if has_role(roles, ADMIN):
         publish += [*_stream_reader(subjects.DEADLETTER_STREAM), *_stream_reader(subjects.AUDIT_STREAM)]
@@ -326,6 +336,23 @@ class AuthStore:
         users[name] = User(name=name, password=old.password if old else secrets.token_urlsafe(24), roles=roles)
         self._save(users)
         return self.credentials_path(name)
+
+    def remove(self, name: str) -> Path:
+        """Remove a person: from users.json and server.conf (so a reloaded server refuses it), and its
+        credential file; returns that file's path. The services' own users cannot be removed
+        (ValueError): the control plane would stop working. KeyError if there is no such user."""
+        users = self.load()
+        user = users.get(name)
+        if user is None:
+            raise KeyError(name)
+        if user.component or name.startswith(COMPONENT_PREFIX):
+            what = user.component or "service"
+            raise ValueError(f"user {name} is sandboxctl's own {what} user: it cannot be removed")
+        del users[name]
+        self._save(users)  # first: once the server reloads, the user is refused whatever becomes of the file
+        path = self.credentials_path(name)
+        path.unlink(missing_ok=True)
+        return path
 
     def provision(self, admin: str) -> None:
         """What ``sandboxctl up`` needs: a user per service and an admin for the local user (existing ones kept)."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.auth import load_credentials, local_user_name
+from services.supervise import RESTART_LIMIT, RESTART_WINDOW
 from statemachine.deadlines import parse_deadlines
 from statemachine.phases import Phase
 
@@ -63,10 +64,26 @@ class Config:
     idle_timeout: float = 0.0
     idle_grace: float = 60.0
     reaper_interval: float = 1.0
+    # Supervision (services/supervise.py): a service or a process sandboxctl runs that fails more
+    # than restart_limit times within restart_window seconds makes the process exit non-zero, for
+    # an outer supervisor (systemd, a container runtime) to restart it whole; 0 never gives up.
+    # None is the command's own default: `up`, which nothing supervises, never gives up and keeps
+    # retrying with backoff (a full disk may last); `serve` gives up after RESTART_LIMIT.
+    restart_limit: int | None = None
+    restart_window: float = RESTART_WINDOW
+
+    @property
+    def restarts_allowed(self) -> int:
+        return RESTART_LIMIT if self.restart_limit is None else self.restart_limit
 
     @property
     def projection_path(self) -> Path:
         return self.data_dir / "projection.sqlite3"
+
+    @property
+    def lock_path(self) -> Path:
+        """Held by the one ``sandboxctl up`` running on this data directory."""
+        return self.data_dir / "up.lock"
 
     @property
     def auth_path(self) -> Path:
@@ -104,6 +121,10 @@ class Config:
         cfg.user, cfg.password = _credentials(env, cfg.auth_path)
         cfg.idle_timeout = parse_duration(env.get("SANDBOXCTL_IDLE_TIMEOUT", "0"))
         cfg.idle_grace = parse_duration(env.get("SANDBOXCTL_IDLE_GRACE", "60"))
+        if "SANDBOXCTL_RESTART_LIMIT" in env:
+            cfg.restart_limit = max(0, int(env["SANDBOXCTL_RESTART_LIMIT"]))
+        if "SANDBOXCTL_RESTART_WINDOW" in env:
+            cfg.restart_window = parse_duration(env["SANDBOXCTL_RESTART_WINDOW"])
         if cfg.reconcile_exited not in ("restart", "error"):
             raise ValueError(f"SANDBOXCTL_RECONCILE_EXITED must be restart or error, not {cfg.reconcile_exited!r}")
         return cfg

@@ -3,15 +3,27 @@ sandboxctl itself, and all services in one process.
 
 The test suite uses the same classes, so what the tests start is what a user
 gets from ``sandboxctl up``.
+
+``sandboxctl up`` owns what it starts: one ``up`` per data directory (a lock);
+a server or podman service an earlier ``up`` left running is found by its pid
+file and ``/proc`` command line and stopped; a port held by anything else is a
+refusal, never a reason to talk to someone else's server; its children die
+with it (``PR_SET_PDEATHSIG``) and are restarted when they exit or, for
+nats-server, when its JetStream stops being healthy (services/supervise.py).
+Everything it writes under the data directory is private to its user.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import os
+import secrets
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -23,15 +35,37 @@ import nats
 from nats.aio.client import Client as NATS
 
 from drivers.base import Driver
-from services.auth import Authorizer, AuthStore, component_user, local_user_name
+from services import health
+from services.auth import Authorizer, AuthStore, component_user, local_user_name, record_denied
+from services.client import FailedPrecondition, Internal, Unavailable
 from services.config import Config
+from services.health import LogHead, Progress, Responder, ServiceHealth, Watch
 from services.projector import Projector
 from services.query import QueryService
 from services.reaper import Reaper
 from services.statemachine import StateMachineService
+from services.supervise import (
+    OK,
+    Children,
+    ChildState,
+    DataDirLock,
+    ServerLogAudit,
+    Supervisor,
+    Violation,
+    denied_attempt,
+    describe,
+    die_with_parent,
+    leftover,
+    port_holder,
+    port_in_use,
+    terminate,
+    write_private,
+)
 from services.worker import DriverWorker
 
 log = logging.getLogger(__name__)
+
+MiB = 2**20
 
 
 def free_port() -> int:
@@ -61,13 +95,50 @@ def nats_server_binary() -> str:
     return found
 
 
+def _open_log(path: Path) -> int:
+    """A child's log file, appended to, readable by its owner only."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+
+
+def _last_error(path: Path) -> str:
+    """The last error line of a child's log, to say why it would not start."""
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 16384))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        if "[ERR]" in line or "[FTL]" in line or "rror" in line:
+            return line.split("] ", 2)[-1].strip()[:300]
+    return ""
+
+
+class PortInUse(RuntimeError):
+    """The port a server of ours should listen on is taken by another program."""
+
+
 class NatsServer:
     """A nats-server with JetStream on a data directory of its own.
 
     With an ``auth`` store it admits only that store's users, each with the
     permissions generated from its role (services.auth), and writes its pid
-    where ``sandboxctl user add`` finds it to make it reload the users.
+    where ``sandboxctl user add`` finds it to make it reload the users. It also
+    gets a user of the system account, known only to this object, which asks the
+    server for its health (``check``): nats-server 2.15 keeps a stream that had a
+    write error (a full disk) refusing writes until it restarts, and says so
+    only in its health report.
+
+    ``answers`` is true only for *this* server: its INFO must carry the server
+    name chosen at this start, so a server someone else runs on the port is
+    never mistaken for it.
     """
+
+    name = "nats-server"
+    SYSTEM_USER = "sandboxctl-system"
+    UNHEALTHY_FOR = 5.0  # seconds JetStream must stay unhealthy before the server is restarted
+    MIN_FREE = 64 * MiB  # free space (at most a tenth of the filesystem) a restart waits for
 
     def __init__(
         self, store_dir: Path, port: int = 0, sync_always: bool = False, auth: AuthStore | None = None
@@ -77,34 +148,103 @@ class NatsServer:
         self.sync_always = sync_always
         self.auth = auth
         self.proc: subprocess.Popen[bytes] | None = None
+        self.server_name = ""
+        self.system_password = secrets.token_urlsafe(24) if auth is not None else ""
+        self.problem = ""  # what the last health check found wrong ("" if nothing)
+        self._unhealthy_since: float | None = None
+        self._waiting_said = False
+        self._system: NATS | None = None
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
-    def _accepts(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                return s.recv(4).startswith(b"INFO")
-        except OSError:
-            return False
+    @property
+    def conf_path(self) -> Path:
+        return self.store_dir / "nats-server.conf"
 
-    def start(self) -> NatsServer:
-        self.store_dir.mkdir(parents=True, exist_ok=True)
-        conf = self.store_dir / "nats-server.conf"
-        sync = "\n  sync_interval: always" if self.sync_always else ""
-        auth = ""
+    @property
+    def log_path(self) -> Path:
+        return self.store_dir / "nats-server.log"
+
+    @property
+    def pid_path(self) -> Path:
+        return self.auth.pid_path if self.auth is not None else self.store_dir / "nats-server.pid"
+
+    @property
+    def argv(self) -> list[str]:
+        return [nats_server_binary(), "-c", str(self.conf_path)]
+
+    def info(self) -> dict[str, Any] | None:
+        """The INFO the server on our port greets with, or None if none answers."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                data = b""
+                while b"\r\n" not in data and len(data) < 65536:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+        except OSError:
+            return None
+        line = data.split(b"\r\n", 1)[0]
+        if not line.startswith(b"INFO "):
+            return None
+        try:
+            info: dict[str, Any] = json.loads(line[5:])
+        except ValueError:
+            return None
+        return info
+
+    def answers(self) -> bool:
+        """Whether this server (not another one on the port) is running and greets clients."""
+        if self.proc is None or self.proc.poll() is not None:
+            return False
+        info = self.info()
+        return info is not None and info.get("server_name") == self.server_name
+
+    def _conf(self) -> str:
+        lines = [f'listen: "127.0.0.1:{self.port}"', f'server_name: "{self.server_name}"', "logtime_utc: true"]
+        lines.append(f'pid_file: "{self.pid_path}"')
         if self.auth is not None:
             # nats-server resolves an include against the including file's directory.
-            include = os.path.relpath(self.auth.server_conf_path, self.store_dir)
-            auth = f'pid_file: "{self.auth.pid_path}"\ninclude "{include}"\n'
-        conf.write_text(
-            f'listen: "127.0.0.1:{self.port}"\n{auth}'
-            f'jetstream {{\n  store_dir: "{self.store_dir / "jetstream"}"{sync}\n}}\n'
-        )
-        logfile = open(self.store_dir / "nats-server.log", "ab")
-        self.proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=logfile, stderr=logfile)
-        _wait_until(self._accepts, 15, "nats-server", self.proc)
+            lines.append(f'include "{os.path.relpath(self.auth.server_conf_path, self.store_dir)}"')
+            system = {"user": self.SYSTEM_USER, "password": self.system_password}
+            lines.append(f"accounts {{ $SYS {{ users: [{json.dumps(system)}] }} }}")
+        sync = "\n  sync_interval: always" if self.sync_always else ""
+        lines.append(f'jetstream {{\n  store_dir: "{self.store_dir / "jetstream"}"{sync}\n}}')
+        return "\n".join(lines) + "\n"
+
+    def spawn(self) -> None:
+        """Start the process; PortInUse if something else listens on the port."""
+        if port_in_use(self.port):
+            holder = port_holder(self.port)
+            raise PortInUse(f"port {self.port} is already in use{' by ' + holder if holder else ''}")
+        self.store_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.server_name = f"sandboxctl-{secrets.token_hex(8)}"
+        self.problem, self._unhealthy_since, self._waiting_said = "", None, False
+        write_private(self.conf_path, self._conf())
+        logfile = _open_log(self.log_path)
+        try:
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=logfile,
+                stderr=logfile,
+                start_new_session=True,  # Ctrl-C reaches the supervisor, which stops the server last
+                preexec_fn=die_with_parent(),
+            )
+        finally:
+            os.close(logfile)
+
+    def start(self) -> NatsServer:
+        self.spawn()
+        try:
+            _wait_until(self.answers, 15, "nats-server", self.proc)
+        except RuntimeError as exc:
+            self.stop()
+            why = _last_error(self.log_path)
+            raise RuntimeError(f"{exc}: {why}" if why else str(exc)) from None
         return self
 
     def stop(self) -> None:
@@ -117,35 +257,128 @@ class NatsServer:
                 self.proc.wait()
         self.proc = None
 
+    def leftover(self) -> int | None:
+        """A server an earlier run started on this store and left running (its pid), if any."""
+        return leftover(self.pid_path, self.argv)
+
+    def free_space(self) -> tuple[int, int]:
+        """(free bytes on the store's filesystem, the free bytes a restart waits for)."""
+        usage = shutil.disk_usage(self.store_dir)
+        return usage.free, min(self.MIN_FREE, usage.total // 10)
+
+    async def _health(self) -> str:
+        """What the server's own health check reports wrong ("" if nothing)."""
+        if self._system is None:
+            self._system = await nats.connect(
+                self.url,
+                user=self.SYSTEM_USER,
+                password=self.system_password,
+                name="sandboxctl-up-health",
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.2,
+                connect_timeout=2,
+            )
+        try:
+            msg = await self._system.request("$SYS.REQ.SERVER.PING.HEALTHZ", b"", timeout=2)
+        except Exception as exc:
+            return f"no answer to a health check ({describe(exc)})"
+        data = json.loads(msg.data).get("data") or {}
+        if data.get("status") == "ok":
+            return ""
+        return str(data.get("error") or data.get("status") or "unhealthy")
+
+    async def check(self) -> str:
+        """Why the running server must be restarted ("" if it need not): its JetStream has been
+        unhealthy for UNHEALTHY_FOR seconds and the disk has room again (a server restarted on
+        a full disk sizes its storage to nothing)."""
+        if not self.system_password:
+            return ""
+        problem = await self._health()
+        if not problem:
+            if self.problem:
+                log.warning("nats-server is healthy again")
+            self.problem, self._unhealthy_since, self._waiting_said = "", None, False
+            return ""
+        if not self.problem:
+            log.warning("nats-server reports a problem: %s", problem)
+        self.problem = problem
+        now = time.monotonic()
+        self._unhealthy_since = self._unhealthy_since or now
+        if now - self._unhealthy_since < self.UNHEALTHY_FOR:
+            return ""
+        free, needed = self.free_space()
+        if free < needed:
+            self.problem = f"{problem}; waiting for {needed / MiB:.0f} MiB free on its disk ({free / MiB:.1f} MiB now)"
+            if not self._waiting_said:
+                log.warning("nats-server needs a restart: %s", self.problem)
+                self._waiting_said = True
+            return ""
+        return f"is unhealthy ({problem}); {free / MiB:.0f} MiB are free"
+
+    async def close(self) -> None:
+        if self._system is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._system.close(), 5)
+            self._system = None
+
 
 class PodmanService:
-    """``podman system service`` on a socket of sandboxctl's own."""
+    """``podman system service`` on a socket of sandboxctl's own.
 
-    def __init__(self, socket_path: Path) -> None:
+    One started here dies with the process that started it (``PR_SET_PDEATHSIG``) and
+    leaves its pid in ``pid_path``, so a start after a death the signal missed finds and
+    stops it (``leftover``); ``check`` asks for a restart when it stops answering. One
+    already answering on the socket is someone else's, used as it is and never stopped."""
+
+    name = "podman service"
+    UNANSWERED_FOR = 15.0  # seconds a running service may not answer before it is restarted
+
+    def __init__(self, socket_path: Path, pid_path: Path | None = None) -> None:
         self.socket_path = socket_path
+        self.pid_path = pid_path or socket_path.with_suffix(".pid")
         self.proc: subprocess.Popen[bytes] | None = None
+        self._unanswered_since: float | None = None
 
     @property
     def url(self) -> str:
         return f"unix://{self.socket_path}"
 
+    @property
+    def argv(self) -> list[str]:
+        return ["podman", "system", "service", "--time=0", self.url]
+
     def answers(self) -> bool:
         return _socket_answers(self.url)
+
+    def leftover(self) -> int | None:
+        """A service an earlier run started on this socket and left running (its pid), if any."""
+        return leftover(self.pid_path, self.argv)
+
+    def spawn(self) -> None:
+        if not shutil.which("podman"):
+            raise RuntimeError("podman is not installed; run scripts/setup-engines.sh")
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.socket_path.unlink(missing_ok=True)
+        self._unanswered_since = None
+        logfile = _open_log(self.socket_path.with_suffix(".log"))
+        try:
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=logfile,
+                stderr=logfile,
+                start_new_session=True,
+                preexec_fn=die_with_parent(),
+                umask=0o022,  # the engine's files (volumes, containers) keep the modes they always had
+            )
+        finally:
+            os.close(logfile)
+        write_private(self.pid_path, f"{self.proc.pid}\n")
 
     def start(self) -> PodmanService:
         if self.answers():
             return self
-        if not shutil.which("podman"):
-            raise RuntimeError("podman is not installed; run scripts/setup-engines.sh")
-        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
-        self.socket_path.unlink(missing_ok=True)
-        logfile = open(self.socket_path.with_suffix(".log"), "ab")
-        self.proc = subprocess.Popen(
-            ["podman", "system", "service", "--time=0", self.url],
-            stdout=logfile,
-            stderr=logfile,
-            start_new_session=True,
-        )
+        self.spawn()
         _wait_until(self.answers, 30, "podman system service", self.proc)
         return self
 
@@ -156,7 +389,20 @@ class PodmanService:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
+        if self.proc is not None:
+            self.pid_path.unlink(missing_ok=True)
         self.proc = None
+
+    async def check(self) -> str:
+        if await asyncio.to_thread(self.answers):
+            self._unanswered_since = None
+            return ""
+        now = time.monotonic()
+        self._unanswered_since = self._unanswered_since or now
+        if now - self._unanswered_since < self.UNANSWERED_FOR:
+            return ""
+        return f"has not answered on {self.url} for {now - self._unanswered_since:.0f}s"
 
 
 def make_driver(name: str, config: Config) -> Driver:
@@ -198,13 +444,82 @@ def detect_drivers(config: Config) -> tuple[str, ...]:
     return tuple(found)
 
 
+# -- private data ---------------------------------------------------------------------------------
+
+
+def _tighten(path: str, is_dir: bool) -> str:
+    """Take group and other bits off one file or directory, never through a symlink; returns
+    what was changed ("" if nothing)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_DIRECTORY if is_dir else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # a symlink, a socket, gone meanwhile: nothing of ours to open
+        return ""
+    try:
+        st = os.fstat(fd)
+        mode = stat.S_IMODE(st.st_mode)
+        if not mode & 0o077:
+            return ""
+        os.fchmod(fd, mode & ~0o077)
+        return f"{path} {mode:o}->{mode & ~0o077:o}"
+    except OSError as exc:
+        log.warning("cannot make %s private: %s", path, exc)
+        return ""
+    finally:
+        os.close(fd)
+
+
+def make_private(root: Path) -> list[str]:
+    """Create ``root`` (mode 0700) or take away what other users may do in it.
+
+    The projection holds every sandbox's labels and commands, the server's store the
+    whole log, its log file user names: none of it is for other local users, whose
+    roles (or none) the server enforces only on NATS. So the directory and everything
+    in it become readable by their owner only, with one log line naming what was
+    opened wider; files created later inherit ``up``'s umask of 077."""
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    changed = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        if done := _tighten(dirpath, True):
+            changed.append(done)
+        for name in filenames:
+            if done := _tighten(os.path.join(dirpath, name), False):
+                changed.append(done)
+        dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
+    if changed:
+        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+        what = "made %d path%s under %s private to their owner (others could open them): %s"
+        log.warning(what, len(changed), "" if len(changed) == 1 else "s", root, shown)
+    return changed
+
+
+def _nats_error(name: str) -> Callable[[Exception], Any]:
+    """A connection's error callback: a refused subject is a bug worth a line; a lost connection
+    (a restarting server) is not, since the connection comes back by itself."""
+
+    async def noted(exc: Exception) -> None:
+        if "permissions violation" in str(exc).lower():
+            log.warning("%s: %s", name, exc)
+        else:
+            log.debug("%s: nats: %s", name, describe(exc))
+
+    return noted
+
+
+# -- services in this process ------------------------------------------------------------------------
+
 # The services one process can run; ``sandboxctl serve --only`` picks some, so each can be
 # deployed, scaled and killed on its own.
 COMPONENTS = ("statemachine", "projector", "query", "worker", "reaper")
 
 
 class ControlPlane:
-    """Every sandboxctl service (or the ``components`` chosen) on one NATS connection each, in this process."""
+    """Every sandboxctl service (or the ``components`` chosen) on one NATS connection each, in this process.
+
+    Each service is supervised (services/supervise.py): one whose task ends unasked is
+    replaced by a new instance on a new connection, and ``fatal`` is set when one keeps
+    failing. The process answers ``sandboxctl.health`` with a report per service
+    (services/health.py), and says when one falls behind the log and catches up again."""
 
     def __init__(
         self, config: Config, drivers: dict[str, Driver] | None = None, components: Sequence[str] = COMPONENTS
@@ -221,70 +536,159 @@ class ControlPlane:
             drivers = {n: make_driver(n, config) for n in config.drivers} if "worker" in self.components else {}
         self.drivers = drivers
         self.connections: list[NATS] = []
+        self.supervisor = Supervisor(config.restarts_allowed, config.restart_window)
+        # More reports for this process's health answer: ``up`` adds the processes it runs.
+        self.extra_reports: list[Callable[[], list[ServiceHealth]]] = []
+        self._progress: dict[str, Progress] = {}
+        self._watch = Watch()
+        self._responder: Responder | None = None
+        self._head: LogHead | None = None
+        self._observer: asyncio.Task[None] | None = None
 
-    async def _connect(self, name: str) -> NATS:
+    # The services as they are now: a restart puts a new instance in place.
+    @property
+    def statemachine(self) -> StateMachineService:
+        return self.supervisor.service("statemachine")  # type: ignore[no-any-return]
+
+    @property
+    def projector(self) -> Projector:
+        return self.supervisor.service("projector")  # type: ignore[no-any-return]
+
+    @property
+    def query(self) -> QueryService:
+        return self.supervisor.service("query")  # type: ignore[no-any-return]
+
+    @property
+    def reaper(self) -> Reaper:
+        return self.supervisor.service("reaper")  # type: ignore[no-any-return]
+
+    @property
+    def workers(self) -> list[DriverWorker]:
+        return [s.service for s in self.supervisor.slots if s.name.startswith(health.DRIVER_PREFIX)]
+
+    @property
+    def fatal(self) -> asyncio.Event:
+        """Set when a service kept failing: the process should exit (``failure`` says why)."""
+        return self.supervisor.fatal
+
+    async def _connect(self, name: str, purpose: str = "") -> NATS:
         options = self.auth.credentials(component_user(name)).connect_options() if self.auth_enabled else {}
         nc = await nats.connect(
             self.config.nats_url,
-            name=name,
+            name=f"{name}-{purpose}" if purpose else name,
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.2,
             connect_timeout=2,
+            error_cb=_nats_error(name),
             **options,
         )
+        self.connections = [c for c in self.connections if not c.is_closed]
         self.connections.append(nc)
         return nc
 
-    async def start(self) -> ControlPlane:
+    def _factories(self) -> list[tuple[str, Callable[[], Any]]]:
+        config = self.config
+        made: list[tuple[str, Callable[[], Any]]] = []
         if "statemachine" in self.components:
-            self.statemachine = StateMachineService(
-                await self._connect("statemachine"),
-                tuple(self.drivers) or self.config.drivers,
-                self.config.default_driver,
-                deadlines=self.config.deadlines,
-                replicas=self.config.replicas,
-                authorizer=Authorizer(self.auth) if self.auth_enabled else None,
-                idle_timeout=self.config.idle_timeout,
-            )
-            await self.statemachine.start()
+
+            async def statemachine() -> tuple[Any, NATS]:
+                nc = await self._connect("statemachine")
+                service = StateMachineService(
+                    nc,
+                    tuple(self.drivers) or config.drivers,
+                    config.default_driver,
+                    deadlines=config.deadlines,
+                    replicas=config.replicas,
+                    authorizer=Authorizer(self.auth) if self.auth_enabled else None,
+                    idle_timeout=config.idle_timeout,
+                )
+                return service, nc
+
+            made.append(("statemachine", statemachine))
         if "projector" in self.components:
-            self.projector = Projector(await self._connect("projector"), self.config.projection_path)
-            await self.projector.start()
+
+            async def projector() -> tuple[Any, NATS]:
+                nc = await self._connect("projector")
+                return Projector(nc, config.projection_path), nc
+
+            made.append(("projector", projector))
         if "query" in self.components:
-            self.query = QueryService(await self._connect("query"), self.config.projection_path)
-            await self.query.start()
-        self.workers = []
+
+            async def query() -> tuple[Any, NATS]:
+                nc = await self._connect("query")
+                return QueryService(nc, config.projection_path), nc
+
+            made.append(("query", query))
         for driver in self.drivers.values():
-            worker = DriverWorker(
-                await self._connect(f"driver-{driver.name}"),
-                driver,
-                restart_exited=self.config.reconcile_exited == "restart",
-            )
-            await worker.start()
-            self.workers.append(worker)
+
+            async def worker(driver: Driver = driver) -> tuple[Any, NATS]:
+                nc = await self._connect(f"driver-{driver.name}")
+                return DriverWorker(nc, driver, restart_exited=config.reconcile_exited == "restart"), nc
+
+            made.append((f"driver-{driver.name}", worker))
         if "reaper" in self.components:
-            self.reaper = Reaper(
-                await self._connect("reaper"),
-                grace=self.config.idle_grace,
-                interval=self.config.reaper_interval,
-                user=component_user("reaper") if self.auth_enabled else "",
-            )
-            await self.reaper.start()
+
+            async def reaper() -> tuple[Any, NATS]:
+                nc = await self._connect("reaper")
+                user = component_user("reaper") if self.auth_enabled else ""
+                return Reaper(nc, grace=config.idle_grace, interval=config.reaper_interval, user=user), nc
+
+            made.append(("reaper", reaper))
+        return made
+
+    async def start(self) -> ControlPlane:
+        make_private(self.config.data_dir)
+        try:
+            for name, factory in self._factories():
+                await self.supervisor.add(name, factory)
+            if self.supervisor.slots:
+                nc = await self._connect(self.supervisor.slots[0].name, "health")
+                self._head = LogHead(nc)
+                self._responder = Responder(nc, self.reports)
+                await self._responder.start()
+        except BaseException:
+            await self.stop()
+            raise
+        self.supervisor.start()
+        self._observer = asyncio.create_task(self._observe(), name="health-watch")
         return self
 
+    async def reports(self) -> list[ServiceHealth]:
+        """This process's health answer: a report per service, and any ``extra_reports``."""
+        last = await self._head.last_seq() if self._head is not None else None
+        now = time.monotonic()
+        out = []
+        for slot in self.supervisor.slots:
+            position = getattr(slot.service, "position", None)
+            if slot.state == OK:
+                status, reason = self._progress.setdefault(slot.name, Progress()).assess(position, last, now)
+            else:
+                status, reason = slot.state, slot.reason
+            out.append(health.report(slot.name, status, reason, position, last, slot.restarts))
+        for extra in self.extra_reports:
+            out += extra()
+        return out
+
+    async def _observe(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                self._watch.observe(await self.reports())
+            except Exception as exc:
+                log.debug("health watch: %s", exc)
+
     async def stop(self) -> None:
-        for service in [
-            getattr(self, "reaper", None),
-            *getattr(self, "workers", []),
-            getattr(self, "query", None),
-            getattr(self, "projector", None),
-            getattr(self, "statemachine", None),
-        ]:
-            if service is not None:
-                try:
-                    await asyncio.wait_for(service.stop(), 10)
-                except Exception:
-                    log.exception("stopping %s", type(service).__name__)
+        if self._observer is not None:
+            self._observer.cancel()
+            await asyncio.gather(self._observer, return_exceptions=True)
+        if self._responder is not None:
+            await self._responder.stop()
+        await self.supervisor.stop()
+        for slot in reversed(self.supervisor.slots):
+            try:
+                await asyncio.wait_for(slot.service.stop(), 10)
+            except Exception:
+                log.exception("stopping %s", type(slot.service).__name__)
         for nc in self.connections:
             try:
                 await asyncio.wait_for(nc.close(), 5)
@@ -293,62 +697,221 @@ class ControlPlane:
         self.connections.clear()
 
 
-async def _run_until_signalled(config: Config, banner: str, components: Sequence[str]) -> None:
+# -- sandboxctl up and serve ------------------------------------------------------------------------
+
+_SAYS = ("services.supervise", "services.health", "services.embedded")
+
+
+def _setup_process() -> None:
+    """What a long-running sandboxctl process needs before it writes anything: files only its
+    user may read (umask 077), and its log lines on stderr with their time."""
+    os.umask(0o077)
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s sandboxctl: %(levelname)s %(message)s"))
+        root.addHandler(handler)
+    for name in _SAYS:
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
+def _stop_leftover(child: NatsServer | PodmanService, where: Path) -> None:
+    """Stop a process an earlier ``up`` on ``where`` started and left running, and say so."""
+    pid = child.leftover()
+    if pid is None:
+        return
+    log.warning("stopping %s (pid %d), left running by an earlier sandboxctl up on %s", child.name, pid, where)
+    terminate(pid)
+    log.warning("stopped %s (pid %d)", child.name, pid)
+
+
+def _child_report(state: ChildState, problem: str = "") -> ServiceHealth:
+    child = state.child
+    status, reason = state.state, state.reason
+    if status == OK and problem:
+        status, reason = "unhealthy", problem
+    row = health.report(child.name.replace(" ", "-"), status, reason, restarts=state.restarts)
+    row.pid = child.proc.pid if child.proc is not None else 0
+    return row
+
+
+async def _run_until_signalled(
+    config: Config,
+    banner: str,
+    components: Sequence[str],
+    children: Children | None = None,
+    ready: Callable[[], bool] | None = None,
+    started: Callable[[], None] | None = None,
+) -> None:
+    """Run the services until SIGINT or SIGTERM, or until a service (or a process in
+    ``children``) keeps failing: then stop everything and raise ``Internal``, which the CLI
+    prints as one line and exits 7 with, so an outer supervisor restarts the whole process.
+    The banner is printed only once every service runs and ``ready`` (up: its own server
+    answers) holds; ``started`` is called just before it."""
     import signal
 
     plane = await ControlPlane(config, components=components).start()
-    print(banner, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    fatal = [plane.fatal]
+    if children is not None:
+        fatal.append(children.fatal)
+        states = children.states
+        plane.extra_reports.append(lambda: [_child_report(s, getattr(s.child, "problem", "")) for s in states])
+        children.start()
+    waits = [asyncio.ensure_future(e.wait()) for e in (stop, *fatal)]
+    failure = ""
     try:
-        await stop.wait()
+        if ready is not None and not await asyncio.to_thread(ready):
+            raise Unavailable("sandboxctl's own nats-server stopped answering while the services started")
+        if started is not None:
+            started()
+        print(banner, flush=True)
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        failure = plane.supervisor.failure if plane.fatal.is_set() else ""
+        if children is not None and children.fatal.is_set():
+            failure = children.failure
         print("stopping sandboxctl ...", flush=True)
     finally:
+        for wait in waits:
+            wait.cancel()
+        if children is not None:
+            await children.stop()
         await plane.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    if failure:
+        raise Internal(failure)
 
 
 async def run_serve(
-    config: Config, banner: Callable[[Config], str] | None = None, components: Sequence[str] = COMPONENTS
+    config: Config,
+    banner: Callable[[Config], str] | None = None,
+    components: Sequence[str] = COMPONENTS,
+    children: Children | None = None,
+    ready: Callable[[], bool] | None = None,
+    started: Callable[[], None] | None = None,
 ) -> None:
-    """``sandboxctl serve``: the services against a NATS someone else runs (compose, a cluster)."""
+    """``sandboxctl serve``: the services against a NATS someone else runs (compose, a cluster).
+
+    The podman service it starts (when podman is a driver and no URL names one) is
+    supervised like ``up``'s server: restarted if it exits, and it dies with this process."""
+    if children is None:
+        _setup_process()
+        children = Children(config.restarts_allowed, config.restart_window)
     podman = None
     try:
         if not config.drivers:
             config.drivers = detect_drivers(config)
         config.default_driver = config.default_driver or config.drivers[0]
         if "worker" in components and "podman" in config.drivers and not config.podman_url:
-            podman = PodmanService(config.run_dir / "podman.sock").start()
+            make_private(config.run_dir)
+            podman = PodmanService(config.run_dir / "podman.sock", config.data_dir / "podman-service.pid")
+            _stop_leftover(podman, config.data_dir)
+            podman.start()
+            if podman.proc is not None:  # ours (another answering on the socket is left alone)
+                children.add(podman)
         # Written once the engines are known: configuration may name none (detect_drivers).
         text = (
             banner(config)
             if banner
             else f"sandboxctl services are up on {config.nats_url}, drivers {', '.join(config.drivers)}"
         )
-        await _run_until_signalled(config, text, components)
+        await _run_until_signalled(config, text, components, children, ready, started)
     finally:
         if podman is not None:
             podman.stop()
 
 
 async def run_up(config: Config, port: int = 4222, sync_always: bool = False) -> None:
-    """``sandboxctl up``: a nats-server of its own plus every service, until interrupted."""
+    """``sandboxctl up``: a nats-server of its own plus every service, until interrupted.
+
+    Refuses (one line, non-zero exit) when another ``up`` runs on the data directory or
+    the port is held by another program; stops what a dead ``up`` left running first."""
+    _setup_process()
+    if config.restart_limit is None:
+        config.restart_limit = 0  # nothing restarts `up` itself: it never gives up on what it runs
     sync_always = sync_always or config.sync_always
-    auth = AuthStore(config.auth_path)
-    admin = local_user_name()
-    auth.provision(admin)  # a user per service and an admin for whoever runs this; existing ones are kept
-    server = NatsServer(config.data_dir / "nats", port=port, sync_always=sync_always, auth=auth).start()
+    lock = DataDirLock(config.lock_path)
+    holder = lock.acquire()
+    if holder is not None:
+        raise FailedPrecondition(
+            f"another sandboxctl up (pid {holder or 'unknown'}) is running on {config.data_dir}; "
+            "stop it first, or give this one another SANDBOXCTL_DATA_DIR"
+        )
+    server: NatsServer | None = None
+    audit: ServerLogAudit | None = None
+    recorder: _AuditRecorder | None = None
     try:
+        make_private(config.data_dir)
+        auth = AuthStore(config.auth_path)
+        admin = local_user_name()
+        auth.provision(admin)  # a user per service and an admin for whoever runs this; existing ones are kept
+        server = NatsServer(config.data_dir / "nats", port=port, sync_always=sync_always, auth=auth)
+        _stop_leftover(server, config.data_dir)
+        recorder = _AuditRecorder(server, auth)
+        audit = ServerLogAudit(server.log_path, config.data_dir / "nats" / "audit.offset", recorder)
+        audit.mark_start()
+        try:
+            server.start()
+        except PortInUse as exc:
+            raise Unavailable(f"{exc}; stop what holds it or run sandboxctl up --port N") from None
+        except RuntimeError as exc:
+            raise Unavailable(f"sandboxctl's nats-server would not start: {exc}") from None
         config.nats_url = server.url
+        children = Children(config.restarts_allowed, config.restart_window)
+        children.add(server)
+        url = server.url
         await run_serve(
             config,
             lambda cfg: (
-                f"sandboxctl is up: NATS {server.url}, data {cfg.data_dir}, drivers {', '.join(cfg.drivers)}\n"
-                f"in another shell: export SANDBOXCTL_NATS_URL={server.url}\n"
+                f"sandboxctl is up: NATS {url}, data {cfg.data_dir}, drivers {', '.join(cfg.drivers)}\n"
+                f"in another shell: export SANDBOXCTL_NATS_URL={url}\n"
                 f"you are {admin} (admin), credentials in {auth.credentials_path(admin)}; more: sandboxctl user add"
             ),
+            children=children,
+            ready=server.answers,
+            started=audit.start,  # once the state machine has made the audit stream
         )
     finally:
-        server.stop()
+        if audit is not None:
+            await audit.stop()
+        if recorder is not None:
+            await recorder.close()
+        if server is not None:
+            await server.close()
+            server.stop()
+        lock.release()
         os.sync()
+
+
+class _AuditRecorder:
+    """How ``up`` records a refusal nats-server logged: as a DeniedAttempt in the audit stream,
+    published with the state machine's credentials (the one user that writes it)."""
+
+    def __init__(self, server: NatsServer, auth: AuthStore) -> None:
+        self.server = server
+        self.auth = auth
+        self.authorizer = Authorizer(auth)
+        self.nc: NATS | None = None
+
+    async def __call__(self, violation: Violation, count: int) -> None:
+        if self.nc is None:
+            self.nc = await nats.connect(
+                self.server.url,
+                name="sandboxctl-up-audit",
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.2,
+                connect_timeout=2,
+                **self.auth.credentials(component_user("statemachine")).connect_options(),
+            )
+        attempt = denied_attempt(violation, count, self.authorizer.roles(violation.user))
+        await record_denied(self.nc.jetstream(), attempt)
+
+    async def close(self) -> None:
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.nc.close(), 5)
+            self.nc = None

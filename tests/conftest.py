@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from services.auth import AuthStore
 from services.cli import run_main
 from services.client import SandboxClient
 from services.config import Config
@@ -99,6 +100,28 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
 
 
 @pytest.fixture
+def podman_config(tmp_path: Path, nats_server: NatsServer, podman_url: str) -> Config:
+    """A plane on podman alone, for tests that need no second engine."""
+    return Config(
+        nats_url=nats_server.url,
+        data_dir=tmp_path / "data",
+        run_dir=tmp_path / "run",
+        podman_url=podman_url,
+        drivers=("podman",),
+        default_driver="podman",
+        actor="test",
+    )
+
+
+@pytest.fixture
+def auth_server(tmp_path: Path, store: AuthStore) -> Iterator[NatsServer]:
+    """A nats-server that admits only the users of the test module's own ``store`` fixture."""
+    server = NatsServer(tmp_path / "nats", auth=store).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def config(
     request: pytest.FixtureRequest, tmp_path: Path, nats_server: NatsServer, engines: dict[str, Engine]
 ) -> Config:
@@ -170,9 +193,8 @@ async def phase(cli: CLI, name: str) -> str:
     return str(json.loads(out)["phase"])
 
 
-async def run_cli_process(config: Config, *argv: str) -> tuple[int, str, str]:
-    """The installed console script in its own process, as a user runs it."""
-    env = {**os.environ, "SANDBOXCTL_NATS_URL": config.nats_url}
+async def cli_process(env: dict[str, str], *argv: str) -> tuple[int, str, str]:
+    """The command line in its own process, as a user runs it, with ``env`` as its environment."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -185,3 +207,29 @@ async def run_cli_process(config: Config, *argv: str) -> tuple[int, str, str]:
     )
     out, err = await proc.communicate()
     return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def run_cli_process(config: Config, *argv: str) -> tuple[int, str, str]:
+    """The command line in its own process, against ``config``'s NATS."""
+    return await cli_process({**os.environ, "SANDBOXCTL_NATS_URL": config.nats_url}, *argv)
+
+
+@pytest.fixture
+def sandboxes() -> Iterator[list[str]]:
+    made: list[str] = []
+    yield made
+    for name in made:
+        podman("rm", "-f", "-t", "0", f"sandboxctl-{name}", check=False)
+        podman("volume", "rm", "-f", f"sandboxctl-{name}-workspace", check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 MiB filesystem of the test's own, to fill."""
+    mount = tmp_path / "data"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
