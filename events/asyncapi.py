@@ -21,7 +21,9 @@ from events.commands import COMMAND_TYPES
 from events.denied import DeniedAttempt
 from events.envelope import Envelope
 from events.facts import FACT_TYPES
+from events.health import ServiceHealth
 from events.lifecycle import EVENT_TYPES
+from events.queries import QUERY_TYPES, HistoryPage, ListPage, Summary
 from events.replies import Reply
 
 REF = "#/components/schemas/{name}"
@@ -59,20 +61,11 @@ def document() -> dict[str, Any]:
     commands = list(COMMAND_TYPES)
     events = list(EVENT_TYPES.values())
     facts = list(FACT_TYPES.values())
-    query_requests = {
-        "get": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}},
-        "list": {
-            "type": "object",
-            "properties": {
-                "phases": {"type": "array", "items": {"type": "string"}},
-                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
-                "include_deleted": {"type": "boolean"},
-            },
-        },
-        "history": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}},
-    }
+    queries = list(QUERY_TYPES.values())
+    results = [ListPage, HistoryPage, Summary]
     _, schemas = msgspec.json.schema_components(
-        [*commands, *events, *facts, Envelope, Reply, DeniedAttempt], ref_template=REF
+        [*commands, *events, *facts, Envelope, Reply, DeniedAttempt, *queries, *results, ServiceHealth],
+        ref_template=REF,
     )
     schemas = _asyncapi_schema(schemas)
 
@@ -106,10 +99,24 @@ def document() -> dict[str, Any]:
         "summary": "Every reply: accepted with sandbox, phase and log seq, or an error with a code and a message.",
         "payload": {"$ref": REF.format(name="Reply")},
     }
-    for kind, schema in query_requests.items():
-        name = f"{kind.capitalize()}Query"
-        schemas[name] = schema
-        messages[name] = {"name": name, "payload": {"$ref": REF.format(name=name)}}
+    for query in queries:
+        messages[query.__name__] = {
+            "name": query.__name__,
+            "summary": _doc(query),
+            "payload": {"$ref": REF.format(name=query.__name__)},
+        }
+    for result in results:
+        messages[result.__name__] = {
+            "name": result.__name__,
+            "summary": f"Reply.result of a query: {_doc(result) or result.__name__}",
+            "payload": {"$ref": REF.format(name=result.__name__)},
+        }
+    schemas["HealthAnswer"] = {"type": "array", "items": {"$ref": REF.format(name="ServiceHealth")}}
+    messages["HealthAnswer"] = {
+        "name": "HealthAnswer",
+        "summary": "Each process's answer on sandboxctl.health: one entry per service it runs.",
+        "payload": {"$ref": REF.format(name="HealthAnswer")},
+    }
     schemas["ProjectedNotice"] = {
         "type": "object",
         "required": ["name", "phase", "seq"],
@@ -199,11 +206,12 @@ def document() -> dict[str, Any]:
                 "messages": [{"$ref": "#/channels/reply/messages/Reply"}],
             },
         }
-    for kind in query_requests:
-        channel, message = f"query-{kind}", f"{kind.capitalize()}Query"
+    for kind, query in QUERY_TYPES.items():
+        channel, message = f"query-{kind}", query.__name__
         channels[channel] = {
             "address": subjects.query(kind),
-            "description": "Request/reply against the SQLite projection; the answer is in Reply.result.",
+            "description": "Request/reply against the projection (history: against the log); the answer is in "
+            "Reply.result. Replies go only to _INBOX. subjects.",
             "messages": {message: {"$ref": f"#/components/messages/{message}"}},
         }
         operations[f"query{kind.capitalize()}"] = {
@@ -215,6 +223,13 @@ def document() -> dict[str, Any]:
                 "messages": [{"$ref": "#/channels/reply/messages/Reply"}],
             },
         }
+    channels["health"] = {
+        "address": subjects.HEALTH,
+        "description": "Request (any payload) with an _INBOX. reply subject: every process that runs services "
+        "answers with a HealthAnswer; gather the answers for a moment (sandboxctl status).",
+        "messages": {"HealthAnswer": {"$ref": "#/components/messages/HealthAnswer"}},
+    }
+    operations["askHealth"] = {"action": "send", "channel": {"$ref": "#/channels/health"}}
     for channel in ("log", "facts", "projected", "audit"):
         operations[f"read{channel.capitalize()}"] = {"action": "receive", "channel": {"$ref": f"#/channels/{channel}"}}
 

@@ -49,5 +49,10 @@ GRACE_MAX = 3600.0
 TTL_MAX = 86400.0
 # Idle timeout and auto-delete: a year at most (0 is off).
 IDLE_MAX = 366 * 86400.0
-# A log sequence named in a command (the reaper's ``activity_seq``).
+# A log sequence named in a command (the reaper's ``activity_seq``) or a query's cursor.
 SEQ_MAX = 2**63 - 1
+
+# Items per page of the ``list`` and ``history`` queries: when a request names no limit, and
+# the most it may ask for. A page is also cut before it passes the max payload.
+PAGE_LIMIT_DEFAULT = 500
+PAGE_LIMIT_MAX = 5000

@@ -23,9 +23,12 @@ class ErrorCode(enum.StrEnum):
     INTERNAL = "internal"
     # The authenticated user lacks the role the command needs (docs/security.md).
     PERMISSION_DENIED = "permission_denied"
-    # The log could not be read or written (JetStream away, its disk full). Nothing was stored
-    # unless the message says the outcome is unknown; a retry with the same command_id is safe.
+    # The log could not be read or written (JetStream away, its disk full): nothing was stored,
+    # and a retry with the same command_id is safe.
     UNAVAILABLE = "unavailable"
+    # The command went out and whether it was stored cannot be learnt now (an append whose ack
+    # was lost while the log could not be asked): look it up by command_id, or retry with it.
+    OUTCOME_UNKNOWN = "outcome_unknown"
 
 
 class ErrorInfo(msgspec.Struct, kw_only=True):

@@ -42,6 +42,14 @@ QUERY = f"{PREFIX}.query"
 # Core-NATS notice published after the projection commits a change.
 PROJECTED = f"{PREFIX}.projected"
 
+# Health: every process that runs services answers a request here (services/health.py).
+HEALTH = f"{PREFIX}.health"
+
+# Where replies may go: clients' inboxes, never a subject a stream captures. A request names
+# its own reply subject, so a service that answered anywhere could be made to write the log.
+INBOXES = "_INBOX."
+INBOXES_ALL = f"{INBOXES}>"
+
 
 def command(verb: str, user: str = "") -> str:
     """The subject of a command; ``user`` only when the server authenticates users."""
@@ -54,7 +62,13 @@ def denied(user: str) -> str:
 
 def inbox_prefix(user: str) -> str:
     """Each user's reply inboxes live under a prefix of its own, so no one can subscribe to another's replies."""
-    return f"_INBOX.{user}"
+    return f"{INBOXES}{user}"
+
+
+def replies_to(reply: str, user: str = "") -> bool:
+    """Whether a request's reply subject is an inbox a service may answer on: the sending user's
+    own (``_INBOX.<user>.``) when users are authenticated, any ``_INBOX.`` one otherwise."""
+    return reply.startswith(f"{inbox_prefix(user)}." if user else INBOXES)
 
 
 def log(name: str) -> str:

@@ -89,6 +89,10 @@ _UNAVAILABLE = (
 RESOURCES_EXHAUSTED = frozenset({10023, 10028, 10039, 10047, 10076, 10077})
 
 
+class OutcomeUnknown(Exception):
+    """An append whose ack never came, while the log could not be asked whether it landed."""
+
+
 def _why(exc: BaseException) -> str:
     return str(exc).strip() or type(exc).__name__
 
@@ -296,6 +300,12 @@ class StateMachineService:
         cannot be reached is answered ``unavailable``, never ``internal``."""
         try:
             return await self._decide_and_append_once(name, decide_fn, cause)
+        except OutcomeUnknown as exc:
+            return error_reply(
+                ErrorCode.OUTCOME_UNKNOWN,
+                f"{exc}; look it up in the sandbox's history, or send it again with command_id {cause.id!r}",
+                name,
+            )
         except _UNAVAILABLE as exc:
             reraise_if_cancelling()
             return error_reply(ErrorCode.UNAVAILABLE, f"the log is unavailable: {_why(exc)}", name)
@@ -360,7 +370,12 @@ class StateMachineService:
         try:
             return await append(self.js, envelope, expected, digest)
         except (TimeoutError, nats.errors.TimeoutError):
-            stored = await self._stored_last(envelope.subject)
+            try:
+                stored = await self._stored_last(envelope.subject)
+            except _UNAVAILABLE as exc:
+                raise OutcomeUnknown(
+                    f"the log did not confirm event {envelope.id} and cannot be asked: {_why(exc)}"
+                ) from exc
             if stored is not None and (stored.headers or {}).get("Nats-Msg-Id") == envelope.id:
                 return Ack(stream=subjects.LOG_STREAM, seq=int(stored.seq or 0), duplicate=False)
             raise
@@ -415,6 +430,13 @@ class StateMachineService:
         self._slots.release()
 
     async def _handle_command(self, msg: Msg) -> None:
+        tokens = msg.subject.split(".")
+        user = tokens[3] if self.authorizer is not None and len(tokens) == 4 else ""
+        if msg.reply and not subjects.replies_to(msg.reply, user):
+            # The service may write the log: a reply subject that is not the sender's inbox could
+            # make it write there. Such a request is dropped unanswered, and nothing is decided.
+            log.warning("dropped a command on %s asking for its reply on %s", msg.subject[:200], msg.reply[:200])
+            return
         try:
             reply = await self.handle(msg.subject, msg.data)
         except Exception as exc:  # never let one command take the service down

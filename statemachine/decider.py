@@ -202,6 +202,10 @@ def react(state: SandboxState | None, fact: Fact) -> list[LifecycleEvent]:
             return []  # the run being replaced; the new run has not reported yet
         if phase is Phase.STOPPING:
             return [SandboxStopped(exit_code=fact.exit_code)]
+        if phase is Phase.ERROR and state.failed_operation == "stop":
+            # The stop failed as far as sandboxctl could tell (the engine did not answer in time,
+            # or went away mid-call), and the engine now shows the run ended: it was stopped.
+            return [SandboxStopped(exit_code=fact.exit_code)]
         if phase in (Phase.READY, Phase.STARTING, Phase.PROVISIONING):
             reason = f"container exited with code {fact.exit_code}" + (" (out of memory)" if fact.oom else "")
             return [SandboxFailed(kind="exited", reason=reason, exit_code=fact.exit_code, oom=fact.oom)]
@@ -282,12 +286,15 @@ def evolve(state: SandboxState | None, envelope: Envelope, seq: int = 0) -> Sand
     changes: dict[str, object] = {"phase": phase, "seq": seq or state.seq}
     if phase is not state.phase:
         changes["since"] = moment
+        if state.failed_operation:
+            changes["failed_operation"] = ""
     fold_activity(state, envelope, seq, phase, changes, moment)
     if isinstance(event, SandboxReady):
         changes["incarnation"] = event.incarnation
         changes["last_error"] = ""
     elif isinstance(event, SandboxFailed):
         changes["last_error"] = event.reason
+        changes["failed_operation"] = event.operation
         if event.kind == "exited":
             changes["ended"] = state.incarnation or state.ended
     elif isinstance(event, SandboxStopped):

@@ -43,6 +43,9 @@ class SandboxState(msgspec.Struct, kw_only=True, gc=False):
     ended: str = ""
     request_id: str = ""  # the id of the event that asked the driver for the current phase's work
     last_error: str = ""
+    # While in Error: the engine operation whose failure put it there ("stop", "start", ...; "" for a
+    # crash). An exit observed after a failed stop is the stop done late: the sandbox is Stopped.
+    failed_operation: str = ""
     since: float = 0.0  # when the current phase was entered (Unix time of its event): deadlines count from it
     stop_by: float = 0.0  # while Stopping: when the grace period asked for ends and the engine kills (Unix time)
     # Idleness (statemachine/idle.py). Tuples, not dicts: empty ones cost nothing per sandbox.

@@ -32,7 +32,7 @@ from services.config import Config
 from services.embedded import ControlPlane, NatsServer, free_port
 from services.projector import Projector
 from services.statemachine import StateMachineService
-from tests.conftest import CLI, ROOT, podman
+from tests.conftest import CLI, ROOT, cli_process, podman
 
 ADMIN_USER = "ops"
 
@@ -58,13 +58,6 @@ def store(tmp_path: Path) -> AuthStore:
     store.add("writer", [WRITE])
     store.add("nobody", [])
     return store
-
-
-@pytest.fixture
-def auth_server(tmp_path: Path, store: AuthStore) -> Iterator[NatsServer]:
-    server = NatsServer(tmp_path / "nats", auth=store).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -335,6 +328,32 @@ async def test_no_one_can_speak_for_another_user(
     Figures.refused += 1
 
 
+async def test_no_one_can_make_a_service_answer_into_the_log(
+    auth_config: Config, auth_plane: ControlPlane, store: AuthStore, sandbox: str
+) -> None:
+    """A request names its own reply subject, and the state machine may write the log: a reply
+    subject that is not the sender's own inbox gets no answer (and the command no decision), or
+    anyone could store the state machine's answer as a log entry."""
+    logged = await _count(auth_config.nats_url, store, subjects.LOG_STREAM)
+    nobody = await Raw.connect(auth_config.nats_url, store, "nobody")
+    writer = await Raw.connect(auth_config.nats_url, store, "writer")
+    try:
+        for raw, user in ((nobody, "nobody"), (writer, "writer")):
+            payload = msgspec.json.encode(
+                {"type": "sandboxctl.command.create.v1", "name": sandbox, "image": "x", "command_id": f"inj-{user}"}
+            )
+            for reply in (subjects.log(sandbox), subjects.log("injected"), f"{subjects.inbox_prefix('ops')}.x"):
+                Figures.attempts += 1
+                await raw.nc.publish(subjects.command("create", user), payload, reply=reply)
+                await raw.nc.flush()
+                Figures.refused += 1
+        await asyncio.sleep(1)
+    finally:
+        await nobody.nc.close()
+        await writer.nc.close()
+    assert await _count(auth_config.nats_url, store, subjects.LOG_STREAM) == logged
+
+
 async def test_the_cli_says_permission_denied_and_only_an_admin_runs_verify(
     auth_config: Config,
     auth_plane: ControlPlane,
@@ -383,15 +402,6 @@ async def test_the_cli_says_permission_denied_and_only_an_admin_runs_verify(
     assert err_bytes.decode().startswith("sandboxctl: permission_denied: user nobody may not publish to")
 
 
-async def _sandboxctl(env: dict[str, str], *argv: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli", *argv, env=env, cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await proc.communicate()
-    return proc.returncode or 0, out.decode(), err.decode()
-
-
 async def test_up_makes_the_credentials_and_user_add_admits_a_new_user(
     tmp_path: Path, podman_url: str, image: str, sandbox: str
 ) -> None:
@@ -423,24 +433,24 @@ async def test_up_makes_the_credentials_and_user_add_admits_a_new_user(
         for path in [*(auth / "credentials").iterdir(), auth / "users.json", auth / "server.conf"]:
             assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
         # the README's commands, with no step of their own: the local user is the admin
-        code, _, err = await _sandboxctl(env, "create", sandbox, "--image", image)
+        code, _, err = await cli_process(env, "create", sandbox, "--image", image)
         assert code == 0, err
-        code, out, err = await _sandboxctl(env, "history", sandbox, "-o", "json")
+        code, out, err = await cli_process(env, "history", sandbox, "-o", "json")
         assert code == 0 and {h["actor"] for h in json.loads(out) if h["type"].endswith("created.v1")} == {"local-op"}
-        code, out, err = await _sandboxctl(env, "user", "add", "bob", "--role", "sandbox:read")
+        code, out, err = await cli_process(env, "user", "add", "bob", "--role", "sandbox:read")
         assert code == 0 and "SANDBOXCTL_CREDENTIALS=" in out, err
         bob = {**env, "SANDBOXCTL_CREDENTIALS": str(auth / "credentials" / "bob.json")}
         for _ in range(50):  # the server reloads its users on the signal, a moment later
-            code, out, err = await _sandboxctl(bob, "list", "-o", "json")
+            code, out, err = await cli_process(bob, "list", "-o", "json")
             if code == 0:
                 break
             await asyncio.sleep(0.1)
         assert code == 0 and [s["name"] for s in json.loads(out)] == [sandbox], err
-        code, _, err = await _sandboxctl(bob, "stop", sandbox)
+        code, _, err = await cli_process(bob, "stop", sandbox)
         assert code == 11 and "permission_denied" in err, err
-        code, _, err = await _sandboxctl(env, "delete", sandbox)
+        code, _, err = await cli_process(env, "delete", sandbox)
         assert code == 0, err
-        code, _, err = await _sandboxctl(env, "user", "add", "sandboxctl-evil", "--role", "admin")
+        code, _, err = await cli_process(env, "user", "add", "sandboxctl-evil", "--role", "admin")
         assert code == 2 and "reserved" in err, err
         up.send_signal(signal.SIGINT)
         rest, _ = await asyncio.wait_for(up.communicate(), 30)

@@ -387,3 +387,26 @@ def test_an_entry_that_cannot_be_folded_is_skipped_but_moves_the_sandboxs_positi
         ready, "box", encode(env(SandboxStopRequested(sandbox_id="id-1", driver="podman"))), 9
     )
     assert problem == "" and envelope is not None and folded is not None and folded.phase is Phase.STOPPING
+
+
+def test_a_stop_that_failed_for_us_but_the_engine_did_is_stopped_when_its_exit_is_seen() -> None:
+    """The engine went away (or stayed silent) in the middle of a stop, so the stop failed as far
+    as sandboxctl could tell; once the engine answers again and shows the run ended, the phase
+    follows it: Stopped, not Error. A crash, or a failed start, stays Error."""
+    run = "2026-12-01T10:00:00Z"
+    stopping = evolve(
+        state(Phase.READY, incarnation=run), env(SandboxStopRequested(sandbox_id="id-1", driver="podman"))
+    )
+    (failed,) = react(stopping, DriverFailed(operation="stop", message="GET operation failed"))
+    broken = evolve(stopping, env(failed), seq=9)
+    assert broken.phase is Phase.ERROR and broken.failed_operation == "stop"
+    (stopped,) = react(broken, ContainerExited(exit_code=0, incarnation=run))
+    assert isinstance(stopped, SandboxStopped) and evolve(broken, env(stopped), seq=10).phase is Phase.STOPPED
+    assert evolve(broken, env(stopped), seq=10).failed_operation == ""
+    assert react(broken, ContainerExited(exit_code=0, incarnation="2026-12-01T09:00:00Z")) == []  # an older run
+    crashed = evolve(state(Phase.READY, incarnation=run), env(SandboxFailed(kind="exited", reason="exit 3")), seq=8)
+    assert react(crashed, ContainerExited(exit_code=3, incarnation=run)) == []
+    start_failed = evolve(
+        state(Phase.STARTING, incarnation=run), env(SandboxFailed(kind="driver", reason="x", operation="start")), seq=8
+    )
+    assert react(start_failed, ContainerExited(exit_code=0, incarnation=run)) == []

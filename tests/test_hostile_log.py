@@ -10,6 +10,7 @@ the log's guard counted it) and dead-lettered its facts.
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import nats
@@ -132,3 +133,36 @@ async def test_a_restarted_plane_and_a_bulk_reader_skip_them_the_same_way(
         assert len(set((await positions(again, name)).values())) == 1
     finally:
         await again.stop()
+
+
+async def test_no_request_can_make_a_service_answer_into_the_log(
+    config: Config, plane: ControlPlane, client: SandboxClient, names, image: str
+) -> None:
+    """A request names its own reply subject; the services answer only into inboxes, so nobody can
+    have them write their answers where a stream keeps them."""
+    name = names.new()
+    await client.create(name, image, command=SLEEPER)
+    await client.wait_for(name, "Ready")
+    js = plane.statemachine.js
+    await asyncio.sleep(1)  # the engine watcher's own report of the start comes a little later
+    before = await last_subject_seq(js, name)
+    facts_before = await facts_of(js, name)
+    nc = await nats.connect(config.nats_url)
+    try:
+        for reply in (subjects.log(name), subjects.fact(name)):
+            await nc.publish(subjects.query("get"), json.dumps({"name": name}).encode(), reply=reply)
+            await nc.publish(subjects.query("list"), b"{}", reply=reply)
+            stop = {"type": "sandboxctl.command.stop.v1", "name": name, "command_id": f"inj-{len(reply)}"}
+            await nc.publish(subjects.command("stop"), json.dumps(stop).encode(), reply=reply)
+        await nc.flush()
+        await asyncio.sleep(1)
+    finally:
+        await nc.close()
+    assert await last_subject_seq(js, name) == before  # no answer stored, and the stop was not acted on
+    assert await facts_of(js, name) == facts_before
+    assert (await client.get(name))["phase"] == "Ready"
+
+
+async def facts_of(js: JetStreamContext, name: str) -> int:
+    info = await js.stream_info(subjects.FACTS_STREAM, subjects_filter=subjects.fact(name))
+    return sum((info.state.subjects or {}).values())
