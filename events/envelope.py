@@ -27,6 +27,9 @@ class Envelope(msgspec.Struct, kw_only=True, omit_defaults=True):
     actor: str = ""
     correlationid: str = ""
     causationid: str = ""
+    # On the events a command caused: a digest of that command, which binds its idempotency key
+    # (the event id's prefix) to it, so that the key used again with another command is refused.
+    commanddigest: str = ""
     specversion: str = "1.0"
     datacontenttype: str = "application/json"
 
@@ -43,6 +46,7 @@ class RawEnvelope(msgspec.Struct, kw_only=True):
     actor: str = ""
     correlationid: str = ""
     causationid: str = ""
+    commanddigest: str = ""
 
 
 _encoder = msgspec.json.Encoder()
@@ -89,6 +93,7 @@ def decode_envelope(payload: bytes, registry: Mapping[str, type]) -> Envelope:
         actor=raw.actor,
         correlationid=raw.correlationid,
         causationid=raw.causationid,
+        commanddigest=raw.commanddigest,
     )
 
 

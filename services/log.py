@@ -140,15 +140,8 @@ async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
                 await asyncio.sleep(0.5)
 
 
-# The header an event appended for a command carries: a digest of the command it answers, so
-# that a command id used again can be told apart from a retry (services/statemachine.py).
-COMMAND_DIGEST = "Sandboxctl-Command-Digest"
-
-
-async def append(js: JetStreamContext, envelope: Envelope, expected_seq: int, digest: str = "") -> Ack:
+async def append(js: JetStreamContext, envelope: Envelope, expected_seq: int) -> Ack:
     headers = {"Nats-Msg-Id": envelope.id, "Nats-Expected-Last-Subject-Sequence": str(expected_seq)}
-    if digest:
-        headers[COMMAND_DIGEST] = digest
     try:
         return await publish(js, subjects.log(envelope.subject), encode(envelope), subjects.LOG_STREAM, headers)
     except APIError as exc:

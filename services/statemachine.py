@@ -35,13 +35,13 @@ from events.replies import ErrorCode, Reply, error_reply
 from services.auth import Authorizer, check, ensure_audit_stream, record_denied
 from services.bulkread import BULK_BEHIND, Frames
 from services.log import (
-    COMMAND_DIGEST,
     DUPLICATE_WINDOW,
     MAX_DELIVER,
     Conflict,
     DecodeError,
     append,
     dead_letter,
+    decode_event,
     decode_fact,
     ensure_streams,
     fold_logged,
@@ -245,7 +245,7 @@ class StateMachineService:
             )
 
     def _fold_logged(self, name: str, data: bytes, seq: int) -> None:
-        state, _, problem = fold_logged(self.states.get(name), name, data, seq)
+        state, envelope, problem = fold_logged(self.states.get(name), name, data, seq)
         if problem:
             # Skipped, the same way by every reader; `audit verify` lists it for operators.
             log.error("log seq %d of %s is skipped: %s", seq, name, problem)
@@ -253,6 +253,24 @@ class StateMachineService:
                 self._skipped[name] = seq
                 return
         self._keep(name, state)
+        if envelope is not None and envelope.commanddigest and not problem and state is not None:
+            self._remember(envelope, state, seq)
+
+    def _remember(self, envelope: Envelope, state: SandboxState, seq: int) -> None:
+        """Keep the outcome of a recent command read from the log (another instance's, or from
+        before a restart), so a retry of it gets its first outcome here too."""
+        moment = envelope.time.timestamp()
+        if time.time() - moment >= self._outcomes.ttl:
+            return
+        key, _, index = envelope.id.rpartition(":")
+        reply = Reply(
+            accepted=True,
+            sandbox=state.name,
+            phase=state.phase.value,
+            seq=seq,
+            appended=int(index) + 1 if index.isdigit() else 1,
+        )
+        self._outcomes.put(key, envelope.commanddigest, reply, moment)
 
     def _keep(self, name: str, state: SandboxState | None) -> None:
         if state is None:
@@ -346,8 +364,9 @@ class StateMachineService:
                         actor=cause.actor,
                         correlationid=cause.correlation_id or cause.id,
                         causationid=cause.id,
+                        commanddigest=cause.digest,
                     )
-                    ack = await self._append(envelope, expected, cause.digest)
+                    ack = await self._append(envelope, expected)
                     if ack.duplicate:
                         # Stored before: by us or a twin (a retry), or for another command that
                         # used the same id, which this one must not be answered for.
@@ -364,11 +383,11 @@ class StateMachineService:
             return self._accepted(name, self.states.get(name), len(decision), expected)
         return error_reply(ErrorCode.CONFLICT, f"sandbox {name} kept changing; try again", name)
 
-    async def _append(self, envelope: Envelope, expected: int, digest: str) -> Ack:
+    async def _append(self, envelope: Envelope, expected: int) -> Ack:
         """Append, and when JetStream's ack does not come in time, learn from the log whether the
         event was stored before answering anything: an ack can be lost after the write."""
         try:
-            return await append(self.js, envelope, expected, digest)
+            return await append(self.js, envelope, expected)
         except (TimeoutError, nats.errors.TimeoutError):
             try:
                 stored = await self._stored_last(envelope.subject)
@@ -393,9 +412,11 @@ class StateMachineService:
         if not cause.digest:
             return None  # a fact's or the watchdog's event: ids derived from what caused them
         stored = await self.js.get_msg(subjects.LOG_STREAM, seq)
-        if (stored.headers or {}).get(COMMAND_DIGEST) == cause.digest and stored.subject == subjects.log(
-            envelope.subject
-        ):
+        try:
+            first = decode_event(stored.data or b"")
+        except DecodeError:
+            first = None
+        if first is not None and first.commanddigest == cause.digest and first.subject == envelope.subject:
             return None
         other = subjects.name_of(stored.subject or "")
         return error_reply(

@@ -30,17 +30,9 @@ LOGGED = ("statemachine", "projector", "reaper")  # the services that keep a pos
 
 
 @pytest.fixture
-async def plane(podman_config: Config) -> AsyncIterator[ControlPlane]:
-    plane = await ControlPlane(podman_config).start()
-    yield plane
-    await plane.stop()
-
-
-@pytest.fixture
-async def client(podman_config: Config, plane: ControlPlane) -> AsyncIterator[SandboxClient]:
-    client = await SandboxClient.connect(podman_config.nats_url, actor="test")
-    yield client
-    await client.close()
+def config(podman_config: Config) -> Config:
+    """The suite's plane and client (tests/conftest.py), on podman alone."""
+    return podman_config
 
 
 async def last_seq(nc: nats.NATS) -> int:
