@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -61,6 +62,7 @@ def save(name: str, result: dict[str, Any], quick: bool) -> Path:
         "benchmark": name,
         "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": machine(),
+        "code": code_version(),  # a benchmark that edits nothing measures this; one may name its own
         **result,
     }
     path = folder / f"{name}.json"
@@ -142,3 +144,26 @@ async def timer() -> AsyncIterator[list[float]]:
         yield box
     finally:
         box.append(time.perf_counter() - start)
+
+
+def code_version() -> dict[str, Any]:
+    """Which product code was measured: the git HEAD and a hash of the product's sources.
+
+    The product is edited while benchmarks run, so a result names the exact
+    sources it measured; the hash also identifies a snapshot outside git."""
+    digest = hashlib.sha256()
+    for package in ("events", "statemachine", "services", "drivers"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--", "events", "statemachine", "services", "drivers"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return {
+        "git_head": git.stdout.strip() or "n/a",
+        "product_modified": [line[3:] for line in dirty.stdout.splitlines()] if git.returncode == 0 else "n/a",
+        "product_sha256": digest.hexdigest()[:16],
+    }

@@ -34,7 +34,6 @@ are not mistaken for control-plane cost.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import subprocess
 import sys
@@ -50,7 +49,7 @@ from docker import DockerClient
 from nats.js import JetStreamContext
 from podman import PodmanClient
 
-from bench.common import IMAGE, ROOT, config, engines, nats, parser, percentiles, save, workdir
+from bench.common import IMAGE, ROOT, code_version, config, engines, nats, parser, percentiles, save, workdir
 from events import subjects
 from events.envelope import Envelope
 from services.client import SandboxClient
@@ -65,29 +64,6 @@ RAW_LABEL = {"sandboxctl.bench": "raw"}  # not sandboxctl.managed: the control p
 
 
 # -- the control plane in a process of its own ------------------------------------
-
-
-def code_version() -> dict[str, Any]:
-    """Which product code was measured: the git HEAD and a hash of the product's sources.
-
-    The product is edited while benchmarks run, so a result names the exact
-    sources it measured; the hash also identifies a snapshot outside git."""
-    digest = hashlib.sha256()
-    for package in ("events", "statemachine", "services", "drivers"):
-        for path in sorted((ROOT / package).rglob("*.py")):
-            digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
-    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
-    dirty = subprocess.run(
-        ["git", "-C", str(ROOT), "status", "--porcelain", "--", "events", "statemachine", "services", "drivers"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return {
-        "git_head": git.stdout.strip() or "n/a",
-        "product_modified": [line[3:] for line in dirty.stdout.splitlines()] if git.returncode == 0 else "n/a",
-        "product_sha256": digest.hexdigest()[:16],
-    }
 
 
 def serve_env(cfg: Config) -> dict[str, str]:
@@ -376,7 +352,7 @@ def main() -> None:
     args = p.parse_args()
     cycles = 3 if args.quick else args.cycles
     load_before = os.getloadavg()
-    version = code_version()
+    version = code_version()  # taken first: the product may be edited while this runs
     with workdir() as root, nats(root) as server, engines(root, ENGINES) as urls:
         cfg = config(root, server.url, urls, ENGINES)
         with serve(cfg, root):
@@ -400,8 +376,8 @@ def main() -> None:
                 "2-core machine shared with other work: figures are noisy (see load average)."
             ),
             "cycles": cycles,
-            "control_plane": "subprocess: python -m services.cli serve",
             "code": version,
+            "control_plane": "subprocess: python -m services.cli serve",
             "load_average_before": list(load_before),
             "load_average_after": list(os.getloadavg()),
             "results": results,
