@@ -6,7 +6,7 @@ logged event read by three readers (the state machine, the driver worker, the
 projector), the work order acknowledged, a fact stored, read and acknowledged,
 and the projection's notice to whoever waits. ``js.publish_async`` measures one
 of those legs; this module runs all of them, with the transport sandboxctl
-uses (``services.publish``, ``services.pull.Pull``, ``services.tail.Tail``),
+uses (``sandboxctl.bus.publish``, ``sandboxctl.bus.pull.Pull``, ``sandboxctl.bus.tail.Tail``),
 split over the same processes, and none of sandboxctl's own work: no envelope
 built or decoded, no decide or evolve, no validation, no SQLite, no thread for
 the engine call. Its rate is what the round's shape allows on the machine;
@@ -29,12 +29,12 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError
 
-from events import subjects
-from events.replies import Reply
-from services.log import WRONG_LAST_SEQUENCE, ensure_streams
-from services.publish import publish
-from services.pull import Pull
-from services.tail import Tail, stream_seq, unsubscribe
+from sandboxctl.bus.eventlog import WRONG_LAST_SEQUENCE, ensure_streams
+from sandboxctl.bus.publish import publish
+from sandboxctl.bus.pull import Pull
+from sandboxctl.bus.tail import Tail, stream_seq, unsubscribe
+from sandboxctl.events import subjects
+from sandboxctl.events.replies import Reply
 
 # What each command appends, what its fact makes of it, and the phases the projection shows.
 ORDER = {"create": "create_requested", "stop": "stop_requested", "start": "start_requested"}

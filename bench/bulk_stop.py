@@ -50,10 +50,10 @@ from bench.engine_latency import (
     serve,
     serve_env,
 )
-from events import subjects
-from services.client import SandboxClient
-from services.config import Config
-from services.log import decode_event, decode_fact
+from sandboxctl.bus.eventlog import decode_event, decode_fact
+from sandboxctl.client import SandboxClient
+from sandboxctl.events import subjects
+from sandboxctl.runtime.config import Config
 
 TARGET_RATIO = 1.3
 SETUP_PARALLEL = 8  # creating, restarting and deleting are not measured
@@ -62,7 +62,7 @@ SETUP_PARALLEL = 8  # creating, restarting and deleting are not measured
 def cli_command() -> list[str]:
     """The console script installed beside this interpreter, as a user runs it."""
     script = Path(sys.executable).parent / "sandboxctl"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "services.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "sandboxctl.cli"]
 
 
 def process_cpu(pid: int) -> float:

@@ -22,9 +22,9 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from services.config import Config
-from services.dockerd import DockerDaemon
-from services.embedded import NatsServer, PodmanService
+from sandboxctl.runtime.config import Config
+from sandboxctl.runtime.embedded import NatsServer, PodmanService
+from testing.dockerd import DockerDaemon
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(os.environ.get("SANDBOXCTL_BENCH_RESULTS", ROOT / "bench" / "results"))

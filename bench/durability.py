@@ -17,8 +17,8 @@ import nats
 
 from bench.common import config, parser, save, workdir
 from bench.fake_driver import FakeDriver
-from services.client import SandboxClient
-from services.embedded import ControlPlane, NatsServer
+from sandboxctl.client import SandboxClient
+from sandboxctl.runtime.embedded import ControlPlane, NatsServer
 
 
 async def _raw(url: str, n: int) -> dict[str, float]:

@@ -50,12 +50,12 @@ from nats.js import JetStreamContext
 from podman import PodmanClient
 
 from bench.common import IMAGE, ROOT, code_version, config, engines, nats, parser, percentiles, save, workdir
-from events import subjects
-from events.envelope import Envelope
-from services.client import SandboxClient
-from services.config import Config
-from services.log import decode_event, decode_fact
-from services.tail import Tail
+from sandboxctl.bus.eventlog import decode_event, decode_fact
+from sandboxctl.bus.tail import Tail
+from sandboxctl.client import SandboxClient
+from sandboxctl.events import subjects
+from sandboxctl.events.envelope import Envelope
+from sandboxctl.runtime.config import Config
 
 ENGINES = ("podman", "docker")
 TARGET_ADDED_P50_MS = 15.0
@@ -87,7 +87,7 @@ def serve(cfg: Config, root: Path, timeout: float = 60.0) -> Iterator[subprocess
     log_path = root / "serve.log"
     with open(log_path, "wb") as logfile:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "serve"],
+            [sys.executable, "-m", "sandboxctl.cli", "serve"],
             cwd=ROOT,
             env=serve_env(cfg),
             stdout=logfile,

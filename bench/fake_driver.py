@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
-from drivers.base import ContainerInfo, ContainerMissing, EngineEvent, SandboxSpec
+from sandboxctl.drivers.base import ContainerInfo, ContainerMissing, EngineEvent, SandboxSpec
 
 
 class FakeDriver:

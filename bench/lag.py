@@ -20,7 +20,7 @@ Events of one sandbox in ten are sampled (every event of those sandboxes), so
 the load generator subscribes to 100 subjects rather than all of them.
 
 Baseline, in the same run: the same paced load on a stream of its own, read by
-the same log reader (``services.tail.Tail``) in a process of its own that only
+the same log reader (``sandboxctl.bus.tail.Tail``) in a process of its own that only
 publishes a notice per sandbox per batch; no decoding, folding or SQLite.
 
 Usage: ``python -m bench.lag [--quick]``.
@@ -48,9 +48,9 @@ from nats.js.api import PubAck, StorageType, StreamConfig
 from bench.common import nats as nats_server
 from bench.common import parser, percentiles, save, workdir
 from bench.throughput import Child, say, until_told_to_stop
-from events import subjects
-from events.envelope import Envelope, encode, now, type_name
-from events.lifecycle import (
+from sandboxctl.events import subjects
+from sandboxctl.events.envelope import Envelope, encode, now, type_name
+from sandboxctl.events.lifecycle import (
     LifecycleEvent,
     SandboxCreated,
     SandboxReady,
@@ -210,7 +210,7 @@ class Probe:
 
 
 async def serve_projector(url: str, db: Path) -> None:
-    from services.projector import Projector
+    from sandboxctl.services.projector import Projector
 
     nc = await nats.connect(url, name="bench-projector")
     projector = Projector(nc, db)
@@ -225,7 +225,7 @@ async def serve_projector(url: str, db: Path) -> None:
 
 async def serve_reader(url: str) -> None:
     """The baseline: the log reader alone, one notice per sandbox per batch, as the projector sends."""
-    from services.tail import Tail
+    from sandboxctl.bus.tail import Tail
 
     nc = await nats.connect(url, name="bench-reader")
     tail = Tail(nc.jetstream(), RAW_STREAM, f"{RAW_SUBJECTS}.*")
@@ -303,7 +303,7 @@ async def measure(rate: float, seconds: float, raw_seconds: float, sandboxes: in
     with workdir() as root, nats_server(root) as server:
         nc = await nats.connect(server.url, name="bench-setup")
         try:
-            from services.log import ensure_streams
+            from sandboxctl.bus.eventlog import ensure_streams
 
             await ensure_streams(nc.jetstream())
             await nc.jetstream().add_stream(

@@ -31,9 +31,9 @@ from typing import Any
 from bench.common import nats as nats_server
 from bench.common import parser, save, workdir
 from bench.throughput import Child, say, until_told_to_stop
-from events import subjects
-from events.envelope import Envelope, encode, now, type_name
-from events.lifecycle import SandboxCreated, SandboxReady
+from sandboxctl.events import subjects
+from sandboxctl.events.envelope import Envelope, encode, now, type_name
+from sandboxctl.events.lifecycle import SandboxCreated, SandboxReady
 
 TARGET_BYTES_PER_SANDBOX = 1024
 SOURCE = "sandboxctl/statemachine"
@@ -86,7 +86,7 @@ def events_of(i: int) -> list[Envelope]:
 async def fill_log(url: str, sandboxes: int) -> dict[str, Any]:
     import nats
 
-    from services.log import ensure_streams
+    from sandboxctl.bus.eventlog import ensure_streams
 
     nc = await nats.connect(url, name="bench-fill")
     try:
@@ -120,7 +120,7 @@ async def fill_log(url: str, sandboxes: int) -> dict[str, Any]:
 async def serve_statemachine(url: str, expect: int) -> None:
     import nats
 
-    from services.statemachine import StateMachineService
+    from sandboxctl.services.statemachine import StateMachineService
 
     nc = await nats.connect(url, name="bench-statemachine")
     service = StateMachineService(nc, drivers=("fake",), default_driver="fake")

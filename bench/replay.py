@@ -11,7 +11,7 @@ first, so that is how long a restarted service keeps its callers waiting.
 
 The log is filled (untimed) through the same wire contract the state machine
 uses: Envelope-encoded lifecycle events, each with the headers
-``services.log.append`` sends (``Nats-Msg-Id``, ``Nats-Expected-Stream`` and
+``sandboxctl.bus.eventlog.append`` sends (``Nats-Msg-Id``, ``Nats-Expected-Stream`` and
 ``Nats-Expected-Last-Subject-Sequence``), so the server itself checks that every
 sandbox's history is in order, and readers pay for the headers a real log
 carries. Sandboxes advance one step at a time in round-robin (all are created,
@@ -41,9 +41,10 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from bench.common import IMAGE, cpu_seconds, nats, parser, save, workdir
-from events import subjects
-from events.envelope import Envelope, encode, new_id
-from events.lifecycle import (
+from sandboxctl.bus.eventlog import ensure_streams
+from sandboxctl.events import subjects
+from sandboxctl.events.envelope import Envelope, encode, new_id
+from sandboxctl.events.lifecycle import (
     LifecycleEvent,
     SandboxCreated,
     SandboxReady,
@@ -51,9 +52,8 @@ from events.lifecycle import (
     SandboxStopped,
     SandboxStopRequested,
 )
-from services.log import ensure_streams
-from services.projector import Projector
-from services.statemachine import StateMachineService
+from sandboxctl.services.projector import Projector
+from sandboxctl.services.statemachine import StateMachineService
 
 STREAM = subjects.LOG_STREAM
 TARGET_RATIO = 0.8

@@ -59,11 +59,11 @@ from nats.js.api import StorageType, StreamConfig
 
 from bench.common import ROOT, cpu_seconds, parser, percentiles, save, workdir
 from bench.common import nats as nats_server
-from events import subjects
-from events.commands import CreateSandbox, StartSandbox, StopSandbox
-from events.envelope import Envelope, encode, now, type_name
-from events.lifecycle import SandboxStopRequested
-from events.replies import Reply, reply_decoder
+from sandboxctl.events import subjects
+from sandboxctl.events.commands import CreateSandbox, StartSandbox, StopSandbox
+from sandboxctl.events.envelope import Envelope, encode, now, type_name
+from sandboxctl.events.lifecycle import SandboxStopRequested
+from sandboxctl.events.replies import Reply, reply_decoder
 
 TARGET_COMMANDS_PER_S = 10_000
 RAW_STREAM = "BENCH_RAW"
@@ -173,7 +173,7 @@ async def serve_until_told(connections: list[NATS], stop: Callable[[], Awaitable
 
 
 async def serve_statemachine(url: str) -> None:
-    from services.statemachine import StateMachineService
+    from sandboxctl.services.statemachine import StateMachineService
 
     nc = await _connect(url, "bench-statemachine")
     service = StateMachineService(nc, drivers=("fake",), default_driver="fake")
@@ -184,9 +184,9 @@ async def serve_statemachine(url: str) -> None:
 async def serve_plane(url: str, data_dir: Path) -> None:
     """Everything but the state machine: the driver worker on FakeDriver, the projector and the query service."""
     from bench.fake_driver import FakeDriver
-    from services.projector import Projector
-    from services.query import QueryService
-    from services.worker import DriverWorker
+    from sandboxctl.services.projector import Projector
+    from sandboxctl.services.query import QueryService
+    from sandboxctl.services.worker import DriverWorker
 
     db = data_dir / "projection.sqlite3"
     connections = [await _connect(url, f"bench-{part}") for part in ("projector", "query", "driver-fake")]

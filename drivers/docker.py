@@ -23,7 +23,7 @@ import requests
 from docker import DockerClient
 from docker.errors import DockerException, ImageNotFound, NotFound
 
-from drivers.base import (
+from sandboxctl.drivers.base import (
     MANAGED,
     SANDBOX,
     SANDBOX_ID,

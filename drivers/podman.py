@@ -20,7 +20,7 @@ from podman import PodmanClient
 from podman.api import stream_frames
 from podman.errors import APIError, NotFound, PodmanError
 
-from drivers.base import (
+from sandboxctl.drivers.base import (
     MANAGED,
     SANDBOX,
     SANDBOX_ID,

@@ -2,11 +2,11 @@
 
 Everything that crosses NATS is defined here as msgspec Structs and encoded as
 JSON, so that a client in any language can publish commands and read the log.
-Nothing in this package performs I/O (but ``python -m events.asyncapi``, which
+Nothing in this package performs I/O (but ``python -m sandboxctl.events.asyncapi``, which
 writes the generated contract); every other package imports it.
 """
 
-from events.commands import (
+from sandboxctl.events.commands import (
     COMMAND_TYPES,
     AcquireLease,
     CreateSandbox,
@@ -21,8 +21,8 @@ from events.commands import (
     TouchSandbox,
     WarnSandbox,
 )
-from events.envelope import Envelope, decode_envelope, encode, new_id, now
-from events.facts import (
+from sandboxctl.events.envelope import Envelope, decode_envelope, encode, new_id, now
+from sandboxctl.events.facts import (
     FACT_TYPES,
     ContainerCreated,
     ContainerExited,
@@ -32,7 +32,7 @@ from events.facts import (
     DriverFailed,
     Fact,
 )
-from events.lifecycle import (
+from sandboxctl.events.lifecycle import (
     EVENT_TYPES,
     LifecycleEvent,
     SandboxCreated,
@@ -44,7 +44,7 @@ from events.lifecycle import (
     SandboxStopped,
     SandboxStopRequested,
 )
-from events.replies import ErrorCode, ErrorInfo, Reply
+from sandboxctl.events.replies import ErrorCode, ErrorInfo, Reply
 
 __all__ = [
     "COMMAND_TYPES",

@@ -3,7 +3,7 @@
 Generated, never hand-edited, so it cannot drift from what the services
 accept and emit; tests/test_contract_doc.py fails when docs/asyncapi.json
 differs from what this module builds. Regenerate with
-``python -m events.asyncapi``.
+``python -m sandboxctl.events.asyncapi``.
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ from typing import Any
 
 import msgspec
 
-from events import subjects
-from events.commands import COMMAND_TYPES
-from events.denied import DeniedAttempt
-from events.envelope import Envelope
-from events.facts import FACT_TYPES
-from events.health import ServiceHealth
-from events.lifecycle import EVENT_TYPES
-from events.queries import QUERY_TYPES, HistoryPage, ListPage, Summary
-from events.replies import Reply
+from sandboxctl.events import subjects
+from sandboxctl.events.commands import COMMAND_TYPES
+from sandboxctl.events.denied import DeniedAttempt
+from sandboxctl.events.envelope import Envelope
+from sandboxctl.events.facts import FACT_TYPES
+from sandboxctl.events.health import ServiceHealth
+from sandboxctl.events.lifecycle import EVENT_TYPES
+from sandboxctl.events.queries import QUERY_TYPES, HistoryPage, ListPage, Summary
+from sandboxctl.events.replies import Reply
 
 REF = "#/components/schemas/{name}"
 REPLY = {"channel": {"$ref": "#/channels/reply"}, "messages": [{"$ref": "#/channels/reply/messages/Reply"}]}
@@ -239,7 +239,7 @@ def document() -> dict[str, Any]:
             "title": "sandboxctl",
             "version": "0.1.0",
             "description": "Sandbox lifecycle commands, replies, the lifecycle log, driver facts and queries, "
-            "all JSON over NATS. Generated from events/ by `python -m events.asyncapi`.",
+            "all JSON over NATS. Generated from events/ by `python -m sandboxctl.events.asyncapi`.",
         },
         "defaultContentType": "application/json",
         "channels": channels,

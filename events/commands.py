@@ -12,7 +12,7 @@ from typing import Annotated, ClassVar
 
 import msgspec
 
-from events import limits
+from sandboxctl.events import limits
 
 # Every field a client sends is bounded here (events/limits.py says why): a command outside
 # these bounds is refused at decoding with invalid_argument, and the AsyncAPI document states them.

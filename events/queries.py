@@ -13,8 +13,8 @@ from typing import Annotated
 
 import msgspec
 
-from events.commands import Labels
-from events.limits import NAME_MAX, PAGE_LIMIT_DEFAULT, PAGE_LIMIT_MAX, SEQ_MAX
+from sandboxctl.events.commands import Labels
+from sandboxctl.events.limits import NAME_MAX, PAGE_LIMIT_DEFAULT, PAGE_LIMIT_MAX, SEQ_MAX
 
 Limit = Annotated[int, msgspec.Meta(ge=1, le=PAGE_LIMIT_MAX)]
 PhaseName = Annotated[str, msgspec.Meta(max_length=16)]  # a phase's name; the service checks it is one

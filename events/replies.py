@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-from events.limits import NAME_MAX
+from sandboxctl.events.limits import NAME_MAX
 
 
 class ErrorCode(enum.StrEnum):

@@ -12,8 +12,8 @@ from typing import Any
 import aiosqlite
 import msgspec
 
-from statemachine.phases import Phase
-from statemachine.state import Hold, Lease, PendingWarning, SandboxState
+from sandboxctl.statemachine.phases import Phase
+from sandboxctl.statemachine.state import Hold, Lease, PendingWarning, SandboxState
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (
@@ -47,7 +47,7 @@ INSERT OR IGNORE INTO checkpoint (id, seq) VALUES (1, 0)
 # Bumped whenever the tables change: an older projection is dropped and refolded from the
 # log, which holds everything it showed (it is a cache; the log is the truth).
 # 4: no history table: a sandbox's history is read from the log, which holds it already
-# (services/audit.history), instead of a copy of every event written on the way in.
+# (sandboxctl.bus.reading.history), instead of a copy of every event written on the way in.
 SCHEMA_VERSION = 4
 
 SANDBOX_COLUMNS = (

@@ -20,11 +20,12 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from events import subjects
-from events.lifecycle import SandboxCreated
-from services.bulkread import BULK_BEHIND, Frames
-from services.log import ensure_streams, fold_logged
-from services.projection import (
+from sandboxctl.bus.bulkread import BULK_BEHIND, Frames
+from sandboxctl.bus.eventlog import ensure_streams, fold_logged
+from sandboxctl.bus.tail import Tail, stream_seq
+from sandboxctl.events import subjects
+from sandboxctl.events.lifecycle import SandboxCreated
+from sandboxctl.services.projection import (
     SANDBOX_COLUMNS,
     checkpoint,
     connect,
@@ -32,9 +33,8 @@ from services.projection import (
     idle_values,
     projected_notice,
 )
-from services.tail import Tail, stream_seq
-from statemachine import SandboxState
-from statemachine.phases import Phase
+from sandboxctl.statemachine import SandboxState
+from sandboxctl.statemachine.phases import Phase
 
 log = logging.getLogger(__name__)
 

@@ -39,10 +39,12 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from events import subjects
-from events.envelope import encode
-from events.limits import REASON_MAX
-from events.queries import (
+from sandboxctl.bus.eventlog import last_subject_seq
+from sandboxctl.bus.reading import history
+from sandboxctl.events import subjects
+from sandboxctl.events.envelope import encode
+from sandboxctl.events.limits import REASON_MAX
+from sandboxctl.events.queries import (
     GetRequest,
     HistoryPage,
     HistoryRequest,
@@ -52,11 +54,18 @@ from events.queries import (
     Summary,
     SummaryRequest,
 )
-from events.replies import ErrorCode, Reply, error_reply
-from services.audit import history
-from services.projection import connect, encoded_row, get_sandbox, in_error, phase_counts, rows_after, stub_row
-from statemachine.names import validate_name
-from statemachine.phases import Phase
+from sandboxctl.events.replies import ErrorCode, Reply, error_reply
+from sandboxctl.services.projection import (
+    connect,
+    encoded_row,
+    get_sandbox,
+    in_error,
+    phase_counts,
+    rows_after,
+    stub_row,
+)
+from sandboxctl.statemachine.names import validate_name
+from sandboxctl.statemachine.phases import Phase
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +249,8 @@ class QueryService:
             return error_reply(
                 ErrorCode.INTERNAL, f"history of {name}: the log did not answer in {HISTORY_DEADLINE:g}s", name
             )
-        if not events and not request.after:
+        # Nothing after the cursor is an empty last page; nothing at all is no such sandbox.
+        if not events and (not request.after or not await last_subject_seq(self.js, name)):
             return error_reply(ErrorCode.NOT_FOUND, f"sandbox {name} has no history", name)
         page, last, more = _Page(self.budget), 0, False
         for record, item in _encoded_after(events, request.after):

@@ -20,12 +20,12 @@ import time
 
 from nats.aio.client import Client as NATS
 
-from events import subjects
-from services.client import SandboxClient, SandboxError
-from services.log import ensure_streams, fold_logged
-from services.tail import Tail, reraise_if_cancelling, stream_seq
-from statemachine import Phase, SandboxState
-from statemachine.idle import REAPER, ReaperCommand, due
+from sandboxctl.bus.eventlog import ensure_streams, fold_logged
+from sandboxctl.bus.tail import Tail, reraise_if_cancelling, stream_seq
+from sandboxctl.client import SandboxClient, SandboxError
+from sandboxctl.events import subjects
+from sandboxctl.statemachine import Phase, SandboxState
+from sandboxctl.statemachine.idle import REAPER, ReaperCommand, due
 
 log = logging.getLogger(__name__)
 

@@ -27,14 +27,9 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RawStreamMsg
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
-from events import subjects
-from events.commands import CreateSandbox, SandboxCommand, command_decoder
-from events.envelope import Envelope, encode, now, type_name
-from events.lifecycle import LifecycleEvent
-from events.replies import ErrorCode, Reply, error_reply
-from services.auth import Authorizer, check, ensure_audit_stream, record_denied
-from services.bulkread import BULK_BEHIND, Frames
-from services.log import (
+from sandboxctl.auth import Authorizer, check, ensure_audit_stream, record_denied
+from sandboxctl.bus.bulkread import BULK_BEHIND, Frames
+from sandboxctl.bus.eventlog import (
     DUPLICATE_WINDOW,
     MAX_DELIVER,
     Conflict,
@@ -48,12 +43,17 @@ from services.log import (
     last_subject_seq,
     retry_delay,
 )
-from services.publish import Ack
-from services.pull import Pull
-from services.tail import Tail, deliveries, reraise_if_cancelling, stream_seq, unsubscribe
-from statemachine import Rejection, SandboxState, decide, evolve, react, validate_name
-from statemachine.deadlines import Deadlines, overdue
-from statemachine.phases import TRANSIENT
+from sandboxctl.bus.publish import Ack
+from sandboxctl.bus.pull import Pull
+from sandboxctl.bus.tail import Tail, deliveries, reraise_if_cancelling, stream_seq, unsubscribe
+from sandboxctl.events import subjects
+from sandboxctl.events.commands import CreateSandbox, SandboxCommand, command_decoder
+from sandboxctl.events.envelope import Envelope, encode, now, type_name
+from sandboxctl.events.lifecycle import LifecycleEvent
+from sandboxctl.events.replies import ErrorCode, Reply, error_reply
+from sandboxctl.statemachine import Rejection, SandboxState, decide, evolve, react, validate_name
+from sandboxctl.statemachine.deadlines import Deadlines, overdue
+from sandboxctl.statemachine.phases import TRANSIENT
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,20 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from drivers.base import (
+from sandboxctl.bus.eventlog import (
+    MAX_DELIVER,
+    DecodeError,
+    dead_letter,
+    decode_event,
+    ensure_streams,
+    last_subject_seq,
+    publish_fact,
+    retry_delay,
+)
+from sandboxctl.bus.pull import Pull
+from sandboxctl.bus.reading import load_states, read_events
+from sandboxctl.bus.tail import deliveries, reraise_if_cancelling, stream_seq
+from sandboxctl.drivers.base import (
     ContainerInfo,
     ContainerMissing,
     Driver,
@@ -44,9 +57,9 @@ from drivers.base import (
     container_name,
     volume_name,
 )
-from events import subjects
-from events.envelope import Envelope, new_id, now, type_name
-from events.facts import (
+from sandboxctl.events import subjects
+from sandboxctl.events.envelope import Envelope, new_id, now, type_name
+from sandboxctl.events.facts import (
     ContainerCreated,
     ContainerExited,
     ContainerOrphaned,
@@ -55,29 +68,15 @@ from events.facts import (
     DriverFailed,
     Fact,
 )
-from events.lifecycle import (
+from sandboxctl.events.lifecycle import (
     EVENT_TYPES,
     SandboxCreated,
     SandboxDeleteRequested,
     SandboxStartRequested,
     SandboxStopRequested,
 )
-from services.audit import events as log_events
-from services.log import (
-    MAX_DELIVER,
-    DecodeError,
-    dead_letter,
-    decode_event,
-    ensure_streams,
-    last_subject_seq,
-    publish_fact,
-    retry_delay,
-)
-from services.pull import Pull
-from services.snapshot import load_states
-from services.tail import deliveries, reraise_if_cancelling, stream_seq
-from services.threads import EngineThreads
-from statemachine import Phase, SandboxState
+from sandboxctl.services.threads import EngineThreads
+from sandboxctl.statemachine import Phase, SandboxState
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +342,7 @@ class DriverWorker:
         name, seq = subjects.name_of(msg.subject), stream_seq(msg)
         if self._latest_request.get(name, 0) <= seq and deliveries(msg) > 1:
             if await last_subject_seq(self.js, name) > seq:
-                async for later, logged, _ in log_events(self.js, name, start=seq + 1):
+                async for later, logged, _ in read_events(self.js, name, start=seq + 1):
                     if isinstance(logged, Envelope) and _REQUEST.fullmatch(logged.type):
                         self._latest_request[name] = max(later, self._latest_request.get(name, 0))
                         break
@@ -450,7 +449,7 @@ class DriverWorker:
 
     async def _recorded(self, name: str, sandbox_id: str) -> SandboxSpec | None:
         """The spec the sandbox was created with: its SandboxCreated in the log (read only on this rare path)."""
-        async for _, logged, _ in log_events(self.js, name):
+        async for _, logged, _ in read_events(self.js, name):
             if isinstance(logged, Envelope) and isinstance(logged.data, SandboxCreated):
                 created = logged.data
                 if created.sandbox_id == sandbox_id:

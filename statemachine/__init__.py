@@ -5,11 +5,11 @@ No I/O happens here. ``decide`` turns a command into events or a rejection,
 state. Services at the edges feed these from NATS and append their results.
 """
 
-from statemachine.decider import BACKEND_MISSING, Decision, Rejection, decide, evolve, fold, react
-from statemachine.machine import IllegalTransition, allowed_sources
-from statemachine.names import validate_name
-from statemachine.phases import Phase
-from statemachine.state import SandboxState
+from sandboxctl.statemachine.decider import BACKEND_MISSING, Decision, Rejection, decide, evolve, fold, react
+from sandboxctl.statemachine.machine import IllegalTransition, allowed_sources
+from sandboxctl.statemachine.names import validate_name
+from sandboxctl.statemachine.phases import Phase
+from sandboxctl.statemachine.state import SandboxState
 
 __all__ = [
     "BACKEND_MISSING",

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from events.lifecycle import LifecycleEvent, SandboxFailed
-from statemachine.phases import TRANSIENT, Phase
-from statemachine.state import SandboxState
+from sandboxctl.events.lifecycle import LifecycleEvent, SandboxFailed
+from sandboxctl.statemachine.phases import TRANSIENT, Phase
+from sandboxctl.statemachine.state import SandboxState
 
 TIMEOUT = "timeout"
 

@@ -13,7 +13,7 @@ from datetime import datetime
 
 import msgspec
 
-from events.commands import (
+from sandboxctl.events.commands import (
     CreateSandbox,
     DeleteSandbox,
     SandboxCommand,
@@ -21,9 +21,9 @@ from events.commands import (
     StopSandbox,
     WarnSandbox,
 )
-from events.envelope import Envelope
-from events.facts import ContainerExited, ContainerRemoved, ContainerStarted, DriverFailed, Fact
-from events.lifecycle import (
+from sandboxctl.events.envelope import Envelope
+from sandboxctl.events.facts import ContainerExited, ContainerRemoved, ContainerStarted, DriverFailed, Fact
+from sandboxctl.events.lifecycle import (
     LifecycleEvent,
     SandboxCreated,
     SandboxDeleted,
@@ -34,9 +34,9 @@ from events.lifecycle import (
     SandboxStopped,
     SandboxStopRequested,
 )
-from events.limits import COMMAND_BYTES_MAX, GRACE_MAX, RESERVED_LABEL_PREFIX
-from events.replies import ErrorCode
-from statemachine.idle import (
+from sandboxctl.events.limits import COMMAND_BYTES_MAX, GRACE_MAX, RESERVED_LABEL_PREFIX
+from sandboxctl.events.replies import ErrorCode
+from sandboxctl.statemachine.idle import (
     AUTO_DELETE,
     DELETE,
     IDLE,
@@ -49,11 +49,11 @@ from statemachine.idle import (
     decide_activity,
     fold_activity,
 )
-from statemachine.machine import TABLE, allowed_sources, destination
-from statemachine.names import validate_name
-from statemachine.phases import ABSENT, Phase
-from statemachine.rejection import Decision, Rejection
-from statemachine.state import SandboxState
+from sandboxctl.statemachine.machine import TABLE, allowed_sources, destination
+from sandboxctl.statemachine.names import validate_name
+from sandboxctl.statemachine.phases import ABSENT, Phase
+from sandboxctl.statemachine.rejection import Decision, Rejection
+from sandboxctl.statemachine.state import SandboxState
 
 # The reason recorded when a sandbox's container disappeared behind sandboxctl's back.
 BACKEND_MISSING = "backend_missing"

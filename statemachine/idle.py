@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from events.commands import (
+from sandboxctl.events.commands import (
     AcquireLease,
     DeleteSandbox,
     PlaceStopHold,
@@ -27,8 +27,8 @@ from events.commands import (
     TouchSandbox,
     WarnSandbox,
 )
-from events.envelope import Envelope
-from events.lifecycle import (
+from sandboxctl.events.envelope import Envelope
+from sandboxctl.events.lifecycle import (
     LifecycleEvent,
     SandboxDeleteWarning,
     SandboxLeaseAcquired,
@@ -40,11 +40,11 @@ from events.lifecycle import (
     SandboxTouched,
     SandboxWarningCancelled,
 )
-from events.limits import HOLDER_MAX, IDLE_MAX, TTL_MAX
-from events.replies import ErrorCode
-from statemachine.phases import Phase
-from statemachine.rejection import Decision, Rejection
-from statemachine.state import Hold, Lease, PendingWarning, SandboxState
+from sandboxctl.events.limits import HOLDER_MAX, IDLE_MAX, TTL_MAX
+from sandboxctl.events.replies import ErrorCode
+from sandboxctl.statemachine.phases import Phase
+from sandboxctl.statemachine.rejection import Decision, Rejection
+from sandboxctl.statemachine.state import Hold, Lease, PendingWarning, SandboxState
 
 REAPER = "sandboxctl/reaper"  # the reaper's actor when authorization is off
 IDLE = "idle"  # the reason of the reaper's stops

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from transitions import Machine
 
-from statemachine.phases import ABSENT, Phase
+from sandboxctl.statemachine.phases import ABSENT, Phase
 
 _ALIVE = [p.value for p in Phase if p is not Phase.DELETED]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from events.limits import NAME_MAX, NAME_PATTERN
+from sandboxctl.events.limits import NAME_MAX, NAME_PATTERN
 
 _NAME = re.compile(NAME_PATTERN)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import msgspec
 
-from events.lifecycle import LifecycleEvent
-from events.replies import ErrorCode
+from sandboxctl.events.lifecycle import LifecycleEvent
+from sandboxctl.events.replies import ErrorCode
 
 
 class Rejection(msgspec.Struct, frozen=True):

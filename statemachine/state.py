@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from statemachine.phases import Phase
+from sandboxctl.statemachine.phases import Phase
 
 
 class Lease(msgspec.Struct, frozen=True, gc=False):

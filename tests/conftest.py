@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from services.auth import AuthStore
-from services.cli import run_main
-from services.client import SandboxClient
-from services.config import Config
-from services.dockerd import DockerDaemon
-from services.embedded import ControlPlane, NatsServer, PodmanService
+from sandboxctl.auth import AuthStore
+from sandboxctl.cli.main import run_main
+from sandboxctl.client import SandboxClient
+from sandboxctl.runtime.config import Config
+from sandboxctl.runtime.embedded import ControlPlane, NatsServer, PodmanService
+from testing.dockerd import DockerDaemon
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = os.environ.get("SANDBOXCTL_TEST_IMAGE", "localhost/sandboxctl-busybox:latest")
@@ -198,7 +198,7 @@ async def cli_process(env: dict[str, str], *argv: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "services.cli",
+        "sandboxctl.cli",
         *argv,
         env=env,
         cwd=ROOT,

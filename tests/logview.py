@@ -6,12 +6,12 @@ import asyncio
 import contextlib
 from typing import Any
 
-from events import subjects
-from events.envelope import Envelope
-from services.client import SandboxClient
-from services.log import DecodeError, decode_event, decode_fact
-from services.tail import Tail
-from statemachine import IllegalTransition, SandboxState, evolve
+from sandboxctl.bus.eventlog import DecodeError, decode_event, decode_fact
+from sandboxctl.bus.tail import Tail
+from sandboxctl.client import SandboxClient
+from sandboxctl.events import subjects
+from sandboxctl.events.envelope import Envelope
+from sandboxctl.statemachine import IllegalTransition, SandboxState, evolve
 
 # The lifecycle, written out from docs/architecture.md rather than taken from the decider;
 # any other kind of event (a touch, a lease, a warning) keeps the phase.

@@ -9,11 +9,11 @@ import sqlite3
 import sys
 from datetime import UTC, datetime
 
-from events import SandboxStopped, subjects
-from events.envelope import Envelope, encode, now, type_name
-from services.client import SandboxClient
-from services.config import Config
-from services.embedded import ControlPlane, NatsServer
+from sandboxctl.client import SandboxClient
+from sandboxctl.events import SandboxStopped, subjects
+from sandboxctl.events.envelope import Envelope, encode, now, type_name
+from sandboxctl.runtime.config import Config
+from sandboxctl.runtime.embedded import ControlPlane, NatsServer
 from tests.conftest import CLI, ROOT
 
 
@@ -168,7 +168,7 @@ async def test_events_follow_with_a_type_filter_survives_a_server_restart(
     await client.wait_for(first, "Ready")
     env = {**os.environ, "SANDBOXCTL_NATS_URL": config.nats_url}
     follower = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli", "events", "--follow", "--type", "ready", "-o", "json",
+        sys.executable, "-m", "sandboxctl.cli", "events", "--follow", "--type", "ready", "-o", "json",
         env=env, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert follower.stdout is not None

@@ -24,14 +24,14 @@ import pytest
 from nats.js.api import ConsumerConfig, StreamConfig
 
 from bench.replay import fill
-from events import subjects
-from events.commands import command_decoder
-from services.auth import READ, WRITE, Authorizer, AuthStore, component_user
-from services.client import Denials, PermissionDenied, SandboxClient
-from services.config import Config
-from services.embedded import ControlPlane, NatsServer, free_port
-from services.projector import Projector
-from services.statemachine import StateMachineService
+from sandboxctl.auth import READ, WRITE, Authorizer, AuthStore, component_user
+from sandboxctl.client import Denials, PermissionDenied, SandboxClient
+from sandboxctl.events import subjects
+from sandboxctl.events.commands import command_decoder
+from sandboxctl.runtime.config import Config
+from sandboxctl.runtime.embedded import ControlPlane, NatsServer, free_port
+from sandboxctl.services.projector import Projector
+from sandboxctl.services.statemachine import StateMachineService
 from tests.conftest import CLI, ROOT, cli_process, podman
 
 ADMIN_USER = "ops"
@@ -394,7 +394,7 @@ async def test_the_cli_says_permission_denied_and_only_an_admin_runs_verify(
     env = {**os.environ, "SANDBOXCTL_NATS_URL": auth_config.nats_url, "SANDBOXCTL_DATA_DIR": str(auth_config.data_dir)}
     env["SANDBOXCTL_CREDENTIALS"] = str(store.credentials_path("nobody"))
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli", "list", env=env, cwd=ROOT,
+        sys.executable, "-m", "sandboxctl.cli", "list", env=env, cwd=ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     _, err_bytes = await proc.communicate()
@@ -419,7 +419,7 @@ async def test_up_makes_the_credentials_and_user_add_admits_a_new_user(
     for key in ("SANDBOXCTL_CREDENTIALS", "SANDBOXCTL_USER", "SANDBOXCTL_PASSWORD"):
         env.pop(key, None)
     up = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli", "up", "--port", str(port), env=env, cwd=ROOT,
+        sys.executable, "-m", "sandboxctl.cli", "up", "--port", str(port), env=env, cwd=ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     try:
@@ -518,7 +518,7 @@ async def test_the_projectors_catch_up_reader_reads_with_the_projectors_own_perm
     nc = await nats.connect(auth_server.url, **store.credentials(component_user("projector")).connect_options())
     projector = Projector(nc, tmp_path / "projection.db", notify=True, bulk_behind=1)
     try:
-        with caplog.at_level(logging.WARNING, logger="services.projector"):
+        with caplog.at_level(logging.WARNING, logger="sandboxctl.services.projector"):
             await projector.start()
             await asyncio.wait_for(projector.caught_up.wait(), 60)
         assert projector.position == 500 and len(projector.rows) == 50
@@ -542,7 +542,7 @@ async def test_the_state_machines_catch_up_reader_reads_with_the_state_machines_
     nc = await nats.connect(auth_server.url, **options)
     service = StateMachineService(nc, authorizer=Authorizer(store), bulk_behind=1)
     try:
-        with caplog.at_level(logging.WARNING, logger="services.statemachine"):
+        with caplog.at_level(logging.WARNING, logger="sandboxctl.services.statemachine"):
             await asyncio.wait_for(service.start(), 60)
         assert service.position == 500 and len(service.states) == 50
         assert not [r.getMessage() for r in caplog.records if "catch-up reader" in r.getMessage()]

@@ -17,10 +17,10 @@ import nats
 import pytest
 
 from bench.replay import fill
-from services.auth import WRITE, AuthStore, component_user
-from services.client import EXIT_STATUS, ClientCode
-from services.config import Config
-from services.embedded import ControlPlane, NatsServer, free_port
+from sandboxctl.auth import WRITE, AuthStore, component_user
+from sandboxctl.client import EXIT_STATUS, ClientCode
+from sandboxctl.runtime.config import Config
+from sandboxctl.runtime.embedded import ControlPlane, NatsServer, free_port
 from tests.conftest import CLI, ROOT, phase
 
 NOBODY_LISTENS = Config(nats_url=f"nats://127.0.0.1:{free_port()}", data_dir=Path("/nonexistent"), actor="test")
@@ -73,7 +73,7 @@ async def _cli_on_a_terminal(config: Config, answer: str, *argv: str) -> tuple[i
     master, slave = pty.openpty()
     env = {**os.environ, "SANDBOXCTL_NATS_URL": config.nats_url, "SANDBOXCTL_DATA_DIR": str(config.data_dir)}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli", *argv, env=env, cwd=ROOT,
+        sys.executable, "-m", "sandboxctl.cli", *argv, env=env, cwd=ROOT,
         stdin=slave, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     os.close(slave)
@@ -176,7 +176,7 @@ async def test_a_reader_that_goes_away_is_a_broken_pipe_not_unavailable(nats_ser
         await nc.close()
     env = {**os.environ, "SANDBOXCTL_NATS_URL": nats_server.url, "SANDBOXCTL_DATA_DIR": "/nonexistent"}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli", "events", "-o", "json", env=env, cwd=ROOT,
+        sys.executable, "-m", "sandboxctl.cli", "events", "-o", "json", env=env, cwd=ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert proc.stdout is not None and proc.stderr is not None

@@ -12,12 +12,8 @@ import nats
 import pytest
 from nats.aio.msg import Msg
 
-from events import subjects
-from events.envelope import encode
-from events.limits import GRACE_MAX, LABELS_MAX
-from events.replies import ErrorCode, error_reply
-from services.cli import EXIT_CODES
-from services.client import (
+from sandboxctl.cli.main import EXIT_CODES
+from sandboxctl.client import (
     ERRORS,
     EXIT_STATUS,
     AlreadyExists,
@@ -32,9 +28,13 @@ from services.client import (
     Unavailable,
     wait_verdict,
 )
-from services.config import Config
-from services.embedded import ControlPlane
-from statemachine import Phase
+from sandboxctl.events import subjects
+from sandboxctl.events.envelope import encode
+from sandboxctl.events.limits import GRACE_MAX, LABELS_MAX
+from sandboxctl.events.replies import ErrorCode, error_reply
+from sandboxctl.runtime.config import Config
+from sandboxctl.runtime.embedded import ControlPlane
+from sandboxctl.statemachine import Phase
 
 
 async def test_each_error_code_raises_its_own_type(client: SandboxClient, names, image: str) -> None:

@@ -13,13 +13,13 @@ import time
 
 import pytest
 
-from drivers.base import ContainerMissing, SandboxSpec
-from events import ContainerExited, Envelope, now, subjects
-from events.envelope import type_name
-from services.client import SandboxClient
-from services.config import Config
-from services.embedded import ControlPlane, PodmanService, make_driver
-from services.log import decode_fact, publish_fact
+from sandboxctl.bus.eventlog import decode_fact, publish_fact
+from sandboxctl.client import SandboxClient
+from sandboxctl.drivers.base import ContainerMissing, SandboxSpec
+from sandboxctl.events import ContainerExited, Envelope, now, subjects
+from sandboxctl.events.envelope import type_name
+from sandboxctl.runtime.config import Config
+from sandboxctl.runtime.embedded import ControlPlane, PodmanService, make_driver
 from tests.conftest import CLI, Engine, phase
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from events.asyncapi import DOCUMENT, render
-from services.config import Config
-from services.embedded import ControlPlane
+from sandboxctl.events.asyncapi import DOCUMENT, render
+from sandboxctl.runtime.config import Config
+from sandboxctl.runtime.embedded import ControlPlane
 from tests.conftest import ROOT
 
 ASYNCAPI_SCHEMA = Path(
@@ -26,7 +26,7 @@ ASYNCAPI_SCHEMA = Path(
 
 
 def test_the_committed_document_is_what_the_types_generate() -> None:
-    assert DOCUMENT.read_text() == render(), "docs/asyncapi.json is stale: run python -m events.asyncapi"
+    assert DOCUMENT.read_text() == render(), "docs/asyncapi.json is stale: run python -m sandboxctl.events.asyncapi"
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 
-from events import subjects
-from services.client import SandboxClient
-from services.embedded import ControlPlane
+from sandboxctl.client import SandboxClient
+from sandboxctl.events import subjects
+from sandboxctl.runtime.embedded import ControlPlane
 from tests.conftest import CLI
 
 

@@ -8,10 +8,10 @@ import signal
 from datetime import datetime
 from pathlib import Path
 
-from services.client import SandboxClient
-from services.config import Config
-from services.embedded import ControlPlane, PodmanService
-from statemachine import Phase
+from sandboxctl.client import SandboxClient
+from sandboxctl.runtime.config import Config
+from sandboxctl.runtime.embedded import ControlPlane, PodmanService
+from sandboxctl.statemachine import Phase
 from tests.conftest import podman
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from events import (
+from sandboxctl.events import (
     ContainerCreated,
     ContainerExited,
     ContainerOrphaned,
@@ -20,17 +20,26 @@ from events import (
     StopSandbox,
     now,
 )
-from events.envelope import type_name
-from events.lifecycle import (
+from sandboxctl.events.envelope import type_name
+from sandboxctl.events.lifecycle import (
     SandboxFailed,
     SandboxReady,
     SandboxStartRequested,
     SandboxStopped,
     SandboxStopRequested,
 )
-from events.replies import ErrorCode
-from statemachine import BACKEND_MISSING, IllegalTransition, Phase, Rejection, SandboxState, decide, evolve, react
-from statemachine.machine import MACHINE
+from sandboxctl.events.replies import ErrorCode
+from sandboxctl.statemachine import (
+    BACKEND_MISSING,
+    IllegalTransition,
+    Phase,
+    Rejection,
+    SandboxState,
+    decide,
+    evolve,
+    react,
+)
+from sandboxctl.statemachine.machine import MACHINE
 
 
 def state(phase: Phase, incarnation: str = "run-1") -> SandboxState:
@@ -201,7 +210,7 @@ def test_an_orphan_report_moves_no_phase() -> None:
 
 
 def test_deadlines_fail_an_overdue_transient_phase_with_timeout() -> None:
-    from statemachine.deadlines import TIMEOUT, overdue, parse_deadlines
+    from sandboxctl.statemachine.deadlines import TIMEOUT, overdue, parse_deadlines
 
     deadlines = parse_deadlines("podman.Stopping=5, *.Starting=7")
     stopping = SandboxState(name="b", sandbox_id="i", phase=Phase.STOPPING, driver="podman", since=100.0)
@@ -216,7 +225,7 @@ def test_deadlines_fail_an_overdue_transient_phase_with_timeout() -> None:
 
 
 def test_a_late_report_of_an_older_run_never_moves_the_sandbox() -> None:
-    from statemachine.decider import started_before
+    from sandboxctl.statemachine.decider import started_before
 
     old, new = "2026-11-29T08:20:06.314641231Z", "2026-11-29T08:20:09.716079115Z"
     assert started_before(old, new) and not started_before(new, old) and not started_before(new, new)
@@ -302,7 +311,7 @@ def test_a_second_stop_with_a_shorter_grace_shortens_the_wait_and_a_longer_one_c
     assert shorter.phase is Phase.STOPPING and shorter.stop_by == 1101.0 and shorter.request_id == "e2"
     assert shorter.since == stopping.since  # still the same Stopping
     # and the watchdog's deadline of a stop counts from the end of its grace
-    from statemachine.deadlines import overdue
+    from sandboxctl.statemachine.deadlines import overdue
 
     long_stop = msgspec.structs.replace(stopping, since=1000.0)
     assert overdue(long_stop, 1000.0 + 310, {}) == []  # the default 300 s would have failed it mid-grace
@@ -317,7 +326,7 @@ def test_a_stop_grace_out_of_range_is_invalid(timeout: float) -> None:
 
 
 def test_a_create_is_bounded_beyond_each_field_and_keeps_sandboxctls_labels_its_own() -> None:
-    from events.limits import COMMAND_ARG_MAX, COMMAND_BYTES_MAX
+    from sandboxctl.events.limits import COMMAND_ARG_MAX, COMMAND_BYTES_MAX
 
     args = ["x" * COMMAND_ARG_MAX] * (COMMAND_BYTES_MAX // COMMAND_ARG_MAX + 1)
     big = decide(None, cmd(CreateSandbox, command=args))  # type: ignore[arg-type]
@@ -329,7 +338,7 @@ def test_a_create_is_bounded_beyond_each_field_and_keeps_sandboxctls_labels_its_
 
 def test_every_command_field_is_bounded_at_decoding() -> None:
     """The contract's bounds (events/limits.py) hold where a command enters: msgspec refuses it."""
-    from events.commands import command_decoder
+    from sandboxctl.events.commands import command_decoder
 
     def stop(**fields: object) -> bytes:
         return msgspec.json.encode({"type": "sandboxctl.command.stop.v1", "name": "box", "command_id": "c", **fields})
@@ -367,9 +376,9 @@ def test_every_command_field_is_bounded_at_decoding() -> None:
 
 
 def test_an_entry_that_cannot_be_folded_is_skipped_but_moves_the_sandboxs_position() -> None:
-    from events.envelope import encode
-    from services.log import fold_logged
-    from statemachine.decider import skip
+    from sandboxctl.bus.eventlog import fold_logged
+    from sandboxctl.events.envelope import encode
+    from sandboxctl.statemachine.decider import skip
 
     ready = state(Phase.READY)
     for data, why in (

@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 import msgspec
 import pytest
 
-from events import Envelope
-from events.commands import (
+from sandboxctl.events import Envelope
+from sandboxctl.events.commands import (
     AcquireLease,
     CreateSandbox,
     DeleteSandbox,
@@ -22,8 +22,8 @@ from events.commands import (
     TouchSandbox,
     WarnSandbox,
 )
-from events.envelope import type_name
-from events.lifecycle import (
+from sandboxctl.events.envelope import type_name
+from sandboxctl.events.lifecycle import (
     EVENT_TYPES,
     SandboxCreated,
     SandboxDeleteRequested,
@@ -37,11 +37,11 @@ from events.lifecycle import (
     SandboxTouched,
     SandboxWarningCancelled,
 )
-from events.replies import ErrorCode
-from services.worker import _REQUEST
-from statemachine import IllegalTransition, Phase, Rejection, SandboxState, decide, evolve
-from statemachine.idle import AUTO_DELETE, IDLE, deadline, due
-from statemachine.machine import TABLE
+from sandboxctl.events.replies import ErrorCode
+from sandboxctl.services.worker import _REQUEST
+from sandboxctl.statemachine import IllegalTransition, Phase, Rejection, SandboxState, decide, evolve
+from sandboxctl.statemachine.idle import AUTO_DELETE, IDLE, deadline, due
+from sandboxctl.statemachine.machine import TABLE
 
 T0 = 1_800_000_000.0
 OLD_TYPES = {

@@ -14,11 +14,11 @@ import time
 
 import pytest
 
-from drivers import base
-from drivers.base import ExecControl
-from services.client import SandboxClient
-from services.config import Config
-from services.embedded import make_driver
+from sandboxctl.client import SandboxClient
+from sandboxctl.drivers import base
+from sandboxctl.drivers.base import ExecControl
+from sandboxctl.runtime.config import Config
+from sandboxctl.runtime.embedded import make_driver
 from tests.conftest import ROOT, Engine
 from tests.logview import kinds
 
@@ -37,7 +37,7 @@ def cli_env(config: Config) -> dict[str, str]:
 
 async def spawn(config: Config, *argv: str, stdin: int | None = asyncio.subprocess.PIPE) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli", *argv, env=cli_env(config), cwd=ROOT,
+        sys.executable, "-m", "sandboxctl.cli", *argv, env=cli_env(config), cwd=ROOT,
         stdin=stdin, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
 
@@ -120,7 +120,7 @@ async def test_a_closed_output_pipe_ends_the_command_and_says_so(
     reader, writer = os.pipe()  # the CLI's stdout; this test is `head -c 100` at the other end
     try:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.cli", "exec", name, "--", "sh", "-c", "yes & yes; wait",
+            sys.executable, "-m", "sandboxctl.cli", "exec", name, "--", "sh", "-c", "yes & yes; wait",
             env=cli_env(config), cwd=ROOT, stdin=asyncio.subprocess.DEVNULL, stdout=writer,
             stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip

@@ -9,10 +9,10 @@ import json
 
 import pytest
 
-from drivers.base import SANDBOX_ID, ContainerMissing, owned_by
-from services.client import SandboxClient
-from services.config import Config
-from services.embedded import make_driver
+from sandboxctl.client import SandboxClient
+from sandboxctl.drivers.base import SANDBOX_ID, ContainerMissing, owned_by
+from sandboxctl.runtime.config import Config
+from sandboxctl.runtime.embedded import make_driver
 from tests.conftest import CLI, Engine
 
 
@@ -64,7 +64,7 @@ def test_the_engine_refuses_to_remove_a_workspace_in_use_and_the_driver_says_why
 ) -> None:
     """If a container starts using the workspace after the delete looked (a race), the engine's
     refusal is the last guard: the volume is never removed by force, and the message is the engine's."""
-    from drivers.base import SandboxSpec
+    from sandboxctl.drivers.base import SandboxSpec
 
     name = names.new("race")
     driver = make_driver(engine.name, config)

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from services.cli import run_main
-from services.client import SandboxClient
-from services.config import Config
-from services.embedded import ControlPlane, PodmanService, make_driver
+from sandboxctl.cli.main import run_main
+from sandboxctl.client import SandboxClient
+from sandboxctl.runtime.config import Config
+from sandboxctl.runtime.embedded import ControlPlane, PodmanService, make_driver
 from tests.conftest import Engine
 from tests.logview import kinds
 

@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from drivers.base import SandboxSpec
-from services.client import SandboxClient
-from services.config import Config
-from services.embedded import ControlPlane, make_driver
+from sandboxctl.client import SandboxClient
+from sandboxctl.drivers.base import SandboxSpec
+from sandboxctl.runtime.config import Config
+from sandboxctl.runtime.embedded import ControlPlane, make_driver
 from tests.conftest import CLI, Engine
 
 # PID 1 ignores SIGTERM, so a stop takes its whole grace and the engine shows it stopping meanwhile.

@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from drivers.base import SandboxSpec
-from services.client import SandboxClient
-from services.config import Config
-from services.embedded import make_driver
+from sandboxctl.client import SandboxClient
+from sandboxctl.drivers.base import SandboxSpec
+from sandboxctl.runtime.config import Config
+from sandboxctl.runtime.embedded import make_driver
 from tests.conftest import CLI, Engine
 
 # PID 1 ignores SIGTERM: only the SIGKILL at the end of the grace stops it.

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 
-from events import subjects
-from events.lifecycle import SandboxFailed
-from services import audit
-from services.client import SandboxClient, SandboxError
-from services.config import Config
-from services.embedded import ControlPlane
-from services.log import decode_event
+from sandboxctl.bus import reading
+from sandboxctl.bus.eventlog import decode_event
+from sandboxctl.client import SandboxClient, SandboxError
+from sandboxctl.events import subjects
+from sandboxctl.events.lifecycle import SandboxFailed
+from sandboxctl.runtime.config import Config
+from sandboxctl.runtime.embedded import ControlPlane
 from tests.conftest import CLI
 
 
@@ -56,7 +56,7 @@ async def test_a_v1_failure_in_the_log_is_read_as_v2_everywhere(
     assert reply.accepted
     await client.wait_for(name, "Ready", reply.seq)
     # the audit tools and the operators' stream
-    (failed,) = [e for e in await audit.history(js, name) if "failed" in e["type"]]
+    (failed,) = [e for e in await reading.history(js, name) if "failed" in e["type"]]
     assert failed["type"] == "sandboxctl.sandbox.failed.v2" and failed["data"]["kind"] == "exited"
     code, out, _ = await cli("events", "-o", "json", "--type", "failed")
     assert [json.loads(line)["type"] for line in out.splitlines()] == ["sandboxctl.sandbox.failed.v2"]

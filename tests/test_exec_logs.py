@@ -7,9 +7,9 @@ import asyncio
 import os
 import sys
 
-from services import attach
-from services.client import SandboxClient
-from services.config import Config
+from sandboxctl.cli import attach
+from sandboxctl.client import SandboxClient
+from sandboxctl.runtime.config import Config
 from tests.conftest import CLI, ROOT, Engine
 from tests.logview import kinds, settled
 
@@ -111,7 +111,7 @@ async def test_shell_runs_interactively_and_starts_a_stopped_sandbox(
         "SANDBOXCTL_DOCKER_URL": config.docker_url,
     }
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli", "shell", name, env=env, cwd=ROOT,
+        sys.executable, "-m", "sandboxctl.cli", "shell", name, env=env, cwd=ROOT,
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     script = b"echo from-shell > /workspace/s.txt; cat /workspace/s.txt; exit 4\n"

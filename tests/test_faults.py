@@ -19,7 +19,7 @@ sandbox has settled. Once the workload is over and everything is back:
   append the log lacks (lost), and no command caused two events (duplicated);
 - every sandbox is settled (Ready, Stopped, Error or Deleted) within
   SETTLE_BOUND seconds, and the engine agrees with the phase;
-- ``services.audit.verify`` finds no violation of the log's invariants;
+- ``sandboxctl.audit.verify`` finds no violation of the log's invariants;
 - the projection, once caught up, equals a fresh replay of the log, and the
   query service serves it.
 
@@ -43,11 +43,12 @@ from typing import Any
 import nats
 import pytest
 
-from events import subjects
-from services import audit
-from services.client import SandboxClient, SandboxError
-from services.embedded import NatsServer, PodmanService
-from services.projection import checkpoint, connect
+from sandboxctl import audit
+from sandboxctl.bus import reading
+from sandboxctl.client import SandboxClient, SandboxError
+from sandboxctl.events import subjects
+from sandboxctl.runtime.embedded import NatsServer, PodmanService
+from sandboxctl.services.projection import checkpoint, connect
 from tests.conftest import ROOT, Engine
 from tests.logview import LogFollower
 
@@ -312,7 +313,7 @@ async def test_no_event_lost_and_no_sandbox_stuck_through_kills_restarts_and_eng
         count, violations = await audit.verify(js)
         assert violations == [], violations[:10]
         caused: dict[str, list[int]] = {}
-        async for seq, envelope, _ in audit.events(js):
+        async for seq, envelope, _ in reading.read_events(js):
             assert not isinstance(envelope, Exception), f"unreadable log entry {seq}: {envelope}"
             if envelope.causationid.startswith("fault:"):
                 caused.setdefault(envelope.causationid, []).append(seq)

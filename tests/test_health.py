@@ -17,14 +17,15 @@ from pathlib import Path
 import nats
 import pytest
 
-import services.health
-import services.projector
-from events import subjects
-from services.auth import READ, AuthStore, component_user
-from services.client import SandboxClient
-from services.config import Config
-from services.embedded import ControlPlane, NatsServer
-from services.health import HEALTH, status
+import sandboxctl.runtime.health
+import sandboxctl.services.projector
+from sandboxctl.auth import READ, AuthStore, component_user
+from sandboxctl.cli.status import status
+from sandboxctl.client import SandboxClient
+from sandboxctl.events import subjects
+from sandboxctl.runtime.config import Config
+from sandboxctl.runtime.embedded import ControlPlane, NatsServer
+from sandboxctl.runtime.health import HEALTH
 
 LOGGED = ("statemachine", "projector", "reaper")  # the services that keep a position in the log
 
@@ -76,17 +77,17 @@ async def test_a_frozen_projector_is_behind_status_exits_non_zero_and_it_catches
     capsys: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    monkeypatch.setattr(services.health, "BEHIND_AFTER", 1.0)
-    write = services.projector._write_batch
+    monkeypatch.setattr(sandboxctl.runtime.health, "BEHIND_AFTER", 1.0)
+    write = sandboxctl.services.projector._write_batch
     thawed = threading.Event()
 
     def frozen(*args: object) -> None:  # a write that hangs (a stalled disk): the projector's task lives on
         thawed.wait(60)
         write(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(services.projector, "_write_batch", frozen)
+    monkeypatch.setattr(sandboxctl.services.projector, "_write_batch", frozen)
     name = names.new()
-    caplog.set_level(logging.INFO, logger="services.health")
+    caplog.set_level(logging.INFO, logger="sandboxctl.runtime.health")
     try:
         reply = await client.create(name, image)
         await asyncio.sleep(2.5)  # past BEHIND_AFTER, and a look of the process's own watch

@@ -16,16 +16,17 @@ import json
 import nats
 from nats.js import JetStreamContext
 
-from events import subjects
-from events.envelope import Envelope, encode, now, type_name
-from events.lifecycle import SandboxStopped, SandboxStopRequested
-from services import audit
-from services.client import SandboxClient
-from services.config import Config
-from services.embedded import ControlPlane
-from services.log import last_subject_seq
-from services.snapshot import load_states
-from services.statemachine import StateMachineService
+from sandboxctl import audit
+from sandboxctl.bus import reading
+from sandboxctl.bus.eventlog import last_subject_seq
+from sandboxctl.bus.reading import load_states
+from sandboxctl.client import SandboxClient
+from sandboxctl.events import subjects
+from sandboxctl.events.envelope import Envelope, encode, now, type_name
+from sandboxctl.events.lifecycle import SandboxStopped, SandboxStopRequested
+from sandboxctl.runtime.config import Config
+from sandboxctl.runtime.embedded import ControlPlane
+from sandboxctl.services.statemachine import StateMachineService
 from tests.conftest import CLI
 
 SLEEPER = ["sh", "-c", "trap 'exit 0' TERM; sleep 1000 & wait"]
@@ -91,7 +92,7 @@ async def test_bad_entries_are_skipped_by_every_reader_and_the_sandbox_stays_usa
     # Its facts went through: none was dead-lettered by the state machine.
     assert not [r for r in await client.dead_letters() if r["consumer"] == "sandboxctl-statemachine"]
     # Operators see the entries: history shows each with its error, verify lists them.
-    history = await audit.history(js, name)
+    history = await reading.history(js, name)
     flagged = {e["seq"]: e["error"] for e in history if "error" in e}
     assert sorted(flagged) == bad and "unreadable" in flagged[bad[0]] and "names sandbox" in flagged[bad[2]]
     _, violations = await audit.verify(js)

@@ -20,10 +20,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from events import subjects
-from events.envelope import new_id
-from services.client import SandboxClient, SandboxError
-from services.embedded import free_port
+from sandboxctl.client import SandboxClient, SandboxError
+from sandboxctl.events import subjects
+from sandboxctl.events.envelope import new_id
+from sandboxctl.runtime.embedded import free_port
 from tests.conftest import cli_process, podman
 from tests.uprun import Up, fill, up_env
 

@@ -17,14 +17,14 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 
-from events import subjects
-from events.envelope import Envelope, now, type_name
-from events.lifecycle import SandboxReady, SandboxStopped
-from events.replies import Reply, reply_decoder
-from services.audit import history
-from services.embedded import NatsServer
-from services.log import append, last_subject_seq
-from services.statemachine import StateMachineService
+from sandboxctl.bus.eventlog import append, last_subject_seq
+from sandboxctl.bus.reading import history
+from sandboxctl.events import subjects
+from sandboxctl.events.envelope import Envelope, now, type_name
+from sandboxctl.events.lifecycle import SandboxReady, SandboxStopped
+from sandboxctl.events.replies import Reply, reply_decoder
+from sandboxctl.runtime.embedded import NatsServer
+from sandboxctl.services.statemachine import StateMachineService
 
 
 @pytest.fixture

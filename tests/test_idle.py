@@ -14,11 +14,11 @@ from typing import Any
 import nats
 import pytest
 
-from services.auth import READ, WRITE, AuthStore
-from services.client import FailedPrecondition, PermissionDenied, SandboxClient
-from services.config import Config
-from services.embedded import ControlPlane, NatsServer
-from services.reaper import Reaper
+from sandboxctl.auth import READ, WRITE, AuthStore
+from sandboxctl.client import FailedPrecondition, PermissionDenied, SandboxClient
+from sandboxctl.runtime.config import Config
+from sandboxctl.runtime.embedded import ControlPlane, NatsServer
+from sandboxctl.services.reaper import Reaper
 from tests.conftest import CLI, Engine
 from tests.logview import kinds, settled
 

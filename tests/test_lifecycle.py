@@ -10,12 +10,12 @@ import json
 import nats
 import pytest
 
-from events import subjects
-from events.replies import reply_decoder
-from services.client import SandboxClient, SandboxError
-from services.config import Config
-from services.embedded import ControlPlane
-from services.statemachine import StateMachineService
+from sandboxctl.client import SandboxClient, SandboxError
+from sandboxctl.events import subjects
+from sandboxctl.events.replies import reply_decoder
+from sandboxctl.runtime.config import Config
+from sandboxctl.runtime.embedded import ControlPlane
+from sandboxctl.services.statemachine import StateMachineService
 from tests.conftest import CLI, phase, run_cli_process
 
 
@@ -152,7 +152,7 @@ async def test_console_script_exits_non_zero_with_one_line(config: Config, plane
 
 
 async def test_cli_without_a_server_says_so(tmp_path) -> None:
-    from services.embedded import free_port
+    from sandboxctl.runtime.embedded import free_port
 
     config = Config(nats_url=f"nats://127.0.0.1:{free_port()}", data_dir=tmp_path)
     code, _, err = await run_cli_process(config, "list")

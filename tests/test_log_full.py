@@ -17,10 +17,10 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 
-from events import subjects
-from events.replies import ErrorCode, reply_decoder
-from services.embedded import free_port, nats_server_binary
-from services.statemachine import StateMachineService
+from sandboxctl.events import subjects
+from sandboxctl.events.replies import ErrorCode, reply_decoder
+from sandboxctl.runtime.embedded import free_port, nats_server_binary
+from sandboxctl.services.statemachine import StateMachineService
 
 
 @pytest.fixture

@@ -45,19 +45,19 @@ import nats.errors
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis.strategies import SearchStrategy
 
-from events import subjects
-from events.commands import COMMAND_TYPES
-from events.envelope import Envelope, encode, now, type_name
-from events.facts import ContainerExited, ContainerOrphaned, ContainerStarted, DriverFailed
-from events.lifecycle import SandboxStopped, SandboxStopRequested
-from events.limits import COMMAND_ARG_MAX, LABEL_KEY_MAX, LABEL_VALUE_MAX, PAGE_LIMIT_MAX
-from events.queries import PHASES_MAX
-from events.replies import reply_decoder
-from services import audit
-from services.client import SandboxClient
-from services.config import Config
-from services.embedded import ControlPlane
-from statemachine import Phase
+from sandboxctl import audit
+from sandboxctl.client import SandboxClient
+from sandboxctl.events import subjects
+from sandboxctl.events.commands import COMMAND_TYPES
+from sandboxctl.events.envelope import Envelope, encode, now, type_name
+from sandboxctl.events.facts import ContainerExited, ContainerOrphaned, ContainerStarted, DriverFailed
+from sandboxctl.events.lifecycle import SandboxStopped, SandboxStopRequested
+from sandboxctl.events.limits import COMMAND_ARG_MAX, LABEL_KEY_MAX, LABEL_VALUE_MAX, PAGE_LIMIT_MAX
+from sandboxctl.events.queries import PHASES_MAX
+from sandboxctl.events.replies import reply_decoder
+from sandboxctl.runtime.config import Config
+from sandboxctl.runtime.embedded import ControlPlane
+from sandboxctl.statemachine import Phase
 
 VERBS = tuple(cls.VERB for cls in COMMAND_TYPES)
 BY_VERB = {cls.VERB: cls for cls in COMMAND_TYPES}

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import json
 
-from services.projection import NOTICE_MAX, SANDBOX_COLUMNS, encoded_row, projected_notice, sandbox_row, stub_row
+from sandboxctl.services.projection import (
+    NOTICE_MAX,
+    SANDBOX_COLUMNS,
+    encoded_row,
+    projected_notice,
+    sandbox_row,
+    stub_row,
+)
 
 
 def row(**overrides: object) -> tuple[object, ...]:

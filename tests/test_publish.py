@@ -16,9 +16,9 @@ from nats.aio.msg import Msg
 from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import APIError, NoStreamResponseError
 
-from services import publish as publishing
-from services.embedded import NatsServer
-from services.publish import publish
+from sandboxctl.bus import publish as publishing
+from sandboxctl.bus.publish import publish
+from sandboxctl.runtime.embedded import NatsServer
 
 STREAM = "PUBTEST"
 

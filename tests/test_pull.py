@@ -1,4 +1,4 @@
-"""services.pull.Pull against a real nats-server: the durable pull reader the
+"""sandboxctl.bus.pull.Pull against a real nats-server: the durable pull reader the
 state machine (facts) and the driver workers (work orders) read with. Every
 message must come, in order, once it is acknowledged never again, and the
 reader must survive its consumer being deleted."""
@@ -16,9 +16,9 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
-from services.embedded import NatsServer
-from services.pull import Pull
-from services.tail import deliveries, sequences
+from sandboxctl.bus.pull import Pull
+from sandboxctl.bus.tail import deliveries, sequences
+from sandboxctl.runtime.embedded import NatsServer
 
 STREAM, DURABLE = "PULLTEST", "pull-test"
 

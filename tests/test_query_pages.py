@@ -21,17 +21,23 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from bench.replay import fill
-from events import subjects
-from events.envelope import Envelope, encode, new_id, now
-from events.lifecycle import LifecycleEvent, SandboxCreated, SandboxDeleted, SandboxDeleteRequested, SandboxFailed
-from events.limits import LABEL_KEY_MAX, LABEL_VALUE_MAX, LABELS_MAX, PAGE_LIMIT_DEFAULT, PAGE_LIMIT_MAX
-from events.queries import PHASES_MAX
-from events.replies import reply_decoder
-from services.client import Internal, InvalidArgument, SandboxClient
-from services.config import Config
-from services.embedded import ControlPlane, NatsServer
-from services.log import ensure_streams
-from services.query import REPLY_MARGIN
+from sandboxctl.bus.eventlog import ensure_streams
+from sandboxctl.client import Internal, InvalidArgument, SandboxClient
+from sandboxctl.events import subjects
+from sandboxctl.events.envelope import Envelope, encode, new_id, now
+from sandboxctl.events.lifecycle import (
+    LifecycleEvent,
+    SandboxCreated,
+    SandboxDeleted,
+    SandboxDeleteRequested,
+    SandboxFailed,
+)
+from sandboxctl.events.limits import LABEL_KEY_MAX, LABEL_VALUE_MAX, LABELS_MAX, PAGE_LIMIT_DEFAULT, PAGE_LIMIT_MAX
+from sandboxctl.events.queries import PHASES_MAX
+from sandboxctl.events.replies import reply_decoder
+from sandboxctl.runtime.config import Config
+from sandboxctl.runtime.embedded import ControlPlane, NatsServer
+from sandboxctl.services.query import REPLY_MARGIN
 
 IMAGE = "localhost/sandboxctl-busybox:latest"
 
@@ -247,5 +253,22 @@ async def test_summary_counts_phases_and_names_the_latest_errors(reader_config: 
         errors = summary["errors"]
         assert len(errors) == 50 and errors[0]["name"] == "e-59" and errors[0]["last_error"].startswith("boom 59 ")
         assert all(len(e["last_error"]) <= 512 for e in errors) and size < 64 * 1024
+    finally:
+        await plane.stop()
+
+
+async def test_history_after_a_cursor_is_an_empty_last_page_but_no_sandbox_is_not_found(
+    reader_config: Config, nc: NATS
+) -> None:
+    """Found by the poison suite: a history request with a cursor for a name that has no events
+    at all answered an empty page, as if the sandbox existed."""
+    await ensure_streams(nc.jetstream())
+    await append(nc, "h-0", created({}))
+    plane = await readers(reader_config)
+    try:
+        _, error = await ask(nc, "history", name="nobody", after=1)
+        assert error.code == "not_found", error
+        _, page = await ask(nc, "history", name="h-0", after=10**6)
+        assert page["items"] == [] and page["next"] == 0
     finally:
         await plane.stop()

@@ -49,7 +49,7 @@ Checked, from the replies and the log after all rounds:
   from Stopped, delete from Ready), and the delete of a delete-vs-start round
   always wins a position;
 - a chaser's answer reflects at least the log position its shot won;
-- ``services.audit.verify`` finds no violation, no sandbox failed, and every
+- ``sandboxctl.audit.verify`` finds no violation, no sandbox failed, and every
   sandbox's chain ends Deleted.
 
 - no Ready names a run that had already stopped or exited.
@@ -83,18 +83,19 @@ import pytest
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-import services.statemachine as statemachine_module
-import services.worker as worker_module
-from events import subjects
-from events.envelope import Envelope, now, type_name
-from events.facts import ContainerExited, ContainerStarted
-from services import audit
-from services.client import AlreadyExists, SandboxClient
-from services.config import Config
-from services.embedded import ControlPlane
-from services.log import publish_fact
-from services.statemachine import FACTS_CONSUMER, StateMachineService
-from services.worker import DriverWorker
+import sandboxctl.services.statemachine as statemachine_module
+import sandboxctl.services.worker as worker_module
+from sandboxctl import audit
+from sandboxctl.bus import reading
+from sandboxctl.bus.eventlog import publish_fact
+from sandboxctl.client import AlreadyExists, SandboxClient
+from sandboxctl.events import subjects
+from sandboxctl.events.envelope import Envelope, now, type_name
+from sandboxctl.events.facts import ContainerExited, ContainerStarted
+from sandboxctl.runtime.config import Config
+from sandboxctl.runtime.embedded import ControlPlane
+from sandboxctl.services.statemachine import FACTS_CONSUMER, StateMachineService
+from sandboxctl.services.worker import DriverWorker
 from tests.conftest import ROOT
 from tests.logview import event_kind, facts_of, phase_after
 
@@ -547,7 +548,7 @@ def check_round(round_: Round, chain: Chain, tally: Tally, claimed: dict[int, st
 async def story(js: Any, name: str) -> str:
     """One sandbox's log events and driver facts, in time order: what a failure message needs."""
     lines: list[tuple[str, str]] = []
-    async for seq, envelope, _ in audit.events(js, name):
+    async for seq, envelope, _ in reading.read_events(js, name):
         if not isinstance(envelope, Exception):
             what = f"log {seq} {event_kind(envelope.type)} by {envelope.actor} cause {envelope.causationid}"
             lines.append((envelope.time.isoformat(), f"{what} {msgspec.to_builtins(envelope.data)}"))
@@ -603,7 +604,7 @@ async def test_conflicting_commands_from_several_processes_have_one_winner_per_l
     count, violations = await audit.verify(js)
     chains: dict[str, Chain] = {}
     failures = []
-    async for seq, envelope, msg in audit.events(js):
+    async for seq, envelope, msg in reading.read_events(js):
         assert not isinstance(envelope, Exception), f"unreadable log entry at {seq}: {envelope}"
         chains.setdefault(subjects.name_of(msg.subject), Chain()).add(seq, envelope)
         if event_kind(envelope.type) == "failed":
@@ -836,7 +837,7 @@ async def test_late_facts_of_an_earlier_run_move_nothing(
         await asyncio.sleep(0.05)
     release.set()
     await client.wait_for(name, "Ready", started.seq)
-    after = [e for e in await audit.history(js, name) if e["seq"] > started.seq]
+    after = [e for e in await reading.history(js, name) if e["seq"] > started.seq]
     assert [(event_kind(e["type"]), e["data"].get("incarnation")) for e in after] == [
         ("ready", plane.statemachine.states[name].incarnation)
     ], after

@@ -16,15 +16,15 @@ from typing import Any
 import nats
 import pytest
 
-import services.bulkread
-import services.projector
+import sandboxctl.bus.bulkread
+import sandboxctl.services.projector
 from bench.replay import fill
-from events.envelope import Envelope, new_id, now
-from events.lifecycle import SandboxStopRequested
-from services.embedded import NatsServer
-from services.log import append, last_subject_seq
-from services.projector import Projector
-from services.statemachine import StateMachineService
+from sandboxctl.bus.eventlog import append, last_subject_seq
+from sandboxctl.events.envelope import Envelope, new_id, now
+from sandboxctl.events.lifecycle import SandboxStopRequested
+from sandboxctl.runtime.embedded import NatsServer
+from sandboxctl.services.projector import Projector
+from sandboxctl.services.statemachine import StateMachineService
 
 EVENTS, SANDBOXES = 3_000, 300
 UNREACHABLE = {"servers": ["nats://127.0.0.1:1"]}
@@ -100,7 +100,7 @@ async def test_catch_up_with_a_reader_process_builds_the_same_projection(
 ) -> None:
     ordinary = await project(long_log, tmp_path / "ordinary.db", bulk_behind=10**9)
     await close(ordinary)
-    with caplog.at_level(logging.WARNING, logger="services.projector"):
+    with caplog.at_level(logging.WARNING, logger="sandboxctl.services.projector"):
         bulk = await project(long_log, tmp_path / "bulk.db", bulk_behind=1)
     try:
         # the reader process did the reading: the ordinary reader did not have to take over
@@ -120,8 +120,8 @@ async def test_a_reader_that_fails_costs_only_speed(
 ) -> None:
     ordinary = await project(long_log, tmp_path / "ordinary.db", bulk_behind=10**9)
     await close(ordinary)
-    monkeypatch.setattr(services.bulkread, "connect_options", lambda nc: UNREACHABLE)
-    with caplog.at_level(logging.WARNING, logger="services.projector"):
+    monkeypatch.setattr(sandboxctl.bus.bulkread, "connect_options", lambda nc: UNREACHABLE)
+    with caplog.at_level(logging.WARNING, logger="sandboxctl.services.projector"):
         bulk = await project(long_log, tmp_path / "bulk.db", bulk_behind=1)
     await close(bulk)
     assert any("catch-up reader stopped at 0" in r.getMessage() for r in caplog.records)
@@ -136,7 +136,7 @@ async def test_a_catch_up_cut_short_resumes_where_its_rows_were_committed(
     resumes from there and finishes the same projection."""
     ordinary = await project(long_log, tmp_path / "ordinary.db", bulk_behind=10**9)
     await close(ordinary)
-    monkeypatch.setattr(services.projector, "ROWS_EVERY", 1)  # commit after every frame
+    monkeypatch.setattr(sandboxctl.services.projector, "ROWS_EVERY", 1)  # commit after every frame
     writes = 0
 
     def failing(conn: sqlite3.Connection, upserts: list[tuple[object, ...]], last: int) -> None:
@@ -146,8 +146,8 @@ async def test_a_catch_up_cut_short_resumes_where_its_rows_were_committed(
             raise sqlite3.OperationalError("disk I/O error (injected)")
         write(conn, upserts, last)
 
-    write = services.projector._write_batch
-    monkeypatch.setattr(services.projector, "_write_batch", failing)
+    write = sandboxctl.services.projector._write_batch
+    monkeypatch.setattr(sandboxctl.services.projector, "_write_batch", failing)
     nc = await nats.connect(long_log)
     cut = Projector(nc, tmp_path / "bulk.db", notify=False, bulk_behind=1)
     await cut.start()
@@ -160,7 +160,7 @@ async def test_a_catch_up_cut_short_resumes_where_its_rows_were_committed(
         (newest,) = db.execute("SELECT max(last_seq) FROM sandboxes").fetchone()
     assert 0 < position < EVENTS and newest <= position  # the rows are the position's, no more
 
-    monkeypatch.setattr(services.projector, "_write_batch", write)
+    monkeypatch.setattr(sandboxctl.services.projector, "_write_batch", write)
     bulk = await project(long_log, tmp_path / "bulk.db", bulk_behind=1)
     await close(bulk)
     assert dump(tmp_path / "bulk.db") == dump(tmp_path / "ordinary.db")
@@ -184,7 +184,7 @@ async def test_the_state_machine_recovers_through_a_reader_process_to_the_same_s
     ordinary = await recover(long_log, bulk_behind=10**9)
     expected, expected_transient = dict(ordinary.states), set(ordinary._transient)
     await stop_service(ordinary)
-    with caplog.at_level(logging.WARNING, logger="services.statemachine"):
+    with caplog.at_level(logging.WARNING, logger="sandboxctl.services.statemachine"):
         bulk = await recover(long_log, bulk_behind=1)
     try:
         assert not [r.getMessage() for r in caplog.records if "catch-up reader" in r.getMessage()]
@@ -205,8 +205,8 @@ async def test_a_state_machine_whose_reader_fails_recovers_with_its_tail(
     ordinary = await recover(long_log, bulk_behind=10**9)
     expected = dict(ordinary.states)
     await stop_service(ordinary)
-    monkeypatch.setattr(services.bulkread, "connect_options", lambda nc: UNREACHABLE)
-    with caplog.at_level(logging.WARNING, logger="services.statemachine"):
+    monkeypatch.setattr(sandboxctl.bus.bulkread, "connect_options", lambda nc: UNREACHABLE)
+    with caplog.at_level(logging.WARNING, logger="sandboxctl.services.statemachine"):
         bulk = await recover(long_log, bulk_behind=1)
     try:
         assert any("catch-up reader stopped at 0" in r.getMessage() for r in caplog.records)

@@ -11,11 +11,11 @@ import time
 
 import pytest
 
-import services.worker
-from events import subjects
-from services.client import SandboxClient
-from services.config import Config
-from services.embedded import ControlPlane
+import sandboxctl.services.worker
+from sandboxctl.client import SandboxClient
+from sandboxctl.events import subjects
+from sandboxctl.runtime.config import Config
+from sandboxctl.runtime.embedded import ControlPlane
 from tests.conftest import Engine
 
 ACK_WAIT = 2.0
@@ -26,7 +26,7 @@ GRACE = 7.0  # the container ignores SIGTERM, so the engine's stop takes the who
 async def test_an_order_that_outlasts_the_ack_wait_is_delivered_once(
     config: Config, engine: Engine, names: list[str], image: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(services.worker, "WORK_ACK_WAIT", ACK_WAIT)
+    monkeypatch.setattr(sandboxctl.services.worker, "WORK_ACK_WAIT", ACK_WAIT)
     plane = await ControlPlane(config).start()
     client = await SandboxClient.connect(config.nats_url, actor="test")
     try:

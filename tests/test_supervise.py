@@ -12,11 +12,11 @@ from collections.abc import Callable
 
 import pytest
 
-import services.projector
-from events import subjects
-from services.client import Internal, SandboxClient
-from services.config import Config
-from services.embedded import ControlPlane, _run_until_signalled
+import sandboxctl.services.projector
+from sandboxctl.client import Internal, SandboxClient
+from sandboxctl.events import subjects
+from sandboxctl.runtime.config import Config
+from sandboxctl.runtime.embedded import ControlPlane, _run_until_signalled
 
 INJECTED = "database or disk is full (injected)"
 
@@ -24,7 +24,7 @@ INJECTED = "database or disk is full (injected)"
 def break_projection(monkeypatch: pytest.MonkeyPatch, failures: int) -> Callable[[], int]:
     """The projector's SQLite write fails ``failures`` times (as on a full disk), then works;
     returns how many writes have failed so far."""
-    write = services.projector._write_batch
+    write = sandboxctl.services.projector._write_batch
     failed = 0
 
     def failing(conn: sqlite3.Connection, upserts: list[tuple[object, ...]], last: int) -> None:
@@ -34,7 +34,7 @@ def break_projection(monkeypatch: pytest.MonkeyPatch, failures: int) -> Callable
             raise sqlite3.OperationalError(INJECTED)
         write(conn, upserts, last)
 
-    monkeypatch.setattr(services.projector, "_write_batch", failing)
+    monkeypatch.setattr(sandboxctl.services.projector, "_write_batch", failing)
     return lambda: failed
 
 
@@ -47,7 +47,7 @@ async def test_a_projector_whose_database_fails_is_restarted_and_catches_up(
     try:
         first = plane.projector
         name = names.new()
-        with caplog.at_level(logging.INFO, logger="services.supervise"):
+        with caplog.at_level(logging.INFO, logger="sandboxctl.runtime.supervise"):
             reply = await client.create(name, image)
             # the create's events fail the first write; the projector is replaced, refolds the log
             # from its checkpoint, and the waiter sees the sandbox Ready
@@ -102,7 +102,7 @@ async def test_a_service_that_keeps_failing_ends_the_process_with_a_clear_messag
 def test_up_never_gives_up_and_serve_leaves_it_to_its_outer_supervisor() -> None:
     """`up` has nothing above it: a cause that lasts (a disk full for minutes) must not end it.
     `serve` gives up after the limit, for systemd or a container runtime to start it clean."""
-    from services.supervise import RESTART_LIMIT, RestartPolicy
+    from sandboxctl.runtime.supervise import RESTART_LIMIT, RestartPolicy
 
     forever = RestartPolicy(limit=0)
     delays = [forever.failed(now=float(i)) for i in range(200)]

@@ -1,4 +1,4 @@
-"""services.threads.EngineThreads: the driver worker's threads for blocking engine calls."""
+"""sandboxctl.services.threads.EngineThreads: the driver worker's threads for blocking engine calls."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from services.threads import EngineThreads
+from sandboxctl.services.threads import EngineThreads
 
 
 async def test_results_and_errors_come_back_from_other_threads() -> None:

@@ -17,12 +17,12 @@ from pathlib import Path
 import nats
 import pytest
 
-from events import subjects
-from services.auth import AuthStore
-from services.client import SandboxError
-from services.embedded import NatsServer, free_port, nats_server_binary
-from services.health import status
-from services.supervise import alive
+from sandboxctl.auth import AuthStore
+from sandboxctl.cli.status import status
+from sandboxctl.client import SandboxError
+from sandboxctl.events import subjects
+from sandboxctl.runtime.embedded import NatsServer, free_port, nats_server_binary
+from sandboxctl.runtime.supervise import alive
 from tests.conftest import ROOT, cli_process, podman
 from tests.uprun import Up, fill, listed, until_gone, up_env
 
@@ -37,7 +37,7 @@ async def test_up_runs_everything_and_stops_cleanly_on_ctrl_c(tmp_path: Path, po
         "SANDBOXCTL_NATS_URL": f"nats://127.0.0.1:{port}",
     }
     up = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli", "up", "--port", str(port), env=env, cwd=ROOT,
+        sys.executable, "-m", "sandboxctl.cli", "up", "--port", str(port), env=env, cwd=ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     name = f"up-{port}"

@@ -12,9 +12,9 @@ import signal
 import sys
 from pathlib import Path
 
-from services.auth import AuthStore
-from services.client import SandboxClient
-from services.supervise import alive
+from sandboxctl.auth import AuthStore
+from sandboxctl.client import SandboxClient
+from sandboxctl.runtime.supervise import alive
 from tests.conftest import ROOT
 
 UP_WAIT = 90.0  # seconds for ``up`` to say it is up: podman's service and a fresh JetStream, on 2 busy cores
@@ -57,7 +57,7 @@ class Up:
 
     async def start(self) -> Up:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.cli", "up", "--port", str(self.port), env=self.env, cwd=ROOT,
+            sys.executable, "-m", "sandboxctl.cli", "up", "--port", str(self.port), env=self.env, cwd=ROOT,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
         self._reader = asyncio.create_task(self._read())

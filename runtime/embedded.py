@@ -34,17 +34,13 @@ from typing import Any
 import nats
 from nats.aio.client import Client as NATS
 
-from drivers.base import Driver
-from services import health
-from services.auth import Authorizer, AuthStore, component_user, local_user_name, record_denied
-from services.client import FailedPrecondition, Internal, Unavailable
-from services.config import Config
-from services.health import LogHead, Progress, Responder, ServiceHealth, Watch
-from services.projector import Projector
-from services.query import QueryService
-from services.reaper import Reaper
-from services.statemachine import StateMachineService
-from services.supervise import (
+from sandboxctl.auth import Authorizer, AuthStore, component_user, local_user_name, record_denied
+from sandboxctl.client import FailedPrecondition, Internal, Unavailable
+from sandboxctl.drivers.base import Driver
+from sandboxctl.runtime import health
+from sandboxctl.runtime.config import Config
+from sandboxctl.runtime.health import LogHead, Progress, Responder, ServiceHealth, Watch
+from sandboxctl.runtime.supervise import (
     OK,
     Children,
     ChildState,
@@ -61,7 +57,11 @@ from services.supervise import (
     terminate,
     write_private,
 )
-from services.worker import DriverWorker
+from sandboxctl.services.projector import Projector
+from sandboxctl.services.query import QueryService
+from sandboxctl.services.reaper import Reaper
+from sandboxctl.services.statemachine import StateMachineService
+from sandboxctl.services.worker import DriverWorker
 
 log = logging.getLogger(__name__)
 
@@ -407,11 +407,11 @@ class PodmanService:
 
 def make_driver(name: str, config: Config) -> Driver:
     if name == "podman":
-        from drivers.podman import PodmanDriver
+        from sandboxctl.drivers.podman import PodmanDriver
 
         return PodmanDriver(config.podman_socket_url)
     if name == "docker":
-        from drivers.docker import DockerDriver
+        from sandboxctl.drivers.docker import DockerDriver
 
         return DockerDriver(config.docker_socket_url)
     raise ValueError(f"unknown driver {name!r}; known drivers: podman, docker")
@@ -699,7 +699,7 @@ class ControlPlane:
 
 # -- sandboxctl up and serve ------------------------------------------------------------------------
 
-_SAYS = ("services.supervise", "services.health", "services.embedded")
+_SAYS = ("sandboxctl.runtime.supervise", "sandboxctl.runtime.health", "sandboxctl.runtime.embedded")
 
 
 def _setup_process() -> None:

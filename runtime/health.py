@@ -21,7 +21,6 @@ import contextlib
 import logging
 import os
 import socket
-import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -30,8 +29,8 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from events import subjects
-from events.health import ServiceHealth
+from sandboxctl.events import subjects
+from sandboxctl.events.health import ServiceHealth
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +45,6 @@ OK, CATCHING_UP, BEHIND, MISSING = "ok", "catching up", "behind", "missing"
 # The services a deployment needs; a status that hears of none of one of them reports it missing.
 REQUIRED = ("statemachine", "projector", "query", "reaper")
 DRIVER_PREFIX = "driver-"
-COLUMNS = ("component", "status", "position", "last_seq", "lag", "restarts", "pid", "host", "reason")
 
 
 _encode = msgspec.json.Encoder().encode
@@ -203,43 +201,3 @@ def missing(reports: list[ServiceHealth]) -> list[ServiceHealth]:
     if not any(c.startswith(DRIVER_PREFIX) for c in have):
         absent.append(f"{DRIVER_PREFIX}*")
     return [ServiceHealth(component=c, healthy=False, status=MISSING, reason="no process reports it") for c in absent]
-
-
-async def status(client: Any, output: str = "table", wait: float = GATHER) -> int:
-    """``sandboxctl status``: every service of the deployment, printed as a table (or
-    ``-o json|yaml``). Exit code 0 if all are healthy; ``unavailable`` (8) if one is down,
-    behind or missing, or no process answered; ``permission_denied`` (11) if the user may
-    not ask. ``client`` is a SandboxClient (whose refusals are noticed at once) or a
-    connected nats client."""
-    from services.cli import EXIT_CODES, _print
-
-    nc = getattr(client, "nc", client)
-    denials = getattr(client, "denials", None)
-    refused = denials.watch(HEALTH) if denials is not None else None
-    try:
-        reports = await gather(nc, wait, refused)
-    finally:
-        if denials is not None and refused is not None:
-            denials.forget(HEALTH, refused)
-    if refused is not None and refused.done():
-        user = getattr(client, "user", "") or "(none)"
-        print(f"sandboxctl: permission_denied: user {user} may not ask for status ({HEALTH})", file=sys.stderr)
-        return EXIT_CODES["permission_denied"]
-    if not reports:
-        print(
-            f"sandboxctl: unavailable: no sandboxctl process answered on {HEALTH} within {wait:g}s; "
-            "is sandboxctl up (or serve) running?",
-            file=sys.stderr,
-        )
-        return EXIT_CODES["unavailable"]
-    reports += missing(reports)
-    rows = [msgspec.to_builtins(r) for r in reports]
-    if output == "table":
-        rows = [{k: ("-" if v is None else v) for k, v in row.items()} for row in rows]
-    _print(rows, output, COLUMNS)
-    bad = [r for r in reports if not r.healthy]
-    if bad:
-        named = ", ".join(f"{r.component} ({r.status}{': ' + r.reason if r.reason else ''})" for r in bad[:5])
-        print(f"sandboxctl: unavailable: {len(bad)} not healthy: {named}", file=sys.stderr)
-        return EXIT_CODES["unavailable"]
-    return 0

@@ -27,10 +27,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import IO, Any, TypeVar
 
-from drivers.base import DriverError, ExecControl
-from events.envelope import new_id
-from services.client import SandboxClient, Unavailable
-from services.config import Config, parse_duration
+from sandboxctl.client import SandboxClient, Unavailable
+from sandboxctl.drivers.base import DriverError, ExecControl
+from sandboxctl.events.envelope import new_id
+from sandboxctl.runtime.config import Config, parse_duration
 
 T = TypeVar("T")
 
@@ -106,7 +106,7 @@ ENDING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _driver(config: Config, name: str, answer_timeout: float) -> Any:
-    from services.embedded import make_driver
+    from sandboxctl.runtime.embedded import make_driver
 
     driver = make_driver(name, config)
     driver.timeout = answer_timeout  # before first use: every engine call here is answered in time, or fails

@@ -12,10 +12,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.auth import load_credentials, local_user_name
-from services.supervise import RESTART_LIMIT, RESTART_WINDOW
-from statemachine.deadlines import parse_deadlines
-from statemachine.phases import Phase
+from sandboxctl.auth import load_credentials, local_user_name
+from sandboxctl.runtime.supervise import RESTART_LIMIT, RESTART_WINDOW
+from sandboxctl.statemachine.deadlines import parse_deadlines
+from sandboxctl.statemachine.phases import Phase
 
 
 def _default_data_dir() -> Path:

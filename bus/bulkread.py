@@ -42,7 +42,7 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from services.tail import flow_control_reply, push_consumer, sequences
+from sandboxctl.bus.tail import flow_control_reply, push_consumer, sequences
 
 READER_ENV = "SANDBOXCTL_BULKREAD_CONNECT"
 HEARTBEAT = 1.0
@@ -94,7 +94,7 @@ class Frames:
         return await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "services.bulkread",
+            "sandboxctl.bus.bulkread",
             self.stream,
             self.subject,
             str(self.first),

@@ -19,14 +19,14 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import APIError, NotFoundError
 
-from events import subjects
-from events.deadletter import DeadLettered
-from events.envelope import Envelope, decode_envelope, encode, now
-from events.facts import FACT_TYPES
-from events.lifecycle import EVENT_TYPES
-from services.publish import Ack, publish
-from statemachine import IllegalTransition, SandboxState, evolve
-from statemachine.decider import skip
+from sandboxctl.bus.publish import Ack, publish
+from sandboxctl.events import subjects
+from sandboxctl.events.deadletter import DeadLettered
+from sandboxctl.events.envelope import Envelope, decode_envelope, encode, now
+from sandboxctl.events.facts import FACT_TYPES
+from sandboxctl.events.lifecycle import EVENT_TYPES
+from sandboxctl.statemachine import IllegalTransition, SandboxState, evolve
+from sandboxctl.statemachine.decider import skip
 
 log = logging.getLogger(__name__)
 

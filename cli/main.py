@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import math
 import os
 import re
@@ -22,10 +21,15 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import msgspec
-import yaml
 
-from events import subjects
-from events.limits import (
+from sandboxctl import audit, auth
+from sandboxctl.bus import reading
+from sandboxctl.cli import attach
+from sandboxctl.cli.output import BROKEN_PIPE, EXIT_CODES, show
+from sandboxctl.cli.status import status
+from sandboxctl.client import TERMINAL, PermissionDenied, SandboxClient, SandboxError
+from sandboxctl.events import subjects
+from sandboxctl.events.limits import (
     GRACE_MAX,
     HOLDER_MAX,
     IDLE_MAX,
@@ -36,25 +40,15 @@ from events.limits import (
     REASON_MAX,
     TTL_MAX,
 )
-from events.queries import ListRequest
-from events.replies import ErrorCode
-from services import attach, audit, auth
-from services.client import EXIT_STATUS, TERMINAL, PermissionDenied, SandboxClient, SandboxError
-from services.config import Config, parse_duration
-from services.query import list_problem
-from statemachine import Phase, validate_name
-
-# The reader of our output went away (`sandboxctl exec NAME -- yes | head`): the status a shell
-# gives a command killed by SIGPIPE, 128 + 13.
-BROKEN_PIPE = "broken_pipe"
-# Each code's exit status, from the one table beside the client's error types (services.client.ERRORS),
-# and the CLI's own.
-EXIT_CODES = {**EXIT_STATUS, BROKEN_PIPE: 141}
+from sandboxctl.events.queries import ListRequest
+from sandboxctl.events.replies import ErrorCode
+from sandboxctl.runtime.config import Config, parse_duration
+from sandboxctl.services.query import list_problem
+from sandboxctl.statemachine import Phase, validate_name
 
 # The longest a command waits for a phase (--timeout), or top sleeps between screens: a day.
 WAIT_MAX = 86400.0
 
-TABLE_COLUMNS = ("name", "phase", "driver", "image", "last_error", "updated_at")
 PHASE_CHOICES = ", ".join(p.value for p in Phase)
 
 
@@ -173,23 +167,6 @@ def _check(args: argparse.Namespace) -> None:
         problem = list_problem(request)
         if problem:
             raise Failure(ErrorCode.INVALID_ARGUMENT, problem)
-
-
-def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
-    cells = [[str(r.get(c, "") if r.get(c) is not None else "") for c in columns] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
-    return "\n".join(lines)
-
-
-def _print(data: Any, output: str, columns: Sequence[str] = TABLE_COLUMNS) -> None:
-    if output == "json":
-        print(json.dumps(data, indent=2, default=str))
-    elif output == "yaml":
-        print(yaml.safe_dump(data, sort_keys=False, default_flow_style=False).rstrip())
-    else:
-        print(_table(data if isinstance(data, list) else [data], columns))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -543,13 +520,13 @@ async def _audit(client: SandboxClient, args: argparse.Namespace, config: Config
         await client.may_read(subjects.LOG_STREAM)
     if args.audit_cmd == "denied":
         items = await client.denied_attempts()
-        _print(items, args.output, ("time", "user", "action", "sandbox", "required", "reason"))
+        show(items, args.output, ("time", "user", "action", "sandbox", "required", "reason"))
         return 0
     if args.audit_cmd == "history":
-        items = await audit.history(js, args.name)
+        items = await reading.history(js, args.name)
         if not items:
             raise Failure("not_found", f"sandbox {args.name} has no events in the log")
-        _print(items, args.output, ("seq", "time", "type", "phase", "actor", "correlationid", "causationid"))
+        show(items, args.output, ("seq", "time", "type", "phase", "actor", "correlationid", "causationid"))
         return 0
     if args.audit_cmd == "state":
         point = _point(args.as_of)
@@ -557,13 +534,13 @@ async def _audit(client: SandboxClient, args: argparse.Namespace, config: Config
         state = await audit.state_as_of(js, args.name, point)
         if state is None:
             raise Failure("not_found", f"sandbox {args.name} did not exist at {args.as_of}")
-        _print(msgspec.to_builtins(state), args.output, ("name", "phase", "seq", "driver", "last_error"))
+        show(msgspec.to_builtins(state), args.output, ("name", "phase", "seq", "driver", "last_error"))
         return 0
     if args.audit_cmd == "replay":
         if not config.projection_path.exists():
             raise Failure("not_found", f"no live projection at {config.projection_path}")
         report = await audit.replay(client.nc, config.projection_path, _point(args.until), args.output)
-        _print(report, "json")
+        show(report, "json")
         if report["differences"]:
             raise Failure("failed", f"{len(report['differences'])} rows differ between the log and the projection")
         if report["behind"]:
@@ -670,7 +647,7 @@ def _user(config: Config, args: argparse.Namespace) -> int:
     store = auth.AuthStore(config.auth_path)
     if args.user_cmd == "list":
         users = [{"name": u.name, "roles": ", ".join(u.roles)} for u in store.load().values() if not u.component]
-        _print(users, "table", ("name", "roles"))
+        show(users, "table", ("name", "roles"))
         return 0
     if not store.enabled:
         raise Failure(ErrorCode.FAILED_PRECONDITION, f"no users at {store.users_path}; run sandboxctl up first")
@@ -708,14 +685,14 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
     _check(args)
     config = config or Config.from_env()
     if args.cmd == "up":
-        from services.embedded import run_up
+        from sandboxctl.runtime.embedded import run_up
 
         await run_up(config, port=args.port, sync_always=args.sync_always)
         return 0
     if args.cmd == "user":
         return _user(config, args)
     if args.cmd == "serve":
-        from services.embedded import COMPONENTS, run_serve
+        from sandboxctl.runtime.embedded import COMPONENTS, run_serve
 
         only = tuple(c.strip() for c in args.only.split(",") if c.strip()) or COMPONENTS
         unknown = sorted(set(only) - set(COMPONENTS))
@@ -734,8 +711,6 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
     )
     try:
         if args.cmd == "status":
-            from services.health import status
-
             return await status(client, args.output, args.wait)
         if args.cmd == "create":
             reply = await client.create(
@@ -758,23 +733,23 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
         if args.cmd in ("exec", "shell", "logs"):
             return await _attach(client, args, config, command)
         if args.cmd == "get":
-            _print(await client.get(args.name), args.output)
+            show(await client.get(args.name), args.output)
             return 0
         if args.cmd == "list":
             items = await client.list(args.phase, args.labels, include_deleted=args.all)
-            _print(items, args.output)
+            show(items, args.output)
             return 0
         if args.cmd == "history":
             items = await client.history(args.name)
             if args.output == "table":
                 items = [{**item, "why": _why(item.get("data") or {})} for item in items]
-            _print(items, args.output, ("seq", "time", "type", "phase", "actor", "why", "causationid"))
+            show(items, args.output, ("seq", "time", "type", "phase", "actor", "why", "causationid"))
             return 0
         if args.cmd == "events":
             return await _events(client, args)
         if args.cmd == "deadletters":
             items = await client.dead_letters()
-            _print(items, args.output, ("stream_seq", "time", "consumer", "subject", "deliveries", "reason"))
+            show(items, args.output, ("stream_seq", "time", "consumer", "subject", "deliveries", "reason"))
             return 0
         if args.cmd == "top":
             return await _top(client, args)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,16 +19,14 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from events import subjects
-from events.envelope import Envelope
-from events.lifecycle import SandboxCreated
-from services.log import DecodeError, decode_event, fold_logged
-from services.projection import SANDBOX_COLUMNS, checkpoint, connect
-from services.projector import Projector
-from services.tail import Tail, stream_seq
-from statemachine import IllegalTransition, Phase, SandboxState, evolve
-
-Point = int | datetime  # a log sequence, or a moment
+from sandboxctl.bus.eventlog import fold_logged
+from sandboxctl.bus.reading import Point, read_events
+from sandboxctl.events import subjects
+from sandboxctl.events.envelope import Envelope
+from sandboxctl.events.lifecycle import SandboxCreated
+from sandboxctl.services.projection import SANDBOX_COLUMNS, checkpoint, connect
+from sandboxctl.services.projector import Projector
+from sandboxctl.statemachine import IllegalTransition, Phase, SandboxState, evolve
 
 
 def parse_point(text: str) -> Point:
@@ -43,95 +40,10 @@ def parse_point(text: str) -> Point:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def before_or_at(point: Point | None, seq: int, envelope: Envelope) -> bool:
-    if point is None:
-        return True
-    if isinstance(point, int):
-        return seq <= point
-    return envelope.time <= point
-
-
-async def read(
-    js: JetStreamContext, name: str | None = None, start: int = 1, until_seq: int | None = None
-) -> AsyncIterator[list[Msg]]:
-    """The log (or one sandbox's part of it) as it stands now, in batches, then stop."""
-    tail = Tail(js, subjects.LOG_STREAM, subjects.log(name) if name else subjects.LOG_ALL, start, batch=1000)
-    end = await tail.last_seq()
-    if until_seq is not None:
-        end = min(end, until_seq)
-    if end < start:
-        return
-    try:
-        async for batch in tail.batches():
-            kept = [m for m in batch if stream_seq(m) <= end]
-            if kept:
-                yield kept
-            if tail.next_seq > end:
-                return
-    finally:
-        await tail.close()
-
-
-async def events(
-    js: JetStreamContext, name: str | None = None, start: int = 1, until: Point | None = None
-) -> AsyncIterator[tuple[int, Envelope | Exception, Msg]]:
-    """Decoded events up to ``until``; an unreadable entry comes as its exception."""
-    async for batch in read(js, name, start, until if isinstance(until, int) else None):
-        for msg in batch:
-            seq = stream_seq(msg)
-            try:
-                envelope = decode_event(msg.data)
-            except DecodeError as exc:
-                yield seq, exc, msg
-                continue
-            if not before_or_at(until, seq, envelope):
-                return
-            yield seq, envelope, msg
-
-
-def record(seq: int, envelope: Envelope, state: SandboxState | None) -> dict[str, Any]:
-    return {
-        "seq": seq,
-        "time": envelope.time.isoformat(),
-        "sandbox": envelope.subject,
-        "type": envelope.type,
-        "actor": envelope.actor,
-        "correlationid": envelope.correlationid,
-        "causationid": envelope.causationid,
-        "id": envelope.id,
-        "phase": state.phase.value if state else "",
-        "data": msgspec.to_builtins(envelope.data),
-    }
-
-
-async def history(js: JetStreamContext, name: str, after: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
-    """Every event of one sandbox after log sequence ``after`` (at most ``limit`` of them), with
-    the phase after it; deleted sandboxes included. The phases are folded from the sandbox's first
-    event whatever ``after`` is, and reading stops once ``limit`` are found. An entry that cannot
-    be folded is shown with its ``error`` and skipped as every reader skips it."""
-    out: list[dict[str, Any]] = []
-    state: SandboxState | None = None
-    async for batch in read(js, name):
-        for msg in batch:
-            seq = stream_seq(msg)
-            state, envelope, problem = fold_logged(state, name, msg.data, seq)
-            if seq <= after:
-                continue
-            if limit is not None and len(out) >= limit:
-                return out
-            if envelope is None:
-                out.append({"seq": seq, "sandbox": name, "type": "unreadable", "error": problem})
-            elif problem:
-                out.append({**record(seq, envelope, state), "sandbox": name, "error": problem})
-            else:
-                out.append(record(seq, envelope, state))
-    return out
-
-
 async def state_as_of(js: JetStreamContext, name: str, point: Point) -> SandboxState | None:
     """The sandbox exactly as it stood at ``point``, folded from the log."""
     state: SandboxState | None = None
-    async for seq, _, msg in events(js, name, until=point):
+    async for seq, _, msg in read_events(js, name, until=point):
         state, _, _ = fold_logged(state, name, msg.data, seq)
     return state
 
@@ -157,7 +69,7 @@ async def verify(js: JetStreamContext) -> tuple[int, list[Violation]]:
     ids: dict[str, int] = {}
     problems: list[Violation] = []
     count = 0
-    async for seq, envelope, msg in events(js):
+    async for seq, envelope, msg in read_events(js):
         count += 1
         name = subjects.name_of(msg.subject)
         expected = (msg.headers or {}).get("Nats-Expected-Last-Subject-Sequence")
@@ -207,7 +119,7 @@ async def rebuild(nc: NATS, out: Path, until: Point | None = None) -> int:
     try:
         js = nc.jetstream()
         batch: list[Msg] = []
-        async for seq, envelope, msg in events(js, until=until):
+        async for seq, envelope, msg in read_events(js, until=until):
             del seq, envelope
             batch.append(msg)
             if len(batch) >= 1000:
@@ -318,7 +230,7 @@ async def export(
     """Stream the log as JSON lines (one event per line, with its ``seq``) to ``write``."""
     start = since if isinstance(since, int) else 1
     count = 0
-    async for seq, envelope, _ in events(js, name, start, until):
+    async for seq, envelope, _ in read_events(js, name, start, until):
         if isinstance(envelope, Exception) or not selected(seq, envelope, types, None, since):
             continue
         write(jsonl(seq, envelope) + b"\n")

@@ -696,8 +696,8 @@ class ServerLogAudit:
 
 def denied_attempt(violation: Violation, count: int, roles: Iterable[str] | None) -> Any:
     """The audit record of a refusal nats-server made: who, which subject, and why."""
-    from events import subjects
-    from events.denied import DeniedAttempt
+    from sandboxctl.events import subjects
+    from sandboxctl.events.denied import DeniedAttempt
 
     tokens = violation.subject.split(".")
     sandbox = ""
@@ -723,7 +723,7 @@ def denied_attempt(violation: Violation, count: int, roles: Iterable[str] | None
 
 def _required(subject: str) -> str:
     """Who may use ``subject``, as far as the audit record needs to say."""
-    from events import subjects
+    from sandboxctl.events import subjects
 
     if subject.startswith(f"{subjects.LOG}."):
         return "sandboxctl-statemachine (the only log writer)"

@@ -34,9 +34,9 @@ from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import APIError, NotFoundError
 
-from events import subjects
-from events.denied import DeniedAttempt
-from services.publish import publish
+from sandboxctl.bus.publish import publish
+from sandboxctl.events import subjects
+from sandboxctl.events.denied import DeniedAttempt
 
 READ = "sandbox:read"
 WRITE = "sandbox:write"

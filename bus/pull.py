@@ -19,7 +19,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
 from nats.js.errors import NotFoundError
 
-from services.tail import reraise_if_cancelling, unsubscribe, wait_for_delivery
+from sandboxctl.bus.tail import reraise_if_cancelling, unsubscribe, wait_for_delivery
 
 log = logging.getLogger(__name__)
 

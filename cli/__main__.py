@@ -1,0 +1,5 @@
+"""``python -m sandboxctl.cli``: the command line, as the ``sandboxctl`` script runs it."""
+
+from sandboxctl.cli.main import main
+
+main()

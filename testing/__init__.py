@@ -1,0 +1,1 @@
+"""Harnesses for the tests and benchmarks, never installed: a docker daemon of their own."""
