@@ -36,29 +36,17 @@ from nats.js.errors import APIError, NotFoundError
 
 from sandboxctl.bus.publish import publish
 from sandboxctl.events import subjects
+from sandboxctl.events.commands import COMMAND_TYPES
 from sandboxctl.events.denied import DeniedAttempt
+from sandboxctl.events.limits import NAME_MAX, NAME_PATTERN
 
 READ = "sandbox:read"
 WRITE = "sandbox:write"
 ADMIN = "admin"
 # Each role includes the ones before it: a writer waits on the projection, so it reads too.
 ROLES = (READ, WRITE, ADMIN)
-VERB_ROLE = {
-    verb: WRITE
-    for verb in (
-        "create",
-        "stop",
-        "start",
-        "delete",
-        "touch",
-        "lease_acquire",
-        "lease_renew",
-        "lease_release",
-        "hold",
-        "unhold",
-        "warn",
-    )
-}
+# Every command needs sandbox:write (the reaper's user has it): the verbs are the contract's own.
+VERB_ROLE = {cls.VERB: WRITE for cls in COMMAND_TYPES}
 
 # The services' own users: one per component and one per engine's driver worker.
 COMPONENT_PREFIX = "sandboxctl-"
@@ -69,7 +57,7 @@ SERVICE_COMPONENTS = ("statemachine", "projector", "query", "reaper", *(f"driver
 COMPONENT_ROLES = {"reaper": [WRITE]}
 STATEMACHINE_CONSUMER = "sandboxctl-statemachine"  # services.statemachine.FACTS_CONSUMER
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+_NAME = re.compile(NAME_PATTERN)  # a user name is a subject token, like a sandbox's
 
 
 def has_role(roles: Iterable[str], needed: str) -> bool:
@@ -80,7 +68,9 @@ def has_role(roles: Iterable[str], needed: str) -> bool:
 def valid_user_name(name: str) -> str:
     """Why ``name`` cannot be a user ("" if it can): it is a subject token, and the services' prefix is reserved."""
     if not _NAME.fullmatch(name):
-        return f"user name {name[:80]!r} must be 1-63 letters, digits, '-' or '_', starting with a letter or digit"
+        return (
+            f"user name {name[:80]!r} must be 1-{NAME_MAX} letters, digits, '-' or '_', starting with a letter or digit"
+        )
     if name.startswith(COMPONENT_PREFIX):
         return f"user names starting with {COMPONENT_PREFIX!r} are reserved for sandboxctl's services"
     return ""

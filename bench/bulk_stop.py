@@ -289,6 +289,7 @@ def main() -> None:
             "load_average_before": list(load_before),
             "load_average_after": list(os.getloadavg()),
             "results": results,
+            "target_ratio": TARGET_RATIO,
             "target_met": targets,
             "all_targets_met": all(targets.values()),
         },

@@ -146,18 +146,34 @@ async def timer() -> AsyncIterator[list[float]]:
         box.append(time.perf_counter() - start)
 
 
+# The folders the product is made of: every subpackage of sandboxctl (pyproject.toml).
+PRODUCT = (
+    "sandboxctl",
+    "events",
+    "statemachine",
+    "bus",
+    "client",
+    "auth",
+    "drivers",
+    "services",
+    "audit",
+    "runtime",
+    "cli",
+)
+
+
 def code_version() -> dict[str, Any]:
     """Which product code was measured: the git HEAD and a hash of the product's sources.
 
     The product is edited while benchmarks run, so a result names the exact
     sources it measured; the hash also identifies a snapshot outside git."""
     digest = hashlib.sha256()
-    for package in ("events", "statemachine", "services", "drivers"):
+    for package in PRODUCT:
         for path in sorted((ROOT / package).rglob("*.py")):
             digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
     git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
     dirty = subprocess.run(
-        ["git", "-C", str(ROOT), "status", "--porcelain", "--", "events", "statemachine", "services", "drivers"],
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--", *PRODUCT],
         capture_output=True,
         text=True,
         check=False,

@@ -381,6 +381,7 @@ def main() -> None:
             "load_average_before": list(load_before),
             "load_average_after": list(os.getloadavg()),
             "results": results,
+            "target_added_p50_ms": TARGET_ADDED_P50_MS,
             "target_met": targets,
             "all_targets_met": all(targets.values()),
         },

@@ -2,18 +2,34 @@
 
 The page is generated so that every figure on it is one that a benchmark
 measured, next to the raw baseline measured in the same run.
+
+Each benchmark gets one table first: per case, what was measured, sandboxctl's
+figure, the baseline from the same run, the ratio (or, for latency, the time
+added), the target and whether it was met. A ``Layout`` below says which keys
+of a result fill that table; its ``rows`` reads the result as the benchmark
+saved it (bench/<name>.py). Under the table: the code, machine and load the
+figures were measured on, the command that reproduces them, a link to the raw
+JSON and, collapsed, every figure of the result flattened. A benchmark with no
+layout, or a result whose shape its layout does not fit, still renders: its
+flattened figures become the table.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# Results from before their benchmark recorded its target: the target it has now.
+from bench.bulk_stop import TARGET_RATIO as BULK_STOP_TARGET_RATIO
 from bench.common import RESULTS, ROOT
+from bench.engine_latency import TARGET_ADDED_P50_MS
 
 ORDER = ("engine_latency", "throughput", "bulk_stop", "replay", "memory", "lag", "durability")
-COMMANDS = {name: f"python -m bench.{name}" for name in ORDER}
 INTRO = """# Benchmarks
 
 sandboxctl sits between its users and a container engine; these benchmarks
@@ -25,6 +41,21 @@ mode (tests/test_bench.py), which checks that it works and measures nothing.
 Run one: `.venv/bin/python -m bench.<name>`; run all and regenerate this page:
 `.venv/bin/python -m bench.run_all`. Results land in `bench/results/*.json`.
 """
+DOCS = ROOT / "docs"
+PROSE = ("benchmark", "title", "summary", "notes")  # shown as text, left out of the flattened figures
+NONE = "—"
+TIMES = "\N{MULTIPLICATION SIGN}"
+
+
+def command(name: str) -> str:
+    """The command that measures one benchmark again."""
+    return f"python -m bench.{name}"
+
+
+COMMANDS = {name: command(name) for name in ORDER}
+
+
+# -- figures as text ------------------------------------------------------------------------
 
 
 def _fmt(value: Any) -> str:
@@ -32,7 +63,47 @@ def _fmt(value: Any) -> str:
         return f"{value:,.3f}" if abs(value) < 10 else f"{value:,.1f}"
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
+    if isinstance(value, list):
+        return ", ".join(_fmt(v) for v in value) if value else "none"
     return str(value)
+
+
+def _ms(value: float) -> str:
+    if abs(value) >= 1000:
+        return f"{value / 1000:,.2f} s"
+    return f"{value:.2f} ms" if abs(value) < 10 else f"{value:.1f} ms"
+
+
+def _added_ms(value: float) -> str:
+    return f"{value:+.2f} ms" if abs(value) < 1 else f"{value:+.1f} ms"
+
+
+def _ratio(value: float | None) -> str:
+    if value is None:
+        return NONE
+    return f"{value:.2f}{TIMES}" if abs(value) >= 0.1 else f"{value:.3f}{TIMES}"
+
+
+def _rate(value: float, unit: str = "/s") -> str:
+    return f"{value:,.0f}{unit}"
+
+
+def _us(value: float) -> str:
+    return f"{value:,.0f} µs"
+
+
+def _bytes(value: float) -> str:
+    return f"{value:,.0f} B"
+
+
+def _met(value: bool | None) -> str:
+    if value is None:
+        return NONE
+    return "yes" if value else "**no**"
+
+
+def _cell(text: str) -> str:
+    return text.replace("\n", " ").replace("|", "\\|")
 
 
 def _flatten(prefix: str, value: Any, out: list[tuple[str, str]]) -> None:
@@ -46,39 +117,386 @@ def _flatten(prefix: str, value: Any, out: list[tuple[str, str]]) -> None:
         out.append((prefix, _fmt(value)))
 
 
-def section(name: str, result: dict[str, Any]) -> str:
-    lines = [f"## {result.get('title', name)}", ""]
-    if result.get("summary"):
-        lines += [str(result["summary"]), ""]
-    lines += [f"Command: `{COMMANDS.get(name, name)}` · measured {result.get('when', '?')}", ""]
-    if result.get("notes"):
-        lines += [str(result["notes"]), ""]
+def flattened(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """Every figure of a result as (dotted key, value), in the order saved."""
     rows: list[tuple[str, str]] = []
-    skip = {"benchmark", "when", "machine", "title", "summary", "notes"}
-    _flatten("", {k: v for k, v in result.items() if k not in skip}, rows)
-    lines += ["| figure | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
+    _flatten("", {k: v for k, v in result.items() if k not in PROSE}, rows)
+    return rows
+
+
+# -- one table per benchmark ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    """One case: sandboxctl's figure against the baseline of the same run."""
+
+    measured: str
+    ours: str
+    baseline: str
+    versus: str
+    target: str = NONE
+    met: bool | None = None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one benchmark's result becomes its table; the headers name the two sides."""
+
+    title: str  # the heading while the benchmark has no result
+    rows: Callable[[dict[str, Any]], list[Row]]
+    ours: str = "sandboxctl"
+    baseline: str = "baseline, same run"
+    versus: str = "ratio"
+
+
+_PHASE = {"stop": "Stopped", "start": "Ready"}
+
+
+def _engine_latency(r: dict[str, Any]) -> list[Row]:
+    rows = []
+    for engine, verbs in r["results"].items():
+        for verb, case in verbs.items():
+            ours = case["sandboxctl"]
+            rows.append(
+                Row(
+                    f"{engine} {verb}: command to {_PHASE.get(verb, verb)} queryable, p50 of {ours['n']}",
+                    _ms(ours["p50_ms"]),
+                    f"{_ms(case['raw_sdk_call']['p50_ms'])} raw SDK call",
+                    _added_ms(case["added_p50_ms"]),
+                    f"≤ {r.get('target_added_p50_ms', TARGET_ADDED_P50_MS):g} ms added",
+                    case.get("target_met"),
+                )
+            )
+    return rows
+
+
+def _bulk_stop(r: dict[str, Any]) -> list[Row]:
+    rows = []
+    for engine, case in r["results"].items():
+        if not isinstance(case, dict):
+            continue  # cli_noop_ms, shared by both engines
+        trials = len(case["sandboxctl_stop_all_ms"])
+        left = case.get("sandboxes_not_stopped", 0)
+        rows.append(
+            Row(
+                f"{engine}: `stop --all` over {case['sandboxes']} sandboxes, median of {trials}"
+                + (f"; {left} left not Stopped" if left else ""),
+                _ms(case["sandboxctl_median_ms"]),
+                f"{_ms(case['raw_best_median_ms'])} raw SDK, {case['raw_best_parallelism']} threads",
+                _ratio(case["ratio"]),
+                f"≤ {r.get('target_ratio', BULK_STOP_TARGET_RATIO):g}{TIMES}",
+                case.get("target_met"),
+            )
+        )
+    return rows
+
+
+def _throughput(r: dict[str, Any]) -> list[Row]:
+    rate = r["commands_per_s"]
+    target = f"≥ {_rate(r['target_commands_per_s'])}"
+    met = r.get("target_met")
+    ours_cpu = r["cpu_us_per_command_all_processes"]
+    bare_cpu = r["bare_round_cpu_us_per_command_all_processes"]
+    sm_cpu = r["cpu_us_per_command_by_process"]["statemachine"]
+    bare_sm_cpu = r["bare_round"]["cpu_us_per_command_by_process"]["statemachine"]
+    return [
+        Row(
+            "accepted stop/start commands, against raw publish",
+            _rate(rate),
+            f"{_rate(r['raw_msgs_per_s'])} `js.publish_async` messages",
+            _ratio(r["ratio_to_raw"]),
+            target,
+            met,
+        ),
+        Row(
+            "accepted stop/start commands, against the bare round",
+            _rate(rate),
+            f"{_rate(r['bare_round_commands_per_s'])} bare rounds",
+            _ratio(r["ratio_to_bare_round"]),
+            target,
+            met,
+        ),
+        Row(
+            "CPU per command, all processes",
+            _us(ours_cpu),
+            f"{_us(bare_cpu)} bare round",
+            _ratio(ours_cpu / bare_cpu),
+        ),
+        Row(
+            "CPU per command, state-machine process",
+            _us(sm_cpu),
+            f"{_us(bare_sm_cpu)} bare round",
+            _ratio(sm_cpu / bare_sm_cpu),
+        ),
+    ]
+
+
+def _replay(r: dict[str, Any]) -> list[Row]:
+    ours, raw, target, met = r["sandboxctl"], r["raw"], r["target"], r["target_met"]
+    recovery = r["statemachine_recovery"]
+    reader = f"raw read ({raw['reader']})"
+    return [
+        Row(
+            f"rebuild the projection from {r['events']:,} events over {r['sandboxes']:,} sandboxes, "
+            f"best of {len(ours['runs'])}",
+            _rate(ours["events_per_s"], " events/s"),
+            f"{_rate(raw['events_per_s'], ' events/s')} {reader}",
+            _ratio(r["ratio"]),
+            f"≥ {target['ratio']:g}{TIMES} and ≥ {_rate(target['events_per_s'], ' events/s')}",
+            met.get("both") if isinstance(met, dict) else met,
+        ),
+        Row(
+            "the same, median against median",
+            _rate(ours["median_events_per_s"], " events/s"),
+            f"{_rate(raw['median_events_per_s'], ' events/s')} {reader}",
+            _ratio(r["median_ratio"]),
+        ),
+        Row(
+            "a restarted state machine folding the same log (not a target)",
+            _rate(recovery["events_per_s"], " events/s"),
+            f"{_rate(raw['events_per_s'], ' events/s')} {reader}",
+            _ratio(recovery["ratio"]),
+        ),
+    ]
+
+
+def _memory(r: dict[str, Any]) -> list[Row]:
+    return [
+        Row(
+            f"resident memory per sandbox, state machine holding {r['sandboxes']:,} Ready sandboxes",
+            _bytes(r["bytes_per_sandbox"]),
+            f"{_bytes(r['plain_dict_bytes_per_sandbox'])} plain dict of tuples",
+            _ratio(r["ratio_to_plain_dict"]),
+            f"≤ {_bytes(r['target_bytes_per_sandbox'])}",
+            r.get("target_met"),
+        )
+    ]
+
+
+def _lag(r: dict[str, Any]) -> list[Row]:
+    rate = _rate(r["rate_target_per_s"], " events/s")
+    raw_p50 = r["raw_reader"]["lag"]["p50_ms"]
+    return [
+        Row(
+            f"append to queryable, p99 at {rate}",
+            _ms(r["p99_ms"]),
+            f"{_ms(r['raw_reader_p99_ms'])} log reader alone",
+            f"{_added_ms(r['p99_ms'] - r['raw_reader_p99_ms'])} ({_ratio(r['ratio_p99_to_raw'])})",
+            f"≤ {r['target_p99_ms']:g} ms",
+            r.get("target_met"),
+        ),
+        Row(
+            f"append to queryable, p50 at {rate}",
+            _ms(r["p50_ms"]),
+            f"{_ms(raw_p50)} log reader alone",
+            f"{_added_ms(r['p50_ms'] - raw_p50)} ({_ratio(r['p50_ms'] / raw_p50 if raw_p50 > 0 else None)})",
+        ),
+    ]
+
+
+_DURABILITY = {
+    "creates_accepted_per_s": "sandboxctl creates accepted",
+    "raw_sequential_per_s": "raw JetStream publish, one at a time",
+    "raw_256_in_flight_per_s": "raw JetStream publish, 256 in flight",
+}
+
+
+def _durability(r: dict[str, Any]) -> list[Row]:
+    always, default, cost = r["sync_always"], r["default_flush"], r["cost_ratio_always_to_default"]
+    return [
+        Row(_DURABILITY.get(key, key), _rate(always[key]), _rate(default[key]), _ratio(cost[key]), "none: reported")
+        for key in default
+    ]
+
+
+LAYOUTS: dict[str, Layout] = {
+    "engine_latency": Layout("Stop and start latency per engine", _engine_latency, versus="added at p50"),
+    "throughput": Layout("Command throughput", _throughput),
+    "bulk_stop": Layout("Bulk stop", _bulk_stop),
+    "replay": Layout("Replay: rebuilding the projection from the log", _replay),
+    "memory": Layout("Memory per sandbox", _memory),
+    "lag": Layout("Projection lag", _lag, versus="added (ratio)"),
+    "durability": Layout(
+        "Durability: fsync every write",
+        _durability,
+        ours="`sync_interval: always`",
+        baseline="default flush, same run",
+        versus="cost (ratio)",
+    ),
+}
+
+
+def table(layout: Layout, rows: list[Row]) -> list[str]:
+    head = ("measured", layout.ours, layout.baseline, layout.versus, "target", "met")
+    lines = ["| " + " | ".join(head) + " |", "|---|---:|---|---:|---|---|"]
+    for row in rows:
+        cells = (row.measured, row.ours, row.baseline, row.versus, row.target, _met(row.met))
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return lines
+
+
+def figures_table(figures: list[tuple[str, str]]) -> list[str]:
+    return ["| figure | value |", "|---|---|", *[f"| {_cell(k)} | {_cell(v)} |" for k, v in figures]]
+
+
+# -- what was measured, where, and how to measure it again ----------------------------------
+
+
+def code_line(result: dict[str, Any]) -> str:
+    code = result.get("code")
+    if not isinstance(code, dict):
+        return "code not recorded"
+    head = str(code.get("git_head", "n/a"))
+    modified = code.get("product_modified", "n/a")
+    sources = f"product sources sha256 `{code.get('product_sha256', '?')}`"
+    if head == "n/a" or modified == "n/a":
+        return f"code outside git, {sources}"
+    text = f"commit `{head[:7]}`"
+    if isinstance(modified, list) and modified:
+        text += f" with uncommitted changes to {', '.join(f'`{m}`' for m in modified)} ({sources})"
+    return text
+
+
+def _version(value: Any) -> str:
+    found = re.search(r"\d+(?:\.\d+)+[^\s,]*", str(value))
+    return found.group(0) if found else str(value)
+
+
+def machine_line(machine: Any) -> str:
+    if not isinstance(machine, dict) or not machine:
+        return "machine not recorded"
+    parts = []
+    for key, value in machine.items():
+        if key == "cpus":
+            parts.append(f"{value} CPUs")
+        elif key == "python":
+            parts.append(f"Python {value}")
+        elif key in ("podman", "dockerd"):
+            parts.append(f"{key} {_version(value)}")
+        else:
+            parts.append(f"{key} {value}")
+    return ", ".join(parts)
+
+
+def _load1(value: Any) -> Iterator[float]:
+    """Every ``load1`` a result recorded (runs that note the load they started under)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if k == "load1" and isinstance(v, int | float):
+                yield float(v)
+            else:
+                yield from _load1(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _load1(v)
+
+
+def load_line(result: dict[str, Any]) -> str:
+    before, after = result.get("load_average_before"), result.get("load_average_after")
+    if isinstance(before, list) and isinstance(after, list) and before and after:
+        return f"load average {before[0]:.2f} before, {after[0]:.2f} after (1 min)"
+    seen = list(_load1(result))
+    if seen:
+        return f"load average {min(seen):.2f}-{max(seen):.2f} at the start of its runs (1 min)"
+    return "load average not recorded"
+
+
+def _link(path: Path) -> str:
+    """A link from docs/ to a result file; an absolute path for results kept outside the repository."""
+    target = path.resolve()
+    shown = os.path.relpath(target, ROOT) if target.is_relative_to(ROOT) else str(target)
+    href = os.path.relpath(target, DOCS) if target.is_relative_to(ROOT) else target.as_uri()
+    return f"[{shown}]({href})"
+
+
+def provenance(name: str, result: dict[str, Any], source: Path | None) -> str:
+    parts = [
+        f"Measured {result.get('when', 'at an unrecorded time')}",
+        code_line(result),
+        machine_line(result.get("machine")),
+        load_line(result),
+        f"reproduce: `{command(name)}`",
+    ]
+    if source is not None:
+        parts.append(f"raw figures: {_link(source)}")
+    return " · ".join(parts) + "."
+
+
+# -- the page -------------------------------------------------------------------------------
+
+
+def section(name: str, result: dict[str, Any], source: Path | None = None) -> str:
+    layout = LAYOUTS.get(name)
+    lines = [f"## {result.get('title') or (layout.title if layout else name)}", ""]
+    figures = flattened(result)
+    rows: list[Row] = []
+    problem = "no table layout for this benchmark yet (bench/report.py LAYOUTS)"
+    if layout is not None:
+        try:
+            rows = layout.rows(result)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError) as exc:
+            problem = f"this result does not fit the table layout ({type(exc).__name__}: {exc})"
+        else:
+            problem = "the table layout found no cases in this result"
+    if layout is not None and rows:
+        lines += [*table(layout, rows), ""]
+    else:
+        lines += [f"Every figure as recorded: {problem}.", "", *figures_table(figures), ""]
+    lines += [provenance(name, result, source), ""]
+    for prose in ("summary", "notes"):
+        if result.get(prose):
+            lines += [str(result[prose]), ""]
+    if layout is not None and rows:
+        lines += [
+            "<details>",
+            "<summary>Every figure of this run</summary>",
+            "",
+            *figures_table(figures),
+            "",
+            "</details>",
+            "",
+        ]
     return "\n".join(lines)
 
 
+def missing(name: str) -> str:
+    layout = LAYOUTS.get(name)
+    return f"## {layout.title if layout else name}\n\nNot measured yet: run `{command(name)}`.\n"
+
+
+def unreadable(name: str, source: Path, error: Exception) -> str:
+    layout = LAYOUTS.get(name)
+    return (
+        f"## {layout.title if layout else name}\n\n"
+        f"The result {_link(source)} could not be read ({type(error).__name__}: {error}): "
+        f"run `{command(name)}` again.\n"
+    )
+
+
 def render(results_dir: Path = RESULTS) -> str:
-    found = {p.stem: json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))}
+    sources = {p.stem: p for p in sorted(results_dir.glob("*.json"))}
     parts = [INTRO]
-    if found:
-        machine = next(iter(found.values())).get("machine", {})
-        parts.append("Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()) + "\n")
-    for name in (*ORDER, *sorted(set(found) - set(ORDER))):
-        if name in found:
-            parts.append(section(name, found[name]))
-        else:
-            parts.append(f"## {name}\n\nNot measured yet: run `{COMMANDS.get(name, name)}`.\n")
-    extra = ROOT / "docs" / "benchmarks-analysis.md"
+    for name in (*ORDER, *sorted(set(sources) - set(ORDER))):
+        if name not in sources:
+            parts.append(missing(name))
+            continue
+        try:
+            result = json.loads(sources[name].read_text())
+            if not isinstance(result, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            parts.append(unreadable(name, sources[name], exc))
+            continue
+        parts.append(section(name, result, sources[name]))
+    extra = DOCS / "benchmarks-analysis.md"
     if extra.exists():
         parts.append(extra.read_text())
     return "\n".join(parts)
 
 
 def main() -> None:
-    out = ROOT / "docs" / "benchmarks.md"
+    out = DOCS / "benchmarks.md"
     out.write_text(render())
     print(f"wrote {out}")
 

@@ -1,28 +1,24 @@
 """A reader process for catching up on a long stretch of the log.
 
-A projector rebuilding from a long log, or a state machine folding it at start,
-is bound by CPU, and on one interpreter reading (nats-py spends about 10 us per
-message) and folding take turns on one core. Run as ``python -m
-services.bulkread``, this process does only the reading, the fastest way we
-found for nats-py to read a stream (an ephemeral push consumer with flow
-control, delivered to a plain callback that looks at a message's reply subject
-only once a frame), and writes what it read to stdout in frames, so the
-service folds on the other core while the next messages arrive. It needs no
-permission beyond what the service's ordinary reader (services/tail.py) has.
-``Frames`` is the service's side: it starts the process and yields its frames.
+A service far behind the log (a projector rebuilding, a state machine folding it at start)
+is bound by CPU, and on one interpreter reading and folding take turns on one core. Run as
+``python -m sandboxctl.bus.bulkread``, this process does only the reading (an ephemeral push
+consumer with flow control, delivered to a plain callback) and writes what it read to stdout
+in frames, so the service folds on the other core while the next messages arrive. It needs
+no permission beyond what the service's ordinary reader (bus/tail.py) has. ``Frames`` is the
+service's side: it starts the process and yields its frames.
 
 A frame is a 4-byte big-endian length and a msgpack array
-``[last_sequence, [payload, ...], [name, ...]]``: consecutive messages in stream
-order, the last of them at ``last_sequence``, with the last token of each one's
-subject (the sandbox it was appended for: readers check it against the entry). The process exits 0 once it has
-written the message at the last sequence it was asked for, and non-zero (with
-the reason on stderr) on any failure, when no message has arrived for ``IDLE``
-seconds, or when the service that started it has gone. The service then goes
-on from what it has folded with its ordinary reader, so a failure here only
-costs speed.
+``[last_sequence, [payload, ...], [name, ...]]``: consecutive messages in stream order, the
+last of them at ``last_sequence``, with the last token of each one's subject (the sandbox it
+was appended for: readers check it against the entry). The process exits 0 once it has
+written the message at the last sequence it was asked for, and non-zero (with the reason on
+stderr) on any failure, when no message has arrived for ``IDLE`` seconds, or when the
+service that started it has gone. The service then goes on from what it has folded with its
+ordinary reader, so a failure here only costs speed.
 
-Connection settings come in the environment (``READER_ENV``, JSON), never on
-the command line, where other users of the machine could read a password.
+Connection settings come in the environment (``READER_ENV``, JSON), never on the command
+line, where other users of the machine could read a password.
 """
 
 from __future__ import annotations
@@ -42,11 +38,12 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from sandboxctl.bus.natsinternals import inbox_prefix
 from sandboxctl.bus.tail import flow_control_reply, push_consumer, sequences
 
 READER_ENV = "SANDBOXCTL_BULKREAD_CONNECT"
 HEARTBEAT = 1.0
-FRAME = 2_000  # messages per frame written to the projector
+FRAME = 2_000  # messages per frame written to the service
 IDLE = 10.0
 CONNECT = 3.0
 # A service this far behind the log at start catches up through a reader process: below it,
@@ -61,8 +58,8 @@ def connect_options(nc: NATS) -> dict[str, Any]:
     for key in ("user", "password", "token"):
         if nc.options.get(key):
             options[key] = nc.options[key]
-    if nc._inbox_prefix:
-        options["inbox_prefix"] = bytes(nc._inbox_prefix).decode()
+    if inbox_prefix(nc):
+        options["inbox_prefix"] = inbox_prefix(nc)
     return options
 
 
@@ -152,7 +149,7 @@ async def read(connect: dict[str, Any], stream: str, subject: str, first: int, l
         raise RuntimeError(f"cannot connect: {errors[-1] if errors else 'timed out'}") from None
     js = nc.jetstream()
     out = sys.stdout.buffer
-    try:  # a bigger pipe lets a whole frame wait there while the projector folds the last one
+    try:  # a bigger pipe lets a whole frame wait there while the service folds the last one
         fcntl.fcntl(out.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
     except OSError:
         pass
@@ -171,8 +168,8 @@ async def read(connect: dict[str, Any], stream: str, subject: str, first: int, l
         try:
             out.write(len(body).to_bytes(4, "big"))
             out.write(body)
-        except OSError as exc:  # the projector went away (nats-py would swallow this in a callback)
-            failure.append(f"cannot write to the projector: {exc!r}")
+        except OSError as exc:  # the service went away (nats-py would swallow this in a callback)
+            failure.append(f"cannot write to the service: {exc!r}")
             done.set()
 
     async def on_msg(msg: Msg) -> None:
@@ -186,7 +183,7 @@ async def read(connect: dict[str, Any], stream: str, subject: str, first: int, l
             return
         # The log is never deleted from, so the n-th message delivered is sequence first + n - 1.
         # The reply subject says so once a frame; a message lost on the way shows there as a
-        # delivery count ahead of ours, and the projector reads on from the last good frame.
+        # delivery count ahead of ours, and the service reads on from the last good frame.
         frame.append(msg.data)
         names.append(msg.subject.rpartition(".")[2])
         seen += 1
@@ -205,7 +202,7 @@ async def read(connect: dict[str, Any], stream: str, subject: str, first: int, l
     try:
         info = await js.add_consumer(stream, config=push_consumer(subject, first, inbox, HEARTBEAT, 60.0))
         # Progress is counted in messages read (heartbeats keep coming from a consumer that
-        # delivers nothing), and the reader never outlives the projector it reads for.
+        # delivers nothing), and the reader never outlives the service it reads for.
         parent, last_seen, progressed = os.getppid(), -1, time.monotonic()
         while not done.is_set():
             try:
@@ -213,7 +210,7 @@ async def read(connect: dict[str, Any], stream: str, subject: str, first: int, l
             except TimeoutError:
                 pass
             if os.getppid() != parent:
-                raise RuntimeError("the projector went away")
+                raise RuntimeError("the service went away")
             if errors:
                 raise RuntimeError(f"connection failed: {errors[-1]!r}")
             if seen != last_seen:
@@ -243,7 +240,7 @@ def main() -> None:
     try:
         asyncio.run(read(connect, opts.stream, opts.subject, opts.first, opts.last))
     except BrokenPipeError:
-        sys.exit(1)  # the projector went away
+        sys.exit(1)  # the service went away
     except Exception as exc:
         print(f"bulkread: {exc!r}", file=sys.stderr)
         sys.exit(1)

@@ -122,7 +122,7 @@ async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
         waited = False
         while True:
             try:
-                await js.stream_info(config.name)
+                await js.stream_info(config.name or "")
                 break
             except NotFoundError:
                 pass

@@ -2,12 +2,11 @@
 
 Every append to the log, every driver fact and every dead letter is a
 JetStream publish whose ack says it is stored. nats-py's ``js.publish`` makes
-each one a full request: a new token, a response future wrapped in
-``asyncio.wait_for`` (a timer per publish), the ack parsed with ``json`` into
-a dataclass. On the state machine's hot path, two appends per command, that
-was about 36 us of CPU per publish. Here a connection gets one wildcard inbox
-subscription, a counter for tokens, one future per publish, a single sweeper
-for timeouts and msgspec for the ack: about 15 us. The semantics are
+each one a full request (a new token, a timer per publish, the ack parsed into
+a dataclass); on the state machine's hot path, two appends per command, that
+costs. Here a connection gets one wildcard inbox subscription, a counter for
+tokens, one future per publish, a single sweeper for timeouts and msgspec for
+the ack. The semantics are
 ``js.publish``'s: the ack or the server's error (as nats-py's ``APIError``
 family, so ``err_code`` checks keep working), ``NoStreamResponseError`` when
 no stream listens, ``nats.errors.TimeoutError`` when no ack came in time.
@@ -27,6 +26,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NoStreamResponseError
+
+from sandboxctl.bus.natsinternals import connection_of
 
 ACK_TIMEOUT = 5.0  # js.publish's default
 SWEEP_EVERY = 0.25  # how late a timeout may be noticed: one wake-up per sweep, not one timer per publish
@@ -109,7 +110,7 @@ async def publish(
     timeout: float = ACK_TIMEOUT,
 ) -> Ack:
     """Publish to ``stream`` and return once the server says it is stored (or why not)."""
-    nc: NATS = js._nc
+    nc = connection_of(js)
     acks = _inboxes.get(nc)
     if acks is None or (acks.ready.done() and acks.ready.exception() is not None):
         acks = _inboxes[nc] = _Acks(nc)  # the first, or one whose subscription failed: a fresh inbox

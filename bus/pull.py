@@ -19,6 +19,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
 from nats.js.errors import NotFoundError
 
+from sandboxctl.bus.natsinternals import api_prefix, connection_of
 from sandboxctl.bus.tail import reraise_if_cancelling, unsubscribe, wait_for_delivery
 
 log = logging.getLogger(__name__)
@@ -50,12 +51,13 @@ class Pull:
         # CONSUMER.CREATE.<stream>.<name>.<filter>, the subject the services may use.
         config = dataclasses.replace(config, name=config.durable_name)
         self._js = js
-        self._nc = js._nc
+        self._nc = connection_of(js)
         self._stream = stream
         self._config = config
+        self._durable = config.durable_name or ""
         self._batch = batch
         self._idle = idle_timeout
-        self._next = f"{js._prefix}.CONSUMER.MSG.NEXT.{stream}.{config.durable_name}"
+        self._next = f"{api_prefix(js)}.CONSUMER.MSG.NEXT.{stream}.{config.durable_name}"
         self._sub: Any = None
         self._inbox = ""
         self._request = 0  # the open request's number: its status replies come to <inbox>.<number>
@@ -85,14 +87,15 @@ class Pull:
             self._backoff = status != "408"
             if status not in ("408", "409", "503"):
                 log.warning("pull %s: request refused: %s %s", self._config.durable_name, status, msg.headers)
-            if status == "503" or (status == "409" and "deleted" in msg.headers.get("Description", "").lower()):
+            description = (msg.headers or {}).get("Description", "")
+            if status == "503" or (status == "409" and "deleted" in description.lower()):
                 self._lost = True
             self._ready.set()
 
     async def _open(self) -> None:
         await self.close()
         try:
-            await self._js.consumer_info(self._stream, self._config.durable_name)
+            await self._js.consumer_info(self._stream, self._durable)
         except NotFoundError:
             await self._js.add_consumer(self._stream, config=self._config)
         self._inbox = self._nc.new_inbox()

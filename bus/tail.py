@@ -22,6 +22,8 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
+from sandboxctl.bus.natsinternals import connection_of
+
 log = logging.getLogger(__name__)
 
 
@@ -121,7 +123,7 @@ class Tail:
         idle_timeout: float = 1.0,
     ) -> None:
         self._js = js
-        self._nc = js._nc
+        self._nc = connection_of(js)
         self._stream = stream
         self._filter = filter_subject
         self.next_seq = max(1, start_seq)  # next stream sequence we expect to read

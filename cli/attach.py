@@ -31,6 +31,7 @@ from sandboxctl.client import SandboxClient, Unavailable
 from sandboxctl.drivers.base import DriverError, ExecControl
 from sandboxctl.events.envelope import new_id
 from sandboxctl.runtime.config import Config, parse_duration
+from sandboxctl.statemachine import Phase
 
 T = TypeVar("T")
 
@@ -137,7 +138,7 @@ async def exec_in(
     each request that sets the command up within ``answer_timeout`` seconds (the command itself
     may run as long as it likes), so a paused engine is an error, not a hang."""
     item = await client.get(name)
-    if item["phase"] != "Ready" and not start:
+    if Phase(item["phase"]) is not Phase.READY and not start:
         await client.ensure_running(name, start=False, timeout=timeout)  # refuses before anything is logged
     holder = f"exec:{client.actor}:{new_id()[:8]}"
     async with client.lease(name, holder, EXEC_LEASE_TTL):

@@ -24,6 +24,7 @@ import msgspec
 
 from sandboxctl import audit, auth
 from sandboxctl.bus import reading
+from sandboxctl.bus.reading import Point
 from sandboxctl.cli import attach
 from sandboxctl.cli.output import BROKEN_PIPE, EXIT_CODES, show
 from sandboxctl.cli.status import status
@@ -443,7 +444,7 @@ def _event_line(seq: int, env: Any) -> str:
     return f"{seq:>8} {env.time.isoformat(timespec='milliseconds')} {env.subject:<20} {short:<28} {detail}".rstrip()
 
 
-def _point(text: str | None) -> audit.Point | None:
+def _point(text: str | None) -> Point | None:
     if text is None:
         return None
     try:
@@ -723,7 +724,7 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
                 auto_delete_after=args.auto_delete_seconds,
             )
             if not args.no_wait:
-                await client.wait_for(args.name, "Ready", reply.seq, args.timeout)
+                await client.wait_for(args.name, Phase.READY, reply.seq, args.timeout)
             print(f"sandbox {args.name} {'created' if not args.no_wait else 'accepted'}")
             return 0
         if args.cmd in ("stop", "start", "delete"):

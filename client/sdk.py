@@ -22,6 +22,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
 from sandboxctl.bus.eventlog import decode_event
+from sandboxctl.bus.natsinternals import server_requires_auth
 from sandboxctl.bus.tail import Tail, stream_seq
 from sandboxctl.client.errors import (
     FailedPrecondition,
@@ -168,6 +169,12 @@ def _refuses_login(exc: Exception) -> bool:
 
 
 class SandboxClient:
+    """The Python SDK: commands, queries, waits and the log's events over one NATS connection.
+
+    Each command goes out with a fresh command id unless one is given, and is retried with the
+    same id while no service answers, so it is applied at most once; every failure is a typed
+    ``SandboxError`` (``except NotFound``). It speaks only the wire contract (sandboxctl.events)."""
+
     def __init__(
         self,
         nc: NATS,
@@ -217,7 +224,7 @@ class SandboxClient:
                     "or <data dir>/auth/credentials)"
                 ) from exc
             raise Unavailable(f"cannot reach NATS at {url}: {exc}") from exc
-        if user and not nc._server_info.get("auth_required"):
+        if user and not server_requires_auth(nc):
             # A server without users (a leftover credential, or SANDBOXCTL_USER set by habit) takes
             # commands on the plain subjects, with the actor the payload names.
             return cls(nc, actor, denials=denials)
@@ -240,7 +247,8 @@ class SandboxClient:
         refused = self.denials.watch(subject)
         request = asyncio.ensure_future(self.nc.request(subject, payload, timeout=self.request_timeout))
         try:
-            await asyncio.wait({request, refused}, return_when=asyncio.FIRST_COMPLETED)
+            pending: set[asyncio.Future[Any]] = {request, refused}
+            await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             if refused.done() and not request.done():
                 request.cancel()
                 raise PermissionDenied(f"user {self.user or '(none)'} may not publish to {subject}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 from podman import PodmanClient
 from podman.api import stream_frames
@@ -151,7 +151,7 @@ class PodmanDriver(EngineDriver):
         try:
             self._ok("logs", response)
             untimed(response)  # podman has answered; a followed log may now be silent for long
-            yield from stream_frames(response)
+            yield from cast(Iterator[bytes], stream_frames(response))  # frames without demux are bytes
         finally:
             response.close()
 
@@ -198,10 +198,10 @@ class PodmanDriver(EngineDriver):
                     exit_code=int(code) if action == "die" and code is not None else None,
                 )
         finally:
-            client.close()
+            client.close()  # type: ignore[no-untyped-call]
 
     def close(self) -> None:
         with self._lock:
             client, self._client = self._client, None
         if client is not None:
-            client.close()
+            client.close()  # type: ignore[no-untyped-call]

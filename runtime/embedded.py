@@ -37,9 +37,10 @@ from nats.aio.client import Client as NATS
 from sandboxctl.auth import Authorizer, AuthStore, component_user, local_user_name, record_denied
 from sandboxctl.client import FailedPrecondition, Internal, Unavailable
 from sandboxctl.drivers.base import Driver
+from sandboxctl.events.health import ServiceHealth
 from sandboxctl.runtime import health
 from sandboxctl.runtime.config import Config
-from sandboxctl.runtime.health import LogHead, Progress, Responder, ServiceHealth, Watch
+from sandboxctl.runtime.health import LogHead, Progress, Responder, Watch
 from sandboxctl.runtime.supervise import (
     OK,
     Children,

@@ -4,10 +4,10 @@ projector (the only writer) and the query service (a reader)."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, Collection, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 import msgspec
@@ -72,6 +72,17 @@ SANDBOX_COLUMNS = (
     "holds",
     "warning",
 )
+
+
+T = TypeVar("T")
+
+
+def in_db_thread(db: aiosqlite.Connection, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
+    """Run ``fn(connection, *args)`` on the database's own thread, in one hand-off. aiosqlite's
+    public calls take SQL one statement at a time; the projector writes a whole batch (rows and
+    position in one transaction) with one, so it needs aiosqlite's private ``_execute`` and
+    ``_conn``, reached here and nowhere else."""
+    return db._execute(fn, db._conn, *args)  # type: ignore[no-untyped-call]
 
 
 async def connect(path: Path, readonly: bool = False) -> aiosqlite.Connection:

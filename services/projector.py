@@ -31,6 +31,7 @@ from sandboxctl.services.projection import (
     connect,
     idle_fields,
     idle_values,
+    in_db_thread,
     projected_notice,
 )
 from sandboxctl.statemachine import SandboxState
@@ -87,6 +88,15 @@ class Row(msgspec.Struct):
 
 
 class Projector:
+    """Folds the log into the SQLite projection that queries read.
+
+    Consumes: every log entry, in order, from its checkpoint on (an ordered Tail; a reader
+    process when far behind). Produces: one row per sandbox (its current state) and, after each
+    commit, a notice on ``sandboxctl.projected.<name>`` carrying the committed row. Promises:
+    rows and position commit in one transaction, so a crash keeps a whole batch or none and a
+    restart resumes right after the last committed sequence; it folds with the state machine's
+    own ``evolve`` (through ``fold_logged``), so it never disagrees with the decider."""
+
     def __init__(self, nc: NATS, db_path: Path, notify: bool = True, bulk_behind: int = BULK_BEHIND) -> None:
         self.nc = nc
         self.js = nc.jetstream()
@@ -192,7 +202,7 @@ class Projector:
 
     def _submit(self, upserts: list[tuple[object, ...]], last: int) -> asyncio.Future[None]:
         """Hand rows (their values as they are now) and position to the database thread."""
-        return asyncio.ensure_future(self.db._execute(_write_batch, self.db._conn, upserts, last))
+        return asyncio.ensure_future(in_db_thread(self.db, _write_batch, upserts, last))
 
     async def _commit(self, changed: dict[str, Row], last: int) -> None:
         upserts = [row.values() for row in changed.values()]

@@ -124,6 +124,13 @@ class _Page:
 
 
 class QueryService:
+    """Answers get, list, history and summary on ``sandboxctl.query.<kind>``.
+
+    Consumes: requests (request/reply), the projection (read only) and, for history, the log.
+    Produces: one ``Reply`` per request, into the asker's inbox only. Promises: every request
+    is answered, with a result or a structured error, and every answer fits one NATS message
+    (list and history page). It only reads, so any number of replicas may run."""
+
     def __init__(self, nc: NATS, db_path: Path) -> None:
         self.nc = nc
         self.js = nc.jetstream()

@@ -38,6 +38,13 @@ def _watched(state: SandboxState) -> bool:
 
 
 class Reaper:
+    """Stops idle sandboxes (and deletes opted-in ones) by sending commands, never by acting.
+
+    Consumes: the whole log (an ordered Tail from sequence 1), folded into each sandbox's
+    idleness. Produces: ``warn`` then ``stop`` (or ``delete``) commands, under ids derived from
+    the deadline. Promises: its timers are the log's, so a restart keeps every deadline and no
+    deadline fires twice; the state machine checks each command against the log first."""
+
     def __init__(
         self, nc: NATS, grace: float = 60.0, interval: float = 1.0, user: str = "", actor: str = REAPER
     ) -> None:

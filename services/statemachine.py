@@ -14,6 +14,7 @@ decides again.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
@@ -49,6 +50,7 @@ from sandboxctl.bus.tail import Tail, deliveries, reraise_if_cancelling, stream_
 from sandboxctl.events import subjects
 from sandboxctl.events.commands import CreateSandbox, SandboxCommand, command_decoder
 from sandboxctl.events.envelope import Envelope, encode, now, type_name
+from sandboxctl.events.facts import Fact
 from sandboxctl.events.lifecycle import LifecycleEvent
 from sandboxctl.events.replies import ErrorCode, Reply, error_reply
 from sandboxctl.statemachine import Rejection, SandboxState, decide, evolve, react, validate_name
@@ -87,6 +89,10 @@ _UNAVAILABLE = (
 # JetStream's answers when it cannot store: out of resources or storage (a full disk), not
 # enabled (it disables itself after a write error). Any 5xx is the server's trouble too.
 RESOURCES_EXHAUSTED = frozenset({10023, 10028, 10039, 10047, 10076, 10077})
+
+
+def _react_to(fact: Fact, state: SandboxState | None) -> list[LifecycleEvent]:
+    return react(state, fact)
 
 
 class OutcomeUnknown(Exception):
@@ -142,6 +148,15 @@ class Outcomes:
 
 
 class StateMachineService:
+    """The only writer of lifecycle events: decides commands and driver facts against the log.
+
+    Consumes: commands on ``sandboxctl.cmd.<verb>[.<user>]`` (request/reply), driver facts (a
+    durable consumer of SANDBOXCTL_FACTS), and the log itself (its cache of every sandbox's
+    state). Produces: events appended to SANDBOXCTL_LOG, each guarded by the sandbox's last
+    sequence, and one reply per command. Promises: a reply says accepted only for what is in the
+    log; an idempotency key is bound to its command; two racing commands never both win; a fact
+    is acknowledged only after the events it causes are stored; a restart recovers from the log."""
+
     def __init__(
         self,
         nc: NATS,
@@ -541,7 +556,7 @@ class StateMachineService:
                     cause = f"{state.sandbox_id}:{state.seq}:timeout"
                     await self._decide_and_append(
                         name,
-                        lambda current, now_=now_: overdue(current, now_, self.deadlines),
+                        functools.partial(overdue, now=now_, deadlines=self.deadlines),
                         Cause(WATCHDOG_EVENTS + cause, cause, "sandboxctl/watchdog"),
                     )
                 except Exception:
@@ -592,7 +607,7 @@ class StateMachineService:
             fact = envelope.data
             reply = await self._decide_and_append(
                 envelope.subject,
-                lambda state, fact=fact: react(state, fact),
+                functools.partial(_react_to, fact),
                 Cause(
                     FACT_EVENTS + envelope.id, envelope.id, envelope.actor or envelope.source, envelope.correlationid
                 ),

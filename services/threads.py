@@ -1,13 +1,10 @@
 """Threads for blocking engine calls, with a cheap way back to the event loop.
 
 The engine SDKs (podman, docker) are synchronous, so every engine call runs on
-a thread. ``loop.run_in_executor`` costs, per call, a concurrent Future with
-its condition variable, a semaphore probe for idle threads, a second
-(asyncio) future chained to the first, and one wake-up of the loop through its
-self-pipe per result: about 36 us of CPU per command on the throughput
-benchmark's hot path, where FakeDriver answers at once. Here a call is a tuple
-on a queue and one asyncio future; results go back through one deque, and the
-loop is woken once for all the results that arrived while it was busy.
+a thread. A call is a tuple on a queue and one asyncio future; results go back
+through one deque, and the loop is woken once for all the results that arrived
+while it was busy (``loop.run_in_executor`` builds two futures, takes a lock
+and wakes the loop once per call: on the worker's hot path, that is the cost).
 
 Threads are daemons and are never joined: a call hanging in the engine cannot
 hold up the worker's stop or the interpreter's exit, which is what the worker

@@ -70,6 +70,7 @@ from sandboxctl.events.facts import (
 )
 from sandboxctl.events.lifecycle import (
     EVENT_TYPES,
+    WORK_ORDERS,
     SandboxCreated,
     SandboxDeleteRequested,
     SandboxStartRequested,
@@ -92,10 +93,11 @@ STOP_GRACE = 10.0  # the grace of a stop reconciliation completes when the log d
 
 
 _TYPE = re.compile(rb'"type":"([^"]*)"')
-# The log events that give a driver work.
-_REQUEST = re.compile(r"sandboxctl\.sandbox\.(created|\w+_requested)\.v\d+")
-# The log events that give none: the phases the state machine decided.
-_PHASES = frozenset(kind for kind in EVENT_TYPES if not _REQUEST.fullmatch(kind))
+# The log events that give a driver work (events.lifecycle.WORK_ORDERS), and those that give
+# none: the phases the state machine decided, and the notes of use, leases and holds.
+_ORDERS = frozenset(cls.TYPE for cls in WORK_ORDERS)
+_PHASES = frozenset(EVENT_TYPES) - _ORDERS
+_DELETE, _STOP = SandboxDeleteRequested.TYPE, SandboxStopRequested.TYPE
 
 
 def _raw_type(data: bytes) -> str:
@@ -145,6 +147,15 @@ CONNECTED = _Connected()
 
 
 class DriverWorker:
+    """Does on one engine what the log asks, and reports what the engine does.
+
+    Consumes: the log's work orders (a durable consumer: created, stop, start and delete
+    requested) for its engine, and the engine's own event stream. Produces: driver facts on
+    ``sandboxctl.fact.<name>`` (started, exited, removed, failed, orphaned). Promises: an order is
+    acknowledged only once its fact is stored; an order overtaken by a later request is skipped;
+    nothing that does not carry the sandbox's id is touched; reconciliation at every (re)connect
+    leaves no sandbox in a phase the engine contradicts."""
+
     def __init__(
         self,
         nc: NATS,
@@ -246,9 +257,9 @@ class DriverWorker:
         if seq in self._held:
             return True  # redelivered while still in hand (a slow engine): the first copy runs
         self._held[seq] = msg
-        if _REQUEST.fullmatch(kind):
+        if kind in _ORDERS:
             self._latest_request[name] = max(seq, self._latest_request.get(name, 0))
-        if ".delete_requested." in kind or (".stop_requested." in kind and self._stops_in_engine.get(name)):
+        if kind == _DELETE or (kind == _STOP and self._stops_in_engine.get(name)):
             # A delete force-removes, so it need not wait behind a stop or start that
             # hangs in the engine: that is how a user gets out of a stuck sandbox. A second
             # stop (a shorter grace) must reach the engine while the first waits out its grace.
@@ -343,7 +354,7 @@ class DriverWorker:
         if self._latest_request.get(name, 0) <= seq and deliveries(msg) > 1:
             if await last_subject_seq(self.js, name) > seq:
                 async for later, logged, _ in read_events(self.js, name, start=seq + 1):
-                    if isinstance(logged, Envelope) and _REQUEST.fullmatch(logged.type):
+                    if isinstance(logged, Envelope) and logged.type in _ORDERS:
                         self._latest_request[name] = max(later, self._latest_request.get(name, 0))
                         break
         if self._latest_request.get(name, 0) > seq:
