@@ -29,9 +29,10 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError
 
-from sandboxctl.bus.eventlog import WRONG_LAST_SEQUENCE, ensure_streams
+from sandboxctl.bus.eventlog import WRONG_LAST_SEQUENCE
 from sandboxctl.bus.publish import publish
 from sandboxctl.bus.pull import Pull
+from sandboxctl.bus.streams import ensure_streams
 from sandboxctl.bus.tail import Tail, stream_seq, unsubscribe
 from sandboxctl.events import subjects
 from sandboxctl.events.replies import Reply

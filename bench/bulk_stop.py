@@ -284,7 +284,7 @@ def main() -> None:
                 "2-core machine shared with other work: figures are noisy."
             ),
             "trials": trials,
-            "control_plane": "subprocess: python -m services.cli serve",
+            "control_plane": "subprocess: python -m sandboxctl.cli serve",
             "code": version,
             "load_average_before": list(load_before),
             "load_average_after": list(os.getloadavg()),

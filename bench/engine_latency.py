@@ -83,7 +83,7 @@ def serve_env(cfg: Config) -> dict[str, str]:
 
 @contextmanager
 def serve(cfg: Config, root: Path, timeout: float = 60.0) -> Iterator[subprocess.Popen[bytes]]:
-    """``python -m services.cli serve`` until the block ends; stopped with SIGTERM as Ctrl-C would."""
+    """``python -m sandboxctl.cli serve`` until the block ends; stopped with SIGTERM as Ctrl-C would."""
     log_path = root / "serve.log"
     with open(log_path, "wb") as logfile:
         proc = subprocess.Popen(
@@ -377,7 +377,7 @@ def main() -> None:
             ),
             "cycles": cycles,
             "code": version,
-            "control_plane": "subprocess: python -m services.cli serve",
+            "control_plane": "subprocess: python -m sandboxctl.cli serve",
             "load_average_before": list(load_before),
             "load_average_after": list(os.getloadavg()),
             "results": results,

@@ -303,7 +303,7 @@ async def measure(rate: float, seconds: float, raw_seconds: float, sandboxes: in
     with workdir() as root, nats_server(root) as server:
         nc = await nats.connect(server.url, name="bench-setup")
         try:
-            from sandboxctl.bus.eventlog import ensure_streams
+            from sandboxctl.bus.streams import ensure_streams
 
             await ensure_streams(nc.jetstream())
             await nc.jetstream().add_stream(

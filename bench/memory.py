@@ -86,7 +86,7 @@ def events_of(i: int) -> list[Envelope]:
 async def fill_log(url: str, sandboxes: int) -> dict[str, Any]:
     import nats
 
-    from sandboxctl.bus.eventlog import ensure_streams
+    from sandboxctl.bus.streams import ensure_streams
 
     nc = await nats.connect(url, name="bench-fill")
     try:

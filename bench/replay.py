@@ -41,7 +41,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from bench.common import IMAGE, cpu_seconds, nats, parser, save, workdir
-from sandboxctl.bus.eventlog import ensure_streams
+from sandboxctl.bus.streams import ensure_streams
 from sandboxctl.events import subjects
 from sandboxctl.events.envelope import Envelope, encode, new_id
 from sandboxctl.events.lifecycle import (

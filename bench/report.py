@@ -36,7 +36,7 @@ sandboxctl sits between its users and a container engine; these benchmarks
 measure what it adds on top of the engine and of JetStream. Every figure is
 measured next to its raw baseline **in the same run**, and reported as a ratio
 to it. They are benchmarks, not timed tests: CI runs each only in `--quick`
-mode (tests/test_bench.py), which checks that it works and measures nothing.
+mode (tests/e2e/test_bench.py), which checks that it works and measures nothing.
 
 Run one: `.venv/bin/python -m bench.<name>`; run all and regenerate this page:
 `.venv/bin/python -m bench.run_all`. Results land in `bench/results/*.json`.

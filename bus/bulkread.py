@@ -39,7 +39,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from sandboxctl.bus.natsinternals import inbox_prefix
-from sandboxctl.bus.tail import flow_control_reply, push_consumer, sequences
+from sandboxctl.bus.streams import push_consumer
+from sandboxctl.bus.tail import flow_control_reply, sequences
 
 READER_ENV = "SANDBOXCTL_BULKREAD_CONNECT"
 HEARTBEAT = 1.0

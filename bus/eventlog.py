@@ -9,14 +9,11 @@ the source of truth, and projections are rebuilt from it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import msgspec
-import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import APIError, NotFoundError
 
 from sandboxctl.bus.publish import Ack, publish
@@ -31,57 +28,14 @@ from sandboxctl.statemachine.decider import skip
 log = logging.getLogger(__name__)
 
 WRONG_LAST_SEQUENCE = 10071
-DUPLICATE_WINDOW = 120.0
 
 
-class Conflict(Exception):
-    """Someone else appended to the sandbox's subject since we read it."""
+class SequenceConflict(Exception):
+    """Someone else appended to the sandbox's subject since we read it: the append's guard
+    (Nats-Expected-Last-Subject-Sequence) refused it."""
 
 
-def log_stream_config(replicas: int = 1) -> StreamConfig:
-    return StreamConfig(
-        name=subjects.LOG_STREAM,
-        description="sandboxctl lifecycle log (source of truth)",
-        subjects=[subjects.LOG_ALL],
-        retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE,
-        discard=DiscardPolicy.NEW,
-        duplicate_window=DUPLICATE_WINDOW,
-        num_replicas=replicas,
-        deny_delete=True,
-        deny_purge=True,
-        allow_direct=True,
-    )
-
-
-def facts_stream_config(replicas: int = 1) -> StreamConfig:
-    return StreamConfig(
-        name=subjects.FACTS_STREAM,
-        description="sandboxctl driver facts, consumed by the state machine",
-        subjects=[subjects.FACTS_ALL],
-        retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE,
-        max_age=7 * 24 * 3600.0,
-        duplicate_window=DUPLICATE_WINDOW,
-        num_replicas=replicas,
-        allow_direct=True,
-    )
-
-
-def deadletter_stream_config(replicas: int = 1) -> StreamConfig:
-    return StreamConfig(
-        name=subjects.DEADLETTER_STREAM,
-        description="sandboxctl dead letters: messages a consumer gave up on",
-        subjects=[subjects.DEADLETTER_ALL],
-        retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE,
-        max_age=30 * 24 * 3600.0,
-        num_replicas=replicas,
-    )
-
-
-# A message is tried this many times, with these waits between, before it is dead-lettered.
-MAX_DELIVER = 5
+# The waits between a message's deliveries before it is dead-lettered (after MAX_DELIVER).
 RETRY_DELAYS = (0.2, 1.0, 2.0, 5.0)
 
 
@@ -112,41 +66,13 @@ async def dead_letter(js: JetStreamContext, consumer: str, msg: Msg, reason: str
     await msg.term()
 
 
-async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
-    """Create the streams if missing. Replicas matter only when clustered (use 3 there):
-    a stream's replica count is fixed by whoever creates it, the state machine, first.
-
-    With authorization on only the state machine may create streams; a worker or projector
-    started before it (``serve --only``) waits for them, as the server drops its request."""
-    for config in (log_stream_config(replicas), facts_stream_config(replicas), deadletter_stream_config(replicas)):
-        waited = False
-        while True:
-            try:
-                await js.stream_info(config.name or "")
-                break
-            except NotFoundError:
-                pass
-            try:
-                await js.add_stream(config)
-                break
-            except APIError as exc:  # another process created it first
-                if exc.err_code != 10058:
-                    raise
-                break
-            except (TimeoutError, nats.errors.TimeoutError):
-                if not waited:
-                    log.warning("cannot create stream %s here; waiting for the state machine to", config.name)
-                    waited = True
-                await asyncio.sleep(0.5)
-
-
 async def append(js: JetStreamContext, envelope: Envelope, expected_seq: int) -> Ack:
     headers = {"Nats-Msg-Id": envelope.id, "Nats-Expected-Last-Subject-Sequence": str(expected_seq)}
     try:
         return await publish(js, subjects.log(envelope.subject), encode(envelope), subjects.LOG_STREAM, headers)
     except APIError as exc:
         if exc.err_code == WRONG_LAST_SEQUENCE:
-            raise Conflict(str(exc)) from exc
+            raise SequenceConflict(str(exc)) from exc
         raise
 
 

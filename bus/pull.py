@@ -1,6 +1,6 @@
 """Read a durable pull consumer continuously: the state machine's facts, the workers' orders.
 
-Both are work queues with explicit acks, where the log's other readers (services/tail.py)
+Both are work queues with explicit acks, where the log's other readers (bus/tail.py)
 follow the stream without acks.
 """
 

@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
 from sandboxctl.bus.eventlog import DecodeError, decode_event, fold_logged
 from sandboxctl.bus.tail import Tail, stream_seq
@@ -37,12 +38,17 @@ def before_or_at(point: Point | None, seq: int, envelope: Envelope) -> bool:
     return envelope.time <= point
 
 
-async def read_log(
-    js: JetStreamContext, name: str | None = None, start: int = 1, until_seq: int | None = None
+async def read_stream(
+    js: JetStreamContext, stream: str, subject: str, start: int = 1, until_seq: int | None = None
 ) -> AsyncIterator[list[Msg]]:
-    """The log (or one sandbox's part of it) as it stands now, in batches, then stop."""
-    tail = Tail(js, subjects.LOG_STREAM, subjects.log(name) if name else subjects.LOG_ALL, start, batch=1000)
-    end = await tail.last_seq()
+    """A stream's messages on ``subject`` (a wildcard may stand for many), from ``start`` up to
+    its last sequence as it stands now (or ``until_seq``), in batches, then stop. A stream that
+    does not exist has no messages."""
+    tail = Tail(js, stream, subject, start, batch=1000)
+    try:
+        end = await tail.last_seq()
+    except NotFoundError:
+        return
     if until_seq is not None:
         end = min(end, until_seq)
     if end < start:
@@ -56,6 +62,13 @@ async def read_log(
                 return
     finally:
         await tail.close()
+
+
+def read_log(
+    js: JetStreamContext, name: str | None = None, start: int = 1, until_seq: int | None = None
+) -> AsyncIterator[list[Msg]]:
+    """The log (or one sandbox's part of it) as it stands now, in batches, then stop."""
+    return read_stream(js, subjects.LOG_STREAM, subjects.log(name) if name else subjects.LOG_ALL, start, until_seq)
 
 
 async def read_events(

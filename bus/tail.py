@@ -6,7 +6,7 @@ gap, across reconnects and server restarts. nats-py's ordered consumer does not
 reset on missed heartbeats (nats.py #510), so this is an ordered reader of our
 own: an ephemeral push consumer with no acks, whose delivery sequence is
 checked for gaps; on a gap, an error or silent heartbeats it is recreated from
-the last stream sequence seen. Durable consumers are read by services/pull.py.
+the last stream sequence seen. Durable consumers are read by bus/pull.py.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from typing import Any
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from sandboxctl.bus.natsinternals import connection_of
+from sandboxctl.bus.streams import push_consumer
 
 log = logging.getLogger(__name__)
 
@@ -72,25 +72,6 @@ def deliveries(msg: Msg) -> int:
     token before the stream sequence in either reply format (see ``sequences``)."""
     tokens = msg.reply.split(".")
     return int(tokens[4] if len(tokens) == 9 else tokens[6])
-
-
-def push_consumer(
-    filter_subject: str, start_seq: int, deliver_subject: str, heartbeat: float, inactive_threshold: float = 300.0
-) -> ConsumerConfig:
-    """An ephemeral in-memory push consumer with no acks and flow control, from ``start_seq``:
-    how the log's readers read (this Tail, and the projector's catch-up reader)."""
-    return ConsumerConfig(
-        ack_policy=AckPolicy.NONE,
-        deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-        opt_start_seq=start_seq,
-        filter_subject=filter_subject,
-        deliver_subject=deliver_subject,
-        flow_control=True,
-        idle_heartbeat=heartbeat,
-        inactive_threshold=inactive_threshold,
-        mem_storage=True,
-        num_replicas=1,
-    )
 
 
 def flow_control_reply(msg: Msg) -> str:

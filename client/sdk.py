@@ -19,10 +19,10 @@ import msgspec
 import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js.errors import NotFoundError
 
 from sandboxctl.bus.eventlog import decode_event
 from sandboxctl.bus.natsinternals import server_requires_auth
+from sandboxctl.bus.reading import read_log, read_stream
 from sandboxctl.bus.tail import Tail, stream_seq
 from sandboxctl.client.errors import (
     FailedPrecondition,
@@ -517,17 +517,17 @@ class SandboxClient:
         end of the log as it stood when called.
         """
         await self.may_read(subjects.LOG_STREAM)
-        filter_subject = subjects.log(name) if name else subjects.LOG_ALL
-        tail = Tail(self.nc.jetstream(), subjects.LOG_STREAM, filter_subject, since_seq, batch=500)
-        end = await tail.last_seq()
+        js = self.nc.jetstream()
+        if not follow:
+            async for batch in read_log(js, name, since_seq):
+                for msg in batch:
+                    yield stream_seq(msg), decode_event(msg.data)
+            return
+        tail = Tail(js, subjects.LOG_STREAM, subjects.log(name) if name else subjects.LOG_ALL, since_seq, batch=500)
         try:
-            if not follow and tail.next_seq > end:
-                return
             async for batch in tail.batches():
                 for msg in batch:
                     yield stream_seq(msg), decode_event(msg.data)
-                if not follow and tail.next_seq > end:
-                    return
         finally:
             await tail.close()
 
@@ -541,23 +541,11 @@ class SandboxClient:
 
     async def _records(self, stream: str, filter_subject: str) -> Rows:
         await self.may_read(stream)
-        js = self.nc.jetstream()
-        tail = Tail(js, stream, filter_subject, 1, batch=500)
-        out: list[dict[str, Any]] = []
-        try:
-            end = await tail.last_seq()
-        except NotFoundError:  # the audit stream exists only once authorization is on
-            return out
-        if end == 0:
-            return out
-        try:
-            async for batch in tail.batches():
-                out += [msgspec.json.decode(m.data) for m in batch]
-                if tail.next_seq > end:
-                    return out
-        finally:
-            await tail.close()
-        return out
+        return [
+            msgspec.json.decode(m.data)
+            async for batch in read_stream(self.nc.jetstream(), stream, filter_subject)
+            for m in batch
+        ]
 
     async def wait_for(
         self, name: str, phase: Phase | str, after_seq: int = 0, timeout: float = 60.0

@@ -203,6 +203,27 @@ def timed_out(exc: BaseException) -> bool:
     return False
 
 
+def sdk_message(exc: BaseException) -> str:
+    """What an engine SDK's error says: the engine's own message (the SDKs' ``explanation``)
+    where there is one, so the user reads the engine's words, never only a status line."""
+    explanation = getattr(exc, "explanation", None)
+    return str(explanation or exc).strip() or type(exc).__name__
+
+
+def engine_failure(operation: str, exc: BaseException, message: str) -> DriverError:
+    """The DriverError an engine SDK's failure stands for, the same for every engine: a container
+    or volume the engine says it has not is ContainerMissing (one removed while the engine
+    resolves its name answers 409 or 500, not 404, and is just as gone), a read timeout is
+    EngineTimeout (the engine may still carry it out), anything else a DriverError."""
+    lowered = message.lower()
+    if "no such container" in lowered or "no such volume" in lowered:
+        return ContainerMissing(operation, message)
+    if timed_out(exc):
+        cause = exc.__cause__
+        return EngineTimeout(operation, f"{message}: {cause}" if cause is not None else message)
+    return DriverError(operation, message)
+
+
 def untimed(response: Any) -> None:
     """Lift the read timeout from a streaming response once the engine has answered: the
     timeout is for the engine's answer, a followed log may then be silent for as long as it likes.

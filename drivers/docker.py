@@ -32,9 +32,9 @@ from sandboxctl.drivers.base import (
     DriverError,
     EngineDriver,
     EngineEvent,
-    EngineTimeout,
     container_info,
-    timed_out,
+    engine_failure,
+    sdk_message,
     volume_name,
 )
 
@@ -43,11 +43,6 @@ _ACTIONS = {"start": "start", "die": "die", "destroy": "remove"}
 # The driver worker runs up to 256 operations at once; the SDK's default pool of
 # 10 connections would open and discard a connection for most of them, with a warning each.
 _POOL_SIZE = 64
-
-
-def _message(exc: Exception) -> str:
-    explanation = getattr(exc, "explanation", None)
-    return str(explanation or exc).strip() or type(exc).__name__
 
 
 class DockerDriver(EngineDriver):
@@ -63,23 +58,13 @@ class DockerDriver(EngineDriver):
         try:
             return fn(*args, **kwargs)
         except ImageNotFound as exc:  # a NotFound to the SDK, but the container is not what is missing
-            raise DriverError(operation, _message(exc)) from exc
+            raise DriverError(operation, sdk_message(exc)) from exc
         except NotFound as exc:
-            raise ContainerMissing(operation, _message(exc)) from exc
+            raise ContainerMissing(operation, sdk_message(exc)) from exc
         except (DockerException, requests.RequestException, OSError) as exc:
-            message = _message(exc)
-            # A container removed while the daemon resolves its name can answer
-            # with a conflict or server error instead of 404; it is just as gone.
-            lowered = message.lower()
-            if "no such container" in lowered or "no such volume" in lowered:
-                raise ContainerMissing(operation, message) from exc
-            if timed_out(exc):
-                raise EngineTimeout(operation, message) from exc
-            raise DriverError(operation, message) from exc
+            raise engine_failure(operation, exc, sdk_message(exc)) from exc
         except Exception as exc:  # urllib3's errors and the like
-            if timed_out(exc):
-                raise EngineTimeout(operation, f"{type(exc).__name__}: {exc}") from exc
-            raise DriverError(operation, f"{type(exc).__name__}: {exc}") from exc
+            raise engine_failure(operation, exc, f"{type(exc).__name__}: {exc}") from exc
 
     def _connect(self, operation: str, timeout: float | None, version: str = "auto") -> DockerClient:
         return self._call(  # type: ignore[no-any-return]

@@ -29,19 +29,14 @@ from sandboxctl.drivers.base import (
     DriverError,
     EngineDriver,
     EngineEvent,
-    EngineTimeout,
     container_info,
-    timed_out,
+    engine_failure,
+    sdk_message,
     untimed,
     volume_name,
 )
 
 _ACTIONS = {"start": "start", "died": "die", "remove": "remove"}
-
-
-def _message(exc: Exception) -> str:
-    explanation = getattr(exc, "explanation", None)
-    return str(explanation or exc).strip() or type(exc).__name__
 
 
 class PodmanDriver(EngineDriver):
@@ -66,20 +61,11 @@ class PodmanDriver(EngineDriver):
         try:
             return fn(*args, **kwargs)
         except NotFound as exc:
-            raise ContainerMissing(operation, _message(exc)) from exc
+            raise ContainerMissing(operation, sdk_message(exc)) from exc
         except (PodmanError, APIError, OSError) as exc:
-            message = _message(exc)
-            # A container removed while podman resolves its name answers 500,
-            # not 404; it is just as gone.
-            if "no such container" in message or "no such volume" in message:
-                raise ContainerMissing(operation, message) from exc
-            if timed_out(exc):
-                raise EngineTimeout(operation, f"{message}: {exc.__cause__ or exc}") from exc
-            raise DriverError(operation, message) from exc
-        except Exception as exc:  # requests' connection errors and the like
-            if timed_out(exc):
-                raise EngineTimeout(operation, f"{type(exc).__name__}: {exc}") from exc
-            raise DriverError(operation, f"{type(exc).__name__}: {exc}") from exc
+            raise engine_failure(operation, exc, sdk_message(exc)) from exc
+        except Exception as exc:  # requests' errors and the like
+            raise engine_failure(operation, exc, f"{type(exc).__name__}: {exc}") from exc
 
     def _ok(self, operation: str, response: Any) -> Any:
         self._call(operation, response.raise_for_status)

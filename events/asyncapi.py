@@ -1,7 +1,7 @@
 """The machine-readable contract: an AsyncAPI 3 document built from the msgspec types.
 
 Generated, never hand-edited, so it cannot drift from what the services
-accept and emit; tests/test_contract_doc.py fails when docs/asyncapi.json
+accept and emit; tests/unit/test_contract_doc.py fails when docs/asyncapi.json
 differs from what this module builds. Regenerate with
 ``python -m sandboxctl.events.asyncapi``.
 """

@@ -42,7 +42,7 @@ QUERY = f"{PREFIX}.query"
 # Core-NATS notice published after the projection commits a change.
 PROJECTED = f"{PREFIX}.projected"
 
-# Health: every process that runs services answers a request here (services/health.py).
+# Health: every process that runs services answers a request here (runtime/health.py).
 HEALTH = f"{PREFIX}.health"
 
 # Where replies may go: clients' inboxes, never a subject a stream captures. A request names

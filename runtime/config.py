@@ -64,7 +64,7 @@ class Config:
     idle_timeout: float = 0.0
     idle_grace: float = 60.0
     reaper_interval: float = 1.0
-    # Supervision (services/supervise.py): a service or a process sandboxctl runs that fails more
+    # Supervision (runtime/supervise.py): a service or a process sandboxctl runs that fails more
     # than restart_limit times within restart_window seconds makes the process exit non-zero, for
     # an outer supervisor (systemd, a container runtime) to restart it whole; 0 never gives up.
     # None is the command's own default: `up`, which nothing supervises, never gives up and keeps

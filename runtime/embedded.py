@@ -9,7 +9,7 @@ a server or podman service an earlier ``up`` left running is found by its pid
 file and ``/proc`` command line and stopped; a port held by anything else is a
 refusal, never a reason to talk to someone else's server; its children die
 with it (``PR_SET_PDEATHSIG``) and are restarted when they exit or, for
-nats-server, when its JetStream stops being healthy (services/supervise.py).
+nats-server, when its JetStream stops being healthy (runtime/supervise.py).
 Everything it writes under the data directory is private to its user.
 """
 
@@ -52,6 +52,7 @@ from sandboxctl.runtime.supervise import (
     denied_attempt,
     describe,
     die_with_parent,
+    end_child,
     leftover,
     port_holder,
     port_in_use,
@@ -124,7 +125,7 @@ class NatsServer:
     """A nats-server with JetStream on a data directory of its own.
 
     With an ``auth`` store it admits only that store's users, each with the
-    permissions generated from its role (services.auth), and writes its pid
+    permissions generated from its role (sandboxctl.auth), and writes its pid
     where ``sandboxctl user add`` finds it to make it reload the users. It also
     gets a user of the system account, known only to this object, which asks the
     server for its health (``check``): nats-server 2.15 keeps a stream that had a
@@ -249,13 +250,8 @@ class NatsServer:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            end_child(self.proc)
         self.proc = None
 
     def leftover(self) -> int | None:
@@ -384,14 +380,8 @@ class PodmanService:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
         if self.proc is not None:
+            end_child(self.proc)
             self.pid_path.unlink(missing_ok=True)
         self.proc = None
 
@@ -517,10 +507,10 @@ COMPONENTS = ("statemachine", "projector", "query", "worker", "reaper")
 class ControlPlane:
     """Every sandboxctl service (or the ``components`` chosen) on one NATS connection each, in this process.
 
-    Each service is supervised (services/supervise.py): one whose task ends unasked is
+    Each service is supervised (runtime/supervise.py): one whose task ends unasked is
     replaced by a new instance on a new connection, and ``fatal`` is set when one keeps
     failing. The process answers ``sandboxctl.health`` with a report per service
-    (services/health.py), and says when one falls behind the log and catches up again."""
+    (runtime/health.py), and says when one falls behind the log and catches up again."""
 
     def __init__(
         self, config: Config, drivers: dict[str, Driver] | None = None, components: Sequence[str] = COMPONENTS

@@ -39,7 +39,7 @@ GATHER = 1.0  # how long a caller collects replies: every process answers within
 BEHIND_AFTER = 10.0  # seconds a lagging position may stand still before it counts as behind
 LOG_HEAD_TTL = 0.5  # how long the log's last sequence is reused between questions
 REPLY_PREFIX = subjects.INBOXES  # where answers may go (see Responder)
-ANSWERS = subjects.INBOXES_ALL  # what a service's user may publish to answer (services.auth)
+ANSWERS = subjects.INBOXES_ALL  # what a service's user may publish to answer (sandboxctl.auth)
 
 OK, CATCHING_UP, BEHIND, MISSING = "ok", "catching up", "behind", "missing"
 # The services a deployment needs; a status that hears of none of one of them reports it missing.

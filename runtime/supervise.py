@@ -155,6 +155,18 @@ def terminate(pid: int, timeout: float = 10.0) -> None:
             time.sleep(0.05)
 
 
+def end_child(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """End a child this process started: SIGTERM, then SIGKILL after ``timeout``; returns once it
+    has exited and is reaped (so it leaves no zombie and Popen knows its exit status)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     """Whether something listens on ``host:port``: a bind with SO_REUSEADDR, as nats-server's
     own, fails only then (connections in TIME_WAIT do not count)."""

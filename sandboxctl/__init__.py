@@ -1,7 +1,7 @@
 """sandboxctl: a lifecycle control plane for sandboxes, under one import name.
 
 The rooms of the repository are its subpackages, lowest first; each imports only
-from the ones before it (tests/test_layers.py checks it):
+from the ones before it (tests/unit/test_layers.py checks it):
 
 - ``sandboxctl.events``: the wire contract (``events/``);
 - ``sandboxctl.statemachine``: the pure core, decide, react, evolve (``statemachine/``);

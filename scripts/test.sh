@@ -13,6 +13,7 @@ if [ ! -f .cache/asyncapi/node_modules/@asyncapi/specs/schemas/3.0.0.json ]; the
   command -v npm >/dev/null || { apt-get update -qq && apt-get install -y -qq npm >/dev/null; }
   npm install --silent --no-audit --no-fund --prefix .cache/asyncapi @asyncapi/specs@6
 fi
+ruff format --check .
 ruff check .
 mypy
 exec pytest "$@"

@@ -21,7 +21,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from sandboxctl.bus.bulkread import BULK_BEHIND, Frames
-from sandboxctl.bus.eventlog import ensure_streams, fold_logged
+from sandboxctl.bus.eventlog import fold_logged
+from sandboxctl.bus.streams import ensure_streams
 from sandboxctl.bus.tail import Tail, stream_seq
 from sandboxctl.events import subjects
 from sandboxctl.events.lifecycle import SandboxCreated
@@ -163,7 +164,7 @@ class Projector:
 
     def _fold(self, seq: int, name: str, data: bytes, changed: dict[str, Row]) -> None:
         """Fold one logged event into ``rows``, noting the row it changed. An entry that cannot be
-        folded is skipped as every reader skips it (services.log.fold_logged): the row keeps its
+        folded is skipped as every reader skips it (bus.eventlog.fold_logged): the row keeps its
         state but takes the entry's position, so a waiter for that position is answered."""
         row = self.rows.get(name)
         state, envelope, problem = fold_logged(row.state if row else None, name, data, seq)
@@ -222,7 +223,7 @@ class Projector:
         """Fold the log up to ``target`` with a reader process feeding this one.
 
         Reading and folding each cost about a core's worth of a long replay, so the
-        reader (services/bulkread.py) runs beside the fold instead of taking turns
+        reader (bus/bulkread.py) runs beside the fold instead of taking turns
         with it. Rows and position go to SQLite's thread every ``ROWS_EVERY`` events,
         while the next frames are folded, and at the end, so a crash resumes at a
         position whose rows are all there. If the reader fails, what was folded is

@@ -20,7 +20,8 @@ import time
 
 from nats.aio.client import Client as NATS
 
-from sandboxctl.bus.eventlog import ensure_streams, fold_logged
+from sandboxctl.bus.eventlog import fold_logged
+from sandboxctl.bus.streams import ensure_streams
 from sandboxctl.bus.tail import Tail, reraise_if_cancelling, stream_seq
 from sandboxctl.client import SandboxClient, SandboxError
 from sandboxctl.events import subjects

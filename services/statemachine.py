@@ -3,7 +3,7 @@
 It keeps every sandbox's state in memory, folded from the log by a Tail that
 starts at sequence 1, so a restarted service recovers by reading the log and
 nothing else; a long log is read at start by a reader process of its own
-(services/bulkread.py), so reading and folding use both cores. Commands
+(bus/bulkread.py), so reading and folding use both cores. Commands
 arrive by request/reply; driver facts arrive through a durable consumer and
 are acknowledged only after the events they cause are in the log. Each append
 is guarded by the sandbox's last sequence; a conflict means another writer got
@@ -25,27 +25,25 @@ import msgspec
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RawStreamMsg
+from nats.js.api import RawStreamMsg
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
-from sandboxctl.auth import Authorizer, check, ensure_audit_stream, record_denied
+from sandboxctl.auth import Authorizer, check, record_denied
 from sandboxctl.bus.bulkread import BULK_BEHIND, Frames
 from sandboxctl.bus.eventlog import (
-    DUPLICATE_WINDOW,
-    MAX_DELIVER,
-    Conflict,
     DecodeError,
+    SequenceConflict,
     append,
     dead_letter,
     decode_event,
     decode_fact,
-    ensure_streams,
     fold_logged,
     last_subject_seq,
     retry_delay,
 )
 from sandboxctl.bus.publish import Ack
 from sandboxctl.bus.pull import Pull
+from sandboxctl.bus.streams import DUPLICATE_WINDOW, MAX_DELIVER, durable_pull, ensure_streams
 from sandboxctl.bus.tail import Tail, deliveries, reraise_if_cancelling, stream_seq, unsubscribe
 from sandboxctl.events import subjects
 from sandboxctl.events.commands import CreateSandbox, SandboxCommand, command_decoder
@@ -64,7 +62,7 @@ MAX_ATTEMPTS = 8
 FACTS_CONSUMER = "sandboxctl-statemachine"
 
 # The ids of the events a fact or the watchdog causes start with these. A command id cannot hold
-# a "/" (events/limits.py), and user names cannot start with "sandboxctl-" (services/auth.py), so
+# a "/" (events/limits.py), and user names cannot start with "sandboxctl-" (auth/roles.py), so
 # no command, whoever sends it, can take the id (and so the Nats-Msg-Id) of another's event.
 FACT_EVENTS = "sandboxctl-fact/"
 WATCHDOG_EVENTS = "sandboxctl-watchdog/"
@@ -181,7 +179,7 @@ class StateMachineService:
         self.default_driver = default_driver
         self.states: dict[str, SandboxState] = {}
         # Names whose log holds entries but no sandbox (every entry was skipped, see
-        # services.log.fold_logged), with the last such entry's sequence: what an append expects.
+        # bus.eventlog.fold_logged), with the last such entry's sequence: what an append expects.
         self._skipped: dict[str, int] = {}
         self._outcomes = Outcomes()
         self.deadlines: Deadlines = deadlines or {}
@@ -197,9 +195,7 @@ class StateMachineService:
     # -- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
-        await ensure_streams(self.js, self.replicas)
-        if self.authorizer is not None:
-            await ensure_audit_stream(self.js, self.replicas)
+        await ensure_streams(self.js, self.replicas, audit=self.authorizer is not None)
         self._tail = Tail(self.js, subjects.LOG_STREAM, subjects.LOG_ALL, start_seq=1)
         self.tasks.append(asyncio.create_task(self._follow_log(), name="statemachine-log"))
         await self._caught_up.wait()
@@ -392,7 +388,7 @@ class StateMachineService:
                     else:
                         self._fold(envelope, ack.seq)
                     expected = ack.seq
-            except Conflict:
+            except SequenceConflict:
                 await self._wait_for(name, await last_subject_seq(self.js, name))
                 continue
             return self._accepted(name, self.states.get(name), len(decision), expected)
@@ -566,15 +562,7 @@ class StateMachineService:
     # -- facts -------------------------------------------------------------------
 
     async def _consume_facts(self) -> None:
-        config = ConsumerConfig(
-            durable_name=FACTS_CONSUMER,
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_wait=30.0,
-            max_ack_pending=10_000,
-            max_deliver=MAX_DELIVER,
-            filter_subject=subjects.FACTS_ALL,
-        )
+        config = durable_pull(FACTS_CONSUMER, subjects.FACTS_ALL, ack_wait=30.0, max_ack_pending=10_000)
         pull = Pull(self.js, subjects.FACTS_STREAM, config)
         try:
             async for msgs in pull.batches():

@@ -31,20 +31,18 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from sandboxctl.bus.eventlog import (
-    MAX_DELIVER,
     DecodeError,
     dead_letter,
     decode_event,
-    ensure_streams,
     last_subject_seq,
     publish_fact,
     retry_delay,
 )
 from sandboxctl.bus.pull import Pull
 from sandboxctl.bus.reading import load_states, read_events
+from sandboxctl.bus.streams import MAX_DELIVER, durable_pull, ensure_streams
 from sandboxctl.bus.tail import deliveries, reraise_if_cancelling, stream_seq
 from sandboxctl.drivers.base import (
     ContainerInfo,
@@ -221,17 +219,9 @@ class DriverWorker:
     # -- work from the log -------------------------------------------------------
 
     async def _consume(self) -> None:
-        config = ConsumerConfig(
-            durable_name=self.consumer,
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            # Short, so that the orders a killed worker held are redelivered soon to the next one;
-            # those still in hand are kept alive (_keep_alive), however long they wait their turn.
-            ack_wait=WORK_ACK_WAIT,
-            max_ack_pending=20_000,
-            max_deliver=MAX_DELIVER,
-            filter_subject=subjects.LOG_ALL,
-        )
+        # A short ack wait, so that the orders a killed worker held are redelivered soon to the
+        # next one; those still in hand are kept alive (_keep_alive), however long they wait.
+        config = durable_pull(self.consumer, subjects.LOG_ALL, ack_wait=WORK_ACK_WAIT, max_ack_pending=20_000)
         pull = Pull(self.js, subjects.LOG_STREAM, config)
         try:
             async for msgs in pull.batches():
@@ -306,7 +296,7 @@ class DriverWorker:
         event = envelope.data
         if envelope.subject != subjects.name_of(msg.subject):
             # Written by someone else on another sandbox's subject: every reader of the log skips
-            # it (services.log.fold_logged), and no engine is touched for it.
+            # it (bus.eventlog.fold_logged), and no engine is touched for it.
             log.error("%s: a %s on %s names sandbox %r; skipped", self.consumer, envelope.type, msg.subject,
                       envelope.subject[:80])  # fmt: skip
             await msg.ack()

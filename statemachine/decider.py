@@ -214,6 +214,11 @@ def react(state: SandboxState | None, fact: Fact) -> list[LifecycleEvent]:
         if phase is Phase.DELETING:
             # Only the delete's own report ends it: the workspace must be gone before the name is free.
             return [SandboxDeleted()] if fact.workspace_removed else []
+        if phase is Phase.ERROR and state.failed_operation == "delete" and not fact.workspace_removed:
+            # The delete removed the container and then failed (the engine refused the workspace):
+            # the container's removal, seen again by a watcher, is that same delete, not news; the
+            # engine's reason for the failure stays the sandbox's error.
+            return []
         return _fail(state, SandboxFailed(kind=BACKEND_MISSING, reason=BACKEND_MISSING))
     if isinstance(fact, DriverFailed):
         reason = f"{fact.operation} failed: {fact.message}"
@@ -311,7 +316,7 @@ def evolve(state: SandboxState | None, envelope: Envelope, seq: int = 0) -> Sand
 
 def skip(state: SandboxState | None, seq: int) -> SandboxState | None:
     """The state after a log entry at ``seq`` that cannot be folded: unchanged but for its position,
-    which is the log's (see services.log.fold_logged). A sandbox with no state has none to move."""
+    which is the log's (see bus.eventlog.fold_logged). A sandbox with no state has none to move."""
     if state is None or state.seq >= seq:
         return state
     return msgspec.structs.replace(state, seq=seq)

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from sandboxctl.runtime.supervise import end_child
+
 # sun_path holds 107 bytes and a NUL. The longest socket dockerd puts under its
 # exec root is its containerd's ttrpc socket; a longer path makes containerd
 # fail to start, which dockerd reports only after a 20 s timeout.
@@ -151,13 +153,7 @@ class DockerDaemon:
         proc, self.proc = self.proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        end_child(proc, timeout)
         leftovers = self._leftover_pids()
         for pid in leftovers:
             try:

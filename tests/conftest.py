@@ -1,6 +1,18 @@
-"""Fixtures that start real parts: a nats-server per test, one podman service
-and one docker daemon per session, and the whole control plane in the test's
-event loop. Tests that take the ``engine`` fixture run once per engine."""
+"""The suite's shared fixtures, and its layers.
+
+Tests live in three folders, each a layer with a marker of the same name (``pytest -m unit``):
+
+- ``tests/unit``: pure; no NATS, no engine, no root. Runs in seconds anywhere.
+- ``tests/integration``: a real nats-server (``nats_server``, ``auth_server``), no engine.
+- ``tests/e2e``: real engines (``podman_url``, ``docker_url``, ``engines``, ``engine``, and what
+  builds on them: ``config``, ``plane``, ``client``, ``cli``, ``names``, ...).
+
+The fixtures here start real parts: a nats-server per test, one podman service and one docker
+daemon per session, and the whole control plane in the test's event loop. Tests that take the
+``engine`` fixture run once per engine. Importing this module starts nothing; a fixture starts
+its part only when a test asks for it, and a test asking for one its layer may not use is an
+error at collection.
+"""
 
 from __future__ import annotations
 
@@ -23,8 +35,41 @@ from sandboxctl.runtime.embedded import ControlPlane, NatsServer, PodmanService
 from testing.dockerd import DockerDaemon
 
 ROOT = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
 IMAGE = os.environ.get("SANDBOXCTL_TEST_IMAGE", "localhost/sandboxctl-busybox:latest")
 ENGINES = ("podman", "docker")
+
+LAYERS = ("unit", "integration", "e2e")  # the folders under tests/, each also a marker
+# The fixtures that start an engine or build on one (or need root, like small_disk's mount):
+# the e2e layer's alone.
+ENGINE_FIXTURES = frozenset(
+    {"image", "podman_url", "docker_url", "engines", "engine", "podman_config", "config", "plane", "client", "cli"}
+    | {"names", "sandboxes", "small_disk"}
+)
+# The fixtures that start a nats-server: integration and e2e.
+SERVER_FIXTURES = frozenset({"nats_server", "auth_server", "nats_config"})
+FORBIDDEN = {"unit": ENGINE_FIXTURES | SERVER_FIXTURES, "integration": ENGINE_FIXTURES, "e2e": frozenset()}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test with its layer, the folder it is in; refuse a test outside the layers, and
+    one that asks for a fixture its layer may not use (a unit test that would start a server)."""
+    wrong: list[str] = []
+    for item in items:
+        path = Path(item.path).resolve()
+        if not path.is_relative_to(TESTS):
+            continue
+        parts = path.relative_to(TESTS).parts
+        layer = parts[0] if len(parts) > 1 else ""
+        if layer not in LAYERS:
+            wrong.append(f"{item.nodeid}: is in no layer; put it under tests/unit, tests/integration or tests/e2e")
+            continue
+        item.add_marker(getattr(pytest.mark, layer))
+        used = sorted(FORBIDDEN[layer] & set(item.fixturenames))
+        if used:
+            wrong.append(f"{item.nodeid}: a {layer} test may not use {', '.join(used)}; move it to a layer that may")
+    if wrong:
+        raise pytest.UsageError("tests in the wrong layer (tests/conftest.py):\n  " + "\n  ".join(wrong))
 
 
 def podman(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -107,6 +152,20 @@ def podman_config(tmp_path: Path, nats_server: NatsServer, podman_url: str) -> C
         data_dir=tmp_path / "data",
         run_dir=tmp_path / "run",
         podman_url=podman_url,
+        drivers=("podman",),
+        default_driver="podman",
+        actor="test",
+    )
+
+
+@pytest.fixture
+def nats_config(tmp_path: Path, nats_server: NatsServer) -> Config:
+    """A plane's configuration with no engine behind it, for services that drive none: a plane
+    without the ``worker`` component (the state machine, projector, query, reaper) needs no more."""
+    return Config(
+        nats_url=nats_server.url,
+        data_dir=tmp_path / "data",
+        run_dir=tmp_path / "run",
         drivers=("podman",),
         default_driver="podman",
         actor="test",

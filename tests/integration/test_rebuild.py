@@ -1,5 +1,5 @@
 """Rebuilding the projection, and the state machine's cache at start, from a
-long log with the catch-up reader process (services/bulkread.py), against a
+long log with the catch-up reader process (bus/bulkread.py), against a
 real nats-server: the result must be what the ordinary reader builds, event
 for event, and a reader that fails must cost only speed."""
 

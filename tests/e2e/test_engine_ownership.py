@@ -1,30 +1,31 @@
 """sandboxctl acts only on what carries its sandbox's id, on every engine: a container made by
 hand that mounts a sandbox's workspace, or that took the sandbox's container name, is never
 stopped, started, exec'd into, read or removed by sandboxctl; a delete that would need it gone
-fails with the engine's reason instead of succeeding."""
+fails with a reason instead of succeeding: sandboxctl's own when it sees the other container first,
+the engine's when the engine is the one to refuse, and either way the CLI exits 10 (failed) with
+it and the sandbox is in Error with it. What makes an object a sandbox's is
+tests/unit/test_engine_ownership.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 
-from sandboxctl.client import SandboxClient
-from sandboxctl.drivers.base import SANDBOX_ID, ContainerMissing, owned_by
+from sandboxctl.client import EXIT_STATUS, ClientCode, SandboxClient
+from sandboxctl.drivers.base import ContainerMissing
 from sandboxctl.runtime.config import Config
-from sandboxctl.runtime.embedded import make_driver
+from sandboxctl.runtime.embedded import ControlPlane, make_driver
 from tests.conftest import CLI, Engine
+
+FAILED = EXIT_STATUS[ClientCode.FAILED]  # 10: the sandbox went to Error while the CLI waited
+# What each engine says when it refuses to remove a volume a container uses.
+IN_USE = {"podman": "being used", "docker": "in use"}
 
 
 def running(engine: Engine, container: str) -> bool:
     return bool(json.loads(engine("container", "inspect", container).stdout)[0]["State"]["Running"])
-
-
-def test_only_the_sandbox_id_label_makes_an_object_the_sandboxs() -> None:
-    assert owned_by({SANDBOX_ID: "a"}, "a")
-    assert not owned_by({SANDBOX_ID: "b"}, "a")
-    assert not owned_by({}, "a") and not owned_by(None, "a")  # made by hand: nobody's to touch
-    assert not owned_by({SANDBOX_ID: "a"}, "")  # a caller that does not say whose it acts for acts on nothing
 
 
 async def test_a_delete_leaves_a_container_it_does_not_own_that_uses_the_workspace(
@@ -41,7 +42,7 @@ async def test_a_delete_leaves_a_container_it_does_not_own_that_uses_the_workspa
     )  # fmt: skip
     try:
         code, _, err = await cli("delete", name)
-        assert code != 0, "the delete claimed success while another container uses the workspace"
+        assert code == FAILED, ("the delete did not fail while another container uses the workspace", code, err)
         assert len(err.strip().splitlines()) == 1 and other in err, err
         item = await client.get(name)
         assert item["phase"] == "Error" and item["last_error"].startswith("delete failed: "), item
@@ -82,6 +83,57 @@ def test_the_engine_refuses_to_remove_a_workspace_in_use_and_the_driver_says_why
     finally:
         engine("rm", "-f", other, check=False)
         driver.close()
+
+
+async def test_a_delete_the_engine_refuses_is_surfaced_with_its_exit_code_the_engines_reason_and_error(
+    cli: CLI,
+    client: SandboxClient,
+    plane: ControlPlane,
+    names,
+    image: str,
+    engine: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The race above, through the whole plane: a container comes to use the workspace after the
+    delete looked, so the engine refuses to remove the volume. The user is told, in one line and
+    with exit 10, in the engine's own words; the sandbox is in Error with them; the workspace and
+    the other container are untouched; and once that container is gone a delete again succeeds."""
+    name = names.new("refused")
+    code, _, err = await cli("create", name, "--image", image, "--driver", engine.name)
+    assert code == 0, err
+    engine("exec", f"sandboxctl-{name}", "sh", "-c", "echo kept > /workspace/f")
+    other = f"{name}-byhand"
+    engine("run", "-d", "--name", other, "--network", "none",
+           "-v", f"sandboxctl-{name}-workspace:/data", image, "sleep", "1000")  # fmt: skip
+    (worker,) = [w for w in plane.workers if w.driver.name == engine.name]
+    monkeypatch.setattr(worker.driver, "_volume_users", lambda volume: [])  # the delete looked before it came
+    try:
+        code, _, err = await cli("delete", name)
+        assert code == FAILED, (code, err)
+        assert len(err.strip().splitlines()) == 1, err
+        assert err.startswith(f"sandboxctl: failed: sandbox {name} is Error: delete failed: "), err
+        assert IN_USE[engine.name] in err, err  # the engine's reason ...
+        assert "sandboxctl leaves it alone" not in err, err  # ... not sandboxctl's own refusal
+        # The log says why: the failure the delete met, the engine's reason in it; and the row
+        # keeps that reason, though the engine's watcher reports the container (removed before the
+        # volume was refused) as gone afterwards.
+        failures = [h for h in await client.history(name) if h["type"].split(".")[2] == "failed"]
+        assert len(failures) == 1 and failures[0]["phase"] == "Error", failures
+        reason = failures[0]["data"]["reason"]
+        assert reason.startswith("delete failed: ") and IN_USE[engine.name] in reason and reason in err, reason
+        await asyncio.sleep(1)  # time for the watcher's report of the removal
+        item = await client.get(name)
+        assert item["phase"] == "Error" and item["last_error"] == reason, item
+        # nothing of the user's was touched
+        assert running(engine, other) and engine.volume_exists(name)
+        assert engine("exec", other, "cat", "/data/f").stdout == "kept\n"
+
+        engine("rm", "-f", other)
+        code, _, err = await cli("delete", name)
+        assert code == 0, err
+        assert not engine.volume_exists(name) and (await client.get(name))["phase"] == "Deleted"
+    finally:
+        engine("rm", "-f", other, check=False)
 
 
 async def test_a_container_made_by_hand_under_the_sandboxs_name_is_never_acted_on(

@@ -22,6 +22,7 @@ from sandboxctl.events import (
 )
 from sandboxctl.events.envelope import type_name
 from sandboxctl.events.lifecycle import (
+    SandboxDeleteRequested,
     SandboxFailed,
     SandboxReady,
     SandboxStartRequested,
@@ -419,3 +420,20 @@ def test_a_stop_that_failed_for_us_but_the_engine_did_is_stopped_when_its_exit_i
         state(Phase.STARTING, incarnation=run), env(SandboxFailed(kind="driver", reason="x", operation="start")), seq=8
     )
     assert react(start_failed, ContainerExited(exit_code=0, incarnation=run)) == []
+
+
+def test_a_delete_the_engine_refused_keeps_the_engines_reason_when_the_removal_is_seen_late() -> None:
+    """The delete removed the container, then the engine refused the workspace volume: the sandbox
+    is in Error with the engine's reason. The watcher's report of that same removal, arriving after,
+    must not replace the reason with backend_missing (a user would lose why the delete failed)."""
+    deleting = evolve(state(Phase.READY), env(SandboxDeleteRequested(sandbox_id="id-1", driver="podman")), seq=8)
+    (failed,) = react(deleting, DriverFailed(operation="delete", message="volume is in use by container 3f2a"))
+    broken = evolve(deleting, env(failed), seq=9)
+    assert broken.phase is Phase.ERROR and "in use" in broken.last_error
+    assert react(broken, ContainerRemoved(container_id="c1", sandbox_id="id-1")) == []
+    # a removal after a failed stop (the container gone behind sandboxctl's back) is still news
+    stop_failed = evolve(
+        state(Phase.READY), env(SandboxFailed(kind="driver", reason="stop failed: x", operation="stop")), seq=8
+    )
+    (missing,) = react(stop_failed, ContainerRemoved(container_id="c1", sandbox_id="id-1"))
+    assert isinstance(missing, SandboxFailed) and missing.reason == BACKEND_MISSING

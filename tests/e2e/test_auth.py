@@ -1,14 +1,13 @@
-"""Authorization against a real nats-server that admits only its users, with
-the permissions services.auth generates, and the real services and podman
-behind it: who may do what is checked by the server and by the state machine,
-never by a fake."""
+"""Authorization against a real nats-server that admits only its users, with the permissions
+sandboxctl.auth generates, and the real services and podman behind it: who may do what is checked
+by the server and by the state machine, never by a fake. What needs no engine (impersonation, the
+catch-up readers' permissions, a server without users) is tests/integration/test_auth.py."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import json
-import logging
 import os
 import signal
 import stat
@@ -16,48 +15,28 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import msgspec
-import nats
 import pytest
 from nats.js.api import ConsumerConfig, StreamConfig
 
-from bench.replay import fill
-from sandboxctl.auth import READ, WRITE, Authorizer, AuthStore, component_user
-from sandboxctl.client import Denials, PermissionDenied, SandboxClient
+from sandboxctl.auth import READ, WRITE, AuthStore, component_user
+from sandboxctl.client import PermissionDenied, SandboxClient
 from sandboxctl.events import subjects
-from sandboxctl.events.commands import command_decoder
 from sandboxctl.runtime.config import Config
 from sandboxctl.runtime.embedded import ControlPlane, NatsServer, free_port
-from sandboxctl.services.projector import Projector
-from sandboxctl.services.statemachine import StateMachineService
+from tests.authkit import ADMIN_USER, Figures, Raw, count, make_store
 from tests.conftest import CLI, ROOT, cli_process, podman
-
-ADMIN_USER = "ops"
-
-
-class Figures:
-    """What the suite tried, printed at the end (the issue asks each suite to state its figures)."""
-
-    attempts = 0
-    refused = 0
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _figures() -> Iterator[None]:
-    yield
-    print(f"\nauthorization: {Figures.attempts} forbidden attempts made, {Figures.refused} refused")
+    yield from Figures.reported()
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> AuthStore:
-    store = AuthStore(tmp_path / "auth")
-    store.provision(ADMIN_USER)
-    store.add("reader", [READ])
-    store.add("writer", [WRITE])
-    store.add("nobody", [])
-    return store
+    return make_store(tmp_path / "auth")
 
 
 @pytest.fixture
@@ -102,54 +81,13 @@ async def clients(
         await client.close()
 
 
-class Raw:
-    """A plain nats-py connection as a user, recording every refusal the server sends it."""
-
-    def __init__(self, nc: Any, denials: Denials, errors: list[str]) -> None:
-        self.nc = nc
-        self.js = nc.jetstream(timeout=1.0)
-        self.denials = denials
-        self.errors = errors
-
-    @classmethod
-    async def connect(cls, url: str, store: AuthStore, user: str) -> Raw:
-        denials, errors = Denials(), []
-
-        async def on_error(exc: Exception) -> None:
-            errors.append(str(exc).lower())
-            await denials.error_cb(exc)
-
-        nc = await nats.connect(url, error_cb=on_error, **store.credentials(user).connect_options())
-        return cls(nc, denials, errors)
-
-    async def refused(self, subject: str, attempt: Any) -> None:
-        """Run ``attempt`` and assert the server refused the publish to ``subject`` (it gets no answer)."""
-        Figures.attempts += 1
-        with pytest.raises((TimeoutError, nats.errors.TimeoutError)):
-            await attempt
-        await self.nc.flush()
-        assert subject.lower() in self.denials.subjects, (subject, self.errors)
-        Figures.refused += 1
-
-
-async def _count(url: str, store: AuthStore, stream: str, subject: str = "") -> int:
-    """Messages in a stream (on one subject), read with the state machine's own credentials (it may
-    look at every stream)."""
-    nc = await nats.connect(url, **store.credentials(component_user("statemachine")).connect_options())
-    try:
-        info = await nc.jetstream().stream_info(stream, subjects_filter=subject or None)
-        return int(info.state.messages) if not subject else sum((info.state.subjects or {}).values())
-    finally:
-        await nc.close()
-
-
 async def test_a_readers_stop_is_refused_recorded_for_auditors_and_never_logged(
     auth_config: Config, store: AuthStore, clients: dict[str, SandboxClient], sandbox: str, image: str
 ) -> None:
     writer, reader, admin = clients["writer"], clients["reader"], clients[ADMIN_USER]
     created = await writer.create(sandbox, image)
     await writer.wait_for(sandbox, "Ready", created.seq)
-    logged = await _count(auth_config.nats_url, store, subjects.LOG_STREAM)
+    logged = await count(auth_config.nats_url, store, subjects.LOG_STREAM)
 
     # the reader claims to be the writer in the payload; the subject says who it is
     payload = msgspec.json.encode(
@@ -163,7 +101,7 @@ async def test_a_readers_stop_is_refused_recorded_for_auditors_and_never_logged(
     with pytest.raises(PermissionDenied):  # the typed error, through the client's own method
         await reader.stop(sandbox)
 
-    assert await _count(auth_config.nats_url, store, subjects.LOG_STREAM) == logged
+    assert await count(auth_config.nats_url, store, subjects.LOG_STREAM) == logged
     assert (await reader.get(sandbox))["phase"] == "Ready"  # a reader may read
     denied = await admin.denied_attempts()
     first = next(d for d in denied if d["command_id"] == "c-reader-1")
@@ -199,7 +137,7 @@ async def test_a_client_cannot_publish_facts_write_the_log_or_manage_streams(
     auth_config: Config, auth_plane: ControlPlane, store: AuthStore
 ) -> None:
     url = auth_config.nats_url
-    logged = await _count(url, store, subjects.LOG_STREAM)
+    logged = await count(url, store, subjects.LOG_STREAM)
     fact = b'{"id":"f","type":"sandboxctl.fact.container_removed.v1","source":"x","subject":"victim",'
     for user in ("writer", ADMIN_USER):  # not even an admin
         raw = await Raw.connect(url, store, user)
@@ -230,8 +168,8 @@ async def test_a_client_cannot_publish_facts_write_the_log_or_manage_streams(
         finally:
             await raw.nc.close()
     # the worker reports what it finds on the shared engine, so count the victim's facts only
-    assert await _count(url, store, subjects.FACTS_STREAM, subjects.fact("victim")) == 0
-    assert await _count(url, store, subjects.LOG_STREAM) == logged  # and both streams are still there
+    assert await count(url, store, subjects.FACTS_STREAM, subjects.fact("victim")) == 0
+    assert await count(url, store, subjects.LOG_STREAM) == logged  # and both streams are still there
 
 
 async def test_a_user_without_read_cannot_read_the_log_or_anyones_replies(
@@ -269,72 +207,13 @@ async def test_a_user_without_read_cannot_read_the_log_or_anyones_replies(
         await raw.nc.close()
 
 
-async def test_no_one_can_speak_for_another_user(
-    auth_config: Config, auth_plane: ControlPlane, store: AuthStore, clients: dict[str, SandboxClient], sandbox: str
-) -> None:
-    writer = clients["writer"]
-    audited = await _count(auth_config.nats_url, store, subjects.AUDIT_STREAM)
-    logged = await _count(auth_config.nats_url, store, subjects.LOG_STREAM)
-    payload = msgspec.json.encode(
-        {"type": "sandboxctl.command.create.v1", "name": sandbox, "image": "x", "command_id": "c-imp", "actor": "ops"}
-    )
-    for subject in (subjects.command("create", ADMIN_USER), subjects.command("create")):
-        Figures.attempts += 1
-        with pytest.raises(PermissionDenied):  # refused by the server: the state machine never sees it
-            await writer._request(subject, payload)
-        assert subject.lower() in writer.denials.subjects
-        Figures.refused += 1
-    assert await _count(auth_config.nats_url, store, subjects.AUDIT_STREAM) == audited
-    assert await _count(auth_config.nats_url, store, subjects.LOG_STREAM) == logged
-    # A reader's push consumer may name any deliver subject (JetStream does not check it against the
-    # reader's permissions), even another user's command subject: what arrives there is a log envelope,
-    # never a command, so it is refused as malformed and acts for no one (docs/security.md).
-    watcher = await nats.connect(
-        auth_config.nats_url, **store.credentials(component_user("statemachine")).connect_options()
-    )
-    reader = await Raw.connect(auth_config.nats_url, store, "reader")
-    assert (await writer.create(sandbox, "localhost/no-such-image:latest")).accepted  # something in the log
-    audited = await _count(auth_config.nats_url, store, subjects.AUDIT_STREAM)
-    try:
-        seen: list[bytes] = []
-
-        async def note(msg: Any) -> None:
-            seen.append(msg.data)
-
-        await watcher.subscribe(subjects.command("stop", ADMIN_USER), cb=note)
-        await watcher.flush()
-        config = {"deliver_subject": subjects.command("stop", ADMIN_USER), "ack_policy": "none"}
-        request = {"stream_name": subjects.LOG_STREAM, "config": {**config, "deliver_policy": "all"}}
-        await reader.nc.request(
-            f"$JS.API.CONSUMER.CREATE.{subjects.LOG_STREAM}", json.dumps(request).encode(), timeout=2
-        )
-        await asyncio.sleep(1)
-        for data in seen:
-            with pytest.raises(msgspec.ValidationError):
-                command_decoder.decode(data)
-            reply = await auth_plane.statemachine.handle(subjects.command("stop", ADMIN_USER), data)
-            assert reply.error is not None and reply.error.code == "invalid_argument"
-    finally:
-        await reader.nc.close()
-        await watcher.close()
-    assert await _count(auth_config.nats_url, store, subjects.AUDIT_STREAM) == audited
-    # were a command on the plain subject to reach the state machine, it would refuse it as well
-    reply = await auth_plane.statemachine.handle(subjects.command("create"), payload)
-    assert reply.error is not None and reply.error.code == "permission_denied", reply
-    # with no credentials at all, the server does not let one in
-    Figures.attempts += 1
-    with pytest.raises(Exception, match=r"(?i)authorization"):
-        await nats.connect(auth_config.nats_url, allow_reconnect=False, connect_timeout=2)
-    Figures.refused += 1
-
-
 async def test_no_one_can_make_a_service_answer_into_the_log(
     auth_config: Config, auth_plane: ControlPlane, store: AuthStore, sandbox: str
 ) -> None:
     """A request names its own reply subject, and the state machine may write the log: a reply
     subject that is not the sender's own inbox gets no answer (and the command no decision), or
     anyone could store the state machine's answer as a log entry."""
-    logged = await _count(auth_config.nats_url, store, subjects.LOG_STREAM)
+    logged = await count(auth_config.nats_url, store, subjects.LOG_STREAM)
     nobody = await Raw.connect(auth_config.nats_url, store, "nobody")
     writer = await Raw.connect(auth_config.nats_url, store, "writer")
     try:
@@ -351,7 +230,7 @@ async def test_no_one_can_make_a_service_answer_into_the_log(
     finally:
         await nobody.nc.close()
         await writer.nc.close()
-    assert await _count(auth_config.nats_url, store, subjects.LOG_STREAM) == logged
+    assert await count(auth_config.nats_url, store, subjects.LOG_STREAM) == logged
 
 
 async def test_the_cli_says_permission_denied_and_only_an_admin_runs_verify(
@@ -462,25 +341,6 @@ async def test_up_makes_the_credentials_and_user_add_admits_a_new_user(
             await up.wait()
 
 
-async def test_without_users_on_the_server_a_credential_changes_nothing(tmp_path: Path, podman_url: str) -> None:
-    """A leftover credential against a server with no users: the plain subjects, as before."""
-    server = NatsServer(tmp_path / "nats").start()
-    config = Config(nats_url=server.url, data_dir=tmp_path / "data", drivers=("podman",), default_driver="podman")
-    plane = await ControlPlane(config, components=("statemachine",)).start()
-    assert not plane.auth_enabled
-    try:
-        client = await SandboxClient.connect(server.url, actor="someone", user="leftover", password="x")
-        try:
-            assert client.user == ""
-            reply = await client.create("plain-subjects", "localhost/whatever:latest")
-            assert reply.accepted and reply.phase == "Provisioning"
-        finally:
-            await client.close()
-    finally:
-        await plane.stop()
-        server.stop()
-
-
 async def test_services_started_before_the_state_machine_wait_for_its_streams(
     auth_config: Config, store: AuthStore, sandbox: str, image: str
 ) -> None:
@@ -503,49 +363,3 @@ async def test_services_started_before_the_state_machine_wait_for_its_streams(
     finally:
         await early.stop()
         await late.stop()
-
-
-async def test_the_projectors_catch_up_reader_reads_with_the_projectors_own_permissions(
-    tmp_path: Path, auth_server: NatsServer, store: AuthStore, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A long catch-up hands the reading to a process of its own (services/bulkread.py); it
-    connects as the projector, and what that user may do must be enough for it."""
-    writer = await nats.connect(auth_server.url, **store.credentials(component_user("statemachine")).connect_options())
-    try:
-        await fill(writer, 500, 50)
-    finally:
-        await writer.close()
-    nc = await nats.connect(auth_server.url, **store.credentials(component_user("projector")).connect_options())
-    projector = Projector(nc, tmp_path / "projection.db", notify=True, bulk_behind=1)
-    try:
-        with caplog.at_level(logging.WARNING, logger="sandboxctl.services.projector"):
-            await projector.start()
-            await asyncio.wait_for(projector.caught_up.wait(), 60)
-        assert projector.position == 500 and len(projector.rows) == 50
-        assert not [r.getMessage() for r in caplog.records if "catch-up reader" in r.getMessage()]
-    finally:
-        await projector.stop()
-        await nc.close()
-
-
-async def test_the_state_machines_catch_up_reader_reads_with_the_state_machines_own_permissions(
-    auth_server: NatsServer, store: AuthStore, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The state machine folds a long log at start through the same reader process; it
-    connects as the state machine, whose permissions must be enough for it."""
-    options = store.credentials(component_user("statemachine")).connect_options()
-    writer = await nats.connect(auth_server.url, **options)
-    try:
-        await fill(writer, 500, 50)
-    finally:
-        await writer.close()
-    nc = await nats.connect(auth_server.url, **options)
-    service = StateMachineService(nc, authorizer=Authorizer(store), bulk_behind=1)
-    try:
-        with caplog.at_level(logging.WARNING, logger="sandboxctl.services.statemachine"):
-            await asyncio.wait_for(service.start(), 60)
-        assert service.position == 500 and len(service.states) == 50
-        assert not [r.getMessage() for r in caplog.records if "catch-up reader" in r.getMessage()]
-    finally:
-        await service.stop()
-        await nc.close()

@@ -1,6 +1,7 @@
 """The services on a real nats-server and real podman: errors, races, restarts, the CLI.
 
-What depends on the engine lives in test_contract.py, which runs on every engine."""
+What depends on the engine lives in test_contract.py, which runs on every engine; the CLI with
+no server at all is tests/unit/test_lifecycle.py."""
 
 from __future__ import annotations
 
@@ -149,14 +150,6 @@ async def test_console_script_exits_non_zero_with_one_line(config: Config, plane
     assert err.strip() == "sandboxctl: not_found: sandbox no-such-sandbox not found"
     code, out, err = await run_cli_process(config, "list", "-o", "json")
     assert code == 0 and json.loads(out) == []
-
-
-async def test_cli_without_a_server_says_so(tmp_path) -> None:
-    from sandboxctl.runtime.embedded import free_port
-
-    config = Config(nats_url=f"nats://127.0.0.1:{free_port()}", data_dir=tmp_path)
-    code, _, err = await run_cli_process(config, "list")
-    assert code == 8 and err.startswith("sandboxctl: unavailable:") and len(err.strip().splitlines()) == 1
 
 
 async def test_events_prints_the_log(cli: CLI, client: SandboxClient, names, image: str) -> None:

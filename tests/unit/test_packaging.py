@@ -4,6 +4,7 @@ SDK and has packages of its own called ``services`` or ``events`` can install it
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -15,9 +16,19 @@ from tests.conftest import ROOT
 
 
 def test_the_wheel_adds_only_sandboxctl_and_lives_beside_a_services_package_of_someone_else(tmp_path: Path) -> None:
+    # Built from a copy: pip builds in the source tree and would leave build/ in the checkout.
+    source = tmp_path / "source"
+    shutil.copytree(
+        ROOT,
+        source,
+        symlinks=True,  # sandboxctl/<room> are links to the room folders, as in the checkout
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*_cache", "tests", "bench", "docs"
+        ),
+    )
     built = tmp_path / "dist"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(built), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(built), str(source)],
         check=True,
         cwd=tmp_path,
         capture_output=True,

@@ -1,7 +1,8 @@
 """sandboxctl.bus.pull.Pull against a real nats-server: the durable pull reader the
 state machine (facts) and the driver workers (work orders) read with. Every
 message must come, in order, once it is acknowledged never again, and the
-reader must survive its consumer being deleted."""
+reader must survive its consumer being deleted. Its reading of reply subjects is
+tests/unit/test_pull.py."""
 
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
 from sandboxctl.bus.pull import Pull
-from sandboxctl.bus.tail import deliveries, sequences
 from sandboxctl.runtime.embedded import NatsServer
 
 STREAM, DURABLE = "PULLTEST", "pull-test"
@@ -116,20 +116,6 @@ async def test_a_deleted_consumer_is_made_again_and_reading_goes_on(nc: NATS) ->
         # A consumer made again starts over (DeliverPolicy.ALL): all five, the two new ones last.
         assert [int(m.data) for m in await waiting] == [0, 1, 2, 3, 4]
     assert (await js.consumer_info(STREAM, DURABLE)).config.filter_subject == "pulltest.>"
-
-
-@pytest.mark.parametrize(
-    "reply",
-    [
-        "$JS.ACK.SANDBOXCTL_LOG.c1.3.1042.77.1732890000000000000.5",
-        "$JS.ACK._.ACCHASH.SANDBOXCTL_LOG.c1.3.1042.77.1732890000000000000.5.x9Zr",
-        "$JS.ACK.hub.ACCHASH.SANDBOXCTL_LOG.c1.1.1042.77.1732890000000000000.0",
-    ],
-)
-def test_sequences_reads_the_reply_subject_as_nats_py_does(reply: str) -> None:
-    meta = Msg.Metadata._from_reply(reply)
-    assert sequences(reply) == (meta.sequence.stream, meta.sequence.consumer) == (1042, 77)
-    assert deliveries(Msg(None, reply=reply)) == meta.num_delivered  # type: ignore[arg-type]
 
 
 async def test_a_consumer_deleted_while_no_request_was_open_is_made_again(

@@ -1,4 +1,4 @@
-"""services/publish.py against a real nats-server: the shared ack inbox must
+"""bus/publish.py against a real nats-server: the shared ack inbox must
 keep ``js.publish``'s semantics (ack, dedupe, the server's errors, no stream,
 timeouts) while many publishes are in flight on one connection."""
 
@@ -63,7 +63,7 @@ async def test_the_servers_refusal_is_raised_with_its_error_code(nc: NATS) -> No
     await publish(js, "pubtest.b", b"1", STREAM, {"Nats-Msg-Id": "b1"})
     with pytest.raises(APIError) as refused:
         await publish(js, "pubtest.b", b"2", STREAM, {"Nats-Msg-Id": "b2", "Nats-Expected-Last-Subject-Sequence": "0"})
-    assert refused.value.err_code == 10071  # wrong last sequence: what services.log turns into Conflict
+    assert refused.value.err_code == 10071  # wrong last sequence: what bus.eventlog turns into SequenceConflict
     with pytest.raises(APIError):  # the stream named is checked too
         await publish(js, "pubtest.b", b"3", "OTHER", {"Nats-Msg-Id": "b3"})
 

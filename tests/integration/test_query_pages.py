@@ -21,7 +21,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from bench.replay import fill
-from sandboxctl.bus.eventlog import ensure_streams
+from sandboxctl.bus.streams import ensure_streams
 from sandboxctl.client import Internal, InvalidArgument, SandboxClient
 from sandboxctl.events import subjects
 from sandboxctl.events.envelope import Envelope, encode, new_id, now

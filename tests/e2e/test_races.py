@@ -568,7 +568,7 @@ async def test_conflicting_commands_from_several_processes_have_one_winner_per_l
     async def counting_append(js: Any, envelope: Any, expected_seq: int) -> Any:
         try:
             return await real_append(js, envelope, expected_seq)
-        except statemachine_module.Conflict:
+        except statemachine_module.SequenceConflict:
             guard_conflicts[envelope.subject] += 1
             raise
 

@@ -1,21 +1,18 @@
-"""The published contract: the AsyncAPI document is current and valid, and a
-service with nothing but nats-py and that document can drive sandboxctl."""
+"""The published contract, without a server: the AsyncAPI document is what the types generate,
+valid AsyncAPI 3, and its schemas accept real payloads. A service with nothing but nats-py and
+that document driving sandboxctl is tests/e2e/test_contract_doc.py."""
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
 import os
-import sys
 from pathlib import Path
 
 import jsonschema
 import pytest
 
 from sandboxctl.events.asyncapi import DOCUMENT, render
-from sandboxctl.runtime.config import Config
-from sandboxctl.runtime.embedded import ControlPlane
 from tests.conftest import ROOT
 
 ASYNCAPI_SCHEMA = Path(
@@ -31,7 +28,14 @@ def test_the_committed_document_is_what_the_types_generate() -> None:
 
 @pytest.fixture(scope="module")
 def asyncapi_validator() -> jsonschema.protocols.Validator:
-    # Installed by scripts/test.sh from the npm registry (@asyncapi/specs); never vendored.
+    # Installed by scripts/test.sh (and scripts/check.sh, where npm is) from the npm registry
+    # (@asyncapi/specs); never vendored. Without it, only this check is skipped, and says why.
+    if not ASYNCAPI_SCHEMA.is_file():
+        # CI installs it (scripts/test.sh): there, a missing schema is a failure, never a skip.
+        assert not os.environ.get("CI"), f"no AsyncAPI 3 JSON Schema at {ASYNCAPI_SCHEMA}"
+        pytest.skip(
+            f"no AsyncAPI 3 JSON Schema at {ASYNCAPI_SCHEMA}: npm install --prefix .cache/asyncapi @asyncapi/specs@6"
+        )
     schema = json.loads(ASYNCAPI_SCHEMA.read_text())
     return jsonschema.validators.validator_for(schema)(schema)
 
@@ -64,28 +68,3 @@ def test_every_message_schema_accepts_a_real_payload() -> None:
             "time": "2026-01-01T00:00:00Z", "data": {"kind": "exited", "reason": "r"},
         },
     )  # fmt: skip
-
-
-async def test_a_plain_nats_service_drives_sandboxctl_from_the_docs_example(
-    config: Config, plane: ControlPlane, names, image: str
-) -> None:
-    name = names.new("plain")
-    names.new("plain-broken")  # so the fixture cleans it up too
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(ROOT / "docs" / "examples" / "plain_nats_client.py"), config.nats_url, name, image,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd="/",  # no sandboxctl on the path
-        env={**os.environ, "PYTHONPATH": ""},
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode == 0, err.decode()
-    lines = out.decode().splitlines()
-    assert lines[:4] == ["create Provisioning 1", "ready Ready", "stop Stopping Stopped", "start Starting Ready"]
-    codes = {" ".join(line.split(" - ")[0].split()[1:-1]): line.split(" - ")[0].split()[-1] for line in lines[4:]}
-    assert codes == {
-        "empty name": "invalid_argument",
-        "unknown driver": "invalid_argument",
-        "unknown sandbox": "not_found",
-        "existing name": "already_exists",
-        "not allowed now": "failed_precondition",
-        "malformed": "invalid_argument",
-    }

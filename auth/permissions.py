@@ -1,0 +1,164 @@
+"""The NATS permissions of every user and service, and the server configuration that holds them.
+
+Least privilege: each service gets exactly the subjects its code uses; a person or another
+service gets its own command subjects and, by role, the streams it may read (docs/security.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
+
+from sandboxctl.auth.roles import ADMIN, DRIVERS, READ, STATEMACHINE_CONSUMER, User, component_user, has_role
+from sandboxctl.events import subjects
+
+API = "$JS.API"
+
+
+def _stream_reader(stream: str) -> list[str]:
+    """What a Tail (an ephemeral ordered push consumer) needs to read ``stream``."""
+    return [
+        f"{API}.STREAM.INFO.{stream}",
+        f"{API}.STREAM.MSG.GET.{stream}",
+        f"{API}.CONSUMER.CREATE.{stream}",  # ephemeral only: the server refuses a durable name here
+        f"{API}.CONSUMER.DELETE.{stream}.*",  # its own, when it closes (the services' durables are denied)
+        f"$JS.FC.{stream}.>",  # flow-control replies
+    ]
+
+
+def _durable(stream: str, consumer: str) -> list[str]:
+    """What a service needs to work a durable pull consumer of its own."""
+    return [
+        f"{API}.CONSUMER.INFO.{stream}.{consumer}",
+        f"{API}.CONSUMER.CREATE.{stream}.{consumer}",  # nats-py names the durable,
+        f"{API}.CONSUMER.CREATE.{stream}.{consumer}.>",  # with its filter subject appended
+        f"{API}.CONSUMER.DURABLE.CREATE.{stream}.{consumer}",  # older clients
+        f"{API}.CONSUMER.MSG.NEXT.{stream}.{consumer}",
+        f"$JS.ACK.{stream}.{consumer}.>",
+    ]
+
+
+def _stream_info(*streams: str) -> list[str]:
+    return [f"{API}.STREAM.INFO.{s}" for s in streams]
+
+
+CORE_STREAMS = (subjects.LOG_STREAM, subjects.FACTS_STREAM, subjects.DEADLETTER_STREAM)
+# Nobody but their owner may delete the services' durable consumers.
+PROTECTED_CONSUMERS = [f"{API}.CONSUMER.DELETE.{subjects.LOG_STREAM}.sandboxctl-driver-{d}" for d in DRIVERS] + [
+    f"{API}.CONSUMER.DELETE.{subjects.FACTS_STREAM}.{STATEMACHINE_CONSUMER}"
+]
+
+
+def component_permissions(component: str) -> dict[str, Any]:
+    """Least privilege per service: exactly the subjects its code uses (see docs/security.md).
+
+    Every service may hear ``sandboxctl.health``: the process that runs it reports its services'
+    health (runtime/health.py). The answer goes to the asker's inbox, so a service that does
+    not answer requests anyway may publish to inboxes (``_INBOX.>``) rather than get
+    ``allow_responses``: nats-server lets a response go to whatever reply subject the asker
+    named, the log's included, even past a deny rule."""
+    inbox = f"{subjects.inbox_prefix(component_user(component))}.>"
+    if component == "statemachine":
+        streams = (*CORE_STREAMS, subjects.AUDIT_STREAM)
+        return {
+            "publish": {
+                "allow": [
+                    *_stream_info(*streams),
+                    *(f"{API}.STREAM.CREATE.{s}" for s in streams),  # it creates the streams; no one else may
+                    *_stream_reader(subjects.LOG_STREAM),
+                    *_durable(subjects.FACTS_STREAM, STATEMACHINE_CONSUMER),
+                    subjects.LOG_ALL,
+                    f"{subjects.DEADLETTER}.{STATEMACHINE_CONSUMER}.*",
+                    subjects.AUDIT_ALL,
+                ],
+                "deny": PROTECTED_CONSUMERS,
+            },
+            "subscribe": {"allow": [subjects.COMMANDS_ALL, inbox, subjects.HEALTH]},
+            "allow_responses": True,
+        }
+    if component == "projector":
+        return {
+            "publish": {
+                "allow": [
+                    *_stream_info(*CORE_STREAMS),
+                    *_stream_reader(subjects.LOG_STREAM),
+                    f"{subjects.PROJECTED}.*",
+                    subjects.INBOXES_ALL,
+                ],
+                "deny": PROTECTED_CONSUMERS,
+            },
+            "subscribe": {"allow": [inbox, subjects.HEALTH]},
+        }
+    if component == "reaper":
+        return {
+            "publish": {
+                "allow": [
+                    *_stream_info(*CORE_STREAMS),
+                    *_stream_reader(subjects.LOG_STREAM),  # it folds the log for its deadlines
+                    subjects.command("*", component_user(component)),
+                    subjects.INBOXES_ALL,
+                ],
+                "deny": PROTECTED_CONSUMERS,
+            },
+            "subscribe": {"allow": [inbox, subjects.HEALTH]},
+        }
+    if component == "query":
+        return {
+            # It answers through allow_responses, and reads a sandbox's history from the log.
+            "publish": {"allow": _stream_reader(subjects.LOG_STREAM), "deny": PROTECTED_CONSUMERS},
+            "subscribe": {"allow": [f"{subjects.QUERY}.*", inbox, subjects.HEALTH]},
+            "allow_responses": True,
+        }
+    if component.startswith("driver-"):
+        consumer = f"sandboxctl-{component}"  # services.worker.DriverWorker.consumer
+        return {
+            "publish": {
+                "allow": [
+                    *_stream_info(*CORE_STREAMS),
+                    *_stream_reader(subjects.LOG_STREAM),  # reconciliation folds the whole log
+                    *_durable(subjects.LOG_STREAM, consumer),
+                    subjects.FACTS_ALL,
+                    f"{subjects.DEADLETTER}.{consumer}.*",
+                    subjects.INBOXES_ALL,
+                ],
+                "deny": PROTECTED_CONSUMERS,
+            },
+            "subscribe": {"allow": [inbox, subjects.HEALTH]},
+        }
+    raise ValueError(f"unknown component {component!r}")
+
+
+def user_permissions(name: str, roles: Iterable[str]) -> dict[str, Any]:
+    """A person's (or another service's) permissions: its own command subjects whatever its roles
+    (the state machine checks those, and records refusals), and streams by role. A reader may
+    also ask every process for its services' health (``sandboxctl status``)."""
+    roles = list(roles)
+    publish = [subjects.command("*", name)]
+    subscribe = [f"{subjects.inbox_prefix(name)}.>"]
+    sub_deny: list[str] = []
+    if has_role(roles, READ):
+        publish += [f"{subjects.QUERY}.*", *_stream_reader(subjects.LOG_STREAM), subjects.HEALTH]
+        subscribe += [f"{subjects.PROJECTED}.*"]
+    if has_role(roles, ADMIN):
+        publish += [*_stream_reader(subjects.DEADLETTER_STREAM), *_stream_reader(subjects.AUDIT_STREAM)]
+        # `sandboxctl top` counts commands; joining the state machine's queue group would steal them.
+        subscribe += [subjects.COMMANDS_ALL]
+        sub_deny += [f"{subjects.COMMANDS_ALL} sandboxctl-statemachine"]
+    perms: dict[str, Any] = {
+        "publish": {"allow": publish, "deny": PROTECTED_CONSUMERS},
+        "subscribe": {"allow": subscribe},
+    }
+    if sub_deny:
+        perms["subscribe"]["deny"] = sub_deny
+    return perms
+
+
+def permissions(user: User) -> dict[str, Any]:
+    return component_permissions(user.component) if user.component else user_permissions(user.name, user.roles)
+
+
+def server_conf(users: Iterable[User]) -> str:
+    """The nats-server ``authorization`` block (NATS config accepts JSON values)."""
+    entries = [{"user": u.name, "password": u.password, "permissions": permissions(u)} for u in users]
+    return "authorization " + msgspec.json.format(msgspec.json.encode({"users": entries}).decode()) + "\n"

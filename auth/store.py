@@ -1,0 +1,138 @@
+"""The auth directory: users.json, the generated server.conf, and one credential file per user,
+every file written private (0600) and moved into place whole."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+from collections.abc import Iterable
+from pathlib import Path
+
+import msgspec
+
+from sandboxctl.auth.permissions import server_conf
+from sandboxctl.auth.roles import (
+    ADMIN,
+    COMPONENT_PREFIX,
+    ROLES,
+    SERVICE_COMPONENTS,
+    Credentials,
+    User,
+    Users,
+    component_user,
+    valid_user_name,
+)
+
+
+def load_credentials(path: Path) -> Credentials:
+    return msgspec.json.decode(path.read_bytes(), type=Credentials)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write a secret: created 0600 (never world-readable, not even for a moment), then moved into place."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+class AuthStore:
+    """The auth directory: users.json, the generated server.conf, and one credential file per user."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @property
+    def users_path(self) -> Path:
+        return self.root / "users.json"
+
+    @property
+    def server_conf_path(self) -> Path:
+        return self.root / "server.conf"
+
+    @property
+    def pid_path(self) -> Path:
+        """Where the embedded nats-server writes its pid, so ``user add`` can make it reload."""
+        return self.root / "nats-server.pid"
+
+    def credentials_path(self, user: str) -> Path:
+        return self.root / "credentials" / f"{user}.json"
+
+    @property
+    def enabled(self) -> bool:
+        return self.users_path.exists()
+
+    def load(self) -> dict[str, User]:
+        if not self.users_path.exists():
+            return {}
+        return {u.name: u for u in msgspec.json.decode(self.users_path.read_bytes(), type=Users).users}
+
+    def _save(self, users: dict[str, User]) -> None:
+        _write_private(self.users_path, msgspec.json.format(msgspec.json.encode(Users(list(users.values())))))
+        for user in users.values():
+            path = self.credentials_path(user.name)
+            creds = msgspec.json.encode(Credentials(user.name, user.password))
+            if not path.exists() or path.read_bytes() != creds:
+                _write_private(path, creds)
+        _write_private(self.server_conf_path, server_conf(users.values()).encode())
+
+    def add(self, name: str, roles: Iterable[str]) -> Path:
+        """Add a person (or replace its roles; its password stays); returns its credential file."""
+        problem = valid_user_name(name)
+        if problem:
+            raise ValueError(problem)
+        roles = sorted(set(roles), key=ROLES.index)
+        unknown = [r for r in roles if r not in ROLES]
+        if unknown:
+            raise ValueError(f"unknown role {unknown[0]!r}; roles are {', '.join(ROLES)}")
+        users = self.load()
+        old = users.get(name)
+        users[name] = User(name=name, password=old.password if old else secrets.token_urlsafe(24), roles=roles)
+        self._save(users)
+        return self.credentials_path(name)
+
+    def remove(self, name: str) -> Path:
+        """Remove a person: from users.json and server.conf (so a reloaded server refuses it), and its
+        credential file; returns that file's path. The services' own users cannot be removed
+        (ValueError): the control plane would stop working. KeyError if there is no such user."""
+        users = self.load()
+        user = users.get(name)
+        if user is None:
+            raise KeyError(name)
+        if user.component or name.startswith(COMPONENT_PREFIX):
+            what = user.component or "service"
+            raise ValueError(f"user {name} is sandboxctl's own {what} user: it cannot be removed")
+        del users[name]
+        self._save(users)  # first: once the server reloads, the user is refused whatever becomes of the file
+        path = self.credentials_path(name)
+        path.unlink(missing_ok=True)
+        return path
+
+    def provision(self, admin: str) -> None:
+        """What ``sandboxctl up`` needs: a user per service and an admin for the local user (existing ones kept)."""
+        users = self.load()
+        for component in SERVICE_COMPONENTS:
+            name = component_user(component)
+            if name not in users:
+                users[name] = User(name=name, password=secrets.token_urlsafe(24), component=component)
+        if admin not in users:
+            users[admin] = User(name=admin, password=secrets.token_urlsafe(24), roles=[ADMIN])
+        self._save(users)
+
+    def credentials(self, user: str) -> Credentials:
+        return load_credentials(self.credentials_path(user))
+
+    def reload_server(self) -> bool:
+        """Make a running embedded nats-server re-read its users (SIGHUP is ``nats-server --signal reload``)."""
+        try:
+            pid = int(self.pid_path.read_text().strip())
+            if b"nats-server" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return False  # a stale pid file, and the number now belongs to someone else
+            os.kill(pid, signal.SIGHUP)
+        except (OSError, ValueError):
+            return False
+        return True

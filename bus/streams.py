@@ -1,0 +1,157 @@
+"""Every JetStream stream and consumer sandboxctl makes, configured in one place.
+
+The streams: the log (the source of truth: file storage, no deletes, no purges, a duplicate
+window for idempotency), the facts the drivers report, the dead letters, and (with users) the
+audit stream of refused attempts. The consumers: the state machine's durable pull consumer of
+facts, each driver worker's durable pull consumer of the log, and the ephemeral push consumer
+every ordered reader of the log uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import nats.errors
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import APIError, NotFoundError
+
+from sandboxctl.events import subjects
+
+log = logging.getLogger(__name__)
+
+# JetStream's answer to a create of a stream that exists already (another process was first).
+STREAM_NAME_IN_USE = 10058
+# How long a message id is remembered for deduplication (JetStream's default, two minutes).
+DUPLICATE_WINDOW = 120.0
+# A message is delivered this many times to a durable consumer before it is dead-lettered.
+MAX_DELIVER = 5
+
+
+def log_stream_config(replicas: int = 1) -> StreamConfig:
+    return StreamConfig(
+        name=subjects.LOG_STREAM,
+        description="sandboxctl lifecycle log (source of truth)",
+        subjects=[subjects.LOG_ALL],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.NEW,
+        duplicate_window=DUPLICATE_WINDOW,
+        num_replicas=replicas,
+        deny_delete=True,
+        deny_purge=True,
+        allow_direct=True,
+    )
+
+
+def facts_stream_config(replicas: int = 1) -> StreamConfig:
+    return StreamConfig(
+        name=subjects.FACTS_STREAM,
+        description="sandboxctl driver facts, consumed by the state machine",
+        subjects=[subjects.FACTS_ALL],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=7 * 24 * 3600.0,
+        duplicate_window=DUPLICATE_WINDOW,
+        num_replicas=replicas,
+        allow_direct=True,
+    )
+
+
+def deadletter_stream_config(replicas: int = 1) -> StreamConfig:
+    return StreamConfig(
+        name=subjects.DEADLETTER_STREAM,
+        description="sandboxctl dead letters: messages a consumer gave up on",
+        subjects=[subjects.DEADLETTER_ALL],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=30 * 24 * 3600.0,
+        num_replicas=replicas,
+    )
+
+
+def audit_stream_config(replicas: int = 1) -> StreamConfig:
+    return StreamConfig(
+        name=subjects.AUDIT_STREAM,
+        description="sandboxctl denied attempts, for auditors",
+        subjects=[subjects.AUDIT_ALL],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=365 * 24 * 3600.0,
+        num_replicas=replicas,
+        deny_delete=True,
+        deny_purge=True,
+    )
+
+
+async def ensure_streams(js: JetStreamContext, replicas: int = 1, audit: bool = False) -> None:
+    """Create the streams if missing (the audit stream too with ``audit``: only when users are
+    authenticated). Replicas matter only when clustered (use 3 there): a stream's replica count
+    is fixed by whoever creates it, the state machine, first.
+
+    With authorization on only the state machine may create streams; a worker or projector
+    started before it (``serve --only``) waits for them, as the server drops its request."""
+    configs = [log_stream_config(replicas), facts_stream_config(replicas), deadletter_stream_config(replicas)]
+    for config in [*configs, *([audit_stream_config(replicas)] if audit else [])]:
+        waited = False
+        while True:
+            try:
+                await js.stream_info(config.name or "")
+                break
+            except NotFoundError:
+                pass
+            try:
+                await js.add_stream(config)
+                break
+            except APIError as exc:  # another process created it first
+                if exc.err_code != STREAM_NAME_IN_USE:
+                    raise
+                break
+            except (TimeoutError, nats.errors.TimeoutError):
+                if not waited:
+                    log.warning("cannot create stream %s here; waiting for the state machine to", config.name)
+                    waited = True
+                await asyncio.sleep(0.5)
+
+
+def durable_pull(name: str, filter_subject: str, ack_wait: float, max_ack_pending: int) -> ConsumerConfig:
+    """A service's durable pull consumer (services read it with bus/pull.py): every message from
+    the start, acknowledged one by one, redelivered after ``ack_wait`` unless kept alive, and
+    dead-lettered after MAX_DELIVER deliveries."""
+    return ConsumerConfig(
+        durable_name=name,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=ack_wait,
+        max_ack_pending=max_ack_pending,
+        max_deliver=MAX_DELIVER,
+        filter_subject=filter_subject,
+    )
+
+
+def push_consumer(
+    filter_subject: str, start_seq: int, deliver_subject: str, heartbeat: float, inactive_threshold: float = 300.0
+) -> ConsumerConfig:
+    """An ephemeral in-memory push consumer with no acks and flow control, from ``start_seq``:
+    how the log's readers read (this Tail, and the projector's catch-up reader)."""
+    return ConsumerConfig(
+        ack_policy=AckPolicy.NONE,
+        deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+        opt_start_seq=start_seq,
+        filter_subject=filter_subject,
+        deliver_subject=deliver_subject,
+        flow_control=True,
+        idle_heartbeat=heartbeat,
+        inactive_threshold=inactive_threshold,
+        mem_storage=True,
+        num_replicas=1,
+    )
