@@ -25,7 +25,7 @@ import msgspec
 from sandboxctl import audit, auth
 from sandboxctl.bus import reading
 from sandboxctl.bus.reading import Point
-from sandboxctl.cli import attach
+from sandboxctl.cli import attach, spec
 from sandboxctl.cli.output import BROKEN_PIPE, EXIT_CODES, show
 from sandboxctl.cli.status import status
 from sandboxctl.client import TERMINAL, PermissionDenied, SandboxClient, SandboxError
@@ -151,6 +151,15 @@ def _check(args: argparse.Namespace) -> None:
             raise Failure(ErrorCode.INVALID_ARGUMENT, f"sandbox {name} is named twice")
         seen.add(name)
     # Parsed here, once, so that nothing is sent (nor any connection made) with a bad one.
+    try:
+        args.expected_seq = spec.expected_seq(getattr(args, "if_seq", None))
+        if args.cmd == "create":
+            args.resources = spec.resources(args.cpus, args.memory, args.pids)
+            args.env = spec.environment(args.env_pair, args.env_file)
+    except ValueError as exc:
+        raise Failure(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
+    if args.expected_seq is not None and args.cmd in ("stop", "start", "delete") and (args.all or len(names) > 1):
+        raise Failure(ErrorCode.INVALID_ARGUMENT, "--if-seq names one sandbox's log sequence: give one NAME")
     if args.cmd == "create":
         args.labels = _labels(args.label)
         args.idle_timeout_seconds = (
@@ -201,6 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"seconds the engine may take to answer before {before} (default {attach.ANSWER_TIMEOUT:g})",
         )
 
+    def if_seq(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--if-seq",
+            metavar="N",
+            help="only if the sandbox is still at log sequence N (last_seq, as get shows it); "
+            "else exit 6 (conflict) and nothing is done",
+        )
+
     def waiting(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the phase (default 120)")
         sp.add_argument("--no-wait", action="store_true", help="return once the command is accepted")
@@ -225,10 +242,31 @@ def build_parser() -> argparse.ArgumentParser:
         default="0",
         help="DESTROYS THE WORKSPACE: delete it once Stopped this long, e.g. 7d (default 0: never)",
     )
+    c.add_argument("--cpus", metavar="N", help="CPUs it may use, e.g. 1.5 (default: no limit)")
+    c.add_argument("--memory", metavar="SIZE", help="memory limit, e.g. 512m or 2g (default: no limit)")
+    c.add_argument("--pids", metavar="N", help="the most processes it may run (default: no limit)")
+    c.add_argument(
+        "--env",
+        "-e",
+        dest="env_pair",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an environment variable (repeatable). Written to the log in clear: NEVER PASS SECRETS THIS WAY",
+    )
+    c.add_argument(
+        "--env-file",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="KEY=VALUE lines (# comments) as environment variables; in the log in clear like --env",
+    )
+    if_seq(c)
     waiting(c)
 
     t = sub.add_parser("touch", help="record use of a sandbox: its idle clock starts again")
     t.add_argument("name")
+    if_seq(t)
 
     lease = sub.add_parser("lease", help="keep a sandbox from being auto-stopped while you hold a lease")
     lsub = lease.add_subparsers(dest="lease_cmd", required=True)
@@ -238,14 +276,17 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--holder", default="", help="who holds it (default: SANDBOXCTL_ACTOR, else $USER)")
         if verb != "release":
             sp.add_argument("--ttl", default="10m", metavar="DURATION", help="how long it lasts (default 10m)")
+        if_seq(sp)
 
     h = sub.add_parser("hold", help="place a stop hold: the sandbox cannot start until it is released")
     h.add_argument("name")
     h.add_argument("--holder", default="", help="who holds it (default: SANDBOXCTL_ACTOR, else $USER)")
     h.add_argument("--reason", default="")
+    if_seq(h)
     uh = sub.add_parser("unhold", help="release a stop hold")
     uh.add_argument("name")
     uh.add_argument("--holder", default="")
+    if_seq(uh)
 
     for verb, helptext in (
         ("exec", "run a command in a sandbox, starting it first if it is Stopped"),
@@ -296,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "--grace", type=float, default=10.0, help=f"seconds before SIGKILL, 0 to {GRACE_MAX:g} (default 10)"
             )
             sp.add_argument("--reason", default="", help="why, recorded in the log (history shows it)")
+        if_seq(sp)
         waiting(sp)
 
     for verb in ("get", "history"):
@@ -402,12 +444,13 @@ async def _bulk(client: SandboxClient, verb: str, args: argparse.Namespace) -> i
 
     async def one(name: str) -> str | None:
         try:
+            seq = args.expected_seq
             if verb == "stop":
-                reply = await client.stop(name, timeout=args.grace, reason=args.reason)
+                reply = await client.stop(name, timeout=args.grace, reason=args.reason, expected_seq=seq)
             elif verb == "start":
-                reply = await client.start(name)
+                reply = await client.start(name, expected_seq=seq)
             else:
-                reply = await client.delete(name)
+                reply = await client.delete(name, expected_seq=seq)
             if not args.no_wait:
                 await client.wait_for(name, TERMINAL[verb], reply.seq, args.timeout)
             return None
@@ -576,24 +619,25 @@ async def _audit(client: SandboxClient, args: argparse.Namespace, config: Config
 async def _idle(client: SandboxClient, args: argparse.Namespace, config: Config) -> int:
     """touch, lease and hold: each appends (at most) an event and prints what it did."""
     holder = getattr(args, "holder", "") or config.actor
+    seq = args.expected_seq
     if args.cmd == "touch":
-        await client.touch(args.name)
+        await client.touch(args.name, expected_seq=seq)
         print(f"sandbox {args.name} touched")
     elif args.cmd == "hold":
-        await client.hold(args.name, holder, args.reason)
+        await client.hold(args.name, holder, args.reason, expected_seq=seq)
         print(f"sandbox {args.name} is on hold by {holder}: it cannot start until released")
     elif args.cmd == "unhold":
-        await client.unhold(args.name, holder)
+        await client.unhold(args.name, holder, expected_seq=seq)
         print(f"stop hold of {holder} on {args.name} released")
     elif args.lease_cmd == "release":
-        await client.release_lease(args.name, holder)
+        await client.release_lease(args.name, holder, expected_seq=seq)
         print(f"lease of {holder} on {args.name} released")
     else:
         ttl = args.ttl_seconds
         if args.lease_cmd == "acquire":
-            await client.acquire_lease(args.name, holder, ttl)
+            await client.acquire_lease(args.name, holder, ttl, expected_seq=seq)
         else:
-            await client.renew_lease(args.name, holder, ttl)
+            await client.renew_lease(args.name, holder, ttl, expected_seq=seq)
         print(f"{holder} holds a lease on {args.name} for {args.ttl}")
     return 0
 
@@ -722,6 +766,9 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
                 driver=args.driver,
                 idle_timeout=args.idle_timeout_seconds,
                 auto_delete_after=args.auto_delete_seconds,
+                resources=args.resources,
+                env=args.env,
+                expected_seq=args.expected_seq,
             )
             if not args.no_wait:
                 await client.wait_for(args.name, Phase.READY, reply.seq, args.timeout)

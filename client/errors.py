@@ -32,8 +32,11 @@ class SandboxError(Exception):
         self.message = message
 
     @staticmethod
-    def of(code: str, message: str) -> SandboxError:
-        """The typed error for ``code``; an unknown code still gives a SandboxError."""
+    def of(code: str, message: str, seq: int = 0) -> SandboxError:
+        """The typed error for ``code``; an unknown code still gives a SandboxError. ``seq``: a
+        conflict's current log sequence of the sandbox."""
+        if code == ErrorCode.CONFLICT:
+            return Conflict(message, seq)
         cls = _BY_CODE.get(code)
         return cls(message) if cls is not None else SandboxError(code, message)
 
@@ -67,8 +70,16 @@ class FailedPrecondition(_Coded):
 
 
 class Conflict(_Coded):
+    """The sandbox moved while the command was decided: past the ``expected_seq`` it named (then
+    ``seq`` is where it stands now: read it again and decide again), or so often that the state
+    machine gave up deciding."""
+
     code = ErrorCode.CONFLICT
     exit_status = 6
+
+    def __init__(self, message: str, seq: int = 0) -> None:
+        super().__init__(message)
+        self.seq = seq
 
 
 class Internal(_Coded):

@@ -55,6 +55,7 @@ from sandboxctl.events.commands import (
 from sandboxctl.events.envelope import Envelope, encode, new_id
 from sandboxctl.events.lifecycle import SandboxDeleted
 from sandboxctl.events.replies import ErrorCode, Reply, reply_decoder
+from sandboxctl.events.spec import Resources
 from sandboxctl.statemachine.phases import Phase
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ _WHY_NOT: dict[Phase, str] = {
     Phase.STARTING: "it is being started again",
     Phase.READY: "it was started again",
     Phase.PROVISIONING: "it was deleted and created again",
+    Phase.COMPLETED: "its main process exited 0 on its own",
 }
 
 
@@ -101,6 +103,12 @@ def wait_verdict(name: str, target: Phase, after_seq: int, item: dict[str, Any] 
         return False
     phase = Phase(item["phase"])
     if phase is target:
+        return True
+    if phase is Phase.COMPLETED and (
+        target is Phase.STOPPED or (target is Phase.READY and item["last_seq"] > after_seq > 0)
+    ):
+        # A job's end: nothing runs, as after a stop; and after a create or start, it ran (it
+        # was Ready, or completed before its start was reported) and exited 0 on its own.
         return True
     if phase is Phase.ERROR:
         return PhaseFailed(f"sandbox {name} is Error: {item['last_error'] or 'no reason recorded'}")
@@ -308,7 +316,9 @@ class SandboxClient:
             else:
                 if reply.error is None:
                     return reply
-                error = SandboxError.of(reply.error.code, reply.error.message)
+                error = SandboxError.of(reply.error.code, reply.error.message, reply.seq)
+                if reply.error.code == ErrorCode.CONFLICT and command.expected_seq is not None:
+                    raise error  # the sandbox moved past what the caller read: only the caller can decide again
                 if reply.error.code == ErrorCode.CONFLICT:
                     pause = 0.05 * 2**attempt
                 elif reply.error.code == ErrorCode.UNAVAILABLE:  # the log is away: nothing was stored
@@ -326,8 +336,11 @@ class SandboxClient:
             ) from error
         raise error
 
-    def _meta(self, command_id: str | None) -> dict[str, str]:
-        return {"command_id": command_id or new_id(), "actor": self.actor}
+    def _meta(self, command_id: str | None, expected_seq: int | None = None) -> dict[str, Any]:
+        meta: dict[str, Any] = {"command_id": command_id or new_id(), "actor": self.actor}
+        if expected_seq is not None:
+            meta["expected_seq"] = expected_seq
+        return meta
 
     async def create(
         self,
@@ -339,10 +352,18 @@ class SandboxClient:
         command_id: str | None = None,
         idle_timeout: float | None = None,
         auto_delete_after: float = 0.0,
+        resources: Resources | None = None,
+        env: dict[str, str] | None = None,
+        expected_seq: int | None = None,
     ) -> Reply:
         """``idle_timeout``: seconds idle before the reaper stops it (0 never; None, the service's
         default). ``auto_delete_after``: seconds Stopped before the reaper deletes it, workspace
-        and all (0, the default, never)."""
+        and all (0, the default, never). ``resources``: limits the engine enforces. ``env``: the
+        environment of its processes, written to the log in clear (never secrets).
+
+        ``expected_seq`` (on every command that changes a sandbox): act only if the sandbox is
+        still at this log sequence, its ``last_seq`` as read (0 for a name never used); else
+        Conflict, whose ``seq`` is where it stands now, and nothing is done."""
         return await self.send(
             CreateSandbox(
                 name=name,
@@ -352,42 +373,67 @@ class SandboxClient:
                 driver=driver,
                 idle_timeout=idle_timeout,
                 auto_delete_after=auto_delete_after,
-                **self._meta(command_id),
+                resources=resources or Resources(),
+                env=env or {},
+                **self._meta(command_id, expected_seq),
             )
         )
 
-    async def stop(self, name: str, timeout: float = 10.0, command_id: str | None = None, reason: str = "") -> Reply:
-        return await self.send(StopSandbox(name=name, timeout=timeout, reason=reason, **self._meta(command_id)))
+    async def stop(
+        self,
+        name: str,
+        timeout: float = 10.0,
+        command_id: str | None = None,
+        reason: str = "",
+        expected_seq: int | None = None,
+    ) -> Reply:
+        return await self.send(
+            StopSandbox(name=name, timeout=timeout, reason=reason, **self._meta(command_id, expected_seq))
+        )
 
-    async def start(self, name: str, command_id: str | None = None) -> Reply:
-        return await self.send(StartSandbox(name=name, **self._meta(command_id)))
+    async def start(self, name: str, command_id: str | None = None, expected_seq: int | None = None) -> Reply:
+        return await self.send(StartSandbox(name=name, **self._meta(command_id, expected_seq)))
 
-    async def delete(self, name: str, command_id: str | None = None) -> Reply:
-        return await self.send(DeleteSandbox(name=name, **self._meta(command_id)))
+    async def delete(self, name: str, command_id: str | None = None, expected_seq: int | None = None) -> Reply:
+        return await self.send(DeleteSandbox(name=name, **self._meta(command_id, expected_seq)))
 
     # -- activity, leases and holds (statemachine/idle.py) ------------------------------
 
-    async def touch(self, name: str, via: str = "touch", command_id: str | None = None) -> Reply:
+    async def touch(
+        self, name: str, via: str = "touch", command_id: str | None = None, expected_seq: int | None = None
+    ) -> Reply:
         """Record use of the sandbox: its idle clock starts again (and a pending stop is cancelled)."""
-        return await self.send(TouchSandbox(name=name, via=via, **self._meta(command_id)))
+        return await self.send(TouchSandbox(name=name, via=via, **self._meta(command_id, expected_seq)))
 
-    async def acquire_lease(self, name: str, holder: str, ttl: float, command_id: str | None = None) -> Reply:
+    async def acquire_lease(
+        self, name: str, holder: str, ttl: float, command_id: str | None = None, expected_seq: int | None = None
+    ) -> Reply:
         """Keep the sandbox from being auto-stopped for ``ttl`` seconds (acquiring again extends it)."""
-        return await self.send(AcquireLease(name=name, holder=holder, ttl=ttl, **self._meta(command_id)))
+        return await self.send(AcquireLease(name=name, holder=holder, ttl=ttl, **self._meta(command_id, expected_seq)))
 
-    async def renew_lease(self, name: str, holder: str, ttl: float, command_id: str | None = None) -> Reply:
+    async def renew_lease(
+        self, name: str, holder: str, ttl: float, command_id: str | None = None, expected_seq: int | None = None
+    ) -> Reply:
         """Extend a live lease to ``ttl`` seconds from now; FailedPrecondition if it has lapsed."""
-        return await self.send(RenewLease(name=name, holder=holder, ttl=ttl, **self._meta(command_id)))
+        return await self.send(RenewLease(name=name, holder=holder, ttl=ttl, **self._meta(command_id, expected_seq)))
 
-    async def release_lease(self, name: str, holder: str, command_id: str | None = None) -> Reply:
-        return await self.send(ReleaseLease(name=name, holder=holder, **self._meta(command_id)))
+    async def release_lease(
+        self, name: str, holder: str, command_id: str | None = None, expected_seq: int | None = None
+    ) -> Reply:
+        return await self.send(ReleaseLease(name=name, holder=holder, **self._meta(command_id, expected_seq)))
 
-    async def hold(self, name: str, holder: str, reason: str = "", command_id: str | None = None) -> Reply:
+    async def hold(
+        self, name: str, holder: str, reason: str = "", command_id: str | None = None, expected_seq: int | None = None
+    ) -> Reply:
         """Place a stop hold: ``start`` fails with FailedPrecondition naming ``holder`` until released."""
-        return await self.send(PlaceStopHold(name=name, holder=holder, reason=reason, **self._meta(command_id)))
+        return await self.send(
+            PlaceStopHold(name=name, holder=holder, reason=reason, **self._meta(command_id, expected_seq))
+        )
 
-    async def unhold(self, name: str, holder: str, command_id: str | None = None) -> Reply:
-        return await self.send(ReleaseStopHold(name=name, holder=holder, **self._meta(command_id)))
+    async def unhold(
+        self, name: str, holder: str, command_id: str | None = None, expected_seq: int | None = None
+    ) -> Reply:
+        return await self.send(ReleaseStopHold(name=name, holder=holder, **self._meta(command_id, expected_seq)))
 
     @contextlib.asynccontextmanager
     async def lease(self, name: str, holder: str, ttl: float = 60.0) -> AsyncIterator[None]:

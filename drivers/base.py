@@ -46,6 +46,9 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from sandboxctl.events import limits
+from sandboxctl.events.spec import NO_RESOURCES, Resources
+
 MANAGED = "sandboxctl.managed"
 SANDBOX = "sandboxctl.sandbox"
 SANDBOX_ID = "sandboxctl.sandbox_id"
@@ -53,7 +56,7 @@ SANDBOX_ID = "sandboxctl.sandbox_id"
 EXEC_SETTLE = 2.0  # seconds to wait for an engine to record an exec's exit code once its output ends
 # A stop's grace is clamped to [0, GRACE_MAX] (events.limits.GRACE_MAX bounds the command too); a grace
 # that is not a number is the default. No value can make a driver raise before the engine is asked.
-GRACE_MAX = 3600
+GRACE_MAX = int(limits.GRACE_MAX)
 GRACE_DEFAULT = 10
 # A stop that overlaps another stop of the same container ends, by SIGKILL, at most this long after
 # its own grace, whatever the engine does with two stops at once (podman 4.3 and docker 20.10 honour
@@ -115,6 +118,27 @@ class SandboxSpec(msgspec.Struct, kw_only=True):
     image: str
     command: list[str] | None = None
     labels: dict[str, str] = {}
+    resources: Resources = NO_RESOURCES
+    env: dict[str, str] = {}
+
+
+CPU_PERIOD = 100_000  # microseconds: the CFS period a CPU quota is a share of (the engines' default)
+
+
+def resource_settings(resources: Resources) -> dict[str, Any]:
+    """The container settings, as both SDKs name them, that make the engine enforce ``resources``:
+    a CFS quota for CPUs (both engines take it; podman's SDK ignores ``nano_cpus``), a memory
+    limit with as much swap (none beyond it), and a pids limit."""
+    settings: dict[str, Any] = {}
+    if resources.cpus is not None:
+        settings["cpu_period"] = CPU_PERIOD
+        settings["cpu_quota"] = max(1000, round(resources.cpus * CPU_PERIOD))
+    if resources.memory is not None:
+        settings["mem_limit"] = resources.memory
+        settings["memswap_limit"] = resources.memory
+    if resources.pids is not None:
+        settings["pids_limit"] = resources.pids
+    return settings
 
 
 class ContainerInfo(msgspec.Struct, kw_only=True):
@@ -491,6 +515,9 @@ class EngineDriver:
         }
         if spec.command:
             settings["command"] = spec.command
+        if spec.env:
+            settings["environment"] = dict(spec.env)
+        settings.update(resource_settings(spec.resources))
         info = container_info(self._make_container(spec.image, settings))
         self._remember(spec.name, info)
         return info

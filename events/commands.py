@@ -13,6 +13,7 @@ from typing import Annotated, ClassVar
 import msgspec
 
 from sandboxctl.events import limits
+from sandboxctl.events.spec import NO_RESOURCES, Env, Resources
 
 # Every field a client sends is bounded here (events/limits.py says why): a command outside
 # these bounds is refused at decoding with invalid_argument, and the AsyncAPI document states them.
@@ -40,6 +41,16 @@ Holder = Annotated[str, msgspec.Meta(max_length=limits.HOLDER_MAX)]
 Grace = Annotated[float, msgspec.Meta(ge=0, le=limits.GRACE_MAX)]
 Ttl = Annotated[float, msgspec.Meta(gt=0, le=limits.TTL_MAX)]
 Idle = Annotated[float, msgspec.Meta(ge=0, le=limits.IDLE_MAX)]
+ExpectedSeq = Annotated[
+    int,
+    msgspec.Meta(
+        ge=0,
+        le=limits.SEQ_MAX,
+        description="Act only if the sandbox is still at this log sequence (its last_seq; 0: the name "
+        "was never used): a sandbox that has moved is answered conflict with its current seq, and "
+        "nothing is appended.",
+    ),
+]
 
 
 class _Command(msgspec.Struct, kw_only=True, tag_field="type", omit_defaults=True):
@@ -47,6 +58,7 @@ class _Command(msgspec.Struct, kw_only=True, tag_field="type", omit_defaults=Tru
     command_id: CommandId
     actor: Actor = "anonymous"
     correlation_id: CorrelationId = ""
+    expected_seq: ExpectedSeq | None = None
     VERB: ClassVar[str] = ""
 
 
@@ -61,6 +73,8 @@ class CreateSandbox(_Command, tag="sandboxctl.command.create.v1"):
     # Seconds a Stopped sandbox may stay Stopped before the reaper deletes it, workspace and all.
     # Opt-in only: 0, the default, never deletes.
     auto_delete_after: Idle = 0.0
+    resources: Resources = NO_RESOURCES
+    env: Env = {}
     VERB: ClassVar[str] = "create"
 
 

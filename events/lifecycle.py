@@ -12,6 +12,8 @@ from typing import ClassVar
 
 import msgspec
 
+from sandboxctl.events.spec import NO_RESOURCES, Resources
+
 
 class _Event(msgspec.Struct, kw_only=True, omit_defaults=True):
     TYPE: ClassVar[str] = ""
@@ -29,6 +31,8 @@ class SandboxCreated(_Event):
     labels: dict[str, str] = {}
     idle_timeout: float = 0.0  # seconds; 0: never auto-stopped
     auto_delete_after: float = 0.0  # seconds Stopped before an auto-delete; 0 (the default): never
+    resources: Resources = NO_RESOURCES  # limits the engine enforces; absent ones: the engine's default
+    env: dict[str, str] = {}  # the environment of the sandbox's processes (in clear in the log)
     TYPE: ClassVar[str] = "sandboxctl.sandbox.created.v1"
     TRIGGER: ClassVar[str] = "create"
 
@@ -59,6 +63,16 @@ class SandboxReady(_Event):
     incarnation: str = ""
     TYPE: ClassVar[str] = "sandboxctl.sandbox.ready.v1"
     TRIGGER: ClassVar[str] = "ready"
+
+
+class SandboxCompleted(_Event):
+    """The sandbox's main process exited 0 on its own: a job that ran to its end. Not a failure,
+    and not a stop; ``start`` runs it again."""
+
+    exit_code: int = 0
+    incarnation: str = ""  # the run that completed: a late report of its start must not make it Ready
+    TYPE: ClassVar[str] = "sandboxctl.sandbox.completed.v1"
+    TRIGGER: ClassVar[str] = "complete"
 
 
 class SandboxFailed(_Event):
@@ -192,6 +206,7 @@ LifecycleEvent = (
     | SandboxStopped
     | SandboxStartRequested
     | SandboxReady
+    | SandboxCompleted
     | SandboxFailed
     | SandboxDeleteRequested
     | SandboxDeleted
@@ -214,6 +229,7 @@ EVENT_TYPES: dict[str, type[_Event]] = {
         SandboxStopped,
         SandboxStartRequested,
         SandboxReady,
+        SandboxCompleted,
         SandboxFailed,
         SandboxFailedV1,
         SandboxDeleteRequested,

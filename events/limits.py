@@ -43,6 +43,22 @@ LABEL_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$"
 LABEL_VALUE_MAX = 256
 RESERVED_LABEL_PREFIX = "sandboxctl."  # sandboxctl's own labels on containers and volumes
 
+# Resources a sandbox may ask of its engine. CPUs as a fraction of cores (``--cpus 1.5``),
+# memory in bytes, and the most processes it may run. The memory floor is docker's (6 MiB):
+# below it an engine refuses to start the container, so it is refused here first.
+CPUS_MAX = 512.0
+MEMORY_MIN = 6 * 1024 * 1024
+MEMORY_MAX = 2**40  # 1 TiB
+PIDS_MIN = 8  # a shell and an exec need a few; fewer leaves a sandbox that cannot run a command
+PIDS_MAX = 4_194_304  # the kernel's own maximum (pid_max)
+
+# Environment variables: POSIX names, bounded values. They are written to the log, and every
+# reader of the log (history, audit, replay) sees them: never a place for secrets.
+ENV_MAX = 128
+ENV_KEY_MAX = 128
+ENV_KEY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+ENV_VALUE_MAX = 4096
+
 # Seconds. A stop's grace period (SIGTERM, then SIGKILL after it): an hour at most.
 GRACE_MAX = 3600.0
 # A lease's ttl and the reaper's warning grace: a day at most.

@@ -52,12 +52,16 @@ reply_decoder = msgspec.json.Decoder(Reply)
 MAX_MESSAGE = 1000
 
 
-def error_reply(code: ErrorCode, message: str, sandbox: str = "") -> Reply:
+def error_reply(code: ErrorCode, message: str, sandbox: str = "", seq: int = 0) -> Reply:
     """An error reply that always fits in a NATS message: parsers quote bad input back,
     and the input may be close to the max payload, so the message is cut and an
-    over-long (so invalid) sandbox name is not echoed."""
+    over-long (so invalid) sandbox name is not echoed. ``seq``: a conflict's current
+    log sequence of the sandbox."""
     if len(message) > MAX_MESSAGE:
         message = message[: MAX_MESSAGE - 3] + "..."
     return Reply(
-        accepted=False, sandbox=sandbox if len(sandbox) <= NAME_MAX else "", error=ErrorInfo(code=code, message=message)
+        accepted=False,
+        sandbox=sandbox if len(sandbox) <= NAME_MAX else "",
+        seq=seq,
+        error=ErrorInfo(code=code, message=message),
     )

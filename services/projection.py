@@ -24,6 +24,8 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     image       TEXT NOT NULL,
     command     TEXT,
     labels      TEXT NOT NULL DEFAULT '{}',
+    resources   TEXT NOT NULL DEFAULT '{}',
+    env         TEXT NOT NULL DEFAULT '{}',
     last_error  TEXT NOT NULL DEFAULT '',
     incarnation TEXT NOT NULL DEFAULT '',
     created_at  TEXT NOT NULL,
@@ -48,7 +50,8 @@ INSERT OR IGNORE INTO checkpoint (id, seq) VALUES (1, 0)
 # log, which holds everything it showed (it is a cache; the log is the truth).
 # 4: no history table: a sandbox's history is read from the log, which holds it already
 # (sandboxctl.bus.reading.history), instead of a copy of every event written on the way in.
-SCHEMA_VERSION = 4
+# 5: resources and env.
+SCHEMA_VERSION = 5
 
 SANDBOX_COLUMNS = (
     "name",
@@ -58,6 +61,8 @@ SANDBOX_COLUMNS = (
     "image",
     "command",
     "labels",
+    "resources",
+    "env",
     "last_error",
     "incarnation",
     "created_at",
@@ -164,7 +169,15 @@ def idle_fields(item: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-JSON_COLUMNS = ("command", "labels", "leases", "holds", "warning")  # stored as JSON text; None when empty
+JSON_COLUMNS = (
+    "command",
+    "labels",
+    "resources",
+    "env",
+    "leases",
+    "holds",
+    "warning",
+)  # stored as JSON text; None when empty
 
 
 def sandbox_row(row: tuple[Any, ...]) -> dict[str, Any]:

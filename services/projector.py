@@ -66,6 +66,8 @@ class Row(msgspec.Struct):
     image: str
     command: str | None
     labels: str
+    resources: str  # JSON, as the columns hold them
+    env: str
     created_at: str
     updated: datetime  # formatted only when the row is written: most events are overtaken first
 
@@ -79,6 +81,8 @@ class Row(msgspec.Struct):
             self.image,
             self.command,
             self.labels,
+            self.resources,
+            self.env,
             s.last_error,
             s.incarnation,
             self.created_at,
@@ -137,6 +141,8 @@ class Projector:
                 item["image"],
                 item["command"],
                 item["labels"],
+                item["resources"],
+                item["env"],
                 item["created_at"],
                 datetime.fromisoformat(item["updated_at"]),
             )
@@ -183,6 +189,8 @@ class Projector:
                 event.image,
                 json.dumps(event.command) if event.command is not None else None,
                 json.dumps(event.labels, sort_keys=True),
+                msgspec.json.encode(event.resources).decode(),
+                json.dumps(event.env, sort_keys=True),
                 stamp,
                 envelope.time,
             )

@@ -361,7 +361,7 @@ class StateMachineService:
                     await self._wait_for(name, latest)
                     continue
                 if isinstance(decision, Rejection):
-                    return error_reply(decision.code, decision.message, name)
+                    return error_reply(decision.code, decision.message, name, decision.seq)
                 return self._accepted(name, state, 0)
             try:
                 for index, event in enumerate(decision):

@@ -105,6 +105,19 @@ def _raw_type(data: bytes) -> str:
     return found.group(1).decode() if found else ""
 
 
+def spec_of(name: str, created: SandboxCreated) -> SandboxSpec:
+    """The container a sandbox's SandboxCreated asks for."""
+    return SandboxSpec(
+        name=name,
+        sandbox_id=created.sandbox_id,
+        image=created.image,
+        command=created.command,
+        labels=created.labels,
+        resources=created.resources,
+        env=created.env,
+    )
+
+
 def started(info: ContainerInfo) -> tuple[str, Fact]:
     return (
         f"{info.container_id}:{info.incarnation}:started",
@@ -374,14 +387,7 @@ class DriverWorker:
         facts: Facts = []
         try:
             if isinstance(event, SandboxCreated):
-                spec = SandboxSpec(
-                    name=name,
-                    sandbox_id=event.sandbox_id,
-                    image=event.image,
-                    command=event.command,
-                    labels=event.labels,
-                )
-                facts.extend(await self._make(spec))
+                facts.extend(await self._make(spec_of(name, event)))
             elif isinstance(event, SandboxStopRequested):
                 info = await self._stop(name, sandbox_id, event.timeout)
                 facts.append(exited(info, requested=True) if not info.running else started(info))
@@ -454,13 +460,7 @@ class DriverWorker:
             if isinstance(logged, Envelope) and isinstance(logged.data, SandboxCreated):
                 created = logged.data
                 if created.sandbox_id == sandbox_id:
-                    return SandboxSpec(
-                        name=name,
-                        sandbox_id=sandbox_id,
-                        image=created.image,
-                        command=created.command,
-                        labels=created.labels,
-                    )
+                    return spec_of(name, created)
         return None
 
     async def _patiently(
@@ -592,6 +592,8 @@ class DriverWorker:
             if info.stopping:
                 return []  # its exit, once the stop is done, is reported then (watcher or next sweep)
             if phase is Phase.READY and not info.running:
+                if info.exit_code == 0 and not info.oom:
+                    return [exited(info, requested=False)]  # a job that ran to its end: Completed
                 if not self.restart_exited:
                     return [exited(info, requested=False)]
                 log.warning(

@@ -25,6 +25,7 @@ from sandboxctl.events.envelope import Envelope
 from sandboxctl.events.facts import ContainerExited, ContainerRemoved, ContainerStarted, DriverFailed, Fact
 from sandboxctl.events.lifecycle import (
     LifecycleEvent,
+    SandboxCompleted,
     SandboxCreated,
     SandboxDeleted,
     SandboxDeleteRequested,
@@ -65,7 +66,8 @@ __all__ = ["BACKEND_MISSING", "Decision", "Rejection", "decide", "evolve", "fold
 SHORTER = 1.0
 
 _NOOP: dict[type, frozenset[Phase]] = {
-    StopSandbox: frozenset({Phase.STOPPING, Phase.STOPPED}),
+    # A Completed sandbox's process has already ended: there is nothing to stop.
+    StopSandbox: frozenset({Phase.STOPPING, Phase.STOPPED, Phase.COMPLETED}),
     StartSandbox: frozenset({Phase.STARTING, Phase.READY}),
     DeleteSandbox: frozenset({Phase.DELETING, Phase.DELETED}),
 }
@@ -80,6 +82,15 @@ def _not_allowed(state: SandboxState, verb: str, trigger: str, noop: Iterable[Ph
     )
 
 
+def _moved(name: str, seq: int, expected: int) -> Rejection:
+    return Rejection(
+        ErrorCode.CONFLICT,
+        f"sandbox {name} is at log seq {seq}, not {expected}: it has changed since it was read; "
+        "read it again and decide again",
+        seq=seq,
+    )
+
+
 def decide(
     state: SandboxState | None, command: SandboxCommand, drivers: Iterable[str] = ("podman",), now: float = 0.0
 ) -> Decision:
@@ -91,10 +102,11 @@ def decide(
     exists = state is not None and state.phase is not Phase.DELETED
 
     if isinstance(command, CreateSandbox):
-        if exists:
-            assert state is not None
-            if state.sandbox_id == command.command_id:
-                return []  # a retry of the create that made this sandbox
+        if exists and state is not None and state.sandbox_id == command.command_id:
+            return []  # a retry of the create that made this sandbox
+        if command.expected_seq is not None and command.expected_seq != (state.seq if state else 0):
+            return _moved(command.name, state.seq if state else 0, command.expected_seq)
+        if exists and state is not None:
             return Rejection(ErrorCode.ALREADY_EXISTS, f"sandbox {command.name} already exists ({state.phase.value})")
         if not command.image.strip():
             return Rejection(ErrorCode.INVALID_ARGUMENT, "image must not be empty")
@@ -106,6 +118,9 @@ def decide(
                 ErrorCode.INVALID_ARGUMENT,
                 f"label {reserved[0][:40]!r}: keys starting with {RESERVED_LABEL_PREFIX!r} are sandboxctl's own",
             )
+        nul = sorted(key for key, value in command.env.items() if "\x00" in value)
+        if nul:
+            return Rejection(ErrorCode.INVALID_ARGUMENT, f"env {nul[0]}: a value must not contain a NUL byte")
         idle_timeout = command.idle_timeout or 0.0
         invalid = check_create(idle_timeout, command.auto_delete_after)
         if invalid is not None:
@@ -125,11 +140,15 @@ def decide(
                 labels=command.labels,
                 idle_timeout=idle_timeout,
                 auto_delete_after=command.auto_delete_after,
+                resources=command.resources,
+                env=command.env,
             )
         ]
 
     if state is None or (state.phase is Phase.DELETED and not isinstance(command, DeleteSandbox)):
         return Rejection(ErrorCode.NOT_FOUND, f"sandbox {command.name} not found")
+    if command.expected_seq is not None and command.expected_seq != state.seq:
+        return _moved(state.name, state.seq, command.expected_seq)
     if isinstance(command, ActivityCommand | WarnSandbox):
         return decide_activity(state, command, now)
     if isinstance(command, StopSandbox):
@@ -192,7 +211,9 @@ def react(state: SandboxState | None, fact: Fact) -> list[LifecycleEvent]:
             return [SandboxReady(incarnation=fact.incarnation)]
         if phase is Phase.ERROR and not started_before(fact.incarnation, state.incarnation):
             return [SandboxReady(incarnation=fact.incarnation)]
-        if phase in (Phase.READY, Phase.STOPPED) and started_before(state.incarnation, fact.incarnation):
+        if phase in (Phase.READY, Phase.STOPPED, Phase.COMPLETED) and started_before(
+            state.incarnation, fact.incarnation
+        ):
             return [SandboxReady(incarnation=fact.incarnation)]
         return []
     if isinstance(fact, ContainerExited):
@@ -207,6 +228,8 @@ def react(state: SandboxState | None, fact: Fact) -> list[LifecycleEvent]:
             # or went away mid-call), and the engine now shows the run ended: it was stopped.
             return [SandboxStopped(exit_code=fact.exit_code)]
         if phase in (Phase.READY, Phase.STARTING, Phase.PROVISIONING):
+            if fact.exit_code == 0 and not fact.oom and not fact.requested:
+                return [SandboxCompleted(exit_code=0, incarnation=fact.incarnation)]  # a job done
             reason = f"container exited with code {fact.exit_code}" + (" (out of memory)" if fact.oom else "")
             return [SandboxFailed(kind="exited", reason=reason, exit_code=fact.exit_code, oom=fact.oom)]
         return []
@@ -305,6 +328,13 @@ def evolve(state: SandboxState | None, envelope: Envelope, seq: int = 0) -> Sand
     elif isinstance(event, SandboxStopped):
         changes["last_error"] = ""
         changes["ended"] = state.incarnation or state.ended
+    elif isinstance(event, SandboxCompleted):
+        # The run that completed is the sandbox's last run, and it has ended (it may complete
+        # before the report of its start arrives: that report must not make it Ready).
+        run = event.incarnation or state.incarnation
+        changes["last_error"] = ""
+        changes["incarnation"] = run
+        changes["ended"] = run or state.ended
     elif isinstance(event, _REQUESTS):
         changes["request_id"] = envelope.id
         if isinstance(event, SandboxStopRequested):

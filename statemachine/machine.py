@@ -31,10 +31,16 @@ MACHINE = Machine(
         {"trigger": "stopped", "source": [Phase.STOPPING.value, Phase.ERROR.value], "dest": Phase.STOPPED.value},
         {
             "trigger": "request_start",
-            "source": [Phase.STOPPED.value, Phase.ERROR.value],
+            "source": [Phase.STOPPED.value, Phase.COMPLETED.value, Phase.ERROR.value],
             "dest": Phase.STARTING.value,
         },
-        # Ready from Stopped or Error is a start made outside sandboxctl; Ready
+        # A job's main process exited 0 on its own (a stop's exit is "stopped", whatever its code).
+        {
+            "trigger": "complete",
+            "source": [Phase.PROVISIONING.value, Phase.STARTING.value, Phase.READY.value],
+            "dest": Phase.COMPLETED.value,
+        },
+        # Ready from Stopped, Completed or Error is a start made outside sandboxctl; Ready
         # from Ready records a new incarnation of a container that restarted.
         {
             "trigger": "ready",
@@ -42,6 +48,7 @@ MACHINE = Machine(
                 Phase.PROVISIONING.value,
                 Phase.STARTING.value,
                 Phase.STOPPED.value,
+                Phase.COMPLETED.value,
                 Phase.ERROR.value,
                 Phase.READY.value,
             ],

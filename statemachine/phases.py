@@ -11,6 +11,7 @@ class Phase(enum.StrEnum):
     STOPPING = "Stopping"
     STOPPED = "Stopped"
     STARTING = "Starting"
+    COMPLETED = "Completed"  # a job: its main process exited 0 on its own
     ERROR = "Error"
     DELETING = "Deleting"
     DELETED = "Deleted"

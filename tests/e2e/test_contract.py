@@ -209,7 +209,10 @@ async def test_reconciliation_after_changes_made_while_everything_was_down(
 ) -> None:
     stopped_by_hand, killed, removed, started_by_hand, stuck_stopping = (names.new(k) for k in "skrbt")
     made = [stopped_by_hand, killed, removed, started_by_hand, stuck_stopping]
+    job = names.new("j")  # a job that ends, with exit 0, while nothing watches
     await asyncio.gather(*(client.create(n, image) for n in made))
+    await client.create(job, image, ["sh", "-c", "while [ ! -f /workspace/go ]; do sleep 0.1; done"])
+    made.append(job)
     await asyncio.gather(*(client.wait_for(n, "Ready") for n in made))
     reply = await client.stop(started_by_hand)
     await client.wait_for(started_by_hand, "Stopped", reply.seq)
@@ -223,15 +226,20 @@ async def test_reconciliation_after_changes_made_while_everything_was_down(
     engine("kill", f"sandboxctl-{killed}")
     engine("rm", "-f", f"sandboxctl-{removed}")
     engine("start", f"sandboxctl-{started_by_hand}")
+    engine("exec", f"sandboxctl-{job}", "touch", "/workspace/go")
+    assert engine("wait", f"sandboxctl-{job}").stdout.strip() == "0"
 
     again = await ControlPlane(config).start()
     try:
         expected = {
-            stopped_by_hand: "Ready",  # exited while unobserved: restarted (the default)
-            killed: "Ready",
+            # Its main process exits 0 on SIGTERM (the test image's does): the engine says only
+            # that it ended with 0, not who asked, so it reads as a job done, like kubectl's Completed.
+            stopped_by_hand: "Completed",
+            killed: "Ready",  # exited 137 while unobserved: restarted (the default)
             removed: "Error",
             started_by_hand: "Ready",
             stuck_stopping: "Stopped",
+            job: "Completed",  # exited 0 on its own: a job done, not restarted
         }
         items = await asyncio.gather(*(client.wait_for(n, p, seen[n] + 1, timeout=5) for n, p in expected.items()))
         assert items[2]["last_error"] == "backend_missing"

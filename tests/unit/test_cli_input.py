@@ -46,6 +46,30 @@ REFUSED = [
     (("top", "--interval", "nan"), "--interval must be more than 0"),
     (("exec", "a", "--timeout", "-1", "--", "true"), "--timeout must be more than 0"),
     (("frobnicate",), "argument cmd: invalid choice: 'frobnicate'"),
+    # resources, environment and expected versions (issue 17)
+    (("create", "a", "--image", "i", "--cpus", "0"), "--cpus 0: must be more than 0 and at most 512"),
+    (("create", "a", "--image", "i", "--cpus", "-1"), "--cpus -1: must be more than 0"),
+    (("create", "a", "--image", "i", "--cpus", "nan"), "--cpus nan: must be more than 0"),
+    (("create", "a", "--image", "i", "--cpus", "1e9"), "--cpus 1e9: must be more than 0 and at most 512"),
+    (("create", "a", "--image", "i", "--cpus", "two"), "--cpus 'two': a number of CPUs"),
+    (("create", "a", "--image", "i", "--memory", "4m"), "--memory 4m: must be from 6m (the engines' minimum)"),
+    (("create", "a", "--image", "i", "--memory=-1g"), "--memory '-1g': a size such as 512m"),
+    (("create", "a", "--image", "i", "--memory", "2p"), "--memory '2p': a size such as 512m"),
+    (("create", "a", "--image", "i", "--memory", "9t"), "--memory 9t: must be from 6m (the engines' minimum) to 1t"),
+    (("create", "a", "--image", "i", "--pids", "0"), "--pids 0: must be from 8 to 4194304"),
+    (("create", "a", "--image", "i", "--pids", "1.5"), "--pids '1.5': a whole number"),
+    (("create", "a", "--image", "i", "--env", "1A=x"), "--env: '1A' is not a variable name"),
+    (("create", "a", "--image", "i", "--env", "A-B=x"), "--env: 'A-B' is not a variable name"),
+    (("create", "a", "--image", "i", "--env", "=x"), "--env: '' is not a variable name"),
+    (("create", "a", "--image", "i", "--env", "A=" + "v" * 4097), "the value of A is longer than 4096"),
+    (("create", "a", "--image", "i", *(f"--env=K{i}=v" for i in range(129))), "129 environment variables"),
+    (("create", "a", "--image", "i", "--env-file", "/nonexistent/env"), "--env-file /nonexistent/env: No such file"),
+    (("stop", "a", "--if-seq", "x"), "--if-seq 'x': a log sequence, a whole number from 0"),
+    (("stop", "a", "--if-seq", "-1"), "--if-seq '-1': a log sequence"),
+    (("start", "a", "--if-seq", "1.5"), "--if-seq '1.5': a log sequence"),
+    (("touch", "a", "--if-seq", "99999999999999999999"), "--if-seq '99999999999999999999'"),
+    (("stop", "a", "b", "--if-seq", "3"), "--if-seq names one sandbox's log sequence: give one NAME"),
+    (("delete", "--all", "--if-seq", "3"), "--if-seq names one sandbox's log sequence: give one NAME"),
 ]
 
 
@@ -57,3 +81,29 @@ async def test_bad_input_is_invalid_argument_before_anything_is_sent(
     code, _, err = await CLI(NOBODY_LISTENS, capsys)(*argv)
     assert (code, err.count("\n")) == (2, 1), err
     assert err.startswith("sandboxctl: invalid_argument: ") and reason in err, err
+
+
+def test_an_env_file_is_read_as_docker_reads_it(tmp_path: Path) -> None:
+    from sandboxctl.cli.spec import environment
+
+    file = tmp_path / "env"
+    file.write_text("# settings\n\nGREETING=hello world\nURL=http://x/?a=b\nFROM_OUTSIDE\nMISSING\n  SPACED=1\n")
+    env = environment(["GREETING=hi", "B="], [str(file)], outside={"FROM_OUTSIDE": "o"})
+    assert env == {"GREETING": "hi", "URL": "http://x/?a=b", "FROM_OUTSIDE": "o", "SPACED": "1", "B": ""}
+    bad = tmp_path / "bad"
+    bad.write_text("OK=1\n2BAD=x\n")
+    with pytest.raises(ValueError, match=r"--env-file .*bad:2: '2BAD' is not a variable name"):
+        environment([], [str(bad)], outside={})
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"A=\xff\n")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        environment([], [str(binary)], outside={})
+
+
+def test_sizes_are_read_in_units_of_1024_as_docker_reads_them() -> None:
+    from sandboxctl.cli.spec import memory
+
+    assert memory("512m") == 512 * 2**20
+    assert memory("1.5g") == 3 * 2**29
+    assert memory("64MiB") == memory("64mb") == memory("64M") == 64 * 2**20
+    assert memory("67108864") == 64 * 2**20

@@ -18,10 +18,13 @@ from sandboxctl.events import (
     SandboxCreated,
     StartSandbox,
     StopSandbox,
+    TouchSandbox,
     now,
 )
+from sandboxctl.events.commands import command_decoder
 from sandboxctl.events.envelope import type_name
 from sandboxctl.events.lifecycle import (
+    SandboxCompleted,
     SandboxDeleteRequested,
     SandboxFailed,
     SandboxReady,
@@ -30,6 +33,7 @@ from sandboxctl.events.lifecycle import (
     SandboxStopRequested,
 )
 from sandboxctl.events.replies import ErrorCode
+from sandboxctl.events.spec import Resources
 from sandboxctl.statemachine import (
     BACKEND_MISSING,
     IllegalTransition,
@@ -133,7 +137,7 @@ def test_command_table(phase: Phase, command: type, outcome: str) -> None:
 def test_rejection_names_the_phase_and_what_is_allowed() -> None:
     decision = decide(state(Phase.PROVISIONING), cmd(StopSandbox))
     assert isinstance(decision, Rejection)
-    assert decision.message == "sandbox box is Provisioning; stop is allowed in Ready, Stopping or Stopped"
+    assert decision.message == "sandbox box is Provisioning; stop is allowed in Ready, Stopping, Stopped or Completed"
 
 
 def test_exit_while_stopping_is_stopped_and_while_ready_is_error() -> None:
@@ -437,3 +441,101 @@ def test_a_delete_the_engine_refused_keeps_the_engines_reason_when_the_removal_i
     )
     (missing,) = react(stop_failed, ContainerRemoved(container_id="c1", sandbox_id="id-1"))
     assert isinstance(missing, SandboxFailed) and missing.reason == BACKEND_MISSING
+
+
+# -- jobs: a main process that exits 0 on its own is Completed -------------------------------
+
+
+def test_an_exit_0_on_its_own_is_completed_and_any_other_exit_is_still_error() -> None:
+    for phase in (Phase.READY, Phase.STARTING, Phase.PROVISIONING):
+        (done,) = react(state(phase, incarnation=""), ContainerExited(exit_code=0, incarnation="run-2"))
+        assert isinstance(done, SandboxCompleted) and done.incarnation == "run-2"
+        after = evolve(state(phase, incarnation=""), env(done))
+        assert after.phase is Phase.COMPLETED and after.last_error == ""
+    (failed,) = react(state(Phase.READY), ContainerExited(exit_code=3, incarnation="run-1"))
+    assert isinstance(failed, SandboxFailed) and failed.exit_code == 3
+    (oom,) = react(state(Phase.READY), ContainerExited(exit_code=0, oom=True, incarnation="run-1"))
+    assert isinstance(oom, SandboxFailed)  # killed for memory is no job done, whatever the code
+    # an exit 0 while stopping is the stop, not a job that completed
+    assert react(state(Phase.STOPPING), ContainerExited(exit_code=0, incarnation="run-1")) == [
+        SandboxStopped(exit_code=0)
+    ]
+
+
+def test_a_completed_job_runs_again_on_start_and_its_late_start_report_changes_nothing() -> None:
+    # The job completed before the report of its start came in: that report must not make it Ready.
+    provisioning = state(Phase.PROVISIONING, incarnation="")
+    completed = evolve(provisioning, env(SandboxCompleted(incarnation="run-1")))
+    assert completed.phase is Phase.COMPLETED and completed.incarnation == completed.ended == "run-1"
+    late = ContainerStarted(incarnation="run-1", request_id=completed.request_id or "created")
+    assert react(completed, late) == []
+    # start runs it again; stop has nothing to stop; delete deletes
+    (start,) = decide(completed, cmd(StartSandbox))  # type: ignore[misc]
+    assert isinstance(start, SandboxStartRequested)
+    starting = evolve(completed, env(start))
+    assert starting.phase is Phase.STARTING
+    assert react(starting, ContainerExited(exit_code=0, incarnation="run-1")) == []  # the old run's exit
+    (ready,) = react(starting, ContainerStarted(incarnation="run-2"))
+    assert evolve(starting, env(ready)).phase is Phase.READY
+    assert decide(completed, cmd(StopSandbox)) == []
+    (delete,) = decide(completed, cmd(DeleteSandbox))  # type: ignore[misc]
+    assert isinstance(delete, SandboxDeleteRequested)
+    # a start made outside sandboxctl, a later run, is Ready
+    (outside,) = react(completed, ContainerStarted(incarnation="run-2"))
+    assert isinstance(outside, SandboxReady)
+
+
+# -- expected versions ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", [StopSandbox, StartSandbox, DeleteSandbox, TouchSandbox])
+def test_a_command_for_a_sandbox_that_moved_past_its_expected_seq_is_a_conflict_naming_the_seq(
+    kind: type,
+) -> None:
+    ready = state(Phase.READY)  # at seq 7
+    refused = decide(ready, cmd(kind, expected_seq=6))
+    assert isinstance(refused, Rejection) and refused.code is ErrorCode.CONFLICT and refused.seq == 7
+    assert "log seq 7, not 6" in refused.message
+    assert isinstance(decide(ready, cmd(kind, expected_seq=7)), list)  # still there: decided as ever
+
+
+def test_a_create_that_expects_a_fresh_name_is_refused_once_the_name_was_used() -> None:
+    assert isinstance(decide(None, cmd(CreateSandbox, expected_seq=0)), list)
+    refused = decide(None, cmd(CreateSandbox, expected_seq=3))
+    assert isinstance(refused, Rejection) and refused.code is ErrorCode.CONFLICT and refused.seq == 0
+    deleted = msgspec.structs.replace(state(Phase.DELETED), seq=12)
+    refused = decide(deleted, cmd(CreateSandbox, command_id="c-2", expected_seq=0))
+    assert isinstance(refused, Rejection) and refused.code is ErrorCode.CONFLICT and refused.seq == 12
+    assert isinstance(decide(deleted, cmd(CreateSandbox, command_id="c-2", expected_seq=12)), list)
+    # the retry of the create that made it is answered as ever, though the sandbox moved since
+    made = msgspec.structs.replace(state(Phase.READY), sandbox_id="c-1")
+    assert decide(made, cmd(CreateSandbox, expected_seq=0)) == []
+
+
+# -- resources and environment ----------------------------------------------------------------
+
+
+def test_resources_and_env_are_recorded_and_out_of_range_ones_never_decode() -> None:
+    resources = Resources(cpus=1.5, memory=512 * 2**20, pids=256)
+    (created,) = decide(None, cmd(CreateSandbox, resources=resources, env={"A": "1", "B_2": "x=y"}))  # type: ignore[misc]
+    assert isinstance(created, SandboxCreated) and created.resources == resources
+    assert created.env == {"A": "1", "B_2": "x=y"}
+    wire = b'{"type":"sandboxctl.command.create.v1","name":"box","command_id":"c","image":"i",%s}'
+    for bad in (
+        b'"resources":{"cpus":0}',
+        b'"resources":{"cpus":-1}',
+        b'"resources":{"cpus":1e999}',
+        b'"resources":{"memory":4096}',
+        b'"resources":{"memory":1.5}',
+        b'"resources":{"pids":0}',
+        b'"resources":{"swap":1}',
+        b'"env":{"1A":"x"}',
+        b'"env":{"A-B":"x"}',
+        b'"env":{"":"x"}',
+        b'"expected_seq":-1',
+        b'"expected_seq":"7"',
+    ):
+        with pytest.raises(msgspec.ValidationError):
+            command_decoder.decode(wire % bad)
+    nul = decide(None, cmd(CreateSandbox, env={"A": "x\x00y"}))
+    assert isinstance(nul, Rejection) and nul.code is ErrorCode.INVALID_ARGUMENT and "NUL" in nul.message

@@ -44,12 +44,13 @@ from sandboxctl.statemachine.idle import AUTO_DELETE, IDLE, deadline, due
 from sandboxctl.statemachine.machine import TABLE
 
 T0 = 1_800_000_000.0
-OLD_TYPES = {
+OLD_TYPES = {  # the events that move the phase; the rest are the notes of idleness
     "created",
     "stop_requested",
     "stopped",
     "start_requested",
     "ready",
+    "completed",
     "failed",
     "delete_requested",
     "deleted",

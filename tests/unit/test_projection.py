@@ -23,6 +23,8 @@ def row(**overrides: object) -> tuple[object, ...]:
         "image": "localhost/sandboxctl-busybox:latest",
         "command": json.dumps(["sh", "-c", 'echo "hi" \u00e9']),
         "labels": json.dumps({"team": "red", "tier": "b"}, sort_keys=True),
+        "resources": json.dumps({"cpus": 1.5, "memory": 536870912}),
+        "env": json.dumps({"GREETING": "hi"}),
         "last_error": "",
         "incarnation": "2026-11-29T16:00:00Z",
         "created_at": "2026-11-29T15:59:00+00:00",
