@@ -51,6 +51,8 @@ from sandboxctl.statemachine import Phase, validate_name
 WAIT_MAX = 86400.0
 
 PHASE_CHOICES = ", ".join(p.value for p in Phase)
+# The verbs that take NAMEs or --all, and wait for each sandbox's phase (client.TERMINAL).
+BULK_VERBS = ("stop", "start", "pause", "resume", "delete")
 
 
 class Failure(Exception):
@@ -135,7 +137,7 @@ def _check(args: argparse.Namespace) -> None:
         if len(getattr(args, flag, None) or "") > limit:
             raise Failure(ErrorCode.INVALID_ARGUMENT, f"--{flag} is longer than {limit} characters")
     names = list(getattr(args, "names", None) or [])
-    if args.cmd in ("stop", "start", "delete"):
+    if args.cmd in BULK_VERBS:
         if names and args.all:
             raise Failure(ErrorCode.INVALID_ARGUMENT, "give names or --all, not both")
         if not names and not args.all:
@@ -153,12 +155,13 @@ def _check(args: argparse.Namespace) -> None:
     # Parsed here, once, so that nothing is sent (nor any connection made) with a bad one.
     try:
         args.expected_seq = spec.expected_seq(getattr(args, "if_seq", None))
-        if args.cmd == "create":
+        if args.cmd in ("create", "update"):
             args.resources = spec.resources(args.cpus, args.memory, args.pids)
+        if args.cmd == "create":
             args.env = spec.environment(args.env_pair, args.env_file)
     except ValueError as exc:
         raise Failure(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
-    if args.expected_seq is not None and args.cmd in ("stop", "start", "delete") and (args.all or len(names) > 1):
+    if args.expected_seq is not None and args.cmd in BULK_VERBS and (args.all or len(names) > 1):
         raise Failure(ErrorCode.INVALID_ARGUMENT, "--if-seq names one sandbox's log sequence: give one NAME")
     if args.cmd == "create":
         args.labels = _labels(args.label)
@@ -166,6 +169,20 @@ def _check(args: argparse.Namespace) -> None:
             None if args.idle_timeout is None else _duration(args.idle_timeout, "--idle-timeout", IDLE_MAX)
         )
         args.auto_delete_seconds = _duration(args.auto_delete_after, "--auto-delete-after", IDLE_MAX)
+    if args.cmd == "update":
+        removed = [pair[:-1] for pair in args.label if pair.endswith("-") and "=" not in pair]
+        args.labels = _labels([pair for pair in args.label if not (pair.endswith("-") and "=" not in pair)])
+        for key in removed:
+            _labels([f"{key}="])  # the same rules for a key to remove
+        args.remove_labels = removed
+        args.idle_timeout_seconds = (
+            None if args.idle_timeout is None else _duration(args.idle_timeout, "--idle-timeout", IDLE_MAX)
+        )
+        if not (args.resources or args.labels or removed or args.idle_timeout_seconds is not None or args.idle_action):
+            raise Failure(
+                ErrorCode.INVALID_ARGUMENT,
+                "update needs something to change: --cpus, --memory, --pids, --label, --idle-timeout or --idle-action",
+            )
     if args.cmd == "lease" and args.lease_cmd != "release":
         args.ttl_seconds = _duration(args.ttl, "--ttl", TTL_MAX, zero=False)
     if args.cmd == "list":
@@ -242,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="0",
         help="DESTROYS THE WORKSPACE: delete it once Stopped this long, e.g. 7d (default 0: never)",
     )
+    c.add_argument(
+        "--idle-action",
+        choices=("stop", "pause"),
+        default="stop",
+        help="what happens once it is idle past --idle-timeout: stop it, or pause it (memory kept); default stop",
+    )
     c.add_argument("--cpus", metavar="N", help="CPUs it may use, e.g. 1.5 (default: no limit)")
     c.add_argument("--memory", metavar="SIZE", help="memory limit, e.g. 512m or 2g (default: no limit)")
     c.add_argument("--pids", metavar="N", help="the most processes it may run (default: no limit)")
@@ -263,6 +286,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     if_seq(c)
     waiting(c)
+
+    u = sub.add_parser(
+        "update",
+        help="change a sandbox's resources (while Stopped), labels or idle timeout",
+        usage="sandboxctl update NAME [--cpus N] [--memory SIZE] [--pids N] [--label K=V|K-]... [--idle-timeout D]",
+    )
+    u.add_argument("name")
+    u.add_argument("--cpus", metavar="N", help="CPUs it may use (only while nothing runs: the next start applies it)")
+    u.add_argument("--memory", metavar="SIZE", help="memory limit, e.g. 1g (only while nothing runs)")
+    u.add_argument("--pids", metavar="N", help="the most processes it may run (only while nothing runs)")
+    u.add_argument(
+        "--label", action="append", default=[], metavar="KEY=VALUE|KEY-", help="set a label, or remove one (KEY-)"
+    )
+    u.add_argument("--idle-timeout", metavar="DURATION", help="stop it after this long idle; 0 never")
+    u.add_argument("--idle-action", choices=("stop", "pause"), help="stop or pause it once idle")
+    if_seq(u)
 
     t = sub.add_parser("touch", help="record use of a sandbox: its idle clock starts again")
     t.add_argument("name")
@@ -317,8 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     engine_timeout(lg, "output starts")
 
     for verb, helptext, every in (
-        ("stop", "stop sandboxes, keeping their workspaces", "stop every Ready sandbox"),
+        ("stop", "stop sandboxes, keeping their workspaces", "stop every Ready or Paused sandbox"),
         ("start", "start sandboxes again", "start every Stopped sandbox and every one in Error"),
+        ("pause", "freeze sandboxes: memory kept, CPU freed", "pause every Ready sandbox"),
+        ("resume", "thaw paused sandboxes where they were", "resume every Paused sandbox"),
         (
             "delete",
             "delete sandboxes and their workspaces",
@@ -406,8 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 # What --all takes in, by verb: the phases the command fits (delete fits every live one).
 ALL_PHASES: dict[str, tuple[Phase, ...]] = {
-    "stop": (Phase.READY,),
+    "stop": (Phase.READY, Phase.PAUSED),
     "start": (Phase.STOPPED, Phase.ERROR),
+    "pause": (Phase.READY,),
+    "resume": (Phase.PAUSED,),
     "delete": (),
 }
 
@@ -449,6 +492,10 @@ async def _bulk(client: SandboxClient, verb: str, args: argparse.Namespace) -> i
                 reply = await client.stop(name, timeout=args.grace, reason=args.reason, expected_seq=seq)
             elif verb == "start":
                 reply = await client.start(name, expected_seq=seq)
+            elif verb == "pause":
+                reply = await client.pause(name, expected_seq=seq)
+            elif verb == "resume":
+                reply = await client.resume(name, expected_seq=seq)
             else:
                 reply = await client.delete(name, expected_seq=seq)
             if not args.no_wait:
@@ -463,7 +510,9 @@ async def _bulk(client: SandboxClient, verb: str, args: argparse.Namespace) -> i
         print(f"sandboxctl: {reason}", file=sys.stderr)
     done = len(names) - len(failed)
     if names and done:
-        past = {"stop": "stopped", "start": "started", "delete": "deleted"}[verb]
+        past = {"stop": "stopped", "start": "started", "pause": "paused", "resume": "resumed", "delete": "deleted"}[
+            verb
+        ]
         print(f"{done} sandbox{'es' if done != 1 else ''} {past if not args.no_wait else 'accepted'}")
     if failed:
         return EXIT_CODES.get(failed[0][1].split(":", 1)[0], 1)
@@ -769,12 +818,25 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
                 resources=args.resources,
                 env=args.env,
                 expected_seq=args.expected_seq,
+                idle_action=args.idle_action,
             )
             if not args.no_wait:
                 await client.wait_for(args.name, Phase.READY, reply.seq, args.timeout)
             print(f"sandbox {args.name} {'created' if not args.no_wait else 'accepted'}")
             return 0
-        if args.cmd in ("stop", "start", "delete"):
+        if args.cmd == "update":
+            reply = await client.update(
+                args.name,
+                resources=args.resources,
+                labels=args.labels,
+                remove_labels=args.remove_labels,
+                idle_timeout=args.idle_timeout_seconds,
+                idle_action=args.idle_action,
+                expected_seq=args.expected_seq,
+            )
+            print(f"sandbox {args.name} {'updated' if reply.appended else 'unchanged'} (log seq {reply.seq})")
+            return 0
+        if args.cmd in BULK_VERBS:
             return await _bulk(client, args.cmd, args)
         if args.cmd in ("touch", "lease", "hold", "unhold"):
             return await _idle(client, args, config)

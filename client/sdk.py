@@ -13,7 +13,7 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator, Iterable
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import nats
@@ -42,14 +42,17 @@ from sandboxctl.events.commands import (
     AcquireLease,
     CreateSandbox,
     DeleteSandbox,
+    PauseSandbox,
     PlaceStopHold,
     ReleaseLease,
     ReleaseStopHold,
     RenewLease,
+    ResumeSandbox,
     SandboxCommand,
     StartSandbox,
     StopSandbox,
     TouchSandbox,
+    UpdateSandbox,
     command_decoder,
 )
 from sandboxctl.events.envelope import Envelope, encode, new_id
@@ -65,6 +68,8 @@ TERMINAL: dict[str, Phase] = {
     "create": Phase.READY,
     "start": Phase.READY,
     "stop": Phase.STOPPED,
+    "pause": Phase.PAUSED,
+    "resume": Phase.READY,
     "delete": Phase.DELETED,
 }
 
@@ -73,8 +78,9 @@ TERMINAL: dict[str, Phase] = {
 # transitions in statemachine/machine.py: the driver's answer to the pending request). Seen
 # after the command in any other phase, a sandbox will not get there: the wait ends at once.
 _ON_THE_WAY: dict[Phase, frozenset[Phase]] = {
-    Phase.READY: frozenset({Phase.PROVISIONING, Phase.STARTING}),
+    Phase.READY: frozenset({Phase.PROVISIONING, Phase.STARTING, Phase.RESUMING}),
     Phase.STOPPED: frozenset({Phase.STOPPING}),
+    Phase.PAUSED: frozenset({Phase.PAUSING}),
     Phase.DELETED: frozenset({Phase.DELETING}),
 }
 _WHY_NOT: dict[Phase, str] = {
@@ -86,6 +92,9 @@ _WHY_NOT: dict[Phase, str] = {
     Phase.READY: "it was started again",
     Phase.PROVISIONING: "it was deleted and created again",
     Phase.COMPLETED: "its main process exited 0 on its own",
+    Phase.PAUSING: "it is being paused",
+    Phase.PAUSED: "it was paused",
+    Phase.RESUMING: "it is being resumed",
 }
 
 
@@ -355,6 +364,7 @@ class SandboxClient:
         resources: Resources | None = None,
         env: dict[str, str] | None = None,
         expected_seq: int | None = None,
+        idle_action: Literal["stop", "pause"] = "stop",
     ) -> Reply:
         """``idle_timeout``: seconds idle before the reaper stops it (0 never; None, the service's
         default). ``auto_delete_after``: seconds Stopped before the reaper deletes it, workspace
@@ -375,6 +385,7 @@ class SandboxClient:
                 auto_delete_after=auto_delete_after,
                 resources=resources or Resources(),
                 env=env or {},
+                idle_action=idle_action,
                 **self._meta(command_id, expected_seq),
             )
         )
@@ -394,8 +405,44 @@ class SandboxClient:
     async def start(self, name: str, command_id: str | None = None, expected_seq: int | None = None) -> Reply:
         return await self.send(StartSandbox(name=name, **self._meta(command_id, expected_seq)))
 
+    async def pause(
+        self, name: str, command_id: str | None = None, reason: str = "", expected_seq: int | None = None
+    ) -> Reply:
+        """Freeze the sandbox's processes: memory kept, CPU freed (phase Paused). ``resume`` thaws them."""
+        return await self.send(PauseSandbox(name=name, reason=reason, **self._meta(command_id, expected_seq)))
+
+    async def resume(self, name: str, command_id: str | None = None, expected_seq: int | None = None) -> Reply:
+        return await self.send(ResumeSandbox(name=name, **self._meta(command_id, expected_seq)))
+
     async def delete(self, name: str, command_id: str | None = None, expected_seq: int | None = None) -> Reply:
         return await self.send(DeleteSandbox(name=name, **self._meta(command_id, expected_seq)))
+
+    async def update(
+        self,
+        name: str,
+        resources: Resources | None = None,
+        labels: dict[str, str] | None = None,
+        remove_labels: list[str] | None = None,
+        idle_timeout: float | None = None,
+        command_id: str | None = None,
+        expected_seq: int | None = None,
+        idle_action: Literal["stop", "pause"] | None = None,
+    ) -> Reply:
+        """Change a sandbox: the limits ``resources`` names (only while it is Stopped, Completed or
+        in Error: the next start makes its container again with them, on the same workspace), the
+        ``labels`` to set and ``remove_labels`` to drop, its ``idle_timeout`` (0: never). An update
+        that changes nothing appends nothing (``appended`` 0)."""
+        return await self.send(
+            UpdateSandbox(
+                name=name,
+                resources=resources or Resources(),
+                labels=labels or {},
+                remove_labels=remove_labels or [],
+                idle_timeout=idle_timeout,
+                idle_action=idle_action,
+                **self._meta(command_id, expected_seq),
+            )
+        )
 
     # -- activity, leases and holds (statemachine/idle.py) ------------------------------
 
@@ -461,14 +508,23 @@ class SandboxClient:
                 log.debug("releasing lease %s on %s: %s", holder, name, exc)
 
     async def ensure_running(self, name: str, start: bool = True, timeout: float = 120.0) -> dict[str, Any]:
-        """The sandbox once it is Ready: started first if it is Stopped (or stopping), unless
-        ``start`` is False, which raises FailedPrecondition instead."""
+        """The sandbox once it is Ready: started first if it is Stopped (or stopping), resumed
+        first if it is Paused, unless ``start`` is False, which raises FailedPrecondition instead."""
         item = await self.get(name)
         phase = Phase(item["phase"])
         if phase is Phase.READY:
             return item
-        if phase in (Phase.PROVISIONING, Phase.STARTING):
+        if phase in (Phase.PROVISIONING, Phase.STARTING, Phase.RESUMING):
             return await self.wait_for(name, Phase.READY, item["last_seq"], timeout)
+        if phase in (Phase.PAUSING, Phase.PAUSED):
+            if not start:
+                raise FailedPrecondition(
+                    f"sandbox {name} is {phase} and --no-start keeps it that way; run sandboxctl resume {name}"
+                )
+            if phase is Phase.PAUSING:
+                item = await self.wait_for(name, Phase.PAUSED, item["last_seq"], timeout)
+            reply = await self.resume(name)
+            return await self.wait_for(name, Phase.READY, reply.seq, timeout)
         if phase not in (Phase.STOPPED, Phase.STOPPING):
             reason = f": {item['last_error']}" if item.get("last_error") else ""
             raise FailedPrecondition(f"sandbox {name} is {phase}{reason}; start it or delete it first")

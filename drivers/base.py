@@ -125,6 +125,16 @@ class SandboxSpec(msgspec.Struct, kw_only=True):
 CPU_PERIOD = 100_000  # microseconds: the CFS period a CPU quota is a share of (the engines' default)
 
 
+def made_with(have: Resources, wanted: Resources) -> bool:
+    """Whether a container made with ``have`` enforces each limit ``wanted`` names (an engine
+    may set limits of its own, such as podman's default pids limit, that nobody asked for)."""
+    return (
+        (wanted.cpus is None or (have.cpus is not None and abs(have.cpus - wanted.cpus) < 0.001))
+        and (wanted.memory is None or have.memory == wanted.memory)
+        and (wanted.pids is None or have.pids == wanted.pids)
+    )
+
+
 def resource_settings(resources: Resources) -> dict[str, Any]:
     """The container settings, as both SDKs name them, that make the engine enforce ``resources``:
     a CFS quota for CPUs (both engines take it; podman's SDK ignores ``nano_cpus``), a memory
@@ -151,6 +161,8 @@ class ContainerInfo(msgspec.Struct, kw_only=True):
     oom: bool = False
     incarnation: str = ""  # the engine's start time of the current or last run
     stopping: bool = False  # a stop is under way (podman's "stopping"): alive, and about to exit
+    paused: bool = False  # frozen by the engine: alive (``running``), using no CPU
+    resources: Resources = NO_RESOURCES  # the limits the container was made with (0 or absent: none)
 
 
 def container_info(attrs: dict[str, Any]) -> ContainerInfo:
@@ -164,16 +176,27 @@ def container_info(attrs: dict[str, Any]) -> ContainerInfo:
     started = state.get("StartedAt", "")
     status = str(state.get("Status", ""))
     stopping = status == "stopping"
+    # Podman shows a paused container as not Running; it is alive all the same.
+    paused = bool(state.get("Paused")) or status == "paused"
+    host = attrs.get("HostConfig") or {}
+    quota, period, nano = host.get("CpuQuota") or 0, host.get("CpuPeriod") or CPU_PERIOD, host.get("NanoCpus") or 0
+    cpus = nano / 1e9 if nano else (quota / period if quota > 0 else None)
     return ContainerInfo(
         sandbox=labels.get(SANDBOX, ""),
         sandbox_id=labels.get(SANDBOX_ID, ""),
         container_id=attrs.get("Id", ""),
-        running=bool(state.get("Running")) or stopping,
+        running=bool(state.get("Running")) or stopping or paused,
         status=status,
         exit_code=int(state.get("ExitCode") or 0),
         oom=bool(state.get("OOMKilled")),
         incarnation="" if started.startswith("0001-") else str(started),
         stopping=stopping,
+        paused=paused,
+        resources=Resources(
+            cpus=cpus,
+            memory=int(host.get("Memory") or 0) or None,
+            pids=int(host.get("PidsLimit") or 0) if (host.get("PidsLimit") or 0) > 0 else None,
+        ),
     )
 
 
@@ -186,11 +209,12 @@ def exec_command(engine: list[str], container: str, command: list[str], tty: boo
 class EngineEvent(msgspec.Struct, kw_only=True):
     """A change the engine reports for a managed container."""
 
-    action: str  # "start", "die", "remove"
+    action: str  # "start", "die", "pause", "unpause", "remove"
     sandbox: str
     container_id: str
     sandbox_id: str = ""
     exit_code: int | None = None
+    time_ns: int = 0  # when the engine says it happened: a pause or a thaw repeats within one run
 
 
 class DriverError(Exception):
@@ -302,7 +326,21 @@ class Driver(Protocol):
 
     def stop(self, sandbox: str, sandbox_id: str, timeout: float) -> ContainerInfo:
         """SIGTERM, then SIGKILL after ``timeout`` seconds; returns once the container has exited. A
-        second stop while one is under way ends it after the second's grace if that is sooner."""
+        second stop while one is under way ends it after the second's grace if that is sooner. A
+        paused container is thawed to be stopped."""
+        ...
+
+    def pause(self, sandbox: str, sandbox_id: str) -> ContainerInfo:
+        """Freeze the sandbox's running container (memory kept); pausing a paused one succeeds. A
+        container that does not run cannot be paused: DriverError with its state."""
+        ...
+
+    def resume(self, sandbox: str, sandbox_id: str) -> ContainerInfo:
+        """Thaw the sandbox's paused container; resuming one that is not paused succeeds."""
+        ...
+
+    def remake(self, spec: SandboxSpec) -> ContainerInfo:
+        """Make the sandbox's own container again from ``spec`` on its workspace; made, not started."""
         ...
 
     def delete(self, sandbox: str, sandbox_id: str) -> str:
@@ -388,6 +426,12 @@ class EngineDriver:
         raise NotImplementedError
 
     def _kill(self, container_id: str) -> None:
+        raise NotImplementedError
+
+    def _pause(self, container_id: str) -> None:
+        raise NotImplementedError
+
+    def _unpause(self, operation: str, container_id: str) -> None:
         raise NotImplementedError
 
     def _remove(self, container_id: str) -> None:
@@ -537,10 +581,44 @@ class EngineDriver:
 
         def act(container_id: str) -> ContainerInfo:
             with self._stopping(container_id, grace):
-                self._stop(container_id, grace)
+                try:
+                    self._stop(container_id, grace)
+                except ContainerMissing:
+                    raise
+                except DriverError:
+                    # Podman refuses to stop a paused container (docker thaws it itself): thaw it
+                    # and stop again. Looked at only when the stop failed, so a stop costs nothing more.
+                    if not self._info("stop", container_id).paused:
+                        raise
+                    self._unpause("stop", container_id)
+                    self._stop(container_id, grace)
             return self._info("stop", container_id)
 
         return self._on_own("stop", sandbox, sandbox_id, act)
+
+    def pause(self, sandbox: str, sandbox_id: str) -> ContainerInfo:
+        def act(container_id: str) -> ContainerInfo:
+            info = self._info("pause", container_id)
+            if info.paused:
+                return info
+            if not info.running or info.stopping:
+                raise DriverError(
+                    "pause", f"container {container_name(sandbox)} is {info.status or 'not running'}: nothing to pause"
+                )
+            self._pause(container_id)
+            return self._info("pause", container_id)
+
+        return self._on_own("pause", sandbox, sandbox_id, act)
+
+    def resume(self, sandbox: str, sandbox_id: str) -> ContainerInfo:
+        def act(container_id: str) -> ContainerInfo:
+            info = self._info("resume", container_id)
+            if not info.paused:
+                return info
+            self._unpause("resume", container_id)
+            return self._info("resume", container_id)
+
+        return self._on_own("resume", sandbox, sandbox_id, act)
 
     @contextlib.contextmanager
     def _stopping(self, container_id: str, grace: int) -> Iterator[None]:
@@ -570,6 +648,21 @@ class EngineDriver:
     def _kill_quietly(self, container_id: str) -> None:
         with contextlib.suppress(DriverError):
             self._kill(container_id)
+
+    def remake(self, spec: SandboxSpec) -> ContainerInfo:
+        """Make the sandbox's container again from ``spec`` (new resources), on the same workspace:
+        its own container is removed (never another's: ContainerMissing if the name is not its),
+        the workspace volume is kept, and the new container is made, not started."""
+
+        def act(container_id: str) -> ContainerInfo:
+            self._remove(container_id)
+            return ContainerInfo(
+                sandbox=spec.name, sandbox_id=spec.sandbox_id, container_id="", running=False, status=""
+            )
+
+        self._on_own("update", spec.name, spec.sandbox_id, act)
+        self._forget(spec.name)
+        return self.create(spec)
 
     def delete(self, sandbox: str, sandbox_id: str) -> str:
         volume = volume_name(sandbox)

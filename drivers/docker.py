@@ -38,7 +38,7 @@ from sandboxctl.drivers.base import (
     volume_name,
 )
 
-_ACTIONS = {"start": "start", "die": "die", "destroy": "remove"}
+_ACTIONS = {"start": "start", "die": "die", "pause": "pause", "unpause": "unpause", "destroy": "remove"}
 
 # The driver worker runs up to 256 operations at once; the SDK's default pool of
 # 10 connections would open and discard a connection for most of them, with a warning each.
@@ -114,6 +114,12 @@ class DockerDriver(EngineDriver):
 
     def _kill(self, container_id: str) -> None:
         self._call("stop", self._docker("stop").api.kill, container_id, "KILL")
+
+    def _pause(self, container_id: str) -> None:
+        self._call("pause", self._docker("pause").api.pause, container_id)
+
+    def _unpause(self, operation: str, container_id: str) -> None:
+        self._call(operation, self._docker(operation).api.unpause, container_id)
 
     def _remove(self, container_id: str) -> None:
         self._call("delete", self._docker("delete").api.remove_container, container_id, force=True)
@@ -198,6 +204,7 @@ class DockerDriver(EngineDriver):
                     container_id=actor.get("ID", raw.get("id", "")),
                     sandbox_id=attrs.get(SANDBOX_ID, ""),
                     exit_code=int(code) if action == "die" and code is not None else None,
+                    time_ns=int(raw.get("timeNano") or 0) or int(raw.get("time") or 0) * 10**9,
                 )
         finally:
             client.close()

@@ -36,7 +36,7 @@ from sandboxctl.drivers.base import (
     volume_name,
 )
 
-_ACTIONS = {"start": "start", "died": "die", "remove": "remove"}
+_ACTIONS = {"start": "start", "died": "die", "pause": "pause", "unpause": "unpause", "remove": "remove"}
 
 
 class PodmanDriver(EngineDriver):
@@ -101,6 +101,12 @@ class PodmanDriver(EngineDriver):
             "stop", self.client.api.post, f"/containers/{container_id}/kill", params={"signal": "KILL"}
         )
         self._ok("stop", response)
+
+    def _pause(self, container_id: str) -> None:
+        self._ok("pause", self._call("pause", self.client.api.post, f"/containers/{container_id}/pause"))
+
+    def _unpause(self, operation: str, container_id: str) -> None:
+        self._ok(operation, self._call(operation, self.client.api.post, f"/containers/{container_id}/unpause"))
 
     def _remove(self, container_id: str) -> None:
         self._call("delete", self.client.containers.remove, container_id, force=True)
@@ -182,6 +188,7 @@ class PodmanDriver(EngineDriver):
                     container_id=(raw.get("Actor") or {}).get("ID", raw.get("id", "")),
                     sandbox_id=attrs.get(SANDBOX_ID, ""),
                     exit_code=int(code) if action == "die" and code is not None else None,
+                    time_ns=int(raw.get("timeNano") or 0) or int(raw.get("time") or 0) * 10**9,
                 )
         finally:
             client.close()  # type: ignore[no-untyped-call]

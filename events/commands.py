@@ -8,7 +8,7 @@ so a retried command never appends twice.
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, Literal
 
 import msgspec
 
@@ -41,6 +41,7 @@ Holder = Annotated[str, msgspec.Meta(max_length=limits.HOLDER_MAX)]
 Grace = Annotated[float, msgspec.Meta(ge=0, le=limits.GRACE_MAX)]
 Ttl = Annotated[float, msgspec.Meta(gt=0, le=limits.TTL_MAX)]
 Idle = Annotated[float, msgspec.Meta(ge=0, le=limits.IDLE_MAX)]
+IdleAction = Literal["stop", "pause"]
 ExpectedSeq = Annotated[
     int,
     msgspec.Meta(
@@ -75,6 +76,8 @@ class CreateSandbox(_Command, tag="sandboxctl.command.create.v1"):
     auto_delete_after: Idle = 0.0
     resources: Resources = NO_RESOURCES
     env: Env = {}
+    # What the reaper does to it once idle past idle_timeout: stop it, or pause it (memory kept).
+    idle_action: IdleAction = "stop"
     VERB: ClassVar[str] = "create"
 
 
@@ -96,6 +99,33 @@ class StartSandbox(_Command, tag="sandboxctl.command.start.v1"):
 class DeleteSandbox(_Command, tag="sandboxctl.command.delete.v1"):
     reason: Reason = ""  # ``auto_delete`` for the reaper's opt-in deletes, checked like an idle stop
     VERB: ClassVar[str] = "delete"
+
+
+class PauseSandbox(_Command, tag="sandboxctl.command.pause.v1"):
+    """Freeze the sandbox's processes: the engine keeps their memory and frees the CPU. ``resume``
+    thaws them where they were; ``stop`` of a paused sandbox thaws it to stop it."""
+
+    reason: Reason = ""  # ``idle`` for the reaper's pauses (a sandbox created with idle_action pause)
+    VERB: ClassVar[str] = "pause"
+
+
+class ResumeSandbox(_Command, tag="sandboxctl.command.resume.v1"):
+    VERB: ClassVar[str] = "resume"
+
+
+class UpdateSandbox(_Command, tag="sandboxctl.command.update.v1"):
+    """Change a sandbox: each field given replaces what it had. ``resources`` names the limits to
+    change (the others stay), and only while nothing runs (Stopped, Completed or Error): the
+    next start makes the container again with them, on the same workspace. ``labels`` are set
+    (added or replaced), ``remove_labels`` removed; ``idle_timeout`` (0: never) takes effect at
+    once. An update that changes nothing appends nothing."""
+
+    resources: Resources = NO_RESOURCES
+    labels: Labels = {}
+    remove_labels: Annotated[list[LabelKey], msgspec.Meta(max_length=limits.LABELS_MAX)] = []
+    idle_timeout: Idle | None = None
+    idle_action: IdleAction | None = None
+    VERB: ClassVar[str] = "update"
 
 
 # Activity, leases and holds: they record facts about use, never move the phase.
@@ -158,6 +188,9 @@ SandboxCommand = (
     | StopSandbox
     | StartSandbox
     | DeleteSandbox
+    | PauseSandbox
+    | ResumeSandbox
+    | UpdateSandbox
     | TouchSandbox
     | AcquireLease
     | RenewLease
@@ -171,6 +204,9 @@ COMMAND_TYPES: tuple[type[_Command], ...] = (
     StopSandbox,
     StartSandbox,
     DeleteSandbox,
+    PauseSandbox,
+    ResumeSandbox,
+    UpdateSandbox,
     TouchSandbox,
     AcquireLease,
     RenewLease,

@@ -42,6 +42,16 @@ class ContainerExited(_Fact):
     TYPE: ClassVar[str] = "sandboxctl.fact.container_exited.v1"
 
 
+class ContainerPaused(_Fact):
+    incarnation: str = ""
+    TYPE: ClassVar[str] = "sandboxctl.fact.container_paused.v1"
+
+
+class ContainerResumed(_Fact):
+    incarnation: str = ""
+    TYPE: ClassVar[str] = "sandboxctl.fact.container_resumed.v1"
+
+
 class ContainerRemoved(_Fact):
     # True only from sandboxctl's own delete, once the workspace volume is gone too. A removal
     # seen by a watcher says nothing about the volume: taking it as the end of a delete would
@@ -63,8 +73,26 @@ class ContainerOrphaned(_Fact):
     TYPE: ClassVar[str] = "sandboxctl.fact.container_orphaned.v1"
 
 
-Fact = ContainerCreated | ContainerStarted | ContainerExited | ContainerRemoved | DriverFailed | ContainerOrphaned
+Fact = (
+    ContainerCreated
+    | ContainerStarted
+    | ContainerExited
+    | ContainerPaused
+    | ContainerResumed
+    | ContainerRemoved
+    | DriverFailed
+    | ContainerOrphaned
+)
 FACT_TYPES: dict[str, type[_Fact]] = {
     cls.TYPE: cls
-    for cls in (ContainerCreated, ContainerStarted, ContainerExited, ContainerRemoved, DriverFailed, ContainerOrphaned)
+    for cls in (
+        ContainerCreated,
+        ContainerStarted,
+        ContainerExited,
+        ContainerPaused,
+        ContainerResumed,
+        ContainerRemoved,
+        DriverFailed,
+        ContainerOrphaned,
+    )
 }

@@ -33,6 +33,7 @@ class SandboxCreated(_Event):
     auto_delete_after: float = 0.0  # seconds Stopped before an auto-delete; 0 (the default): never
     resources: Resources = NO_RESOURCES  # limits the engine enforces; absent ones: the engine's default
     env: dict[str, str] = {}  # the environment of the sandbox's processes (in clear in the log)
+    idle_action: str = "stop"  # what the reaper does once it is idle: "stop" or "pause"
     TYPE: ClassVar[str] = "sandboxctl.sandbox.created.v1"
     TRIGGER: ClassVar[str] = "create"
 
@@ -55,6 +56,9 @@ class SandboxStopped(_Event):
 class SandboxStartRequested(_Event):
     sandbox_id: str
     driver: str
+    # The limits the sandbox has now: a container made with others (an update since) is made
+    # again with these before it starts.
+    resources: Resources = NO_RESOURCES
     TYPE: ClassVar[str] = "sandboxctl.sandbox.start_requested.v1"
     TRIGGER: ClassVar[str] = "request_start"
 
@@ -63,6 +67,28 @@ class SandboxReady(_Event):
     incarnation: str = ""
     TYPE: ClassVar[str] = "sandboxctl.sandbox.ready.v1"
     TRIGGER: ClassVar[str] = "ready"
+
+
+class SandboxPauseRequested(_Event):
+    sandbox_id: str
+    driver: str
+    reason: str = ""  # "idle" when the reaper paused it
+    TYPE: ClassVar[str] = "sandboxctl.sandbox.pause_requested.v1"
+    TRIGGER: ClassVar[str] = "request_pause"
+
+
+class SandboxPaused(_Event):
+    """The engine froze the sandbox's processes (by sandboxctl's pause, or one made outside)."""
+
+    TYPE: ClassVar[str] = "sandboxctl.sandbox.paused.v1"
+    TRIGGER: ClassVar[str] = "paused"
+
+
+class SandboxResumeRequested(_Event):
+    sandbox_id: str
+    driver: str
+    TYPE: ClassVar[str] = "sandboxctl.sandbox.resume_requested.v1"
+    TRIGGER: ClassVar[str] = "request_resume"
 
 
 class SandboxCompleted(_Event):
@@ -120,6 +146,19 @@ class SandboxDeleteRequested(_Event):
 class SandboxDeleted(_Event):
     TYPE: ClassVar[str] = "sandboxctl.sandbox.deleted.v1"
     TRIGGER: ClassVar[str] = "deleted"
+
+
+class SandboxUpdated(_Event):
+    """The sandbox was changed: each field present is its new value, whole (``resources`` and
+    ``labels`` as they are after the change). Keeps the phase; new resources reach the engine at
+    the next start (SandboxStartRequested carries them)."""
+
+    resources: Resources | None = None
+    labels: dict[str, str] | None = None
+    idle_timeout: float | None = None
+    idle_action: str | None = None
+    TYPE: ClassVar[str] = "sandboxctl.sandbox.updated.v1"
+    TRIGGER: ClassVar[str] = "note"
 
 
 # Use, leases, holds and the reaper's warnings. None of them changes the phase (trigger
@@ -206,10 +245,14 @@ LifecycleEvent = (
     | SandboxStopped
     | SandboxStartRequested
     | SandboxReady
+    | SandboxPauseRequested
+    | SandboxPaused
+    | SandboxResumeRequested
     | SandboxCompleted
     | SandboxFailed
     | SandboxDeleteRequested
     | SandboxDeleted
+    | SandboxUpdated
     | SandboxTouched
     | SandboxLeaseAcquired
     | SandboxLeaseRenewed
@@ -220,7 +263,14 @@ LifecycleEvent = (
     | SandboxDeleteWarning
     | SandboxWarningCancelled
 )
-WORK_ORDERS = (SandboxCreated, SandboxStopRequested, SandboxStartRequested, SandboxDeleteRequested)
+WORK_ORDERS = (
+    SandboxCreated,
+    SandboxStopRequested,
+    SandboxStartRequested,
+    SandboxPauseRequested,
+    SandboxResumeRequested,
+    SandboxDeleteRequested,
+)
 EVENT_TYPES: dict[str, type[_Event]] = {
     cls.TYPE: cls
     for cls in (
@@ -229,11 +279,15 @@ EVENT_TYPES: dict[str, type[_Event]] = {
         SandboxStopped,
         SandboxStartRequested,
         SandboxReady,
+        SandboxPauseRequested,
+        SandboxPaused,
+        SandboxResumeRequested,
         SandboxCompleted,
         SandboxFailed,
         SandboxFailedV1,
         SandboxDeleteRequested,
         SandboxDeleted,
+        SandboxUpdated,
         SandboxTouched,
         SandboxLeaseAcquired,
         SandboxLeaseRenewed,

@@ -25,7 +25,7 @@ from sandboxctl.bus.eventlog import fold_logged
 from sandboxctl.bus.streams import ensure_streams
 from sandboxctl.bus.tail import Tail, stream_seq
 from sandboxctl.events import subjects
-from sandboxctl.events.lifecycle import SandboxCreated
+from sandboxctl.events.lifecycle import SandboxCreated, SandboxUpdated
 from sandboxctl.services.projection import (
     SANDBOX_COLUMNS,
     checkpoint,
@@ -198,6 +198,11 @@ class Projector:
         else:
             assert row is not None
             row.state, row.updated = state, envelope.time  # the one live copy of the row: no new object per event
+            if isinstance(event, SandboxUpdated):
+                if event.labels is not None:
+                    row.labels = json.dumps(event.labels, sort_keys=True)
+                if event.resources is not None:
+                    row.resources = msgspec.json.encode(event.resources).decode()
         changed[name] = row
 
     async def apply(self, batch: list[Msg]) -> None:

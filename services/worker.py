@@ -53,6 +53,7 @@ from sandboxctl.drivers.base import (
     EngineTimeout,
     SandboxSpec,
     container_name,
+    made_with,
     volume_name,
 )
 from sandboxctl.events import subjects
@@ -61,7 +62,9 @@ from sandboxctl.events.facts import (
     ContainerCreated,
     ContainerExited,
     ContainerOrphaned,
+    ContainerPaused,
     ContainerRemoved,
+    ContainerResumed,
     ContainerStarted,
     DriverFailed,
     Fact,
@@ -71,9 +74,13 @@ from sandboxctl.events.lifecycle import (
     WORK_ORDERS,
     SandboxCreated,
     SandboxDeleteRequested,
+    SandboxPauseRequested,
+    SandboxResumeRequested,
     SandboxStartRequested,
     SandboxStopRequested,
+    SandboxUpdated,
 )
+from sandboxctl.events.spec import NO_RESOURCES, Resources
 from sandboxctl.services.threads import EngineThreads
 from sandboxctl.statemachine import Phase, SandboxState
 
@@ -139,6 +146,21 @@ def exited(info: ContainerInfo, requested: bool) -> tuple[str, Fact]:
     )
 
 
+def frozen(info: ContainerInfo, when: int = 0) -> tuple[str, Fact]:
+    """The container is paused (``when``: the engine's event time, since a run may pause often)."""
+    return (
+        f"{info.container_id}:{info.incarnation}:paused:{when}",
+        ContainerPaused(container_id=info.container_id, sandbox_id=info.sandbox_id, incarnation=info.incarnation),
+    )
+
+
+def thawed(info: ContainerInfo, when: int = 0) -> tuple[str, Fact]:
+    return (
+        f"{info.container_id}:{info.incarnation}:resumed:{when}",
+        ContainerResumed(container_id=info.container_id, sandbox_id=info.sandbox_id, incarnation=info.incarnation),
+    )
+
+
 def removed(container_id: str, sandbox_id: str, fallback_id: str, workspace: bool = False) -> tuple[str, Fact]:
     return (
         f"{container_id or fallback_id}:removed",
@@ -195,6 +217,9 @@ class DriverWorker:
         # Sandboxes with a stop order in the engine right now: a later stop (a shorter grace)
         # runs at once beside it rather than waiting out the first one's grace behind it.
         self._stops_in_engine: dict[str, int] = {}
+        # Containers this worker removed to make them again with new resources: their removal,
+        # when the engine's event stream reports it, is no news about the sandbox.
+        self._replaced: set[str] = set()
         # Work orders share the engine's parallelism; deletes, the watcher and
         # reconciliation run on threads beside them (at most 256 in all).
         self._slots = asyncio.Semaphore(max_parallel or driver.parallelism)
@@ -392,7 +417,15 @@ class DriverWorker:
                 info = await self._stop(name, sandbox_id, event.timeout)
                 facts.append(exited(info, requested=True) if not info.running else started(info))
             elif isinstance(event, SandboxStartRequested):
-                facts.extend(await self._start(name, sandbox_id))
+                facts.extend(await self._start(name, sandbox_id, event.resources))
+            elif isinstance(event, SandboxPauseRequested):
+                info = await self._patiently(self.driver.pause, name, sandbox_id, done=lambda i: i.paused)
+                facts.append(frozen(info) if info.paused else exited(info, requested=False))
+            elif isinstance(event, SandboxResumeRequested):
+                info = await self._patiently(
+                    self.driver.resume, name, sandbox_id, done=lambda i: i.running and not i.paused
+                )
+                facts.append(thawed(info) if info.running else exited(info, requested=False))
             elif isinstance(event, SandboxDeleteRequested):
                 # The only report that ends a delete: container and workspace are both gone.
                 container_id = await self._patiently(self.driver.delete, name, sandbox_id)
@@ -403,8 +436,9 @@ class DriverWorker:
             facts.append(failed(exc, sandbox_id, envelope.id))
         return facts
 
-    async def _make(self, spec: SandboxSpec) -> Facts:
-        info = await self._patiently(self.driver.create, spec)
+    async def _make(self, spec: SandboxSpec, again: bool = False) -> Facts:
+        """Make the container (``again``: in place of the sandbox's own, on its workspace) and start it."""
+        info = await self._patiently(self.driver.remake if again else self.driver.create, spec)
         created = ContainerCreated(container_id=info.container_id, sandbox_id=info.sandbox_id)
         return [
             (f"{info.container_id}:created", created),
@@ -417,9 +451,22 @@ class DriverWorker:
         )
         return info
 
-    async def _start(self, name: str, sandbox_id: str) -> Facts:
-        """Start the sandbox's container; if it is gone but the workspace is not, make it again."""
+    async def _start(self, name: str, sandbox_id: str, resources: Resources = NO_RESOURCES) -> Facts:
+        """Start the sandbox's container; if it is gone but the workspace is not, make it again. A
+        container made with other limits than the sandbox has now (an update since) is made again
+        with them first, on the same workspace."""
         try:
+            if resources:
+                info = await self._patiently(self.driver.inspect, name, sandbox_id)
+                if info is not None and not made_with(info.resources, resources):
+                    spec = await self._recorded(name, sandbox_id)
+                    if spec is None:
+                        raise DriverError(
+                            "start", f"sandbox {name} has no record in the log to make its container from"
+                        )
+                    log.info("%s: %s: making the container again with its new resources", self.consumer, name)
+                    self._replaced.add(info.container_id)  # its removal is this start's, not news
+                    return await self._make(spec, again=True)
             return [started(await self._start_container(name, sandbox_id))]
         except ContainerMissing:
             return await self._remake(name, sandbox_id)
@@ -455,13 +502,21 @@ class DriverWorker:
         return await self._make(spec)
 
     async def _recorded(self, name: str, sandbox_id: str) -> SandboxSpec | None:
-        """The spec the sandbox was created with: its SandboxCreated in the log (read only on this rare path)."""
+        """The sandbox's spec as the log has it now: its SandboxCreated and the updates since (read only
+        on the rare paths that make a container again)."""
+        spec: SandboxSpec | None = None
         async for _, logged, _ in read_events(self.js, name):
-            if isinstance(logged, Envelope) and isinstance(logged.data, SandboxCreated):
-                created = logged.data
-                if created.sandbox_id == sandbox_id:
-                    return spec_of(name, created)
-        return None
+            if not isinstance(logged, Envelope):
+                continue
+            event = logged.data
+            if isinstance(event, SandboxCreated):
+                spec = spec_of(name, event) if event.sandbox_id == sandbox_id else None
+            elif spec is not None and isinstance(event, SandboxUpdated):
+                if event.resources is not None:
+                    spec.resources = event.resources
+                if event.labels is not None:
+                    spec.labels = event.labels
+        return spec
 
     async def _patiently(
         self, operation: Callable[..., Any], *args: Any, done: Callable[[ContainerInfo], bool] | None = None
@@ -583,6 +638,22 @@ class DriverWorker:
                 if info.running:
                     info = await self._stop(name, sandbox_id, _grace_left(state))
                 return [exited(info, requested=True)] if not info.running else []
+            if phase in (Phase.PAUSING, Phase.PAUSED, Phase.RESUMING) and not info.running:
+                return [exited(info, requested=False)]  # ended from outside while frozen
+            if phase is Phase.PAUSING:
+                if not info.paused:
+                    info = await self._patiently(self.driver.pause, name, sandbox_id, done=lambda i: i.paused)
+                return [frozen(info)]
+            if phase is Phase.RESUMING:
+                if info.paused:
+                    info = await self._patiently(
+                        self.driver.resume, name, sandbox_id, done=lambda i: i.running and not i.paused
+                    )
+                return [thawed(info)]
+            if phase is Phase.PAUSED:
+                return [] if info.paused else [thawed(info)]  # thawed outside sandboxctl: Ready
+            if phase is Phase.READY and info.paused:
+                return [frozen(info)]  # paused outside sandboxctl
             if phase in (Phase.STARTING, Phase.PROVISIONING):
                 if info.stopping:  # a stop from before the start request is still under way: end it first
                     info = await self._stop(name, sandbox_id, _grace_left(state))
@@ -675,6 +746,9 @@ class DriverWorker:
                     log.exception("%s: could not report %s", self.consumer, item)
 
     async def observe(self, event: EngineEvent) -> None:
+        if event.action == "remove" and event.container_id in self._replaced:
+            self._replaced.discard(event.container_id)  # made again by a start with new resources
+            return
         if event.action == "remove":
             fact_id, fact = removed(event.container_id, event.sandbox_id, event.container_id)
             await self.report(event.sandbox, fact_id, fact)
@@ -686,6 +760,10 @@ class DriverWorker:
             fact_id, fact = exited(info, requested=False)
         elif event.action == "start" and info.running:
             fact_id, fact = started(info)
+        elif event.action == "pause" and info.paused:
+            fact_id, fact = frozen(info, event.time_ns)
+        elif event.action == "unpause" and info.running and not info.paused:
+            fact_id, fact = thawed(info, event.time_ns)
         else:
             return  # the container changed again since; the later event reports it
         await self.report(event.sandbox, fact_id, fact)

@@ -22,6 +22,8 @@ DEFAULT_DEADLINES: dict[Phase, float] = {
     Phase.PROVISIONING: 600.0,
     Phase.STOPPING: 300.0,
     Phase.STARTING: 300.0,
+    Phase.PAUSING: 120.0,
+    Phase.RESUMING: 120.0,
     Phase.DELETING: 300.0,
 }
 
@@ -29,6 +31,8 @@ _OPERATION = {
     Phase.PROVISIONING: "create",
     Phase.STOPPING: "stop",
     Phase.STARTING: "start",
+    Phase.PAUSING: "pause",
+    Phase.RESUMING: "resume",
     Phase.DELETING: "delete",
 }
 

@@ -16,13 +16,24 @@ import msgspec
 from sandboxctl.events.commands import (
     CreateSandbox,
     DeleteSandbox,
+    PauseSandbox,
+    ResumeSandbox,
     SandboxCommand,
     StartSandbox,
     StopSandbox,
+    UpdateSandbox,
     WarnSandbox,
 )
 from sandboxctl.events.envelope import Envelope
-from sandboxctl.events.facts import ContainerExited, ContainerRemoved, ContainerStarted, DriverFailed, Fact
+from sandboxctl.events.facts import (
+    ContainerExited,
+    ContainerPaused,
+    ContainerRemoved,
+    ContainerResumed,
+    ContainerStarted,
+    DriverFailed,
+    Fact,
+)
 from sandboxctl.events.lifecycle import (
     LifecycleEvent,
     SandboxCompleted,
@@ -30,12 +41,17 @@ from sandboxctl.events.lifecycle import (
     SandboxDeleted,
     SandboxDeleteRequested,
     SandboxFailed,
+    SandboxPaused,
+    SandboxPauseRequested,
     SandboxReady,
+    SandboxResumeRequested,
     SandboxStartRequested,
     SandboxStopped,
     SandboxStopRequested,
+    SandboxUpdated,
+    SandboxWarningCancelled,
 )
-from sandboxctl.events.limits import COMMAND_BYTES_MAX, GRACE_MAX, RESERVED_LABEL_PREFIX
+from sandboxctl.events.limits import COMMAND_BYTES_MAX, GRACE_MAX, IDLE_MAX, LABELS_MAX, RESERVED_LABEL_PREFIX
 from sandboxctl.events.replies import ErrorCode
 from sandboxctl.statemachine.idle import (
     AUTO_DELETE,
@@ -70,6 +86,8 @@ _NOOP: dict[type, frozenset[Phase]] = {
     StopSandbox: frozenset({Phase.STOPPING, Phase.STOPPED, Phase.COMPLETED}),
     StartSandbox: frozenset({Phase.STARTING, Phase.READY}),
     DeleteSandbox: frozenset({Phase.DELETING, Phase.DELETED}),
+    PauseSandbox: frozenset({Phase.PAUSING, Phase.PAUSED}),
+    ResumeSandbox: frozenset({Phase.RESUMING, Phase.READY}),
 }
 
 
@@ -80,6 +98,64 @@ def _not_allowed(state: SandboxState, verb: str, trigger: str, noop: Iterable[Ph
         ErrorCode.FAILED_PRECONDITION,
         f"sandbox {state.name} is {state.phase.value}; {verb} is allowed in {listed}",
     )
+
+
+def _reserved(labels: Iterable[str]) -> Rejection | None:
+    reserved = sorted(key for key in labels if key.startswith(RESERVED_LABEL_PREFIX))
+    if reserved:
+        return Rejection(
+            ErrorCode.INVALID_ARGUMENT,
+            f"label {reserved[0][:40]!r}: keys starting with {RESERVED_LABEL_PREFIX!r} are sandboxctl's own",
+        )
+    return None
+
+
+# While these run nothing, a sandbox's resources may change: its container is made again with
+# them at the next start (a running container keeps what it was made with).
+RESIZABLE = frozenset({Phase.STOPPED, Phase.COMPLETED, Phase.ERROR})
+
+
+def _update(state: SandboxState, command: UpdateSandbox) -> Decision:
+    if state.phase is Phase.DELETING:
+        return Rejection(ErrorCode.FAILED_PRECONDITION, f"sandbox {state.name} is Deleting; update is not allowed")
+    changes: dict[str, object] = {}
+    if command.resources:
+        if state.phase not in RESIZABLE:
+            return Rejection(
+                ErrorCode.FAILED_PRECONDITION,
+                f"sandbox {state.name} is {state.phase.value}; its resources change only while nothing runs "
+                "(Stopped, Completed or Error): stop it first",
+            )
+        resources = state.resources.merged(command.resources)
+        if resources != state.resources:
+            changes["resources"] = resources
+    if command.labels or command.remove_labels:
+        reserved = _reserved([*command.labels, *command.remove_labels])
+        if reserved is not None:
+            return reserved
+        both = sorted(set(command.labels) & set(command.remove_labels))
+        if both:
+            return Rejection(ErrorCode.INVALID_ARGUMENT, f"label {both[0]!r} is both set and removed")
+        labels = {k: v for k, v in {**state.labels, **command.labels}.items() if k not in command.remove_labels}
+        if len(labels) > LABELS_MAX:
+            return Rejection(ErrorCode.INVALID_ARGUMENT, f"{len(labels)} labels: at most {LABELS_MAX}")
+        if labels != state.labels:
+            changes["labels"] = labels
+    if command.idle_timeout is not None:
+        bad = bad_seconds("idle_timeout", command.idle_timeout, IDLE_MAX, positive=False)
+        if bad is not None:
+            return bad
+        if command.idle_timeout != state.idle_timeout:
+            changes["idle_timeout"] = command.idle_timeout
+    if command.idle_action is not None and command.idle_action != state.idle_action:
+        changes["idle_action"] = command.idle_action
+    if not changes:
+        return []  # nothing to change: nothing to record
+    events: list[LifecycleEvent] = [SandboxUpdated(**changes)]  # type: ignore[arg-type]
+    if state.warning is not None:
+        # An update is its owner's use of it: a pending stop or delete does not happen.
+        events.insert(0, SandboxWarningCancelled(kind=state.warning.kind, cause=command.VERB))
+    return events
 
 
 def _moved(name: str, seq: int, expected: int) -> Rejection:
@@ -112,12 +188,9 @@ def decide(
             return Rejection(ErrorCode.INVALID_ARGUMENT, "image must not be empty")
         if command.command is not None and sum(len(arg) for arg in command.command) > COMMAND_BYTES_MAX:
             return Rejection(ErrorCode.INVALID_ARGUMENT, f"command must be at most {COMMAND_BYTES_MAX} bytes in all")
-        reserved = sorted(key for key in command.labels if key.startswith(RESERVED_LABEL_PREFIX))
-        if reserved:
-            return Rejection(
-                ErrorCode.INVALID_ARGUMENT,
-                f"label {reserved[0][:40]!r}: keys starting with {RESERVED_LABEL_PREFIX!r} are sandboxctl's own",
-            )
+        reserved = _reserved(command.labels)
+        if reserved is not None:
+            return reserved
         nul = sorted(key for key, value in command.env.items() if "\x00" in value)
         if nul:
             return Rejection(ErrorCode.INVALID_ARGUMENT, f"env {nul[0]}: a value must not contain a NUL byte")
@@ -142,6 +215,7 @@ def decide(
                 auto_delete_after=command.auto_delete_after,
                 resources=command.resources,
                 env=command.env,
+                idle_action=command.idle_action,
             )
         ]
 
@@ -151,6 +225,8 @@ def decide(
         return _moved(state.name, state.seq, command.expected_seq)
     if isinstance(command, ActivityCommand | WarnSandbox):
         return decide_activity(state, command, now)
+    if isinstance(command, UpdateSandbox):
+        return _update(state, command)
     if isinstance(command, StopSandbox):
         bad = bad_seconds("timeout", command.timeout, GRACE_MAX, positive=False)
         if bad is not None:
@@ -167,7 +243,7 @@ def decide(
     if state.phase in noop:
         return []
     if isinstance(command, StopSandbox):
-        if state.phase is not Phase.READY:
+        if state.phase not in (Phase.READY, Phase.PAUSED):
             return _not_allowed(state, "stop", "request_stop", noop)
         if command.reason == IDLE:
             refused = check_reaped(state, STOP, now)
@@ -184,7 +260,19 @@ def decide(
         held = check_start(state)
         if held is not None:
             return held
-        return [SandboxStartRequested(sandbox_id=state.sandbox_id, driver=state.driver)]
+        return [SandboxStartRequested(sandbox_id=state.sandbox_id, driver=state.driver, resources=state.resources)]
+    if isinstance(command, PauseSandbox):
+        if state.phase is not Phase.READY:
+            return _not_allowed(state, "pause", "request_pause", noop)
+        if command.reason == IDLE:
+            refused = check_reaped(state, STOP, now)
+            if refused is not None:
+                return refused
+        return [SandboxPauseRequested(sandbox_id=state.sandbox_id, driver=state.driver, reason=command.reason)]
+    if isinstance(command, ResumeSandbox):
+        if state.phase is not Phase.PAUSED:
+            return _not_allowed(state, "resume", "request_resume", noop)
+        return [SandboxResumeRequested(sandbox_id=state.sandbox_id, driver=state.driver)]
     assert isinstance(command, DeleteSandbox)
     if command.reason == AUTO_DELETE:
         refused = check_reaped(state, DELETE, now)
@@ -211,7 +299,7 @@ def react(state: SandboxState | None, fact: Fact) -> list[LifecycleEvent]:
             return [SandboxReady(incarnation=fact.incarnation)]
         if phase is Phase.ERROR and not started_before(fact.incarnation, state.incarnation):
             return [SandboxReady(incarnation=fact.incarnation)]
-        if phase in (Phase.READY, Phase.STOPPED, Phase.COMPLETED) and started_before(
+        if phase in (Phase.READY, Phase.STOPPED, Phase.COMPLETED, Phase.PAUSED) and started_before(
             state.incarnation, fact.incarnation
         ):
             return [SandboxReady(incarnation=fact.incarnation)]
@@ -227,11 +315,19 @@ def react(state: SandboxState | None, fact: Fact) -> list[LifecycleEvent]:
             # The stop failed as far as sandboxctl could tell (the engine did not answer in time,
             # or went away mid-call), and the engine now shows the run ended: it was stopped.
             return [SandboxStopped(exit_code=fact.exit_code)]
-        if phase in (Phase.READY, Phase.STARTING, Phase.PROVISIONING):
-            if fact.exit_code == 0 and not fact.oom and not fact.requested:
+        if phase in _RUNNING:
+            if fact.exit_code == 0 and not fact.oom and not fact.requested and phase in _MAY_COMPLETE:
                 return [SandboxCompleted(exit_code=0, incarnation=fact.incarnation)]  # a job done
             reason = f"container exited with code {fact.exit_code}" + (" (out of memory)" if fact.oom else "")
             return [SandboxFailed(kind="exited", reason=reason, exit_code=fact.exit_code, oom=fact.oom)]
+        return []
+    if isinstance(fact, ContainerPaused | ContainerResumed):
+        if fact.incarnation and state.incarnation and fact.incarnation != state.incarnation:
+            return []  # about an earlier run
+        if isinstance(fact, ContainerPaused):
+            return [SandboxPaused()] if phase in (Phase.PAUSING, Phase.READY) else []
+        if phase in (Phase.RESUMING, Phase.PAUSED, Phase.PAUSING):
+            return [SandboxReady(incarnation=state.incarnation)]
         return []
     if isinstance(fact, ContainerRemoved):
         if phase is Phase.DELETING:
@@ -286,8 +382,19 @@ def _fail(state: SandboxState, event: SandboxFailed) -> list[LifecycleEvent]:
     return [event]
 
 
+# Phases with a process that may end: its exit is news (a failure, or a job's completion).
+_RUNNING = frozenset({Phase.PROVISIONING, Phase.STARTING, Phase.READY, Phase.PAUSING, Phase.PAUSED, Phase.RESUMING})
+# An exit 0 is a job done only where the process ran on its own; a frozen one was ended from outside.
+_MAY_COMPLETE = frozenset({Phase.PROVISIONING, Phase.STARTING, Phase.READY})
+
 # Folding is the hot loop of every replay: isinstance gets a tuple, not a union built per call.
-_REQUESTS = (SandboxStopRequested, SandboxStartRequested, SandboxDeleteRequested)
+_REQUESTS = (
+    SandboxStopRequested,
+    SandboxStartRequested,
+    SandboxPauseRequested,
+    SandboxResumeRequested,
+    SandboxDeleteRequested,
+)
 
 
 def evolve(state: SandboxState | None, envelope: Envelope, seq: int = 0) -> SandboxState:
@@ -309,6 +416,9 @@ def evolve(state: SandboxState | None, envelope: Envelope, seq: int = 0) -> Sand
             auto_delete_after=event.auto_delete_after,
             last_activity=moment,
             activity_seq=seq,
+            labels=event.labels,
+            resources=event.resources,
+            idle_action=event.idle_action,
         )
     assert state is not None
     changes: dict[str, object] = {"phase": phase, "seq": seq or state.seq}
@@ -335,6 +445,15 @@ def evolve(state: SandboxState | None, envelope: Envelope, seq: int = 0) -> Sand
         changes["last_error"] = ""
         changes["incarnation"] = run
         changes["ended"] = run or state.ended
+    elif isinstance(event, SandboxUpdated):
+        if event.resources is not None:
+            changes["resources"] = event.resources
+        if event.labels is not None:
+            changes["labels"] = event.labels
+        if event.idle_timeout is not None:
+            changes["idle_timeout"] = event.idle_timeout
+        if event.idle_action is not None:
+            changes["idle_action"] = event.idle_action
     elif isinstance(event, _REQUESTS):
         changes["request_id"] = envelope.id
         if isinstance(event, SandboxStopRequested):

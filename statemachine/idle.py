@@ -19,6 +19,7 @@ import math
 from sandboxctl.events.commands import (
     AcquireLease,
     DeleteSandbox,
+    PauseSandbox,
     PlaceStopHold,
     ReleaseLease,
     ReleaseStopHold,
@@ -50,6 +51,7 @@ REAPER = "sandboxctl/reaper"  # the reaper's actor when authorization is off
 IDLE = "idle"  # the reason of the reaper's stops
 AUTO_DELETE = "auto_delete"  # the reason of its opt-in deletes
 STOP, DELETE = "stop", "delete"  # warning kinds
+PAUSE = "pause"  # an idle action beside STOP: the idle deadline pauses instead of stopping
 
 ActivityCommand = TouchSandbox | AcquireLease | RenewLease | ReleaseLease | PlaceStopHold | ReleaseStopHold
 
@@ -74,7 +76,7 @@ def deadline(state: SandboxState) -> tuple[str, float] | None:
     return kind, at
 
 
-ReaperCommand = WarnSandbox | StopSandbox | DeleteSandbox
+ReaperCommand = WarnSandbox | StopSandbox | PauseSandbox | DeleteSandbox
 
 
 def due(state: SandboxState, now: float, grace: float, actor: str = REAPER) -> ReaperCommand | None:
@@ -102,6 +104,8 @@ def due(state: SandboxState, now: float, grace: float, actor: str = REAPER) -> R
         )
     if now < warning.deadline:
         return None
+    if kind == STOP and state.idle_action == PAUSE:
+        return PauseSandbox(name=state.name, command_id=f"idle-pause:{sid}:{seq}", actor=actor, reason=IDLE)
     if kind == STOP:
         return StopSandbox(name=state.name, command_id=f"idle:{sid}:{seq}", actor=actor, reason=IDLE)
     return DeleteSandbox(name=state.name, command_id=f"auto-delete:{sid}:{seq}", actor=actor, reason=AUTO_DELETE)

@@ -21,11 +21,16 @@ MACHINE = Machine(
     transitions=[
         {"trigger": "create", "source": [ABSENT, Phase.DELETED.value], "dest": Phase.PROVISIONING.value},
         # From Stopping too: a second stop whose grace ends sooner (statemachine.decider.decide).
+        # From Paused too: the engine thaws it to stop it.
         {
             "trigger": "request_stop",
-            "source": [Phase.READY.value, Phase.STOPPING.value],
+            "source": [Phase.READY.value, Phase.PAUSED.value, Phase.STOPPING.value],
             "dest": Phase.STOPPING.value,
         },
+        {"trigger": "request_pause", "source": Phase.READY.value, "dest": Phase.PAUSING.value},
+        # From Ready too: a pause made outside sandboxctl.
+        {"trigger": "paused", "source": [Phase.PAUSING.value, Phase.READY.value], "dest": Phase.PAUSED.value},
+        {"trigger": "request_resume", "source": Phase.PAUSED.value, "dest": Phase.RESUMING.value},
         # From Error too: a stop the engine carried out after sandboxctl had given up on it (a
         # timeout, an engine that went away mid-call) is reported late, and is still a stop.
         {"trigger": "stopped", "source": [Phase.STOPPING.value, Phase.ERROR.value], "dest": Phase.STOPPED.value},
@@ -41,7 +46,8 @@ MACHINE = Machine(
             "dest": Phase.COMPLETED.value,
         },
         # Ready from Stopped, Completed or Error is a start made outside sandboxctl; Ready
-        # from Ready records a new incarnation of a container that restarted.
+        # from Ready records a new incarnation of a container that restarted. From Resuming it is
+        # the resume done; from Paused or Pausing, a thaw (or a restart) made outside.
         {
             "trigger": "ready",
             "source": [
@@ -51,6 +57,9 @@ MACHINE = Machine(
                 Phase.COMPLETED.value,
                 Phase.ERROR.value,
                 Phase.READY.value,
+                Phase.PAUSING.value,
+                Phase.PAUSED.value,
+                Phase.RESUMING.value,
             ],
             "dest": Phase.READY.value,
         },

@@ -11,6 +11,9 @@ class Phase(enum.StrEnum):
     STOPPING = "Stopping"
     STOPPED = "Stopped"
     STARTING = "Starting"
+    PAUSING = "Pausing"
+    PAUSED = "Paused"  # frozen by the engine: memory kept, no CPU used
+    RESUMING = "Resuming"
     COMPLETED = "Completed"  # a job: its main process exited 0 on its own
     ERROR = "Error"
     DELETING = "Deleting"
@@ -23,4 +26,6 @@ ABSENT = "Absent"
 
 # Phases in which the sandbox is waiting on a driver; nothing else may move it
 # except the driver's answer or a delete.
-TRANSIENT = frozenset({Phase.PROVISIONING, Phase.STOPPING, Phase.STARTING, Phase.DELETING})
+TRANSIENT = frozenset(
+    {Phase.PROVISIONING, Phase.STOPPING, Phase.STARTING, Phase.PAUSING, Phase.RESUMING, Phase.DELETING}
+)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
+from sandboxctl.events.spec import NO_RESOURCES, Resources
 from sandboxctl.statemachine.phases import Phase
 
 
@@ -56,3 +57,7 @@ class SandboxState(msgspec.Struct, kw_only=True, gc=False):
     leases: tuple[Lease, ...] = ()
     holds: tuple[Hold, ...] = ()
     warning: PendingWarning | None = None
+    # What the sandbox is made of that a command may change (UpdateSandbox).
+    labels: dict[str, str] = {}
+    resources: Resources = NO_RESOURCES
+    idle_action: str = "stop"  # what the reaper does once it is idle: "stop", or "pause"

@@ -166,3 +166,47 @@ async def test_out_of_range_resources_sent_by_another_service_are_refused_and_no
     # and the SDK refuses them before sending
     with pytest.raises(Exception, match="memory"):
         await client.create(name, image, resources=Resources(memory=4096))
+
+
+async def test_update_changes_labels_and_idle_timeout_at_once_and_resources_while_stopped_at_the_next_start(
+    cli: CLI, client: SandboxClient, names, image: str, engine: Engine
+) -> None:
+    name = names.new("upd")
+    code, _, err = await cli(
+        "create", name, "--image", image, "--driver", engine.name, "--memory", "64m", "--pids", "64",
+        "--label", "team=red", "--label", "keep=yes", "--env", "A=1",
+    )  # fmt: skip
+    assert code == 0, err
+    in_sandbox(engine, name, "echo kept > /workspace/f")
+    before = len(await client.history(name))
+    # resources change only while nothing runs; the refusal changes nothing
+    code, _, err = await cli("update", name, "--memory", "128m")
+    assert code == EXIT_STATUS[ErrorCode.FAILED_PRECONDITION] and "stop it first" in err, (code, err)
+    assert len(await client.history(name)) == before
+    # labels and the idle timeout change at once, in any phase
+    code, out, err = await cli("update", name, "--label", "tier=a", "--label", "team-", "--idle-timeout", "30m")
+    assert code == 0 and "updated" in out, err
+    item = await client.get(name)
+    assert item["labels"] == {"keep": "yes", "tier": "a"} and item["idle_timeout"] == 1800, item
+    code, out, _ = await cli("list", "--label", "tier=a", "-o", "json")
+    assert [i["name"] for i in json.loads(out)] == [name]
+    code, out, _ = await cli("update", name, "--label", "tier=a")  # nothing changes: nothing recorded
+    assert code == 0 and "unchanged" in out, out
+    # resources: while Stopped, applied at the next start, on the same workspace
+    assert (await cli("stop", name, "--grace", "0"))[0] == 0
+    code, _, err = await cli("update", name, "--memory", "128m", "--cpus", "0.5")
+    assert code == 0, err
+    item = await client.get(name)
+    assert item["resources"] == {"cpus": 0.5, "memory": 128 * 2**20, "pids": 64}, item
+    assert (await cli("start", name))[0] == 0
+    limits = in_sandbox(engine, name, CGROUP).split()
+    assert limits[0] == str(128 * 2**20) and "50000" in limits[1:-1] and limits[-1] == "64", limits
+    assert in_sandbox(engine, name, "cat /workspace/f; echo $A") == "kept\n1\n"  # workspace and env kept
+    item = await client.get(name)
+    assert item["phase"] == "Ready" and item["last_error"] == "", item
+    types = [e["type"].split(".")[2] for e in await client.history(name)]
+    assert types.count("updated") == 2 and "failed" not in types, types
+    # a stop, start and update made later still keep the new limits
+    assert (await cli("stop", name, "--grace", "0"))[0] == 0
+    assert (await cli("start", name))[0] == 0
+    assert in_sandbox(engine, name, CGROUP).split()[0] == str(128 * 2**20)

@@ -70,6 +70,14 @@ REFUSED = [
     (("touch", "a", "--if-seq", "99999999999999999999"), "--if-seq '99999999999999999999'"),
     (("stop", "a", "b", "--if-seq", "3"), "--if-seq names one sandbox's log sequence: give one NAME"),
     (("delete", "--all", "--if-seq", "3"), "--if-seq names one sandbox's log sequence: give one NAME"),
+    (
+        ("update", "a"),
+        "update needs something to change: --cpus, --memory, --pids, --label, --idle-timeout or --idle-action",
+    ),
+    (("update", "a", "--memory", "1k"), "--memory 1k: must be from 6m"),
+    (("update", "a", "--label", "bad key-"), "label key 'bad key'"),
+    (("update", "a", "--idle-timeout", "-1"), "--idle-timeout"),
+    (("update", "a", "--if-seq", "x", "--label", "a=b"), "--if-seq 'x'"),
 ]
 
 

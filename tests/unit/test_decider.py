@@ -21,16 +21,19 @@ from sandboxctl.events import (
     TouchSandbox,
     now,
 )
-from sandboxctl.events.commands import command_decoder
+from sandboxctl.events.commands import PauseSandbox, ResumeSandbox, UpdateSandbox, command_decoder
 from sandboxctl.events.envelope import type_name
+from sandboxctl.events.facts import ContainerPaused, ContainerResumed
 from sandboxctl.events.lifecycle import (
     SandboxCompleted,
     SandboxDeleteRequested,
     SandboxFailed,
+    SandboxPauseRequested,
     SandboxReady,
     SandboxStartRequested,
     SandboxStopped,
     SandboxStopRequested,
+    SandboxUpdated,
 )
 from sandboxctl.events.replies import ErrorCode
 from sandboxctl.events.spec import Resources
@@ -137,7 +140,10 @@ def test_command_table(phase: Phase, command: type, outcome: str) -> None:
 def test_rejection_names_the_phase_and_what_is_allowed() -> None:
     decision = decide(state(Phase.PROVISIONING), cmd(StopSandbox))
     assert isinstance(decision, Rejection)
-    assert decision.message == "sandbox box is Provisioning; stop is allowed in Ready, Stopping, Stopped or Completed"
+    assert (
+        decision.message
+        == "sandbox box is Provisioning; stop is allowed in Ready, Stopping, Stopped, Paused or Completed"
+    )
 
 
 def test_exit_while_stopping_is_stopped_and_while_ready_is_error() -> None:
@@ -539,3 +545,73 @@ def test_resources_and_env_are_recorded_and_out_of_range_ones_never_decode() -> 
             command_decoder.decode(wire % bad)
     nul = decide(None, cmd(CreateSandbox, env={"A": "x\x00y"}))
     assert isinstance(nul, Rejection) and nul.code is ErrorCode.INVALID_ARGUMENT and "NUL" in nul.message
+
+
+# -- update ------------------------------------------------------------------------------------
+
+
+def test_update_records_only_what_changes_and_resources_only_while_nothing_runs() -> None:
+    made = msgspec.structs.replace(
+        state(Phase.READY), labels={"team": "red", "keep": "y"}, resources=Resources(memory=64 * 2**20, pids=64)
+    )
+    (updated,) = decide(made, cmd(UpdateSandbox, labels={"tier": "a"}, remove_labels=["team"], idle_timeout=60.0))  # type: ignore[misc]
+    assert updated == SandboxUpdated(labels={"keep": "y", "tier": "a"}, idle_timeout=60.0)
+    after = evolve(made, env(updated))
+    assert after.phase is Phase.READY and after.labels == {"keep": "y", "tier": "a"} and after.idle_timeout == 60
+    assert decide(after, cmd(UpdateSandbox, labels={"tier": "a"})) == []  # nothing changes: nothing recorded
+    refused = decide(made, cmd(UpdateSandbox, resources=Resources(cpus=1.0)))
+    assert isinstance(refused, Rejection) and refused.code is ErrorCode.FAILED_PRECONDITION
+    assert "stop it first" in refused.message
+    for phase in (Phase.STOPPED, Phase.COMPLETED, Phase.ERROR):
+        resting = msgspec.structs.replace(made, phase=phase)
+        (resized,) = decide(resting, cmd(UpdateSandbox, resources=Resources(cpus=0.5)))  # type: ignore[misc]
+        assert isinstance(resized, SandboxUpdated)
+        assert resized.resources == Resources(cpus=0.5, memory=64 * 2**20, pids=64)  # the others stay
+        resized_state = evolve(resting, env(resized))
+        (start,) = decide(resized_state, cmd(StartSandbox))  # type: ignore[misc]
+        assert isinstance(start, SandboxStartRequested) and start.resources == resized.resources
+    for bad in (
+        cmd(UpdateSandbox, labels={"sandboxctl.x": "1"}),
+        cmd(UpdateSandbox, labels={"a": "1"}, remove_labels=["a"]),
+        cmd(UpdateSandbox, labels={f"k{i}": "v" for i in range(63)}),  # 2 + 63 > 64
+    ):
+        refused = decide(made, bad)
+        assert isinstance(refused, Rejection) and refused.code is ErrorCode.INVALID_ARGUMENT, refused
+    deleting = msgspec.structs.replace(made, phase=Phase.DELETING)
+    assert isinstance(decide(deleting, cmd(UpdateSandbox, labels={"a": "1"})), Rejection)
+
+
+# -- pause and resume --------------------------------------------------------------------------
+
+
+def test_pause_and_resume_go_through_their_own_phases_and_a_paused_sandbox_may_stop_or_die() -> None:
+    ready = state(Phase.READY)
+    (pause,) = decide(ready, cmd(PauseSandbox))  # type: ignore[misc]
+    assert isinstance(pause, SandboxPauseRequested)
+    pausing = evolve(ready, env(pause))
+    assert pausing.phase is Phase.PAUSING and decide(pausing, cmd(PauseSandbox)) == []
+    (paused,) = react(pausing, ContainerPaused(incarnation="run-1"))
+    frozen = evolve(pausing, env(paused))
+    assert frozen.phase is Phase.PAUSED
+    assert react(frozen, ContainerPaused(incarnation="run-1")) == []  # a watcher's copy
+    assert react(ready, ContainerPaused(incarnation="run-0")) == []  # an earlier run's
+    (resume,) = decide(frozen, cmd(ResumeSandbox))  # type: ignore[misc]
+    resuming = evolve(frozen, env(resume))
+    assert resuming.phase is Phase.RESUMING
+    (back,) = react(resuming, ContainerResumed(incarnation="run-1"))
+    assert evolve(resuming, env(back)).phase is Phase.READY
+    # a pause or a thaw made outside sandboxctl moves the phase the same way
+    (outside,) = react(ready, ContainerPaused(incarnation="run-1"))
+    assert evolve(ready, env(outside)).phase is Phase.PAUSED
+    (thawed,) = react(frozen, ContainerResumed(incarnation="run-1"))
+    assert evolve(frozen, env(thawed)).phase is Phase.READY
+    # stop and delete fit a paused sandbox; an exit while frozen is a failure, never a job done
+    (stop,) = decide(frozen, cmd(StopSandbox))  # type: ignore[misc]
+    assert evolve(frozen, env(stop)).phase is Phase.STOPPING
+    (killed,) = react(frozen, ContainerExited(exit_code=0, incarnation="run-1"))
+    assert isinstance(killed, SandboxFailed) and evolve(frozen, env(killed)).phase is Phase.ERROR
+    # what does not fit is refused, naming where it would
+    for phase, command in ((Phase.STOPPED, PauseSandbox), (Phase.ERROR, PauseSandbox), (Phase.STOPPED, ResumeSandbox)):
+        refused = decide(state(phase), cmd(command))
+        assert isinstance(refused, Rejection) and refused.code is ErrorCode.FAILED_PRECONDITION, (phase, refused)
+    assert decide(ready, cmd(ResumeSandbox)) == []  # Ready already: nothing to resume
