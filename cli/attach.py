@@ -106,7 +106,7 @@ class Interrupted(Exception):
 ENDING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def _driver(config: Config, name: str, answer_timeout: float) -> Any:
+def engine_driver(config: Config, name: str, answer_timeout: float) -> Any:
     from sandboxctl.runtime.embedded import make_driver
 
     driver = make_driver(name, config)
@@ -144,7 +144,7 @@ async def exec_in(
     async with client.lease(name, holder, EXEC_LEASE_TTL):
         item = await client.ensure_running(name, start=start, timeout=timeout)
         await client.touch(name, via="shell" if interactive else "exec")
-        driver = _driver(config, item["driver"], answer_timeout)
+        driver = engine_driver(config, item["driver"], answer_timeout)
         sandbox_id = item["sandbox_id"]
         try:
             if interactive:
@@ -223,7 +223,7 @@ async def show_logs(
     """The container's output, through the driver; reading logs is not activity. The engine must
     answer within ``answer_timeout`` seconds; a followed log may then be silent as long as it likes."""
     item = await client.get(name)
-    driver = _driver(config, item["driver"], answer_timeout)
+    driver = engine_driver(config, item["driver"], answer_timeout)
 
     def pump() -> None:
         stream = driver.logs(name, item["sandbox_id"], tail=tail, since=since, follow=follow)

@@ -25,7 +25,7 @@ import msgspec
 from sandboxctl import audit, auth
 from sandboxctl.bus import reading
 from sandboxctl.bus.reading import Point
-from sandboxctl.cli import attach, spec
+from sandboxctl.cli import attach, copy, spec
 from sandboxctl.cli.output import BROKEN_PIPE, EXIT_CODES, show
 from sandboxctl.cli.status import status
 from sandboxctl.client import TERMINAL, PermissionDenied, SandboxClient, SandboxError
@@ -131,7 +131,7 @@ def _check(args: argparse.Namespace) -> None:
         _seconds(args.interval, "--interval", WAIT_MAX, zero=False)
     if args.cmd == "status":
         _seconds(args.wait, "--wait", WAIT_MAX, zero=False)
-    if args.cmd in ("exec", "shell", "logs"):
+    if args.cmd in ("exec", "shell", "logs", "cp"):
         _seconds(args.engine_timeout, "--engine-timeout", WAIT_MAX, zero=False)
     for flag, limit in (("reason", REASON_MAX), ("holder", HOLDER_MAX)):
         if len(getattr(args, flag, None) or "") > limit:
@@ -347,6 +347,15 @@ def build_parser() -> argparse.ArgumentParser:
                 help="do not forward piped standard input (a terminal never is): the command reads an empty one",
             )
         engine_timeout(sp, "the command starts")
+
+    cp = sub.add_parser(
+        "cp",
+        help="copy files or directories between a sandbox and here (it need not run)",
+        usage="sandboxctl cp LOCAL NAME:PATH | sandboxctl cp NAME:PATH LOCAL",
+    )
+    cp.add_argument("source", metavar="SOURCE")
+    cp.add_argument("destination", metavar="DEST")
+    engine_timeout(cp, "the copy starts")
 
     lg = sub.add_parser("logs", help="the container's output")
     lg.add_argument("name")
@@ -842,6 +851,12 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
             return await _idle(client, args, config)
         if args.cmd in ("exec", "shell", "logs"):
             return await _attach(client, args, config, command)
+        if args.cmd == "cp":
+            try:
+                print(await copy.run_copy(client, config, args.source, args.destination, args.engine_timeout))
+            except copy.CopyError as exc:
+                raise Failure(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
+            return 0
         if args.cmd == "get":
             show(await client.get(args.name), args.output)
             return 0

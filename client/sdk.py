@@ -44,6 +44,7 @@ from sandboxctl.events.commands import (
     DeleteSandbox,
     PauseSandbox,
     PlaceStopHold,
+    RecordCopy,
     ReleaseLease,
     ReleaseStopHold,
     RenewLease,
@@ -481,6 +482,14 @@ class SandboxClient:
         self, name: str, holder: str, command_id: str | None = None, expected_seq: int | None = None
     ) -> Reply:
         return await self.send(ReleaseStopHold(name=name, holder=holder, **self._meta(command_id, expected_seq)))
+
+    async def record_copy(
+        self, name: str, direction: Literal["in", "out"], path: str, size: int, command_id: str | None = None
+    ) -> Reply:
+        """Record in the log a copy made into (``in``) or out of (``out``) the sandbox at ``path``."""
+        return await self.send(
+            RecordCopy(name=name, direction=direction, path=path, size=size, **self._meta(command_id))
+        )
 
     @contextlib.asynccontextmanager
     async def lease(self, name: str, holder: str, ttl: float = 60.0) -> AsyncIterator[None]:

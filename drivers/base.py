@@ -31,6 +31,7 @@ does it inside the container. Neither engine has an API to signal an exec.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import math
@@ -40,9 +41,9 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import msgspec
 
@@ -383,6 +384,20 @@ class Driver(Protocol):
     ) -> Iterator[bytes]:
         """The container's output (stdout and stderr, as the engine stored it): the last ``tail``
         lines, from ``since`` (a Unix time); with ``follow``, until the container stops."""
+        ...
+
+    def path_stat(self, sandbox: str, sandbox_id: str, path: str) -> dict[str, Any] | None:
+        """What ``path`` is in the sandbox's container (``name``, ``size``, ``mode``, ``linkTarget``,
+        as the engines' archive API states it), or None if nothing is there. Works on a container
+        that does not run: its workspace volume is reached all the same."""
+        ...
+
+    def copy_in(self, sandbox: str, sandbox_id: str, directory: str, archive: Iterable[bytes]) -> None:
+        """Unpack a tar ``archive``, streamed in chunks, into ``directory`` of the sandbox's container."""
+        ...
+
+    def copy_out(self, sandbox: str, sandbox_id: str, path: str) -> Iterator[bytes]:
+        """A tar archive of ``path`` in the sandbox's container, streamed in chunks."""
         ...
 
     def interactive(self, sandbox: str, sandbox_id: str, command: list[str], tty: bool) -> list[str]:
@@ -739,6 +754,15 @@ class EngineDriver:
     def interactive(self, sandbox: str, sandbox_id: str, command: list[str], tty: bool) -> list[str]:
         return exec_command(self._engine_cli(), self._own("exec", sandbox, sandbox_id), command, tty)
 
+    def path_stat(self, sandbox: str, sandbox_id: str, path: str) -> dict[str, Any] | None:
+        return self._http("copy").path_stat("copy", self._own("copy", sandbox, sandbox_id), path)
+
+    def copy_in(self, sandbox: str, sandbox_id: str, directory: str, archive: Iterable[bytes]) -> None:
+        self._http("copy").upload("copy", self._own("copy", sandbox, sandbox_id), directory, archive)
+
+    def copy_out(self, sandbox: str, sandbox_id: str, path: str) -> Iterator[bytes]:
+        return self._http("copy").download("copy", self._own("copy", sandbox, sandbox_id), path)
+
     def _http(self, operation: str) -> EngineHTTP:
         return EngineHTTP(operation, self.base_url, self._api_prefix(operation), self.timeout)
 
@@ -768,22 +792,33 @@ class EngineHTTP:
         self, operation: str, method: str, path: str, body: Any, upgrade: bool
     ) -> tuple[socket.socket, int, dict[str, str], bytes]:
         data = b"" if body is None else json.dumps(body).encode()
-        head = [
-            f"{method} {self.prefix}{path} HTTP/1.1",
-            "Host: engine",
+        headers = [
             "Content-Type: application/json",
             f"Content-Length: {len(data)}",
             *(["Connection: Upgrade", "Upgrade: tcp"] if upgrade else ["Connection: close"]),
         ]
+        sock = self._open(operation, method, path, headers, data)
+        return (sock, *self._answer(operation, sock))
+
+    def _open(self, operation: str, method: str, path: str, headers: list[str], data: bytes = b"") -> socket.socket:
+        """A connection to the engine with the request's head (and ``data``) sent."""
+        head = [f"{method} {self.prefix}{path} HTTP/1.1", "Host: engine", *headers]
         sock = socket.socket(self.family, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
             sock.connect(self.address)
+            sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + data)
+        except TimeoutError as exc:
+            sock.close()
+            raise EngineTimeout(operation, f"the engine did not answer within {self.timeout:g}s") from exc
         except OSError as exc:
             sock.close()
             raise DriverError(operation, f"{type(exc).__name__}: {exc}") from exc
+        return sock
+
+    def _answer(self, operation: str, sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+        """The engine's answer's status and headers, and what came after them; closes on failure."""
         try:
-            sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + data)
             buffer = b""
             while b"\r\n\r\n" not in buffer:
                 chunk = sock.recv(CHUNK)
@@ -812,7 +847,61 @@ class EngineHTTP:
         for line in lines[1:]:
             key, _, value = line.partition(":")
             headers[key.strip().lower()] = value.strip()
-        return sock, status, headers, rest
+        return status, headers, rest
+
+    # -- archives: files into and out of a container, streamed -------------------------
+
+    def path_stat(self, operation: str, container_id: str, path: str) -> dict[str, Any] | None:
+        """What ``path`` is in the container (name, size, mode, linkTarget), or None if nothing is there."""
+        sock = self._open(operation, "HEAD", _archive_path(container_id, path), ["Connection: close"])
+        try:
+            status, headers, _ = self._answer(operation, sock)
+        finally:
+            sock.close()
+        if status == 404:
+            return None
+        if status >= 400:
+            raise DriverError(operation, f"the engine answered {status} for {path}")
+        raw = headers.get("x-docker-container-path-stat", "")
+        try:
+            stat: dict[str, Any] = json.loads(base64.b64decode(raw)) if raw else {}
+        except ValueError:
+            raise DriverError(operation, f"the engine's stat of {path} is not readable") from None
+        return stat
+
+    def upload(self, operation: str, container_id: str, path: str, chunks: Iterable[bytes]) -> None:
+        """Put a tar archive, given as ``chunks``, into the directory ``path``: sent chunk by chunk
+        as it is made (chunked transfer), never held whole."""
+        headers = ["Content-Type: application/x-tar", "Transfer-Encoding: chunked", "Connection: close"]
+        sock = self._open(operation, "PUT", _archive_path(container_id, path), headers)
+        try:
+            for chunk in chunks:
+                if chunk:
+                    sock.sendall(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            sock.sendall(b"0\r\n\r\n")
+        except OSError as exc:
+            # The engine may have refused early (a path it will not write) and closed: its answer says why.
+            with contextlib.suppress(DriverError):
+                status, headers_, rest = self._answer(operation, sock)
+                if status >= 400:
+                    raise _status_error(operation, status, self._body(operation, sock, headers_, rest)) from exc
+            sock.close()
+            raise DriverError(operation, f"{type(exc).__name__}: {exc}") from exc
+        status, headers_, rest = self._answer(operation, sock)
+        payload = self._body(operation, sock, headers_, rest)
+        if status >= 400:
+            raise _status_error(operation, status, payload)
+
+    def download(self, operation: str, container_id: str, path: str) -> Iterator[bytes]:
+        """A tar archive of ``path`` in the container, chunk by chunk as the engine sends it."""
+        sock = self._open(operation, "GET", _archive_path(container_id, path), ["Connection: close"])
+        try:
+            status, headers, rest = self._answer(operation, sock)
+            if status >= 400:
+                raise _status_error(operation, status, self._body(operation, sock, headers, rest))
+            yield from _stream_body(operation, sock, headers, rest, self.timeout)
+        finally:
+            sock.close()
 
     def _body(self, operation: str, sock: socket.socket, headers: dict[str, str], rest: bytes) -> bytes:
         try:
@@ -856,6 +945,64 @@ class EngineHTTP:
             raise DriverError(operation, f"the engine answered {status} instead of taking over the connection")
         sock.settimeout(None)
         return sock, rest
+
+
+def _archive_path(container_id: str, path: str) -> str:
+    return f"/containers/{container_id}/archive?path={quote(path, safe='/')}"
+
+
+def _stream_body(
+    operation: str, sock: socket.socket, headers: dict[str, str], rest: bytes, timeout: float
+) -> Iterator[bytes]:
+    """A response body as it arrives: chunked, of a stated length, or until the connection closes.
+    A silence longer than ``timeout`` is EngineTimeout."""
+
+    def received() -> Iterator[bytes]:
+        if rest:
+            yield rest
+        while True:
+            try:
+                chunk = sock.recv(CHUNK)
+            except TimeoutError as exc:
+                raise EngineTimeout(operation, f"the engine sent nothing for {timeout:g}s") from exc
+            except OSError as exc:
+                raise DriverError(operation, f"{type(exc).__name__}: {exc}") from exc
+            if not chunk:
+                return
+            yield chunk
+
+    if "chunked" not in headers.get("transfer-encoding", ""):
+        left = int(headers["content-length"]) if "content-length" in headers else -1
+        for chunk in received():
+            if left >= 0:
+                chunk, left = chunk[:left], left - len(chunk[:left])
+            if chunk:
+                yield chunk
+            if left == 0:
+                return
+        return
+    buffer = b""
+    source = received()
+    while True:
+        while b"\r\n" not in buffer:
+            more = next(source, b"")
+            if not more:
+                raise DriverError(operation, "the engine's answer ended in the middle")
+            buffer += more
+        line, _, buffer = buffer.partition(b"\r\n")
+        try:
+            size = int(line.split(b";")[0], 16)
+        except ValueError:
+            raise DriverError(operation, "the engine's answer is not readable") from None
+        if size == 0:
+            return
+        while len(buffer) < size + 2:
+            more = next(source, b"")
+            if not more:
+                raise DriverError(operation, "the engine's answer ended in the middle")
+            buffer += more
+        yield buffer[:size]
+        buffer = buffer[size + 2 :]
 
 
 def _dechunk(data: bytes) -> bytes:

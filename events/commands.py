@@ -172,6 +172,17 @@ class ReleaseStopHold(_Command, tag="sandboxctl.command.unhold.v1"):
     VERB: ClassVar[str] = "unhold"
 
 
+class RecordCopy(_Command, tag="sandboxctl.command.copy.v1"):
+    """Record a copy made through the engine's archive API (``sandboxctl cp``): files put into the
+    sandbox (``in``) or taken out of it (``out``) at ``path``, an archive of ``size`` bytes. The
+    copy is done when this is sent; the log keeps what was copied, and by whom. It is use."""
+
+    direction: Literal["in", "out"]
+    path: Annotated[str, msgspec.Meta(min_length=1, max_length=limits.PATH_MAX)]
+    size: Annotated[int, msgspec.Meta(ge=0, le=limits.SEQ_MAX)]
+    VERB: ClassVar[str] = "copy"
+
+
 class WarnSandbox(_Command, tag="sandboxctl.command.warn.v1"):
     """The reaper's notice that a deadline passed: the sandbox is stopped (``kind`` ``stop``) or,
     opted in, deleted (``delete``) after ``grace`` seconds unless activity or a lease comes first.
@@ -197,6 +208,7 @@ SandboxCommand = (
     | ReleaseLease
     | PlaceStopHold
     | ReleaseStopHold
+    | RecordCopy
     | WarnSandbox
 )
 COMMAND_TYPES: tuple[type[_Command], ...] = (
@@ -213,8 +225,17 @@ COMMAND_TYPES: tuple[type[_Command], ...] = (
     ReleaseLease,
     PlaceStopHold,
     ReleaseStopHold,
+    RecordCopy,
     WarnSandbox,
 )
 # Commands that record use and never change the phase.
-ACTIVITY_COMMANDS = (TouchSandbox, AcquireLease, RenewLease, ReleaseLease, PlaceStopHold, ReleaseStopHold)
+ACTIVITY_COMMANDS = (
+    TouchSandbox,
+    AcquireLease,
+    RenewLease,
+    ReleaseLease,
+    PlaceStopHold,
+    ReleaseStopHold,
+    RecordCopy,
+)
 command_decoder = msgspec.json.Decoder(SandboxCommand)

@@ -172,6 +172,17 @@ class SandboxTouched(_Event):
     TRIGGER: ClassVar[str] = "note"
 
 
+class SandboxCopied(_Event):
+    """Files were copied into (``in``) or out of (``out``) the sandbox at ``path`` by ``sandboxctl
+    cp``: an archive of ``size`` bytes."""
+
+    direction: str
+    path: str
+    size: int = 0
+    TYPE: ClassVar[str] = "sandboxctl.sandbox.copied.v1"
+    TRIGGER: ClassVar[str] = "note"
+
+
 class SandboxLeaseAcquired(_Event):
     holder: str
     ttl: float  # seconds from the event's time
@@ -254,6 +265,7 @@ LifecycleEvent = (
     | SandboxDeleted
     | SandboxUpdated
     | SandboxTouched
+    | SandboxCopied
     | SandboxLeaseAcquired
     | SandboxLeaseRenewed
     | SandboxLeaseReleased
@@ -289,6 +301,7 @@ EVENT_TYPES: dict[str, type[_Event]] = {
         SandboxDeleted,
         SandboxUpdated,
         SandboxTouched,
+        SandboxCopied,
         SandboxLeaseAcquired,
         SandboxLeaseRenewed,
         SandboxLeaseReleased,

@@ -59,6 +59,9 @@ ENV_KEY_MAX = 128
 ENV_KEY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 ENV_VALUE_MAX = 4096
 
+# A path in a sandbox named by ``cp`` (Linux's PATH_MAX).
+PATH_MAX = 4096
+
 # Seconds. A stop's grace period (SIGTERM, then SIGKILL after it): an hour at most.
 GRACE_MAX = 3600.0
 # A lease's ttl and the reaper's warning grace: a day at most.

@@ -21,6 +21,7 @@ from sandboxctl.events.commands import (
     DeleteSandbox,
     PauseSandbox,
     PlaceStopHold,
+    RecordCopy,
     ReleaseLease,
     ReleaseStopHold,
     RenewLease,
@@ -31,6 +32,7 @@ from sandboxctl.events.commands import (
 from sandboxctl.events.envelope import Envelope
 from sandboxctl.events.lifecycle import (
     LifecycleEvent,
+    SandboxCopied,
     SandboxDeleteWarning,
     SandboxLeaseAcquired,
     SandboxLeaseReleased,
@@ -53,7 +55,7 @@ AUTO_DELETE = "auto_delete"  # the reason of its opt-in deletes
 STOP, DELETE = "stop", "delete"  # warning kinds
 PAUSE = "pause"  # an idle action beside STOP: the idle deadline pauses instead of stopping
 
-ActivityCommand = TouchSandbox | AcquireLease | RenewLease | ReleaseLease | PlaceStopHold | ReleaseStopHold
+ActivityCommand = TouchSandbox | AcquireLease | RenewLease | ReleaseLease | PlaceStopHold | ReleaseStopHold | RecordCopy
 
 
 def live_leases(state: SandboxState, now: float) -> list[Lease]:
@@ -151,6 +153,8 @@ def decide_activity(state: SandboxState, command: ActivityCommand | WarnSandbox,
     events: list[LifecycleEvent]
     if isinstance(command, TouchSandbox):
         events = [SandboxTouched(via=command.via or "touch")]
+    elif isinstance(command, RecordCopy):
+        events = [SandboxCopied(direction=command.direction, path=command.path, size=command.size)]
     else:
         problem = _bad_holder(command.holder)
         if problem is not None:

@@ -135,7 +135,7 @@ def test_new_events_keep_every_live_phase_and_none_follows_deleted() -> None:
         evolve(deleted, touched, 99)
     # none of them looks like a work order to the driver worker
     new = [t for t in EVENT_TYPES if t.split(".")[2] not in OLD_TYPES]
-    assert len(new) == 10 and not [t for t in new if t in _ORDERS]  # the notes, and updated
+    assert len(new) == 11 and not [t for t in new if t in _ORDERS]  # the notes (copied too), and updated
 
 
 def test_create_records_the_timeouts_and_refuses_bad_ones() -> None:
