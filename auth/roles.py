@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 
 from sandboxctl.events import subjects
-from sandboxctl.events.commands import COMMAND_TYPES
+from sandboxctl.events.commands import COMMAND_TYPES, BulkSandboxes
 from sandboxctl.events.limits import NAME_MAX, NAME_PATTERN
 
 READ = "sandbox:read"
@@ -21,7 +21,7 @@ ADMIN = "admin"
 # Each role includes the ones before it: a writer waits on the projection, so it reads too.
 ROLES = (READ, WRITE, ADMIN)
 # Every command needs sandbox:write (the reaper's user has it): the verbs are the contract's own.
-VERB_ROLE = {cls.VERB: WRITE for cls in COMMAND_TYPES}
+VERB_ROLE = {**{cls.VERB: WRITE for cls in COMMAND_TYPES}, BulkSandboxes.VERB: WRITE}
 
 # The services' own users: one per component and one per engine's driver worker.
 COMPONENT_PREFIX = "sandboxctl-"

@@ -23,7 +23,9 @@ from sandboxctl.bus.eventlog import DecodeError, decode_event, fold_logged
 from sandboxctl.bus.tail import Tail, stream_seq
 from sandboxctl.events import subjects
 from sandboxctl.events.envelope import Envelope
+from sandboxctl.events.lifecycle import SandboxCreated
 from sandboxctl.statemachine import SandboxState
+from sandboxctl.statemachine.clone import current_spec
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,14 @@ async def read_events(
             if not before_or_at(until, seq, envelope):
                 return
             yield seq, envelope, msg
+
+
+async def recorded_spec(js: JetStreamContext, name: str, sandbox_id: str) -> SandboxCreated | None:
+    """What sandbox ``name`` (of id ``sandbox_id``) is made of now: its SandboxCreated with every
+    update since, read from its log (a rare path: a clone, a container made again). An entry that
+    names another sandbox than its subject is skipped, as every reader skips it."""
+    envelopes = [e async for _, e, _ in read_events(js, name) if isinstance(e, Envelope) and e.subject == name]
+    return current_spec(envelopes, sandbox_id)
 
 
 def record(seq: int, envelope: Envelope, state: SandboxState | None) -> dict[str, Any]:

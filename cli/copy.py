@@ -24,13 +24,12 @@ from typing import IO, Any
 from sandboxctl.cli.attach import engine_driver as attach_driver
 from sandboxctl.cli.attach import in_thread
 from sandboxctl.client import FailedPrecondition, NotFound, SandboxClient, Unavailable
-from sandboxctl.drivers.base import DriverError, EngineTimeout
+from sandboxctl.drivers.base import WORKSPACE, DriverError, EngineTimeout
 from sandboxctl.events.limits import PATH_MAX
 from sandboxctl.runtime.config import Config
 from sandboxctl.statemachine import Phase
 from sandboxctl.statemachine.names import validate_name
 
-WORKDIR = "/workspace"  # where a relative path in a sandbox starts (the container's working directory)
 CHUNK = 256 * 1024
 # The kernel's own views: never a place to copy to or from.
 PSEUDO = ("/proc", "/sys", "/dev")
@@ -60,7 +59,7 @@ def sandbox_path(path: str) -> str:
     if ".." in path.split("/"):
         raise CopyError(f"path {path[:200]!r}: '..' is not allowed; name the path in the sandbox as it is")
     trailing = path.endswith("/")
-    full = posixpath.normpath(posixpath.join(WORKDIR, path))
+    full = posixpath.normpath(posixpath.join(WORKSPACE, path))  # a relative path starts at the working directory
     if any(full == root or full.startswith(root + "/") for root in PSEUDO):
         raise CopyError(f"path {full[:200]}: {full.split('/')[1]} is the kernel's, not the sandbox's files")
     return full + ("/" if trailing and full != "/" else "")

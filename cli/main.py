@@ -30,6 +30,7 @@ from sandboxctl.cli.output import BROKEN_PIPE, EXIT_CODES, show
 from sandboxctl.cli.status import status
 from sandboxctl.client import TERMINAL, PermissionDenied, SandboxClient, SandboxError
 from sandboxctl.events import subjects
+from sandboxctl.events.commands import BulkItem, BulkVerb
 from sandboxctl.events.limits import (
     GRACE_MAX,
     HOLDER_MAX,
@@ -138,10 +139,11 @@ def _check(args: argparse.Namespace) -> None:
             raise Failure(ErrorCode.INVALID_ARGUMENT, f"--{flag} is longer than {limit} characters")
     names = list(getattr(args, "names", None) or [])
     if args.cmd in BULK_VERBS:
-        if names and args.all:
-            raise Failure(ErrorCode.INVALID_ARGUMENT, "give names or --all, not both")
-        if not names and not args.all:
-            raise Failure(ErrorCode.INVALID_ARGUMENT, f"{args.cmd} needs at least one NAME, or --all")
+        args.selector_labels = _labels(args.selector)
+        if sum(map(bool, (names, args.all, args.selector_labels))) > 1:
+            raise Failure(ErrorCode.INVALID_ARGUMENT, "give names, --all or --selector: one of them")
+        if not names and not args.all and not args.selector_labels:
+            raise Failure(ErrorCode.INVALID_ARGUMENT, f"{args.cmd} needs at least one NAME, --selector or --all")
     if isinstance(getattr(args, "name", None), str) and args.cmd != "user":
         names.append(args.name)
     seen: set[str] = set()
@@ -155,13 +157,17 @@ def _check(args: argparse.Namespace) -> None:
     # Parsed here, once, so that nothing is sent (nor any connection made) with a bad one.
     try:
         args.expected_seq = spec.expected_seq(getattr(args, "if_seq", None))
-        if args.cmd in ("create", "update"):
+        if args.cmd in ("create", "update", "clone"):
             args.resources = spec.resources(args.cpus, args.memory, args.pids)
-        if args.cmd == "create":
+        if args.cmd in ("create", "clone"):
             args.env = spec.environment(args.env_pair, args.env_file)
     except ValueError as exc:
         raise Failure(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
-    if args.expected_seq is not None and args.cmd in BULK_VERBS and (args.all or len(names) > 1):
+    if (
+        args.expected_seq is not None
+        and args.cmd in BULK_VERBS
+        and (args.all or args.selector_labels or len(names) > 1)
+    ):
         raise Failure(ErrorCode.INVALID_ARGUMENT, "--if-seq names one sandbox's log sequence: give one NAME")
     if args.cmd == "create":
         args.labels = _labels(args.label)
@@ -169,6 +175,14 @@ def _check(args: argparse.Namespace) -> None:
             None if args.idle_timeout is None else _duration(args.idle_timeout, "--idle-timeout", IDLE_MAX)
         )
         args.auto_delete_seconds = _duration(args.auto_delete_after, "--auto-delete-after", IDLE_MAX)
+    if args.cmd == "clone":
+        args.labels = _labels(args.label)
+        args.idle_timeout_seconds = (
+            None if args.idle_timeout is None else _duration(args.idle_timeout, "--idle-timeout", IDLE_MAX)
+        )
+        problem = validate_name(args.source)
+        if problem:
+            raise Failure(ErrorCode.INVALID_ARGUMENT, problem)
     if args.cmd == "update":
         removed = [pair[:-1] for pair in args.label if pair.endswith("-") and "=" not in pair]
         args.labels = _labels([pair for pair in args.label if not (pair.endswith("-") and "=" not in pair)])
@@ -287,6 +301,25 @@ def build_parser() -> argparse.ArgumentParser:
     if_seq(c)
     waiting(c)
 
+    cl = sub.add_parser(
+        "clone",
+        help="a new sandbox with a copy of another's workspace, image, resources, env and labels",
+        usage="sandboxctl clone SRC NEW [--image IMG] [--label K=V] [--env K=V] [--cpus N] ... [-- CMD...]",
+    )
+    cl.add_argument("source", metavar="SRC")
+    cl.add_argument("name", metavar="NEW")
+    cl.add_argument("--image", default="", help="another image (default: the source's)")
+    cl.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="set over the source's labels")
+    cl.add_argument("--env", "-e", dest="env_pair", action="append", default=[], metavar="KEY=VALUE")
+    cl.add_argument("--env-file", action="append", default=[], metavar="FILE")
+    cl.add_argument("--cpus", metavar="N")
+    cl.add_argument("--memory", metavar="SIZE")
+    cl.add_argument("--pids", metavar="N")
+    cl.add_argument("--idle-timeout", metavar="DURATION")
+    cl.add_argument("--idle-action", choices=("stop", "pause"))
+    if_seq(cl)
+    waiting(cl)
+
     u = sub.add_parser(
         "update",
         help="change a sandbox's resources (while Stopped), labels or idle timeout",
@@ -378,6 +411,14 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(verb, help=helptext)
         sp.add_argument("names", nargs="*", metavar="NAME")
         sp.add_argument("--all", action="store_true", help=every)
+        sp.add_argument(
+            "--selector",
+            "-l",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="every sandbox with this label (repeatable: all must match), in one command fanned out by the server",
+        )
         if verb == "delete":
             sp.add_argument(
                 "-y", "--yes", action="store_true", help="do not ask before delete --all (a script must say it)"
@@ -400,7 +441,16 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument(
         "--phase", action="append", default=[], help=f"only sandboxes in this phase (repeatable): {PHASE_CHOICES}"
     )
-    ls.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="only sandboxes with this label")
+    ls.add_argument(
+        "--selector",
+        "--label",
+        "-l",
+        dest="label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only sandboxes with this label (repeatable: all must match)",
+    )
     ls.add_argument("--all", action="store_true", help="include deleted sandboxes")
 
     ev = sub.add_parser("events", help="print the log, one line per event")
@@ -454,16 +504,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# What --all takes in, by verb: the phases the command fits (delete fits every live one).
-ALL_PHASES: dict[str, tuple[Phase, ...]] = {
-    "stop": (Phase.READY, Phase.PAUSED),
-    "start": (Phase.STOPPED, Phase.ERROR),
-    "pause": (Phase.READY,),
-    "resume": (Phase.PAUSED,),
-    "delete": (),
-}
-
-
 async def _confirm_delete_all(names: list[str]) -> None:
     """Deleting everything destroys every workspace: a person confirms it on a terminal, a script
     says --yes. Raises unless confirmed."""
@@ -487,12 +527,75 @@ async def _confirm_delete_all(names: list[str]) -> None:
         raise Failure(ErrorCode.FAILED_PRECONDITION, "not confirmed: nothing was deleted")
 
 
-async def _bulk(client: SandboxClient, verb: str, args: argparse.Namespace) -> int:
-    names = list(args.names)  # names or --all, never both: see _check
-    if args.all:
-        names = [s["name"] for s in await client.list(phases=ALL_PHASES[verb])]
-        if verb == "delete" and names and not args.yes:
+PAST = {"stop": "stopped", "start": "started", "pause": "paused", "resume": "resumed", "delete": "deleted"}
+
+
+class _Progress:
+    """``stop: 37/120`` on a terminal's stderr, rewritten in place as sandboxes get there."""
+
+    def __init__(self, verb: str, total: int) -> None:
+        self.verb, self.total, self.done = verb, total, 0
+        self.shown = sys.stderr.isatty() and total > 1
+
+    def tick(self) -> None:
+        self.done += 1
+        if self.shown:
+            print(f"\r{self.verb}: {self.done}/{self.total}", end="", file=sys.stderr, flush=True)
+
+    def end(self) -> None:
+        if self.shown:
+            print(file=sys.stderr)
+
+
+async def _bulk_selected(client: SandboxClient, verb: BulkVerb, args: argparse.Namespace) -> int:
+    """--selector and --all: one command, which the state machine fans out; each sandbox's
+    result is printed, with progress on a terminal while they get to their phase."""
+    if verb == "delete" and not args.yes:
+        names = [s["name"] for s in await client.list(labels=args.selector_labels or None)]
+        if names:
             await _confirm_delete_all(names)
+    items: list[BulkItem] = []
+    async for page in client.bulk(
+        verb,
+        args.selector_labels,
+        all=args.all,
+        timeout=getattr(args, "grace", 10.0),
+        reason=getattr(args, "reason", ""),
+    ):
+        items.extend(page.items)
+    progress = _Progress(verb, len(items))
+
+    async def settle(item: BulkItem) -> str | None:
+        if not item.accepted:
+            return f"{item.code}: {item.message}"
+        if item.appended and not args.no_wait:
+            try:
+                await client.wait_for(item.name, TERMINAL[verb], item.seq, args.timeout)
+            except SandboxError as exc:
+                return f"{exc.code}: {exc.message}"
+        progress.tick()
+        return None
+
+    results = await asyncio.gather(*(settle(item) for item in items))
+    progress.end()
+    for item, error in zip(items, results, strict=True):
+        if error is not None:
+            print(f"sandboxctl: {item.name}: {error}", file=sys.stderr)
+        else:
+            print(f"{item.name}: {PAST[verb] if not args.no_wait or not item.appended else 'accepted'}")
+    failed = [error for error in results if error is not None]
+    done = len(items) - len(failed)
+    if done:
+        print(f"{done} sandbox{'es' if done != 1 else ''} {PAST[verb] if not args.no_wait else 'accepted'}")
+    if not items:
+        print(f"no sandbox to {verb}")
+    return EXIT_CODES.get(failed[0].split(":", 1)[0], 1) if failed else 0
+
+
+async def _bulk(client: SandboxClient, verb: BulkVerb, args: argparse.Namespace) -> int:
+    if args.all or args.selector_labels:
+        return await _bulk_selected(client, verb, args)
+    names = list(args.names)  # names, or --all / --selector: never both (see _check)
 
     async def one(name: str) -> str | None:
         try:
@@ -519,10 +622,7 @@ async def _bulk(client: SandboxClient, verb: str, args: argparse.Namespace) -> i
         print(f"sandboxctl: {reason}", file=sys.stderr)
     done = len(names) - len(failed)
     if names and done:
-        past = {"stop": "stopped", "start": "started", "pause": "paused", "resume": "resumed", "delete": "deleted"}[
-            verb
-        ]
-        print(f"{done} sandbox{'es' if done != 1 else ''} {past if not args.no_wait else 'accepted'}")
+        print(f"{done} sandbox{'es' if done != 1 else ''} {PAST[verb] if not args.no_wait else 'accepted'}")
     if failed:
         return EXIT_CODES.get(failed[0][1].split(":", 1)[0], 1)
     if not names:
@@ -832,6 +932,26 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
             if not args.no_wait:
                 await client.wait_for(args.name, Phase.READY, reply.seq, args.timeout)
             print(f"sandbox {args.name} {'created' if not args.no_wait else 'accepted'}")
+            return 0
+        if args.cmd == "clone":
+            source = await client.get(args.source)
+            reply = await client.clone(
+                args.source,
+                args.name,
+                image=args.image,
+                command=command or None,
+                labels=args.labels,
+                env=args.env,
+                resources=args.resources,
+                idle_timeout=args.idle_timeout_seconds,
+                idle_action=args.idle_action,
+                expected_seq=args.expected_seq,
+            )
+            if source["phase"] == Phase.READY:
+                print(f"sandbox {args.source} is Ready: it is paused for the copy and resumed", file=sys.stderr)
+            if not args.no_wait:
+                await client.wait_for(args.name, Phase.READY, reply.seq, args.timeout)
+            print(f"sandbox {args.name} {'cloned from ' + args.source if not args.no_wait else 'accepted'}")
             return 0
         if args.cmd == "update":
             reply = await client.update(

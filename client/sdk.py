@@ -40,6 +40,10 @@ from sandboxctl.client.errors import (
 from sandboxctl.events import subjects
 from sandboxctl.events.commands import (
     AcquireLease,
+    BulkPage,
+    BulkSandboxes,
+    BulkVerb,
+    CloneSandbox,
     CreateSandbox,
     DeleteSandbox,
     PauseSandbox,
@@ -54,6 +58,7 @@ from sandboxctl.events.commands import (
     StopSandbox,
     TouchSandbox,
     UpdateSandbox,
+    bulk_decoder,
     command_decoder,
 )
 from sandboxctl.events.envelope import Envelope, encode, new_id
@@ -298,7 +303,7 @@ class SandboxClient:
             return
         await self._raw_request(f"$JS.API.STREAM.INFO.{stream}", b"")
 
-    async def send(self, command: SandboxCommand) -> Reply:
+    async def send(self, command: SandboxCommand | BulkSandboxes) -> Reply:
         """Send one command; retry while no service answers, the state machine cannot write the log
         (``unavailable``) or the sandbox keeps changing (``conflict``).
 
@@ -311,9 +316,10 @@ class SandboxClient:
         """
         payload = encode(command)
         try:
-            command_decoder.decode(payload)
+            (bulk_decoder if isinstance(command, BulkSandboxes) else command_decoder).decode(payload)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise InvalidArgument(f"{command.VERB} {command.name[:80]}: {exc}") from None
+        expected_seq = None if isinstance(command, BulkSandboxes) else command.expected_seq
         subject = subjects.command(command.VERB, self.user)
         unanswered: SandboxError | None = None  # the first attempt that may have been applied
         for attempt in range(self.retries + 1):
@@ -327,7 +333,7 @@ class SandboxClient:
                 if reply.error is None:
                     return reply
                 error = SandboxError.of(reply.error.code, reply.error.message, reply.seq)
-                if reply.error.code == ErrorCode.CONFLICT and command.expected_seq is not None:
+                if reply.error.code == ErrorCode.CONFLICT and expected_seq is not None:
                     raise error  # the sandbox moved past what the caller read: only the caller can decide again
                 if reply.error.code == ErrorCode.CONFLICT:
                     pause = 0.05 * 2**attempt
@@ -391,6 +397,39 @@ class SandboxClient:
             )
         )
 
+    async def clone(
+        self,
+        source: str,
+        name: str,
+        image: str = "",
+        command: list[str] | None = None,
+        labels: dict[str, str] | None = None,
+        env: dict[str, str] | None = None,
+        resources: Resources | None = None,
+        idle_timeout: float | None = None,
+        idle_action: Literal["stop", "pause"] | None = None,
+        command_id: str | None = None,
+        expected_seq: int | None = None,
+    ) -> Reply:
+        """Create ``name`` with a copy of ``source``'s workspace and what it is made of (image,
+        command, resources, env, labels, idle settings), each given field overriding the source's
+        (labels and env merged over its). The source may be Stopped, Paused or Ready; a Ready one
+        is paused for the copy and resumed. Waits like ``create``: ``wait_for(name, READY, seq)``."""
+        return await self.send(
+            CloneSandbox(
+                name=name,
+                source=source,
+                image=image,
+                command=command,
+                labels=labels or {},
+                env=env or {},
+                resources=resources or Resources(),
+                idle_timeout=idle_timeout,
+                idle_action=idle_action,
+                **self._meta(command_id, expected_seq),
+            )
+        )
+
     async def stop(
         self,
         name: str,
@@ -405,6 +444,33 @@ class SandboxClient:
 
     async def start(self, name: str, command_id: str | None = None, expected_seq: int | None = None) -> Reply:
         return await self.send(StartSandbox(name=name, **self._meta(command_id, expected_seq)))
+
+    async def bulk(
+        self,
+        verb: BulkVerb,
+        selector: dict[str, str] | None = None,
+        all: bool = False,
+        timeout: float = 10.0,
+        reason: str = "",
+        command_id: str | None = None,
+    ) -> AsyncIterator[BulkPage]:
+        """``verb`` for every sandbox carrying each label of ``selector`` (or, with ``all``, every
+        one) in a phase the verb is for, as one command the state machine fans out: its pages,
+        each the outcome of every sandbox it took in. The same ``command_id`` sent again (a retry)
+        acts on no sandbox twice."""
+        meta = self._meta(command_id)
+        after = ""
+        while True:
+            reply = await self.send(
+                BulkSandboxes(
+                    verb=verb, selector=selector or {}, all=all, timeout=timeout, reason=reason, after=after, **meta
+                )
+            )
+            page = msgspec.convert(reply.result, BulkPage)
+            yield page
+            if not page.next:
+                return
+            after = page.next
 
     async def pause(
         self, name: str, command_id: str | None = None, reason: str = "", expected_seq: int | None = None

@@ -51,6 +51,7 @@ from sandboxctl.events import limits
 from sandboxctl.events.spec import NO_RESOURCES, Resources
 
 MANAGED = "sandboxctl.managed"
+WORKSPACE = "/workspace"  # where a sandbox's workspace volume is mounted, and its working directory
 SANDBOX = "sandboxctl.sandbox"
 SANDBOX_ID = "sandboxctl.sandbox_id"
 
@@ -400,6 +401,11 @@ class Driver(Protocol):
         """A tar archive of ``path`` in the sandbox's container, streamed in chunks."""
         ...
 
+    def copy_workspace(self, source: str, source_id: str, sandbox: str, sandbox_id: str) -> None:
+        """Copy sandbox ``source``'s workspace, whole and exact (modes, links, times), into sandbox
+        ``sandbox``'s (its container made): streamed from one container's archive to the other's."""
+        ...
+
     def interactive(self, sandbox: str, sandbox_id: str, command: list[str], tty: bool) -> list[str]:
         """The engine's own command line that runs ``command`` in the container attached to the
         caller's terminal: terminal modes and resizes are the engine client's business."""
@@ -568,7 +574,7 @@ class EngineDriver:
         settings: dict[str, Any] = {
             "name": container_name(spec.name),
             "labels": labels,
-            "volumes": {volume: {"bind": "/workspace", "mode": "rw"}},
+            "volumes": {volume: {"bind": WORKSPACE, "mode": "rw"}},
             "network_mode": "none",
             "hostname": spec.name,
         }
@@ -763,6 +769,17 @@ class EngineDriver:
     def copy_out(self, sandbox: str, sandbox_id: str, path: str) -> Iterator[bytes]:
         return self._http("copy").download("copy", self._own("copy", sandbox, sandbox_id), path)
 
+    def copy_workspace(self, source: str, source_id: str, sandbox: str, sandbox_id: str) -> None:
+        try:
+            source_container = self._own("clone", source, source_id)
+        except ContainerMissing as exc:
+            raise DriverError("clone", f"the source sandbox {source} has no container: {exc.message}") from exc
+        http = self._http("clone")
+        # The workspace's contents ("/."), unpacked into the new workspace itself: podman reaches a
+        # volume of a container that never ran only through a path inside it, not through "/".
+        contents = http.download("clone", source_container, f"{WORKSPACE}/.")
+        http.upload("clone", self._own("clone", sandbox, sandbox_id), WORKSPACE, contents)
+
     def _http(self, operation: str) -> EngineHTTP:
         return EngineHTTP(operation, self.base_url, self._api_prefix(operation), self.timeout)
 
@@ -875,20 +892,22 @@ class EngineHTTP:
         headers = ["Content-Type: application/x-tar", "Transfer-Encoding: chunked", "Connection: close"]
         sock = self._open(operation, "PUT", _archive_path(container_id, path), headers)
         try:
-            for chunk in chunks:
-                if chunk:
-                    sock.sendall(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-            sock.sendall(b"0\r\n\r\n")
-        except OSError as exc:
-            # The engine may have refused early (a path it will not write) and closed: its answer says why.
-            with contextlib.suppress(DriverError):
-                status, headers_, rest = self._answer(operation, sock)
-                if status >= 400:
-                    raise _status_error(operation, status, self._body(operation, sock, headers_, rest)) from exc
+            try:
+                for chunk in chunks:
+                    if chunk:
+                        sock.sendall(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                sock.sendall(b"0\r\n\r\n")
+            except OSError as exc:
+                # The engine may have refused early (a path it will not write) and closed: its answer says why.
+                with contextlib.suppress(DriverError):
+                    status, headers_, rest = self._answer(operation, sock)
+                    if status >= 400:
+                        raise _status_error(operation, status, self._body(operation, sock, headers_, rest)) from exc
+                raise DriverError(operation, f"{type(exc).__name__}: {exc}") from exc
+            status, headers_, rest = self._answer(operation, sock)
+            payload = self._body(operation, sock, headers_, rest)
+        finally:
             sock.close()
-            raise DriverError(operation, f"{type(exc).__name__}: {exc}") from exc
-        status, headers_, rest = self._answer(operation, sock)
-        payload = self._body(operation, sock, headers_, rest)
         if status >= 400:
             raise _status_error(operation, status, payload)
 

@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 
 from sandboxctl.events import subjects
-from sandboxctl.events.commands import COMMAND_TYPES
+from sandboxctl.events.commands import COMMAND_TYPES, BulkPage, BulkSandboxes
 from sandboxctl.events.denied import DeniedAttempt
 from sandboxctl.events.envelope import Envelope
 from sandboxctl.events.facts import FACT_TYPES
@@ -58,11 +58,11 @@ def _type_const(type_name: str) -> dict[str, Any]:
 
 
 def document() -> dict[str, Any]:
-    commands = list(COMMAND_TYPES)
+    commands: list[Any] = [*COMMAND_TYPES, BulkSandboxes]  # each a tagged Struct with a VERB
     events = list(EVENT_TYPES.values())
     facts = list(FACT_TYPES.values())
     queries = list(QUERY_TYPES.values())
-    results = [ListPage, HistoryPage, Summary]
+    results = [ListPage, HistoryPage, Summary, BulkPage]
     _, schemas = msgspec.json.schema_components(
         [*commands, *events, *facts, Envelope, Reply, DeniedAttempt, *queries, *results, ServiceHealth],
         ref_template=REF,

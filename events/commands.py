@@ -81,6 +81,23 @@ class CreateSandbox(_Command, tag="sandboxctl.command.create.v1"):
     VERB: ClassVar[str] = "create"
 
 
+class CloneSandbox(_Command, tag="sandboxctl.command.clone.v1"):
+    """Create sandbox ``name`` with a copy of sandbox ``source``'s workspace, and its image, command,
+    resources, env, labels and idle settings; each field given here overrides the source's (labels
+    and env are merged over its, resources limit by limit). The source may be Stopped, Paused or
+    Ready; a Ready one is paused for the copy and resumed (the created event says so)."""
+
+    source: Name
+    image: Image = ""
+    command: Arguments | None = None
+    labels: Labels = {}
+    env: Env = {}
+    resources: Resources = NO_RESOURCES
+    idle_timeout: Idle | None = None
+    idle_action: IdleAction | None = None
+    VERB: ClassVar[str] = "clone"
+
+
 class StopSandbox(_Command, tag="sandboxctl.command.stop.v1"):
     """Stop the sandbox, keeping its workspace: SIGTERM, then SIGKILL after ``timeout`` seconds. A stop
     while Stopping with a grace that ends sooner than the pending one shortens the wait."""
@@ -194,8 +211,58 @@ class WarnSandbox(_Command, tag="sandboxctl.command.warn.v1"):
     VERB: ClassVar[str] = "warn"
 
 
+BulkVerb = Literal["stop", "start", "pause", "resume", "delete"]
+
+
+class BulkSandboxes(
+    msgspec.Struct, kw_only=True, tag_field="type", tag="sandboxctl.command.bulk.v1", omit_defaults=True
+):
+    """One command for many sandboxes: ``verb`` for every sandbox whose labels carry each pair of
+    ``selector``, or with ``all`` every sandbox, among those in a phase the verb is for (stop:
+    Ready or Paused; start: Stopped or Error; pause: Ready; resume: Paused; delete: any). Exactly
+    one of ``selector`` and ``all``. The state machine fans it out as one command per sandbox,
+    decided and logged as if sent alone, each caused by this one (``correlationid``: this
+    ``command_id``) under an id derived from this ``command_id`` and the name, so a retry acts on
+    no sandbox twice. It answers a page at a time, in name order: ``after`` is the ``next`` of the
+    page before (BulkPage)."""
+
+    command_id: CommandId
+    actor: Actor = "anonymous"
+    correlation_id: CorrelationId = ""
+    verb: BulkVerb
+    selector: Labels = {}
+    all: bool = False
+    timeout: Grace = 10.0  # a stop's grace
+    reason: Reason = ""
+    after: Annotated[str, msgspec.Meta(max_length=limits.NAME_MAX)] = ""
+    limit: Annotated[int, msgspec.Meta(ge=1, le=limits.BULK_PAGE_MAX)] = limits.BULK_PAGE_DEFAULT
+    VERB: ClassVar[str] = "bulk"
+    name: ClassVar[str] = ""  # names no one sandbox (an audit record of a refusal names none)
+
+
+class BulkItem(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One sandbox's outcome in a bulk command: as a command sent alone would be answered."""
+
+    name: str
+    accepted: bool
+    phase: str = ""
+    seq: int = 0
+    appended: int = 0
+    code: str = ""  # the error's code when not accepted
+    message: str = ""
+
+
+class BulkPage(msgspec.Struct, kw_only=True):
+    items: list[BulkItem]
+    next: str = ""  # the ``after`` of the next page; "" when this was the last
+
+
+bulk_decoder = msgspec.json.Decoder(BulkSandboxes)
+
+
 SandboxCommand = (
     CreateSandbox
+    | CloneSandbox
     | StopSandbox
     | StartSandbox
     | DeleteSandbox
@@ -213,6 +280,7 @@ SandboxCommand = (
 )
 COMMAND_TYPES: tuple[type[_Command], ...] = (
     CreateSandbox,
+    CloneSandbox,
     StopSandbox,
     StartSandbox,
     DeleteSandbox,

@@ -34,6 +34,11 @@ class SandboxCreated(_Event):
     resources: Resources = NO_RESOURCES  # limits the engine enforces; absent ones: the engine's default
     env: dict[str, str] = {}  # the environment of the sandbox's processes (in clear in the log)
     idle_action: str = "stop"  # what the reaper does once it is idle: "stop" or "pause"
+    # A clone's: the sandbox whose workspace it starts with (name and id), and whether that one was
+    # running, so is paused for the copy and resumed.
+    clone_from: str = ""
+    clone_from_id: str = ""
+    clone_paused: bool = False
     TYPE: ClassVar[str] = "sandboxctl.sandbox.created.v1"
     TRIGGER: ClassVar[str] = "create"
 

@@ -75,3 +75,6 @@ SEQ_MAX = 2**63 - 1
 # the most it may ask for. A page is also cut before it passes the max payload.
 PAGE_LIMIT_DEFAULT = 500
 PAGE_LIMIT_MAX = 5000
+# Sandboxes one page of a bulk command acts on (the state machine answers a page at a time).
+BULK_PAGE_DEFAULT = 500
+BULK_PAGE_MAX = 1000

@@ -18,7 +18,7 @@ from sandboxctl.events.limits import NAME_MAX, PAGE_LIMIT_DEFAULT, PAGE_LIMIT_MA
 
 Limit = Annotated[int, msgspec.Meta(ge=1, le=PAGE_LIMIT_MAX)]
 PhaseName = Annotated[str, msgspec.Meta(max_length=16)]  # a phase's name; the service checks it is one
-PHASES_MAX = 16  # phase names in one list request (there are 8 phases)
+PHASES_MAX = 16  # phase names in one list request (there are 12 phases)
 
 
 class GetRequest(msgspec.Struct):

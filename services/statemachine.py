@@ -43,15 +43,27 @@ from sandboxctl.bus.eventlog import (
 )
 from sandboxctl.bus.publish import Ack
 from sandboxctl.bus.pull import Pull
+from sandboxctl.bus.reading import recorded_spec
 from sandboxctl.bus.streams import DUPLICATE_WINDOW, MAX_DELIVER, durable_pull, ensure_streams
 from sandboxctl.bus.tail import Tail, deliveries, reraise_if_cancelling, stream_seq, unsubscribe
 from sandboxctl.events import subjects
-from sandboxctl.events.commands import CreateSandbox, SandboxCommand, command_decoder
+from sandboxctl.events.commands import (
+    BulkItem,
+    BulkPage,
+    BulkSandboxes,
+    CloneSandbox,
+    CreateSandbox,
+    SandboxCommand,
+    bulk_decoder,
+    command_decoder,
+)
 from sandboxctl.events.envelope import Envelope, encode, now, type_name
 from sandboxctl.events.facts import Fact
 from sandboxctl.events.lifecycle import LifecycleEvent
 from sandboxctl.events.replies import ErrorCode, Reply, error_reply
 from sandboxctl.statemachine import Rejection, SandboxState, decide, evolve, react, validate_name
+from sandboxctl.statemachine.bulk import bulk_problem, command_for, selected
+from sandboxctl.statemachine.clone import decide_clone
 from sandboxctl.statemachine.deadlines import Deadlines, overdue
 from sandboxctl.statemachine.phases import TRANSIENT
 
@@ -59,6 +71,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = "sandboxctl/statemachine"
 MAX_ATTEMPTS = 8
+BULK_PARALLEL = 64  # sandboxes of one bulk page decided and appended at a time
 FACTS_CONSUMER = "sandboxctl-statemachine"
 
 # The ids of the events a fact or the watchdog causes start with these. A command id cannot hold
@@ -481,6 +494,8 @@ class StateMachineService:
                 log.warning("could not reply on %s", msg.reply)
 
     async def handle(self, subject: str, payload: bytes) -> Reply:
+        if subject.split(".")[2:3] == [BulkSandboxes.VERB]:
+            return await self.handle_bulk(subject, payload)
         try:
             command: SandboxCommand = command_decoder.decode(payload)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -527,13 +542,85 @@ class StateMachineService:
                 f"log seq {first.seq}): an idempotency key names one command; send this one with a new id",
                 command.name,
             )
+        decide_fn: Callable[[SandboxState | None], list[LifecycleEvent] | Rejection]
+        if isinstance(command, CloneSandbox):
+            # The source as it is now: its state from the cache, what it is made of from its log.
+            clone, source = command, self.states.get(command.source)
+            spec = None if source is None else await recorded_spec(self.js, command.source, source.sandbox_id)
+
+            def decide_fn(state: SandboxState | None) -> list[LifecycleEvent] | Rejection:
+                return decide_clone(state, source, spec, clone, self.drivers, moment)
+        else:
+
+            def decide_fn(state: SandboxState | None) -> list[LifecycleEvent] | Rejection:
+                return decide(state, command, self.drivers, moment)
+
         reply = await self._decide_and_append(
-            command.name,
-            lambda state: decide(state, command, self.drivers, moment),
-            Cause(key, command.command_id, command.actor, command.correlation_id, digest),
+            command.name, decide_fn, Cause(key, command.command_id, command.actor, command.correlation_id, digest)
         )
         if reply.accepted:
             self._outcomes.put(key, digest, reply, moment)
+        return reply
+
+    async def handle_bulk(self, subject: str, payload: bytes) -> Reply:
+        """One page of a bulk command: each sandbox it takes in gets its own command, decided and
+        logged as if sent alone (statemachine/bulk.py), at most BULK_PARALLEL at a time."""
+        try:
+            bulk = bulk_decoder.decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return error_reply(ErrorCode.INVALID_ARGUMENT, f"malformed bulk command: {exc}")
+        tokens = subject.split(".")
+        if len(tokens) not in ((3, 4) if self.authorizer is not None else (3,)):
+            return error_reply(ErrorCode.INVALID_ARGUMENT, f"a bulk command was sent to {subject[:200]}")
+        problem = bulk_problem(bulk)
+        if problem:
+            return error_reply(ErrorCode.INVALID_ARGUMENT, problem)
+        prefix = ""
+        if self.authorizer is not None:
+            denied = check(self.authorizer, subject, bulk)
+            if denied is not None:
+                await record_denied(self.js, denied)
+                return error_reply(ErrorCode.PERMISSION_DENIED, denied.reason)
+            bulk = msgspec.structs.replace(bulk, actor=tokens[3])
+            prefix = f"{tokens[3]}/"
+        moment = time.time()
+        # A page sent again (a retry) is answered as it was the first time, while its outcome is
+        # kept; after that, each sandbox's own command id still keeps it from acting twice.
+        page_key = f"{prefix}{bulk.command_id}#{bulk.after}"
+        page_digest = hashlib.sha256(encode(bulk)).hexdigest()[:32]
+        known_page = self._outcomes.get(page_key, moment)
+        if known_page is not None and known_page[0] == page_digest:
+            return known_page[1]
+        names = sorted(
+            name
+            for name, state in self.states.items()
+            if name > bulk.after and state is not None and selected(state, bulk)
+        )
+        page, more = names[: bulk.limit], len(names) > bulk.limit
+        gate = asyncio.Semaphore(BULK_PARALLEL)
+
+        async def one(name: str) -> BulkItem:
+            command = command_for(bulk, name)
+            key, digest = prefix + command.command_id, command_digest(command)
+            async with gate:
+                known = self._outcomes.get(key, moment)
+                if known is not None and known[0] == digest:
+                    reply = known[1]  # this page, sent again: its first outcome
+                else:
+                    reply = await self._decide_and_append(
+                        name,
+                        lambda state: decide(state, command, self.drivers, moment),
+                        Cause(key, command.command_id, command.actor, command.correlation_id, digest),
+                    )
+                    if reply.accepted:
+                        self._outcomes.put(key, digest, reply, moment)
+            if reply.error is not None:
+                return BulkItem(name=name, accepted=False, code=reply.error.code, message=reply.error.message)
+            return BulkItem(name=name, accepted=True, phase=reply.phase, seq=reply.seq, appended=reply.appended)
+
+        items = list(await asyncio.gather(*(one(name) for name in page)))
+        reply = Reply(accepted=True, result=BulkPage(items=items, next=page[-1] if more else ""))
+        self._outcomes.put(page_key, page_digest, reply, moment)
         return reply
 
     # -- deadlines -----------------------------------------------------------------

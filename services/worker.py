@@ -41,7 +41,7 @@ from sandboxctl.bus.eventlog import (
     retry_delay,
 )
 from sandboxctl.bus.pull import Pull
-from sandboxctl.bus.reading import load_states, read_events
+from sandboxctl.bus.reading import load_states, read_events, recorded_spec
 from sandboxctl.bus.streams import MAX_DELIVER, durable_pull, ensure_streams
 from sandboxctl.bus.tail import deliveries, reraise_if_cancelling, stream_seq
 from sandboxctl.drivers.base import (
@@ -78,7 +78,6 @@ from sandboxctl.events.lifecycle import (
     SandboxResumeRequested,
     SandboxStartRequested,
     SandboxStopRequested,
-    SandboxUpdated,
 )
 from sandboxctl.events.spec import NO_RESOURCES, Resources
 from sandboxctl.services.threads import EngineThreads
@@ -411,7 +410,9 @@ class DriverWorker:
         sandbox_id = getattr(event, "sandbox_id", "")
         facts: Facts = []
         try:
-            if isinstance(event, SandboxCreated):
+            if isinstance(event, SandboxCreated) and event.clone_from:
+                facts.extend(await self._clone(spec_of(name, event), event))
+            elif isinstance(event, SandboxCreated):
                 facts.extend(await self._make(spec_of(name, event)))
             elif isinstance(event, SandboxStopRequested):
                 info = await self._stop(name, sandbox_id, event.timeout)
@@ -439,6 +440,28 @@ class DriverWorker:
     async def _make(self, spec: SandboxSpec, again: bool = False) -> Facts:
         """Make the container (``again``: in place of the sandbox's own, on its workspace) and start it."""
         info = await self._patiently(self.driver.remake if again else self.driver.create, spec)
+        created = ContainerCreated(container_id=info.container_id, sandbox_id=info.sandbox_id)
+        return [
+            (f"{info.container_id}:created", created),
+            started(await self._start_container(spec.name, spec.sandbox_id)),
+        ]
+
+    async def _clone(self, spec: SandboxSpec, event: SandboxCreated) -> Facts:
+        """Make the clone's container on a workspace of its own, copy the source's workspace into it
+        (a source that runs is paused for the copy and resumed, as its log then shows), start it."""
+        info = await self._patiently(self.driver.create, spec)
+        source, source_id = event.clone_from, event.clone_from_id
+        paused = False
+        try:
+            if event.clone_paused:
+                running = await self._run(self.driver.inspect, source, source_id)
+                if running is not None and running.running and not running.paused:
+                    await self._run(self.driver.pause, source, source_id)
+                    paused = True
+            await self._run(self.driver.copy_workspace, source, source_id, spec.name, spec.sandbox_id)
+        finally:
+            if paused:
+                await self._run(self.driver.resume, source, source_id)
         created = ContainerCreated(container_id=info.container_id, sandbox_id=info.sandbox_id)
         return [
             (f"{info.container_id}:created", created),
@@ -502,21 +525,9 @@ class DriverWorker:
         return await self._make(spec)
 
     async def _recorded(self, name: str, sandbox_id: str) -> SandboxSpec | None:
-        """The sandbox's spec as the log has it now: its SandboxCreated and the updates since (read only
-        on the rare paths that make a container again)."""
-        spec: SandboxSpec | None = None
-        async for _, logged, _ in read_events(self.js, name):
-            if not isinstance(logged, Envelope):
-                continue
-            event = logged.data
-            if isinstance(event, SandboxCreated):
-                spec = spec_of(name, event) if event.sandbox_id == sandbox_id else None
-            elif spec is not None and isinstance(event, SandboxUpdated):
-                if event.resources is not None:
-                    spec.resources = event.resources
-                if event.labels is not None:
-                    spec.labels = event.labels
-        return spec
+        """The sandbox's spec as the log has it now (read only on the rare paths that make a container again)."""
+        created = await recorded_spec(self.js, name, sandbox_id)
+        return None if created is None else spec_of(name, created)
 
     async def _patiently(
         self, operation: Callable[..., Any], *args: Any, done: Callable[[ContainerInfo], bool] | None = None

@@ -14,6 +14,7 @@ from datetime import datetime
 import msgspec
 
 from sandboxctl.events.commands import (
+    CloneSandbox,
     CreateSandbox,
     DeleteSandbox,
     PauseSandbox,
@@ -176,6 +177,9 @@ def decide(
     if problem:
         return Rejection(ErrorCode.INVALID_ARGUMENT, problem)
     exists = state is not None and state.phase is not Phase.DELETED
+    if isinstance(command, CloneSandbox):
+        # Decided with its source's state and spec (statemachine/clone.py), which this has not.
+        return Rejection(ErrorCode.INTERNAL, "a clone is decided with its source: statemachine.clone.decide_clone")
 
     if isinstance(command, CreateSandbox):
         if exists and state is not None and state.sandbox_id == command.command_id:
