@@ -303,8 +303,12 @@ async def test_up_makes_the_credentials_and_user_add_admits_a_new_user(
     )  # fmt: skip
     try:
         assert up.stdout is not None
-        banner = await asyncio.wait_for(up.stdout.readline(), 60)
-        assert b"sandboxctl is up" in banner, banner
+        banner = b""
+        async with asyncio.timeout(60):  # its log lines (an orphan container reported, ...) may come first
+            while b"sandboxctl is up" not in banner:
+                line = await up.stdout.readline()
+                assert line, banner
+                banner += line
         auth = data / "auth"
         made = sorted(p.name for p in (auth / "credentials").iterdir())
         components = ("statemachine", "projector", "query", "reaper", "driver-podman", "driver-docker")

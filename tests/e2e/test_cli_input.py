@@ -47,7 +47,7 @@ async def test_delete_all_asks_a_person_and_refuses_a_script_without_yes(
         assert await phase(cli, name) != "Deleted"
 
     code, out, err = await _cli_on_a_terminal(config, "yes\n", "delete", "--all")
-    assert code == 0 and out == "2 sandboxes deleted\n", (out, err)
+    assert code == 0 and out.splitlines() == [*(f"{n}: deleted" for n in sorted(made)), "2 sandboxes deleted"], out
     for name in made:
         assert await phase(cli, name) == "Deleted"
     code, out, err = await cli("delete", "--all")  # nothing left to delete: nothing to ask

@@ -140,6 +140,10 @@ def body(verb: str, **fields: Any) -> dict[str, Any]:
         required["holder"] = "poison"
     if verb == "warn":
         required |= {"kind": "stop", "activity_seq": 1, "grace": 1}
+    if verb == "clone":
+        required["source"] = "px-fresh-source"
+    if verb == "copy":
+        required |= {"direction": "in", "path": "/workspace/poison", "size": 1}
     return {"type": f"sandboxctl.command.{verb}.v1", **required, **fields}
 
 
