@@ -27,7 +27,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -669,23 +669,31 @@ class ControlPlane:
                 log.debug("health watch: %s", exc)
 
     async def stop(self) -> None:
+        """Stop every part, each within a bound: a part that does not stop in time is left behind
+        and named in the log, so it cannot keep the others (or the process) from stopping."""
         if self._observer is not None:
             self._observer.cancel()
-            await asyncio.gather(self._observer, return_exceptions=True)
+            await _within(5, "the health observer", asyncio.gather(self._observer, return_exceptions=True))
         if self._responder is not None:
-            await self._responder.stop()
-        await self.supervisor.stop()
+            await _within(5, "the health responder", self._responder.stop())
+        await _within(10, "the supervisor", self.supervisor.stop())
         for slot in reversed(self.supervisor.slots):
-            try:
-                await asyncio.wait_for(slot.service.stop(), 10)
-            except Exception:
-                log.exception("stopping %s", type(slot.service).__name__)
+            await _within(10, slot.name, slot.service.stop())
         for nc in self.connections:
-            try:
-                await asyncio.wait_for(nc.close(), 5)
-            except Exception:
-                pass
+            await _within(5, "a NATS connection", nc.close())
         self.connections.clear()
+
+
+async def _within(seconds: float, what: str, step: Awaitable[Any]) -> None:
+    """Await ``step`` for at most ``seconds``. Unlike ``wait_for``, which waits on until a cancelled
+    step has finished, this leaves a step that ignores its cancellation behind."""
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        task.cancel()
+        log.warning("stopping %s took more than %gs; left behind", what, seconds)
+    elif not task.cancelled() and task.exception() is not None:
+        log.error("stopping %s failed: %r", what, task.exception())
 
 
 # -- sandboxctl up and serve ------------------------------------------------------------------------
