@@ -148,12 +148,16 @@ class Projector:
             )
 
     async def stop(self) -> None:
-        if self.tasks:
-            for task in self.tasks:
-                task.cancel()
-            await asyncio.gather(*self.tasks, return_exceptions=True)
-            await self.tail.close()
-        await self.db.close()
+        """Stop following the log, within bounds, and close the database whatever happens: an open
+        aiosqlite connection's thread would keep the process from exiting."""
+        try:
+            if self.tasks:
+                for task in self.tasks:
+                    task.cancel()
+                await asyncio.wait(self.tasks, timeout=5)
+                await asyncio.wait({asyncio.ensure_future(self.tail.close())}, timeout=5)
+        finally:
+            await self.db.close()
 
     async def _run(self) -> None:
         target = await self.tail.last_seq()

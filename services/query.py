@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -144,14 +143,18 @@ class QueryService:
         self._sub = await self.nc.subscribe(subjects.query("*"), queue="sandboxctl-query", cb=self._on_request)
 
     async def stop(self) -> None:
-        if self._sub is not None:
-            try:
-                await self._sub.unsubscribe()
-            except nats.errors.ConnectionClosedError:
-                pass
-        if self._pending:
-            await asyncio.wait(self._pending, timeout=5)
-        await self.db.close()
+        """Stop answering, within bounds, and close the database whatever happens: an open
+        aiosqlite connection's thread would keep the process from exiting."""
+        try:
+            if self._sub is not None:
+                unsubscribing = asyncio.ensure_future(self._sub.unsubscribe())
+                await asyncio.wait({unsubscribing}, timeout=5)
+                if unsubscribing.done() and not unsubscribing.cancelled():
+                    unsubscribing.exception()  # a closed connection has nothing to unsubscribe: not an error
+            if self._pending:
+                await asyncio.wait(self._pending, timeout=5)
+        finally:
+            await self.db.close()
 
     @property
     def budget(self) -> int:
