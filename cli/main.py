@@ -45,6 +45,7 @@ from sandboxctl.events.limits import (
 from sandboxctl.events.queries import ListRequest
 from sandboxctl.events.replies import ErrorCode
 from sandboxctl.runtime.config import Config, parse_duration
+from sandboxctl.runtime.supervise import run_to_exit
 from sandboxctl.services.query import list_problem
 from sandboxctl.statemachine import Phase, validate_name
 
@@ -1028,7 +1029,7 @@ async def run_main(argv: Sequence[str], config: Config | None = None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
     try:
-        code = asyncio.run(run_main(sys.argv[1:] if argv is None else argv))
+        code = run_to_exit(run_main(sys.argv[1:] if argv is None else argv))
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)

@@ -883,7 +883,9 @@ async def run_up(config: Config, port: int = 4222, sync_always: bool = False) ->
             await server.close()
             server.stop()
         lock.release()
-        os.sync()
+        # What the server wrote reaches the disk before up says it has stopped; a sync slowed by
+        # other writers on the machine gets a bound, after which the exit leaves it to the kernel.
+        await _within(10, "the sync of the disks", asyncio.to_thread(os.sync))
 
 
 class _AuditRecorder:

@@ -18,6 +18,10 @@ Three layers, each closing one way a control plane used to fail silently:
   never mistaken for it.
 - **One ``up`` per data directory** (``DataDirLock``): an advisory lock held for
   the life of the process, released by the kernel however it dies.
+- **A process told to stop ends** (``run_to_exit``): what is still running once its
+  work is done (a task that ignores its cancellation, a thread stuck in a call) is
+  given a bounded time, then named in the log with its stack, and the process exits
+  anyway instead of hanging on it.
 
 It also follows nats-server's log (``ServerLogAudit``): the server refuses a
 publish or subscription the user's permissions forbid, and logs it; each refusal
@@ -37,8 +41,10 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +61,74 @@ RESTART_LIMIT = 5
 RESTART_WINDOW = 60.0
 
 # -- processes -------------------------------------------------------------------------------
+
+LEFTOVER_GRACE = 5.0  # seconds what is still running after a process's work may take to end
+
+
+def run_to_exit(main: Awaitable[int], grace: float = LEFTOVER_GRACE) -> int:
+    """Run ``main`` to its end, then end the process with its result within ``grace`` seconds more.
+
+    ``asyncio.run`` waits without limit for every task left to finish its cancellation and for
+    every thread of the default executor, and the interpreter then joins every other non-daemon
+    thread: one step that ignores its cancellation, or one call stuck in a socket, keeps a
+    stopped service's process alive for ever. Here each gets ``grace``; what is still running
+    after it is logged with its stack and the process exits anyway (``os._exit``, once its
+    output is flushed), so a supervisor's stop always ends it."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    code = 1
+    try:
+        code = loop.run_until_complete(main)
+    finally:
+        left = _end_leftovers(loop, grace)
+        asyncio.set_event_loop(None)
+        loop.close()
+    deadline = time.monotonic() + grace
+    for thread in _stuck_threads():
+        thread.join(max(0.0, deadline - time.monotonic()))
+    if left or _stuck_threads():
+        for thread in _stuck_threads():
+            log.error("thread %s still running at exit:\n%s", thread.name, _thread_stack(thread))
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+    return code
+
+
+def _end_leftovers(loop: asyncio.AbstractEventLoop, grace: float) -> bool:
+    """Cancel the tasks ``main`` left, wait ``grace`` for them and for the default executor;
+    whether anything was still running after it (each such task is logged with its stack)."""
+    pending = asyncio.all_tasks(loop)
+    for task in pending:
+        task.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.wait(pending, timeout=grace))
+    stuck = [task for task in pending if not task.done()]
+    for task in stuck:
+        frames = "".join(traceback.format_stack(task.get_stack()[-1])) if task.get_stack() else ""
+        log.error("task %s ignored its cancellation at exit:\n%s", task.get_name(), frames)
+    for task in pending:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            log.debug("task %s ended with %r", task.get_name(), task.exception())
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    executor = loop.create_task(loop.shutdown_default_executor())
+    loop.run_until_complete(asyncio.wait({executor}, timeout=grace))
+    if not executor.done():
+        executor.cancel()
+        return True
+    return bool(stuck)
+
+
+def _stuck_threads() -> list[threading.Thread]:
+    """Non-daemon threads besides this one, which the interpreter would wait for at exit."""
+    return [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon and t.is_alive()]
+
+
+def _thread_stack(thread: threading.Thread) -> str:
+    frame = sys._current_frames().get(thread.ident or -1)
+    return "".join(traceback.format_stack(frame)) if frame is not None else "(no frame)"
 
 
 def _load_prctl() -> Callable[..., int] | None:

@@ -94,7 +94,10 @@ class Up:
 
     async def exit_code(self, timeout: float = 60.0) -> int:
         assert self.proc is not None
-        code = await asyncio.wait_for(self.proc.wait(), timeout)
+        try:
+            code = await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            raise AssertionError(f"up did not exit within {timeout}s:\n{self.text}") from None
         if self._reader is not None:
             await self._reader
         return code
