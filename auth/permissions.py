@@ -43,6 +43,22 @@ def _stream_info(*streams: str) -> list[str]:
     return [f"{API}.STREAM.INFO.{s}" for s in streams]
 
 
+WORKSPACES_STREAM = f"OBJ_{subjects.WORKSPACES_BUCKET}"  # the stream behind the object store bucket
+
+
+def _workspaces() -> list[str]:
+    """What a driver worker needs of the archived workspaces' bucket: make it if missing, put,
+    read (an ordered consumer), purge the chunks an object no longer uses, delete."""
+    return [
+        *_stream_reader(WORKSPACES_STREAM),
+        f"{API}.STREAM.CREATE.{WORKSPACES_STREAM}",
+        f"{API}.STREAM.PURGE.{WORKSPACES_STREAM}",
+        f"{API}.DIRECT.GET.{WORKSPACES_STREAM}.>",
+        f"$O.{subjects.WORKSPACES_BUCKET}.>",
+        f"{API}.STREAM.NAMES",  # nats-py's get finds the bucket's stream by its chunks' subject
+    ]
+
+
 CORE_STREAMS = (subjects.LOG_STREAM, subjects.FACTS_STREAM, subjects.DEADLETTER_STREAM)
 # Nobody but their owner may delete the services' durable consumers.
 PROTECTED_CONSUMERS = [f"{API}.CONSUMER.DELETE.{subjects.LOG_STREAM}.sandboxctl-driver-{d}" for d in DRIVERS] + [
@@ -118,6 +134,7 @@ def component_permissions(component: str) -> dict[str, Any]:
                     *_stream_info(*CORE_STREAMS),
                     *_stream_reader(subjects.LOG_STREAM),  # reconciliation folds the whole log
                     *_durable(subjects.LOG_STREAM, consumer),
+                    *_workspaces(),  # archive and restore
                     subjects.FACTS_ALL,
                     f"{subjects.DEADLETTER}.{consumer}.*",
                     subjects.INBOXES_ALL,

@@ -19,11 +19,13 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    ObjectStoreConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
 )
 from nats.js.errors import APIError, NotFoundError
+from nats.js.object_store import ObjectStore
 
 from sandboxctl.events import subjects
 
@@ -155,3 +157,26 @@ def push_consumer(
         mem_storage=True,
         num_replicas=1,
     )
+
+
+async def workspaces(js: JetStreamContext, replicas: int = 1) -> ObjectStore:
+    """The object store bucket archived workspaces are kept in, made if missing (replicated like
+    the log when clustered)."""
+    try:
+        return await js.object_store(subjects.WORKSPACES_BUCKET)
+    except NotFoundError:
+        pass
+    try:
+        return await js.create_object_store(
+            subjects.WORKSPACES_BUCKET,
+            config=ObjectStoreConfig(
+                bucket=subjects.WORKSPACES_BUCKET,
+                description="sandboxctl: archived workspaces, one object per archived sandbox",
+                storage=StorageType.FILE,
+                replicas=replicas,
+            ),
+        )
+    except APIError as exc:  # another process made it first
+        if exc.err_code != STREAM_NAME_IN_USE:
+            raise
+        return await js.object_store(subjects.WORKSPACES_BUCKET)

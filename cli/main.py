@@ -54,7 +54,7 @@ WAIT_MAX = 86400.0
 
 PHASE_CHOICES = ", ".join(p.value for p in Phase)
 # The verbs that take NAMEs or --all, and wait for each sandbox's phase (client.TERMINAL).
-BULK_VERBS = ("stop", "start", "pause", "resume", "delete")
+BULK_VERBS = ("stop", "start", "pause", "resume", "archive", "delete")
 
 
 class Failure(Exception):
@@ -170,17 +170,16 @@ def _check(args: argparse.Namespace) -> None:
         and (args.all or args.selector_labels or len(names) > 1)
     ):
         raise Failure(ErrorCode.INVALID_ARGUMENT, "--if-seq names one sandbox's log sequence: give one NAME")
+    if args.cmd in ("create", "clone", "update"):
+        args.idle_timeout_seconds = (
+            None if args.idle_timeout is None else _duration(args.idle_timeout, "--idle-timeout", IDLE_MAX)
+        )
+    if args.cmd in ("create", "clone"):
+        args.labels = _labels(args.label)
     if args.cmd == "create":
-        args.labels = _labels(args.label)
-        args.idle_timeout_seconds = (
-            None if args.idle_timeout is None else _duration(args.idle_timeout, "--idle-timeout", IDLE_MAX)
-        )
         args.auto_delete_seconds = _duration(args.auto_delete_after, "--auto-delete-after", IDLE_MAX)
+        args.auto_archive_seconds = _duration(args.auto_archive_after, "--auto-archive-after", IDLE_MAX)
     if args.cmd == "clone":
-        args.labels = _labels(args.label)
-        args.idle_timeout_seconds = (
-            None if args.idle_timeout is None else _duration(args.idle_timeout, "--idle-timeout", IDLE_MAX)
-        )
         problem = validate_name(args.source)
         if problem:
             raise Failure(ErrorCode.INVALID_ARGUMENT, problem)
@@ -190,9 +189,6 @@ def _check(args: argparse.Namespace) -> None:
         for key in removed:
             _labels([f"{key}="])  # the same rules for a key to remove
         args.remove_labels = removed
-        args.idle_timeout_seconds = (
-            None if args.idle_timeout is None else _duration(args.idle_timeout, "--idle-timeout", IDLE_MAX)
-        )
         if not (args.resources or args.labels or removed or args.idle_timeout_seconds is not None or args.idle_action):
             raise Failure(
                 ErrorCode.INVALID_ARGUMENT,
@@ -273,6 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         default="0",
         help="DESTROYS THE WORKSPACE: delete it once Stopped this long, e.g. 7d (default 0: never)",
+    )
+    c.add_argument(
+        "--auto-archive-after",
+        metavar="DURATION",
+        default="0",
+        help="archive it (workspace into the object store, volume freed) once Stopped this long, e.g. 7d; "
+        "start restores it (default 0: never)",
     )
     c.add_argument(
         "--idle-action",
@@ -404,6 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("pause", "freeze sandboxes: memory kept, CPU freed", "pause every Ready sandbox"),
         ("resume", "thaw paused sandboxes where they were", "resume every Paused sandbox"),
         (
+            "archive",
+            "move stopped sandboxes' workspaces into the object store (start restores them)",
+            "archive every Stopped sandbox",
+        ),
+        (
             "delete",
             "delete sandboxes and their workspaces",
             "delete every sandbox, whatever its phase, DESTROYING ALL THEIR WORKSPACES (asks first unless --yes)",
@@ -528,7 +536,14 @@ async def _confirm_delete_all(names: list[str]) -> None:
         raise Failure(ErrorCode.FAILED_PRECONDITION, "not confirmed: nothing was deleted")
 
 
-PAST = {"stop": "stopped", "start": "started", "pause": "paused", "resume": "resumed", "delete": "deleted"}
+PAST = {
+    "stop": "stopped",
+    "start": "started",
+    "pause": "paused",
+    "resume": "resumed",
+    "archive": "archived",
+    "delete": "deleted",
+}
 
 
 class _Progress:
@@ -609,6 +624,8 @@ async def _bulk(client: SandboxClient, verb: BulkVerb, args: argparse.Namespace)
                 reply = await client.pause(name, expected_seq=seq)
             elif verb == "resume":
                 reply = await client.resume(name, expected_seq=seq)
+            elif verb == "archive":
+                reply = await client.archive(name, expected_seq=seq)
             else:
                 reply = await client.delete(name, expected_seq=seq)
             if not args.no_wait:
@@ -925,6 +942,7 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
                 driver=args.driver,
                 idle_timeout=args.idle_timeout_seconds,
                 auto_delete_after=args.auto_delete_seconds,
+                auto_archive_after=args.auto_archive_seconds,
                 resources=args.resources,
                 env=args.env,
                 expected_seq=args.expected_seq,

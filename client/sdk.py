@@ -40,6 +40,7 @@ from sandboxctl.client.errors import (
 from sandboxctl.events import subjects
 from sandboxctl.events.commands import (
     AcquireLease,
+    ArchiveSandbox,
     BulkPage,
     BulkSandboxes,
     BulkVerb,
@@ -76,6 +77,7 @@ TERMINAL: dict[str, Phase] = {
     "stop": Phase.STOPPED,
     "pause": Phase.PAUSED,
     "resume": Phase.READY,
+    "archive": Phase.ARCHIVED,
     "delete": Phase.DELETED,
 }
 
@@ -86,6 +88,7 @@ TERMINAL: dict[str, Phase] = {
 _ON_THE_WAY: dict[Phase, frozenset[Phase]] = {
     Phase.READY: frozenset({Phase.PROVISIONING, Phase.STARTING, Phase.RESUMING}),
     Phase.STOPPED: frozenset({Phase.STOPPING}),
+    Phase.ARCHIVED: frozenset({Phase.ARCHIVING}),
     Phase.PAUSED: frozenset({Phase.PAUSING}),
     Phase.DELETED: frozenset({Phase.DELETING}),
 }
@@ -372,11 +375,14 @@ class SandboxClient:
         env: dict[str, str] | None = None,
         expected_seq: int | None = None,
         idle_action: Literal["stop", "pause"] = "stop",
+        auto_archive_after: float = 0.0,
     ) -> Reply:
         """``idle_timeout``: seconds idle before the reaper stops it (0 never; None, the service's
         default). ``auto_delete_after``: seconds Stopped before the reaper deletes it, workspace
-        and all (0, the default, never). ``resources``: limits the engine enforces. ``env``: the
-        environment of its processes, written to the log in clear (never secrets).
+        and all (0, the default, never). ``auto_archive_after``: seconds Stopped before the reaper
+        archives it (0, the default, never); a start restores it. ``resources``: limits the engine
+        enforces. ``env``: the environment of its processes, written to the log in clear (never
+        secrets).
 
         ``expected_seq`` (on every command that changes a sandbox): act only if the sandbox is
         still at this log sequence, its ``last_seq`` as read (0 for a name never used); else
@@ -393,6 +399,7 @@ class SandboxClient:
                 resources=resources or Resources(),
                 env=env or {},
                 idle_action=idle_action,
+                auto_archive_after=auto_archive_after,
                 **self._meta(command_id, expected_seq),
             )
         )
@@ -477,6 +484,11 @@ class SandboxClient:
     ) -> Reply:
         """Freeze the sandbox's processes: memory kept, CPU freed (phase Paused). ``resume`` thaws them."""
         return await self.send(PauseSandbox(name=name, reason=reason, **self._meta(command_id, expected_seq)))
+
+    async def archive(self, name: str, command_id: str | None = None, expected_seq: int | None = None) -> Reply:
+        """Move a Stopped sandbox's workspace into the object store and free its volume (phase
+        Archived); ``start`` restores it first."""
+        return await self.send(ArchiveSandbox(name=name, **self._meta(command_id, expected_seq)))
 
     async def resume(self, name: str, command_id: str | None = None, expected_seq: int | None = None) -> Reply:
         return await self.send(ResumeSandbox(name=name, **self._meta(command_id, expected_seq)))

@@ -78,6 +78,9 @@ class CreateSandbox(_Command, tag="sandboxctl.command.create.v1"):
     env: Env = {}
     # What the reaper does to it once idle past idle_timeout: stop it, or pause it (memory kept).
     idle_action: IdleAction = "stop"
+    # Seconds a Stopped sandbox may stay Stopped before the reaper archives its workspace into the
+    # object store (phase Archived; a start restores it). 0, the default: never.
+    auto_archive_after: Idle = 0.0
     VERB: ClassVar[str] = "create"
 
 
@@ -124,6 +127,15 @@ class PauseSandbox(_Command, tag="sandboxctl.command.pause.v1"):
 
     reason: Reason = ""  # ``idle`` for the reaper's pauses (a sandbox created with idle_action pause)
     VERB: ClassVar[str] = "pause"
+
+
+class ArchiveSandbox(_Command, tag="sandboxctl.command.archive.v1"):
+    """Move a Stopped sandbox's workspace into the object store and free its volume and container
+    (phase Archived); ``start`` restores it first. The volume is removed only once the stored
+    object is complete and its digest checked."""
+
+    reason: Reason = ""  # ``auto_archive`` for the reaper's (a sandbox created with auto_archive_after)
+    VERB: ClassVar[str] = "archive"
 
 
 class ResumeSandbox(_Command, tag="sandboxctl.command.resume.v1"):
@@ -202,7 +214,8 @@ class RecordCopy(_Command, tag="sandboxctl.command.copy.v1"):
 
 class WarnSandbox(_Command, tag="sandboxctl.command.warn.v1"):
     """The reaper's notice that a deadline passed: the sandbox is stopped (``kind`` ``stop``) or,
-    opted in, deleted (``delete``) after ``grace`` seconds unless activity or a lease comes first.
+    opted in, archived (``archive``) or deleted (``delete``) after ``grace`` seconds unless
+    activity or a lease comes first.
     ``activity_seq`` names the deadline: the log sequence of the activity it counts from."""
 
     kind: Annotated[str, msgspec.Meta(max_length=limits.KIND_MAX)]
@@ -211,7 +224,7 @@ class WarnSandbox(_Command, tag="sandboxctl.command.warn.v1"):
     VERB: ClassVar[str] = "warn"
 
 
-BulkVerb = Literal["stop", "start", "pause", "resume", "delete"]
+BulkVerb = Literal["stop", "start", "pause", "resume", "archive", "delete"]
 
 
 class BulkSandboxes(
@@ -268,6 +281,7 @@ SandboxCommand = (
     | DeleteSandbox
     | PauseSandbox
     | ResumeSandbox
+    | ArchiveSandbox
     | UpdateSandbox
     | TouchSandbox
     | AcquireLease
@@ -286,6 +300,7 @@ COMMAND_TYPES: tuple[type[_Command], ...] = (
     DeleteSandbox,
     PauseSandbox,
     ResumeSandbox,
+    ArchiveSandbox,
     UpdateSandbox,
     TouchSandbox,
     AcquireLease,

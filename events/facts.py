@@ -52,6 +52,16 @@ class ContainerResumed(_Fact):
     TYPE: ClassVar[str] = "sandboxctl.fact.container_resumed.v1"
 
 
+class WorkspaceArchived(_Fact):
+    """The sandbox's workspace is stored as ``object`` (checked against ``digest``), and its
+    container and volume are removed."""
+
+    object: str
+    digest: str
+    size: int = 0
+    TYPE: ClassVar[str] = "sandboxctl.fact.workspace_archived.v1"
+
+
 class ContainerRemoved(_Fact):
     # True only from sandboxctl's own delete, once the workspace volume is gone too. A removal
     # seen by a watcher says nothing about the volume: taking it as the end of a delete would
@@ -79,6 +89,7 @@ Fact = (
     | ContainerExited
     | ContainerPaused
     | ContainerResumed
+    | WorkspaceArchived
     | ContainerRemoved
     | DriverFailed
     | ContainerOrphaned
@@ -91,6 +102,7 @@ FACT_TYPES: dict[str, type[_Fact]] = {
         ContainerExited,
         ContainerPaused,
         ContainerResumed,
+        WorkspaceArchived,
         ContainerRemoved,
         DriverFailed,
         ContainerOrphaned,

@@ -34,6 +34,7 @@ class SandboxCreated(_Event):
     resources: Resources = NO_RESOURCES  # limits the engine enforces; absent ones: the engine's default
     env: dict[str, str] = {}  # the environment of the sandbox's processes (in clear in the log)
     idle_action: str = "stop"  # what the reaper does once it is idle: "stop" or "pause"
+    auto_archive_after: float = 0.0  # seconds Stopped before an auto-archive; 0 (the default): never
     # A clone's: the sandbox whose workspace it starts with (name and id), and whether that one was
     # running, so is paused for the copy and resumed.
     clone_from: str = ""
@@ -64,6 +65,8 @@ class SandboxStartRequested(_Event):
     # The limits the sandbox has now: a container made with others (an update since) is made
     # again with these before it starts.
     resources: Resources = NO_RESOURCES
+    # The archived workspace to restore first (the sandbox is Archived, or a restore did not finish).
+    restore: str = ""
     TYPE: ClassVar[str] = "sandboxctl.sandbox.start_requested.v1"
     TRIGGER: ClassVar[str] = "request_start"
 
@@ -94,6 +97,25 @@ class SandboxResumeRequested(_Event):
     driver: str
     TYPE: ClassVar[str] = "sandboxctl.sandbox.resume_requested.v1"
     TRIGGER: ClassVar[str] = "request_resume"
+
+
+class SandboxArchiveRequested(_Event):
+    sandbox_id: str
+    driver: str
+    object: str  # the name of the workspace's object in the workspaces bucket
+    reason: str = ""
+    TYPE: ClassVar[str] = "sandboxctl.sandbox.archive_requested.v1"
+    TRIGGER: ClassVar[str] = "request_archive"
+
+
+class SandboxArchived(_Event):
+    """The workspace is in the object store, whole and checked; container and volume are gone."""
+
+    object: str
+    digest: str  # SHA-256 of the archive, as the object store states it
+    size: int = 0
+    TYPE: ClassVar[str] = "sandboxctl.sandbox.archived.v1"
+    TRIGGER: ClassVar[str] = "archived"
 
 
 class SandboxCompleted(_Event):
@@ -144,6 +166,7 @@ class SandboxDeleteRequested(_Event):
     sandbox_id: str
     driver: str
     reason: str = ""  # "auto_delete" when the reaper deleted it (opt-in)
+    archive: str = ""  # the object its workspace is archived as, deleted with it
     TYPE: ClassVar[str] = "sandboxctl.sandbox.delete_requested.v1"
     TRIGGER: ClassVar[str] = "request_delete"
 
@@ -245,10 +268,22 @@ class SandboxDeleteWarning(_Event):
     ACTIVITY: ClassVar[bool] = False
 
 
+class SandboxArchiveWarning(_Event):
+    """Archiving soon (opt-in auto-archive): Stopped past ``auto_archive_after``; the workspace
+    moves into the object store after ``grace`` seconds unless a touch or a lease comes first."""
+
+    grace: float
+    activity_seq: int
+    auto_archive_after: float = 0.0
+    TYPE: ClassVar[str] = "sandboxctl.sandbox.archive_warning.v1"
+    TRIGGER: ClassVar[str] = "note"
+    ACTIVITY: ClassVar[bool] = False
+
+
 class SandboxWarningCancelled(_Event):
     """A pending stop or delete warning no longer holds: someone used the sandbox in its grace."""
 
-    kind: str  # "stop" or "delete"
+    kind: str  # "stop", "archive" or "delete"
     cause: str  # the command that cancelled it: touch, lease_acquire, ...
     TYPE: ClassVar[str] = "sandboxctl.sandbox.warning_cancelled.v1"
     TRIGGER: ClassVar[str] = "note"
@@ -264,6 +299,8 @@ LifecycleEvent = (
     | SandboxPauseRequested
     | SandboxPaused
     | SandboxResumeRequested
+    | SandboxArchiveRequested
+    | SandboxArchived
     | SandboxCompleted
     | SandboxFailed
     | SandboxDeleteRequested
@@ -278,6 +315,7 @@ LifecycleEvent = (
     | SandboxStopHoldReleased
     | SandboxStopWarning
     | SandboxDeleteWarning
+    | SandboxArchiveWarning
     | SandboxWarningCancelled
 )
 WORK_ORDERS = (
@@ -286,6 +324,7 @@ WORK_ORDERS = (
     SandboxStartRequested,
     SandboxPauseRequested,
     SandboxResumeRequested,
+    SandboxArchiveRequested,
     SandboxDeleteRequested,
 )
 EVENT_TYPES: dict[str, type[_Event]] = {
@@ -299,6 +338,8 @@ EVENT_TYPES: dict[str, type[_Event]] = {
         SandboxPauseRequested,
         SandboxPaused,
         SandboxResumeRequested,
+        SandboxArchiveRequested,
+        SandboxArchived,
         SandboxCompleted,
         SandboxFailed,
         SandboxFailedV1,
@@ -314,6 +355,7 @@ EVENT_TYPES: dict[str, type[_Event]] = {
         SandboxStopHoldReleased,
         SandboxStopWarning,
         SandboxDeleteWarning,
+        SandboxArchiveWarning,
         SandboxWarningCancelled,
     )
 }

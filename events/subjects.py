@@ -36,6 +36,16 @@ AUDIT_STREAM = "SANDBOXCTL_AUDIT"
 AUDIT = f"{PREFIX}.audit"
 AUDIT_ALL = f"{AUDIT}.>"
 
+# Archived workspaces: a JetStream object store bucket, one object per archived sandbox.
+WORKSPACES_BUCKET = "sandboxctl-workspaces"
+
+
+def workspace_object(name: str, sandbox_id: str) -> str:
+    """The object an archived sandbox's workspace is stored as: its name and id, so a sandbox made
+    again under an old name never finds the old one's files."""
+    return f"{name}/{sandbox_id}"
+
+
 # Queries: request/reply against the projection.
 QUERY = f"{PREFIX}.query"
 

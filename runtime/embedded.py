@@ -614,7 +614,10 @@ class ControlPlane:
 
             async def worker(driver: Driver = driver) -> tuple[Any, NATS]:
                 nc = await self._connect(f"driver-{driver.name}")
-                return DriverWorker(nc, driver, restart_exited=config.reconcile_exited == "restart"), nc
+                service = DriverWorker(
+                    nc, driver, restart_exited=config.reconcile_exited == "restart", replicas=config.replicas
+                )
+                return service, nc
 
             made.append((f"driver-{driver.name}", worker))
         if "reaper" in self.components:

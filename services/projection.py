@@ -33,6 +33,8 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     last_seq    INTEGER NOT NULL,
     idle_timeout      REAL NOT NULL DEFAULT 0,
     auto_delete_after REAL NOT NULL DEFAULT 0,
+    auto_archive_after REAL NOT NULL DEFAULT 0,
+    archive           TEXT NOT NULL DEFAULT '',
     last_activity     TEXT NOT NULL DEFAULT '',
     activity_seq      INTEGER NOT NULL DEFAULT 0,
     leases            TEXT NOT NULL DEFAULT '[]',
@@ -51,7 +53,8 @@ INSERT OR IGNORE INTO checkpoint (id, seq) VALUES (1, 0)
 # 4: no history table: a sandbox's history is read from the log, which holds it already
 # (sandboxctl.bus.reading.history), instead of a copy of every event written on the way in.
 # 5: resources and env.
-SCHEMA_VERSION = 5
+# 6: auto_archive_after, and archive: the object an Archived sandbox's workspace is stored as.
+SCHEMA_VERSION = 6
 
 SANDBOX_COLUMNS = (
     "name",
@@ -71,6 +74,8 @@ SANDBOX_COLUMNS = (
     # idleness (statemachine/idle.py); times as ISO 8601 like the others
     "idle_timeout",
     "auto_delete_after",
+    "auto_archive_after",
+    "archive",
     "last_activity",
     "activity_seq",
     "leases",
@@ -136,6 +141,8 @@ def idle_values(state: SandboxState) -> tuple[object, ...]:
     return (
         state.idle_timeout,
         state.auto_delete_after,
+        state.auto_archive_after,
+        state.archive,
         _iso(state.last_activity),
         state.activity_seq,
         json.dumps([{"holder": x.holder, "expires": _iso(x.expires)} for x in state.leases]) if state.leases else "[]",
@@ -159,6 +166,8 @@ def idle_fields(item: dict[str, Any]) -> dict[str, Any]:
     return {
         "idle_timeout": float(item["idle_timeout"]),
         "auto_delete_after": float(item["auto_delete_after"]),
+        "auto_archive_after": float(item["auto_archive_after"]),
+        "archive": item["archive"],
         "last_activity": _moment(item["last_activity"]),
         "activity_seq": int(item["activity_seq"]),
         "leases": tuple(Lease(x["holder"], _moment(x["expires"])) for x in json.loads(item["leases"])),

@@ -26,16 +26,14 @@ from sandboxctl.bus.tail import Tail, reraise_if_cancelling, stream_seq
 from sandboxctl.client import SandboxClient, SandboxError
 from sandboxctl.events import subjects
 from sandboxctl.statemachine import Phase, SandboxState
-from sandboxctl.statemachine.idle import REAPER, ReaperCommand, due
+from sandboxctl.statemachine.idle import REAPER, ReaperCommand, deadline, due
 
 log = logging.getLogger(__name__)
 
 
 def _watched(state: SandboxState) -> bool:
     """Whether any deadline can apply to the sandbox in its phase."""
-    return (state.phase is Phase.READY and state.idle_timeout > 0) or (
-        state.phase is Phase.STOPPED and state.auto_delete_after > 0
-    )
+    return deadline(state) is not None
 
 
 class Reaper:

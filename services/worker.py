@@ -22,15 +22,21 @@ A second stop (a shorter grace) goes to the engine at once, beside the first.
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
+import hashlib
 import logging
+import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
+from nats.js.object_store import ObjectStore
 
 from sandboxctl.bus.eventlog import (
     DecodeError,
@@ -42,9 +48,10 @@ from sandboxctl.bus.eventlog import (
 )
 from sandboxctl.bus.pull import Pull
 from sandboxctl.bus.reading import load_states, read_events, recorded_spec
-from sandboxctl.bus.streams import MAX_DELIVER, durable_pull, ensure_streams
+from sandboxctl.bus.streams import MAX_DELIVER, durable_pull, ensure_streams, workspaces
 from sandboxctl.bus.tail import deliveries, reraise_if_cancelling, stream_seq
 from sandboxctl.drivers.base import (
+    WORKSPACE,
     ContainerInfo,
     ContainerMissing,
     Driver,
@@ -68,10 +75,12 @@ from sandboxctl.events.facts import (
     ContainerStarted,
     DriverFailed,
     Fact,
+    WorkspaceArchived,
 )
 from sandboxctl.events.lifecycle import (
     EVENT_TYPES,
     WORK_ORDERS,
+    SandboxArchiveRequested,
     SandboxCreated,
     SandboxDeleteRequested,
     SandboxPauseRequested,
@@ -195,8 +204,10 @@ class DriverWorker:
         max_parallel: int | None = None,
         restart_exited: bool = True,
         retry_wait: float = 1.0,
+        replicas: int = 1,
     ) -> None:
         self.nc = nc
+        self.replicas = replicas  # of the archived workspaces' bucket, when this worker makes it
         self.js = nc.jetstream()
         self.driver = driver
         self.restart_exited = restart_exited
@@ -418,7 +429,12 @@ class DriverWorker:
                 info = await self._stop(name, sandbox_id, event.timeout)
                 facts.append(exited(info, requested=True) if not info.running else started(info))
             elif isinstance(event, SandboxStartRequested):
-                facts.extend(await self._start(name, sandbox_id, event.resources))
+                if event.restore:
+                    facts.extend(await self._restore(name, sandbox_id, event.restore))
+                else:
+                    facts.extend(await self._start(name, sandbox_id, event.resources))
+            elif isinstance(event, SandboxArchiveRequested):
+                facts.append(await self._archive(name, sandbox_id, event.object))
             elif isinstance(event, SandboxPauseRequested):
                 info = await self._patiently(self.driver.pause, name, sandbox_id, done=lambda i: i.paused)
                 facts.append(frozen(info) if info.paused else exited(info, requested=False))
@@ -428,8 +444,12 @@ class DriverWorker:
                 )
                 facts.append(thawed(info) if info.running else exited(info, requested=False))
             elif isinstance(event, SandboxDeleteRequested):
-                # The only report that ends a delete: container and workspace are both gone.
+                # The only report that ends a delete: container and workspace are both gone (and an
+                # archive of the workspace, if there is one).
                 container_id = await self._patiently(self.driver.delete, name, sandbox_id)
+                if event.archive:
+                    with contextlib.suppress(NotFoundError):
+                        await (await workspaces(self.js, self.replicas)).delete(event.archive)
                 facts.append(removed(container_id, sandbox_id, envelope.id, workspace=True))
         except ContainerMissing:
             facts.append(removed("", sandbox_id, envelope.id))
@@ -467,6 +487,106 @@ class DriverWorker:
             (f"{info.container_id}:created", created),
             started(await self._start_container(spec.name, spec.sandbox_id)),
         ]
+
+    async def _archive(self, name: str, sandbox_id: str, obj: str) -> tuple[str, Fact]:
+        """Stream the workspace into the object store and, only once the stored object is whole and
+        its digest is the one computed on the way, remove the container and the volume. Sent again
+        after the volume is gone (a worker killed after the removal), the stored object answers."""
+        store = await workspaces(self.js, self.replicas)
+        if await self._patiently(self.driver.workspace, name, sandbox_id):
+            digest, size = await self._store(store, name, sandbox_id, obj)
+            stored = await store.get_info(obj)
+            if stored.digest != digest or stored.size != size:
+                raise DriverError(
+                    "archive", f"the stored archive of {name} is not what was sent ({stored.digest}, not {digest})"
+                )
+            left = await self._run(self.driver.inspect, name, sandbox_id)
+            if left is not None:
+                self._replaced.add(left.container_id)  # its removal is the archive's, not news
+            await self._patiently(self.driver.delete, name, sandbox_id)
+        else:
+            try:
+                stored = await store.get_info(obj)
+            except NotFoundError:
+                raise DriverError(
+                    "archive", f"the workspace volume {volume_name(name)} is gone and no archive of it is stored"
+                ) from None
+            digest, size = stored.digest or "", stored.size or 0
+        return (
+            f"{obj}:archived",
+            WorkspaceArchived(sandbox_id=sandbox_id, object=obj, digest=digest, size=size),
+        )
+
+    async def _store(self, store: ObjectStore, name: str, sandbox_id: str, obj: str) -> tuple[str, int]:
+        """Put the workspace's archive in the store as it streams out of the engine, through a pipe
+        (nats-py reads its source through a thread); its SHA-256 and size as sent."""
+        read_fd, write_fd = os.pipe()
+        digest = hashlib.sha256()
+        size = 0
+
+        def pump() -> None:
+            nonlocal size
+            last = b""
+            with os.fdopen(write_fd, "wb") as pipe:
+                for chunk in self.driver.copy_out(name, sandbox_id, f"{WORKSPACE}/."):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    last = (last + chunk)[-1024:]
+                    pipe.write(chunk)
+            if last != bytes(1024):  # a tar archive ends with two zero blocks: without them, it was cut
+                raise DriverError("archive", f"the engine's archive of {name}'s workspace ended early")
+
+        pumping = asyncio.ensure_future(self._run(pump))
+        with os.fdopen(read_fd, "rb", buffering=0) as source:
+            await store.put(obj, source)  # type: ignore[arg-type]
+        await pumping
+        return "SHA-256=" + base64.urlsafe_b64encode(digest.digest()).decode(), size
+
+    async def _restore(self, name: str, sandbox_id: str, obj: str) -> Facts:
+        """Make the container on a new workspace, unpack the archived object into it as it streams
+        from the store (whose digest nats-py checks at the end), start it, then drop the object.
+        What an earlier, unfinished restore left (a container, a part of the files) is removed
+        first: the object stays until a restore has finished, so it can always be done again.
+        An order that comes again after its restore was done (the object dropped, the container
+        made from it) only starts that container: its files are the restored ones."""
+        store = await workspaces(self.js, self.replicas)
+        try:
+            await store.get_info(obj)
+        except NotFoundError:
+            done = await self._run(self.driver.inspect, name, sandbox_id)
+            if done is None:
+                raise DriverError(
+                    "start",
+                    f"sandbox {name} is archived as {obj}, but neither that object nor a restored container is there",
+                ) from None
+            return [started(await self._start_container(name, sandbox_id))]
+        spec = await self._recorded(name, sandbox_id)
+        if spec is None:
+            raise DriverError("start", f"sandbox {name} is archived but the log has no record of it")
+        log.info("%s: restoring %s from the archive %s", self.consumer, name, obj)
+        left = await self._run(self.driver.inspect, name, sandbox_id)
+        if left is not None:
+            self._replaced.add(left.container_id)  # its removal is this restore's, not news
+        await self._patiently(self.driver.delete, name, sandbox_id)
+        info = await self._patiently(self.driver.create, spec)
+        read_fd, write_fd = os.pipe()
+
+        def chunks() -> Iterator[bytes]:
+            with os.fdopen(read_fd, "rb") as pipe:
+                while chunk := pipe.read(256 * 1024):
+                    yield chunk
+
+        unpacking = asyncio.ensure_future(self._run(self.driver.copy_in, name, sandbox_id, WORKSPACE, chunks()))
+        with os.fdopen(write_fd, "wb") as sink:
+            await store.get(obj, writeinto=sink)
+        await unpacking
+        created = ContainerCreated(container_id=info.container_id, sandbox_id=info.sandbox_id)
+        facts: Facts = [
+            (f"{info.container_id}:created", created),
+            started(await self._start_container(name, sandbox_id)),
+        ]
+        await store.delete(obj)
+        return facts
 
     async def _start_container(self, name: str, sandbox_id: str) -> ContainerInfo:
         info: ContainerInfo = await self._patiently(
@@ -511,6 +631,14 @@ class DriverWorker:
         again from the image and settings the log recorded at create, on the same workspace, and
         start it. Without the workspace there is nothing left to start: say so plainly."""
         if not await self._patiently(self.driver.workspace, name, sandbox_id):
+            store = await workspaces(self.js, self.replicas)
+            obj = subjects.workspace_object(name, sandbox_id)
+            try:
+                await store.get_info(obj)
+            except NotFoundError:
+                pass
+            else:
+                return await self._restore(name, sandbox_id, obj)
             raise DriverError(
                 "start",
                 f"the container {container_name(name)} and the workspace volume {volume_name(name)} are both gone: "
@@ -638,6 +766,9 @@ class DriverWorker:
             if phase is Phase.DELETING:
                 container_id = await self._patiently(self.driver.delete, name, sandbox_id)
                 return [removed(container_id, sandbox_id, fact_id, workspace=True)]
+            if phase is Phase.STARTING and state.archive:
+                # A restore not seen to its end: what it left is not the workspace, the archive is.
+                return await self._restore(name, sandbox_id, state.archive)
             if info is None:
                 if phase is Phase.STARTING:
                     return await self._remake(name, sandbox_id)  # removed outside while it was being started

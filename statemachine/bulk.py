@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 
 from sandboxctl.events.commands import (
+    ArchiveSandbox,
     BulkSandboxes,
     DeleteSandbox,
     PauseSandbox,
@@ -27,6 +28,7 @@ BULK_PHASES: dict[str, frozenset[Phase]] = {
     "start": frozenset({Phase.STOPPED, Phase.ERROR}),
     "pause": frozenset({Phase.READY}),
     "resume": frozenset({Phase.PAUSED}),
+    "archive": frozenset({Phase.STOPPED}),
     "delete": frozenset(p for p in Phase if p is not Phase.DELETED),
 }
 
@@ -69,6 +71,10 @@ def command_for(bulk: BulkSandboxes, name: str) -> SandboxCommand:
         )
     if bulk.verb == "resume":
         return ResumeSandbox(name=name, command_id=command_id, actor=bulk.actor, correlation_id=correlation)
+    if bulk.verb == "archive":
+        return ArchiveSandbox(
+            name=name, command_id=command_id, actor=bulk.actor, correlation_id=correlation, reason=bulk.reason
+        )
     return DeleteSandbox(
         name=name, command_id=command_id, actor=bulk.actor, correlation_id=correlation, reason=bulk.reason
     )

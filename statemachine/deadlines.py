@@ -24,6 +24,7 @@ DEFAULT_DEADLINES: dict[Phase, float] = {
     Phase.STARTING: 300.0,
     Phase.PAUSING: 120.0,
     Phase.RESUMING: 120.0,
+    Phase.ARCHIVING: 3600.0,  # a large workspace streams for long
     Phase.DELETING: 300.0,
 }
 
@@ -33,6 +34,7 @@ _OPERATION = {
     Phase.STARTING: "start",
     Phase.PAUSING: "pause",
     Phase.RESUMING: "resume",
+    Phase.ARCHIVING: "archive",
     Phase.DELETING: "delete",
 }
 

@@ -13,7 +13,9 @@ from datetime import datetime
 
 import msgspec
 
+from sandboxctl.events import subjects
 from sandboxctl.events.commands import (
+    ArchiveSandbox,
     CloneSandbox,
     CreateSandbox,
     DeleteSandbox,
@@ -34,9 +36,12 @@ from sandboxctl.events.facts import (
     ContainerStarted,
     DriverFailed,
     Fact,
+    WorkspaceArchived,
 )
 from sandboxctl.events.lifecycle import (
     LifecycleEvent,
+    SandboxArchived,
+    SandboxArchiveRequested,
     SandboxCompleted,
     SandboxCreated,
     SandboxDeleted,
@@ -55,6 +60,8 @@ from sandboxctl.events.lifecycle import (
 from sandboxctl.events.limits import COMMAND_BYTES_MAX, GRACE_MAX, IDLE_MAX, LABELS_MAX, RESERVED_LABEL_PREFIX
 from sandboxctl.events.replies import ErrorCode
 from sandboxctl.statemachine.idle import (
+    ARCHIVE,
+    AUTO_ARCHIVE,
     AUTO_DELETE,
     DELETE,
     IDLE,
@@ -89,6 +96,7 @@ _NOOP: dict[type, frozenset[Phase]] = {
     DeleteSandbox: frozenset({Phase.DELETING, Phase.DELETED}),
     PauseSandbox: frozenset({Phase.PAUSING, Phase.PAUSED}),
     ResumeSandbox: frozenset({Phase.RESUMING, Phase.READY}),
+    ArchiveSandbox: frozenset({Phase.ARCHIVING, Phase.ARCHIVED}),
 }
 
 
@@ -199,7 +207,7 @@ def decide(
         if nul:
             return Rejection(ErrorCode.INVALID_ARGUMENT, f"env {nul[0]}: a value must not contain a NUL byte")
         idle_timeout = command.idle_timeout or 0.0
-        invalid = check_create(idle_timeout, command.auto_delete_after)
+        invalid = check_create(idle_timeout, command.auto_delete_after, command.auto_archive_after)
         if invalid is not None:
             return invalid
         known = list(drivers)
@@ -220,6 +228,7 @@ def decide(
                 resources=command.resources,
                 env=command.env,
                 idle_action=command.idle_action,
+                auto_archive_after=command.auto_archive_after,
             )
         ]
 
@@ -264,7 +273,11 @@ def decide(
         held = check_start(state)
         if held is not None:
             return held
-        return [SandboxStartRequested(sandbox_id=state.sandbox_id, driver=state.driver, resources=state.resources)]
+        return [
+            SandboxStartRequested(
+                sandbox_id=state.sandbox_id, driver=state.driver, resources=state.resources, restore=state.archive
+            )
+        ]
     if isinstance(command, PauseSandbox):
         if state.phase is not Phase.READY:
             return _not_allowed(state, "pause", "request_pause", noop)
@@ -273,6 +286,21 @@ def decide(
             if refused is not None:
                 return refused
         return [SandboxPauseRequested(sandbox_id=state.sandbox_id, driver=state.driver, reason=command.reason)]
+    if isinstance(command, ArchiveSandbox):
+        if state.phase is not Phase.STOPPED:
+            return _not_allowed(state, "archive", "request_archive", noop)
+        if command.reason == AUTO_ARCHIVE:
+            refused = check_reaped(state, ARCHIVE, now)
+            if refused is not None:
+                return refused
+        return [
+            SandboxArchiveRequested(
+                sandbox_id=state.sandbox_id,
+                driver=state.driver,
+                object=subjects.workspace_object(state.name, state.sandbox_id),
+                reason=command.reason,
+            )
+        ]
     if isinstance(command, ResumeSandbox):
         if state.phase is not Phase.PAUSED:
             return _not_allowed(state, "resume", "request_resume", noop)
@@ -282,7 +310,11 @@ def decide(
         refused = check_reaped(state, DELETE, now)
         if refused is not None:
             return refused
-    return [SandboxDeleteRequested(sandbox_id=state.sandbox_id, driver=state.driver, reason=command.reason)]
+    return [
+        SandboxDeleteRequested(
+            sandbox_id=state.sandbox_id, driver=state.driver, reason=command.reason, archive=state.archive
+        )
+    ]
 
 
 def react(state: SandboxState | None, fact: Fact) -> list[LifecycleEvent]:
@@ -333,7 +365,13 @@ def react(state: SandboxState | None, fact: Fact) -> list[LifecycleEvent]:
         if phase in (Phase.RESUMING, Phase.PAUSED, Phase.PAUSING):
             return [SandboxReady(incarnation=state.incarnation)]
         return []
+    if isinstance(fact, WorkspaceArchived):
+        if phase is Phase.ARCHIVING:
+            return [SandboxArchived(object=fact.object, digest=fact.digest, size=fact.size)]
+        return []
     if isinstance(fact, ContainerRemoved):
+        if phase in (Phase.ARCHIVING, Phase.ARCHIVED) and not fact.workspace_removed:
+            return []  # the archive removes the container itself, once the workspace is stored
         if phase is Phase.DELETING:
             # Only the delete's own report ends it: the workspace must be gone before the name is free.
             return [SandboxDeleted()] if fact.workspace_removed else []
@@ -397,6 +435,7 @@ _REQUESTS = (
     SandboxStartRequested,
     SandboxPauseRequested,
     SandboxResumeRequested,
+    SandboxArchiveRequested,
     SandboxDeleteRequested,
 )
 
@@ -418,6 +457,7 @@ def evolve(state: SandboxState | None, envelope: Envelope, seq: int = 0) -> Sand
             request_id=envelope.id,
             idle_timeout=event.idle_timeout,
             auto_delete_after=event.auto_delete_after,
+            auto_archive_after=event.auto_archive_after,
             last_activity=moment,
             activity_seq=seq,
             labels=event.labels,
@@ -434,6 +474,10 @@ def evolve(state: SandboxState | None, envelope: Envelope, seq: int = 0) -> Sand
     if isinstance(event, SandboxReady):
         changes["incarnation"] = event.incarnation
         changes["last_error"] = ""
+        if state.archive:
+            changes["archive"] = ""  # restored: the object is dropped once the container runs
+    elif isinstance(event, SandboxArchived):
+        changes["archive"] = event.object
     elif isinstance(event, SandboxFailed):
         changes["last_error"] = event.reason
         changes["failed_operation"] = event.operation

@@ -1,7 +1,7 @@
 """Idleness as pure functions: activity, leases, stop holds and the reaper's durable timers.
 
 An idle reaper that deletes is how workspaces get lost, so this one only stops (the
-opt-in auto-delete aside), and only in two logged steps: a warning with a grace
+opt-in auto-archive and auto-delete aside), and only in two logged steps: a warning with a grace
 period, then the stop. Everything it needs is in the log: each event that is use of
 the sandbox restarts its idle clock (``last_activity``, ``activity_seq``), leases
 and holds are events, and so are the warnings. A deadline is therefore a function
@@ -18,6 +18,7 @@ import math
 
 from sandboxctl.events.commands import (
     AcquireLease,
+    ArchiveSandbox,
     DeleteSandbox,
     PauseSandbox,
     PlaceStopHold,
@@ -32,6 +33,7 @@ from sandboxctl.events.commands import (
 from sandboxctl.events.envelope import Envelope
 from sandboxctl.events.lifecycle import (
     LifecycleEvent,
+    SandboxArchiveWarning,
     SandboxCopied,
     SandboxDeleteWarning,
     SandboxLeaseAcquired,
@@ -52,7 +54,8 @@ from sandboxctl.statemachine.state import Hold, Lease, PendingWarning, SandboxSt
 REAPER = "sandboxctl/reaper"  # the reaper's actor when authorization is off
 IDLE = "idle"  # the reason of the reaper's stops
 AUTO_DELETE = "auto_delete"  # the reason of its opt-in deletes
-STOP, DELETE = "stop", "delete"  # warning kinds
+AUTO_ARCHIVE = "auto_archive"  # the reason of its opt-in archives
+STOP, ARCHIVE, DELETE = "stop", "archive", "delete"  # warning kinds
 PAUSE = "pause"  # an idle action beside STOP: the idle deadline pauses instead of stopping
 
 ActivityCommand = TouchSandbox | AcquireLease | RenewLease | ReleaseLease | PlaceStopHold | ReleaseStopHold | RecordCopy
@@ -64,11 +67,21 @@ def live_leases(state: SandboxState, now: float) -> list[Lease]:
 
 def deadline(state: SandboxState) -> tuple[str, float] | None:
     """What the reaper will do to the sandbox, and from when: stop a Ready sandbox idle for
-    ``idle_timeout``, delete (opted in) one Stopped for ``auto_delete_after``. A lease, live or
-    lapsed, pushes the deadline to its expiry: its holder was using the sandbox until then."""
-    if state.phase is Phase.READY and state.idle_timeout > 0:
+    ``idle_timeout``; opted in, archive one Stopped for ``auto_archive_after`` and delete one
+    Stopped or Archived for ``auto_delete_after`` (the delete first when it is due no later
+    than the archive), each counted from the last event that used it, the archive included.
+    A lease, live or lapsed, pushes the deadline to its expiry: its holder was using the
+    sandbox until then."""
+    phase = state.phase
+    if phase is Phase.READY and state.idle_timeout > 0:
         kind, limit = STOP, state.idle_timeout
-    elif state.phase is Phase.STOPPED and state.auto_delete_after > 0:
+    elif (
+        phase is Phase.STOPPED
+        and state.auto_archive_after > 0
+        and not 0 < state.auto_delete_after <= state.auto_archive_after
+    ):
+        kind, limit = ARCHIVE, state.auto_archive_after
+    elif phase in (Phase.STOPPED, Phase.ARCHIVED) and state.auto_delete_after > 0:
         kind, limit = DELETE, state.auto_delete_after
     else:
         return None
@@ -78,7 +91,7 @@ def deadline(state: SandboxState) -> tuple[str, float] | None:
     return kind, at
 
 
-ReaperCommand = WarnSandbox | StopSandbox | PauseSandbox | DeleteSandbox
+ReaperCommand = WarnSandbox | StopSandbox | PauseSandbox | ArchiveSandbox | DeleteSandbox
 
 
 def due(state: SandboxState, now: float, grace: float, actor: str = REAPER) -> ReaperCommand | None:
@@ -110,6 +123,8 @@ def due(state: SandboxState, now: float, grace: float, actor: str = REAPER) -> R
         return PauseSandbox(name=state.name, command_id=f"idle-pause:{sid}:{seq}", actor=actor, reason=IDLE)
     if kind == STOP:
         return StopSandbox(name=state.name, command_id=f"idle:{sid}:{seq}", actor=actor, reason=IDLE)
+    if kind == ARCHIVE:
+        return ArchiveSandbox(name=state.name, command_id=f"auto-archive:{sid}:{seq}", actor=actor, reason=AUTO_ARCHIVE)
     return DeleteSandbox(name=state.name, command_id=f"auto-delete:{sid}:{seq}", actor=actor, reason=AUTO_DELETE)
 
 
@@ -134,9 +149,11 @@ def bad_seconds(what: str, value: float, maximum: float, positive: bool = True) 
     return None
 
 
-def check_create(idle_timeout: float, auto_delete_after: float) -> Rejection | None:
-    return bad_seconds("idle_timeout", idle_timeout, IDLE_MAX, positive=False) or bad_seconds(
-        "auto_delete_after", auto_delete_after, IDLE_MAX, positive=False
+def check_create(idle_timeout: float, auto_delete_after: float, auto_archive_after: float = 0.0) -> Rejection | None:
+    return (
+        bad_seconds("idle_timeout", idle_timeout, IDLE_MAX, positive=False)
+        or bad_seconds("auto_delete_after", auto_delete_after, IDLE_MAX, positive=False)
+        or bad_seconds("auto_archive_after", auto_archive_after, IDLE_MAX, positive=False)
     )
 
 
@@ -190,8 +207,10 @@ def decide_activity(state: SandboxState, command: ActivityCommand | WarnSandbox,
 
 
 def _warn(state: SandboxState, command: WarnSandbox, now: float) -> Decision:
-    if command.kind not in (STOP, DELETE):
-        return _reject(f"warning kind must be {STOP} or {DELETE}, not {command.kind!r}", ErrorCode.INVALID_ARGUMENT)
+    if command.kind not in (STOP, ARCHIVE, DELETE):
+        return _reject(
+            f"warning kind must be {STOP}, {ARCHIVE} or {DELETE}, not {command.kind!r}", ErrorCode.INVALID_ARGUMENT
+        )
     problem = bad_seconds("grace", command.grace, TTL_MAX, positive=False)
     if problem is not None:
         return problem
@@ -215,6 +234,12 @@ def _warn(state: SandboxState, command: WarnSandbox, now: float) -> Decision:
         return [
             SandboxStopWarning(grace=command.grace, activity_seq=command.activity_seq, idle_timeout=state.idle_timeout)
         ]
+    if command.kind == ARCHIVE:
+        return [
+            SandboxArchiveWarning(
+                grace=command.grace, activity_seq=command.activity_seq, auto_archive_after=state.auto_archive_after
+            )
+        ]
     return [
         SandboxDeleteWarning(
             grace=command.grace, activity_seq=command.activity_seq, auto_delete_after=state.auto_delete_after
@@ -223,13 +248,14 @@ def _warn(state: SandboxState, command: WarnSandbox, now: float) -> Decision:
 
 
 def check_reaped(state: SandboxState, kind: str, now: float) -> Rejection | None:
-    """Whether the reaper's stop (or delete) may go ahead: only after a warning for the current
-    idle deadline whose grace has run out, with no live lease. Anything that used the sandbox
-    since has cleared the warning, so a stop decided on a stale view is refused here."""
-    expected = Phase.READY if kind == STOP else Phase.STOPPED
-    what = "idle stop" if kind == STOP else "auto-delete"
-    if state.phase is not expected:
-        return _reject(f"sandbox {state.name} is {state.phase.value}; an {what} needs {expected.value}")
+    """Whether the reaper's stop (or archive, or delete) may go ahead: only after a warning for the
+    current idle deadline whose grace has run out, with no live lease. Anything that used the
+    sandbox since has cleared the warning, so a stop decided on a stale view is refused here."""
+    expected = {STOP: (Phase.READY,), ARCHIVE: (Phase.STOPPED,), DELETE: (Phase.STOPPED, Phase.ARCHIVED)}[kind]
+    what = {STOP: "idle stop", ARCHIVE: "auto-archive", DELETE: "auto-delete"}[kind]
+    if state.phase not in expected:
+        needs = " or ".join(phase.value for phase in expected)
+        return _reject(f"sandbox {state.name} is {state.phase.value}; an {what} needs {needs}")
     warning = state.warning
     if warning is None or warning.kind != kind or warning.activity_seq != state.activity_seq:
         return _reject(f"sandbox {state.name} has no pending {kind} warning; the {what} is cancelled")
@@ -252,7 +278,7 @@ def check_start(state: SandboxState) -> Rejection | None:
     )
 
 
-_WARNINGS = (SandboxStopWarning, SandboxDeleteWarning)
+_WARNINGS = {SandboxStopWarning: STOP, SandboxArchiveWarning: ARCHIVE, SandboxDeleteWarning: DELETE}
 
 
 def fold_activity(
@@ -282,10 +308,12 @@ def fold_activity(
             changes["warning"] = None
     elif state.warning is not None and (phase is not state.phase or isinstance(event, SandboxWarningCancelled)):
         changes["warning"] = None
-    if isinstance(event, _WARNINGS):
-        kind = STOP if isinstance(event, SandboxStopWarning) else DELETE
+    if isinstance(event, SandboxStopWarning | SandboxArchiveWarning | SandboxDeleteWarning):
         changes["warning"] = PendingWarning(
-            kind=kind, activity_seq=event.activity_seq, deadline=moment + event.grace, grace=event.grace
+            kind=_WARNINGS[type(event)],
+            activity_seq=event.activity_seq,
+            deadline=moment + event.grace,
+            grace=event.grace,
         )
 
 

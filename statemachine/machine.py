@@ -31,12 +31,14 @@ MACHINE = Machine(
         # From Ready too: a pause made outside sandboxctl.
         {"trigger": "paused", "source": [Phase.PAUSING.value, Phase.READY.value], "dest": Phase.PAUSED.value},
         {"trigger": "request_resume", "source": Phase.PAUSED.value, "dest": Phase.RESUMING.value},
+        {"trigger": "request_archive", "source": Phase.STOPPED.value, "dest": Phase.ARCHIVING.value},
+        {"trigger": "archived", "source": Phase.ARCHIVING.value, "dest": Phase.ARCHIVED.value},
         # From Error too: a stop the engine carried out after sandboxctl had given up on it (a
         # timeout, an engine that went away mid-call) is reported late, and is still a stop.
         {"trigger": "stopped", "source": [Phase.STOPPING.value, Phase.ERROR.value], "dest": Phase.STOPPED.value},
         {
             "trigger": "request_start",
-            "source": [Phase.STOPPED.value, Phase.COMPLETED.value, Phase.ERROR.value],
+            "source": [Phase.STOPPED.value, Phase.COMPLETED.value, Phase.ARCHIVED.value, Phase.ERROR.value],
             "dest": Phase.STARTING.value,
         },
         # A job's main process exited 0 on its own (a stop's exit is "stopped", whatever its code).

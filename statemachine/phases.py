@@ -15,6 +15,8 @@ class Phase(enum.StrEnum):
     PAUSED = "Paused"  # frozen by the engine: memory kept, no CPU used
     RESUMING = "Resuming"
     COMPLETED = "Completed"  # a job: its main process exited 0 on its own
+    ARCHIVING = "Archiving"
+    ARCHIVED = "Archived"  # its workspace is in the object store; no container, no volume
     ERROR = "Error"
     DELETING = "Deleting"
     DELETED = "Deleted"
@@ -27,5 +29,13 @@ ABSENT = "Absent"
 # Phases in which the sandbox is waiting on a driver; nothing else may move it
 # except the driver's answer or a delete.
 TRANSIENT = frozenset(
-    {Phase.PROVISIONING, Phase.STOPPING, Phase.STARTING, Phase.PAUSING, Phase.RESUMING, Phase.DELETING}
+    {
+        Phase.PROVISIONING,
+        Phase.STOPPING,
+        Phase.STARTING,
+        Phase.PAUSING,
+        Phase.RESUMING,
+        Phase.ARCHIVING,
+        Phase.DELETING,
+    }
 )

@@ -52,6 +52,7 @@ class SandboxState(msgspec.Struct, kw_only=True, gc=False):
     # Idleness (statemachine/idle.py). Tuples, not dicts: empty ones cost nothing per sandbox.
     idle_timeout: float = 0.0  # seconds; 0: never auto-stopped
     auto_delete_after: float = 0.0  # seconds Stopped before the opt-in auto-delete; 0: never
+    auto_archive_after: float = 0.0  # seconds Stopped before the opt-in auto-archive; 0: never
     last_activity: float = 0.0  # Unix time of the last event that was use of the sandbox
     activity_seq: int = 0  # its log sequence: the identity of the idle deadline counted from it
     leases: tuple[Lease, ...] = ()
@@ -61,3 +62,5 @@ class SandboxState(msgspec.Struct, kw_only=True, gc=False):
     labels: dict[str, str] = {}
     resources: Resources = NO_RESOURCES
     idle_action: str = "stop"  # what the reaper does once it is idle: "stop", or "pause"
+    # The object its workspace is archived as, until a start has restored it and it is Ready again.
+    archive: str = ""

@@ -367,3 +367,20 @@ async def test_services_started_before_the_state_machine_wait_for_its_streams(
     finally:
         await early.stop()
         await late.stop()
+
+
+async def test_a_writer_archives_and_restores_with_the_workers_own_permissions(
+    clients: dict[str, SandboxClient], sandbox: str, image: str
+) -> None:
+    """The driver worker's user may use the archived workspaces' bucket, and nothing more is needed."""
+    writer = clients["writer"]
+    reply = await writer.create(sandbox, image)
+    await writer.wait_for(sandbox, "Ready", reply.seq)
+    podman("exec", f"sandboxctl-{sandbox}", "sh", "-c", "echo kept > /workspace/f")
+    reply = await writer.stop(sandbox, timeout=0)
+    await writer.wait_for(sandbox, "Stopped", reply.seq)
+    reply = await writer.archive(sandbox)
+    await writer.wait_for(sandbox, "Archived", reply.seq, timeout=60)
+    reply = await writer.start(sandbox)
+    await writer.wait_for(sandbox, "Ready", reply.seq, timeout=60)
+    assert podman("exec", f"sandboxctl-{sandbox}", "cat", "/workspace/f").stdout == "kept\n"

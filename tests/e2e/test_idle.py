@@ -295,3 +295,26 @@ async def test_with_authorization_on_the_reaper_stops_as_its_own_user_and_touch_
             await client.close()
         await plane.stop()
         server.stop()
+
+
+async def test_auto_archive_moves_a_sandbox_stopped_long_enough_into_the_store_and_start_brings_it_back(
+    cli: CLI, client: SandboxClient, names, image: str, engines: dict[str, Engine]
+) -> None:
+    podman = engines["podman"]
+    name = names.new("shelved")
+    code, _, err = await cli("create", name, "--image", image, "--auto-archive-after", "1s")
+    assert code == 0, err
+    podman("exec", f"sandboxctl-{name}", "sh", "-c", "echo kept > /workspace/note")
+    code, _, err = await cli("stop", name)
+    assert code == 0, err
+    archived = await client.wait_for(name, "Archived", timeout=30)
+    assert archived["archive"] == f"{name}/{archived['sandbox_id']}" and archived["auto_archive_after"] == 1.0
+    history = await client.history(name)
+    assert kinds(history)[-3:] == ["archive_warning", "archive_requested", "archived"]
+    archiving = history[kinds(history).index("archive_requested")]
+    assert archiving["data"]["reason"] == "auto_archive" and archiving["actor"] == "sandboxctl/reaper"
+    assert not podman.volume_exists(name) and not podman.container_exists(name)
+    code, _, err = await cli("start", name)
+    assert code == 0, err
+    assert podman("exec", f"sandboxctl-{name}", "cat", "/workspace/note").stdout == "kept\n"
+    assert (await client.get(name))["archive"] == ""

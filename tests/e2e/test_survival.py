@@ -1,5 +1,5 @@
 """What survives what, on every engine: for each operation a sandbox goes through (stop and start,
-pause and resume, a host reboot, an update of its resources, a clone), which of its parts are
+pause and resume, a host reboot, an update of its resources, a clone, an archive), which of its parts are
 kept, checked part by part against the table in docs/survival.md, which this test also checks is
 the table it checks. A part is kept when it reads the same after the operation as before (for a
 clone: when the clone reads what its source read)."""
@@ -25,6 +25,7 @@ TABLE: dict[str, tuple[str, ...]] = {
     "host reboot": (K, K, K, K, K, L, L, K, K),
     "update --memory (stopped), start": (K, K, K, K, "changed", L, L, L, L),
     "clone (the clone has)": (K, K, K, K, K, L, L, L, L),
+    "stop, archive, start": (K, K, K, K, K, L, L, L, L),
 }
 # The main process keeps a token of its own and a count in memory, and writes both to the
 # workspace (whole, by a rename, so a read never sees half): the same token is the same
@@ -114,6 +115,11 @@ async def test_what_each_operation_keeps(
     elif operation.startswith("update"):
         assert (await cli("stop", name, "--grace", "1"))[0] == 0
         assert (await cli("update", name, "--memory", "128m"))[0] == 0
+        assert (await cli("start", name))[0] == 0
+    elif operation.startswith("stop, archive"):
+        assert (await cli("stop", name, "--grace", "1"))[0] == 0
+        assert (await cli("archive", name))[0] == 0
+        assert not engine.volume_exists(name) and not engine.container_exists(name)
         assert (await cli("start", name))[0] == 0
     else:
         after_name = names.new("svc")

@@ -21,10 +21,11 @@ from sandboxctl.events import (
     TouchSandbox,
     now,
 )
-from sandboxctl.events.commands import PauseSandbox, ResumeSandbox, UpdateSandbox, command_decoder
+from sandboxctl.events.commands import ArchiveSandbox, PauseSandbox, ResumeSandbox, UpdateSandbox, command_decoder
 from sandboxctl.events.envelope import type_name
-from sandboxctl.events.facts import ContainerPaused, ContainerResumed
+from sandboxctl.events.facts import ContainerPaused, ContainerResumed, WorkspaceArchived
 from sandboxctl.events.lifecycle import (
+    SandboxArchiveRequested,
     SandboxCompleted,
     SandboxDeleteRequested,
     SandboxFailed,
@@ -615,3 +616,25 @@ def test_pause_and_resume_go_through_their_own_phases_and_a_paused_sandbox_may_s
         refused = decide(state(phase), cmd(command))
         assert isinstance(refused, Rejection) and refused.code is ErrorCode.FAILED_PRECONDITION, (phase, refused)
     assert decide(ready, cmd(ResumeSandbox)) == []  # Ready already: nothing to resume
+
+
+# -- archive (the decisions; the worker's side comes with the object store) ------------------
+
+
+def test_archive_is_for_a_stopped_sandbox_and_start_brings_an_archived_one_back() -> None:
+    stopped = state(Phase.STOPPED)
+    (request,) = decide(stopped, cmd(ArchiveSandbox))  # type: ignore[misc]
+    assert isinstance(request, SandboxArchiveRequested) and request.object == "box/id-1"
+    archiving = evolve(stopped, env(request))
+    assert archiving.phase is Phase.ARCHIVING and decide(archiving, cmd(ArchiveSandbox)) == []
+    assert react(archiving, ContainerRemoved()) == []  # the archive's own removal of the container
+    (done,) = react(archiving, WorkspaceArchived(object="box/id-1", digest="SHA-256=x", size=10))
+    archived = evolve(archiving, env(done))
+    assert archived.phase is Phase.ARCHIVED
+    assert react(archived, ContainerRemoved()) == []
+    (start,) = decide(archived, cmd(StartSandbox))  # type: ignore[misc]
+    assert evolve(archived, env(start)).phase is Phase.STARTING
+    for phase in (Phase.READY, Phase.PAUSED, Phase.ERROR, Phase.COMPLETED):
+        refused = decide(state(phase), cmd(ArchiveSandbox))
+        assert isinstance(refused, Rejection) and refused.code is ErrorCode.FAILED_PRECONDITION
+        assert "archive is allowed in Stopped" in refused.message

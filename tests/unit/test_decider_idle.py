@@ -11,6 +11,7 @@ import pytest
 from sandboxctl.events import Envelope
 from sandboxctl.events.commands import (
     AcquireLease,
+    ArchiveSandbox,
     CreateSandbox,
     DeleteSandbox,
     PlaceStopHold,
@@ -25,6 +26,8 @@ from sandboxctl.events.commands import (
 from sandboxctl.events.envelope import type_name
 from sandboxctl.events.lifecycle import (
     EVENT_TYPES,
+    SandboxArchived,
+    SandboxArchiveRequested,
     SandboxCreated,
     SandboxDeleteRequested,
     SandboxDeleteWarning,
@@ -40,7 +43,7 @@ from sandboxctl.events.lifecycle import (
 from sandboxctl.events.replies import ErrorCode
 from sandboxctl.services.worker import _ORDERS
 from sandboxctl.statemachine import IllegalTransition, Phase, Rejection, SandboxState, decide, evolve
-from sandboxctl.statemachine.idle import AUTO_DELETE, IDLE, deadline, due
+from sandboxctl.statemachine.idle import AUTO_ARCHIVE, AUTO_DELETE, IDLE, deadline, due
 from sandboxctl.statemachine.machine import TABLE
 
 T0 = 1_800_000_000.0
@@ -53,6 +56,8 @@ OLD_TYPES = {  # the events that move the phase; the rest are the notes of idlen
     "pause_requested",
     "paused",
     "resume_requested",
+    "archive_requested",
+    "archived",
     "completed",
     "failed",
     "delete_requested",
@@ -95,7 +100,7 @@ def cmd(kind: type, **kw: object) -> object:
     return kind(**kw)
 
 
-def ready(idle_timeout: float = 10.0, auto_delete_after: float = 0.0) -> Log:
+def ready(idle_timeout: float = 10.0, auto_delete_after: float = 0.0, auto_archive_after: float = 0.0) -> Log:
     log = Log()
     created = log.run(
         cmd(
@@ -104,6 +109,7 @@ def ready(idle_timeout: float = 10.0, auto_delete_after: float = 0.0) -> Log:
             driver="podman",
             idle_timeout=idle_timeout,
             auto_delete_after=auto_delete_after,
+            auto_archive_after=auto_archive_after,
         ),
         T0,
     )
@@ -135,7 +141,7 @@ def test_new_events_keep_every_live_phase_and_none_follows_deleted() -> None:
         evolve(deleted, touched, 99)
     # none of them looks like a work order to the driver worker
     new = [t for t in EVENT_TYPES if t.split(".")[2] not in OLD_TYPES]
-    assert len(new) == 11 and not [t for t in new if t in _ORDERS]  # the notes (copied too), and updated
+    assert len(new) == 12 and not [t for t in new if t in _ORDERS]  # the notes (copied too), and updated
 
 
 def test_create_records_the_timeouts_and_refuses_bad_ones() -> None:
@@ -284,6 +290,52 @@ def test_auto_delete_is_opt_in_warned_and_graced() -> None:
     assert due(plain.state, T0 + 10**9, grace=5) is None  # type: ignore[arg-type]
     refused = WarnSandbox(name="box", command_id="w", kind="delete", activity_seq=4, grace=5)
     rejected(plain.run(refused, T0 + 10**9))
+
+
+def stopped(log: Log) -> Log:
+    log.append(SandboxStopRequested(sandbox_id="x", driver="podman"), T0 + 2)
+    log.append(SandboxStopped(exit_code=0), T0 + 3)
+    return log
+
+
+def test_auto_archive_is_opt_in_warned_and_graced_and_an_archived_sandbox_may_still_be_auto_deleted() -> None:
+    log = stopped(ready(idle_timeout=10, auto_archive_after=100, auto_delete_after=1000))
+    state = log.state
+    assert state is not None and state.auto_archive_after == 100
+    assert deadline(state) == ("archive", T0 + 103)
+    assert due(state, T0 + 102, grace=5) is None
+    warn = due(state, T0 + 103, grace=5)
+    assert isinstance(warn, WarnSandbox) and warn.kind == "archive"
+    log.run(warn, T0 + 103)
+    assert log.types[-1] == "archive_warning"
+    assert due(log.state, T0 + 107, grace=5) is None  # type: ignore[arg-type]  # its grace
+    archive = due(log.state, T0 + 108, grace=5)  # type: ignore[arg-type]
+    assert isinstance(archive, ArchiveSandbox) and archive.reason == AUTO_ARCHIVE
+    assert archive.command_id.startswith("auto-archive:")
+    decision = log.run(archive, T0 + 108)
+    assert isinstance(decision, list) and isinstance(decision[0], SandboxArchiveRequested)
+    assert decision[0].reason == AUTO_ARCHIVE
+    log.append(SandboxArchived(object="box/x", digest="SHA-256=x", size=1), T0 + 110)
+    assert log.state is not None and log.state.phase is Phase.ARCHIVED
+    # Archived, its auto-delete counts from the archive's end, the last event that used it
+    assert deadline(log.state) == ("delete", T0 + 1110)
+    # an auto-archive without its warning, or of a sandbox not Stopped, is refused
+    other = ready(idle_timeout=10, auto_archive_after=100)
+    rejected(other.run(ArchiveSandbox(name="box", command_id="a", reason=AUTO_ARCHIVE), T0 + 500))
+    unwarned = stopped(ready(auto_archive_after=100))
+    assert "no pending archive warning" in rejected(
+        unwarned.run(ArchiveSandbox(name="box", command_id="a", reason=AUTO_ARCHIVE), T0 + 500)
+    )
+    # an auto-delete due no later than the archive comes first: nothing is archived to be deleted
+    both = stopped(ready(auto_archive_after=100, auto_delete_after=100))
+    assert deadline(both.state) == ("delete", T0 + 103)  # type: ignore[arg-type]
+    # and no archive for a sandbox that did not opt in
+    assert deadline(stopped(ready()).state) is None  # type: ignore[arg-type]
+    for bad in (-1.0, float("nan"), 10.0**12):
+        problem = rejected(
+            Log().run(cmd(CreateSandbox, image="i", auto_archive_after=bad), T0), ErrorCode.INVALID_ARGUMENT
+        )
+        assert "auto_archive_after" in problem
 
 
 def test_a_touch_on_a_stopped_sandbox_postpones_its_auto_delete() -> None:

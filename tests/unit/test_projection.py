@@ -32,6 +32,8 @@ def row(**overrides: object) -> tuple[object, ...]:
         "last_seq": 42,
         "idle_timeout": 600.0,
         "auto_delete_after": 0.0,
+        "auto_archive_after": 604800.0,
+        "archive": "",
         "last_activity": "2026-11-29T16:00:01+00:00",
         "activity_seq": 41,
         "leases": json.dumps([{"holder": "agent-7", "expires": "2026-11-29T16:10:00+00:00"}]),
