@@ -43,17 +43,14 @@ def _stream_info(*streams: str) -> list[str]:
     return [f"{API}.STREAM.INFO.{s}" for s in streams]
 
 
-WORKSPACES_STREAM = f"OBJ_{subjects.WORKSPACES_BUCKET}"  # the stream behind the object store bucket
-
-
 def _workspaces() -> list[str]:
     """What a driver worker needs of the archived workspaces' bucket: make it if missing, put,
     read (an ordered consumer), purge the chunks an object no longer uses, delete."""
     return [
-        *_stream_reader(WORKSPACES_STREAM),
-        f"{API}.STREAM.CREATE.{WORKSPACES_STREAM}",
-        f"{API}.STREAM.PURGE.{WORKSPACES_STREAM}",
-        f"{API}.DIRECT.GET.{WORKSPACES_STREAM}.>",
+        *_stream_reader(subjects.WORKSPACES_STREAM),
+        f"{API}.STREAM.CREATE.{subjects.WORKSPACES_STREAM}",
+        f"{API}.STREAM.PURGE.{subjects.WORKSPACES_STREAM}",
+        f"{API}.DIRECT.GET.{subjects.WORKSPACES_STREAM}.>",
         f"$O.{subjects.WORKSPACES_BUCKET}.>",
         f"{API}.STREAM.NAMES",  # nats-py's get finds the bucket's stream by its chunks' subject
     ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import nats.errors
 from nats.js import JetStreamContext
@@ -180,3 +181,37 @@ async def workspaces(js: JetStreamContext, replicas: int = 1) -> ObjectStore:
         if exc.err_code != STREAM_NAME_IN_USE:
             raise
         return await js.object_store(subjects.WORKSPACES_BUCKET)
+
+
+_CHUNKS = f"$O.{subjects.WORKSPACES_BUCKET}.C."  # + an object's nuid: the subject of its chunks
+
+
+async def chunks_stored(js: JetStreamContext, nuid: str) -> int:
+    """How many chunks of the object whose chunks are on ``nuid`` the bucket's stream holds: an
+    object is whole when it holds as many as the object's metadata counts."""
+    info = await js.stream_info(subjects.WORKSPACES_STREAM, subjects_filter=_CHUNKS + nuid)
+    return sum((info.state.subjects or {}).values())
+
+
+async def purge_orphan_chunks(js: JetStreamContext, older_than: float, now: float | None = None) -> list[str]:
+    """Purge the chunks of puts that never finished (a worker killed in the middle of an archive
+    leaves its chunks, and no metadata names them), once their newest chunk is older than
+    ``older_than`` seconds: a put under way writes chunk after chunk, so it is never taken for
+    one. Returns the nuids purged."""
+    info = await js.stream_info(subjects.WORKSPACES_STREAM, subjects_filter=_CHUNKS + ">")
+    chunked = {subject[len(_CHUNKS) :] for subject in info.state.subjects or {}}
+    if not chunked:
+        return []
+    store = await js.object_store(subjects.WORKSPACES_BUCKET)
+    try:
+        named = {obj.nuid for obj in await store.list(ignore_deletes=True)}
+    except NotFoundError:  # no object at all
+        named = set()
+    now = time.time() if now is None else now
+    purged = []
+    for nuid in sorted(chunked - named):
+        last = await js.get_last_msg(subjects.WORKSPACES_STREAM, _CHUNKS + nuid)
+        if last.time is not None and now - last.time.timestamp() > older_than:
+            await js.purge_stream(subjects.WORKSPACES_STREAM, subject=_CHUNKS + nuid)
+            purged.append(nuid)
+    return purged

@@ -62,9 +62,10 @@ class SandboxStopped(_Event):
 class SandboxStartRequested(_Event):
     sandbox_id: str
     driver: str
-    # The limits the sandbox has now: a container made with others (an update since) is made
-    # again with these before it starts.
+    # The limits the sandbox has now: with ``remake`` (they changed since its container was made),
+    # a container made with others is made again with these before it starts.
     resources: Resources = NO_RESOURCES
+    remake: bool = False
     # The archived workspace to restore first (the sandbox is Archived, or a restore did not finish).
     restore: str = ""
     TYPE: ClassVar[str] = "sandboxctl.sandbox.start_requested.v1"

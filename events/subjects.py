@@ -38,6 +38,7 @@ AUDIT_ALL = f"{AUDIT}.>"
 
 # Archived workspaces: a JetStream object store bucket, one object per archived sandbox.
 WORKSPACES_BUCKET = "sandboxctl-workspaces"
+WORKSPACES_STREAM = f"OBJ_{WORKSPACES_BUCKET}"  # the stream behind the bucket (JetStream's naming)
 
 
 def workspace_object(name: str, sandbox_id: str) -> str:

@@ -151,6 +151,11 @@ class Outcomes:
         kept = self._kept.get(key)
         return None if kept is None else kept[1:]
 
+    def retried(self, key: str, digest: str, now: float) -> Reply | None:
+        """The first outcome of this very command (``digest``) under ``key``, if it is kept: a retry."""
+        kept = self.get(key, now)
+        return kept[1] if kept is not None and kept[0] == digest else None
+
     def put(self, key: str, digest: str, reply: Reply, now: float) -> None:
         self._kept[key] = (now, digest, reply)
         self._kept.move_to_end(key)
@@ -588,9 +593,9 @@ class StateMachineService:
         # kept; after that, each sandbox's own command id still keeps it from acting twice.
         page_key = f"{prefix}{bulk.command_id}#{bulk.after}"
         page_digest = hashlib.sha256(encode(bulk)).hexdigest()[:32]
-        known_page = self._outcomes.get(page_key, moment)
-        if known_page is not None and known_page[0] == page_digest:
-            return known_page[1]
+        known_page = self._outcomes.retried(page_key, page_digest, moment)
+        if known_page is not None:
+            return known_page
         names = sorted(
             name
             for name, state in self.states.items()
@@ -603,9 +608,9 @@ class StateMachineService:
             command = command_for(bulk, name)
             key, digest = prefix + command.command_id, command_digest(command)
             async with gate:
-                known = self._outcomes.get(key, moment)
-                if known is not None and known[0] == digest:
-                    reply = known[1]  # this page, sent again: its first outcome
+                known = self._outcomes.retried(key, digest, moment)
+                if known is not None:
+                    reply = known  # this page, sent again: its first outcome
                 else:
                     reply = await self._decide_and_append(
                         name,

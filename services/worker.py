@@ -48,7 +48,14 @@ from sandboxctl.bus.eventlog import (
 )
 from sandboxctl.bus.pull import Pull
 from sandboxctl.bus.reading import load_states, read_events, recorded_spec
-from sandboxctl.bus.streams import MAX_DELIVER, durable_pull, ensure_streams, workspaces
+from sandboxctl.bus.streams import (
+    MAX_DELIVER,
+    chunks_stored,
+    durable_pull,
+    ensure_streams,
+    purge_orphan_chunks,
+    workspaces,
+)
 from sandboxctl.bus.tail import deliveries, reraise_if_cancelling, stream_seq
 from sandboxctl.drivers.base import (
     WORKSPACE,
@@ -88,14 +95,18 @@ from sandboxctl.events.lifecycle import (
     SandboxStartRequested,
     SandboxStopRequested,
 )
-from sandboxctl.events.spec import NO_RESOURCES, Resources
+from sandboxctl.events.spec import Resources
 from sandboxctl.services.threads import EngineThreads
 from sandboxctl.statemachine import Phase, SandboxState
+from sandboxctl.statemachine.deadlines import DEFAULT_DEADLINES
 
 log = logging.getLogger(__name__)
 
 Facts = list[tuple[str, Fact]]
 
+# Chunks no object names (a put cut short) are purged once their newest is this old: twice the
+# Archiving deadline, which no put still under way outlives.
+ORPHAN_CHUNKS_AGE = 2 * DEFAULT_DEADLINES[Phase.ARCHIVING]
 WORK_ACK_WAIT = 15.0  # seconds before an order not acknowledged nor kept alive is delivered again
 # Seconds an operation waits for an engine that took its request and stopped answering (paused,
 # overloaded) before it is reported failed: under the state machine's watchdog (300 s by default),
@@ -432,7 +443,7 @@ class DriverWorker:
                 if event.restore:
                     facts.extend(await self._restore(name, sandbox_id, event.restore))
                 else:
-                    facts.extend(await self._start(name, sandbox_id, event.resources))
+                    facts.extend(await self._start(name, sandbox_id, event.resources if event.remake else None))
             elif isinstance(event, SandboxArchiveRequested):
                 facts.append(await self._archive(name, sandbox_id, event.object))
             elif isinstance(event, SandboxPauseRequested):
@@ -494,11 +505,24 @@ class DriverWorker:
         after the volume is gone (a worker killed after the removal), the stored object answers."""
         store = await workspaces(self.js, self.replicas)
         if await self._patiently(self.driver.workspace, name, sandbox_id):
+            if await self._run(self.driver.inspect, name, sandbox_id) is None:
+                # The engines read a volume through a container: one removed while the volume stayed
+                # (an archive cut short between the two removals, or a removal made outside) is made
+                # again, not started, from what the log recorded.
+                spec = await self._recorded(name, sandbox_id)
+                if spec is None:
+                    raise DriverError("archive", f"sandbox {name} has no record in the log to read its workspace by")
+                await self._patiently(self.driver.create, spec)
             digest, size = await self._store(store, name, sandbox_id, obj)
             stored = await store.get_info(obj)
             if stored.digest != digest or stored.size != size:
                 raise DriverError(
                     "archive", f"the stored archive of {name} is not what was sent ({stored.digest}, not {digest})"
+                )
+            held = await chunks_stored(self.js, stored.nuid or "")
+            if held != stored.chunks:
+                raise DriverError(
+                    "archive", f"the store holds {held} of the {stored.chunks} chunks of {name}'s archive"
                 )
             left = await self._run(self.driver.inspect, name, sandbox_id)
             if left is not None:
@@ -512,6 +536,13 @@ class DriverWorker:
                     "archive", f"the workspace volume {volume_name(name)} is gone and no archive of it is stored"
                 ) from None
             digest, size = stored.digest or "", stored.size or 0
+        try:
+            purged = await purge_orphan_chunks(self.js, ORPHAN_CHUNKS_AGE)
+            if purged:
+                log.info("%s: purged the chunks of %d archives never finished", self.consumer, len(purged))
+        except Exception as exc:  # space, not data: the next archive tries again
+            reraise_if_cancelling()
+            log.warning("%s: the unfinished archives' chunks were not purged: %r", self.consumer, exc)
         return (
             f"{obj}:archived",
             WorkspaceArchived(sandbox_id=sandbox_id, object=obj, digest=digest, size=size),
@@ -537,9 +568,20 @@ class DriverWorker:
                 raise DriverError("archive", f"the engine's archive of {name}'s workspace ended early")
 
         pumping = asyncio.ensure_future(self._run(pump))
-        with os.fdopen(read_fd, "rb", buffering=0) as source:
-            await store.put(obj, source)  # type: ignore[arg-type]
-        await pumping
+        try:
+            with os.fdopen(read_fd, "rb", buffering=0) as source:
+                await store.put(obj, source)  # type: ignore[arg-type]
+        except BaseException:
+            # The pipe's reader is closed: the pump ends at its next write; its error is this one's.
+            pumping.add_done_callback(lambda task: task.cancelled() or task.exception())
+            raise
+        try:
+            await pumping
+        except BaseException:
+            # What the store took of an archive cut short is not an archive: nothing may restore it.
+            with contextlib.suppress(Exception):
+                await store.delete(obj)
+            raise
         return "SHA-256=" + base64.urlsafe_b64encode(digest.digest()).decode(), size
 
     async def _restore(self, name: str, sandbox_id: str, obj: str) -> Facts:
@@ -551,7 +593,7 @@ class DriverWorker:
         made from it) only starts that container: its files are the restored ones."""
         store = await workspaces(self.js, self.replicas)
         try:
-            await store.get_info(obj)
+            stored = await store.get_info(obj)
         except NotFoundError:
             done = await self._run(self.driver.inspect, name, sandbox_id)
             if done is None:
@@ -560,6 +602,9 @@ class DriverWorker:
                     f"sandbox {name} is archived as {obj}, but neither that object nor a restored container is there",
                 ) from None
             return [started(await self._start_container(name, sandbox_id))]
+        held = await chunks_stored(self.js, stored.nuid or "")
+        if held != stored.chunks:  # nats-py would wait for ever for the chunks that are not there
+            raise DriverError("start", f"the store holds {held} of the {stored.chunks} chunks of {name}'s archive")
         spec = await self._recorded(name, sandbox_id)
         if spec is None:
             raise DriverError("start", f"sandbox {name} is archived but the log has no record of it")
@@ -577,8 +622,15 @@ class DriverWorker:
                     yield chunk
 
         unpacking = asyncio.ensure_future(self._run(self.driver.copy_in, name, sandbox_id, WORKSPACE, chunks()))
-        with os.fdopen(write_fd, "wb") as sink:
-            await store.get(obj, writeinto=sink)
+        try:
+            with os.fdopen(write_fd, "wb") as sink:
+                await store.get(obj, writeinto=sink)
+        except BrokenPipeError:
+            await unpacking  # the engine stopped reading: its error says why
+            raise
+        except BaseException:
+            unpacking.add_done_callback(lambda task: task.cancelled() or task.exception())
+            raise
         await unpacking
         created = ContainerCreated(container_id=info.container_id, sandbox_id=info.sandbox_id)
         facts: Facts = [
@@ -594,12 +646,13 @@ class DriverWorker:
         )
         return info
 
-    async def _start(self, name: str, sandbox_id: str, resources: Resources = NO_RESOURCES) -> Facts:
-        """Start the sandbox's container; if it is gone but the workspace is not, make it again. A
-        container made with other limits than the sandbox has now (an update since) is made again
-        with them first, on the same workspace."""
+    async def _start(self, name: str, sandbox_id: str, resources: Resources | None = None) -> Facts:
+        """Start the sandbox's container; if it is gone but the workspace is not, make it again.
+        With ``resources`` (the log says they changed since the container was made), a container
+        made with other limits is made again with them first, on the same workspace; a start
+        without costs no look at the container."""
         try:
-            if resources:
+            if resources is not None:
                 info = await self._patiently(self.driver.inspect, name, sandbox_id)
                 if info is not None and not made_with(info.resources, resources):
                     spec = await self._recorded(name, sandbox_id)

@@ -275,7 +275,11 @@ def decide(
             return held
         return [
             SandboxStartRequested(
-                sandbox_id=state.sandbox_id, driver=state.driver, resources=state.resources, restore=state.archive
+                sandbox_id=state.sandbox_id,
+                driver=state.driver,
+                resources=state.resources,
+                remake=state.resized,
+                restore=state.archive,
             )
         ]
     if isinstance(command, PauseSandbox):
@@ -474,6 +478,8 @@ def evolve(state: SandboxState | None, envelope: Envelope, seq: int = 0) -> Sand
     if isinstance(event, SandboxReady):
         changes["incarnation"] = event.incarnation
         changes["last_error"] = ""
+        if state.resized and state.phase is Phase.STARTING:
+            changes["resized"] = False  # the start order made the container again
         if state.archive:
             changes["archive"] = ""  # restored: the object is dropped once the container runs
     elif isinstance(event, SandboxArchived):
@@ -496,6 +502,7 @@ def evolve(state: SandboxState | None, envelope: Envelope, seq: int = 0) -> Sand
     elif isinstance(event, SandboxUpdated):
         if event.resources is not None:
             changes["resources"] = event.resources
+            changes["resized"] = True
         if event.labels is not None:
             changes["labels"] = event.labels
         if event.idle_timeout is not None:

@@ -61,6 +61,9 @@ class SandboxState(msgspec.Struct, kw_only=True, gc=False):
     # What the sandbox is made of that a command may change (UpdateSandbox).
     labels: dict[str, str] = {}
     resources: Resources = NO_RESOURCES
+    # Its resources changed since its container was made: the next start order says to make it
+    # again (until a start of sandboxctl's own has made it Ready; one made outside does not count).
+    resized: bool = False
     idle_action: str = "stop"  # what the reaper does once it is idle: "stop", or "pause"
     # The object its workspace is archived as, until a start has restored it and it is Ready again.
     archive: str = ""

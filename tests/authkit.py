@@ -4,7 +4,7 @@ server's refusals, counts of a stream's messages, and the figures the suites pri
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,8 @@ import nats
 import pytest
 
 from sandboxctl.auth import READ, WRITE, AuthStore, component_user
-from sandboxctl.client import Denials
+from sandboxctl.client import Denials, SandboxClient
+from sandboxctl.runtime.config import Config
 
 ADMIN_USER = "ops"
 
@@ -39,6 +40,30 @@ def make_store(root: Path) -> AuthStore:
     store.add("writer", [WRITE])
     store.add("nobody", [])
     return store
+
+
+def auth_config(root: Path, url: str, store: AuthStore, podman_url: str = "") -> Config:
+    """A plane on podman (when ``podman_url`` names its service) whose users are ``store``'s."""
+    return Config(
+        nats_url=url,
+        data_dir=root / "data",
+        run_dir=root / "run",
+        podman_url=podman_url,
+        drivers=("podman",),
+        default_driver="podman",
+        auth_dir=store.root,
+    )
+
+
+async def role_clients(url: str, store: AuthStore) -> AsyncIterator[dict[str, SandboxClient]]:
+    """A client per user of ``make_store``, closed at the end."""
+    made: dict[str, SandboxClient] = {}
+    for user in (ADMIN_USER, "reader", "writer", "nobody"):
+        creds = store.credentials(user)
+        made[user] = await SandboxClient.connect(url, user=creds.user, password=creds.password)
+    yield made
+    for client in made.values():
+        await client.close()
 
 
 class Raw:

@@ -52,6 +52,25 @@ async def test_an_archived_workspace_leaves_the_engine_and_start_brings_it_back_
     assert code == 0, err
 
 
+async def test_a_stopped_sandbox_whose_container_was_removed_outside_is_archived_from_its_volume(
+    cli: CLI, client: SandboxClient, names, image: str, engine: Engine
+) -> None:
+    """The engines read a volume through a container: with the volume alone (a removal made
+    outside, or an archive cut short between its two removals), the archive makes one to read by."""
+    name = names.new("bare")
+    assert (await cli("create", name, "--image", image, "--driver", engine.name))[0] == 0
+    engine("exec", f"sandboxctl-{name}", "sh", "-c", TREE)
+    assert (await cli("stop", name, "--grace", "0"))[0] == 0
+    before = listing(engine, image, name)
+    engine("rm", "-f", f"sandboxctl-{name}")
+    code, out, err = await cli("archive", name)
+    assert code == 0 and "1 sandbox archived" in out, err
+    assert not engine.volume_exists(name) and not engine.container_exists(name)
+    assert (await cli("start", name))[0] == 0
+    assert listing(engine, image, name) == before
+    assert (await cli("delete", name))[0] == 0
+
+
 BIG = 160_000_000  # bytes of random data: an archive or restore of it takes seconds, long enough to cut
 
 
@@ -108,7 +127,7 @@ async def test_a_worker_killed_in_the_middle_of_an_archive_or_a_restore_loses_no
         bucket = client.nc.jetstream()
 
         async def streaming_in() -> bool:
-            info = await bucket.stream_info(f"OBJ_{subjects.WORKSPACES_BUCKET}")
+            info = await bucket.stream_info(subjects.WORKSPACES_STREAM)
             return info.state.bytes > BIG // 4
 
         await client.archive(name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import os
 import signal
 import stat
@@ -25,7 +26,8 @@ from sandboxctl.client import PermissionDenied, SandboxClient
 from sandboxctl.events import subjects
 from sandboxctl.runtime.config import Config
 from sandboxctl.runtime.embedded import ControlPlane, NatsServer, free_port
-from tests.authkit import ADMIN_USER, Figures, Raw, count, make_store
+from tests.authkit import ADMIN_USER, Figures, Raw, count, make_store, role_clients
+from tests.authkit import auth_config as auth_config_for
 from tests.conftest import CLI, ROOT, cli_process, podman
 
 
@@ -41,15 +43,7 @@ def store(tmp_path: Path) -> AuthStore:
 
 @pytest.fixture
 def auth_config(tmp_path: Path, auth_server: NatsServer, store: AuthStore, podman_url: str) -> Config:
-    return Config(
-        nats_url=auth_server.url,
-        data_dir=tmp_path / "data",
-        run_dir=tmp_path / "run",
-        podman_url=podman_url,
-        drivers=("podman",),
-        default_driver="podman",
-        auth_dir=store.root,
-    )
+    return auth_config_for(tmp_path, auth_server.url, store, podman_url)
 
 
 @pytest.fixture
@@ -72,13 +66,8 @@ def sandbox() -> Iterator[str]:
 async def clients(
     auth_config: Config, auth_plane: ControlPlane, store: AuthStore
 ) -> AsyncIterator[dict[str, SandboxClient]]:
-    made: dict[str, SandboxClient] = {}
-    for user in (ADMIN_USER, "reader", "writer", "nobody"):
-        creds = store.credentials(user)
-        made[user] = await SandboxClient.connect(auth_config.nats_url, user=creds.user, password=creds.password)
-    yield made
-    for client in made.values():
-        await client.close()
+    async for made in role_clients(auth_config.nats_url, store):
+        yield made
 
 
 async def test_a_readers_stop_is_refused_recorded_for_auditors_and_never_logged(
@@ -370,9 +359,11 @@ async def test_services_started_before_the_state_machine_wait_for_its_streams(
 
 
 async def test_a_writer_archives_and_restores_with_the_workers_own_permissions(
-    clients: dict[str, SandboxClient], sandbox: str, image: str
+    clients: dict[str, SandboxClient], sandbox: str, image: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The driver worker's user may use the archived workspaces' bucket, and nothing more is needed."""
+    """The driver worker's user may use the archived workspaces' bucket, and nothing more is needed
+    (its check of the stored chunks and its purge of unfinished archives' included)."""
+    caplog.set_level(logging.INFO, logger="sandboxctl.services.worker")
     writer = clients["writer"]
     reply = await writer.create(sandbox, image)
     await writer.wait_for(sandbox, "Ready", reply.seq)
@@ -384,3 +375,5 @@ async def test_a_writer_archives_and_restores_with_the_workers_own_permissions(
     reply = await writer.start(sandbox)
     await writer.wait_for(sandbox, "Ready", reply.seq, timeout=60)
     assert podman("exec", f"sandboxctl-{sandbox}", "cat", "/workspace/f").stdout == "kept\n"
+    worker = [r.getMessage() for r in caplog.records if r.name == "sandboxctl.services.worker"]
+    assert not [m for m in worker if "not purged" in m or "failed" in m], worker

@@ -26,7 +26,8 @@ from sandboxctl.runtime.config import Config
 from sandboxctl.runtime.embedded import ControlPlane, NatsServer
 from sandboxctl.services.projector import Projector
 from sandboxctl.services.statemachine import StateMachineService
-from tests.authkit import ADMIN_USER, Figures, Raw, count, make_store
+from tests.authkit import ADMIN_USER, Figures, Raw, count, make_store, role_clients
+from tests.authkit import auth_config as auth_config_for
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -41,14 +42,7 @@ def store(tmp_path: Path) -> AuthStore:
 
 @pytest.fixture
 def auth_config(tmp_path: Path, auth_server: NatsServer, store: AuthStore) -> Config:
-    return Config(
-        nats_url=auth_server.url,
-        data_dir=tmp_path / "data",
-        run_dir=tmp_path / "run",
-        drivers=("podman",),
-        default_driver="podman",
-        auth_dir=store.root,
-    )
+    return auth_config_for(tmp_path, auth_server.url, store)
 
 
 @pytest.fixture
@@ -69,13 +63,8 @@ def sandbox() -> str:
 async def clients(
     auth_config: Config, auth_plane: ControlPlane, store: AuthStore
 ) -> AsyncIterator[dict[str, SandboxClient]]:
-    made: dict[str, SandboxClient] = {}
-    for user in (ADMIN_USER, "reader", "writer", "nobody"):
-        creds = store.credentials(user)
-        made[user] = await SandboxClient.connect(auth_config.nats_url, user=creds.user, password=creds.password)
-    yield made
-    for client in made.values():
-        await client.close()
+    async for made in role_clients(auth_config.nats_url, store):
+        yield made
 
 
 async def test_no_one_can_speak_for_another_user(

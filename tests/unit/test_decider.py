@@ -571,6 +571,19 @@ def test_update_records_only_what_changes_and_resources_only_while_nothing_runs(
         resized_state = evolve(resting, env(resized))
         (start,) = decide(resized_state, cmd(StartSandbox))  # type: ignore[misc]
         assert isinstance(start, SandboxStartRequested) and start.resources == resized.resources
+        assert start.remake  # the worker makes the container again, with the new limits
+        starting = evolve(resized_state, env(start))
+        assert starting.resized  # until the start is done: a start that failed makes it again next time
+        ready = evolve(starting, env(SandboxReady(incarnation="run-2")))
+        assert not ready.resized
+        rested = evolve(
+            evolve(ready, env(SandboxStopRequested(sandbox_id="c", driver="podman"))), env(SandboxStopped())
+        )
+        (again,) = decide(rested, cmd(StartSandbox))  # type: ignore[misc]
+        assert isinstance(again, SandboxStartRequested) and not again.remake  # nothing to look at on the engine
+        # A start made outside sandboxctl (Stopped straight to Ready) did not make it again.
+        outside = evolve(resized_state, env(SandboxReady(incarnation="run-9")))
+        assert outside.resized
     for bad in (
         cmd(UpdateSandbox, labels={"sandboxctl.x": "1"}),
         cmd(UpdateSandbox, labels={"a": "1"}, remove_labels=["a"]),
