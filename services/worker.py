@@ -30,7 +30,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -445,7 +445,10 @@ class DriverWorker:
                 else:
                     facts.extend(await self._start(name, sandbox_id, event.resources if event.remake else None))
             elif isinstance(event, SandboxArchiveRequested):
-                facts.append(await self._archive(name, sandbox_id, event.object))
+                try:
+                    facts.append(await self._archive(name, sandbox_id, event.object))
+                except ContainerMissing:  # removed outside while its workspace streamed out
+                    raise DriverError("archive", f"the container of {name} was removed during the archive") from None
             elif isinstance(event, SandboxPauseRequested):
                 info = await self._patiently(self.driver.pause, name, sandbox_id, done=lambda i: i.paused)
                 facts.append(frozen(info) if info.paused else exited(info, requested=False))
@@ -458,9 +461,11 @@ class DriverWorker:
                 # The only report that ends a delete: container and workspace are both gone (and an
                 # archive of the workspace, if there is one).
                 container_id = await self._patiently(self.driver.delete, name, sandbox_id)
-                if event.archive:
-                    with contextlib.suppress(NotFoundError):
-                        await (await workspaces(self.js, self.replicas)).delete(event.archive)
+                # Whether or not the log says it is archived: an archive under way when the delete
+                # came may have stored it since.
+                with contextlib.suppress(NotFoundError):
+                    store = await workspaces(self.js, self.replicas)
+                    await store.delete(event.archive or subjects.workspace_object(name, sandbox_id))
                 facts.append(removed(container_id, sandbox_id, envelope.id, workspace=True))
         except ContainerMissing:
             facts.append(removed("", sandbox_id, envelope.id))
@@ -505,7 +510,12 @@ class DriverWorker:
         after the volume is gone (a worker killed after the removal), the stored object answers."""
         store = await workspaces(self.js, self.replicas)
         if await self._patiently(self.driver.workspace, name, sandbox_id):
-            if await self._run(self.driver.inspect, name, sandbox_id) is None:
+            there = await self._run(self.driver.inspect, name, sandbox_id)
+            if there is not None and there.running:
+                raise DriverError(
+                    "archive", f"the container of {name} runs (started outside sandboxctl): stop it first"
+                )
+            if there is None:
                 # The engines read a volume through a container: one removed while the volume stayed
                 # (an archive cut short between the two removals, or a removal made outside) is made
                 # again, not started, from what the log recorded.
@@ -570,7 +580,7 @@ class DriverWorker:
         pumping = asyncio.ensure_future(self._run(pump))
         try:
             with os.fdopen(read_fd, "rb", buffering=0) as source:
-                await store.put(obj, source)  # type: ignore[arg-type]
+                put = await store.put(obj, source)  # type: ignore[arg-type]
         except BaseException:
             # The pipe's reader is closed: the pump ends at its next write; its error is this one's.
             pumping.add_done_callback(lambda task: task.cancelled() or task.exception())
@@ -579,8 +589,10 @@ class DriverWorker:
             await pumping
         except BaseException:
             # What the store took of an archive cut short is not an archive: nothing may restore it.
+            # Only this put's object is dropped (by its chunks' nuid), never one stored since.
             with contextlib.suppress(Exception):
-                await store.delete(obj)
+                if (await store.get_info(obj)).nuid == put.nuid:
+                    await store.delete(obj)
             raise
         return "SHA-256=" + base64.urlsafe_b64encode(digest.digest()).decode(), size
 
@@ -616,12 +628,13 @@ class DriverWorker:
         info = await self._patiently(self.driver.create, spec)
         read_fd, write_fd = os.pipe()
 
-        def chunks() -> Iterator[bytes]:
+        def unpack() -> None:
+            # The read end is this thread's: however copy_in ends, it is closed, so the writer
+            # below never blocks on a pipe nobody reads.
             with os.fdopen(read_fd, "rb") as pipe:
-                while chunk := pipe.read(256 * 1024):
-                    yield chunk
+                self.driver.copy_in(name, sandbox_id, WORKSPACE, iter(lambda: pipe.read(256 * 1024), b""))
 
-        unpacking = asyncio.ensure_future(self._run(self.driver.copy_in, name, sandbox_id, WORKSPACE, chunks()))
+        unpacking = asyncio.ensure_future(self._run(unpack))
         try:
             with os.fdopen(write_fd, "wb") as sink:
                 await store.get(obj, writeinto=sink)
@@ -632,13 +645,15 @@ class DriverWorker:
             unpacking.add_done_callback(lambda task: task.cancelled() or task.exception())
             raise
         await unpacking
+        # Dropped before the start: from here "no object" means "the container holds the whole
+        # restore", so an order that comes again (even once the sandbox is Ready and in use) only
+        # starts it, and never unpacks the archive over newer files.
+        await store.delete(obj)
         created = ContainerCreated(container_id=info.container_id, sandbox_id=info.sandbox_id)
-        facts: Facts = [
+        return [
             (f"{info.container_id}:created", created),
             started(await self._start_container(name, sandbox_id)),
         ]
-        await store.delete(obj)
-        return facts
 
     async def _start_container(self, name: str, sandbox_id: str) -> ContainerInfo:
         info: ContainerInfo = await self._patiently(
@@ -820,8 +835,10 @@ class DriverWorker:
                 container_id = await self._patiently(self.driver.delete, name, sandbox_id)
                 return [removed(container_id, sandbox_id, fact_id, workspace=True)]
             if phase is Phase.STARTING and state.archive:
-                # A restore not seen to its end: what it left is not the workspace, the archive is.
-                return await self._restore(name, sandbox_id, state.archive)
+                # A restore not seen to its end: what it left is not the workspace, so it is never
+                # started from here. Its start order, not yet acknowledged, comes again and restores
+                # from the archive (a sweep does not hold up the engine's events for a long copy).
+                return []
             if info is None:
                 if phase is Phase.STARTING:
                     return await self._remake(name, sandbox_id)  # removed outside while it was being started

@@ -25,7 +25,7 @@ from sandboxctl.statemachine.state import SandboxState
 # start of many: running every finished job again is never what "start them all" means).
 BULK_PHASES: dict[str, frozenset[Phase]] = {
     "stop": frozenset({Phase.READY, Phase.PAUSED}),
-    "start": frozenset({Phase.STOPPED, Phase.ERROR}),
+    "start": frozenset({Phase.STOPPED, Phase.ARCHIVED, Phase.ERROR}),
     "pause": frozenset({Phase.READY}),
     "resume": frozenset({Phase.PAUSED}),
     "archive": frozenset({Phase.STOPPED}),

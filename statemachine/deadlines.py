@@ -51,7 +51,9 @@ def deadline_for(deadlines: Deadlines, driver: str, phase: Phase) -> float:
 def overdue(state: SandboxState | None, now: float, deadlines: Deadlines) -> list[LifecycleEvent]:
     if state is None or state.phase not in TRANSIENT:
         return []
-    limit = deadline_for(deadlines, state.driver, state.phase)
+    # A start that restores an archive streams it back first: it gets as long as the archive had.
+    restoring = state.phase is Phase.STARTING and bool(state.archive)
+    limit = deadline_for(deadlines, state.driver, Phase.ARCHIVING if restoring else state.phase)
     # A stop counts from when its grace period ends: the engine waits that long by design.
     began = max(state.since, state.stop_by) if state.phase is Phase.STOPPING else state.since
     if now - began < limit:

@@ -370,7 +370,9 @@ def react(state: SandboxState | None, fact: Fact) -> list[LifecycleEvent]:
             return [SandboxReady(incarnation=state.incarnation)]
         return []
     if isinstance(fact, WorkspaceArchived):
-        if phase is Phase.ARCHIVING:
+        # Late (the deadline failed the archive while it streamed) is still done: the volume is
+        # gone and the object is the workspace, which the log must name.
+        if phase is Phase.ARCHIVING or (phase is Phase.ERROR and state.failed_operation == "archive"):
             return [SandboxArchived(object=fact.object, digest=fact.digest, size=fact.size)]
         return []
     if isinstance(fact, ContainerRemoved):

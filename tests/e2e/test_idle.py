@@ -14,11 +14,11 @@ from typing import Any
 import nats
 import pytest
 
-from sandboxctl.auth import READ, WRITE, AuthStore
 from sandboxctl.client import FailedPrecondition, PermissionDenied, SandboxClient
 from sandboxctl.runtime.config import Config
 from sandboxctl.runtime.embedded import ControlPlane, NatsServer
 from sandboxctl.services.reaper import Reaper
+from tests.authkit import auth_config, make_store, role_clients
 from tests.conftest import CLI, Engine
 from tests.logview import kinds, settled
 
@@ -254,45 +254,28 @@ async def test_auto_delete_is_opt_in_and_warned(
 async def test_with_authorization_on_the_reaper_stops_as_its_own_user_and_touch_needs_write(
     tmp_path, podman_url: str, names, image: str
 ) -> None:
-    store = AuthStore(tmp_path / "auth")
-    store.provision("ops")
-    store.add("writer", [WRITE])
-    store.add("reader", [READ])
+    store = make_store(tmp_path / "auth")
     server = NatsServer(tmp_path / "nats", auth=store).start()
-    config = Config(
-        nats_url=server.url,
-        data_dir=tmp_path / "data",
-        run_dir=tmp_path / "run",
-        podman_url=podman_url,
-        drivers=("podman",),
-        default_driver="podman",
-        auth_dir=store.root,
-        idle_grace=GRACE,
-        reaper_interval=0.1,
-    )
+    config = auth_config(tmp_path, server.url, store, podman_url)
+    config.idle_grace, config.reaper_interval = GRACE, 0.1
     plane = await ControlPlane(config).start()
-    clients: list[SandboxClient] = []
     try:
-        for user in ("writer", "reader"):
-            creds = store.credentials(user)
-            clients.append(await SandboxClient.connect(server.url, user=creds.user, password=creds.password))
-        writer, reader = clients
-        name = names.new("auth")
-        await writer.create(name, image, idle_timeout=1)
-        await writer.wait_for(name, "Ready")
-        with pytest.raises(PermissionDenied):
-            await reader.touch(name)
-        with pytest.raises(PermissionDenied):
-            await reader.acquire_lease(name, "reader", 60)
-        await writer.touch(name)
-        await writer.wait_for(name, "Stopped", timeout=15)
-        history = await writer.history(name)
+        async for clients in role_clients(server.url, store):
+            writer, reader = clients["writer"], clients["reader"]
+            name = names.new("auth")
+            await writer.create(name, image, idle_timeout=1)
+            await writer.wait_for(name, "Ready")
+            with pytest.raises(PermissionDenied):
+                await reader.touch(name)
+            with pytest.raises(PermissionDenied):
+                await reader.acquire_lease(name, "reader", 60)
+            await writer.touch(name)
+            await writer.wait_for(name, "Stopped", timeout=15)
+            history = await writer.history(name)
         (stop,) = idle_stops(history)
         assert stop["actor"] == "sandboxctl-reaper"
         assert [h["actor"] for h in history if h["type"].endswith("touched.v1")] == ["writer"]
     finally:
-        for client in clients:
-            await client.close()
         await plane.stop()
         server.stop()
 

@@ -651,3 +651,29 @@ def test_archive_is_for_a_stopped_sandbox_and_start_brings_an_archived_one_back(
         refused = decide(state(phase), cmd(ArchiveSandbox))
         assert isinstance(refused, Rejection) and refused.code is ErrorCode.FAILED_PRECONDITION
         assert "archive is allowed in Stopped" in refused.message
+
+
+def test_an_archive_done_after_its_deadline_is_still_archived_and_a_restore_gets_the_archives_time() -> None:
+    from sandboxctl.statemachine.bulk import BULK_PHASES
+    from sandboxctl.statemachine.deadlines import DEFAULT_DEADLINES, overdue
+
+    archiving = evolve(state(Phase.STOPPED), env(decide(state(Phase.STOPPED), cmd(ArchiveSandbox))[0]))  # type: ignore[index]
+    (timed_out,) = overdue(archiving, archiving.since + DEFAULT_DEADLINES[Phase.ARCHIVING] + 1, {})
+    failed = evolve(archiving, env(timed_out))
+    assert failed.phase is Phase.ERROR and failed.failed_operation == "archive"
+    # the worker finishes later: its volume is gone, so the object must be named by the log
+    (late,) = react(failed, WorkspaceArchived(object="box/id-1", digest="SHA-256=x", size=10))
+    archived = evolve(failed, env(late))
+    assert archived.phase is Phase.ARCHIVED and archived.archive == "box/id-1"
+    # an Error of another operation is not turned into Archived by a stray report
+    other = msgspec.structs.replace(state(Phase.ERROR), failed_operation="start")
+    assert react(other, WorkspaceArchived(object="box/id-1", digest="SHA-256=x", size=10)) == []
+    # a start that restores streams the archive back: it has the archive's time, not a start's
+    (start,) = decide(archived, cmd(StartSandbox))  # type: ignore[misc]
+    restoring = evolve(archived, env(start))
+    start_limit = DEFAULT_DEADLINES[Phase.STARTING]
+    assert overdue(restoring, restoring.since + start_limit + 1, {}) == []
+    assert overdue(restoring, restoring.since + DEFAULT_DEADLINES[Phase.ARCHIVING] + 1, {}) != []
+    plain = evolve(state(Phase.STOPPED), env(decide(state(Phase.STOPPED), cmd(StartSandbox))[0]))  # type: ignore[index]
+    assert overdue(plain, plain.since + start_limit + 1, {}) != []
+    assert Phase.ARCHIVED in BULK_PHASES["start"]  # start --all brings archived sandboxes back too

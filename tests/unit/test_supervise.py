@@ -71,3 +71,39 @@ def test_a_process_with_nothing_left_exits_normally() -> None:
     script += "async def main() -> int:\n    return 4\nsys.exit(run_to_exit(main()))\n"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
     assert (done.returncode, done.stderr) == (4, "")
+
+
+_PROMPT = """
+import asyncio, sys
+from sandboxctl.runtime.supervise import run_to_exit
+
+async def main() -> int:
+    print("Type yes:", flush=True)
+    await asyncio.to_thread(sys.stdin.readline)  # nobody answers
+    return 0
+
+sys.exit(run_to_exit(main(), grace=0.5))
+"""
+
+
+def test_ctrl_c_at_a_prompt_ends_the_process_with_130_though_a_thread_still_waits_for_input() -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _PROMPT],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "Type yes:\n"
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+    finally:
+        proc.kill()
+        proc.wait()
