@@ -488,16 +488,19 @@ class DriverWorker:
         info = await self._patiently(self.driver.create, spec)
         source, source_id = event.clone_from, event.clone_from_id
         paused = False
-        try:
-            if event.clone_paused:
-                running = await self._run(self.driver.inspect, source, source_id)
-                if running is not None and running.running and not running.paused:
-                    await self._run(self.driver.pause, source, source_id)
-                    paused = True
-            await self._run(self.driver.copy_workspace, source, source_id, spec.name, spec.sandbox_id)
-        finally:
-            if paused:
-                await self._run(self.driver.resume, source, source_id)
+        # The source's queued orders (an archive of it above all) wait meanwhile, so none removes
+        # the volume being copied.
+        async with self._lock(source):
+            try:
+                if event.clone_paused:
+                    running = await self._run(self.driver.inspect, source, source_id)
+                    if running is not None and running.running and not running.paused:
+                        await self._run(self.driver.pause, source, source_id)
+                        paused = True
+                await self._run(self.driver.copy_workspace, source, source_id, spec.name, spec.sandbox_id)
+            finally:
+                if paused:
+                    await self._run(self.driver.resume, source, source_id)
         created = ContainerCreated(container_id=info.container_id, sandbox_id=info.sandbox_id)
         return [
             (f"{info.container_id}:created", created),
