@@ -441,7 +441,10 @@ class DriverWorker:
                 facts.append(exited(info, requested=True) if not info.running else started(info))
             elif isinstance(event, SandboxStartRequested):
                 if event.restore:
-                    facts.extend(await self._restore(name, sandbox_id, event.restore))
+                    try:
+                        facts.extend(await self._restore(name, sandbox_id, event.restore))
+                    except ContainerMissing:  # removed outside while the files streamed in
+                        raise DriverError("start", f"the container of {name} was removed during its restore") from None
                 else:
                     facts.extend(await self._start(name, sandbox_id, event.resources if event.remake else None))
             elif isinstance(event, SandboxArchiveRequested):

@@ -378,6 +378,11 @@ def react(state: SandboxState | None, fact: Fact) -> list[LifecycleEvent]:
     if isinstance(fact, ContainerRemoved):
         if phase in (Phase.ARCHIVING, Phase.ARCHIVED) and not fact.workspace_removed:
             return []  # the archive removes the container itself, once the workspace is stored
+        if phase is Phase.STARTING and state.archive and not fact.workspace_removed:
+            # A restore removes what an earlier, unfinished one left; a watcher that comes up after
+            # a killed worker may report that removal again. A removal made outside fails the
+            # restore itself, which the worker reports.
+            return []
         if phase is Phase.DELETING:
             # Only the delete's own report ends it: the workspace must be gone before the name is free.
             return [SandboxDeleted()] if fact.workspace_removed else []

@@ -646,7 +646,13 @@ def test_archive_is_for_a_stopped_sandbox_and_start_brings_an_archived_one_back(
     assert archived.phase is Phase.ARCHIVED
     assert react(archived, ContainerRemoved()) == []
     (start,) = decide(archived, cmd(StartSandbox))  # type: ignore[misc]
-    assert evolve(archived, env(start)).phase is Phase.STARTING
+    restoring = evolve(archived, env(start))
+    assert restoring.phase is Phase.STARTING and restoring.archive == "box/id-1"
+    # a restore's removal of what an earlier one left, reported again, is not news
+    assert react(restoring, ContainerRemoved()) == []
+    # a plain start's container removed is
+    plain = evolve(stopped, env(decide(stopped, cmd(StartSandbox))[0]))  # type: ignore[index]
+    assert react(plain, ContainerRemoved()) != []
     for phase in (Phase.READY, Phase.PAUSED, Phase.ERROR, Phase.COMPLETED):
         refused = decide(state(phase), cmd(ArchiveSandbox))
         assert isinstance(refused, Rejection) and refused.code is ErrorCode.FAILED_PRECONDITION
