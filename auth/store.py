@@ -59,6 +59,10 @@ class AuthStore:
         """Where the embedded nats-server writes its pid, so ``user add`` can make it reload."""
         return self.root / "nats-server.pid"
 
+    def node_pid_path(self, index: int) -> Path:
+        """Where node ``index`` (from 1) of an embedded cluster writes its pid; node 1's is ``pid_path``."""
+        return self.pid_path if index == 1 else self.root / f"nats-server-{index}.pid"
+
     def credentials_path(self, user: str) -> Path:
         return self.root / "credentials" / f"{user}.json"
 
@@ -127,12 +131,16 @@ class AuthStore:
         return load_credentials(self.credentials_path(user))
 
     def reload_server(self) -> bool:
-        """Make a running embedded nats-server re-read its users (SIGHUP is ``nats-server --signal reload``)."""
-        try:
-            pid = int(self.pid_path.read_text().strip())
-            if b"nats-server" not in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return False  # a stale pid file, and the number now belongs to someone else
-            os.kill(pid, signal.SIGHUP)
-        except (OSError, ValueError):
-            return False
-        return True
+        """Make the running embedded nats-server (every node of an embedded cluster) re-read its
+        users (SIGHUP is ``nats-server --signal reload``); whether one was told."""
+        told = False
+        for path in [self.pid_path, *sorted(self.root.glob("nats-server-*.pid"))]:
+            try:
+                pid = int(path.read_text().strip())
+                if b"nats-server" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    continue  # a stale pid file, and the number now belongs to someone else
+                os.kill(pid, signal.SIGHUP)
+            except (OSError, ValueError):
+                continue
+            told = True
+        return told

@@ -10,6 +10,7 @@ every ordered reader of the log uses.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 
@@ -34,6 +35,10 @@ log = logging.getLogger(__name__)
 
 # JetStream's answer to a create of a stream that exists already (another process was first).
 STREAM_NAME_IN_USE = 10058
+NOT_CLUSTERED = 10074  # "replicas > 1 not supported in non-clustered mode"
+# Replicas of every stream on a cluster, unless configured (SANDBOXCTL_REPLICAS): a single server
+# takes 1. Three keeps the log and its writers going through the loss of any one node.
+AUTO_REPLICAS = 3
 # How long a message id is remembered for deduplication (JetStream's default, two minutes).
 DUPLICATE_WINDOW = 120.0
 # A message is delivered this many times to a durable consumer before it is dead-lettered.
@@ -96,15 +101,18 @@ def audit_stream_config(replicas: int = 1) -> StreamConfig:
     )
 
 
-async def ensure_streams(js: JetStreamContext, replicas: int = 1, audit: bool = False) -> None:
+async def ensure_streams(js: JetStreamContext, replicas: int | None = None, audit: bool = False) -> None:
     """Create the streams if missing (the audit stream too with ``audit``: only when users are
-    authenticated). Replicas matter only when clustered (use 3 there): a stream's replica count
-    is fixed by whoever creates it, the state machine, first.
+    authenticated), with ``replicas`` each; None (the default) is AUTO_REPLICAS on a cluster and
+    1 on a single server, which refuses more. A stream's replica count is fixed by whoever
+    creates it first, so every service asks the same way. A cluster short of nodes for the
+    replicas (one down when the streams are first made) is waited for, never settled for less.
 
     With authorization on only the state machine may create streams; a worker or projector
     started before it (``serve --only``) waits for them, as the server drops its request."""
-    configs = [log_stream_config(replicas), facts_stream_config(replicas), deadletter_stream_config(replicas)]
-    for config in [*configs, *([audit_stream_config(replicas)] if audit else [])]:
+    wanted = replicas or AUTO_REPLICAS
+    configs = [log_stream_config(wanted), facts_stream_config(wanted), deadletter_stream_config(wanted)]
+    for config in [*configs, *([audit_stream_config(wanted)] if audit else [])]:
         waited = False
         while True:
             try:
@@ -115,8 +123,11 @@ async def ensure_streams(js: JetStreamContext, replicas: int = 1, audit: bool = 
             try:
                 await js.add_stream(config)
                 break
-            except APIError as exc:  # another process created it first
-                if exc.err_code != STREAM_NAME_IN_USE:
+            except APIError as exc:
+                if exc.err_code == NOT_CLUSTERED and replicas is None and config.num_replicas != 1:
+                    config = dataclasses.replace(config, num_replicas=1)  # a single server
+                    continue
+                if exc.err_code != STREAM_NAME_IN_USE:  # else another process created it first
                     raise
                 break
             except (TimeoutError, nats.errors.TimeoutError):
@@ -160,27 +171,32 @@ def push_consumer(
     )
 
 
-async def workspaces(js: JetStreamContext, replicas: int = 1) -> ObjectStore:
-    """The object store bucket archived workspaces are kept in, made if missing (replicated like
-    the log when clustered)."""
+async def workspaces(js: JetStreamContext, replicas: int | None = None) -> ObjectStore:
+    """The object store bucket archived workspaces are kept in, made if missing with ``replicas``
+    (None: as ``ensure_streams`` chooses, so replicated like the log when clustered)."""
     try:
         return await js.object_store(subjects.WORKSPACES_BUCKET)
     except NotFoundError:
         pass
-    try:
-        return await js.create_object_store(
-            subjects.WORKSPACES_BUCKET,
-            config=ObjectStoreConfig(
-                bucket=subjects.WORKSPACES_BUCKET,
-                description="sandboxctl: archived workspaces, one object per archived sandbox",
-                storage=StorageType.FILE,
-                replicas=replicas,
-            ),
-        )
-    except APIError as exc:  # another process made it first
-        if exc.err_code != STREAM_NAME_IN_USE:
-            raise
-        return await js.object_store(subjects.WORKSPACES_BUCKET)
+    wanted = replicas or AUTO_REPLICAS
+    while True:
+        try:
+            return await js.create_object_store(
+                subjects.WORKSPACES_BUCKET,
+                config=ObjectStoreConfig(
+                    bucket=subjects.WORKSPACES_BUCKET,
+                    description="sandboxctl: archived workspaces, one object per archived sandbox",
+                    storage=StorageType.FILE,
+                    replicas=wanted,
+                ),
+            )
+        except APIError as exc:
+            if exc.err_code == NOT_CLUSTERED and replicas is None and wanted != 1:
+                wanted = 1  # a single server
+                continue
+            if exc.err_code != STREAM_NAME_IN_USE:  # else another process made it first
+                raise
+            return await js.object_store(subjects.WORKSPACES_BUCKET)
 
 
 _CHUNKS = f"$O.{subjects.WORKSPACES_BUCKET}.C."  # + an object's nuid: the subject of its chunks

@@ -214,6 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run nats-server, podman and every service on embedded defaults")
     up.add_argument("--port", type=int, default=4222, help="NATS port (default 4222)")
     up.add_argument("--sync-always", action="store_true", help="fsync every JetStream write (slower, safer)")
+    up.add_argument(
+        "--cluster",
+        type=int,
+        default=1,
+        choices=(1, 3, 5),
+        metavar="N",
+        help="run N nats-server nodes (1, 3 or 5) routed into one cluster on ports PORT.., every stream on 3 "
+        "replicas (default 1: a single server)",
+    )
 
     serve = sub.add_parser("serve", help="run the services against the NATS in SANDBOXCTL_NATS_URL")
     serve.add_argument(
@@ -904,11 +913,15 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
         argv, command = argv[:split], argv[split + 1 :]
     args = build_parser().parse_args(argv)
     _check(args)
-    config = config or Config.from_env()
+    if config is None:
+        try:
+            config = Config.from_env()
+        except ValueError as exc:  # a setting in the environment that is not one
+            raise Failure(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
     if args.cmd == "up":
         from sandboxctl.runtime.embedded import run_up
 
-        await run_up(config, port=args.port, sync_always=args.sync_always)
+        await run_up(config, port=args.port, sync_always=args.sync_always, cluster=args.cluster)
         return 0
     if args.cmd == "user":
         return _user(config, args)

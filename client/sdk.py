@@ -23,6 +23,7 @@ from nats.aio.msg import Msg
 from sandboxctl.bus.eventlog import decode_event
 from sandboxctl.bus.natsinternals import server_requires_auth
 from sandboxctl.bus.reading import read_log, read_stream
+from sandboxctl.bus.servers import server_urls
 from sandboxctl.bus.tail import Tail, stream_seq
 from sandboxctl.client.errors import (
     FailedPrecondition,
@@ -222,9 +223,14 @@ class SandboxClient:
     async def connect(
         cls, url: str, actor: str = "client", user: str = "", password: str = "", **options: Any
     ) -> SandboxClient:
-        """Connect to NATS. Raises Unauthenticated if the server refuses the user and password (nats-py
-        only reports that to its error callback, and then says no server is available), and
-        Unavailable if no server answers."""
+        """Connect to NATS: ``url`` is one server's, or a cluster's comma-separated. Raises
+        InvalidArgument for a URL that is not one, Unauthenticated if the server refuses the user
+        and password (nats-py only reports that to its error callback, and then says no server is
+        available), and Unavailable if no server answers."""
+        try:
+            servers = server_urls(url)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
         denials = Denials()
         refusals: list[Exception] = []
         their_cb = options.pop("error_cb", denials.error_cb)
@@ -240,7 +246,7 @@ class SandboxClient:
             options.setdefault("reconnect_time_wait", 0.5)
             if user:
                 options.update(user=user, password=password, inbox_prefix=subjects.inbox_prefix(user))
-            nc = await nats.connect(url, error_cb=error_cb, **options)
+            nc = await nats.connect(servers, error_cb=error_cb, **options)
         except Exception as exc:
             if refusals or _refuses_login(exc):
                 who = f"user {user}" if user else "a client without credentials"

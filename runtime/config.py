@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sandboxctl.auth import load_credentials, local_user_name
+from sandboxctl.bus.servers import server_urls
 from sandboxctl.runtime.supervise import RESTART_LIMIT, RESTART_WINDOW
 from sandboxctl.statemachine.deadlines import parse_deadlines
 from sandboxctl.statemachine.phases import Phase
@@ -51,7 +52,7 @@ class Config:
     # Durability (docs/durability.md): fsync every JetStream write in the embedded server, and
     # the replica count of the streams when the NATS servers are clustered.
     sync_always: bool = False
-    replicas: int = 1
+    replicas: int | None = None  # of every stream; None: 3 on a cluster, 1 on a single server
     # Authorization (docs/security.md). auth_dir holds users.json, the generated server.conf and one
     # credential file per user; when users.json exists the services authenticate and check roles.
     auth_dir: Path | None = None
@@ -102,6 +103,7 @@ class Config:
         env = dict(os.environ if env is None else env)
         cfg = cls()
         cfg.nats_url = env.get("SANDBOXCTL_NATS_URL", cfg.nats_url)
+        server_urls(cfg.nats_url)  # one URL or a cluster's, comma-separated: each checked
         if "SANDBOXCTL_DATA_DIR" in env:
             cfg.data_dir = Path(env["SANDBOXCTL_DATA_DIR"])
         if "SANDBOXCTL_RUN_DIR" in env:
@@ -115,7 +117,14 @@ class Config:
         cfg.reconcile_exited = env.get("SANDBOXCTL_RECONCILE_EXITED", cfg.reconcile_exited)
         cfg.deadlines = parse_deadlines(env.get("SANDBOXCTL_DEADLINES", ""))
         cfg.sync_always = env.get("SANDBOXCTL_SYNC_ALWAYS", "").lower() in ("1", "true", "yes")
-        cfg.replicas = int(env.get("SANDBOXCTL_REPLICAS", "1"))
+        if env.get("SANDBOXCTL_REPLICAS"):
+            if not env["SANDBOXCTL_REPLICAS"].strip().isdigit():
+                raise ValueError(
+                    f"SANDBOXCTL_REPLICAS must be a number from 1 to 5, not {env['SANDBOXCTL_REPLICAS']!r}"
+                )
+            cfg.replicas = int(env["SANDBOXCTL_REPLICAS"])
+            if not 1 <= cfg.replicas <= 5:
+                raise ValueError(f"SANDBOXCTL_REPLICAS must be from 1 to 5 (JetStream's most), not {cfg.replicas}")
         if "SANDBOXCTL_AUTH_DIR" in env:
             cfg.auth_dir = Path(env["SANDBOXCTL_AUTH_DIR"])
         cfg.user, cfg.password = _credentials(env, cfg.auth_path)

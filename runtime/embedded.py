@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -28,15 +29,20 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import nats
 from nats.aio.client import Client as NATS
+from nats.js.errors import NotFoundError
 
 from sandboxctl.auth import Authorizer, AuthStore, component_user, local_user_name, record_denied
+from sandboxctl.bus.servers import server_urls
 from sandboxctl.client import FailedPrecondition, Internal, Unavailable
 from sandboxctl.drivers.base import Driver
+from sandboxctl.events import subjects
 from sandboxctl.events.health import ServiceHealth
 from sandboxctl.runtime import health
 from sandboxctl.runtime.config import Config
@@ -121,8 +127,23 @@ class PortInUse(RuntimeError):
     """The port a server of ours should listen on is taken by another program."""
 
 
+@dataclass(frozen=True)
+class ClusterNode:
+    """This server's place in a cluster of nats-servers on this host: its number (from 1), the
+    port its routes listen on, the other nodes' route ports, and the routes' own credentials
+    (so only the cluster's nodes may join it)."""
+
+    index: int
+    name: str  # the cluster's, the same for every node
+    tag: str  # stable across restarts (RAFT knows a peer by its server name): the data directory's
+    port: int
+    peers: tuple[int, ...]
+    secret: str
+
+
 class NatsServer:
-    """A nats-server with JetStream on a data directory of its own.
+    """A nats-server with JetStream on a data directory of its own (with ``cluster``, one node of
+    a cluster on this host).
 
     With an ``auth`` store it admits only that store's users, each with the
     permissions generated from its role (sandboxctl.auth), and writes its pid
@@ -143,12 +164,20 @@ class NatsServer:
     MIN_FREE = 64 * MiB  # free space (at most a tenth of the filesystem) a restart waits for
 
     def __init__(
-        self, store_dir: Path, port: int = 0, sync_always: bool = False, auth: AuthStore | None = None
+        self,
+        store_dir: Path,
+        port: int = 0,
+        sync_always: bool = False,
+        auth: AuthStore | None = None,
+        cluster: ClusterNode | None = None,
     ) -> None:
         self.store_dir = store_dir
         self.port = port or free_port()
         self.sync_always = sync_always
         self.auth = auth
+        self.cluster = cluster
+        if cluster is not None:
+            self.name = f"nats-server-{cluster.index}"  # in up's log and health, node by node
         self.proc: subprocess.Popen[bytes] | None = None
         self.server_name = ""
         self.system_password = secrets.token_urlsafe(24) if auth is not None else ""
@@ -171,7 +200,9 @@ class NatsServer:
 
     @property
     def pid_path(self) -> Path:
-        return self.auth.pid_path if self.auth is not None else self.store_dir / "nats-server.pid"
+        if self.auth is not None:
+            return self.auth.pid_path if self.cluster is None else self.auth.node_pid_path(self.cluster.index)
+        return self.store_dir / "nats-server.pid"
 
     @property
     def argv(self) -> list[str]:
@@ -215,6 +246,15 @@ class NatsServer:
             lines.append(f"accounts {{ $SYS {{ users: [{json.dumps(system)}] }} }}")
         sync = "\n  sync_interval: always" if self.sync_always else ""
         lines.append(f'jetstream {{\n  store_dir: "{self.store_dir / "jetstream"}"{sync}\n}}')
+        if self.cluster is not None:
+            node = self.cluster
+            login = f"route:{node.secret}@"
+            routes = ", ".join(json.dumps(f"nats-route://{login}127.0.0.1:{peer}") for peer in node.peers)
+            lines.append(
+                f'cluster {{\n  name: {json.dumps(node.name)}\n  listen: "127.0.0.1:{node.port}"\n'
+                f'  authorization {{ user: "route", password: {json.dumps(node.secret)} }}\n'
+                f"  routes: [{routes}]\n}}"
+            )
         return "\n".join(lines) + "\n"
 
     def spawn(self) -> None:
@@ -223,7 +263,12 @@ class NatsServer:
             holder = port_holder(self.port)
             raise PortInUse(f"port {self.port} is already in use{' by ' + holder if holder else ''}")
         self.store_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.server_name = f"sandboxctl-{secrets.token_hex(8)}"
+        # A node keeps its name (its RAFT peers know it by it); a lone server gets a new one each
+        # start, so one someone else runs on the port is never taken for it.
+        node = self.cluster
+        self.server_name = (
+            f"sandboxctl-{node.tag}-n{node.index}" if node is not None else f"sandboxctl-{secrets.token_hex(8)}"
+        )
         self.problem, self._unhealthy_since, self._waiting_said = "", None, False
         write_private(self.conf_path, self._conf())
         logfile = _open_log(self.log_path)
@@ -484,6 +529,25 @@ def make_private(root: Path) -> list[str]:
     return changed
 
 
+def _say_unreachable(urls: list[str]) -> None:
+    """Name each NATS server that does not take a connection at start, in one line each: the
+    services go on with the others (a cluster's), or wait for one to come (nats-py retries)."""
+    down = []
+    for url in urls:
+        parts = urlsplit(url)
+        try:
+            with socket.create_connection((parts.hostname or "", parts.port or 4222), timeout=1.0):
+                pass
+        except OSError as exc:
+            down.append((url, str(exc.strerror or exc)))
+    if len(down) == len(urls):
+        named = ", ".join(f"{url} ({why})" for url, why in down)
+        log.error("no NATS server answers: %s; waiting for one to come", named)
+        return
+    for url, why in down:
+        log.warning("the NATS server at %s does not answer (%s); going on with the others", url, why)
+
+
 def _nats_error(name: str) -> Callable[[Exception], Any]:
     """A connection's error callback: a refused subject is a bug worth a line; a lost connection
     (a restarting server) is not, since the connection comes back by itself."""
@@ -565,7 +629,7 @@ class ControlPlane:
     async def _connect(self, name: str, purpose: str = "") -> NATS:
         options = self.auth.credentials(component_user(name)).connect_options() if self.auth_enabled else {}
         nc = await nats.connect(
-            self.config.nats_url,
+            server_urls(self.config.nats_url),
             name=f"{name}-{purpose}" if purpose else name,
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.2,
@@ -632,6 +696,7 @@ class ControlPlane:
 
     async def start(self) -> ControlPlane:
         make_private(self.config.data_dir)
+        await asyncio.to_thread(_say_unreachable, server_urls(self.config.nats_url))
         try:
             for name, factory in self._factories():
                 await self.supervisor.add(name, factory)
@@ -827,12 +892,78 @@ async def run_serve(
             podman.stop()
 
 
-async def run_up(config: Config, port: int = 4222, sync_always: bool = False) -> None:
-    """``sandboxctl up``: a nats-server of its own plus every service, until interrupted.
+CLUSTER_SIZES = (1, 3, 5)  # nodes of an embedded cluster: RAFT wants an odd number
+
+
+def cluster_nodes(config: Config, port: int, size: int, sync_always: bool, auth: AuthStore) -> list[NatsServer]:
+    """The nats-servers of ``up``: one on ``data/nats``, or ``size`` nodes on ``data/cluster/nN``
+    with client ports ``port`` upwards, routes between them on free ports, and a route password
+    kept in the data directory (only the cluster's own nodes may join it)."""
+    if size == 1:
+        return [NatsServer(config.data_dir / "nats", port=port, sync_always=sync_always, auth=auth)]
+    root = config.data_dir / "cluster"
+    if (config.data_dir / "nats" / "jetstream").exists() and not root.exists():
+        raise FailedPrecondition(
+            f"{config.data_dir} holds the log of a single nats-server; a cluster's log starts empty, so "
+            "give the cluster another SANDBOXCTL_DATA_DIR (or run up without --cluster)"
+        )
+    make_private(root)
+    secret_path = root / "route-password"
+    if not secret_path.exists():
+        write_private(secret_path, secrets.token_urlsafe(24) + "\n")
+    secret = secret_path.read_text().strip()
+    tag = hashlib.sha256(str(config.data_dir.resolve()).encode()).hexdigest()[:8]
+    routes = [free_port() for _ in range(size)]
+    return [
+        NatsServer(
+            root / f"n{index}",
+            port=port + index - 1,
+            sync_always=sync_always,
+            auth=auth,
+            cluster=ClusterNode(
+                index=index,
+                name=f"sandboxctl-{tag}",
+                tag=tag,
+                port=routes[index - 1],
+                peers=tuple(p for i, p in enumerate(routes, 1) if i != index),
+                secret=secret,
+            ),
+        )
+        for index in range(1, size + 1)
+    ]
+
+
+async def _jetstream_ready(url: str, auth: AuthStore, timeout: float = 60.0) -> None:
+    """Wait until the cluster's JetStream answers (its meta leader is elected): before that the
+    state machine could not make its streams, and a client's first command would fail."""
+    deadline = time.monotonic() + timeout
+    options = auth.credentials(component_user("statemachine")).connect_options()
+    nc = await nats.connect(server_urls(url), connect_timeout=2, max_reconnect_attempts=-1, **options)
+    try:
+        while True:
+            try:  # any answer of JetStream's own, "no such stream" included, is an elected meta leader
+                await nc.jetstream(timeout=2).stream_info(subjects.LOG_STREAM)
+                return
+            except NotFoundError:
+                return
+            except Exception as exc:
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"the cluster's JetStream did not come up within {timeout:g}s: {exc}") from None
+                await asyncio.sleep(0.25)
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), 5)
+
+
+async def run_up(config: Config, port: int = 4222, sync_always: bool = False, cluster: int = 1) -> None:
+    """``sandboxctl up``: a nats-server of its own (``cluster``: that many nodes, routed to each
+    other on this host, every stream then replicated on 3) plus every service, until interrupted.
 
     Refuses (one line, non-zero exit) when another ``up`` runs on the data directory or
-    the port is held by another program; stops what a dead ``up`` left running first."""
+    a port is held by another program; stops what a dead ``up`` left running first."""
     _setup_process()
+    if cluster not in CLUSTER_SIZES:
+        raise FailedPrecondition(f"--cluster must be one of {', '.join(map(str, CLUSTER_SIZES))}, not {cluster}")
     if config.restart_limit is None:
         config.restart_limit = 0  # nothing restarts `up` itself: it never gives up on what it runs
     sync_always = sync_always or config.sync_always
@@ -843,46 +974,59 @@ async def run_up(config: Config, port: int = 4222, sync_always: bool = False) ->
             f"another sandboxctl up (pid {holder or 'unknown'}) is running on {config.data_dir}; "
             "stop it first, or give this one another SANDBOXCTL_DATA_DIR"
         )
-    server: NatsServer | None = None
-    audit: ServerLogAudit | None = None
+    servers: list[NatsServer] = []
+    audits: list[ServerLogAudit] = []
     recorder: _AuditRecorder | None = None
     try:
         make_private(config.data_dir)
         auth = AuthStore(config.auth_path)
         admin = local_user_name()
         auth.provision(admin)  # a user per service and an admin for whoever runs this; existing ones are kept
-        server = NatsServer(config.data_dir / "nats", port=port, sync_always=sync_always, auth=auth)
-        _stop_leftover(server, config.data_dir)
-        recorder = _AuditRecorder(server, auth)
-        audit = ServerLogAudit(server.log_path, config.data_dir / "nats" / "audit.offset", recorder)
-        audit.mark_start()
-        try:
-            server.start()
-        except PortInUse as exc:
-            raise Unavailable(f"{exc}; stop what holds it or run sandboxctl up --port N") from None
-        except RuntimeError as exc:
-            raise Unavailable(f"sandboxctl's nats-server would not start: {exc}") from None
-        config.nats_url = server.url
+        servers = cluster_nodes(config, port, cluster, sync_always, auth)
+        for server in servers:
+            _stop_leftover(server, config.data_dir)
+        url = ",".join(server.url for server in servers)
+        recorder = _AuditRecorder(url, auth)
+        for server in servers:
+            audit = ServerLogAudit(server.log_path, server.store_dir / "audit.offset", recorder)
+            audit.mark_start()
+            audits.append(audit)
+        for server in servers:
+            try:
+                server.start()
+            except PortInUse as exc:
+                raise Unavailable(f"{exc}; stop what holds it or run sandboxctl up --port N") from None
+            except RuntimeError as exc:
+                raise Unavailable(f"sandboxctl's nats-server would not start: {exc}") from None
+        if cluster > 1:
+            await _jetstream_ready(url, auth)
+        config.nats_url = url
         children = Children(config.restarts_allowed, config.restart_window)
-        children.add(server)
-        url = server.url
+        for server in servers:
+            children.add(server)
+
+        def started() -> None:
+            for audit in audits:  # once the state machine has made the audit stream
+                audit.start()
+
+        nodes = f"{cluster} nats-server nodes" if cluster > 1 else "NATS"
         await run_serve(
             config,
             lambda cfg: (
-                f"sandboxctl is up: NATS {url}, data {cfg.data_dir}, drivers {', '.join(cfg.drivers)}\n"
+                f"sandboxctl is up: {nodes} {url}, data {cfg.data_dir}, drivers {', '.join(cfg.drivers)}\n"
                 f"in another shell: export SANDBOXCTL_NATS_URL={url}\n"
                 f"you are {admin} (admin), credentials in {auth.credentials_path(admin)}; more: sandboxctl user add"
             ),
             children=children,
-            ready=server.answers,
-            started=audit.start,  # once the state machine has made the audit stream
+            ready=lambda: all(server.answers() for server in servers),
+            started=started,
         )
     finally:
-        if audit is not None:
+        for audit in audits:
             await audit.stop()
         if recorder is not None:
             await recorder.close()
-        if server is not None:
+        for server in servers:
             await server.close()
             server.stop()
         lock.release()
@@ -895,8 +1039,8 @@ class _AuditRecorder:
     """How ``up`` records a refusal nats-server logged: as a DeniedAttempt in the audit stream,
     published with the state machine's credentials (the one user that writes it)."""
 
-    def __init__(self, server: NatsServer, auth: AuthStore) -> None:
-        self.server = server
+    def __init__(self, url: str, auth: AuthStore) -> None:
+        self.url = url
         self.auth = auth
         self.authorizer = Authorizer(auth)
         self.nc: NATS | None = None
@@ -904,7 +1048,7 @@ class _AuditRecorder:
     async def __call__(self, violation: Violation, count: int) -> None:
         if self.nc is None:
             self.nc = await nats.connect(
-                self.server.url,
+                server_urls(self.url),
                 name="sandboxctl-up-audit",
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.2,

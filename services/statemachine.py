@@ -181,7 +181,7 @@ class StateMachineService:
         max_in_flight: int = 4096,
         deadlines: Deadlines | None = None,
         watchdog_interval: float = 1.0,
-        replicas: int = 1,
+        replicas: int | None = None,
         authorizer: Authorizer | None = None,
         idle_timeout: float = 0.0,
         bulk_behind: int = BULK_BEHIND,

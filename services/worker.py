@@ -215,7 +215,7 @@ class DriverWorker:
         max_parallel: int | None = None,
         restart_exited: bool = True,
         retry_wait: float = 1.0,
-        replicas: int = 1,
+        replicas: int | None = None,
     ) -> None:
         self.nc = nc
         self.replicas = replicas  # of the archived workspaces' bucket, when this worker makes it

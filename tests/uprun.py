@@ -41,9 +41,10 @@ def up_env(root: Path, port: int, own_podman: bool = False, podman_url: str = ""
 class Up:
     """One ``sandboxctl up`` process, its output (stdout and stderr) collected line by line."""
 
-    def __init__(self, env: dict[str, str], port: int) -> None:
+    def __init__(self, env: dict[str, str], port: int, *args: str) -> None:
         self.env = env
         self.port = port
+        self.args = args  # more of up's options
         self.lines: list[str] = []
         self.proc: asyncio.subprocess.Process | None = None
         self._more = asyncio.Event()
@@ -59,7 +60,7 @@ class Up:
 
     async def start(self) -> Up:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "sandboxctl.cli", "up", "--port", str(self.port), env=self.env, cwd=ROOT,
+            sys.executable, "-m", "sandboxctl.cli", "up", "--port", str(self.port), *self.args, env=self.env, cwd=ROOT,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
         self._reader = asyncio.create_task(self._read())

@@ -5,6 +5,7 @@ tests/integration/test_cli_input.py and tests/e2e/test_cli_input.py."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,27 @@ async def test_bad_input_is_invalid_argument_before_anything_is_sent(
 ) -> None:
     """No NATS listens at the configured address: any attempt to send would be ``unavailable``."""
     code, _, err = await CLI(NOBODY_LISTENS, capsys)(*argv)
+    assert (code, err.count("\n")) == (2, 1), err
+    assert err.startswith("sandboxctl: invalid_argument: ") and reason in err, err
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "reason"),
+    [
+        ("SANDBOXCTL_NATS_URL", "nats://127.0.0.1:4222,127.0.0.1:4223", "NATS server URL '127.0.0.1:4223'"),
+        ("SANDBOXCTL_NATS_URL", "nats://127.0.0.1:99999", "'nats://127.0.0.1:99999' has a port that is not"),
+        ("SANDBOXCTL_NATS_URL", " , ", "no NATS server URL given"),
+        ("SANDBOXCTL_RECONCILE_EXITED", "bogus", "SANDBOXCTL_RECONCILE_EXITED must be restart or error"),
+    ],
+)
+def test_a_bad_setting_in_the_environment_is_one_line_and_invalid_argument(
+    setting: str, value: str, reason: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sandboxctl.cli.main import run_main
+
+    monkeypatch.setenv(setting, value)
+    code = asyncio.run(run_main(["list"]))
+    err = capsys.readouterr().err
     assert (code, err.count("\n")) == (2, 1), err
     assert err.startswith("sandboxctl: invalid_argument: ") and reason in err, err
 

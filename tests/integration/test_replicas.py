@@ -1,0 +1,98 @@
+"""A cluster's URLs on real nats-servers: how many replicas the streams get (3 on a cluster of
+three nodes, made here as ``up --cluster 3`` makes it without auth, 1 on a single server, and
+what SANDBOXCTL_REPLICAS says when it is set), and a server of the list that does not answer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import nats
+import pytest
+
+from sandboxctl.bus.servers import server_urls
+from sandboxctl.bus.streams import ensure_streams, workspaces
+from sandboxctl.client import SandboxClient
+from sandboxctl.events import subjects
+from sandboxctl.runtime.config import Config
+from sandboxctl.runtime.embedded import ClusterNode, ControlPlane, NatsServer, free_port
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[list[NatsServer]]:
+    routes = [free_port() for _ in range(3)]
+    secret = secrets.token_urlsafe(12)
+    nodes = [
+        NatsServer(
+            tmp_path / f"n{i}",
+            cluster=ClusterNode(
+                index=i,
+                name="replicas-test",
+                tag="t",
+                port=routes[i - 1],
+                peers=tuple(p for j, p in enumerate(routes, 1) if j != i),
+                secret=secret,
+            ),
+        )
+        for i in range(1, 4)
+    ]
+    try:
+        for node in nodes:
+            node.start()
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+async def replicas(url: str, wanted: int | None) -> tuple[int, int]:
+    nc = await nats.connect(server_urls(url), connect_timeout=2, max_reconnect_attempts=-1)
+    try:
+        js = nc.jetstream(timeout=5)
+        for _ in range(120):  # until the cluster's JetStream has its meta leader
+            try:
+                await js.account_info()
+                break
+            except Exception:
+                await asyncio.sleep(0.25)
+        await ensure_streams(js, wanted)
+        await workspaces(js, wanted)
+        log = await js.stream_info(subjects.LOG_STREAM)
+        bucket = await js.stream_info(subjects.WORKSPACES_STREAM)
+        return log.config.num_replicas or 1, bucket.config.num_replicas or 1
+    finally:
+        await nc.close()
+
+
+async def test_a_cluster_of_three_gets_three_replicas_and_a_single_server_one(
+    cluster: list[NatsServer], nats_server: NatsServer
+) -> None:
+    assert await replicas(",".join(node.url for node in cluster), None) == (3, 3)
+    assert await replicas(nats_server.url, None) == (1, 1)
+
+
+async def test_the_configured_replicas_win(cluster: list[NatsServer]) -> None:
+    assert await replicas(",".join(node.url for node in cluster), 1) == (1, 1)
+
+
+async def test_a_server_that_does_not_answer_at_start_is_named_and_the_others_serve(
+    nats_config: Config, caplog: pytest.LogCaptureFixture
+) -> None:
+    dead = f"nats://127.0.0.1:{free_port()}"
+    live = nats_config.nats_url
+    nats_config.nats_url = f"{dead},{live}"
+    plane = await ControlPlane(nats_config, components=("statemachine",)).start()
+    try:
+        said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert f"the NATS server at {dead} does not answer (Connection refused); going on with the others" in said
+        client = await SandboxClient.connect(nats_config.nats_url, actor="test")
+        try:
+            reply = await client.create("named", "localhost/img:latest", driver="podman")
+            assert reply.accepted and reply.seq > 0
+        finally:
+            await client.close()
+    finally:
+        await plane.stop()
