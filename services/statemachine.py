@@ -85,6 +85,9 @@ WATCHDOG_EVENTS = "sandboxctl-watchdog/"
 OUTCOMES = 16_384
 # How long a fact waits before it is tried again when the log could not take its events.
 UNAVAILABLE_RETRY = 2.0
+# How long a command waits for a log that does not answer for now (a cluster electing the log's
+# leader after losing a node takes a few seconds) before it is answered ``unavailable``.
+APPEND_PATIENCE = 5.0
 
 # What a request to JetStream raises when the log cannot be reached or cannot store.
 _UNAVAILABLE = (
@@ -344,22 +347,33 @@ class StateMachineService:
     ) -> Reply:
         """Decide on the current state and append what was decided, guarded by the sandbox's last
         sequence; a refusal from the log itself (someone appended first) decides again. A log that
-        cannot be reached is answered ``unavailable``, never ``internal``."""
-        try:
-            return await self._decide_and_append_once(name, decide_fn, cause)
-        except OutcomeUnknown as exc:
-            return error_reply(
-                ErrorCode.OUTCOME_UNKNOWN,
-                f"{exc}; look it up in the sandbox's history, or send it again with command_id {cause.id!r}",
-                name,
-            )
-        except _UNAVAILABLE as exc:
-            reraise_if_cancelling()
-            return error_reply(ErrorCode.UNAVAILABLE, f"the log is unavailable: {_why(exc)}", name)
-        except APIError as exc:
-            if (exc.code or 0) < 500 and exc.err_code not in RESOURCES_EXHAUSTED:
-                raise
-            return error_reply(ErrorCode.UNAVAILABLE, f"the log cannot store: {exc.description or exc}", name)
+        does not answer is tried again, deciding anew each time, for APPEND_PATIENCE seconds (a
+        cluster electing a leader), then answered ``unavailable``, never ``internal``. Trying again
+        is safe: the events' ids are the command's, so one stored after all is found, never stored
+        twice."""
+        loop = asyncio.get_running_loop()
+        deadline, delay = loop.time() + APPEND_PATIENCE, 0.05
+        while True:
+            try:
+                return await self._decide_and_append_once(name, decide_fn, cause)
+            except OutcomeUnknown as exc:
+                if self.nc.is_closed or loop.time() + delay > deadline:
+                    return error_reply(
+                        ErrorCode.OUTCOME_UNKNOWN,
+                        f"{exc}; look it up in the sandbox's history, or send it again with command_id {cause.id!r}",
+                        name,
+                    )
+            except _UNAVAILABLE as exc:
+                reraise_if_cancelling()
+                if self.nc.is_closed or loop.time() + delay > deadline:
+                    return error_reply(ErrorCode.UNAVAILABLE, f"the log is unavailable: {_why(exc)}", name)
+            except APIError as exc:
+                if (exc.code or 0) < 500 and exc.err_code not in RESOURCES_EXHAUSTED:
+                    raise
+                if exc.err_code in RESOURCES_EXHAUSTED or loop.time() + delay > deadline:  # a full disk waits no better
+                    return error_reply(ErrorCode.UNAVAILABLE, f"the log cannot store: {exc.description or exc}", name)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
     async def _decide_and_append_once(
         self,
