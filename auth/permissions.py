@@ -56,6 +56,19 @@ def _workspaces() -> list[str]:
     ]
 
 
+def _lease(key: str) -> list[str]:
+    """What a service needs to take turns on one key of the leases' bucket (bus/lease.py): make
+    the bucket if missing, write and delete that key, read it back (nats-py's create does, to
+    tell a deleted key from a held one)."""
+    return [
+        f"{API}.STREAM.INFO.{subjects.LEASES_STREAM}",
+        f"{API}.STREAM.CREATE.{subjects.LEASES_STREAM}",
+        f"{API}.STREAM.MSG.GET.{subjects.LEASES_STREAM}",
+        f"{API}.DIRECT.GET.{subjects.LEASES_STREAM}.$KV.{subjects.LEASES_BUCKET}.{key}",
+        f"$KV.{subjects.LEASES_BUCKET}.{key}",
+    ]
+
+
 CORE_STREAMS = (subjects.LOG_STREAM, subjects.FACTS_STREAM, subjects.DEADLETTER_STREAM)
 # Nobody but their owner may delete the services' durable consumers.
 PROTECTED_CONSUMERS = [f"{API}.CONSUMER.DELETE.{subjects.LOG_STREAM}.sandboxctl-driver-{d}" for d in DRIVERS] + [
@@ -110,6 +123,7 @@ def component_permissions(component: str) -> dict[str, Any]:
                     *_stream_info(*CORE_STREAMS),
                     *_stream_reader(subjects.LOG_STREAM),  # it folds the log for its deadlines
                     subjects.command("*", component_user(component)),
+                    *_lease(subjects.REAPER_LEASE),  # one reaper acts at a time
                     subjects.INBOXES_ALL,
                 ],
                 "deny": PROTECTED_CONSUMERS,

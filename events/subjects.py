@@ -40,6 +40,11 @@ AUDIT_ALL = f"{AUDIT}.>"
 WORKSPACES_BUCKET = "sandboxctl-workspaces"
 WORKSPACES_STREAM = f"OBJ_{WORKSPACES_BUCKET}"  # the stream behind the bucket (JetStream's naming)
 
+# Leases: a JetStream key-value bucket whose entries expire; a key is held by one service at a time.
+LEASES_BUCKET = "sandboxctl-leases"
+LEASES_STREAM = f"KV_{LEASES_BUCKET}"
+REAPER_LEASE = "reaper"  # the key the reapers take turns on: one acts, the others stand by
+
 
 def workspace_object(name: str, sandbox_id: str) -> str:
     """The object an archived sandbox's workspace is stored as: its name and id, so a sandbox made

@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
+import socket
 import time
 
 from nats.aio.client import Client as NATS
 
 from sandboxctl.bus.eventlog import fold_logged
+from sandboxctl.bus.lease import Lease
 from sandboxctl.bus.streams import ensure_streams
 from sandboxctl.bus.tail import Tail, reraise_if_cancelling, stream_seq
 from sandboxctl.client import SandboxClient, SandboxError
@@ -42,7 +46,9 @@ class Reaper:
     Consumes: the whole log (an ordered Tail from sequence 1), folded into each sandbox's
     idleness. Produces: ``warn`` then ``stop`` (or ``delete``) commands, under ids derived from
     the deadline. Promises: its timers are the log's, so a restart keeps every deadline and no
-    deadline fires twice; the state machine checks each command against the log first."""
+    deadline fires twice; the state machine checks each command against the log first. Any
+    number may run: one acts at a time, the holder of the reaper lease (bus/lease.py); the
+    others fold the log too and take over within the lease's TTL of the holder's death."""
 
     def __init__(
         self, nc: NATS, grace: float = 60.0, interval: float = 1.0, user: str = "", actor: str = REAPER
@@ -62,6 +68,8 @@ class Reaper:
         self._sent: dict[str, tuple[str, int, float]] = {}
         self.tasks: list[asyncio.Task[None]] = []
         self._inflight: set[asyncio.Task[None]] = set()
+        who = f"{user or actor}@{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.lease = Lease(self.js, subjects.REAPER_LEASE, who)
 
     async def start(self) -> None:
         await ensure_streams(self.js)
@@ -77,6 +85,7 @@ class Reaper:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         if self._inflight:
             await asyncio.wait(self._inflight, timeout=5)
+        await self.lease.release()
         await self._tail.close()
 
     async def _follow_log(self) -> None:
@@ -109,7 +118,8 @@ class Reaper:
     async def _timers(self) -> None:
         while True:
             try:
-                self.tick(time.time())
+                if await self.lease.hold():  # else another reaper acts; this one stands by
+                    self.tick(time.time())
             except Exception:
                 reraise_if_cancelling()
                 log.exception("reaper tick failed")

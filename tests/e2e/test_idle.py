@@ -14,6 +14,7 @@ from typing import Any
 import nats
 import pytest
 
+from sandboxctl.bus.lease import LEASE_TTL
 from sandboxctl.client import FailedPrecondition, PermissionDenied, SandboxClient
 from sandboxctl.runtime.config import Config
 from sandboxctl.runtime.embedded import ControlPlane, NatsServer
@@ -301,3 +302,30 @@ async def test_auto_archive_moves_a_sandbox_stopped_long_enough_into_the_store_a
     assert code == 0, err
     assert podman("exec", f"sandboxctl-{name}", "cat", "/workspace/note").stdout == "kept\n"
     assert (await client.get(name))["archive"] == ""
+
+
+async def test_one_reaper_acts_at_a_time_and_another_takes_over_when_it_dies(
+    config: Config, plane: ControlPlane, client: SandboxClient, names, image: str
+) -> None:
+    """The plane's reaper holds the lease; a second one stands by (it sends nothing while the
+    first lives). The first dies without a word (its tasks end, its lease is not given up): once
+    its lease has expired the second acts, and the deadline fires once."""
+    nc = await nats.connect(config.nats_url)
+    standby = Reaper(nc, grace=GRACE, interval=0.1)
+    try:
+        await standby.start()
+        await asyncio.sleep(0.5)
+        assert plane.reaper.lease.held and not standby.lease.held
+        for task in plane.reaper.tasks:  # dies: no release
+            task.cancel()
+        died = time.monotonic()
+        name = names.new("failover")
+        await client.create(name, image, idle_timeout=1)
+        await client.wait_for(name, "Stopped", timeout=LEASE_TTL + 20)
+        assert time.monotonic() - died >= 1 + GRACE
+        assert standby.lease.held
+        (stop,) = idle_stops(await client.history(name))
+        assert stop["actor"] == "sandboxctl/reaper"
+    finally:
+        await standby.stop()
+        await nc.close()
