@@ -12,13 +12,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable
 
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import APIError, BucketNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from sandboxctl.bus.streams import AUTO_REPLICAS, NOT_CLUSTERED, STREAM_NAME_IN_USE
+from sandboxctl.bus.streams import make_once
 from sandboxctl.events import subjects
 
 log = logging.getLogger(__name__)
@@ -30,26 +31,19 @@ async def leases(js: JetStreamContext, replicas: int | None = None, ttl: float =
     """The leases' bucket, made if missing (replicas as the streams: 3 on a cluster, else 1)."""
     with contextlib.suppress(BucketNotFoundError):
         return await js.key_value(subjects.LEASES_BUCKET)
-    wanted = replicas or AUTO_REPLICAS
-    while True:
-        try:
-            return await js.create_key_value(
-                KeyValueConfig(
-                    bucket=subjects.LEASES_BUCKET,
-                    description="sandboxctl: leases, one holder per key at a time",
-                    ttl=ttl,
-                    history=1,
-                    storage=StorageType.FILE,
-                    replicas=wanted,
-                )
-            )
-        except APIError as exc:
-            if exc.err_code == NOT_CLUSTERED and replicas is None and wanted != 1:
-                wanted = 1  # a single server
-                continue
-            if exc.err_code != STREAM_NAME_IN_USE:  # else another service made it first
-                raise
-            return await js.key_value(subjects.LEASES_BUCKET)
+
+    def make(wanted: int) -> Awaitable[KeyValue]:
+        config = KeyValueConfig(
+            bucket=subjects.LEASES_BUCKET,
+            description="sandboxctl: leases, one holder per key at a time",
+            ttl=ttl,
+            history=1,
+            storage=StorageType.FILE,
+            replicas=wanted,
+        )
+        return js.create_key_value(config)
+
+    return await make_once(make, lambda: js.key_value(subjects.LEASES_BUCKET), replicas)
 
 
 class Lease:

@@ -13,6 +13,8 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import nats.errors
 from nats.js import JetStreamContext
@@ -32,6 +34,7 @@ from nats.js.object_store import ObjectStore
 from sandboxctl.events import subjects
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # JetStream's answer to a create of a stream that exists already (another process was first).
 STREAM_NAME_IN_USE = 10058
@@ -178,25 +181,38 @@ async def workspaces(js: JetStreamContext, replicas: int | None = None) -> Objec
         return await js.object_store(subjects.WORKSPACES_BUCKET)
     except NotFoundError:
         pass
+
+    def make(wanted: int) -> Awaitable[ObjectStore]:
+        return js.create_object_store(
+            subjects.WORKSPACES_BUCKET,
+            config=ObjectStoreConfig(
+                bucket=subjects.WORKSPACES_BUCKET,
+                description="sandboxctl: archived workspaces, one object per archived sandbox",
+                storage=StorageType.FILE,
+                replicas=wanted,
+            ),
+        )
+
+    return await make_once(make, lambda: js.object_store(subjects.WORKSPACES_BUCKET), replicas)
+
+
+async def make_once(
+    make: Callable[[int], Awaitable[T]], made: Callable[[], Awaitable[T]], replicas: int | None = None
+) -> T:
+    """A store JetStream keeps in a stream of its own (a bucket), made with ``replicas`` (None:
+    AUTO_REPLICAS, or 1 on a single server, which refuses more), or the one another process made
+    first (``made`` opens it)."""
     wanted = replicas or AUTO_REPLICAS
     while True:
         try:
-            return await js.create_object_store(
-                subjects.WORKSPACES_BUCKET,
-                config=ObjectStoreConfig(
-                    bucket=subjects.WORKSPACES_BUCKET,
-                    description="sandboxctl: archived workspaces, one object per archived sandbox",
-                    storage=StorageType.FILE,
-                    replicas=wanted,
-                ),
-            )
+            return await make(wanted)
         except APIError as exc:
             if exc.err_code == NOT_CLUSTERED and replicas is None and wanted != 1:
                 wanted = 1  # a single server
                 continue
             if exc.err_code != STREAM_NAME_IN_USE:  # else another process made it first
                 raise
-            return await js.object_store(subjects.WORKSPACES_BUCKET)
+            return await made()
 
 
 _CHUNKS = f"$O.{subjects.WORKSPACES_BUCKET}.C."  # + an object's nuid: the subject of its chunks
