@@ -17,12 +17,14 @@ error at collection.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -76,6 +78,20 @@ def podman(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["podman", *args], capture_output=True, text=True, check=check)
 
 
+async def until(check: Callable[[], object], what: str, timeout: float = 30.0, every: float = 0.02) -> None:
+    """Return once check() (a function, or a coroutine function) gives a true value; fail the test
+    naming what did not come within timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        assert time.monotonic() < deadline, f"no {what} within {timeout:g}s"
+        await asyncio.sleep(every)
+
+
 class Engine:
     """An engine's own command line, for doing things behind sandboxctl's back."""
 
@@ -98,6 +114,13 @@ class Engine:
 
     def volume_exists(self, sandbox: str) -> bool:
         return self("volume", "inspect", f"sandboxctl-{sandbox}-workspace", check=False).returncode == 0
+
+    def workspace_path(self, sandbox: str) -> Path:
+        """Where the engine keeps the sandbox's workspace volume on this host (tests run as root):
+        read there, a file needs no container of the engine's, nor its attach, which under load
+        can lose the output of a container that exits at once."""
+        volume = f"sandboxctl-{sandbox}-workspace"
+        return Path(self("volume", "inspect", "--format", "{{.Mountpoint}}", volume).stdout.strip())
 
     def remove(self, sandbox: str) -> None:
         self("rm", "-f", f"sandboxctl-{sandbox}", check=False)

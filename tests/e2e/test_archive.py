@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 from nats.js.errors import NotFoundError
@@ -19,7 +18,7 @@ from sandboxctl.events.replies import ErrorCode
 from sandboxctl.runtime.config import Config
 from sandboxctl.runtime.embedded import ControlPlane
 from sandboxctl.statemachine import Phase
-from tests.conftest import CLI, Engine
+from tests.conftest import CLI, Engine, until
 from tests.e2e.test_clone import LISTING, TREE, listing
 from tests.uprun import Service
 
@@ -80,13 +79,6 @@ async def split_plane(config: Config) -> AsyncIterator[tuple[ControlPlane, Servi
         await plane.stop()
 
 
-async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, f"no {what} within {timeout:g}s"
-        await asyncio.sleep(0.02)
-
-
 async def test_a_worker_killed_in_the_middle_of_an_archive_or_a_restore_loses_nothing(
     split_plane: tuple[ControlPlane, Service], config: Config, names, image: str, engine: Engine
 ) -> None:
@@ -113,7 +105,7 @@ async def test_a_worker_killed_in_the_middle_of_an_archive_or_a_restore_loses_no
             return info.state.bytes > BIG // 4
 
         await client.archive(name)
-        await until(streaming_in, "archive streaming into the store")
+        await until(streaming_in, "archive streaming into the store", timeout=60)
         await asyncio.to_thread(worker.kill)
         assert (await client.get(name))["phase"] == Phase.ARCHIVING
         with pytest.raises(NotFoundError):
@@ -131,15 +123,13 @@ async def test_a_worker_killed_in_the_middle_of_an_archive_or_a_restore_loses_no
         async def streaming_out() -> bool:
             if not engine.volume_exists(name):
                 return False
-            volume = f"sandboxctl-{name}-workspace"
-            where = engine("volume", "inspect", "--format", "{{.Mountpoint}}", volume).stdout.strip()
             try:
-                return 0 < os.stat(f"{where}/big").st_size < BIG  # a part of the files is back
+                return 0 < (engine.workspace_path(name) / "big").stat().st_size < BIG  # a part of the files is back
             except FileNotFoundError:
                 return False
 
         await client.start(name)
-        await until(streaming_out, "the restore streaming into the volume")
+        await until(streaming_out, "the restore streaming into the volume", timeout=60)
         await asyncio.to_thread(worker.kill)
         assert (await client.get(name))["phase"] == Phase.STARTING
         assert (await store.get_info(obj)).size == stored.size  # the object stays until a restore is done

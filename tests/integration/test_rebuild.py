@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from sandboxctl.events.lifecycle import SandboxStopRequested
 from sandboxctl.runtime.embedded import NatsServer
 from sandboxctl.services.projector import Projector
 from sandboxctl.services.statemachine import StateMachineService
+from tests.conftest import until
 
 EVENTS, SANDBOXES = 3_000, 300
 UNREACHABLE = {"servers": ["nats://127.0.0.1:1"]}
@@ -37,16 +36,6 @@ def dump(path: Path) -> dict[str, Any]:
             "checkpoint": db.execute("SELECT seq FROM checkpoint").fetchall(),
             "indexes": sorted(r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")),
         }
-
-
-async def until(check: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if check():
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 async def project(url: str, path: Path, bulk_behind: int) -> Projector:
@@ -109,7 +98,7 @@ async def test_catch_up_with_a_reader_process_builds_the_same_projection(
         assert dump(tmp_path / "bulk.db") == dump(tmp_path / "ordinary.db")
         # and it goes on following the log with its ordinary reader
         seq = await append_stop_request(long_log, "sbx-000007", bulk.rows["sbx-000007"].state.sandbox_id)
-        await until(lambda: bulk.position >= seq)
+        await until(lambda: bulk.position >= seq, "the bulk reader at the log's end", every=0.01)
         assert bulk.rows["sbx-000007"].state.phase.value == "Stopping"
     finally:
         await close(bulk)
@@ -152,7 +141,7 @@ async def test_a_catch_up_cut_short_resumes_where_its_rows_were_committed(
     cut = Projector(nc, tmp_path / "bulk.db", notify=False, bulk_behind=1)
     await cut.start()
     assert cut.tasks
-    await until(cut.tasks[0].done)
+    await until(cut.tasks[0].done, "the cut task's end", every=0.01)
     assert isinstance(cut.tasks[0].exception(), sqlite3.OperationalError)
     await close(cut)
     with sqlite3.connect(tmp_path / "bulk.db") as db:
@@ -192,7 +181,7 @@ async def test_the_state_machine_recovers_through_a_reader_process_to_the_same_s
         assert bulk.states == expected and bulk._transient == expected_transient
         # and it decides on what it folded, and goes on following the log with its Tail
         seq = await append_stop_request(long_log, "sbx-000011", bulk.states["sbx-000011"].sandbox_id)
-        await until(lambda: bulk.position >= seq)
+        await until(lambda: bulk.position >= seq, "the bulk reader at the log's end", every=0.01)
         assert bulk.states["sbx-000011"].phase.value == "Stopping"
         assert bulk.states["sbx-000011"].seq == seq
     finally:
