@@ -35,6 +35,7 @@ def _durable(stream: str, consumer: str) -> list[str]:
         f"{API}.CONSUMER.CREATE.{stream}.{consumer}.>",  # with its filter subject appended
         f"{API}.CONSUMER.DURABLE.CREATE.{stream}.{consumer}",  # older clients
         f"{API}.CONSUMER.MSG.NEXT.{stream}.{consumer}",
+        f"{API}.CONSUMER.UNPIN.{stream}.{consumer}",  # a pinned consumer's reader that stops
         f"$JS.ACK.{stream}.{consumer}.>",
     ]
 
@@ -43,15 +44,16 @@ def _stream_info(*streams: str) -> list[str]:
     return [f"{API}.STREAM.INFO.{s}" for s in streams]
 
 
-def _workspaces() -> list[str]:
-    """What a driver worker needs of the archived workspaces' bucket: make it if missing, put,
-    read (an ordered consumer), purge the chunks an object no longer uses, delete."""
+def _objects(bucket: str, stream: str) -> list[str]:
+    """What a service needs of an object store bucket: make it if missing, put, read (an ordered
+    consumer), purge the chunks an object no longer uses, delete. The driver workers keep archived
+    workspaces in one, the state machines their snapshot in another."""
     return [
-        *_stream_reader(subjects.WORKSPACES_STREAM),
-        f"{API}.STREAM.CREATE.{subjects.WORKSPACES_STREAM}",
-        f"{API}.STREAM.PURGE.{subjects.WORKSPACES_STREAM}",
-        f"{API}.DIRECT.GET.{subjects.WORKSPACES_STREAM}.>",
-        f"$O.{subjects.WORKSPACES_BUCKET}.>",
+        *_stream_reader(stream),
+        f"{API}.STREAM.CREATE.{stream}",
+        f"{API}.STREAM.PURGE.{stream}",
+        f"{API}.DIRECT.GET.{stream}.>",
+        f"$O.{bucket}.>",
         f"{API}.STREAM.NAMES",  # nats-py's get finds the bucket's stream by its chunks' subject
     ]
 
@@ -97,6 +99,9 @@ def component_permissions(component: str) -> dict[str, Any]:
                     subjects.LOG_ALL,
                     f"{subjects.DEADLETTER}.{STATEMACHINE_CONSUMER}.*",
                     subjects.AUDIT_ALL,
+                    *_objects(subjects.SNAPSHOTS_BUCKET, subjects.SNAPSHOTS_STREAM),
+                    *_lease(subjects.SNAPSHOT_LEASE),  # one state machine writes the snapshot at a time
+                    inbox,  # its own: bus.natsinternals.settle
                 ],
                 "deny": PROTECTED_CONSUMERS,
             },
@@ -133,7 +138,7 @@ def component_permissions(component: str) -> dict[str, Any]:
     if component == "query":
         return {
             # It answers through allow_responses, and reads a sandbox's history from the log.
-            "publish": {"allow": _stream_reader(subjects.LOG_STREAM), "deny": PROTECTED_CONSUMERS},
+            "publish": {"allow": [*_stream_reader(subjects.LOG_STREAM), inbox], "deny": PROTECTED_CONSUMERS},
             "subscribe": {"allow": [f"{subjects.QUERY}.*", inbox, subjects.HEALTH]},
             "allow_responses": True,
         }
@@ -145,7 +150,7 @@ def component_permissions(component: str) -> dict[str, Any]:
                     *_stream_info(*CORE_STREAMS),
                     *_stream_reader(subjects.LOG_STREAM),  # reconciliation folds the whole log
                     *_durable(subjects.LOG_STREAM, consumer),
-                    *_workspaces(),  # archive and restore
+                    *_objects(subjects.WORKSPACES_BUCKET, subjects.WORKSPACES_STREAM),  # archive and restore
                     subjects.FACTS_ALL,
                     f"{subjects.DEADLETTER}.{consumer}.*",
                     subjects.INBOXES_ALL,

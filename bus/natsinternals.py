@@ -1,13 +1,17 @@
 """The few things sandboxctl needs of nats-py that it offers no public way to reach, in one place.
 
 Each is read from nats-py's own attributes: a JetStream context's connection and API prefix,
-a connection's inbox prefix and the server's INFO. Should nats-py rename one, this module (and
-its test, tests of the readers that use it) is what changes.
+a connection's inbox prefix and the server's INFO; and ``settle``, a way round nats-py's
+``flush``. Should nats-py rename one, this module (and its test, tests of the readers that use
+it) is what changes.
 """
 
 from __future__ import annotations
 
+import asyncio
+
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 
@@ -34,3 +38,23 @@ def inbox_prefix(nc: NATS) -> str:
 def server_requires_auth(nc: NATS) -> bool:
     """Whether the server this connection reached authenticates users (its INFO says so)."""
     return bool(nc._server_info.get("auth_required"))
+
+
+async def settle(nc: NATS, timeout: float = 5.0) -> None:
+    """Return once the server has processed everything this connection sent before (its
+    subscriptions above all). nats-py's ``flush`` cannot promise that: it writes its PING straight
+    to the socket, ahead of commands still queued for its flusher, so its PONG may come back before
+    a subscription just made reaches the server (another client's request then finds no
+    responders). A message this connection publishes to itself travels behind them."""
+    inbox = nc.new_inbox()
+    arrived = asyncio.Event()
+
+    async def heard(_msg: Msg) -> None:
+        arrived.set()
+
+    sub = await nc.subscribe(inbox, cb=heard)
+    try:
+        await nc.publish(inbox, b"")
+        await asyncio.wait_for(arrived.wait(), timeout)
+    finally:
+        await sub.unsubscribe()

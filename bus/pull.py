@@ -20,9 +20,12 @@ from nats.js.api import ConsumerConfig
 from nats.js.errors import NotFoundError
 
 from sandboxctl.bus.natsinternals import api_prefix, connection_of
+from sandboxctl.bus.streams import pinned_consumer
 from sandboxctl.bus.tail import reraise_if_cancelling, unsubscribe, wait_for_delivery
 
 log = logging.getLogger(__name__)
+
+PIN_ID = "Nats-Pin-Id"  # the header naming the pin a pinned consumer's delivery was made under
 
 
 class Pull:
@@ -38,13 +41,27 @@ class Pull:
     durable's, as before. A request that goes silent (no message and no
     heartbeat for three heartbeats: a server restart) is replaced, and a
     consumer that is gone is created again.
+
+    With a ``group``, the consumer is pinned (a JetStream priority group with the pinned-client
+    policy): of all the readers asking, the server delivers to one at a time, so one reader works
+    the consumer in order while the others stand by. The pinned reader keeps its pin by asking
+    again (with the pin's id) well within ``pin_timeout``. A standby is pinned at once when the
+    pinned reader gives up its pin (``release``), and within ``pin_timeout`` when it stops asking
+    (a killed or frozen process).
     """
 
     EXPIRES = 10.0
     HEARTBEAT = 1.0
 
     def __init__(
-        self, js: JetStreamContext, stream: str, config: ConsumerConfig, batch: int = 256, idle_timeout: float = 1.0
+        self,
+        js: JetStreamContext,
+        stream: str,
+        config: ConsumerConfig,
+        batch: int = 256,
+        idle_timeout: float = 1.0,
+        group: str = "",
+        pin_timeout: float = 0.0,
     ) -> None:
         assert config.durable_name, "a Pull reads a durable consumer"
         # Named as well as durable, as nats-py's pull_subscribe makes it: created on
@@ -67,11 +84,20 @@ class Pull:
         self._buffer: list[Msg] = []
         self._ready = asyncio.Event()
         self._heard = 0.0
+        self._group = group
+        self._pin_timeout = pin_timeout
+        assert not group or pin_timeout > 0, "a pinned consumer needs its pin's timeout"
+        # A request of the pinned reader ends, and is asked again, well within the pin's timeout.
+        self._expires = min(self.EXPIRES, pin_timeout / 3) if group else self.EXPIRES
+        self._heartbeat = min(self.HEARTBEAT, self._expires / 4)
+        self.pin = ""  # the pin this reader holds ("": none, it stands by)
 
     async def _deliver(self, msg: Msg) -> None:
         self._heard = time.monotonic()
         status = msg.headers.get("Status") if msg.headers and not msg.data else None
         if status is None:
+            if self._group:
+                self.pin = (msg.headers or {}).get(PIN_ID, self.pin)
             self._want -= 1  # counted against the open request, as we cannot tell which request it answers
             self._buffer.append(msg)
             self._ready.set()
@@ -84,6 +110,11 @@ class Pull:
             # Then wait a little, and after a deletion or a 503 make sure the consumer exists
             # (one deleted while no request was open answers only with a 503).
             self._want = 0
+            if status == "423":  # pinned no more: another reader took over; ask again as a standby
+                log.info("pull %s: pin %s taken over; standing by", self._durable, self.pin)
+                self.pin = ""
+                self._ready.set()
+                return
             self._backoff = status != "408"
             if status not in ("408", "409", "503"):
                 log.warning("pull %s: request refused: %s %s", self._config.durable_name, status, msg.headers)
@@ -94,26 +125,45 @@ class Pull:
 
     async def _open(self) -> None:
         await self.close()
-        try:
-            await self._js.consumer_info(self._stream, self._durable)
-        except NotFoundError:
-            await self._js.add_consumer(self._stream, config=self._config)
+        if self._group:
+            await pinned_consumer(self._js, self._stream, self._config, self._group, self._pin_timeout)
+        else:
+            try:
+                await self._js.consumer_info(self._stream, self._durable)
+            except NotFoundError:
+                await self._js.add_consumer(self._stream, config=self._config)
         self._inbox = self._nc.new_inbox()
         self._sub = await self._nc.subscribe(
             f"{self._inbox}.*", cb=self._deliver, pending_msgs_limit=-1, pending_bytes_limit=-1
         )
-        self._want, self._lost = 0, False
+        self._want, self._lost, self.pin = 0, False, ""
 
     async def _ask(self) -> None:
         self._request += 1
         self._want = self._batch
         self._heard = time.monotonic()
-        request = {
+        request: dict[str, object] = {
             "batch": self._batch,
-            "expires": int(self.EXPIRES * 1e9),
-            "idle_heartbeat": int(self.HEARTBEAT * 1e9),
+            "expires": int(self._expires * 1e9),
+            "idle_heartbeat": int(self._heartbeat * 1e9),
         }
+        if self._group:
+            request["group"] = self._group
+            if self.pin:
+                request["id"] = self.pin
         await self._nc.publish(self._next, json.dumps(request).encode(), reply=f"{self._inbox}.{self._request}")
+
+    async def release(self) -> None:
+        """Give up the pin this reader holds, so a standby is pinned at once rather than after the
+        pin's timeout (a reader that stops for good; one that dies gives it up by timing out)."""
+        pin, self.pin = self.pin, ""
+        if not pin:
+            return
+        subject = f"{api_prefix(self._js)}.CONSUMER.UNPIN.{self._stream}.{self._durable}"
+        try:
+            await self._nc.request(subject, json.dumps({"group": self._group}).encode(), timeout=2)
+        except Exception as exc:  # the pin times out anyway
+            log.info("pull %s: could not give up pin %s: %r", self._durable, pin, exc)
 
     async def close(self) -> None:
         sub, self._sub = self._sub, None
@@ -139,7 +189,7 @@ class Pull:
                         self._backoff = False
                         await asyncio.sleep(0.25)
                     await self._ask()
-                elif time.monotonic() - self._heard > 3 * self.HEARTBEAT:
+                elif time.monotonic() - self._heard > 3 * self._heartbeat:
                     log.info("pull %s: request went silent, asking again", self._config.durable_name)
                     await self._ask()
                 yield await self._take()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -31,6 +32,7 @@ from nats.js.api import (
 from nats.js.errors import APIError, NotFoundError
 from nats.js.object_store import ObjectStore
 
+from sandboxctl.bus.natsinternals import api_prefix, connection_of
 from sandboxctl.events import subjects
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ T = TypeVar("T")
 # JetStream's answer to a create of a stream that exists already (another process was first).
 STREAM_NAME_IN_USE = 10058
 NOT_CLUSTERED = 10074  # "replicas > 1 not supported in non-clustered mode"
+NO_SUITABLE_PEERS = 10005  # "no suitable peers for placement": a cluster short of nodes for now
 # Replicas of every stream on a cluster, unless configured (SANDBOXCTL_REPLICAS): a single server
 # takes 1. Three keeps the log and its writers going through the loss of any one node.
 AUTO_REPLICAS = 3
@@ -130,6 +133,9 @@ async def ensure_streams(js: JetStreamContext, replicas: int | None = None, audi
                 if exc.err_code == NOT_CLUSTERED and replicas is None and config.num_replicas != 1:
                     config = dataclasses.replace(config, num_replicas=1)  # a single server
                     continue
+                if exc.err_code == NO_SUITABLE_PEERS:
+                    waited = await _wait_for_peers(config.name or "", config.num_replicas or 1, waited)
+                    continue
                 if exc.err_code != STREAM_NAME_IN_USE:  # else another process created it first
                     raise
                 break
@@ -138,6 +144,15 @@ async def ensure_streams(js: JetStreamContext, replicas: int | None = None, audi
                     log.warning("cannot create stream %s here; waiting for the state machine to", config.name)
                     waited = True
                 await asyncio.sleep(0.5)
+
+
+async def _wait_for_peers(what: str, replicas: int, waited: bool) -> bool:
+    """A cluster that cannot place ``replicas`` copies yet (its nodes still joining, or one down)
+    is waited for, never settled for fewer copies than asked: said once, tried again shortly."""
+    if not waited:
+        log.warning("cannot place %s on %d nodes of the cluster yet; waiting for them", what, replicas)
+    await asyncio.sleep(0.5)
+    return True
 
 
 def durable_pull(name: str, filter_subject: str, ack_wait: float, max_ack_pending: int) -> ConsumerConfig:
@@ -153,6 +168,27 @@ def durable_pull(name: str, filter_subject: str, ack_wait: float, max_ack_pendin
         max_deliver=MAX_DELIVER,
         filter_subject=filter_subject,
     )
+
+
+async def pinned_consumer(
+    js: JetStreamContext, stream: str, config: ConsumerConfig, group: str, pin_timeout: float
+) -> None:
+    """Create the durable ``config``, or update it in place, as a pinned consumer: a priority
+    group ``group`` whose server delivers to one reader at a time, moving the pin to another
+    reader when the pinned one has not asked for ``pin_timeout`` seconds (or is gone). Updating
+    keeps the durable's acknowledged position, so turning an existing consumer into a pinned one
+    delivers nothing twice. nats-py's ConsumerConfig has no priority fields: the request is made
+    here, on the subject nats-py's add_consumer uses."""
+    body = config.as_dict() | {
+        "priority_groups": [group],
+        "priority_policy": "pinned_client",
+        "priority_timeout": int(pin_timeout * 1e9),
+    }
+    subject = f"{api_prefix(js)}.CONSUMER.CREATE.{stream}.{config.durable_name}.{config.filter_subject}"
+    msg = await connection_of(js).request(subject, json.dumps({"stream_name": stream, "config": body}).encode())
+    answer = json.loads(msg.data)
+    if "error" in answer:
+        APIError.from_error(answer["error"])  # raises the error's own class
 
 
 def push_consumer(
@@ -177,23 +213,23 @@ def push_consumer(
 async def workspaces(js: JetStreamContext, replicas: int | None = None) -> ObjectStore:
     """The object store bucket archived workspaces are kept in, made if missing with ``replicas``
     (None: as ``ensure_streams`` chooses, so replicated like the log when clustered)."""
+    return await object_bucket(
+        js, subjects.WORKSPACES_BUCKET, "sandboxctl: archived workspaces, one object per archived sandbox", replicas
+    )
+
+
+async def object_bucket(js: JetStreamContext, bucket: str, description: str, replicas: int | None) -> ObjectStore:
+    """The object store ``bucket``, made if missing with ``replicas`` (see make_once)."""
     try:
-        return await js.object_store(subjects.WORKSPACES_BUCKET)
+        return await js.object_store(bucket)
     except NotFoundError:
         pass
 
     def make(wanted: int) -> Awaitable[ObjectStore]:
-        return js.create_object_store(
-            subjects.WORKSPACES_BUCKET,
-            config=ObjectStoreConfig(
-                bucket=subjects.WORKSPACES_BUCKET,
-                description="sandboxctl: archived workspaces, one object per archived sandbox",
-                storage=StorageType.FILE,
-                replicas=wanted,
-            ),
-        )
+        config = ObjectStoreConfig(bucket=bucket, description=description, storage=StorageType.FILE, replicas=wanted)
+        return js.create_object_store(bucket, config=config)
 
-    return await make_once(make, lambda: js.object_store(subjects.WORKSPACES_BUCKET), replicas)
+    return await make_once(make, lambda: js.object_store(bucket), replicas)
 
 
 async def make_once(
@@ -203,12 +239,16 @@ async def make_once(
     AUTO_REPLICAS, or 1 on a single server, which refuses more), or the one another process made
     first (``made`` opens it)."""
     wanted = replicas or AUTO_REPLICAS
+    waited = False
     while True:
         try:
             return await make(wanted)
         except APIError as exc:
             if exc.err_code == NOT_CLUSTERED and replicas is None and wanted != 1:
                 wanted = 1  # a single server
+                continue
+            if exc.err_code == NO_SUITABLE_PEERS:
+                waited = await _wait_for_peers("a bucket", wanted, waited)
                 continue
             if exc.err_code != STREAM_NAME_IN_USE:  # else another process made it first
                 raise

@@ -42,7 +42,11 @@ async def wait_for_delivery(ready: asyncio.Event, timeout: float) -> None:
     try:
         await asyncio.wait_for(ready.wait(), timeout)
     except TimeoutError:
-        reraise_if_cancelling()
+        pass
+    # Python 3.11's wait_for returns the result when a cancellation comes just as the wait
+    # ends, swallowing it: a reader loop would then never stop (more often the more often its
+    # deliveries come, as a pinned reader's frequent heartbeats do).
+    reraise_if_cancelling()
 
 
 async def unsubscribe(sub: Any) -> None:

@@ -40,6 +40,11 @@ AUDIT_ALL = f"{AUDIT}.>"
 WORKSPACES_BUCKET = "sandboxctl-workspaces"
 WORKSPACES_STREAM = f"OBJ_{WORKSPACES_BUCKET}"  # the stream behind the bucket (JetStream's naming)
 
+# The state machine's snapshot of every sandbox's state: a JetStream object store bucket.
+SNAPSHOTS_BUCKET = "sandboxctl-snapshots"
+SNAPSHOTS_STREAM = f"OBJ_{SNAPSHOTS_BUCKET}"
+SNAPSHOT_LEASE = "statemachine-snapshot"  # the key the state machines take turns on to write it
+
 # Leases: a JetStream key-value bucket whose entries expire; a key is held by one service at a time.
 LEASES_BUCKET = "sandboxctl-leases"
 LEASES_STREAM = f"KV_{LEASES_BUCKET}"

@@ -39,6 +39,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from sandboxctl.bus.eventlog import last_subject_seq
+from sandboxctl.bus.natsinternals import settle
 from sandboxctl.bus.reading import history
 from sandboxctl.events import subjects
 from sandboxctl.events.envelope import encode
@@ -141,6 +142,7 @@ class QueryService:
     async def start(self) -> None:
         self.db = await connect(self.db_path)
         self._sub = await self.nc.subscribe(subjects.query("*"), queue="sandboxctl-query", cb=self._on_request)
+        await settle(self.nc)  # started means answering
 
     async def stop(self) -> None:
         """Stop answering, within bounds, and close the database whatever happens: an open

@@ -27,7 +27,9 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import nats
 import pytest
+from nats.aio.client import Client as NATS
 
 from sandboxctl.auth import AuthStore
 from sandboxctl.cli.main import run_main
@@ -49,7 +51,7 @@ ENGINE_FIXTURES = frozenset(
     | {"names", "sandboxes", "small_disk"}
 )
 # The fixtures that start a nats-server: integration and e2e.
-SERVER_FIXTURES = frozenset({"nats_server", "auth_server", "nats_config"})
+SERVER_FIXTURES = frozenset({"nats_server", "auth_server", "nats_config", "nc"})
 FORBIDDEN = {"unit": ENGINE_FIXTURES | SERVER_FIXTURES, "integration": ENGINE_FIXTURES, "e2e": frozenset()}
 
 
@@ -165,6 +167,14 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     server = NatsServer(tmp_path / "nats").start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+async def nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
+    """A plain connection to the test's nats-server."""
+    conn = await nats.connect(nats_server.url)
+    yield conn
+    await conn.close()
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import msgspec
-import nats
 import pytest
 from nats.aio.client import Client as NATS
 
@@ -23,15 +22,7 @@ from sandboxctl.events import subjects
 from sandboxctl.events.envelope import Envelope, now, type_name
 from sandboxctl.events.lifecycle import SandboxReady, SandboxStopped
 from sandboxctl.events.replies import Reply, reply_decoder
-from sandboxctl.runtime.embedded import NatsServer
 from sandboxctl.services.statemachine import StateMachineService
-
-
-@pytest.fixture
-async def nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
-    conn = await nats.connect(nats_server.url)
-    yield conn
-    await conn.close()
 
 
 @pytest.fixture

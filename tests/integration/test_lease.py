@@ -5,23 +5,12 @@ lease another has taken."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
-import nats
-import pytest
 from nats.aio.client import Client as NATS
 
 from sandboxctl.bus.lease import Lease
-from sandboxctl.runtime.embedded import NatsServer
 
 TTL = 1.5
-
-
-@pytest.fixture
-async def nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
-    nc = await nats.connect(nats_server.url)
-    yield nc
-    await nc.close()
 
 
 async def test_one_holder_at_a_time_and_a_dead_holders_lease_passes_on_after_its_ttl(nc: NATS) -> None:

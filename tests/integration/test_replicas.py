@@ -19,13 +19,14 @@ from sandboxctl.client import SandboxClient
 from sandboxctl.events import subjects
 from sandboxctl.runtime.config import Config
 from sandboxctl.runtime.embedded import ClusterNode, ControlPlane, NatsServer, free_port
+from tests.conftest import until
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[list[NatsServer]]:
+def nodes_of(tmp_path: Path) -> list[NatsServer]:
+    """Three nodes of one cluster, not started."""
     routes = [free_port() for _ in range(3)]
     secret = secrets.token_urlsafe(12)
-    nodes = [
+    return [
         NatsServer(
             tmp_path / f"n{i}",
             cluster=ClusterNode(
@@ -39,6 +40,11 @@ def cluster(tmp_path: Path) -> Iterator[list[NatsServer]]:
         )
         for i in range(1, 4)
     ]
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[list[NatsServer]]:
+    nodes = nodes_of(tmp_path)
     try:
         for node in nodes:
             node.start()
@@ -72,6 +78,37 @@ async def test_a_cluster_of_three_gets_three_replicas_and_a_single_server_one(
 ) -> None:
     assert await replicas(",".join(node.url for node in cluster), None) == (3, 3)
     assert await replicas(nats_server.url, None) == (1, 1)
+
+
+async def test_streams_wait_for_a_cluster_short_of_nodes_and_never_settle_for_fewer_replicas(tmp_path: Path) -> None:
+    """Two of three nodes up: the cluster has its quorum, but no three nodes to place the log's
+    replicas on (JetStream answers "no suitable peers"). The streams are waited for, and made with
+    three replicas once the third node has joined."""
+    nodes = nodes_of(tmp_path)
+    try:
+        for node in nodes[:2]:
+            node.start()
+        urls = ",".join(node.url for node in nodes[:2])
+        nc = await nats.connect(server_urls(urls))
+
+        async def answers() -> bool:
+            try:
+                return bool(await nc.jetstream(timeout=2).account_info())
+            except Exception:
+                return False
+
+        try:
+            await until(answers, "the two nodes' JetStream", timeout=60, every=0.5)
+        finally:
+            await nc.close()
+        made = asyncio.create_task(replicas(urls, None))
+        await asyncio.sleep(4)
+        assert not made.done(), made  # neither failed nor settled for fewer
+        nodes[2].start()
+        assert await asyncio.wait_for(made, 60) == (3, 3)
+    finally:
+        for node in nodes:
+            node.stop()
 
 
 async def test_the_configured_replicas_win(cluster: list[NatsServer]) -> None:

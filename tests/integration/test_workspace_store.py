@@ -6,24 +6,13 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator
 
-import nats
-import pytest
 from nats.aio.client import Client as NATS
 
 from sandboxctl.bus.streams import chunks_stored, purge_orphan_chunks, workspaces
 from sandboxctl.events import subjects
-from sandboxctl.runtime.embedded import NatsServer
 
 ORPHAN = f"$O.{subjects.WORKSPACES_BUCKET}.C.cutshort0000000000000"  # a put's chunks, no metadata
-
-
-@pytest.fixture
-async def nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
-    nc = await nats.connect(nats_server.url)
-    yield nc
-    await nc.close()
 
 
 async def test_chunks_of_a_put_never_finished_are_purged_once_old_and_objects_are_kept(nc: NATS) -> None:

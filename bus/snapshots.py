@@ -1,0 +1,100 @@
+"""The state machine's snapshots: every sandbox's folded state at one log position, kept as one
+object of the JetStream object store bucket ``sandboxctl-snapshots`` (replicated like the log),
+so that an instance that starts or takes over reads the snapshot and folds only what the log
+holds after it, however long the log has grown.
+
+A snapshot is only ever a shortcut through the log, never a second source of truth: one that
+cannot be read, was written by code that folds into another shape of state (its schema digest
+differs), belongs to an earlier log (the stream's creation time differs), or names a position
+the log does not hold with the subject it recorded, is ignored, and the log is folded from its
+start. It is written by one instance at a time, in the background (encoded in a thread from a
+copy of the states, which are immutable), and never blocks a command.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import msgspec
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+from nats.js.object_store import ObjectStore
+
+from sandboxctl.bus.streams import object_bucket
+from sandboxctl.events import subjects
+from sandboxctl.statemachine import SandboxState
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+OBJECT = "statemachine"  # the object the state machine's snapshot is, replaced by each new one
+
+
+class Snapshot(msgspec.Struct, kw_only=True, gc=False):
+    """Every sandbox's state after the log entry at ``position`` (on ``subject``)."""
+
+    format: int
+    schema: str  # SCHEMA of the code that wrote it
+    log_created: str  # the log stream's creation time, as JetStream reports it
+    position: int
+    subject: str  # the log subject of the entry at ``position`` ("" at 0)
+    states: list[SandboxState]
+    skipped: dict[str, int]  # names whose every entry was skipped, with their last position
+
+
+# The shape of a folded state: a snapshot written by code whose state has another shape (a field
+# added, renamed or retyped) would read back as states that code never folded, so it is not read.
+SCHEMA = hashlib.sha256(msgspec.json.encode(msgspec.json.schema(SandboxState))).hexdigest()[:16]
+
+_decoder = msgspec.msgpack.Decoder(Snapshot)
+
+
+def encode_snapshot(snapshot: Snapshot) -> bytes:
+    return msgspec.msgpack.encode(snapshot)
+
+
+def decode_snapshot(data: bytes) -> Snapshot:
+    return _decoder.decode(data)
+
+
+async def snapshot_store(js: JetStreamContext, replicas: int | None = None) -> ObjectStore:
+    """The snapshots' bucket, made if missing (replicas as the streams: 3 on a cluster, else 1)."""
+    description = "sandboxctl: the state machine's snapshot of every sandbox's state"
+    return await object_bucket(js, subjects.SNAPSHOTS_BUCKET, description, replicas)
+
+
+async def save(store: ObjectStore, data: bytes) -> None:
+    await store.put(OBJECT, data)
+
+
+async def load(js: JetStreamContext, store: ObjectStore, log_created: str, log_last: int) -> Snapshot | None:
+    """The snapshot, if there is one this code may fold on from, for the log created at
+    ``log_created`` whose last sequence is ``log_last``; None (and why, in the log) otherwise."""
+    try:
+        data = (await store.get(OBJECT)).data or b""
+    except NotFoundError:
+        return None
+    try:
+        snapshot = decode_snapshot(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        log.warning("snapshot ignored: unreadable (%s); folding the log from its start", exc)
+        return None
+    why = ""
+    if snapshot.format != FORMAT or snapshot.schema != SCHEMA:
+        why = f"written by code of another state shape (format {snapshot.format}, schema {snapshot.schema})"
+    elif snapshot.log_created != log_created:
+        why = f"of another log (created {snapshot.log_created}, this one {log_created})"
+    elif snapshot.position > log_last:
+        why = f"at seq {snapshot.position}, past the log's last, {log_last}"
+    elif snapshot.position:
+        try:
+            entry = await js.get_msg(subjects.LOG_STREAM, snapshot.position)
+        except NotFoundError:
+            entry = None
+        if entry is None or entry.subject != snapshot.subject:
+            why = f"the log holds no entry on {snapshot.subject} at seq {snapshot.position}"
+    if why:
+        log.warning("snapshot ignored: %s; folding the log from its start", why)
+        return None
+    return snapshot

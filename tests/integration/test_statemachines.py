@@ -1,0 +1,192 @@
+"""Several state-machine instances against one log, each on its own connection, as replicas in
+their own processes would be: commands go to all of them at once and two racing commands never
+both win (the sequence guard refuses the loser, which decides again); facts are applied by one
+instance at a time (the facts consumer is pinned), in the drivers' order, and another instance
+takes over at once when that one goes. A real nats-server; no engine is needed to decide: the
+test publishes the drivers' facts itself."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import msgspec
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+
+from sandboxctl.bus import snapshots
+from sandboxctl.bus.eventlog import publish_fact
+from sandboxctl.bus.reading import history
+from sandboxctl.events.envelope import Envelope, new_id, now, type_name
+from sandboxctl.events.facts import ContainerStarted, Fact
+from sandboxctl.events.replies import Reply
+from sandboxctl.runtime.embedded import NatsServer
+from sandboxctl.services.statemachine import FACTS_PIN_TIMEOUT, StateMachineService
+from sandboxctl.statemachine import Phase
+from tests.conftest import until
+from tests.integration.test_idempotency import send
+
+
+@pytest.fixture
+async def machines(nats_server: NatsServer) -> AsyncIterator[list[StateMachineService]]:
+    started: list[StateMachineService] = []
+    for _ in range(2):
+        service = StateMachineService(await nats.connect(nats_server.url), drivers=("podman",))
+        await service.start()
+        started.append(service)
+    yield started
+    for service in started:
+        await service.stop()
+        await service.nc.close()
+
+
+async def report(nc: NATS, name: str, fact: Fact) -> None:
+    """What a driver worker would report about sandbox ``name``."""
+    envelope = Envelope(
+        id=new_id(), type=type_name(type(fact)), source="test/driver", subject=name, time=now(), data=fact
+    )
+    await publish_fact(nc.jetstream(), envelope)
+
+
+def sandbox_id(machines: list[StateMachineService], name: str) -> str:
+    return next(m.states[name].sandbox_id for m in machines if name in m.states)
+
+
+async def test_racing_commands_on_two_instances_never_both_win_and_every_log_folds(
+    nc: NATS, machines: list[StateMachineService]
+) -> None:
+    names = [f"race-{i}" for i in range(30)]
+    # Every create is sent twice at once, under two command ids: the two instances take them.
+    creates = await asyncio.gather(
+        *(send(nc, "create", name=name, command_id=f"{name}-{twin}") for name in names for twin in "ab")
+    )
+    for name in names:
+        won = [r for r in creates if r.sandbox == name and r.accepted and r.appended]
+        assert len(won) == 1, [r for r in creates if r.sandbox == name]
+    for name in names:
+        await report(
+            nc, name, ContainerStarted(sandbox_id=sandbox_id(machines, name), incarnation="2026-12-01T00:00:01Z")
+        )
+    for name in names:
+        await until(lambda name=name: all(m.states[name].phase is Phase.READY for m in machines), f"{name} Ready")
+    # Then a stop, a touch and a second stop of each at once: one stop is appended, never two.
+    racing: list[Reply] = await asyncio.gather(
+        *(
+            send(nc, verb, name=name, command_id=f"{name}-{verb}-{i}")
+            for name in names
+            for i, verb in enumerate(("stop", "touch", "stop"))
+        )
+    )
+    assert all(r.error is None or r.error.code in ("failed_precondition",) for r in racing), racing
+    for name in names:
+        events = await history(nc.jetstream(), name)
+        kinds = [e["type"].split(".")[2] for e in events]
+        assert kinds.count("created") == 1 and kinds.count("stop_requested") == 1, kinds
+        # and it folds with nothing skipped: no event was appended on a stale state
+        assert not [e for e in events if e.get("error")], events
+    print(f"\nsequence-guard refusals: {[m.conflicts for m in machines]} for {len(creates) + len(racing)} commands")
+
+
+@pytest.mark.parametrize("goes", ["stops", "dies"])
+async def test_one_instance_applies_the_facts_and_another_takes_over_when_it_goes(
+    nc: NATS, machines: list[StateMachineService], goes: str
+) -> None:
+    """An instance that stops gives up its pin, and another applies the next facts at once; one
+    that dies (its connection closes, nothing given up) loses it once it has not asked for facts
+    for FACTS_PIN_TIMEOUT seconds."""
+    names = [f"pin-{i}" for i in range(6)]
+    for name in names:
+        assert (await send(nc, "create", name=name, command_id=f"c-{name}")).accepted
+    started = ContainerStarted(incarnation="2026-12-01T00:00:01Z")
+    for name in names[:3]:
+        started.sandbox_id = sandbox_id(machines, name)
+        await report(nc, name, started)
+    for name in names[:3]:
+        await until(lambda name=name: machines[0].states[name].phase is Phase.READY, f"{name} Ready")
+    # one instance holds the pin and applied all three; the other stood by
+    assert sorted(m.applies_facts for m in machines) == [False, True]
+    pinned = next(m for m in machines if m.applies_facts)
+    other = next(m for m in machines if not m.applies_facts)
+    assert pinned.facts_applied == 3 and other.facts_applied == 0
+    if goes == "dies":
+        await pinned.nc.close()
+    gone = time.monotonic()
+    await pinned.stop()
+    await pinned.nc.close()
+    machines.remove(pinned)
+    for name in names[3:]:
+        started.sandbox_id = sandbox_id(machines, name)
+        await report(nc, name, started)
+    for name in names[3:]:
+        await until(lambda name=name: other.states[name].phase is Phase.READY, f"{name} Ready", timeout=10)
+    took = time.monotonic() - gone
+    assert other.applies_facts and other.facts_applied == 3
+    # at once (well under the pin's timeout), or once the pin has timed out
+    bound = FACTS_PIN_TIMEOUT if goes == "stops" else FACTS_PIN_TIMEOUT + 1.0
+    assert took < bound, f"the standby took {took:.2f}s to take over"
+    print(f"\nfacts taken over in {took:.2f}s from an instance that {goes}")
+
+
+async def test_an_instance_that_starts_reads_the_snapshot_and_folds_only_what_came_after(
+    nats_server: NatsServer, nc: NATS
+) -> None:
+    writer = StateMachineService(await nats.connect(nats_server.url), snapshot_every=100, snapshot_check=0.05)
+    await writer.start()
+    try:
+        for i in range(120):
+            assert (await send(nc, "create", name=f"snap-{i}", command_id=f"snap-{i}")).accepted
+        await until(lambda: writer.snapshot_at >= 100, "a snapshot past seq 100")
+        written = writer.snapshot_at
+        for i in range(120, 125):  # after the snapshot
+            assert (await send(nc, "create", name=f"snap-{i}", command_id=f"snap-{i}")).accepted
+        reader = StateMachineService(await nats.connect(nats_server.url), snapshot_every=10**9)
+        await reader.start()
+        try:
+            assert reader.snapshot_at == written  # started from the snapshot...
+            assert reader.states == writer.states  # ...and folded the rest to the same states
+            assert reader.position == writer.position
+            # and it decides on them: a create of a name the snapshot holds is refused
+            again = await send(nc, "create", name="snap-3", command_id="snap-3-again")
+            assert again.error is not None and again.error.code == "already_exists", again
+        finally:
+            await reader.stop()
+            await reader.nc.close()
+    finally:
+        await writer.stop()
+        await writer.nc.close()
+
+
+@pytest.mark.parametrize("spoil", ["garbage", "another shape", "another log", "past the log"])
+async def test_a_snapshot_that_does_not_fit_the_log_or_the_code_is_ignored(
+    nats_server: NatsServer, nc: NATS, spoil: str
+) -> None:
+    first = StateMachineService(await nats.connect(nats_server.url))
+    await first.start()
+    for i in range(10):
+        assert (await send(nc, "create", name=f"sp-{i}", command_id=f"sp-{i}")).accepted
+    await until(lambda: first.position >= 10, "the creates folded")
+    await first.write_snapshot()
+    await first.stop()
+    await first.nc.close()
+    store = await snapshots.snapshot_store(nc.jetstream())
+    snapshot = snapshots.decode_snapshot((await store.get(snapshots.OBJECT)).data or b"")
+    wrong = {"another shape": {"schema": "0" * 16}, "another log": {"log_created": "2020-01-01T00:00:00+00:00"}}
+    wrong["past the log"] = {"position": snapshot.position + 5}
+    if spoil == "garbage":
+        await store.put(snapshots.OBJECT, b"\x00not a snapshot")
+    else:
+        # states that do not match the log, which must not be believed
+        states = [msgspec.structs.replace(s, phase=Phase.ERROR) for s in snapshot.states]
+        spoilt = msgspec.structs.replace(snapshot, states=states, **wrong[spoil])
+        await store.put(snapshots.OBJECT, snapshots.encode_snapshot(spoilt))
+    second = StateMachineService(await nats.connect(nats_server.url))
+    await second.start()
+    try:
+        assert second.snapshot_at == 0  # the log was folded from its start
+        assert {s.phase for s in second.states.values()} == {Phase.PROVISIONING}, second.states
+        assert len(second.states) == 10
+    finally:
+        await second.stop()
+        await second.nc.close()
