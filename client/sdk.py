@@ -195,12 +195,20 @@ def _refuses_login(exc: Exception) -> bool:
     return isinstance(exc, nats.errors.AuthorizationError) or "authorization violation" in str(exc).lower()
 
 
+# The queries answered from a projection, whose answers must not go back past what was seen.
+MONOTONIC_QUERIES = frozenset({"get", "list", "summary"})
+
+
 class SandboxClient:
     """The Python SDK: commands, queries, waits and the log's events over one NATS connection.
 
     Each command goes out with a fresh command id unless one is given, and is retried with the
     same id while no service answers, so it is applied at most once; every failure is a typed
-    ``SandboxError`` (``except NotFound``). It speaks only the wire contract (sandboxctl.events)."""
+    ``SandboxError`` (``except NotFound``). It speaks only the wire contract (sandboxctl.events).
+
+    Its reads never go backwards, whichever query replica answers: it asks each with ``at_least``,
+    the highest log sequence it has seen (``seen``: its commands' and its queries' answers), so it
+    reads its own writes, and a replica behind that answers ``unavailable`` is asked again."""
 
     def __init__(
         self,
@@ -218,6 +226,7 @@ class SandboxClient:
         # With a NATS user, commands go on that user's own subjects, and the user is the actor.
         self.user = user
         self.denials = denials or Denials()
+        self.seen = 0  # the highest log sequence an answer has shown this client
 
     @classmethod
     async def connect(
@@ -340,6 +349,7 @@ class SandboxClient:
                 pause = 0.2 * 2**attempt
             else:
                 if reply.error is None:
+                    self.seen = max(self.seen, reply.seq)
                     return reply
                 error = SandboxError.of(reply.error.code, reply.error.message, reply.seq)
                 if reply.error.code == ErrorCode.CONFLICT and expected_seq is not None:
@@ -632,10 +642,25 @@ class SandboxClient:
         return await self.wait_for(name, Phase.READY, reply.seq, timeout)
 
     async def query(self, kind: str, **request: Any) -> Any:
-        reply = await self._request(subjects.query(kind), msgspec.json.encode(request))
-        if reply.error is not None:
-            raise SandboxError.of(reply.error.code, reply.error.message)
-        return reply.result
+        """One query; ``get``, ``list`` and ``summary`` are asked for at least what this client has
+        seen. A query changes nothing, so while no replica answers, or the one that does is behind
+        (``unavailable``), it is asked again, up to ``retries`` times."""
+        if kind in MONOTONIC_QUERIES:
+            request["at_least"] = self.seen
+        payload = msgspec.json.encode(request)
+        for attempt in range(self.retries + 1):
+            try:
+                reply = await self._request(subjects.query(kind), payload)
+            except Unavailable:
+                if attempt == self.retries:
+                    raise
+            else:
+                if reply.error is None:
+                    self.seen = max(self.seen, reply.position)
+                    return reply.result
+                if reply.error.code != ErrorCode.UNAVAILABLE or attempt == self.retries:
+                    raise SandboxError.of(reply.error.code, reply.error.message)
+            await asyncio.sleep(min(0.1 * 2**attempt, 1.0))
 
     async def get(self, name: str) -> dict[str, Any]:
         result: dict[str, Any] = await self.query("get", name=name)

@@ -5,6 +5,13 @@ result types below. ``list`` and ``history`` answer in pages, so that no reply c
 the max payload however many sandboxes or events there are: a page holds at most
 ``limit`` items and is cut before its encoding passes the max payload; ``next`` is the
 cursor of the following page (``after`` in the next request), empty (or 0) at the end.
+
+Reads never go backwards for a client: ``get``, ``list`` and ``summary`` take ``at_least``, the
+highest log sequence the client has seen (its commands' replies' ``seq``, its queries' replies'
+``position``). A query replica whose projection has not folded that far waits a moment for it,
+and otherwise answers ``unavailable`` (the client asks again, and another replica may answer).
+Every answer from a projection carries its ``position``: the log sequence it reflects at least.
+``history`` reads the log itself, which is never behind.
 """
 
 from __future__ import annotations
@@ -19,12 +26,15 @@ from sandboxctl.events.limits import NAME_MAX, PAGE_LIMIT_DEFAULT, PAGE_LIMIT_MA
 Limit = Annotated[int, msgspec.Meta(ge=1, le=PAGE_LIMIT_MAX)]
 PhaseName = Annotated[str, msgspec.Meta(max_length=16)]  # a phase's name; the service checks it is one
 PHASES_MAX = 16  # phase names in one list request (there are 12 phases)
+# The highest log sequence the client has seen: the answer reflects at least that much of the log.
+AtLeast = Annotated[int, msgspec.Meta(ge=0, le=SEQ_MAX)]
 
 
 class GetRequest(msgspec.Struct):
     """One sandbox's row; ``result`` is the row."""
 
     name: str
+    at_least: AtLeast = 0
 
 
 class ListRequest(msgspec.Struct):
@@ -36,6 +46,7 @@ class ListRequest(msgspec.Struct):
     labels: Labels = {}
     include_deleted: bool = False
     after: Annotated[str, msgspec.Meta(max_length=NAME_MAX)] = ""
+    at_least: AtLeast = 0
     limit: Limit = PAGE_LIMIT_DEFAULT
 
 
@@ -50,6 +61,8 @@ class HistoryRequest(msgspec.Struct):
 
 class SummaryRequest(msgspec.Struct):
     """What ``sandboxctl top`` shows, bounded whatever the number of sandboxes."""
+
+    at_least: AtLeast = 0
 
 
 class ListPage(msgspec.Struct):

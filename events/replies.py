@@ -44,6 +44,8 @@ class Reply(msgspec.Struct, kw_only=True, omit_defaults=True):
     appended: int = 0
     error: ErrorInfo | None = None
     result: Any = None
+    # A query answered from a projection: the log sequence its answer reflects at least.
+    position: int = 0
 
 
 reply_decoder = msgspec.json.Decoder(Reply)

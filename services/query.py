@@ -56,6 +56,7 @@ from sandboxctl.events.queries import (
 )
 from sandboxctl.events.replies import ErrorCode, Reply, error_reply
 from sandboxctl.services.projection import (
+    checkpoint,
     connect,
     encoded_row,
     get_sandbox,
@@ -79,6 +80,18 @@ REPLY_MARGIN = 1024
 SUMMARY_ERRORS = 50
 
 QUERIES = ("get", "list", "history", "summary")
+# How long a query waits for its projection to reach the log position its client has seen
+# before answering ``unavailable``: a projector a little behind catches up in far less.
+READ_PATIENCE = 1.0
+
+
+class Behind(Exception):
+    """This replica's projection is at ``position``, behind the ``wanted`` its client has seen."""
+
+    def __init__(self, position: int, wanted: int) -> None:
+        super().__init__(position, wanted)
+        self.position, self.wanted = position, wanted
+
 
 PHASES = frozenset(p.value for p in Phase)
 PHASE_NAMES = ", ".join(p.value for p in Phase)
@@ -201,32 +214,60 @@ class QueryService:
     async def handle(self, kind: str, payload: bytes) -> Reply:
         try:
             if kind == "get":
-                name = msgspec.json.decode(payload, type=GetRequest).name
-                problem = validate_name(name)
+                get = msgspec.json.decode(payload, type=GetRequest)
+                problem = validate_name(get.name)
                 if problem:
                     return error_reply(ErrorCode.INVALID_ARGUMENT, problem)
-                item = await get_sandbox(self.db, name)
+                position = await self._position(get.at_least)
+                item = await get_sandbox(self.db, get.name)
                 if item is None:
-                    return error_reply(ErrorCode.NOT_FOUND, f"sandbox {name} not found", name)
-                return Reply(accepted=True, sandbox=name, phase=item["phase"], seq=item["last_seq"], result=item)
+                    return error_reply(ErrorCode.NOT_FOUND, f"sandbox {get.name} not found", get.name)
+                return Reply(
+                    accepted=True,
+                    sandbox=get.name,
+                    phase=item["phase"],
+                    seq=item["last_seq"],
+                    result=item,
+                    position=position,
+                )
             if kind == "list":
                 request = list_request(payload)
                 if isinstance(request, str):
                     return error_reply(ErrorCode.INVALID_ARGUMENT, request)
-                return await self._list(request)
+                return await self._list(request, await self._position(request.at_least))
             if kind == "history":
                 return await self._history(msgspec.json.decode(payload, type=HistoryRequest))
             if kind == "summary":
-                msgspec.json.decode(payload or b"{}", type=SummaryRequest)
+                summary = msgspec.json.decode(payload or b"{}", type=SummaryRequest)
+                position = await self._position(summary.at_least)
                 counts = await phase_counts(self.db)
                 errors = await in_error(self.db, SUMMARY_ERRORS, REASON_MAX)
                 phases = {p.value: n for p, n in counts.items()}
-                return Reply(accepted=True, result=Summary(phases, [InError(**e) for e in errors]))
+                result = Summary(phases, [InError(**e) for e in errors])
+                return Reply(accepted=True, result=result, position=position)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             return error_reply(ErrorCode.INVALID_ARGUMENT, f"malformed query: {exc}")
+        except Behind as exc:
+            return error_reply(
+                ErrorCode.UNAVAILABLE,
+                f"this query replica's projection is at log seq {exc.position}, behind seq {exc.wanted} that "
+                "you have seen; ask again (another replica may answer)",
+            )
         return error_reply(ErrorCode.INVALID_ARGUMENT, f"unknown query {kind[:40]!r}; use {', '.join(QUERIES)}")
 
-    async def _list(self, request: ListRequest) -> Reply:
+    async def _position(self, at_least: int) -> int:
+        """The projection's position, once it is at least ``at_least``: read before the rows, so
+        the rows reflect at least that much of the log. Waits up to READ_PATIENCE for a projector
+        a little behind, then raises Behind."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + READ_PATIENCE
+        while (position := await checkpoint(self.db)) < at_least:
+            if loop.time() >= deadline:
+                raise Behind(position, at_least)
+            await asyncio.sleep(0.01)
+        return position
+
+    async def _list(self, request: ListRequest, position: int) -> Reply:
         page, last, more = _Page(self.budget), "", False
         rows = rows_after(
             self.db,
@@ -247,7 +288,7 @@ class QueryService:
                     item = stub_row(row)
                 page.add(item)
                 last = row[0]
-        return Reply(accepted=True, result=ListPage(page.items, last if more else ""))
+        return Reply(accepted=True, result=ListPage(page.items, last if more else ""), position=position)
 
     async def _history(self, request: HistoryRequest) -> Reply:
         name = request.name

@@ -1,6 +1,7 @@
-"""The durable pull reader's reading of a JetStream reply subject (sandboxctl.bus.tail), and
-its wait for a delivery, without a server: the subject tells the stream and consumer sequences and the delivery count, as nats-py
-reads them. The reader against a real nats-server is tests/integration/test_pull.py."""
+"""The durable pull reader's reading of a JetStream reply subject (sandboxctl.bus.tail), and its
+wait for a delivery, without a server: the subject tells the stream and consumer sequences and
+the delivery count, as nats-py reads them. The reader against a real nats-server is
+tests/integration/test_pull.py."""
 
 from __future__ import annotations
 
