@@ -97,7 +97,10 @@ class Pull:
         status = msg.headers.get("Status") if msg.headers and not msg.data else None
         if status is None:
             if self._group:
-                self.pin = (msg.headers or {}).get(PIN_ID, self.pin)
+                pin = (msg.headers or {}).get(PIN_ID, self.pin)
+                if pin != self.pin:
+                    log.info("pull %s: pinned (%s): this reader works the consumer now", self._durable, pin)
+                self.pin = pin
             self._want -= 1  # counted against the open request, as we cannot tell which request it answers
             self._buffer.append(msg)
             self._ready.set()
@@ -136,6 +139,8 @@ class Pull:
         self._sub = await self._nc.subscribe(
             f"{self._inbox}.*", cb=self._deliver, pending_msgs_limit=-1, pending_bytes_limit=-1
         )
+        if self.pin:
+            log.info("pull %s: pin %s dropped with the reopened reader; standing by", self._durable, self.pin)
         self._want, self._lost, self.pin = 0, False, ""
 
     async def _ask(self) -> None:

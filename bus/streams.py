@@ -29,7 +29,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 from nats.js.object_store import ObjectStore
 
 from sandboxctl.bus.natsinternals import api_prefix, connection_of
@@ -119,13 +119,20 @@ async def ensure_streams(js: JetStreamContext, replicas: int | None = None, audi
     wanted = replicas or AUTO_REPLICAS
     configs = [log_stream_config(wanted), facts_stream_config(wanted), deadletter_stream_config(wanted)]
     for config in [*configs, *([audit_stream_config(wanted)] if audit else [])]:
-        waited = False
+        waited = asleep = False
         while True:
             try:
                 await js.stream_info(config.name or "")
                 break
             except NotFoundError:
                 pass
+            except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError, ServiceUnavailableError):
+                # JetStream does not answer yet: a cluster still electing its meta leader
+                if not asleep:
+                    log.warning("JetStream does not answer about stream %s yet; waiting for it", config.name)
+                    asleep = True
+                await asyncio.sleep(0.5)
+                continue
             try:
                 await js.add_stream(config)
                 break

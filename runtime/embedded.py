@@ -548,6 +548,10 @@ def _say_unreachable(urls: list[str]) -> None:
         log.warning("the NATS server at %s does not answer (%s); going on with the others", url, why)
 
 
+PING_INTERVAL = 1.0  # seconds between a service's pings of its NATS server
+MAX_PINGS_OUT = 2  # pings unanswered before it connects to another
+
+
 def _nats_error(name: str) -> Callable[[Exception], Any]:
     """A connection's error callback: a refused subject is a bug worth a line; a lost connection
     (a restarting server) is not, since the connection comes back by itself."""
@@ -634,6 +638,10 @@ class ControlPlane:
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.2,
             connect_timeout=2,
+            # A node that stops answering (a frozen process, a lost machine) is left for another
+            # of the cluster's within PING_INTERVAL * (MAX_PINGS_OUT + 1) seconds, not minutes.
+            ping_interval=PING_INTERVAL,
+            max_outstanding_pings=MAX_PINGS_OUT,
             error_cb=_nats_error(name),
             **options,
         )
@@ -766,7 +774,16 @@ async def _within(seconds: float, what: str, step: Awaitable[Any]) -> None:
 
 # -- sandboxctl up and serve ------------------------------------------------------------------------
 
-_SAYS = ("sandboxctl.runtime.supervise", "sandboxctl.runtime.health", "sandboxctl.runtime.embedded")
+# The modules whose INFO lines an operator wants: supervision and health, and who works what (the
+# facts' pin, the leases, the state machine's start and snapshots).
+_SAYS = (
+    "sandboxctl.runtime.supervise",
+    "sandboxctl.runtime.health",
+    "sandboxctl.runtime.embedded",
+    "sandboxctl.bus.pull",
+    "sandboxctl.bus.lease",
+    "sandboxctl.services.statemachine",
+)
 
 
 def _setup_process() -> None:

@@ -162,10 +162,11 @@ def fill(disk: Path) -> Path:
 class Service:
     """One sandboxctl service in a process of its own, killed with SIGKILL when asked."""
 
-    def __init__(self, component: str, env: dict[str, str], logs: Path) -> None:
-        self.component = component
+    def __init__(self, component: str, env: dict[str, str], logs: Path, name: str = "") -> None:
+        self.component = component  # what serve --only runs: one service, or several comma-separated
+        self.name = name or component  # a replica's own name, for its log
         self.env = env
-        self.log_path = logs / f"{component}.log"
+        self.log_path = logs / f"{self.name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 

@@ -69,6 +69,8 @@ class Sent:
     command_id: str
     reply: Any = None
     error: str = ""
+    at: float = 0.0  # when it was sent (monotonic)
+    waited: float = 0.0  # how long it waited for its answer, retries included
 
 
 @dataclass
@@ -114,7 +116,7 @@ class Workload:
         return "start" if roll < 0.6 else "delete"  # Error
 
     async def send(self, name: str, verb: str) -> None:
-        sent = Sent(name, verb, f"fault:{name}:{len(self.figures.sent)}")
+        sent = Sent(name, verb, f"fault:{name}:{len(self.figures.sent)}", at=time.monotonic())
         self.figures.sent.append(sent)
         try:
             if verb == "create":
@@ -127,6 +129,7 @@ class Workload:
                 sent.reply = await getattr(self.client, verb)(name, command_id=sent.command_id)
         except SandboxError as exc:
             sent.error = f"{exc.code}: {exc}"
+        sent.waited = time.monotonic() - sent.at
 
     async def lane(self, name: str, quota: int) -> None:
         done = 0
