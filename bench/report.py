@@ -29,7 +29,7 @@ from bench.bulk_stop import TARGET_RATIO as BULK_STOP_TARGET_RATIO
 from bench.common import RESULTS, ROOT
 from bench.engine_latency import TARGET_ADDED_P50_MS
 
-ORDER = ("engine_latency", "throughput", "bulk_stop", "replay", "memory", "lag", "durability")
+ORDER = ("engine_latency", "throughput", "bulk_stop", "replay", "memory", "lag", "durability", "cluster")
 INTRO = """# Benchmarks
 
 sandboxctl sits between its users and a container engine; these benchmarks
@@ -310,6 +310,64 @@ def _durability(r: dict[str, Any]) -> list[Row]:
     ]
 
 
+def _cluster(r: dict[str, Any]) -> list[Row]:
+    base_name = "R1, 1 state machine"
+    base = r["cases"][base_name]
+    rows = []
+    for name, case in r["cases"].items():
+        ratios = r["ratios"][name]
+        rows.append(
+            Row(
+                f"label updates accepted, {name}",
+                _rate(case["per_s"]),
+                f"{_rate(base['per_s'])} ({base_name})",
+                _ratio(ratios["per_s"]),
+            )
+        )
+        latency, base_latency = case["latency"], base["latency"]
+        rows.append(
+            Row(
+                f"update latency p50 / p99, {name}",
+                f"{_ms(latency['p50_ms'])} / {_ms(latency['p99_ms'])}",
+                f"{_ms(base_latency['p50_ms'])} / {_ms(base_latency['p99_ms'])}",
+                f"{_ratio(ratios['p50'])} / {_ratio(ratios['p99'])}",
+            )
+        )
+        if "2 state machines" in name:
+            rows.append(
+                Row(
+                    f"appends refused by the sequence guard, {name}",
+                    f"{case['conflicts']:,} ({case['conflicts_per_1000_accepted']:.1f} per 1,000 accepted)",
+                    NONE,
+                    NONE,
+                    "none: reported",
+                )
+            )
+    start = r["start"]
+    rows.append(
+        Row(
+            f"a state machine's start to its first answer, log of {start['log_events']:,} events",
+            _ms(start["with_snapshot_s"] * 1000) + " from its snapshot",
+            _ms(start["without_snapshot_s"] * 1000) + " with no snapshot",
+            _ratio(start["ratio_with_to_without"]),
+            f"≤ {start['target_s']:g} s",
+            start["target_met"],
+        )
+    )
+    takeover = r["facts_takeover_s"]
+    rows.append(
+        Row(
+            "facts applied again after kill -9 of the state machine applying them (R3, 2 state machines)",
+            _ms(takeover * 1000),
+            NONE,
+            NONE,
+            "≤ 2 s",
+            takeover <= 2.0,
+        )
+    )
+    return rows
+
+
 LAYOUTS: dict[str, Layout] = {
     "engine_latency": Layout("Stop and start latency per engine", _engine_latency, versus="added at p50"),
     "throughput": Layout("Command throughput", _throughput),
@@ -317,6 +375,7 @@ LAYOUTS: dict[str, Layout] = {
     "replay": Layout("Replay: rebuilding the projection from the log", _replay),
     "memory": Layout("Memory per sandbox", _memory),
     "lag": Layout("Projection lag", _lag, versus="added (ratio)"),
+    "cluster": Layout("Replicas: three nodes, two state machines, take-over", _cluster, baseline="baseline, same run"),
     "durability": Layout(
         "Durability: fsync every write",
         _durability,

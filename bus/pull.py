@@ -185,6 +185,7 @@ class Pull:
         """Yield the messages delivered since the last yield; an empty list means idle."""
         reopen = True
         while True:
+            reraise_if_cancelling()
             try:
                 if reopen or self._lost:
                     reopen = False

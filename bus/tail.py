@@ -28,9 +28,11 @@ log = logging.getLogger(__name__)
 
 
 def reraise_if_cancelling() -> None:
-    """Call in a reader loop's error handler: nats-py sometimes reports a
-    cancellation as one of its own errors, and a loop that carries on after it
-    can never be stopped."""
+    """Call in a loop's error handler, and at the top of every loop that runs until its task is
+    cancelled: nats-py sometimes reports a cancellation as one of its own errors, and Python
+    3.11's ``wait_for`` (nats-py's requests use it) returns a result that came in the same turn
+    as the cancellation and swallows it. A loop that carries on after either can never be
+    stopped."""
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
@@ -185,6 +187,7 @@ class Tail:
         """Yield lists of messages in stream order; an empty list means idle."""
         reopen = False
         while True:
+            reraise_if_cancelling()
             try:
                 if self._sub is None or reopen:
                     reopen = False

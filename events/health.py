@@ -23,3 +23,8 @@ class ServiceHealth(msgspec.Struct, kw_only=True):
     restarts: int = 0
     pid: int = 0
     host: str = ""
+    # What the service counts since it started. The state machine: ``conflicts`` (appends the
+    # sequence guard refused because another instance wrote first), ``facts_applied``,
+    # ``applies_facts`` (1 while it holds the facts' pin), ``snapshot_at`` (its last snapshot's
+    # log position).
+    counters: dict[str, int] = {}

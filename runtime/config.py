@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sandboxctl.auth import load_credentials, local_user_name
 from sandboxctl.bus.servers import server_urls
+from sandboxctl.bus.snapshots import SNAPSHOT_EVERY
 from sandboxctl.runtime.supervise import RESTART_LIMIT, RESTART_WINDOW
 from sandboxctl.statemachine.deadlines import parse_deadlines
 from sandboxctl.statemachine.phases import Phase
@@ -65,6 +66,8 @@ class Config:
     idle_timeout: float = 0.0
     idle_grace: float = 60.0
     reaper_interval: float = 1.0
+    # The state machine writes its snapshot once the log has grown this many entries past the last.
+    snapshot_every: int = SNAPSHOT_EVERY
     # Supervision (runtime/supervise.py): a service or a process sandboxctl runs that fails more
     # than restart_limit times within restart_window seconds makes the process exit non-zero, for
     # an outer supervisor (systemd, a container runtime) to restart it whole; 0 never gives up.
@@ -117,14 +120,8 @@ class Config:
         cfg.reconcile_exited = env.get("SANDBOXCTL_RECONCILE_EXITED", cfg.reconcile_exited)
         cfg.deadlines = parse_deadlines(env.get("SANDBOXCTL_DEADLINES", ""))
         cfg.sync_always = env.get("SANDBOXCTL_SYNC_ALWAYS", "").lower() in ("1", "true", "yes")
-        if env.get("SANDBOXCTL_REPLICAS"):
-            if not env["SANDBOXCTL_REPLICAS"].strip().isdigit():
-                raise ValueError(
-                    f"SANDBOXCTL_REPLICAS must be a number from 1 to 5, not {env['SANDBOXCTL_REPLICAS']!r}"
-                )
-            cfg.replicas = int(env["SANDBOXCTL_REPLICAS"])
-            if not 1 <= cfg.replicas <= 5:
-                raise ValueError(f"SANDBOXCTL_REPLICAS must be from 1 to 5 (JetStream's most), not {cfg.replicas}")
+        cfg.replicas = _bounded(env, "SANDBOXCTL_REPLICAS", 1, 5, "JetStream's most")
+        cfg.snapshot_every = _bounded(env, "SANDBOXCTL_SNAPSHOT_EVERY", 1, 10**9) or cfg.snapshot_every
         if "SANDBOXCTL_AUTH_DIR" in env:
             cfg.auth_dir = Path(env["SANDBOXCTL_AUTH_DIR"])
         cfg.user, cfg.password = _credentials(env, cfg.auth_path)
@@ -171,3 +168,14 @@ def _credentials(env: dict[str, str], auth_dir: Path) -> tuple[str, str]:
     except OSError:
         return "", ""
     return creds.user, creds.password
+
+
+def _bounded(env: dict[str, str], key: str, low: int, high: int, why: str = "") -> int | None:
+    """The whole number ``key`` names in the environment, from ``low`` to ``high``; None when unset."""
+    text = env.get(key, "").strip()
+    if not text:
+        return None
+    bounds = f"from {low} to {high}" + (f" ({why})" if why else "")
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise ValueError(f"{key} must be a whole number {bounds}, not {env[key]!r}")
+    return int(text)

@@ -40,6 +40,7 @@ from nats.js.errors import NotFoundError
 
 from sandboxctl.auth import Authorizer, AuthStore, component_user, local_user_name, record_denied
 from sandboxctl.bus.servers import server_urls
+from sandboxctl.bus.tail import reraise_if_cancelling
 from sandboxctl.client import FailedPrecondition, Internal, Unavailable
 from sandboxctl.drivers.base import Driver
 from sandboxctl.events import subjects
@@ -664,6 +665,7 @@ class ControlPlane:
                     replicas=config.replicas,
                     authorizer=Authorizer(self.auth) if self.auth_enabled else None,
                     idle_timeout=config.idle_timeout,
+                    snapshot_every=config.snapshot_every,
                 )
                 return service, nc
 
@@ -731,13 +733,15 @@ class ControlPlane:
                 status, reason = self._progress.setdefault(slot.name, Progress()).assess(position, last, now)
             else:
                 status, reason = slot.state, slot.reason
-            out.append(health.report(slot.name, status, reason, position, last, slot.restarts))
+            counters = getattr(slot.service, "counters", None)
+            out.append(health.report(slot.name, status, reason, position, last, slot.restarts, counters))
         for extra in self.extra_reports:
             out += extra()
         return out
 
     async def _observe(self) -> None:
         while True:
+            reraise_if_cancelling()
             await asyncio.sleep(1.0)
             try:
                 self._watch.observe(await self.reports())
@@ -774,28 +778,23 @@ async def _within(seconds: float, what: str, step: Awaitable[Any]) -> None:
 
 # -- sandboxctl up and serve ------------------------------------------------------------------------
 
-# The modules whose INFO lines an operator wants: supervision and health, and who works what (the
-# facts' pin, the leases, the state machine's start and snapshots).
-_SAYS = (
-    "sandboxctl.runtime.supervise",
-    "sandboxctl.runtime.health",
-    "sandboxctl.runtime.embedded",
-    "sandboxctl.bus.pull",
-    "sandboxctl.bus.lease",
-    "sandboxctl.services.statemachine",
-)
+_SAYS = ("sandboxctl.runtime.supervise", "sandboxctl.runtime.health", "sandboxctl.runtime.embedded")
+# What ``serve`` says besides, where several replicas run, each in its own process: who works
+# what (the facts' pin, the leases) and each state machine's start and snapshots. ``up``, whose
+# output a person reads, leaves them out.
+_REPLICAS_SAY = ("sandboxctl.bus.pull", "sandboxctl.bus.lease", "sandboxctl.services.statemachine")
 
 
-def _setup_process() -> None:
+def _setup_process(says: Sequence[str] = _SAYS) -> None:
     """What a long-running sandboxctl process needs before it writes anything: files only its
-    user may read (umask 077), and its log lines on stderr with their time."""
+    user may read (umask 077), and its log lines on stderr with their time (INFO for ``says``)."""
     os.umask(0o077)
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s sandboxctl: %(levelname)s %(message)s"))
         root.addHandler(handler)
-    for name in _SAYS:
+    for name in says:
         logging.getLogger(name).setLevel(logging.INFO)
 
 
@@ -883,7 +882,7 @@ async def run_serve(
     The podman service it starts (when podman is a driver and no URL names one) is
     supervised like ``up``'s server: restarted if it exits, and it dies with this process."""
     if children is None:
-        _setup_process()
+        _setup_process((*_SAYS, *_REPLICAS_SAY))
         children = Children(config.restarts_allowed, config.restart_window)
     podman = None
     try:

@@ -104,6 +104,7 @@ def report(
     position: int | None = None,
     last_seq: int | None = None,
     restarts: int = 0,
+    counters: dict[str, int] | None = None,
 ) -> ServiceHealth:
     """One service's report from this process."""
     lag = max(0, last_seq - position) if position is not None and last_seq is not None else None
@@ -118,6 +119,7 @@ def report(
         restarts=restarts,
         pid=os.getpid(),
         host=socket.gethostname(),
+        counters=counters or {},
     )
 
 

@@ -117,6 +117,7 @@ class Reaper:
 
     async def _timers(self) -> None:
         while True:
+            reraise_if_cancelling()
             try:
                 if await self.lease.hold():  # else another reaper acts; this one stands by
                     self.tick(time.time())

@@ -99,11 +99,8 @@ UNAVAILABLE_RETRY = 2.0
 # How long a command waits for a log that does not answer for now (a cluster electing the log's
 # leader after losing a node takes a few seconds) before it is answered ``unavailable``.
 APPEND_PATIENCE = 5.0
-# A snapshot of every sandbox's state is written once the log has grown this many entries past
-# the last one (checked every SNAPSHOT_CHECK seconds): an instance that starts folds at most about
-# this many entries after reading it (folding runs at about 90,000 entries a second).
-SNAPSHOT_EVERY = 20_000
-SNAPSHOT_CHECK = 5.0
+SNAPSHOT_CHECK = 5.0  # seconds between looks at whether a snapshot is due (snapshots.SNAPSHOT_EVERY)
+
 
 # What a request to JetStream raises when the log cannot be reached or cannot store.
 _UNAVAILABLE = (
@@ -119,6 +116,8 @@ _UNAVAILABLE = (
 # JetStream's answers when it cannot store: out of resources or storage (a full disk), not
 # enabled (it disables itself after a write error). Any 5xx is the server's trouble too.
 RESOURCES_EXHAUSTED = frozenset({10023, 10028, 10039, 10047, 10076, 10077})
+# JetStream's answer to an append whose Nats-Msg-Id another append is storing at this moment.
+DUPLICATE_IN_PROCESS = 10158
 
 
 def _react_to(fact: Fact, state: SandboxState | None) -> list[LifecycleEvent]:
@@ -204,7 +203,7 @@ class StateMachineService:
         authorizer: Authorizer | None = None,
         idle_timeout: float = 0.0,
         bulk_behind: int = BULK_BEHIND,
-        snapshot_every: int = SNAPSHOT_EVERY,
+        snapshot_every: int = snapshots.SNAPSHOT_EVERY,
         snapshot_check: float = SNAPSHOT_CHECK,
     ) -> None:
         self.replicas = replicas
@@ -241,6 +240,16 @@ class StateMachineService:
         self._subject_at = ""  # the log subject of the entry at self.position
         self._log_created = ""
         self._snapshot_lease = Lease(self.js, subjects.SNAPSHOT_LEASE, f"statemachine-{new_id()}")
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """What its health report counts (events.health.ServiceHealth.counters)."""
+        return {
+            "conflicts": self.conflicts,
+            "facts_applied": self.facts_applied,
+            "applies_facts": int(self.applies_facts),
+            "snapshot_at": self.snapshot_at,
+        }
 
     @property
     def applies_facts(self) -> bool:
@@ -412,6 +421,7 @@ class StateMachineService:
         loop (they are immutable, so a shallow copy is a consistent cut) and encoded and stored
         off it: commands never wait for a snapshot."""
         while True:
+            reraise_if_cancelling()
             await asyncio.sleep(self.snapshot_check)
             if self.position - self.snapshot_at < self.snapshot_every or not self._log_created:
                 continue
@@ -463,25 +473,39 @@ class StateMachineService:
         twice."""
         loop = asyncio.get_running_loop()
         deadline, delay = loop.time() + APPEND_PATIENCE, 0.05
+        # Why an earlier attempt may have been stored after all (its ack never came, or it was
+        # still being stored when tried again): once there is one, the answer is never
+        # ``unavailable``, which promises that nothing was done.
+        doubt = ""
         while True:
+            reraise_if_cancelling()
+            problem = ""
             try:
                 return await self._decide_and_append_once(name, decide_fn, cause)
             except OutcomeUnknown as exc:
-                if self.nc.is_closed or loop.time() + delay > deadline:
-                    return error_reply(
-                        ErrorCode.OUTCOME_UNKNOWN,
-                        f"{exc}; look it up in the sandbox's history, or send it again with command_id {cause.id!r}",
-                        name,
-                    )
+                doubt = str(exc)
             except _UNAVAILABLE as exc:
                 reraise_if_cancelling()
-                if self.nc.is_closed or loop.time() + delay > deadline:
-                    return error_reply(ErrorCode.UNAVAILABLE, f"the log is unavailable: {_why(exc)}", name)
+                if isinstance(exc, (TimeoutError, nats.errors.TimeoutError)):
+                    doubt = f"the log did not confirm an append in time: {_why(exc)}"
+                problem = f"the log is unavailable: {_why(exc)}"
             except APIError as exc:
-                if (exc.code or 0) < 500 and exc.err_code not in RESOURCES_EXHAUSTED:
+                if exc.err_code == DUPLICATE_IN_PROCESS:
+                    doubt = "an earlier attempt of this command was still being stored"
+                elif (exc.code or 0) < 500 and exc.err_code not in RESOURCES_EXHAUSTED:
                     raise
-                if exc.err_code in RESOURCES_EXHAUSTED or loop.time() + delay > deadline:  # a full disk waits no better
-                    return error_reply(ErrorCode.UNAVAILABLE, f"the log cannot store: {exc.description or exc}", name)
+                else:
+                    problem = f"the log cannot store: {exc.description or exc}"
+                    if exc.err_code in RESOURCES_EXHAUSTED:
+                        deadline = 0.0  # a full disk waits no better
+            if self.nc.is_closed or loop.time() + delay > deadline:
+                if doubt:
+                    return error_reply(
+                        ErrorCode.OUTCOME_UNKNOWN,
+                        f"{doubt}; look it up in the sandbox's history, or send it again with command_id {cause.id!r}",
+                        name,
+                    )
+                return error_reply(ErrorCode.UNAVAILABLE, problem, name)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
 
@@ -757,6 +781,7 @@ class StateMachineService:
 
     async def _watchdog(self) -> None:
         while True:
+            reraise_if_cancelling()
             await asyncio.sleep(self.watchdog_interval)
             now_ = time.time()
             for name in list(self._transient):

@@ -326,6 +326,7 @@ class DriverWorker:
     async def _run_sandbox(self, name: str, queue: asyncio.Queue[Msg]) -> None:
         try:
             while True:
+                reraise_if_cancelling()
                 try:
                     msg = queue.get_nowait()
                 except asyncio.QueueEmpty:
@@ -417,6 +418,7 @@ class DriverWorker:
         """Tell the server every order in hand is being worked on, so none is redelivered while
         it waits its turn behind the sandbox's earlier orders or the engine's parallelism."""
         while True:
+            reraise_if_cancelling()
             await asyncio.sleep(WORK_ACK_WAIT / 3)
             for msg in list(self._held.values()):
                 try:
@@ -744,6 +746,7 @@ class DriverWorker:
         deadline = time.monotonic() + ENGINE_PATIENCE
         name, sandbox_id = (args[0].name, args[0].sandbox_id) if isinstance(args[0], SandboxSpec) else args[:2]
         while True:
+            reraise_if_cancelling()
             try:
                 return await self._run(operation, *args)
             except EngineTimeout as exc:
@@ -940,6 +943,7 @@ class DriverWorker:
         threading.Thread(target=pump, name=f"{self.consumer}-events", daemon=True).start()
         lost = False
         while True:
+            reraise_if_cancelling()
             item = await queue.get()
             if isinstance(item, _Connected):
                 if lost:

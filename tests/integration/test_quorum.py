@@ -1,0 +1,90 @@
+"""A cluster of three that loses its quorum (two nodes down): JetStream cannot store, so a command
+is answered ``unavailable`` within the state machine's patience, never left hanging and never
+reported done; once the nodes are back, commands are accepted again, and nothing acknowledged
+before was lost. Real nats-servers; the state machine alone (no engine is needed to decide)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import nats
+import pytest
+
+from sandboxctl.bus.reading import history
+from sandboxctl.client import SandboxClient, SandboxError
+from sandboxctl.events.replies import ErrorCode
+from sandboxctl.services.statemachine import APPEND_PATIENCE, StateMachineService
+from tests.conftest import until
+from tests.integration.test_replicas import nodes_of
+
+IMAGE = "localhost/sandboxctl-busybox:latest"
+OPTIONS = {"max_reconnect_attempts": -1, "reconnect_time_wait": 0.2, "ping_interval": 1, "max_outstanding_pings": 2}
+
+
+async def test_without_its_quorum_a_cluster_answers_unavailable_and_serves_again_once_it_is_back(
+    tmp_path: Path,
+) -> None:
+    nodes = nodes_of(tmp_path)
+    for node in nodes:
+        node.start()
+    # The state machine and the client on the node that stays: what is measured is the log's
+    # answer without a majority, not a connection's move to another node.
+    nc = await nats.connect(nodes[0].url, **OPTIONS)
+    machine = None
+    try:
+
+        async def answers() -> bool:
+            try:
+                return bool(await nc.jetstream(timeout=2).account_info())
+            except Exception:
+                return False
+
+        await until(answers, "the cluster's JetStream", timeout=60, every=0.5)
+        machine = StateMachineService(await nats.connect(nodes[0].url, **OPTIONS))
+        await machine.start()
+        client = SandboxClient(nc, actor="quorum", retries=0, request_timeout=60)
+        before = await client.create("q-before", IMAGE, driver="podman")
+        assert before.accepted and before.seq > 0
+
+        for node in nodes[1:]:  # two of three down: no majority for any RAFT group
+            assert node.proc is not None
+            node.proc.kill()
+            node.proc.wait()
+        began = time.monotonic()
+        with pytest.raises(SandboxError) as refused:
+            await client.create("q-during", IMAGE, driver="podman", command_id="q-during")
+        waited = time.monotonic() - began
+        # unavailable promises nothing was done; outcome_unknown that it may have been (its append
+        # may be stored once the log has its majority again): never a reply that says done
+        code = refused.value.code
+        assert code in (ErrorCode.UNAVAILABLE, ErrorCode.OUTCOME_UNKNOWN), refused.value
+        assert waited < APPEND_PATIENCE + 8, f"answered after {waited:.1f}s"
+
+        for node in nodes[1:]:
+            await asyncio.to_thread(node.start)
+        js = nc.jetstream()
+
+        async def logged(name: str) -> list[str] | None:
+            try:
+                return [e["type"].split(".")[2] for e in await history(js, name)]
+            except Exception:  # the log is still electing its leader
+                return None
+
+        await until(lambda: logged("q-before"), "the log back", timeout=60, every=0.5)
+        if code == ErrorCode.UNAVAILABLE:
+            assert await logged("q-during") == [], "answered unavailable, yet stored"
+        client.retries = 20
+        after = await client.create("q-during", IMAGE, driver="podman", command_id="q-during")
+        assert after.accepted and after.sandbox == "q-during"
+        assert await logged("q-before") == ["created"]  # acknowledged before the loss, kept
+        assert await logged("q-during") == ["created"]  # stored once, whichever attempt stored it
+        print(f"\nquorum lost: a command answered {code} in {waited:.1f}s; accepted once the majority was back")
+    finally:
+        if machine is not None:
+            await machine.stop()
+            await machine.nc.close()
+        await nc.close()
+        for node in nodes:
+            node.stop()
