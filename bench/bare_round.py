@@ -124,7 +124,7 @@ class BareStateMachine:
             except APIError as exc:
                 # Our own append's ack, still queued behind other deliveries, is what we have
                 # not seen (a command can overtake it): take the sequence the server names.
-                if exc.err_code != WRONG_LAST_SEQUENCE:
+                if exc.err_code not in WRONG_LAST_SEQUENCE:
                     raise
                 self.last[name] = max(self.last.get(name, 0), int(str(exc.description).rsplit(" ", 1)[-1]))
                 continue

@@ -27,7 +27,10 @@ from sandboxctl.statemachine.decider import skip
 
 log = logging.getLogger(__name__)
 
-WRONG_LAST_SEQUENCE = 10071
+# JetStream's refusal of an append whose Nats-Expected-Last-Subject-Sequence is not the subject's
+# last: 10071 from a single server ("wrong last sequence: N"), 10164 from a replicated stream's
+# leader ("wrong last sequence").
+WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
 
 
 class SequenceConflict(Exception):
@@ -71,7 +74,7 @@ async def append(js: JetStreamContext, envelope: Envelope, expected_seq: int) ->
     try:
         return await publish(js, subjects.log(envelope.subject), encode(envelope), subjects.LOG_STREAM, headers)
     except APIError as exc:
-        if exc.err_code == WRONG_LAST_SEQUENCE:
+        if exc.err_code in WRONG_LAST_SEQUENCE:
             raise SequenceConflict(str(exc)) from exc
         raise
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import msgspec
 import nats
@@ -19,6 +20,8 @@ from nats.aio.client import Client as NATS
 from sandboxctl.bus import snapshots
 from sandboxctl.bus.eventlog import publish_fact
 from sandboxctl.bus.reading import history
+from sandboxctl.bus.servers import server_urls
+from sandboxctl.client import SandboxClient
 from sandboxctl.events.envelope import Envelope, new_id, now, type_name
 from sandboxctl.events.facts import ContainerStarted, Fact
 from sandboxctl.events.replies import Reply
@@ -27,6 +30,7 @@ from sandboxctl.services.statemachine import FACTS_PIN_TIMEOUT, StateMachineServ
 from sandboxctl.statemachine import Phase
 from tests.conftest import until
 from tests.integration.test_idempotency import send
+from tests.integration.test_replicas import nodes_of
 
 
 @pytest.fixture
@@ -190,3 +194,44 @@ async def test_a_snapshot_that_does_not_fit_the_log_or_the_code_is_ignored(
     finally:
         await second.stop()
         await second.nc.close()
+
+
+async def test_racing_commands_on_a_cluster_are_decided_again_never_failed(tmp_path: Path) -> None:
+    """A replicated stream's leader refuses a guarded append with another error code than a single
+    server (10164, not 10071): it is the same refusal, and the loser decides again."""
+    nodes = nodes_of(tmp_path)
+    for node in nodes:
+        node.start()
+    urls = server_urls(",".join(node.url for node in nodes))
+    started: list[StateMachineService] = []
+    nc = await nats.connect(urls)
+    try:
+
+        async def answers() -> bool:
+            try:
+                return bool(await nc.jetstream(timeout=2).account_info())
+            except Exception:
+                return False
+
+        await until(answers, "the cluster's JetStream", timeout=60, every=0.5)
+        for _ in range(2):
+            machine = StateMachineService(await nats.connect(urls))
+            await machine.start()
+            started.append(machine)
+        assert (await send(nc, "create", name="clustered", command_id="c-clustered")).accepted
+        # raced at once; a loser that keeps losing is answered conflict, and the client sends it again
+        client = SandboxClient(nc, actor="racer", retries=10)
+        replies = await asyncio.gather(
+            *(client.update("clustered", labels={"n": str(i)}, command_id=f"u-{i}") for i in range(40))
+        )
+        assert all(r.accepted and r.appended == 1 for r in replies), replies
+        assert sum(m.conflicts for m in started) > 0  # they raced, and the guard refused the losers
+        kinds = [e["type"].split(".")[2] for e in await history(nc.jetstream(), "clustered")]
+        assert kinds == ["created"] + ["updated"] * 40, kinds
+    finally:
+        for machine in started:
+            await machine.stop()
+            await machine.nc.close()
+        await nc.close()
+        for node in nodes:
+            node.stop()
