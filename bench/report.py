@@ -319,7 +319,7 @@ def _cluster(r: dict[str, Any]) -> list[Row]:
         rows.append(
             Row(
                 f"label updates accepted, {name}",
-                _rate(case["per_s"]),
+                _rate(case["per_s"]) + "".join(f"; {n:,} {code}" for code, n in case["errors"].items()),
                 f"{_rate(base['per_s'])} ({base_name})",
                 _ratio(ratios["per_s"]),
             )
@@ -333,7 +333,7 @@ def _cluster(r: dict[str, Any]) -> list[Row]:
                 f"{_ratio(ratios['p50'])} / {_ratio(ratios['p99'])}",
             )
         )
-        if "2 state machines" in name:
+        if "conflicts" in case:
             rows.append(
                 Row(
                     f"appends refused by the sequence guard, {name}",
