@@ -30,8 +30,6 @@ import asyncio
 import os
 import random
 import secrets
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -55,6 +53,7 @@ from sandboxctl.events.health import ServiceHealth
 from sandboxctl.events.replies import reply_decoder
 from sandboxctl.runtime import health
 from sandboxctl.runtime.embedded import ClusterNode, NatsServer, free_port
+from testing.serve import Service
 
 CASES = (("R1", 1, 1), ("R1", 1, 2), ("R3", 3, 1), ("R3", 3, 2))  # (replicas, nodes, state machines)
 SANDBOXES = 200
@@ -62,56 +61,18 @@ IN_FLIGHT = 64
 TAKEOVER_TARGET_S = 2.0
 
 
-class StateMachine:
-    """``sandboxctl serve --only statemachine`` in a process of its own."""
-
-    def __init__(self, urls: str, root: Path, name: str, **settings: str) -> None:
-        self.log_path = root / f"{name}.log"
-        self.env = {
-            **settings,
-            **{k: v for k, v in os.environ.items() if not k.startswith("SANDBOXCTL_")},
-            "SANDBOXCTL_NATS_URL": urls,
-            "SANDBOXCTL_DATA_DIR": str(root / name),
-            "SANDBOXCTL_RUN_DIR": str(root / f"{name}-run"),
-            "SANDBOXCTL_DRIVERS": "podman",
-            "SANDBOXCTL_DEFAULT_DRIVER": "podman",
-        }
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.started = 0.0
-
-    def start(self) -> StateMachine:
-        self.started = time.monotonic()
-        with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(
-                [str(Path(sys.executable).parent / "sandboxctl"), "serve", "--only", "statemachine"],
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        return self
-
-    def up(self, timeout: float = 300.0) -> StateMachine:
-        deadline = time.monotonic() + timeout
-        while "sandboxctl services are up" not in self.log_path.read_text(errors="replace"):
-            assert self.proc is not None
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"a state machine did not come up:\n{self.log_path.read_text()[-3000:]}")
-            time.sleep(0.02)
-        return self
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
+def state_machine(urls: str, root: Path, name: str, **settings: str) -> Service:
+    """``sandboxctl serve --only statemachine`` in a process of its own, not started yet."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("SANDBOXCTL_")},
+        **settings,
+        "SANDBOXCTL_NATS_URL": urls,
+        "SANDBOXCTL_DATA_DIR": str(root / name),
+        "SANDBOXCTL_RUN_DIR": str(root / f"{name}-run"),
+        "SANDBOXCTL_DRIVERS": "podman",
+        "SANDBOXCTL_DEFAULT_DRIVER": "podman",
+    }
+    return Service("statemachine", env, root, name)
 
 
 @contextmanager
@@ -194,7 +155,7 @@ async def create(nc: NATS, names: list[str]) -> None:
         await asyncio.gather(*(one(n) for n in names[start : start + IN_FLIGHT]))
 
 
-async def facts_takeover(nc: NATS, machines: list[StateMachine], names: list[str]) -> float:
+async def facts_takeover(nc: NATS, machines: list[Service], names: list[str]) -> float:
     """Kill the state machine that applies the facts; how long until a fact is applied again."""
     js = nc.jetstream()
     for name in names[:5]:  # facts, until one instance holds the pin
@@ -249,7 +210,8 @@ async def starts(root: Path, events: int) -> dict[str, Any]:
         try:
             await fill(nc, events, 1000)
             every = str(min(snapshots.SNAPSHOT_EVERY, events // 2))
-            first = StateMachine(server.url, root, "writer", SANDBOXCTL_SNAPSHOT_EVERY=every).start().up()
+            first = state_machine(server.url, root, "writer", SANDBOXCTL_SNAPSHOT_EVERY=every)
+            await asyncio.to_thread(first.start)
             js = nc.jetstream()
             store = await snapshots.snapshot_store(js)
             head = (await js.stream_info(subjects.LOG_STREAM)).state.last_seq
@@ -265,9 +227,12 @@ async def starts(root: Path, events: int) -> dict[str, Any]:
             for case in ("with the snapshot", "without a snapshot"):
                 if case == "without a snapshot":
                     await store.delete(snapshots.OBJECT)
-                machine = StateMachine(server.url, root, case.replace(" ", "-")).start()
+                machine = state_machine(server.url, root, case.replace(" ", "-"))
+                began = time.monotonic()
+                starting = asyncio.create_task(asyncio.to_thread(machine.start))
                 await command_answered(nc, "sbx-000001")
-                timed[case] = time.monotonic() - machine.started
+                timed[case] = time.monotonic() - began
+                await starting
                 machine.stop()
             return {
                 "log_events": head,
@@ -285,12 +250,12 @@ async def case(root: Path, replicas: str, nodes: int, machines: int, duration: f
     with servers(root, nodes) as started:
         urls = ",".join(s.url for s in started)
         nc = await nats.connect(urls.split(","), max_reconnect_attempts=-1)
-        running: list[StateMachine] = []
+        running: list[Service] = []
         try:
             await jetstream_ready(nc)
-            running = [StateMachine(urls, root, f"sm{i}").start() for i in range(machines)]
+            running = [state_machine(urls, root, f"sm{i}") for i in range(machines)]
             for machine in running:
-                machine.up()
+                await asyncio.to_thread(machine.start)
             names = [f"b-{i:04d}" for i in range(SANDBOXES)]
             await create(nc, names)
             result = await drive(nc, names, duration)

@@ -48,7 +48,7 @@ LAYERS = ("unit", "integration", "e2e")  # the folders under tests/, each also a
 # the e2e layer's alone.
 ENGINE_FIXTURES = frozenset(
     {"image", "podman_url", "docker_url", "engines", "engine", "podman_config", "config", "plane", "client", "cli"}
-    | {"names", "sandboxes", "small_disk"}
+    | {"names", "sandboxes", "small_disk", "podman_service"}
 )
 # The fixtures that start a nats-server: integration and e2e.
 SERVER_FIXTURES = frozenset({"nats_server", "auth_server", "nats_config", "nc"})
@@ -175,6 +175,14 @@ async def nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
     conn = await nats.connect(nats_server.url)
     yield conn
     await conn.close()
+
+
+@pytest.fixture
+def podman_service(tmp_path: Path, image: str) -> Iterator[PodmanService]:
+    """A podman API service of this test's own: stopping it leaves the other tests' engine alone."""
+    service = PodmanService(tmp_path / "podman" / "podman.sock").start()
+    yield service
+    service.stop()
 
 
 @pytest.fixture

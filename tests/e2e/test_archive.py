@@ -18,9 +18,9 @@ from sandboxctl.events.replies import ErrorCode
 from sandboxctl.runtime.config import Config
 from sandboxctl.runtime.embedded import ControlPlane
 from sandboxctl.statemachine import Phase
+from testing.serve import Service
 from tests.conftest import CLI, Engine, until
 from tests.e2e.test_clone import LISTING, TREE, listing
-from tests.uprun import Service
 
 
 async def test_an_archived_workspace_leaves_the_engine_and_start_brings_it_back_exact(

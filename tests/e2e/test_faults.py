@@ -47,9 +47,9 @@ from sandboxctl.client import SandboxClient, SandboxError
 from sandboxctl.events import subjects
 from sandboxctl.runtime.embedded import NatsServer, PodmanService
 from sandboxctl.services.projection import checkpoint, connect
+from testing.serve import Service
 from tests.conftest import Engine
 from tests.logview import LogFollower
-from tests.uprun import Service
 
 LANES = 32
 MIN_COMMANDS = 320  # at least 10 per lane
@@ -170,12 +170,34 @@ async def inject_faults(
         figures.fault_rounds = round_ + 1
 
 
-@pytest.fixture
-def podman_service(tmp_path: Path, image: str) -> Any:
-    """A podman API service of this test's own: stopping it leaves the other tests' engine alone."""
-    service = PodmanService(tmp_path / "podman" / "podman.sock").start()
-    yield service
-    service.stop()
+async def assert_exactly_once(js: Any, sent: list[Sent]) -> int:
+    """Every command's events are in the log once: no reply claims an append the log lacks (lost),
+    no command caused two events (duplicated); and the log keeps its invariants. Its length."""
+    count, violations = await audit.verify(js)
+    assert violations == [], violations[:10]
+    caused: dict[str, list[int]] = {}
+    async for seq, envelope, _ in reading.read_events(js):
+        assert not isinstance(envelope, Exception), f"unreadable log entry {seq}: {envelope}"
+        if envelope.causationid.startswith("fault:"):
+            caused.setdefault(envelope.causationid, []).append(seq)
+    duplicated = {cid: seqs for cid, seqs in caused.items() if len(seqs) > 1}
+    lost = [s for s in sent if s.reply is not None and s.reply.appended and caused.get(s.command_id) != [s.reply.seq]]
+    assert not duplicated, duplicated
+    assert not lost, lost[:10]
+    return count
+
+
+def assert_engine_agrees(engine: Engine, final: dict[str, str | None]) -> None:
+    """The engine holds what each settled phase says: a running container for Ready, a stopped one
+    for Stopped, neither container nor workspace for Deleted."""
+    for name, phase in final.items():
+        if phase == "Ready":
+            assert engine.state(name)["Running"], f"{name} is Ready but its container is not running"
+        elif phase == "Stopped":
+            assert not engine.state(name)["Running"], f"{name} is Stopped but its container runs"
+        elif phase == "Deleted":
+            assert not engine.container_exists(name), f"{name} is Deleted but its container is there"
+            assert not engine.volume_exists(name), f"{name} is Deleted but its workspace is there"
 
 
 @pytest.mark.timeout(900)
@@ -243,7 +265,7 @@ async def test_no_event_lost_and_no_sandbox_stuck_through_kills_restarts_and_eng
         final: dict[str, str | None] = {}
         for name in lanes:
             while True:
-                seq, phase = await workload.phase(name)
+                _, phase = await workload.phase(name)
                 if phase is None or phase in SETTLED or time.monotonic() > settle_deadline:
                     final[name] = phase
                     break
@@ -256,33 +278,12 @@ async def test_no_event_lost_and_no_sandbox_stuck_through_kills_restarts_and_eng
         )
 
         # Exactly once: each command caused at most one event; no reply claims an append the log lacks.
-        count, violations = await audit.verify(js)
-        assert violations == [], violations[:10]
-        caused: dict[str, list[int]] = {}
-        async for seq, envelope, _ in reading.read_events(js):
-            assert not isinstance(envelope, Exception), f"unreadable log entry {seq}: {envelope}"
-            if envelope.causationid.startswith("fault:"):
-                caused.setdefault(envelope.causationid, []).append(seq)
-        duplicated = {cid: seqs for cid, seqs in caused.items() if len(seqs) > 1}
-        lost = [
-            s
-            for s in figures.sent
-            if s.reply is not None and s.reply.appended and caused.get(s.command_id) != [s.reply.seq]
-        ]
-        assert not duplicated, duplicated
-        assert not lost, lost[:10]
+        count = await assert_exactly_once(js, figures.sent)
         accepted = [s for s in figures.sent if s.reply is not None]
         unanswered = [s for s in figures.sent if s.error.startswith("unavailable")]
 
         # The engine agrees with the log.
-        for name, phase in final.items():
-            if phase == "Ready":
-                assert engines["podman"].state(name)["Running"], f"{name} is Ready but its container is not running"
-            elif phase == "Stopped":
-                assert not engines["podman"].state(name)["Running"], f"{name} is Stopped but its container runs"
-            elif phase == "Deleted":
-                assert not engines["podman"].container_exists(name), f"{name} is Deleted but its container is there"
-                assert not engines["podman"].volume_exists(name), f"{name} is Deleted but its workspace is there"
+        assert_engine_agrees(engines["podman"], final)
 
         # The projection catches up and equals a fresh replay; the query service serves it.
         head = (await js.stream_info(subjects.LOG_STREAM)).state.last_seq

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import secrets
 import signal
 import sys
 import time
@@ -39,15 +38,15 @@ import nats
 import pytest
 
 from sandboxctl import audit
-from sandboxctl.bus import reading
 from sandboxctl.client import SandboxClient, SandboxError
 from sandboxctl.events import subjects
-from sandboxctl.runtime.embedded import ClusterNode, NatsServer, PodmanService, free_port
+from sandboxctl.runtime.embedded import NatsServer, PodmanService
 from sandboxctl.services.projection import checkpoint, connect
+from testing.serve import Service
 from tests.conftest import Engine, until
-from tests.e2e.test_faults import SETTLED, SLEEPER, Figures, Workload
+from tests.e2e.test_faults import SETTLED, SLEEPER, Figures, Workload, assert_engine_agrees, assert_exactly_once
+from tests.integration.test_replicas import nodes_of
 from tests.logview import LogFollower
-from tests.uprun import Service
 
 LANES = 30
 MIN_COMMANDS = 500
@@ -82,25 +81,6 @@ def facts_holder(services: dict[str, Service]) -> Service:
     holder = max(times, key=lambda name: times[name])
     assert times[holder], times
     return services[holder]
-
-
-def cluster_nodes(root: Path) -> list[NatsServer]:
-    routes = [free_port() for _ in range(3)]
-    secret = secrets.token_urlsafe(12)
-    return [
-        NatsServer(
-            root / f"n{i}",
-            cluster=ClusterNode(
-                index=i,
-                name="node-loss",
-                tag="nl",
-                port=routes[i - 1],
-                peers=tuple(p for j, p in enumerate(routes, 1) if j != i),
-                secret=secret,
-            ),
-        )
-        for i in range(1, 4)
-    ]
 
 
 async def log_leader(js: Any, nodes: list[NatsServer]) -> NatsServer:
@@ -167,19 +147,12 @@ async def probe(client: SandboxClient, name: str, probes: list[Probe], done: asy
         await asyncio.sleep(PROBE_EVERY)
 
 
-@pytest.fixture
-def podman_service(tmp_path: Path, image: str) -> Any:
-    service = PodmanService(tmp_path / "podman" / "podman.sock").start()
-    yield service
-    service.stop()
-
-
 @pytest.mark.timeout(900)
 async def test_a_replicated_control_plane_loses_nothing_and_keeps_answering_through_node_loss(
     tmp_path: Path, image: str, names, engines: dict[str, Engine], podman_service: PodmanService
 ) -> None:
     started = time.monotonic()
-    nodes = cluster_nodes(tmp_path / "cluster")
+    nodes = nodes_of(tmp_path / "cluster")
     for node in nodes:
         node.start()
     urls = ",".join(node.url for node in nodes)
@@ -263,32 +236,9 @@ async def test_a_replicated_control_plane_loses_nothing_and_keeps_answering_thro
         stuck = {n: p for n, p in final.items() if p is not None and p not in SETTLED} | figures.stuck
         assert not stuck, f"stuck: {stuck}\n" + "\n\n".join(f"--- {s.name}\n{s.tail()}" for s in services.values())
 
-        # Exactly once: every accepted command's events are in the log, once.
-        count, violations = await audit.verify(js)
-        assert violations == [], violations[:10]
-        caused: dict[str, list[int]] = {}
-        async for seq, envelope, _ in reading.read_events(js):
-            assert not isinstance(envelope, Exception), f"unreadable log entry {seq}: {envelope}"
-            if envelope.causationid.startswith("fault:"):
-                caused.setdefault(envelope.causationid, []).append(seq)
-        duplicated = {cid: seqs for cid, seqs in caused.items() if len(seqs) > 1}
-        lost = [
-            s
-            for s in figures.sent
-            if s.reply is not None and s.reply.appended and caused.get(s.command_id) != [s.reply.seq]
-        ]
-        assert not duplicated, duplicated
-        assert not lost, lost[:10]
-
-        # The engine agrees with every phase.
-        podman = engines["podman"]
-        for name, phase in final.items():
-            if phase == "Ready":
-                assert podman.state(name)["Running"], f"{name} is Ready but its container is not running"
-            elif phase == "Stopped":
-                assert not podman.state(name)["Running"], f"{name} is Stopped but its container runs"
-            elif phase == "Deleted":
-                assert not podman.container_exists(name), f"{name} is Deleted but its container is there"
+        # Exactly once: every accepted command's events are in the log, once; the engine agrees.
+        count = await assert_exactly_once(js, figures.sent)
+        assert_engine_agrees(engines["podman"], final)
 
         # Each projector replica catches up and equals a fresh replay of the log.
         head = (await js.stream_info(subjects.LOG_STREAM)).state.last_seq
@@ -329,7 +279,10 @@ async def test_a_replicated_control_plane_loses_nothing_and_keeps_answering_thro
         assert [w.fault for w in windows] == list(FAULTS)
         assert all(during.values()), {f: len(sent) for f, sent in during.items()}  # commands came during each
         assert not probes_refused, probes_refused[:5]
-        assert not [s for s in refused if not s.error.startswith(("failed_precondition", "conflict"))], refused[:5]
+        # refused only because the command did not fit the phase (a lane decides on the log as its
+        # follower has read it so far, which a fault can hold back): never unavailable or internal
+        fitting = ("failed_precondition", "conflict", "already_exists", "not_found")
+        assert not [s for s in refused if not s.error.startswith(fitting)], refused[:5]
     finally:
         if follower is not None:
             await follower.stop()

@@ -17,7 +17,7 @@ from sandboxctl.client import SandboxClient, SandboxError
 from sandboxctl.events.replies import ErrorCode
 from sandboxctl.services.statemachine import APPEND_PATIENCE, StateMachineService
 from tests.conftest import until
-from tests.integration.test_replicas import nodes_of
+from tests.integration.test_replicas import jetstream_answers, nodes_of
 
 IMAGE = "localhost/sandboxctl-busybox:latest"
 OPTIONS = {"max_reconnect_attempts": -1, "reconnect_time_wait": 0.2, "ping_interval": 1, "max_outstanding_pings": 2}
@@ -34,14 +34,7 @@ async def test_without_its_quorum_a_cluster_answers_unavailable_and_serves_again
     nc = await nats.connect(nodes[0].url, **OPTIONS)
     machine = None
     try:
-
-        async def answers() -> bool:
-            try:
-                return bool(await nc.jetstream(timeout=2).account_info())
-            except Exception:
-                return False
-
-        await until(answers, "the cluster's JetStream", timeout=60, every=0.5)
+        await jetstream_answers(nc, "the cluster's JetStream")
         machine = StateMachineService(await nats.connect(nodes[0].url, **OPTIONS))
         await machine.start()
         client = SandboxClient(nc, actor="quorum", retries=0, request_timeout=60)

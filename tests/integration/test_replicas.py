@@ -12,6 +12,7 @@ from pathlib import Path
 
 import nats
 import pytest
+from nats.aio.client import Client as NATS
 
 from sandboxctl.bus.servers import server_urls
 from sandboxctl.bus.streams import ensure_streams, workspaces
@@ -54,6 +55,18 @@ def cluster(tmp_path: Path) -> Iterator[list[NatsServer]]:
             node.stop()
 
 
+async def jetstream_answers(nc: NATS, what: str = "the cluster's JetStream") -> None:
+    """Once JetStream answers on ``nc`` (a cluster elects its meta leader first)."""
+
+    async def answers() -> bool:
+        try:
+            return bool(await nc.jetstream(timeout=2).account_info())
+        except Exception:
+            return False
+
+    await until(answers, what, timeout=60, every=0.5)
+
+
 async def replicas(url: str, wanted: int | None) -> tuple[int, int]:
     nc = await nats.connect(server_urls(url), connect_timeout=2, max_reconnect_attempts=-1)
     try:
@@ -90,15 +103,8 @@ async def test_streams_wait_for_a_cluster_short_of_nodes_and_never_settle_for_fe
             node.start()
         urls = ",".join(node.url for node in nodes[:2])
         nc = await nats.connect(server_urls(urls))
-
-        async def answers() -> bool:
-            try:
-                return bool(await nc.jetstream(timeout=2).account_info())
-            except Exception:
-                return False
-
         try:
-            await until(answers, "the two nodes' JetStream", timeout=60, every=0.5)
+            await jetstream_answers(nc, "the two nodes' JetStream")
         finally:
             await nc.close()
         made = asyncio.create_task(replicas(urls, None))

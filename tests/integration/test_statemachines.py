@@ -30,7 +30,7 @@ from sandboxctl.services.statemachine import FACTS_PIN_TIMEOUT, StateMachineServ
 from sandboxctl.statemachine import Phase
 from tests.conftest import until
 from tests.integration.test_idempotency import send
-from tests.integration.test_replicas import nodes_of
+from tests.integration.test_replicas import jetstream_answers, nodes_of
 
 
 @pytest.fixture
@@ -206,14 +206,7 @@ async def test_racing_commands_on_a_cluster_are_decided_again_never_failed(tmp_p
     started: list[StateMachineService] = []
     nc = await nats.connect(urls)
     try:
-
-        async def answers() -> bool:
-            try:
-                return bool(await nc.jetstream(timeout=2).account_info())
-            except Exception:
-                return False
-
-        await until(answers, "the cluster's JetStream", timeout=60, every=0.5)
+        await jetstream_answers(nc, "the cluster's JetStream")
         for _ in range(2):
             machine = StateMachineService(await nats.connect(urls))
             await machine.start()
