@@ -25,11 +25,40 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.errors import APIError, NoStreamResponseError
+from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableError
 
 from sandboxctl.bus.natsinternals import connection_of
 
 ACK_TIMEOUT = 5.0  # js.publish's default
+
+# What a request to JetStream raises when the stream cannot be reached or cannot answer for now.
+UNREACHABLE: tuple[type[BaseException], ...] = (
+    TimeoutError,
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    NoStreamResponseError,
+    ServiceUnavailableError,
+)
+# JetStream's answers when it cannot store: out of resources or storage (a full disk), not
+# enabled (it disables itself after a write error). Any 5xx is the server's trouble too.
+RESOURCES_EXHAUSTED = frozenset({10023, 10028, 10039, 10047, 10076, 10077})
+# JetStream's answer to a publish whose Nats-Msg-Id another publish is storing at this moment.
+DUPLICATE_IN_PROCESS = 10158
+
+
+def cannot_store(exc: BaseException) -> bool:
+    """Whether ``exc`` is the bus's trouble for now (unreachable, electing a leader, out of
+    space), not the message's: what failed on it is tried again until it goes through, and
+    never given up on as poison."""
+    if isinstance(exc, UNREACHABLE):
+        return True
+    if isinstance(exc, APIError):
+        return (exc.code or 0) >= 500 or exc.err_code in RESOURCES_EXHAUSTED or exc.err_code == DUPLICATE_IN_PROCESS
+    return False
+
+
 SWEEP_EVERY = 0.25  # how late a timeout may be noticed: one wake-up per sweep, not one timer per publish
 
 

@@ -17,7 +17,6 @@ from typing import Any
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
-from nats.js.errors import NotFoundError
 
 from sandboxctl.bus.natsinternals import api_prefix, connection_of
 from sandboxctl.bus.streams import pinned_consumer
@@ -131,10 +130,8 @@ class Pull:
         if self._group:
             await pinned_consumer(self._js, self._stream, self._config, self._group, self._pin_timeout)
         else:
-            try:
-                await self._js.consumer_info(self._stream, self._durable)
-            except NotFoundError:
-                await self._js.add_consumer(self._stream, config=self._config)
+            # Made, or brought to this configuration if an earlier version made it otherwise.
+            await self._js.add_consumer(self._stream, config=self._config)
         self._inbox = self._nc.new_inbox()
         self._sub = await self._nc.subscribe(
             f"{self._inbox}.*", cb=self._deliver, pending_msgs_limit=-1, pending_bytes_limit=-1

@@ -164,15 +164,20 @@ async def _wait_for_peers(what: str, replicas: int, waited: bool) -> bool:
 
 def durable_pull(name: str, filter_subject: str, ack_wait: float, max_ack_pending: int) -> ConsumerConfig:
     """A service's durable pull consumer (services read it with bus/pull.py): every message from
-    the start, acknowledged one by one, redelivered after ``ack_wait`` unless kept alive, and
-    dead-lettered after MAX_DELIVER deliveries."""
+    the start, acknowledged one by one, redelivered after ``ack_wait`` unless kept alive.
+
+    The server never gives a message up on its own (no ``max_deliver``): a message that fails
+    because the bus cannot store for now (bus.publish.cannot_store) comes again until it goes
+    through, however long that takes, and only one that fails by itself is dead-lettered, by its
+    service, after MAX_DELIVER deliveries. A server-side limit would drop both alike, leaving a
+    sandbox in a transient phase with nothing on its way."""
     return ConsumerConfig(
         durable_name=name,
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=ack_wait,
         max_ack_pending=max_ack_pending,
-        max_deliver=MAX_DELIVER,
+        max_deliver=-1,
         filter_subject=filter_subject,
     )
 

@@ -26,7 +26,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import RawStreamMsg
-from nats.js.errors import APIError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
+from nats.js.errors import APIError, NotFoundError
 
 from sandboxctl.auth import Authorizer, check, record_denied
 from sandboxctl.bus import snapshots
@@ -44,7 +44,7 @@ from sandboxctl.bus.eventlog import (
 )
 from sandboxctl.bus.lease import Lease
 from sandboxctl.bus.natsinternals import settle
-from sandboxctl.bus.publish import Ack
+from sandboxctl.bus.publish import DUPLICATE_IN_PROCESS, RESOURCES_EXHAUSTED, UNREACHABLE, Ack
 from sandboxctl.bus.pull import Pull
 from sandboxctl.bus.reading import recorded_spec
 from sandboxctl.bus.streams import DUPLICATE_WINDOW, MAX_DELIVER, durable_pull, ensure_streams
@@ -100,24 +100,6 @@ UNAVAILABLE_RETRY = 2.0
 # leader after losing a node takes a few seconds) before it is answered ``unavailable``.
 APPEND_PATIENCE = 5.0
 SNAPSHOT_CHECK = 5.0  # seconds between looks at whether a snapshot is due (snapshots.SNAPSHOT_EVERY)
-
-
-# What a request to JetStream raises when the log cannot be reached or cannot store.
-_UNAVAILABLE = (
-    TimeoutError,
-    nats.errors.TimeoutError,
-    nats.errors.NoRespondersError,
-    nats.errors.ConnectionClosedError,
-    NoStreamResponseError,
-    ServiceUnavailableError,
-)
-
-
-# JetStream's answers when it cannot store: out of resources or storage (a full disk), not
-# enabled (it disables itself after a write error). Any 5xx is the server's trouble too.
-RESOURCES_EXHAUSTED = frozenset({10023, 10028, 10039, 10047, 10076, 10077})
-# JetStream's answer to an append whose Nats-Msg-Id another append is storing at this moment.
-DUPLICATE_IN_PROCESS = 10158
 
 
 def _react_to(fact: Fact, state: SandboxState | None) -> list[LifecycleEvent]:
@@ -484,11 +466,14 @@ class StateMachineService:
                 return await self._decide_and_append_once(name, decide_fn, cause)
             except OutcomeUnknown as exc:
                 doubt = str(exc)
-            except _UNAVAILABLE as exc:
+            except UNREACHABLE as exc:
                 reraise_if_cancelling()
                 if isinstance(exc, (TimeoutError, nats.errors.TimeoutError)):
                     doubt = f"the log did not confirm an append in time: {_why(exc)}"
                 problem = f"the log is unavailable: {_why(exc)}"
+                if isinstance(exc, APIError) and exc.err_code in RESOURCES_EXHAUSTED:
+                    problem = f"the log cannot store: {exc.description or exc}"
+                    deadline = 0.0  # a full disk waits no better
             except APIError as exc:
                 if exc.err_code == DUPLICATE_IN_PROCESS:
                     doubt = "an earlier attempt of this command was still being stored"
@@ -569,7 +554,7 @@ class StateMachineService:
         except (TimeoutError, nats.errors.TimeoutError):
             try:
                 stored = await self._stored_last(envelope.subject)
-            except _UNAVAILABLE as exc:
+            except UNREACHABLE as exc:
                 raise OutcomeUnknown(
                     f"the log did not confirm event {envelope.id} and cannot be asked: {_why(exc)}"
                 ) from exc
@@ -844,8 +829,11 @@ class StateMachineService:
                     FACT_EVENTS + envelope.id, envelope.id, envelope.actor or envelope.source, envelope.correlationid
                 ),
             )
-            if reply.error is not None and reply.error.code is ErrorCode.UNAVAILABLE:
-                await msg.nak(delay=UNAVAILABLE_RETRY)  # the log's trouble, not the fact's: never dead-lettered
+            if reply.error is not None and reply.error.code in (ErrorCode.UNAVAILABLE, ErrorCode.OUTCOME_UNKNOWN):
+                # The log's trouble, not the fact's: tried again until the log takes its events (their
+                # ids are the fact's, so one stored after all is found, never stored twice), never
+                # dead-lettered, and never acknowledged before its events are in the log.
+                await msg.nak(delay=UNAVAILABLE_RETRY)
                 continue
             if reply.error is not None and reply.error.code in (ErrorCode.CONFLICT, ErrorCode.INTERNAL):
                 delivered = deliveries(msg)

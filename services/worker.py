@@ -24,13 +24,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import logging
 import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -46,6 +47,7 @@ from sandboxctl.bus.eventlog import (
     publish_fact,
     retry_delay,
 )
+from sandboxctl.bus.publish import cannot_store
 from sandboxctl.bus.pull import Pull
 from sandboxctl.bus.reading import load_states, read_events, recorded_spec
 from sandboxctl.bus.streams import (
@@ -373,6 +375,15 @@ class DriverWorker:
                 await self.report(envelope.subject, f"{envelope.id}:fact:{index}", fact, cause=envelope)
         except Exception as exc:
             delivered = deliveries(msg)
+            if cannot_store(exc):
+                # The bus's trouble, not the order's (its facts could not be stored for now): the
+                # order comes again until its facts go through, and the engine's side is idempotent.
+                log.warning(
+                    "%s: %s on %s: the bus cannot take its facts for now (%r); it will be redelivered",
+                    self.consumer, envelope.type, envelope.subject, exc,
+                )  # fmt: skip
+                await msg.nak(delay=retry_delay(delivered))
+                return
             if delivered >= MAX_DELIVER:
                 log.exception(
                     "%s: %s on %s failed %d times; dead-lettered",
@@ -950,7 +961,7 @@ class DriverWorker:
                     log.warning("%s: engine event stream is back; reconciling", self.consumer)
                 lost = False
                 try:
-                    await self.reconcile()
+                    await self._until_stored("reconciliation", self.reconcile)
                 except Exception:
                     reraise_if_cancelling()
                     log.exception("%s: reconciliation failed; it runs again when the stream reconnects", self.consumer)
@@ -960,12 +971,30 @@ class DriverWorker:
                 lost = True
             else:
                 try:
-                    await self.observe(item)
+                    await self._until_stored(f"the report of {item}", functools.partial(self.observe, item))
                 except DriverError as exc:  # the engine went away mid-event; the next sweep settles it
                     log.warning("%s: could not inspect after %s: %s", self.consumer, item, exc)
                 except Exception:
                     reraise_if_cancelling()
                     log.exception("%s: could not report %s", self.consumer, item)
+
+    async def _until_stored(self, what: str, report: Callable[[], Awaitable[None]]) -> None:
+        """Run ``report`` until the bus takes its facts: an observation is the only news of what
+        happened in the engine, so a bus that cannot store for now (bus.publish.cannot_store) is
+        waited out, in order, never skipped. Any other failure is raised."""
+        delay = 0.2
+        while True:
+            reraise_if_cancelling()
+            try:
+                await report()
+                return
+            except Exception as exc:
+                reraise_if_cancelling()
+                if not cannot_store(exc):
+                    raise
+                log.warning("%s: %s waits for the bus, which cannot take it for now: %r", self.consumer, what, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     async def observe(self, event: EngineEvent) -> None:
         if event.action == "remove" and event.container_id in self._replaced:

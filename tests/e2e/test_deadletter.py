@@ -1,11 +1,18 @@
 """Poison messages in the consumers go to a dead-letter stream that operators can read,
-and never block the sandboxes behind them."""
+and never block the sandboxes behind them; a bus that cannot store for now is not poison: what
+waits on it is tried again until it goes through."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
+import pytest
+from nats.js.api import DiscardPolicy
+
+from sandboxctl.bus import eventlog
+from sandboxctl.bus.streams import MAX_DELIVER
 from sandboxctl.client import SandboxClient
 from sandboxctl.events import subjects
 from sandboxctl.runtime.embedded import ControlPlane
@@ -49,3 +56,35 @@ async def test_an_unreadable_fact_and_log_entry_are_dead_lettered_and_nothing_wa
             break
         await asyncio.sleep(0.1)
     assert info.num_ack_pending == 0 and info.num_redelivered == 0
+
+
+async def test_a_work_order_whose_facts_the_bus_cannot_store_is_worked_again_until_they_go_through(
+    plane: ControlPlane, client: SandboxClient, names, image: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine stopped the container, but the facts stream takes nothing (a full disk, in
+    effect) for longer than MAX_DELIVER deliveries of the order: the order is neither
+    dead-lettered nor dropped, the engine watcher's report of the exit waits too, and the stop
+    completes once the stream takes facts again. Otherwise the sandbox would wait in Stopping."""
+    monkeypatch.setattr(eventlog, "RETRY_DELAYS", (0.1, 0.2, 0.3, 0.5))
+    name = names.new()
+    await client.create(name, image)
+    await client.wait_for(name, "Ready", timeout=30)
+    js = plane.statemachine.js
+    worker = next(w for w in plane.workers if w.driver.name == "podman")
+    info = await js.stream_info(subjects.FACTS_STREAM)
+    config = info.config
+    await js.update_stream(dataclasses.replace(config, max_msgs=info.state.messages, discard=DiscardPolicy.NEW))
+    try:
+        before = (await js.consumer_info(subjects.LOG_STREAM, worker.consumer)).delivered.consumer_seq
+        reply = await client.stop(name, timeout=1)
+        for _ in range(300):
+            delivered = (await js.consumer_info(subjects.LOG_STREAM, worker.consumer)).delivered.consumer_seq
+            if delivered - before > 2 * MAX_DELIVER:
+                break
+            await asyncio.sleep(0.05)
+        assert delivered - before > 2 * MAX_DELIVER, "the order was not delivered again and again"
+        assert (await client.get(name))["phase"] == "Stopping"
+    finally:
+        await js.update_stream(config)
+    await client.wait_for(name, "Stopped", reply.seq, timeout=30)
+    assert not [r for r in await client.dead_letters() if r["subject"] == subjects.log(name)]

@@ -78,6 +78,9 @@ async def test_bad_entries_are_skipped_by_every_reader_and_the_sandbox_stays_usa
         await write(js, name, b"\x00\xff not an event"),
         await write(js, name, forged(name, SandboxStopped(exit_code=0))),  # Ready cannot be Stopped
         await write(js, name, forged(name, stop_of_other, subject_name=other)),  # on name's subject, names other
+        # Still Ready, as every reader skipped the entry before: Ready cannot be Stopped. (Had the
+        # entry naming another sandbox been folded, this would be a fitting stop of a Stopping one.)
+        await write(js, name, forged(name, SandboxStopped(exit_code=1))),
     ]
     # Commands on it are decided and appended as if nothing had happened.
     reply = await client.stop(name, timeout=5)

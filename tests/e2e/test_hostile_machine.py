@@ -68,11 +68,12 @@ async def churn(client: SandboxClient, ledger: Ledger, names: list[str], seconds
         await asyncio.sleep(0.2)
 
 
-async def ready(client: SandboxClient, ledger: Ledger, name: str, timeout: float = 120.0) -> None:
+async def ready(client: SandboxClient, ledger: Ledger, up: Up, name: str, timeout: float = 120.0) -> None:
     """Bring the sandbox to Ready after the churn: wait out a stop or start under way, start it
     from Stopped or Error."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    phase = "unknown"
     while loop.time() < deadline:
         phase = (await client.get(name))["phase"]
         if phase == "Ready":
@@ -80,7 +81,11 @@ async def ready(client: SandboxClient, ledger: Ledger, name: str, timeout: float
         if phase in ("Stopped", "Error"):
             await ledger.send(client, "start", name)
         await asyncio.sleep(1)
-    raise AssertionError(f"{name} did not come back to Ready within {timeout:g}s")
+    history = [(e.get("seq"), e.get("type"), e.get("phase"), e.get("reason")) for e in await client.history(name)]
+    raise AssertionError(
+        f"{name} did not come back to Ready within {timeout:g}s: still {phase}; its history {history[-12:]}; "
+        f"answers {dict(ledger.answers)}; up said:\n" + "\n".join(up.lines[-60:])
+    )
 
 
 def engine_phase(name: str) -> str:
@@ -166,7 +171,7 @@ async def test_a_full_disk_a_frozen_server_and_a_frozen_engine_lose_nothing_and_
         # 3. The engine's API service frozen for 20 s in the middle of stops.
         engine = up.pid_of("podman")
         for name in names:
-            await ready(client, ledger, name)
+            await ready(client, ledger, up, name)
         for name in names[:4]:
             await ledger.send(client, "stop", name)
         os.kill(engine, signal.SIGSTOP)

@@ -1,5 +1,5 @@
-"""A log that cannot store answers ``unavailable``, never ``internal``, and nothing is reported
-as done that is not in it.
+"""A log that cannot store answers ``unavailable``, never ``internal``, nothing is reported
+as done that is not in it, and a fact that comes meanwhile waits for it, never given up.
 
 A real nats-server whose JetStream may use only a little file storage: once it is used up,
 every append is refused (503, "insufficient resources"), as on a full disk.
@@ -8,6 +8,7 @@ every append is refused (503, "insufficient resources"), as on a full disk.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -16,11 +17,20 @@ import msgspec
 import nats
 import pytest
 from nats.aio.client import Client as NATS
+from nats.js.api import DiscardPolicy
 
+from sandboxctl.bus.reading import history
+from sandboxctl.bus.streams import MAX_DELIVER
 from sandboxctl.events import subjects
+from sandboxctl.events.facts import ContainerStarted
 from sandboxctl.events.replies import ErrorCode, reply_decoder
 from sandboxctl.runtime.embedded import free_port, nats_server_binary
-from sandboxctl.services.statemachine import StateMachineService
+from sandboxctl.services import statemachine
+from sandboxctl.services.statemachine import FACTS_CONSUMER, StateMachineService
+from sandboxctl.statemachine import Phase
+from tests.conftest import until
+from tests.integration.test_idempotency import send
+from tests.integration.test_statemachines import report
 
 
 @pytest.fixture
@@ -80,5 +90,40 @@ async def test_a_full_log_answers_unavailable_and_reports_nothing_it_did_not_sto
         info = await nc.jetstream().stream_info(subjects.LOG_STREAM, subjects_filter=subjects.LOG_ALL)
         assert sorted(name.rsplit(".", 1)[-1] for name in info.state.subjects or {}) == sorted(accepted)
         assert all(not task.done() for task in machine.tasks)  # and the service is still up
+    finally:
+        await machine.stop()
+
+
+async def test_a_fact_that_comes_while_the_log_cannot_store_is_applied_once_it_can(
+    nc: NATS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However many times it comes back while the log refuses its events: the server never gives a
+    fact up after so many deliveries, and an outcome in doubt is tried again, not acknowledged.
+    Otherwise the sandbox would wait in its phase for a fact that is gone."""
+    monkeypatch.setattr(statemachine, "UNAVAILABLE_RETRY", 0.1)
+    machine = StateMachineService(nc, drivers=("podman",))
+    await machine.start()
+    js = nc.jetstream()
+    try:
+        assert (await send(nc, "create", name="late", command_id="c-late")).accepted
+        # The log takes no more entries: a full disk, in effect (503, "maximum messages exceeded").
+        info = await js.stream_info(subjects.LOG_STREAM)
+        config = info.config
+        await js.update_stream(dataclasses.replace(config, max_msgs=info.state.messages, discard=DiscardPolicy.NEW))
+        await report(nc, "late", ContainerStarted(sandbox_id=machine.states["late"].sandbox_id, incarnation="r1"))
+
+        async def delivered() -> int:
+            return (await js.consumer_info(subjects.FACTS_STREAM, FACTS_CONSUMER)).delivered.consumer_seq
+
+        for _ in range(200):
+            if await delivered() > 2 * MAX_DELIVER:
+                break
+            await asyncio.sleep(0.05)
+        assert await delivered() > 2 * MAX_DELIVER
+        assert machine.states["late"].phase is Phase.PROVISIONING
+        await js.update_stream(config)
+        await until(lambda: machine.states["late"].phase is Phase.READY, "the fact applied once the log takes it")
+        kinds = [e["type"].split(".")[2] for e in await history(js, "late")]
+        assert kinds == ["created", "ready"], kinds  # applied once, however many times it came
     finally:
         await machine.stop()
