@@ -9,6 +9,10 @@ command -v runc >/dev/null || need_apt+=(runc)
 [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx wget || need_apt+=(busybox-static)
 dpkg -s busybox-static >/dev/null 2>&1 || need_apt+=(busybox-static)
 command -v dockerd >/dev/null || need_apt+=(docker.io)
+# compose.yaml's images are built from Debian packages (scripts/build-images.sh) and brought up
+# with Debian's docker-compose (the docker CLI here has no compose plugin).
+command -v mmdebstrap >/dev/null || need_apt+=(mmdebstrap)
+command -v docker-compose >/dev/null || need_apt+=(docker-compose)
 if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
