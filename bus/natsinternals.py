@@ -1,14 +1,15 @@
 """The few things sandboxctl needs of nats-py that it offers no public way to reach, in one place.
 
 Each is read from nats-py's own attributes: a JetStream context's connection and API prefix,
-a connection's inbox prefix and the server's INFO; and ``settle``, a way round nats-py's
-``flush``. Should nats-py rename one, this module (and its test, tests of the readers that use
-it) is what changes.
+a connection's inbox prefix and the server's INFO, a callback added to a connection made
+elsewhere; and ``settle``, a way round nats-py's ``flush``. Should nats-py rename one, this
+module (and its test, tests of the readers that use it) is what changes.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -58,3 +59,16 @@ async def settle(nc: NATS, timeout: float = 5.0) -> None:
         await asyncio.wait_for(arrived.wait(), timeout)
     finally:
         await sub.unsubscribe()
+
+
+def on_reconnected(nc: NATS, callback: Callable[[], Awaitable[None]]) -> None:
+    """Have ``callback`` called each time ``nc`` has connected again (to the same server or another
+    of the cluster's), after whatever callback it was made with."""
+    before = nc._reconnected_cb
+
+    async def both() -> None:
+        if before is not None:
+            await before()
+        await callback()
+
+    nc._reconnected_cb = both

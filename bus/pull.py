@@ -90,6 +90,7 @@ class Pull:
         self._expires = min(self.EXPIRES, pin_timeout / 3) if group else self.EXPIRES
         self._heartbeat = min(self.HEARTBEAT, self._expires / 4)
         self.pin = ""  # the pin this reader holds ("": none, it stands by)
+        self._busy = False  # the reader is working the last batch it was given
 
     async def _deliver(self, msg: Msg) -> None:
         self._heard = time.monotonic()
@@ -140,12 +141,12 @@ class Pull:
             log.info("pull %s: pin %s dropped with the reopened reader; standing by", self._durable, self.pin)
         self._want, self._lost, self.pin = 0, False, ""
 
-    async def _ask(self) -> None:
+    async def _ask(self, batch: int = 0) -> None:
         self._request += 1
-        self._want = self._batch
+        self._want = batch or self._batch
         self._heard = time.monotonic()
         request: dict[str, object] = {
-            "batch": self._batch,
+            "batch": self._want,
             "expires": int(self._expires * 1e9),
             "idle_heartbeat": int(self._heartbeat * 1e9),
         }
@@ -181,25 +182,48 @@ class Pull:
     async def batches(self) -> AsyncIterator[list[Msg]]:
         """Yield the messages delivered since the last yield; an empty list means idle."""
         reopen = True
-        while True:
-            reraise_if_cancelling()
-            try:
-                if reopen or self._lost:
-                    reopen = False
-                    await self._open()
-                if self._want <= 0:
-                    if self._backoff:
-                        self._backoff = False
-                        await asyncio.sleep(0.25)
-                    await self._ask()
-                elif time.monotonic() - self._heard > 3 * self._heartbeat:
-                    log.info("pull %s: request went silent, asking again", self._config.durable_name)
-                    await self._ask()
-                yield await self._take()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # disconnects, server restarts, no responders
+        keeper = asyncio.create_task(self._keep_pin(), name=f"pull-{self._durable}-pin") if self._group else None
+        try:
+            while True:
                 reraise_if_cancelling()
-                log.info("pull %s: %r, reopening", self._config.durable_name, exc)
-                reopen = True
-                await asyncio.sleep(0.25)
+                try:
+                    if reopen or self._lost:
+                        reopen = False
+                        await self._open()
+                    if self._want <= 0:
+                        if self._backoff:
+                            self._backoff = False
+                            await asyncio.sleep(0.25)
+                        await self._ask()
+                    elif time.monotonic() - self._heard > 3 * self._heartbeat:
+                        log.info("pull %s: request went silent, asking again", self._config.durable_name)
+                        await self._ask()
+                    taken = await self._take()
+                    self._busy = True
+                    yield taken
+                    self._busy = False
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # disconnects, server restarts, no responders
+                    reraise_if_cancelling()
+                    log.info("pull %s: %r, reopening", self._config.durable_name, exc)
+                    reopen = True
+                    await asyncio.sleep(0.25)
+        finally:
+            if keeper is not None:
+                keeper.cancel()
+
+    async def _keep_pin(self) -> None:
+        """While the pinned reader works what it was given, ask again (for one message, under the
+        pin's id) whenever its request has ended: a reader busy for longer than the pin's timeout
+        (appends waiting out a log's election) would otherwise lose its pin to a standby, and the
+        two would work the consumer at once, a sandbox's facts out of order. What comes meanwhile
+        waits in the buffer, in order, for the next batch."""
+        while True:
+            await asyncio.sleep(self._expires)
+            if self._busy and self.pin and self._want <= 0 and self._sub is not None:
+                try:
+                    await self._ask(batch=1)
+                except Exception as exc:
+                    reraise_if_cancelling()
+                    log.debug("pull %s: could not keep pin %s: %r", self._durable, self.pin, exc)

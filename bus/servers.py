@@ -10,6 +10,12 @@ from urllib.parse import urlsplit
 
 SCHEMES = ("nats", "tls", "ws", "wss")
 
+# How a connection notices a server that stopped answering (a frozen process, a lost machine) and
+# leaves it for another of the cluster's: within PING_INTERVAL * (MAX_PINGS_OUT + 1) seconds, not
+# the minutes of nats-py's defaults. Services and the client SDK alike.
+PING_INTERVAL = 1.0
+MAX_PINGS_OUT = 2
+
 
 def server_urls(text: str) -> list[str]:
     """The URLs in ``text`` (comma-separated, blanks ignored); ValueError naming the first bad one."""

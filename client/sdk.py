@@ -21,9 +21,9 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from sandboxctl.bus.eventlog import decode_event
-from sandboxctl.bus.natsinternals import server_requires_auth
+from sandboxctl.bus.natsinternals import on_reconnected, server_requires_auth
 from sandboxctl.bus.reading import read_log, read_stream
-from sandboxctl.bus.servers import server_urls
+from sandboxctl.bus.servers import MAX_PINGS_OUT, PING_INTERVAL, server_urls
 from sandboxctl.bus.tail import Tail, stream_seq
 from sandboxctl.client.errors import (
     FailedPrecondition,
@@ -141,6 +141,11 @@ def wait_verdict(name: str, target: Phase, after_seq: int, item: dict[str, Any] 
     )
 
 
+# How many times one request is asked again because the connection moved to another server while
+# it waited for the answer.
+RESENDS = 3
+
+
 class Denials:
     """The NATS server's refusals of this connection's publishes, as they arrive.
 
@@ -227,6 +232,8 @@ class SandboxClient:
         self.user = user
         self.denials = denials or Denials()
         self.seen = 0  # the highest log sequence an answer has shown this client
+        self._reconnect: asyncio.Future[None] | None = None  # done when the connection has moved
+        on_reconnected(nc, self._reconnected)
 
     @classmethod
     async def connect(
@@ -253,6 +260,10 @@ class SandboxClient:
             options.setdefault("connect_timeout", 2)
             options.setdefault("max_reconnect_attempts", 3)
             options.setdefault("reconnect_time_wait", 0.5)
+            # A server that stops answering (frozen, or its machine lost) is left for another of the
+            # cluster's within seconds; a request in flight is then asked again there (_raw_request).
+            options.setdefault("ping_interval", PING_INTERVAL)
+            options.setdefault("max_outstanding_pings", MAX_PINGS_OUT)
             if user:
                 options.update(user=user, password=password, inbox_prefix=subjects.inbox_prefix(user))
             nc = await nats.connect(servers, error_cb=error_cb, **options)
@@ -286,13 +297,27 @@ class SandboxClient:
         """One request. Raises Unavailable with ``maybe_delivered`` set when the request went out and
         no answer came (a service may have acted on it), unset when it certainly reached no one."""
         refused = self.denials.watch(subject)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.request_timeout
         request = asyncio.ensure_future(self.nc.request(subject, payload, timeout=self.request_timeout))
         try:
-            pending: set[asyncio.Future[Any]] = {request, refused}
-            await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            if refused.done() and not request.done():
+            for resent in range(RESENDS + 1):
+                moved = self._moved()
+                pending: set[asyncio.Future[Any]] = {request, refused}
+                if resent < RESENDS:
+                    pending.add(moved)
+                await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if refused.done() and not request.done():
+                    request.cancel()
+                    raise PermissionDenied(f"user {self.user or '(none)'} may not publish to {subject}")
+                if request.done() or not moved.done() or resent == RESENDS:
+                    break
+                # The connection left its server while this waited: an answer from there is lost
+                # with it (a frozen node). Asked again on the new one, within the same deadline;
+                # a command carries the same id, so one the service took is answered its outcome.
                 request.cancel()
-                raise PermissionDenied(f"user {self.user or '(none)'} may not publish to {subject}")
+                left = max(deadline - loop.time(), 0.001)
+                request = asyncio.ensure_future(self.nc.request(subject, payload, timeout=left))
             msg = await request
         except nats.errors.NoRespondersError as exc:
             raise Unavailable(f"no service answers on {subject}; is sandboxctl up running?") from exc
@@ -313,6 +338,16 @@ class SandboxClient:
             if not request.done():
                 request.cancel()
         return msg
+
+    def _moved(self) -> asyncio.Future[None]:
+        """A future done once the connection has connected again, to another server or the same."""
+        if self._reconnect is None or self._reconnect.done():
+            self._reconnect = asyncio.get_running_loop().create_future()
+        return self._reconnect
+
+    async def _reconnected(self) -> None:
+        if self._reconnect is not None and not self._reconnect.done():
+            self._reconnect.set_result(None)
 
     async def may_read(self, stream: str) -> None:
         """Raise PermissionDenied unless this user may read ``stream``: the server is asked for the

@@ -39,7 +39,7 @@ from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
 
 from sandboxctl.auth import Authorizer, AuthStore, component_user, local_user_name, record_denied
-from sandboxctl.bus.servers import server_urls
+from sandboxctl.bus.servers import MAX_PINGS_OUT, PING_INTERVAL, server_urls
 from sandboxctl.bus.tail import reraise_if_cancelling
 from sandboxctl.client import FailedPrecondition, Internal, Unavailable
 from sandboxctl.drivers.base import Driver
@@ -547,10 +547,6 @@ def _say_unreachable(urls: list[str]) -> None:
         return
     for url, why in down:
         log.warning("the NATS server at %s does not answer (%s); going on with the others", url, why)
-
-
-PING_INTERVAL = 1.0  # seconds between a service's pings of its NATS server
-MAX_PINGS_OUT = 2  # pings unanswered before it connects to another
 
 
 def _nats_error(name: str) -> Callable[[Exception], Any]:

@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import nats
@@ -131,6 +132,38 @@ async def test_one_instance_applies_the_facts_and_another_takes_over_when_it_goe
     bound = FACTS_PIN_TIMEOUT if goes == "stops" else FACTS_PIN_TIMEOUT + 1.0
     assert took < bound, f"the standby took {took:.2f}s to take over"
     print(f"\nfacts taken over in {took:.2f}s from an instance that {goes}")
+
+
+async def test_an_instance_busy_for_longer_than_the_pin_timeout_keeps_its_pin(
+    nc: NATS, machines: list[StateMachineService], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Applying facts can take longer than the pin's timeout (appends waiting out the log's
+    election): the pinned instance keeps asking meanwhile, so no standby is pinned behind its back
+    and the facts are never applied by two instances at once, out of order."""
+    names = [f"busy-{i}" for i in range(3)]
+    for name in names:
+        assert (await send(nc, "create", name=name, command_id=f"c-{name}")).accepted
+    started = ContainerStarted(sandbox_id=sandbox_id(machines, names[0]), incarnation="2026-12-01T00:00:01Z")
+    await report(nc, names[0], started)
+    await until(lambda: all(m.states[names[0]].phase is Phase.READY for m in machines), "the first fact applied")
+    pinned = next(m for m in machines if m.applies_facts)
+    other = next(m for m in machines if not m.applies_facts)
+    apply = pinned._apply_facts
+
+    async def slowly(msgs: list[Any]) -> None:
+        await asyncio.sleep(FACTS_PIN_TIMEOUT * 2)
+        await apply(msgs)
+
+    monkeypatch.setattr(pinned, "_apply_facts", slowly)
+    # The second fact comes while the first is being applied, after the pin's timeout.
+    for name in names[1:]:
+        started.sandbox_id = sandbox_id(machines, name)
+        await report(nc, name, started)
+        await asyncio.sleep(FACTS_PIN_TIMEOUT + 0.5)
+    for name in names[1:]:
+        await until(lambda name=name: pinned.states[name].phase is Phase.READY, f"{name} Ready", timeout=20)
+    assert other.facts_applied == 0 and not other.applies_facts
+    assert pinned.applies_facts and pinned.facts_applied == 3
 
 
 async def test_an_instance_that_starts_reads_the_snapshot_and_folds_only_what_came_after(

@@ -1,0 +1,67 @@
+"""A client connected to a node that freezes (SIGSTOP: a hung process, or a machine gone without
+a word) is answered within seconds, not after its request's timeout: it leaves the node after two
+unanswered pings, and the request it was waiting on is asked again on the node it moved to, under
+the same command id, so it is stored once. Real nats-servers; the state machine alone."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import nats
+
+from sandboxctl.bus.reading import history
+from sandboxctl.client import SandboxClient
+from sandboxctl.events import subjects
+from sandboxctl.services.statemachine import StateMachineService
+from tests.integration.test_quorum import IMAGE, OPTIONS
+from tests.integration.test_replicas import jetstream_answers, nodes_of
+
+TARGET = 5.0  # issue 18: the longest a command may wait for its answer while a node is lost
+
+
+async def test_a_client_on_a_frozen_node_moves_to_another_and_is_answered_within_seconds(tmp_path: Path) -> None:
+    nodes = nodes_of(tmp_path)
+    for node in nodes:
+        node.start()
+    # The state machine on the third node, which stays: what is measured is the client's move.
+    nc = await nats.connect(nodes[2].url, **OPTIONS)
+    machine = StateMachineService(await nats.connect(nodes[2].url, **OPTIONS))
+    frozen = None
+    client = None
+    try:
+        await jetstream_answers(nc)
+        await machine.start()
+        setup = SandboxClient(nc, actor="setup")
+        assert (await setup.create("fz-1", IMAGE, driver="podman")).accepted
+        # Freeze a node that does not lead the log: its loss costs the log no election, so the
+        # wait is the client's alone.
+        leader = (await nc.jetstream().stream_info(subjects.LOG_STREAM)).cluster.leader  # type: ignore[union-attr]
+        frozen = next(n for n in nodes[:2] if n.server_name != leader)
+        other = next(n for n in nodes if n is not frozen)
+        client = await SandboxClient.connect(f"{frozen.url},{other.url}", actor="frozen", dont_randomize=True)
+        assert client.nc.connected_url is not None and client.nc.connected_url.port == frozen.port
+
+        assert frozen.proc is not None
+        os.kill(frozen.proc.pid, signal.SIGSTOP)
+        began = time.monotonic()
+        reply = await client.touch("fz-1", command_id="fz-touch")
+        waited = time.monotonic() - began
+        assert reply.accepted and reply.appended == 1, reply
+        assert waited < TARGET, f"answered after {waited:.1f}s"
+        assert client.nc.connected_url is not None and client.nc.connected_url.port != frozen.port
+        touches = [e for e in await history(nc.jetstream(), "fz-1") if e.get("causationid") == "fz-touch"]
+        assert len(touches) == 1, touches  # asked twice, stored once
+        print(f"\na client on a frozen node was answered after {waited:.2f}s")
+    finally:
+        if frozen is not None and frozen.proc is not None:
+            os.kill(frozen.proc.pid, signal.SIGCONT)
+        if client is not None:
+            await client.close()
+        await machine.stop()
+        await machine.nc.close()
+        await nc.close()
+        for node in nodes:
+            node.stop()
