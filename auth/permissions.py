@@ -47,7 +47,7 @@ def _stream_info(*streams: str) -> list[str]:
 def _objects(bucket: str, stream: str) -> list[str]:
     """What a service needs of an object store bucket: make it if missing, put, read (an ordered
     consumer), purge the chunks an object no longer uses, delete. The driver workers keep archived
-    workspaces in one, the state machines their snapshot in another."""
+    workspaces in one, the state machines their snapshot in another, the projectors theirs in a third."""
     return [
         *_stream_reader(stream),
         f"{API}.STREAM.CREATE.{stream}",
@@ -115,6 +115,8 @@ def component_permissions(component: str) -> dict[str, Any]:
                     *_stream_info(*CORE_STREAMS),
                     *_stream_reader(subjects.LOG_STREAM),
                     f"{subjects.PROJECTED}.*",
+                    *_objects(subjects.PROJECTIONS_BUCKET, subjects.PROJECTIONS_STREAM),
+                    *_lease(subjects.PROJECTION_SNAPSHOT_LEASE),  # one projector writes the snapshot at a time
                     subjects.INBOXES_ALL,
                 ],
                 "deny": PROTECTED_CONSUMERS,

@@ -354,6 +354,19 @@ def _cluster(r: dict[str, Any]) -> list[Row]:
             start["target_met"],
         )
     )
+    reader = start.get("reader")
+    if reader:
+        events = f"{reader['log_events']:,} events"
+        rows.append(
+            Row(
+                f"a new reader replica's start (empty database) to its first answer, log of {events}",
+                _ms(reader["with_snapshot_s"] * 1000) + " from the projectors' snapshot",
+                _ms(reader["without_snapshot_s"] * 1000) + " with no snapshot",
+                _ratio(reader["ratio_with_to_without"]),
+                f"≤ {reader['target_s']:g} s",
+                reader["target_met"],
+            )
+        )
     takeover = r["facts_takeover_s"]
     rows.append(
         Row(

@@ -1,7 +1,9 @@
 """The state machine's snapshots: every sandbox's folded state at one log position, kept as one
 object of the JetStream object store bucket ``sandboxctl-snapshots`` (replicated like the log),
 so that an instance that starts or takes over reads the snapshot and folds only what the log
-holds after it, however long the log has grown.
+holds after it, however long the log has grown. The projectors keep theirs in a bucket of their
+own, ``sandboxctl-projections``: their SQLite database as it stood at one position, for a replica
+that starts with an empty one.
 
 A snapshot is only ever a shortcut through the log, never a second source of truth: one that
 cannot be read, was written by code that folds into another shape of state (its schema digest
@@ -87,18 +89,83 @@ async def load(js: JetStreamContext, store: ObjectStore, log_created: str, log_l
     why = ""
     if snapshot.format != FORMAT or snapshot.schema != SCHEMA:
         why = f"written by code of another state shape (format {snapshot.format}, schema {snapshot.schema})"
-    elif snapshot.log_created != log_created:
-        why = f"of another log (created {snapshot.log_created}, this one {log_created})"
-    elif snapshot.position > log_last:
-        why = f"at seq {snapshot.position}, past the log's last, {log_last}"
-    elif snapshot.position:
-        try:
-            entry = await js.get_msg(subjects.LOG_STREAM, snapshot.position)
-        except NotFoundError:
-            entry = None
-        if entry is None or entry.subject != snapshot.subject:
-            why = f"the log holds no entry on {snapshot.subject} at seq {snapshot.position}"
+    else:
+        why = await _misfit(js, snapshot.log_created, snapshot.position, snapshot.subject, log_created, log_last)
     if why:
         log.warning("snapshot ignored: %s; folding the log from its start", why)
+        return None
+    return snapshot
+
+
+async def _misfit(
+    js: JetStreamContext, created: str, position: int, subject: str, log_created: str, log_last: int
+) -> str:
+    """Why a snapshot taken at ``position`` (on ``subject``) of the log created at ``created``
+    does not fit the log as it is; "" when it does."""
+    if created != log_created:
+        return f"of another log (created {created}, this one {log_created})"
+    if position > log_last:
+        return f"at seq {position}, past the log's last, {log_last}"
+    if position:
+        try:
+            entry = await js.get_msg(subjects.LOG_STREAM, position)
+        except NotFoundError:
+            entry = None
+        if entry is None or entry.subject != subject:
+            return f"the log holds no entry on {subject} at seq {position}"
+    return ""
+
+
+# -- the projectors' snapshots -----------------------------------------------------------------
+
+PROJECTION = "projection"  # the object a projector's snapshot is, replaced by each new one
+
+
+class ProjectionSnapshot(msgspec.Struct, kw_only=True):
+    """A projector's database (SQLite, whole) as it stood after the log entry at ``position``
+    (on ``subject``): a projector replica that starts with an empty database takes it in and
+    folds only what came after, however long the log."""
+
+    format: int
+    schema: int  # the projection's schema version (services.projection.SCHEMA_VERSION)
+    log_created: str
+    position: int
+    subject: str
+    database: bytes
+
+
+_projection_decoder = msgspec.msgpack.Decoder(ProjectionSnapshot)
+
+
+async def projection_store(js: JetStreamContext, replicas: int | None = None) -> ObjectStore:
+    """The projectors' snapshots' bucket, made if missing (replicas as the streams)."""
+    description = "sandboxctl: the projectors' snapshot of their database"
+    return await object_bucket(js, subjects.PROJECTIONS_BUCKET, description, replicas)
+
+
+async def save_projection(store: ObjectStore, snapshot: ProjectionSnapshot) -> None:
+    await store.put(PROJECTION, msgspec.msgpack.encode(snapshot))
+
+
+async def load_projection(
+    js: JetStreamContext, store: ObjectStore, schema: int, log_created: str, log_last: int
+) -> ProjectionSnapshot | None:
+    """The projectors' snapshot, if there is one of ``schema`` that fits the log as it is; None
+    (and why, in the log) otherwise."""
+    try:
+        data = (await store.get(PROJECTION)).data or b""
+    except NotFoundError:
+        return None
+    try:
+        snapshot = _projection_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        log.warning("projection snapshot ignored: unreadable (%s); folding the log from its start", exc)
+        return None
+    if snapshot.format != FORMAT or snapshot.schema != schema:
+        why = f"of another projection schema (format {snapshot.format}, schema {snapshot.schema})"
+    else:
+        why = await _misfit(js, snapshot.log_created, snapshot.position, snapshot.subject, log_created, log_last)
+    if why:
+        log.warning("projection snapshot ignored: %s; folding the log from its start", why)
         return None
     return snapshot

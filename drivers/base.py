@@ -260,13 +260,19 @@ def sdk_message(exc: BaseException) -> str:
     return str(explanation or exc).strip() or type(exc).__name__
 
 
+# What the engines say of a container or volume they have not: docker's "no such container",
+# podman's, and podman's storage layer's "container not known" for one whose record is gone
+# while the container's entry still lists it (a run cut short): all as gone as a 404.
+GONE = ("no such container", "no such volume", "container not known")
+
+
 def engine_failure(operation: str, exc: BaseException, message: str) -> DriverError:
     """The DriverError an engine SDK's failure stands for, the same for every engine: a container
     or volume the engine says it has not is ContainerMissing (one removed while the engine
     resolves its name answers 409 or 500, not 404, and is just as gone), a read timeout is
     EngineTimeout (the engine may still carry it out), anything else a DriverError."""
     lowered = message.lower()
-    if "no such container" in lowered or "no such volume" in lowered:
+    if any(gone in lowered for gone in GONE):
         return ContainerMissing(operation, message)
     if timed_out(exc):
         cause = exc.__cause__
@@ -1042,7 +1048,7 @@ def _status_error(operation: str, status: int, payload: bytes) -> DriverError:
     except (ValueError, AttributeError):
         message = payload.decode(errors="replace").strip()
     message = message or f"the engine answered {status}"
-    if status == 404 or "no such container" in message.lower():
+    if status == 404 or any(gone in message.lower() for gone in GONE):
         return ContainerMissing(operation, message)
     return DriverError(operation, message)
 

@@ -43,7 +43,12 @@ WORKSPACES_STREAM = f"OBJ_{WORKSPACES_BUCKET}"  # the stream behind the bucket (
 # The state machine's snapshot of every sandbox's state: a JetStream object store bucket.
 SNAPSHOTS_BUCKET = "sandboxctl-snapshots"
 SNAPSHOTS_STREAM = f"OBJ_{SNAPSHOTS_BUCKET}"
+# The projectors' snapshots (their database), in a bucket of their own: a projector may write
+# there, and nowhere the state machine reads its own from.
+PROJECTIONS_BUCKET = "sandboxctl-projections"
+PROJECTIONS_STREAM = f"OBJ_{PROJECTIONS_BUCKET}"
 SNAPSHOT_LEASE = "statemachine-snapshot"  # the key the state machines take turns on to write it
+PROJECTION_SNAPSHOT_LEASE = "projector-snapshot"  # the key the projectors take turns on to write theirs
 
 # Leases: a JetStream key-value bucket whose entries expire; a key is held by one service at a time.
 LEASES_BUCKET = "sandboxctl-leases"

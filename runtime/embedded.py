@@ -670,7 +670,7 @@ class ControlPlane:
 
             async def projector() -> tuple[Any, NATS]:
                 nc = await self._connect("projector")
-                return Projector(nc, config.projection_path), nc
+                return Projector(nc, config.projection_path, snapshot_every=config.snapshot_every), nc
 
             made.append(("projector", projector))
         if "query" in self.components:

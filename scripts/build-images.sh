@@ -53,8 +53,11 @@ fi
 # 2. The wheels: sandboxctl's own, and its dependencies' built for the base's Python (which may
 # not be the Python this script runs), so the image installs them with no index.
 target=$("$engine" run --rm --network none "$base" python3 -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')
-mkdir -p "$work/wheels"
-quietly "$python" -m pip wheel --no-deps --wheel-dir "$work/wheels" .
+mkdir -p "$work/wheels" "$work/src"
+# From a copy of the checkout, so the build leaves nothing in it (setuptools' build/).
+tar -C . --exclude=./.venv --exclude=./.git --exclude=./.cache --exclude=./build --exclude='*.egg-info' -cf - . |
+  tar -C "$work/src" -xf -
+quietly "$python" -m pip wheel --no-deps --wheel-dir "$work/wheels" "$work/src"
 quietly "$python" -m pip download --dest "$work/wheels" --find-links "$work/wheels" \
   --only-binary=:all: --python-version "$target" --implementation cp \
   --platform "manylinux_2_28_$(uname -m)" --platform "manylinux_2_17_$(uname -m)" \

@@ -13,6 +13,8 @@ import asyncio
 import json
 import logging
 import sqlite3
+import tempfile
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -20,14 +22,18 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from sandboxctl.bus import snapshots
 from sandboxctl.bus.bulkread import BULK_BEHIND, Frames
 from sandboxctl.bus.eventlog import fold_logged
+from sandboxctl.bus.lease import Lease
 from sandboxctl.bus.streams import ensure_streams
-from sandboxctl.bus.tail import Tail, stream_seq
+from sandboxctl.bus.tail import Tail, reraise_if_cancelling, stream_seq
 from sandboxctl.events import subjects
+from sandboxctl.events.envelope import new_id
 from sandboxctl.events.lifecycle import SandboxCreated, SandboxUpdated
 from sandboxctl.services.projection import (
     SANDBOX_COLUMNS,
+    SCHEMA_VERSION,
     checkpoint,
     connect,
     idle_fields,
@@ -46,6 +52,7 @@ _UPSERT = (
 )
 
 ROWS_EVERY = 1_000_000  # events between commits of rows and position while catching up: at most ~15 s redone
+SNAPSHOT_CHECK = 5.0  # seconds between looks at whether a snapshot of the database is due
 
 
 def _write_batch(conn: sqlite3.Connection, upserts: list[tuple[object, ...]], last: int) -> None:
@@ -102,12 +109,27 @@ class Projector:
     restart resumes right after the last committed sequence; it folds with the state machine's
     own ``evolve`` (through ``fold_logged``), so it never disagrees with the decider."""
 
-    def __init__(self, nc: NATS, db_path: Path, notify: bool = True, bulk_behind: int = BULK_BEHIND) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        db_path: Path,
+        notify: bool = True,
+        bulk_behind: int = BULK_BEHIND,
+        snapshot_every: int = 0,
+        snapshot_check: float = SNAPSHOT_CHECK,
+    ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.db_path = db_path
         self.notify = notify
         self.bulk_behind = bulk_behind
+        # With snapshots (a replica of the plane's), a projector that starts with an empty database
+        # takes in the projectors' snapshot, and the holder of their lease writes one every
+        # ``snapshot_every`` entries; 0: the log alone (a replay, a benchmark).
+        self.snapshot_every = snapshot_every
+        self.snapshot_check = snapshot_check
+        self.snapshot_at = 0  # the log position of the last snapshot this projector took in or wrote
+        self._snapshot_lease = Lease(self.js, subjects.PROJECTION_SNAPSHOT_LEASE, f"projector-{new_id()}")
         self.rows: dict[str, Row] = {}
         self.position = 0
         self.caught_up = asyncio.Event()
@@ -116,13 +138,21 @@ class Projector:
     async def start(self) -> None:
         await ensure_streams(self.js)
         await self.open()
+        if self.snapshot_every and self.position == 0 and not self.rows:
+            await self._restore_snapshot()
         self.tail = Tail(self.js, subjects.LOG_STREAM, subjects.LOG_ALL, start_seq=self.position + 1)
         self.tasks.append(asyncio.create_task(self._run(), name="projector"))
+        if self.snapshot_every:
+            self.tasks.append(asyncio.create_task(self._snapshots(), name="projector-snapshots"))
 
     async def open(self) -> None:
         """Open the database and load its rows and position, without following the log
         (the audit replay feeds ``apply`` itself)."""
         self.db = await connect(self.db_path)
+        await self._load()
+
+    async def _load(self) -> None:
+        self.rows = {}
         self.position = await checkpoint(self.db)
         for r in await self.db.execute_fetchall(f"SELECT {', '.join(SANDBOX_COLUMNS)} FROM sandboxes"):
             item = dict(zip(SANDBOX_COLUMNS, r, strict=True))
@@ -156,8 +186,82 @@ class Projector:
                     task.cancel()
                 await asyncio.wait(self.tasks, timeout=5)
                 await asyncio.wait({asyncio.ensure_future(self.tail.close())}, timeout=5)
+            if self.snapshot_every:
+                await self._snapshot_lease.release()
         finally:
             await self.db.close()
+
+    # -- snapshots -------------------------------------------------------------------
+
+    async def _restore_snapshot(self) -> None:
+        """Take in the projectors' snapshot (bus/snapshots.py) when there is one that fits this
+        log and this schema: its rows and position are copied into the empty database in one
+        transaction (a query service may have it open already), and only what the log holds
+        after it is folded."""
+        began = time.monotonic()
+        try:
+            info = await self.js.stream_info(subjects.LOG_STREAM)
+            created = info.created.isoformat() if info.created else ""
+            store = await snapshots.projection_store(self.js)
+            snapshot = await snapshots.load_projection(self.js, store, SCHEMA_VERSION, created, info.state.last_seq)
+            if snapshot is None:
+                return
+            await in_db_thread(self.db, _take_in, snapshot.database)
+            await self._load()
+        except Exception as exc:
+            reraise_if_cancelling()
+            log.warning("projector: no snapshot taken in (%r); folding the log from its start", exc)
+            return
+        self.snapshot_at = self.position
+        log.info(
+            "projector: snapshot of %d sandboxes at seq %d taken in in %.0f ms",
+            len(self.rows),
+            self.position,
+            (time.monotonic() - began) * 1000,
+        )
+
+    async def _snapshots(self) -> None:
+        """Write a snapshot once the log has grown ``snapshot_every`` entries past the last one,
+        one projector at a time (the holder of their lease), from a copy of the database made
+        off the event loop (SQLite's backup, which WAL lets run beside the projector's writes)."""
+        while True:
+            reraise_if_cancelling()
+            await asyncio.sleep(self.snapshot_check)
+            if self.position - self.snapshot_at < self.snapshot_every:
+                continue
+            try:
+                if not await self._snapshot_lease.hold():
+                    continue
+                await self.write_snapshot()
+            except Exception as exc:
+                reraise_if_cancelling()
+                log.warning("projector: snapshot at seq %d not written: %r", self.position, exc)
+
+    async def write_snapshot(self) -> int:
+        """Write the snapshot of the database as committed now; its log position."""
+        began = time.monotonic()
+        position, database = await asyncio.to_thread(_copy_database, self.db_path)
+        info = await self.js.stream_info(subjects.LOG_STREAM)
+        subject = ""
+        if position:
+            subject = (await self.js.get_msg(subjects.LOG_STREAM, position)).subject or ""
+        snapshot = snapshots.ProjectionSnapshot(
+            format=snapshots.FORMAT,
+            schema=SCHEMA_VERSION,
+            log_created=info.created.isoformat() if info.created else "",
+            position=position,
+            subject=subject,
+            database=database,
+        )
+        await snapshots.save_projection(await snapshots.projection_store(self.js), snapshot)
+        self.snapshot_at = position
+        log.info(
+            "projector: snapshot at seq %d written (%d bytes, %.0f ms)",
+            position,
+            len(database),
+            (time.monotonic() - began) * 1000,
+        )
+        return position
 
     async def _run(self) -> None:
         target = await self.tail.last_seq()
@@ -282,3 +386,41 @@ class Projector:
             await self._announce([row.values() for row in touched.values()])
         if folded < target:
             log.warning("projector: catch-up reader stopped at %d of %d (%s); reading on", folded, target, reader.error)
+
+
+def _copy_database(path: Path) -> tuple[int, bytes]:
+    """The database as committed now, whole, and the log position it holds (SQLite's online
+    backup: a consistent copy, made beside the projector's writes)."""
+    with tempfile.TemporaryDirectory(prefix="sandboxctl-projection-") as work:
+        copy = Path(work) / "projection.db"
+        source = sqlite3.connect(path)
+        target = sqlite3.connect(copy)
+        try:
+            source.backup(target)
+            position = int(target.execute("SELECT seq FROM checkpoint WHERE id = 1").fetchone()[0])
+            target.execute("PRAGMA journal_mode=DELETE")  # one file, no WAL beside it
+        finally:
+            target.close()
+            source.close()
+        return position, copy.read_bytes()
+
+
+def _take_in(conn: sqlite3.Connection, database: bytes) -> None:
+    """Copy a snapshot's rows and position into the (empty) database ``conn`` holds, in one
+    transaction."""
+    with tempfile.TemporaryDirectory(prefix="sandboxctl-projection-") as work:
+        copy = Path(work) / "snapshot.db"
+        copy.write_bytes(database)
+        conn.execute("ATTACH DATABASE ? AS snap", (str(copy),))
+        try:
+            columns = ", ".join(SANDBOX_COLUMNS)
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute(f"INSERT INTO sandboxes ({columns}) SELECT {columns} FROM snap.sandboxes")
+                conn.execute("UPDATE checkpoint SET seq = (SELECT seq FROM snap.checkpoint WHERE id = 1) WHERE id = 1")
+                conn.commit()
+            except BaseException:
+                conn.rollback()
+                raise
+        finally:
+            conn.execute("DETACH DATABASE snap")

@@ -19,6 +19,7 @@ import pytest
 
 from bench.replay import fill
 from sandboxctl.auth import Authorizer, AuthStore, component_user
+from sandboxctl.bus import snapshots
 from sandboxctl.client import PermissionDenied, SandboxClient
 from sandboxctl.events import subjects
 from sandboxctl.events.commands import command_decoder
@@ -171,6 +172,36 @@ async def test_the_projectors_catch_up_reader_reads_with_the_projectors_own_perm
     finally:
         await projector.stop()
         await nc.close()
+
+
+async def test_projectors_write_and_take_in_their_snapshot_with_their_own_permissions_and_no_other_bucket(
+    tmp_path: Path, auth_server: NatsServer, store: AuthStore
+) -> None:
+    """A projector's snapshot goes to the projectors' bucket, under the projectors' lease, with
+    what the projector's user may do; a new projector takes it in. That user may not write the
+    state machine's snapshot bucket, which the state machine trusts."""
+    writer = await nats.connect(auth_server.url, **store.credentials(component_user("statemachine")).connect_options())
+    try:
+        await fill(writer, 300, 30)
+    finally:
+        await writer.close()
+    options = store.credentials(component_user("projector")).connect_options()
+    first = Projector(await nats.connect(auth_server.url, **options), tmp_path / "a.db", snapshot_every=100)
+    second = Projector(await nats.connect(auth_server.url, **options), tmp_path / "b.db", snapshot_every=100)
+    try:
+        await first.start()
+        await asyncio.wait_for(first.caught_up.wait(), 60)
+        assert await first._snapshot_lease.hold()
+        assert await first.write_snapshot() == 300
+        await second.start()
+        assert second.snapshot_at == 300 and len(second.rows) == 30
+        # The state machine's bucket is not the projector's to make, read or write.
+        with pytest.raises((nats.errors.TimeoutError, nats.js.errors.APIError)):
+            await snapshots.snapshot_store(first.nc.jetstream(timeout=1))
+    finally:
+        for projector in (second, first):
+            await projector.stop()
+            await projector.nc.close()
 
 
 async def test_the_state_machines_catch_up_reader_reads_with_the_state_machines_own_permissions(

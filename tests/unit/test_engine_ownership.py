@@ -3,7 +3,7 @@ else. The drivers acting on that rule on real podman and docker are tests/e2e/te
 
 from __future__ import annotations
 
-from sandboxctl.drivers.base import SANDBOX_ID, owned_by
+from sandboxctl.drivers.base import SANDBOX_ID, ContainerMissing, DriverError, engine_failure, owned_by
 
 
 def test_only_the_sandbox_id_label_makes_an_object_the_sandboxs() -> None:
@@ -11,3 +11,16 @@ def test_only_the_sandbox_id_label_makes_an_object_the_sandboxs() -> None:
     assert not owned_by({SANDBOX_ID: "b"}, "a")
     assert not owned_by({}, "a") and not owned_by(None, "a")  # made by hand: nobody's to touch
     assert not owned_by({SANDBOX_ID: "a"}, "")  # a caller that does not say whose it acts for acts on nothing
+
+
+def test_what_the_engines_say_of_a_container_they_have_not_is_missing_whatever_the_status() -> None:
+    """A listing that names a container whose store record is gone (podman answers 500 "container
+    not known") must pass it by as gone, not fail the whole reconciliation."""
+    for message in (
+        "No such container: sandboxctl-x",
+        "no such volume: sandboxctl-x-workspace",
+        'getting container from store "f6b7bf": container not known',
+    ):
+        assert isinstance(engine_failure("list", RuntimeError(message), message), ContainerMissing)
+    other = engine_failure("list", RuntimeError("permission denied"), "permission denied")
+    assert isinstance(other, DriverError) and not isinstance(other, ContainerMissing)
