@@ -32,7 +32,7 @@ import random
 import secrets
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from typing import Any
 import msgspec
 import nats
 from nats.aio.client import Client as NATS
+from nats.js.object_store import ObjectStore
 
 from bench.common import parser, percentiles, save, workdir
 from bench.replay import fill
@@ -205,48 +206,78 @@ async def command_answered(nc: NATS, name: str) -> None:
 
 
 async def starts(root: Path, events: int) -> dict[str, Any]:
-    """A state machine's start on a log of ``events`` events, with the snapshot and without."""
+    """A state machine's start on a log of ``events`` events, and a new reader replica's (an empty
+    database), each with its snapshot and without."""
     with servers(root, 1) as (server,):
         nc = await nats.connect(server.url)
         try:
             await fill(nc, events, 1000)
-            every = str(min(snapshots.SNAPSHOT_EVERY, events // 2))
-            first = state_machine(server.url, root, "writer", SANDBOXCTL_SNAPSHOT_EVERY=every)
-            await asyncio.to_thread(first.start)
             js = nc.jetstream()
-            store = await snapshots.snapshot_store(js)
-            head = (await js.stream_info(subjects.LOG_STREAM)).state.last_seq
-            while True:  # the first writes a snapshot of the whole log, in the background
-                try:
-                    if snapshots.decode_snapshot((await store.get(snapshots.OBJECT)).data or b"").position >= head:
-                        break
-                except Exception:
-                    pass
-                await asyncio.sleep(0.2)
-            first.stop()
-            timed: dict[str, float] = {}
-            for case in ("with the snapshot", "without a snapshot"):
-                if case == "without a snapshot":
-                    await store.delete(snapshots.OBJECT)
-                machine = state_machine(server.url, root, case.replace(" ", "-"))
-                began = time.monotonic()
-                starting = asyncio.create_task(asyncio.to_thread(machine.start))
-                await command_answered(nc, "sbx-000001")
-                timed[case] = time.monotonic() - began
-                await starting
-                machine.stop()
-            # Then a reader replica's start on the same log, timed alike.
-            return {
-                "log_events": head,
-                "with_snapshot_s": timed["with the snapshot"],
-                "without_snapshot_s": timed["without a snapshot"],
-                "ratio_with_to_without": timed["with the snapshot"] / timed["without a snapshot"],
-                "target_s": TAKEOVER_TARGET_S,
-                "target_met": timed["with the snapshot"] <= TAKEOVER_TARGET_S,
-                "reader": await reader_starts(root, server.url, nc, events),
-            }
+            machine = await with_and_without(
+                nc,
+                events,
+                await snapshots.snapshot_store(js),
+                snapshots.OBJECT,
+                lambda data: snapshots.decode_snapshot(data).position,
+                lambda name, **settings: state_machine(server.url, root, name, **settings),
+                lambda head: command_answered(nc, "sbx-000001"),
+            )
+            machine["reader"] = await with_and_without(
+                nc,
+                events,
+                await snapshots.projection_store(js),
+                snapshots.PROJECTION,
+                lambda data: msgspec.msgpack.decode(data, type=snapshots.ProjectionSnapshot).position,
+                lambda name, **settings: reader(server.url, root, "reader-" + name, **settings),
+                lambda head: read_at(nc, "sbx-000001", head),
+            )
+            return machine
         finally:
             await nc.close()
+
+
+async def with_and_without(
+    nc: NATS,
+    events: int,
+    store: ObjectStore,
+    obj: str,
+    position_of: Callable[[bytes], int],
+    service: Callable[..., Service],
+    answered: Callable[[int], Awaitable[None]],
+) -> dict[str, Any]:
+    """A first ``service`` folds the whole log and writes its snapshot ``obj``; then a new one is
+    timed from its start to its first answer at the log's head (``answered``), with the snapshot
+    and again without it."""
+    head = (await nc.jetstream().stream_info(subjects.LOG_STREAM)).state.last_seq
+    first = service("writer", SANDBOXCTL_SNAPSHOT_EVERY=str(min(snapshots.SNAPSHOT_EVERY, events // 2)))
+    await asyncio.to_thread(first.start)
+    while True:  # the first writes a snapshot of the whole log, in the background
+        try:
+            if position_of((await store.get(obj)).data or b"") >= head:
+                break
+        except Exception:
+            pass
+        await asyncio.sleep(0.2)
+    first.stop()
+    timed: dict[str, float] = {}
+    for case in ("with the snapshot", "without a snapshot"):
+        if case == "without a snapshot":
+            await store.delete(obj)
+        started = service(case.replace(" ", "-"))
+        began = time.monotonic()
+        starting = asyncio.create_task(asyncio.to_thread(started.start))
+        await answered(head)
+        timed[case] = time.monotonic() - began
+        await starting
+        started.stop()
+    return {
+        "log_events": head,
+        "with_snapshot_s": timed["with the snapshot"],
+        "without_snapshot_s": timed["without a snapshot"],
+        "ratio_with_to_without": timed["with the snapshot"] / timed["without a snapshot"],
+        "target_s": TAKEOVER_TARGET_S,
+        "target_met": timed["with the snapshot"] <= TAKEOVER_TARGET_S,
+    }
 
 
 def reader(urls: str, root: Path, name: str, **settings: str) -> Service:
@@ -267,45 +298,6 @@ async def read_at(nc: NATS, name: str, position: int) -> None:
             return
         except SandboxError:
             await asyncio.sleep(0.01)
-
-
-async def reader_starts(root: Path, urls: str, nc: NATS, events: int) -> dict[str, Any]:
-    """A new reader replica's start (an empty database) to its first answer at the log's head,
-    with the projectors' snapshot and without: the state machine's take-over figure, for reads."""
-    js = nc.jetstream()
-    head = (await js.stream_info(subjects.LOG_STREAM)).state.last_seq
-    every = str(min(snapshots.SNAPSHOT_EVERY, events // 2))
-    first = reader(urls, root, "reader-writer", SANDBOXCTL_SNAPSHOT_EVERY=every)
-    await asyncio.to_thread(first.start)
-    store = await snapshots.projection_store(js)
-    while True:  # the first folds the log and writes a snapshot of its database, in the background
-        try:
-            data = (await store.get(snapshots.PROJECTION)).data or b""
-            if msgspec.msgpack.decode(data, type=snapshots.ProjectionSnapshot).position >= head:
-                break
-        except Exception:
-            pass
-        await asyncio.sleep(0.2)
-    first.stop()
-    timed: dict[str, float] = {}
-    for case in ("with the snapshot", "without a snapshot"):
-        if case == "without a snapshot":
-            await store.delete(snapshots.PROJECTION)
-        replica = reader(urls, root, "reader-" + case.replace(" ", "-"))
-        began = time.monotonic()
-        starting = asyncio.create_task(asyncio.to_thread(replica.start))
-        await read_at(nc, "sbx-000001", head)
-        timed[case] = time.monotonic() - began
-        await starting
-        replica.stop()
-    return {
-        "log_events": head,
-        "with_snapshot_s": timed["with the snapshot"],
-        "without_snapshot_s": timed["without a snapshot"],
-        "ratio_with_to_without": timed["with the snapshot"] / timed["without a snapshot"],
-        "target_s": TAKEOVER_TARGET_S,
-        "target_met": timed["with the snapshot"] <= TAKEOVER_TARGET_S,
-    }
 
 
 async def case(root: Path, replicas: str, nodes: int, machines: int, duration: float) -> dict[str, Any]:

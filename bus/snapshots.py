@@ -15,15 +15,20 @@ copy of the states, which are immutable), and never blocks a command.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+from collections.abc import Callable
+from typing import Protocol
 
 import msgspec
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from nats.js.object_store import ObjectStore
 
+from sandboxctl.bus.lease import Lease
 from sandboxctl.bus.streams import object_bucket
+from sandboxctl.bus.tail import reraise_if_cancelling
 from sandboxctl.events import subjects
 from sandboxctl.statemachine import SandboxState
 
@@ -54,6 +59,36 @@ class Snapshot(msgspec.Struct, kw_only=True, gc=False):
 SCHEMA = hashlib.sha256(msgspec.json.encode(msgspec.json.schema(SandboxState))).hexdigest()[:16]
 
 _decoder = msgspec.msgpack.Decoder(Snapshot)
+
+
+class Snapshotting(Protocol):
+    """A service that keeps a snapshot of what it folded (the state machine, a projector)."""
+
+    position: int  # the log position it has folded to
+    snapshot_at: int  # the position of the last snapshot it read or wrote
+    snapshot_every: int
+    snapshot_check: float
+    snapshot_lease: Lease
+
+    async def write_snapshot(self) -> int: ...
+
+
+async def keep_writing(service: Snapshotting, who: str, ready: Callable[[], bool] = lambda: True) -> None:
+    """Have ``service`` write a snapshot once the log has grown ``snapshot_every`` entries past its
+    last, one writer at a time (the holder of its lease), until cancelled. A write that fails is
+    tried again at the next look; the service goes on meanwhile."""
+    while True:
+        reraise_if_cancelling()
+        await asyncio.sleep(service.snapshot_check)
+        if service.position - service.snapshot_at < service.snapshot_every or not ready():
+            continue
+        try:
+            if not await service.snapshot_lease.hold():
+                continue
+            await service.write_snapshot()
+        except Exception as exc:
+            reraise_if_cancelling()
+            log.warning("%s: snapshot at seq %d not written: %r", who, service.position, exc)
 
 
 def encode_snapshot(snapshot: Snapshot) -> bytes:

@@ -129,7 +129,7 @@ class Projector:
         self.snapshot_every = snapshot_every
         self.snapshot_check = snapshot_check
         self.snapshot_at = 0  # the log position of the last snapshot this projector took in or wrote
-        self._snapshot_lease = Lease(self.js, subjects.PROJECTION_SNAPSHOT_LEASE, f"projector-{new_id()}")
+        self.snapshot_lease = Lease(self.js, subjects.PROJECTION_SNAPSHOT_LEASE, f"projector-{new_id()}")
         self.rows: dict[str, Row] = {}
         self.position = 0
         self.caught_up = asyncio.Event()
@@ -143,7 +143,9 @@ class Projector:
         self.tail = Tail(self.js, subjects.LOG_STREAM, subjects.LOG_ALL, start_seq=self.position + 1)
         self.tasks.append(asyncio.create_task(self._run(), name="projector"))
         if self.snapshot_every:
-            self.tasks.append(asyncio.create_task(self._snapshots(), name="projector-snapshots"))
+            self.tasks.append(
+                asyncio.create_task(snapshots.keep_writing(self, "projector"), name="projector-snapshots")
+            )
 
     async def open(self) -> None:
         """Open the database and load its rows and position, without following the log
@@ -187,7 +189,7 @@ class Projector:
                 await asyncio.wait(self.tasks, timeout=5)
                 await asyncio.wait({asyncio.ensure_future(self.tail.close())}, timeout=5)
             if self.snapshot_every:
-                await self._snapshot_lease.release()
+                await self.snapshot_lease.release()
         finally:
             await self.db.close()
 
@@ -219,23 +221,6 @@ class Projector:
             self.position,
             (time.monotonic() - began) * 1000,
         )
-
-    async def _snapshots(self) -> None:
-        """Write a snapshot once the log has grown ``snapshot_every`` entries past the last one,
-        one projector at a time (the holder of their lease), from a copy of the database made
-        off the event loop (SQLite's backup, which WAL lets run beside the projector's writes)."""
-        while True:
-            reraise_if_cancelling()
-            await asyncio.sleep(self.snapshot_check)
-            if self.position - self.snapshot_at < self.snapshot_every:
-                continue
-            try:
-                if not await self._snapshot_lease.hold():
-                    continue
-                await self.write_snapshot()
-            except Exception as exc:
-                reraise_if_cancelling()
-                log.warning("projector: snapshot at seq %d not written: %r", self.position, exc)
 
     async def write_snapshot(self) -> int:
         """Write the snapshot of the database as committed now; its log position."""

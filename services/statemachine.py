@@ -221,7 +221,7 @@ class StateMachineService:
         self.snapshot_at = 0  # the log position of the last snapshot this instance read or wrote
         self._subject_at = ""  # the log subject of the entry at self.position
         self._log_created = ""
-        self._snapshot_lease = Lease(self.js, subjects.SNAPSHOT_LEASE, f"statemachine-{new_id()}")
+        self.snapshot_lease = Lease(self.js, subjects.SNAPSHOT_LEASE, f"statemachine-{new_id()}")
 
     @property
     def counters(self) -> dict[str, int]:
@@ -252,7 +252,12 @@ class StateMachineService:
         await settle(self.nc)  # the server has the subscription: started means taking commands
         self.tasks.append(asyncio.create_task(self._consume_facts(), name="statemachine-facts"))
         self.tasks.append(asyncio.create_task(self._watchdog(), name="statemachine-watchdog"))
-        self.tasks.append(asyncio.create_task(self._snapshots(), name="statemachine-snapshots"))
+        self.tasks.append(
+            asyncio.create_task(
+                snapshots.keep_writing(self, "state machine", lambda: bool(self._log_created)),
+                name="statemachine-snapshots",
+            )
+        )
         log.info("state machine ready: %d sandboxes folded up to seq %d", len(self.states), self.position)
 
     async def stop(self) -> None:
@@ -264,7 +269,7 @@ class StateMachineService:
         if self._inflight:
             await asyncio.wait(self._inflight, timeout=5)
         await self._tail.close()
-        await self._snapshot_lease.release()
+        await self.snapshot_lease.release()
 
     # -- the log -----------------------------------------------------------------
 
@@ -396,24 +401,6 @@ class StateMachineService:
             snapshot.position,
             (time.monotonic() - began) * 1000,
         )
-
-    async def _snapshots(self) -> None:
-        """Write a snapshot once the log has grown ``snapshot_every`` entries past the last one,
-        one instance at a time (the holder of the snapshot lease). The states are copied on the
-        loop (they are immutable, so a shallow copy is a consistent cut) and encoded and stored
-        off it: commands never wait for a snapshot."""
-        while True:
-            reraise_if_cancelling()
-            await asyncio.sleep(self.snapshot_check)
-            if self.position - self.snapshot_at < self.snapshot_every or not self._log_created:
-                continue
-            try:
-                if not await self._snapshot_lease.hold():
-                    continue
-                await self.write_snapshot()
-            except Exception as exc:
-                reraise_if_cancelling()
-                log.warning("state machine: snapshot at seq %d not written: %r", self.position, exc)
 
     async def write_snapshot(self) -> int:
         """Write the snapshot of every state as folded now; its log position."""

@@ -191,7 +191,7 @@ async def test_projectors_write_and_take_in_their_snapshot_with_their_own_permis
     try:
         await first.start()
         await asyncio.wait_for(first.caught_up.wait(), 60)
-        assert await first._snapshot_lease.hold()
+        assert await first.snapshot_lease.hold()
         assert await first.write_snapshot() == 300
         await second.start()
         assert second.snapshot_at == 300 and len(second.rows) == 30

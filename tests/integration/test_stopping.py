@@ -36,6 +36,6 @@ async def test_a_reaper_stops_though_its_lease_swallowed_the_cancellation(nc: NA
 async def test_a_state_machine_stops_though_its_snapshot_lease_swallowed_the_cancellation(nc: NATS) -> None:
     machine = StateMachineService(nc, snapshot_every=0, snapshot_check=0.01)
     await machine.start()
-    machine._snapshot_lease.hold = lambda: swallowing(False)  # type: ignore[method-assign]
+    machine.snapshot_lease.hold = lambda: swallowing(False)  # type: ignore[method-assign]
     await asyncio.sleep(0.1)
     await asyncio.wait_for(machine.stop(), 10)
