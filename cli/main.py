@@ -995,6 +995,10 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
                 idle_action=args.idle_action,
                 expected_seq=args.expected_seq,
             )
+            if reply.appended:
+                # Said done once the projection shows it too: a `get` or `list` that follows, in
+                # another process, reads it (the client asks for at least the update's seq).
+                await client.get(args.name)
             print(f"sandbox {args.name} {'updated' if reply.appended else 'unchanged'} (log seq {reply.seq})")
             return 0
         if args.cmd in BULK_VERBS:

@@ -3,7 +3,8 @@
 Debian's docker-compose brings up the three nats nodes and every service twice over (one
 worker), and a sandbox is created, stopped, started and deleted through it on the engine's
 socket; a state machine killed on the way is restarted by compose and missed by no one. Then
-the stack is torn down and leaves nothing behind."""
+the stack is torn down and leaves nothing behind. And the image's nats-server, run as a
+cluster's nodes by testcontainers, keeps the log through the loss of the node that leads it."""
 
 from __future__ import annotations
 
@@ -14,12 +15,19 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import nats
 import pytest
+from testcontainers.core.container import DockerContainer
+from testcontainers.core.wait_strategies import LogMessageWaitStrategy
 
+from sandboxctl.bus.reading import history
 from sandboxctl.client import SandboxClient
 from sandboxctl.events import subjects
 from sandboxctl.runtime.embedded import free_port
+from sandboxctl.services.statemachine import StateMachineService
 from tests.conftest import ROOT, cli_process, until
+from tests.integration.test_quorum import OPTIONS
+from tests.integration.test_replicas import jetstream_answers
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -166,3 +174,76 @@ async def test_compose_down_leaves_nothing_behind(stack: tuple[dict[str, str], s
     compose(env, project, "down", "-v", "--timeout", "10")
     assert docker(env, "ps", "-aq", "--filter", label).stdout.split() == []
     assert docker(env, "volume", "ls", "-q", "--filter", label).stdout.split() == []
+
+
+def node(image: str, index: int, ports: list[int], routes: list[int]) -> DockerContainer:
+    """A node of a three-node cluster: the image's nats-server, on the host's network."""
+    return (
+        DockerContainer(image)
+        .with_command(
+            [
+                "nats-server",
+                "--addr=127.0.0.1",
+                "--jetstream",
+                "--store_dir=/data",
+                "--cluster_name=containers",
+                f"--name=node-{index}",
+                f"--port={ports[index]}",
+                f"--cluster=nats://127.0.0.1:{routes[index]}",
+                "--routes=" + ",".join(f"nats://127.0.0.1:{r}" for r in routes),
+            ]
+        )
+        .with_kwargs(network_mode="host")
+        .waiting_for(LogMessageWaitStrategy("Server is ready").with_startup_timeout(60))
+    )
+
+
+async def test_the_images_nats_server_runs_a_clusters_nodes_and_the_log_outlives_its_leader(
+    docker_url: str, sandboxctl_image: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cluster's nodes as containers of the sandboxctl image (testcontainers), the state
+    machine on the host: streams are made with three replicas, the container of the node that
+    leads the log is killed, a command is still answered and stored once, and the node comes back
+    into the cluster when its container starts again."""
+    monkeypatch.setenv("DOCKER_HOST", docker_url)
+    monkeypatch.setenv("TESTCONTAINERS_RYUK_DISABLED", "true")  # nothing pulled: the image is local
+    ports, routes = [free_port() for _ in range(3)], [free_port() for _ in range(3)]
+    nodes = [node(sandboxctl_image, i, ports, routes) for i in range(3)]
+    urls = [f"nats://127.0.0.1:{port}" for port in ports]
+    machine: StateMachineService | None = None
+    client: SandboxClient | None = None
+    try:
+        for container in nodes:
+            container.start()
+        machine = StateMachineService(await nats.connect(urls, **OPTIONS), drivers=("podman",))
+        await jetstream_answers(machine.nc)
+        await machine.start()
+        client = await SandboxClient.connect(",".join(urls), actor="containers")
+        created = await client.create("tc-1", "localhost/sandboxctl-busybox:latest", driver="podman")
+        assert created.accepted and created.appended == 1
+        js = client.nc.jetstream()
+        info = await js.stream_info(subjects.LOG_STREAM)
+        assert info.config.num_replicas == 3 and info.cluster is not None
+        leader = nodes[int(str(info.cluster.leader).removeprefix("node-"))]
+        leader.get_wrapped_container().kill()
+
+        touched = await client.touch("tc-1", command_id="tc-touch")  # answered once a new leader is elected
+        assert touched.accepted and touched.appended == 1
+        leader.get_wrapped_container().start()
+
+        async def whole_again() -> bool:
+            state = await js.stream_info(subjects.LOG_STREAM)
+            replicas = state.cluster.replicas if state.cluster else None
+            return bool(replicas) and len(replicas or []) == 2 and all(r.current for r in replicas or [])
+
+        await until(whole_again, "the killed node back in the log's group", timeout=60, every=0.5)
+        kinds = [e["type"].split(".")[2] for e in await history(js, "tc-1")]
+        assert kinds == ["created", "touched"], kinds
+    finally:
+        if client is not None:
+            await client.close()
+        if machine is not None:
+            await machine.stop()
+            await machine.nc.close()
+        for container in nodes:
+            container.stop()
