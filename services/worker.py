@@ -101,6 +101,7 @@ from sandboxctl.events.spec import Resources
 from sandboxctl.services.threads import EngineThreads
 from sandboxctl.statemachine import Phase, SandboxState
 from sandboxctl.statemachine.deadlines import DEFAULT_DEADLINES
+from sandboxctl.statemachine.names import validate_name
 
 log = logging.getLogger(__name__)
 
@@ -915,6 +916,8 @@ class DriverWorker:
             return [failed(exc, sandbox_id, fact_id)]
 
     async def _orphan(self, info: ContainerInfo, reason: str) -> None:
+        if not self._nameable(info.sandbox, info.container_id):
+            return
         log.warning(
             "%s: orphan container %s (sandbox label %r): %s; left in place",
             self.consumer,
@@ -996,7 +999,19 @@ class DriverWorker:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
+    def _nameable(self, name: str, container_id: str) -> bool:
+        """Whether a container's sandbox label is a sandbox name at all. The label is the engine's
+        word, which anyone may write: one that is no name (a dot, a wildcard, too long) could be no
+        subject of the facts stream, and its report would wait for ever for a bus that is fine."""
+        why = validate_name(name)
+        if why is not None:
+            log.warning("%s: container %s ignored: its sandbox label is no sandbox's: %s", self.consumer,
+                        container_id[:12], why)  # fmt: skip
+        return why is None
+
     async def observe(self, event: EngineEvent) -> None:
+        if not self._nameable(event.sandbox, event.container_id):
+            return
         if event.action == "remove" and event.container_id in self._replaced:
             self._replaced.discard(event.container_id)  # made again by a start with new resources
             return

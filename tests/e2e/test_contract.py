@@ -287,6 +287,28 @@ async def test_an_orphan_container_is_reported_and_left_alone(
     assert engine.container_exists(name)
 
 
+async def test_a_container_whose_sandbox_label_is_no_name_is_passed_by_and_stops_nothing(
+    plane: ControlPlane, client: SandboxClient, names, image: str, engine: Engine
+) -> None:
+    """The label is the engine's word, which anyone may write: a container labelled with what is no
+    sandbox name (no subject of the facts stream) is neither reported nor waited on, and the
+    watcher goes on reporting what happens to real sandboxes."""
+    bad = names.new("bad")
+    engine(
+        "create", "--name", f"sandboxctl-{bad}", "--network", "none",
+        "--label", "sandboxctl.managed=true", "--label", f"sandboxctl.sandbox={bad}.x",
+        "--label", "sandboxctl.sandbox_id=nobody", image,
+    )  # fmt: skip
+    worker = plane.workers[[w.driver.name for w in plane.workers].index(engine.name)]
+    await asyncio.wait_for(worker.reconcile(), 30)
+    engine("start", f"sandboxctl-{bad}")  # an engine event of it, for the watcher
+    name = names.new()
+    await client.create(name, image, driver=engine.name)
+    await client.wait_for(name, "Ready", timeout=30)
+    engine("kill", f"sandboxctl-{name}")
+    await client.wait_for(name, "Error", timeout=10)  # reported by the watcher, which was not held up
+
+
 async def test_an_unreachable_engine_gives_error_with_its_message_and_never_sticks_in_stopping(
     config: Config, plane: ControlPlane, client: SandboxClient, names, image: str, engine: Engine, tmp_path
 ) -> None:
