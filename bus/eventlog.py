@@ -17,6 +17,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
 from sandboxctl.bus.publish import Ack, publish
+from sandboxctl.bus.tail import stream_seq
 from sandboxctl.events import subjects
 from sandboxctl.events.deadletter import DeadLettered
 from sandboxctl.events.envelope import Envelope, decode_envelope, encode, now
@@ -38,12 +39,39 @@ class SequenceConflict(Exception):
     (Nats-Expected-Last-Subject-Sequence) refused it."""
 
 
-# The waits between a message's deliveries before it is dead-lettered (after MAX_DELIVER).
+# The waits between a message's failures before it is dead-lettered (after MAX_DELIVER of them).
 RETRY_DELAYS = (0.2, 1.0, 2.0, 5.0)
 
 
 def retry_delay(deliveries: int) -> float:
     return RETRY_DELAYS[min(max(deliveries, 1), len(RETRY_DELAYS)) - 1]
+
+
+class Failures:
+    """How many times each message has failed by itself in this process, by stream sequence.
+
+    A message is dead-lettered after MAX_DELIVER failures of its own, not deliveries: the
+    deliveries also count every redelivery a bus that could not store caused (an outage, a full
+    disk), so after a long outage a message's first failure of its own would be its last. A
+    process that starts anew counts from nothing, which only gives a message more tries.
+    Bounded: the oldest counts are forgotten first."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self._counts: dict[int, int] = {}
+        self._limit = limit
+
+    def failed(self, msg: Msg) -> int:
+        """Count one more failure of ``msg``; how many it has had."""
+        seq = stream_seq(msg)
+        count = self._counts.pop(seq, 0) + 1
+        self._counts[seq] = count  # newest last
+        while len(self._counts) > self._limit:
+            del self._counts[next(iter(self._counts))]
+        return count
+
+    def forget(self, msg: Msg) -> None:
+        """``msg`` is done with (acknowledged or dead-lettered)."""
+        self._counts.pop(stream_seq(msg), None)
 
 
 async def dead_letter(js: JetStreamContext, consumer: str, msg: Msg, reason: str) -> None:

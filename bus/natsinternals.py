@@ -9,6 +9,7 @@ module (and its test, tests of the readers that use it) is what changes.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Awaitable, Callable
 
 from nats.aio.client import Client as NATS
@@ -61,14 +62,32 @@ async def settle(nc: NATS, timeout: float = 5.0) -> None:
         await sub.unsubscribe()
 
 
+# Per connection, the callbacks added by ``on_reconnected``, held weakly.
+_RECONNECTED: weakref.WeakKeyDictionary[NATS, list[weakref.WeakMethod[Callable[[], Awaitable[None]]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def on_reconnected(nc: NATS, callback: Callable[[], Awaitable[None]]) -> None:
-    """Have ``callback`` called each time ``nc`` has connected again (to the same server or another
-    of the cluster's), after whatever callback it was made with."""
-    before = nc._reconnected_cb
+    """Have the bound method ``callback`` called each time ``nc`` has connected again (to the same
+    server or another of the cluster's), after whatever callback it was made with. Held weakly:
+    the many clients one connection serves over its life do not pile up on it."""
+    listeners = _RECONNECTED.get(nc)
+    if listeners is None:
+        listeners = _RECONNECTED[nc] = []
+        before = nc._reconnected_cb
+        held = listeners
 
-    async def both() -> None:
-        if before is not None:
-            await before()
-        await callback()
+        async def every() -> None:
+            if before is not None:
+                await before()
+            for ref in list(held):
+                method = ref()
+                if method is None:
+                    held.remove(ref)
+                else:
+                    await method()
 
-    nc._reconnected_cb = both
+        nc._reconnected_cb = every
+    listeners[:] = [ref for ref in listeners if ref() is not None]
+    listeners.append(weakref.WeakMethod(callback))

@@ -51,6 +51,7 @@ class Pull:
 
     EXPIRES = 10.0
     HEARTBEAT = 1.0
+    MAX_BUSY = 120.0  # seconds with one batch after which a pinned reader lets its pin go
 
     def __init__(
         self,
@@ -79,6 +80,7 @@ class Pull:
         self._request = 0  # the open request's number: its status replies come to <inbox>.<number>
         self._want = 0  # messages the open request may still deliver; 0: none open
         self._lost = False  # the consumer is gone: create it again
+        self._made = False  # this reader has made the consumer, or brought it to its configuration
         self._backoff = False  # the last request was refused, not used up or expired: wait before the next
         self._buffer: list[Msg] = []
         self._ready = asyncio.Event()
@@ -90,7 +92,7 @@ class Pull:
         self._expires = min(self.EXPIRES, pin_timeout / 3) if group else self.EXPIRES
         self._heartbeat = min(self.HEARTBEAT, self._expires / 4)
         self.pin = ""  # the pin this reader holds ("": none, it stands by)
-        self._busy = False  # the reader is working the last batch it was given
+        self._busy_since = 0.0  # when the reader began working the last batch it was given (0: it is not)
 
     async def _deliver(self, msg: Msg) -> None:
         self._heard = time.monotonic()
@@ -128,11 +130,15 @@ class Pull:
 
     async def _open(self) -> None:
         await self.close()
-        if self._group:
-            await pinned_consumer(self._js, self._stream, self._config, self._group, self._pin_timeout)
-        else:
-            # Made, or brought to this configuration if an earlier version made it otherwise.
-            await self._js.add_consumer(self._stream, config=self._config)
+        # Made, or brought to this configuration if an earlier version made it otherwise, once; a
+        # reopen (a disconnect, a silent request) makes it again only if it is gone: creating goes
+        # through the cluster's meta leader, which may be the very thing that is away.
+        if not self._made or self._lost:
+            if self._group:
+                await pinned_consumer(self._js, self._stream, self._config, self._group, self._pin_timeout)
+            else:
+                await self._js.add_consumer(self._stream, config=self._config)
+            self._made = True
         self._inbox = self._nc.new_inbox()
         self._sub = await self._nc.subscribe(
             f"{self._inbox}.*", cb=self._deliver, pending_msgs_limit=-1, pending_bytes_limit=-1
@@ -199,9 +205,9 @@ class Pull:
                         log.info("pull %s: request went silent, asking again", self._config.durable_name)
                         await self._ask()
                     taken = await self._take()
-                    self._busy = True
+                    self._busy_since = time.monotonic()
                     yield taken
-                    self._busy = False
+                    self._busy_since = 0.0
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # disconnects, server restarts, no responders
@@ -215,13 +221,24 @@ class Pull:
 
     async def _keep_pin(self) -> None:
         """While the pinned reader works what it was given, ask again (for one message, under the
-        pin's id) whenever its request has ended: a reader busy for longer than the pin's timeout
-        (appends waiting out a log's election) would otherwise lose its pin to a standby, and the
-        two would work the consumer at once, a sandbox's facts out of order. What comes meanwhile
-        waits in the buffer, in order, for the next batch."""
+        pin's id) whenever its request has ended or gone silent: a reader busy for longer than the
+        pin's timeout (appends waiting out a log's election) would otherwise lose its pin to a
+        standby, and the two would work the consumer at once, a sandbox's facts out of order. What
+        comes meanwhile waits in the buffer, in order, for the next batch. A reader busy with one
+        batch for longer than MAX_BUSY is taken to be stuck: it lets its pin go to a standby."""
         while True:
             await asyncio.sleep(self._expires)
-            if self._busy and self.pin and self._want <= 0 and self._sub is not None:
+            now, busy_since = time.monotonic(), self._busy_since
+            if not busy_since:
+                continue
+            if now - busy_since > self.MAX_BUSY:
+                if self.pin:
+                    log.warning("pull %s: busy with one batch for %.0f s; letting pin %s go",
+                                self._durable, now - busy_since, self.pin)  # fmt: skip
+                    self.pin = ""
+                continue
+            silent = now - self._heard > 3 * self._heartbeat
+            if self.pin and (self._want <= 0 or silent) and self._sub is not None:
                 try:
                     await self._ask(batch=1)
                 except Exception as exc:

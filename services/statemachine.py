@@ -33,6 +33,7 @@ from sandboxctl.bus import snapshots
 from sandboxctl.bus.bulkread import BULK_BEHIND, Frames
 from sandboxctl.bus.eventlog import (
     DecodeError,
+    Failures,
     SequenceConflict,
     append,
     dead_letter,
@@ -44,11 +45,11 @@ from sandboxctl.bus.eventlog import (
 )
 from sandboxctl.bus.lease import Lease
 from sandboxctl.bus.natsinternals import settle
-from sandboxctl.bus.publish import DUPLICATE_IN_PROCESS, RESOURCES_EXHAUSTED, UNREACHABLE, Ack
+from sandboxctl.bus.publish import DUPLICATE_IN_PROCESS, RESOURCES_EXHAUSTED, UNREACHABLE, Ack, cannot_store
 from sandboxctl.bus.pull import Pull
 from sandboxctl.bus.reading import recorded_spec
 from sandboxctl.bus.streams import DUPLICATE_WINDOW, MAX_DELIVER, durable_pull, ensure_streams
-from sandboxctl.bus.tail import Tail, deliveries, reraise_if_cancelling, stream_seq, unsubscribe
+from sandboxctl.bus.tail import Tail, reraise_if_cancelling, stream_seq, unsubscribe
 from sandboxctl.events import subjects
 from sandboxctl.events.commands import (
     BulkItem,
@@ -96,6 +97,9 @@ WATCHDOG_EVENTS = "sandboxctl-watchdog/"
 OUTCOMES = 16_384
 # How long a fact waits before it is tried again when the log could not take its events.
 UNAVAILABLE_RETRY = 2.0
+# How long a sandbox's later facts are held back behind one not done with, at most: it comes back
+# after its retry delay, or has gone to another reader (the pin moved) and will not come here.
+HOLD_BACK = 10.0
 # How long a command waits for a log that does not answer for now (a cluster electing the log's
 # leader after losing a node takes a few seconds) before it is answered ``unavailable``.
 APPEND_PATIENCE = 5.0
@@ -218,6 +222,10 @@ class StateMachineService:
         # sandbox first: each is decided again on the state that includes the other's write.
         self.conflicts = 0
         self.facts_applied = 0
+        self._failures = Failures()  # each fact's own failures, before it is dead-lettered
+        # Per sandbox, the stream sequence of a fact not done with and until when its sandbox's
+        # later facts are held back behind it (see _apply_sandbox_facts).
+        self._held_back: dict[str, tuple[int, float]] = {}
         self.snapshot_at = 0  # the log position of the last snapshot this instance read or wrote
         self._subject_at = ""  # the log subject of the entry at self.position
         self._log_created = ""
@@ -801,14 +809,48 @@ class StateMachineService:
         await asyncio.gather(*(self._apply_sandbox_facts(batch) for batch in by_name.values()))
 
     async def _apply_sandbox_facts(self, msgs: list[Msg]) -> None:
+        """Apply one sandbox's facts in order. A fact that is not done with (naked: the log could
+        not take its events, or it failed by itself) holds back its sandbox's later facts, naked in
+        turn, until it is applied or HOLD_BACK has passed (it may have gone to another reader), so
+        that no fact is applied before one it follows."""
+        loop = asyncio.get_running_loop()
         for msg in msgs:
+            name, seq = subjects.name_of(msg.subject), stream_seq(msg)
+            held = self._held_back.get(name)
+            if held is not None and held[1] < loop.time():
+                del self._held_back[name]
+                held = None
             try:
-                envelope = decode_fact(msg.data)
-            except DecodeError as exc:
-                log.error("dead-lettering malformed fact on %s: %s", msg.subject, exc)
-                await dead_letter(self.js, FACTS_CONSUMER, msg, f"unreadable fact: {exc}")
-                continue
-            fact = envelope.data
+                if held is not None and seq > held[0]:
+                    await msg.nak(delay=UNAVAILABLE_RETRY)
+                    continue
+                done = await self._apply_fact(msg)
+            except Exception:  # acknowledging or naking it failed: it comes again after the ack wait
+                reraise_if_cancelling()
+                log.exception("facts consumer: the fact at %d on %s could not be settled", seq, msg.subject)
+                done = False
+            if done:
+                if held is not None and held[0] == seq:
+                    del self._held_back[name]
+            else:
+                self._held_back[name] = (min(seq, held[0]) if held else seq, loop.time() + HOLD_BACK)
+
+    async def _apply_fact(self, msg: Msg) -> bool:
+        """Apply one fact: whether it is done with (acknowledged or dead-lettered), not naked.
+
+        The log's trouble is not the fact's: it is tried again until the log takes its events
+        (their ids are the fact's, so one stored after all is found, never stored twice), never
+        dead-lettered, never acknowledged before its events are in the log. A fact that fails by
+        itself (an error deciding on it, a refusal from the log) is dead-lettered after
+        MAX_DELIVER failures of its own, so that none comes back for ever."""
+        try:
+            envelope = decode_fact(msg.data)
+        except DecodeError as exc:
+            log.error("dead-lettering malformed fact on %s: %s", msg.subject, exc)
+            await dead_letter(self.js, FACTS_CONSUMER, msg, f"unreadable fact: {exc}")
+            return True
+        fact = envelope.data
+        try:
             reply = await self._decide_and_append(
                 envelope.subject,
                 functools.partial(_react_to, fact),
@@ -816,18 +858,25 @@ class StateMachineService:
                     FACT_EVENTS + envelope.id, envelope.id, envelope.actor or envelope.source, envelope.correlationid
                 ),
             )
-            if reply.error is not None and reply.error.code in (ErrorCode.UNAVAILABLE, ErrorCode.OUTCOME_UNKNOWN):
-                # The log's trouble, not the fact's: tried again until the log takes its events (their
-                # ids are the fact's, so one stored after all is found, never stored twice), never
-                # dead-lettered, and never acknowledged before its events are in the log.
-                await msg.nak(delay=UNAVAILABLE_RETRY)
-                continue
-            if reply.error is not None and reply.error.code in (ErrorCode.CONFLICT, ErrorCode.INTERNAL):
-                delivered = deliveries(msg)
-                if delivered >= MAX_DELIVER:
-                    await dead_letter(self.js, FACTS_CONSUMER, msg, f"{reply.error.code}: {reply.error.message}")
-                else:
-                    await msg.nak(delay=retry_delay(delivered))
-                continue
-            await msg.ack()
-            self.facts_applied += 1
+        except Exception as exc:
+            reraise_if_cancelling()
+            if cannot_store(exc):
+                reply = error_reply(ErrorCode.UNAVAILABLE, str(exc), envelope.subject)
+            else:
+                log.exception("applying the fact %s on %s failed", envelope.id, envelope.subject)
+                reply = error_reply(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", envelope.subject)
+        if reply.error is not None and reply.error.code in (ErrorCode.UNAVAILABLE, ErrorCode.OUTCOME_UNKNOWN):
+            await msg.nak(delay=UNAVAILABLE_RETRY)
+            return False
+        if reply.error is not None and reply.error.code in (ErrorCode.CONFLICT, ErrorCode.INTERNAL):
+            failed = self._failures.failed(msg)
+            if failed < MAX_DELIVER:
+                await msg.nak(delay=retry_delay(failed))
+                return False
+            await dead_letter(self.js, FACTS_CONSUMER, msg, f"{reply.error.code}: {reply.error.message}")
+            self._failures.forget(msg)
+            return True
+        await msg.ack()
+        self._failures.forget(msg)
+        self.facts_applied += 1
+        return True

@@ -41,6 +41,7 @@ from nats.js.object_store import ObjectStore
 
 from sandboxctl.bus.eventlog import (
     DecodeError,
+    Failures,
     dead_letter,
     decode_event,
     last_subject_seq,
@@ -238,6 +239,7 @@ class DriverWorker:
         # Orders received and not yet acknowledged, by stream sequence: kept alive while they
         # wait their turn, and a redelivery of one still in hand is not run twice.
         self._held: dict[int, Msg] = {}
+        self._failures = Failures()  # each order's own failures, before it is dead-lettered
         # Sandboxes with a stop order in the engine right now: a later stop (a shorter grace)
         # runs at once beside it rather than waiting out the first one's grace behind it.
         self._stops_in_engine: dict[str, int] = {}
@@ -344,8 +346,15 @@ class DriverWorker:
         await self._handle(msg)  # no slot: it must not wait behind operations hung in the engine
 
     async def _handle(self, msg: Msg) -> None:
+        """Work one order, whatever happens: an error escaping it would end its sandbox's runner
+        and leave the orders queued behind it in hand, kept alive and never worked. One that could
+        not be settled (acknowledged, naked) is let go: it comes again after the ack wait."""
         try:
             await self._work(msg)
+        except Exception:
+            reraise_if_cancelling()
+            log.exception("%s: %s could not be settled; it comes again after %.0f s", self.consumer,
+                          msg.subject, WORK_ACK_WAIT)  # fmt: skip
         finally:
             self._held.pop(stream_seq(msg), None)
 
@@ -364,10 +373,10 @@ class DriverWorker:
                       envelope.subject[:80])  # fmt: skip
             await msg.ack()
             return
-        if getattr(event, "driver", None) != self.driver.name or await self._superseded(msg, envelope):
-            await msg.ack()
-            return
         try:
+            if getattr(event, "driver", None) != self.driver.name or await self._superseded(msg, envelope):
+                await msg.ack()
+                return
             facts = await self.perform(envelope)
             # Keyed by the work order, not the container run: a start of a container
             # that is still running reports the same run as before, and is still news.
@@ -375,32 +384,31 @@ class DriverWorker:
                 fact.request_id = envelope.id  # an answer to this work order, not an observation
                 await self.report(envelope.subject, f"{envelope.id}:fact:{index}", fact, cause=envelope)
         except Exception as exc:
-            delivered = deliveries(msg)
+            reraise_if_cancelling()
             if cannot_store(exc):
-                # The bus's trouble, not the order's (its facts could not be stored for now): the
-                # order comes again until its facts go through, and the engine's side is idempotent.
+                # The bus's trouble, not the order's (its facts could not be stored, or the log
+                # could not be read, for now): the order comes again until it goes through, and
+                # the engine's side is idempotent. Not counted against it.
                 log.warning(
-                    "%s: %s on %s: the bus cannot take its facts for now (%r); it will be redelivered",
+                    "%s: %s on %s: the bus cannot take it for now (%r); it will be redelivered",
                     self.consumer, envelope.type, envelope.subject, exc,
                 )  # fmt: skip
-                await msg.nak(delay=retry_delay(delivered))
+                await msg.nak(delay=retry_delay(deliveries(msg)))
                 return
-            if delivered >= MAX_DELIVER:
-                log.exception(
-                    "%s: %s on %s failed %d times; dead-lettered",
-                    self.consumer,
-                    envelope.type,
-                    envelope.subject,
-                    delivered,
-                )
+            failed = self._failures.failed(msg)
+            if failed >= MAX_DELIVER:
+                log.exception("%s: %s on %s failed %d times; dead-lettered", self.consumer, envelope.type,
+                              envelope.subject, failed)  # fmt: skip
                 await dead_letter(self.js, self.consumer, msg, f"{type(exc).__name__}: {exc}")
+                self._failures.forget(msg)
             else:
                 log.exception(
                     "%s: %s on %s failed; it will be redelivered", self.consumer, envelope.type, envelope.subject
                 )
-                await msg.nak(delay=retry_delay(delivered))
+                await msg.nak(delay=retry_delay(failed))
             return
         await msg.ack()
+        self._failures.forget(msg)
 
     async def _superseded(self, msg: Msg, envelope: Envelope) -> bool:
         """Whether a later request on the same name has overtaken this work order.

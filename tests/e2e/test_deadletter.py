@@ -7,14 +7,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+from typing import Any
 
+import nats.errors
 import pytest
+from nats.aio.msg import Msg
 from nats.js.api import DiscardPolicy
 
 from sandboxctl.bus import eventlog
 from sandboxctl.bus.streams import MAX_DELIVER
 from sandboxctl.client import SandboxClient
 from sandboxctl.events import subjects
+from sandboxctl.events.envelope import Envelope
+from sandboxctl.events.lifecycle import SandboxStopRequested
 from sandboxctl.runtime.embedded import ControlPlane
 from tests.conftest import CLI
 
@@ -84,7 +89,51 @@ async def test_a_work_order_whose_facts_the_bus_cannot_store_is_worked_again_unt
             await asyncio.sleep(0.05)
         assert delivered - before > 2 * MAX_DELIVER, "the order was not delivered again and again"
         assert (await client.get(name))["phase"] == "Stopping"
+        # Once the bus takes facts again, the engine fails the order once by itself: its first
+        # failure of its own, however many deliveries the outage made, is tried again.
+        perform, hiccups = worker.perform, []
+
+        async def hiccup(envelope: Envelope) -> Any:
+            if envelope.subject == name and not hiccups:
+                hiccups.append(envelope.id)
+                raise RuntimeError("the engine hiccuped")
+            return await perform(envelope)
+
+        monkeypatch.setattr(worker, "perform", hiccup)
     finally:
         await js.update_stream(config)
     await client.wait_for(name, "Stopped", reply.seq, timeout=30)
+    assert hiccups
     assert not [r for r in await client.dead_letters() if r["subject"] == subjects.log(name)]
+
+
+async def test_an_order_that_cannot_be_settled_leaves_no_order_queued_behind_it_stranded(
+    plane: ControlPlane, client: SandboxClient, names, image: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The log cannot be read for a stop order (a read timing out in an outage) while a second
+    stop, with a shorter grace, waits behind it in the sandbox's queue: the first comes again
+    later, and the second is worked meanwhile. An error escaping the first had ended the sandbox's
+    queue, leaving the second in hand, kept alive and never worked, the sandbox in Stopping."""
+    name = names.new()
+    await client.create(name, image)
+    await client.wait_for(name, "Ready", timeout=30)
+    worker = next(w for w in plane.workers if w.driver.name == "podman")
+    superseded, failed = worker._superseded, []
+
+    async def unreadable(msg: Msg, envelope: Envelope) -> bool:
+        if envelope.subject == name and envelope.type == SandboxStopRequested.TYPE and not failed:
+            failed.append(envelope.id)
+            for _ in range(200):  # until the second stop waits behind this one
+                queue = worker._queues.get(name)
+                if queue is not None and queue.qsize():
+                    break
+                await asyncio.sleep(0.05)
+            raise nats.errors.TimeoutError
+        return await superseded(msg, envelope)
+
+    monkeypatch.setattr(worker, "_superseded", unreadable)
+    await client.stop(name, timeout=60)
+    second = await client.stop(name, timeout=1)
+    assert second.appended, second
+    await client.wait_for(name, "Stopped", second.seq, timeout=20)
+    assert failed

@@ -17,17 +17,20 @@ import msgspec
 import nats
 import pytest
 from nats.aio.client import Client as NATS
+from nats.js.errors import NotFoundError
 
-from sandboxctl.bus import snapshots
+from sandboxctl.bus import eventlog, snapshots
 from sandboxctl.bus.eventlog import publish_fact
 from sandboxctl.bus.reading import history
 from sandboxctl.bus.servers import server_urls
 from sandboxctl.client import SandboxClient
+from sandboxctl.events import subjects
 from sandboxctl.events.envelope import Envelope, new_id, now, type_name
 from sandboxctl.events.facts import ContainerStarted, Fact
-from sandboxctl.events.replies import Reply
+from sandboxctl.events.replies import ErrorCode, Reply, error_reply
 from sandboxctl.runtime.embedded import NatsServer
-from sandboxctl.services.statemachine import FACTS_PIN_TIMEOUT, StateMachineService
+from sandboxctl.services import statemachine
+from sandboxctl.services.statemachine import FACTS_CONSUMER, FACTS_PIN_TIMEOUT, StateMachineService
 from sandboxctl.statemachine import Phase
 from tests.conftest import until
 from tests.integration.test_idempotency import send
@@ -261,3 +264,75 @@ async def test_racing_commands_on_a_cluster_are_decided_again_never_failed(tmp_p
         await nc.close()
         for node in nodes:
             node.stop()
+
+
+async def test_a_fact_that_fails_by_itself_is_dead_lettered_after_its_own_failures_and_others_go_on(
+    nc: NATS, machines: list[StateMachineService], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error deciding on a fact (a bug, a refusal from the log) is the fact's own failure: it is
+    tried again a few times, then dead-lettered for operators, and never comes back for ever (the
+    server no longer gives up on a message by itself)."""
+    monkeypatch.setattr(eventlog, "RETRY_DELAYS", (0.1, 0.1, 0.1, 0.1))
+    poison, healthy = "fails-0", "fails-1"
+    for name in (poison, healthy):
+        assert (await send(nc, "create", name=name, command_id=f"c-{name}")).accepted
+    react = statemachine._react_to
+
+    def failing(fact: Fact, state: Any) -> Any:
+        if state is not None and state.name == poison:
+            raise RuntimeError("a bug in react")
+        return react(fact, state)
+
+    monkeypatch.setattr(statemachine, "_react_to", failing)
+    for name in (poison, healthy):
+        await report(nc, name, ContainerStarted(sandbox_id=sandbox_id(machines, name), incarnation="i1"))
+    await until(lambda: all(m.states[healthy].phase is Phase.READY for m in machines), "the other fact applied")
+    js = nc.jetstream()
+
+    async def dead_lettered() -> bool:
+        try:
+            await js.get_last_msg(subjects.DEADLETTER_STREAM, subjects.deadletter(FACTS_CONSUMER, poison))
+        except NotFoundError:
+            return False
+        return True
+
+    for _ in range(100):
+        if await dead_lettered():
+            break
+        await asyncio.sleep(0.1)
+    assert await dead_lettered(), "the failing fact was not dead-lettered"
+    info = await js.consumer_info(subjects.FACTS_STREAM, FACTS_CONSUMER)
+    assert info.num_ack_pending == 0
+    assert all(m.states[poison].phase is Phase.PROVISIONING for m in machines)
+
+
+async def test_a_fact_the_log_could_not_take_holds_back_its_sandboxs_later_facts(
+    nc: NATS, machines: list[StateMachineService], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fact naked because the log could not take its events for now comes again after a while;
+    the sandbox's facts reported after it wait behind it, so that none is applied out of order."""
+    name = "held-0"
+    assert (await send(nc, "create", name=name, command_id=f"c-{name}")).accepted
+    await report(nc, name, ContainerStarted(sandbox_id=sandbox_id(machines, name), incarnation="i1"))
+    await until(lambda: all(m.states[name].phase is Phase.READY for m in machines), "the first fact applied")
+    pinned = next(m for m in machines if m.applies_facts)
+    decide_and_append = pinned._decide_and_append
+    calls: list[str] = []
+
+    async def once_unavailable(sandbox: str, decide_fn: Any, cause: Any) -> Reply:
+        calls.append(cause.id)
+        if len(calls) == 1:
+            return error_reply(ErrorCode.UNAVAILABLE, "the log is electing its leader", sandbox)
+        return await decide_and_append(sandbox, decide_fn, cause)
+
+    monkeypatch.setattr(pinned, "_decide_and_append", once_unavailable)
+    ids = []
+    for incarnation in ("i2", "i3"):
+        fact = ContainerStarted(sandbox_id=sandbox_id(machines, name), incarnation=incarnation)
+        envelope = Envelope(
+            id=new_id(), type=type_name(type(fact)), source="test/driver", subject=name, time=now(), data=fact
+        )
+        await publish_fact(nc.jetstream(), envelope)
+        ids.append(envelope.id)
+    await until(lambda: calls.count(ids[0]) >= 2 and ids[1] in calls, "both facts applied", timeout=20)
+    assert calls.index(ids[1]) > calls.index(ids[0], 1), calls
