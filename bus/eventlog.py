@@ -16,7 +16,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
-from sandboxctl.bus.publish import Ack, publish
+from sandboxctl.bus.publish import ACK_TIMEOUT, Ack, publish
 from sandboxctl.bus.tail import stream_seq
 from sandboxctl.events import subjects
 from sandboxctl.events.deadletter import DeadLettered
@@ -97,10 +97,12 @@ async def dead_letter(js: JetStreamContext, consumer: str, msg: Msg, reason: str
     await msg.term()
 
 
-async def append(js: JetStreamContext, envelope: Envelope, expected_seq: int) -> Ack:
+async def append(js: JetStreamContext, envelope: Envelope, expected_seq: int, timeout: float = ACK_TIMEOUT) -> Ack:
     headers = {"Nats-Msg-Id": envelope.id, "Nats-Expected-Last-Subject-Sequence": str(expected_seq)}
     try:
-        return await publish(js, subjects.log(envelope.subject), encode(envelope), subjects.LOG_STREAM, headers)
+        return await publish(
+            js, subjects.log(envelope.subject), encode(envelope), subjects.LOG_STREAM, headers, timeout=timeout
+        )
     except APIError as exc:
         if exc.err_code in WRONG_LAST_SEQUENCE:
             raise SequenceConflict(str(exc)) from exc

@@ -358,7 +358,8 @@ class SandboxClient:
 
     async def send(self, command: SandboxCommand | BulkSandboxes) -> Reply:
         """Send one command; retry while no service answers, the state machine cannot write the log
-        (``unavailable``) or the sandbox keeps changing (``conflict``).
+        (``unavailable``), could not learn whether it wrote it (``outcome_unknown``) or the sandbox
+        keeps changing (``conflict``).
 
         A command outside the wire contract's bounds (events/commands.py) raises InvalidArgument
         before anything is sent. Every retry carries the same command id, so the log stores the
@@ -392,6 +393,11 @@ class SandboxClient:
                 if reply.error.code == ErrorCode.CONFLICT:
                     pause = 0.05 * 2**attempt
                 elif reply.error.code == ErrorCode.UNAVAILABLE:  # the log is away: nothing was stored
+                    pause = 0.2 * 2**attempt
+                elif reply.error.code == ErrorCode.OUTCOME_UNKNOWN:
+                    # The log did not confirm an append (a leader lost mid-write): asked again under
+                    # the same id, which finds what was stored or stores it, once.
+                    unanswered = unanswered or error
                     pause = 0.2 * 2**attempt
                 else:
                     raise error

@@ -103,6 +103,12 @@ HOLD_BACK = 10.0
 # How long a command waits for a log that does not answer for now (a cluster electing the log's
 # leader after losing a node takes a few seconds) before it is answered ``unavailable``.
 APPEND_PATIENCE = 5.0
+# How long one attempt waits for the log's ack, and then for its answer to whether the append was
+# stored: well under the patience, so that a log whose leader froze (it takes requests and answers
+# none until the others elect a new one) is asked again several times within it, and a command is
+# answered soon after the election rather than a whole ack timeout later. An ack that is merely
+# slow costs a look-up, never a second copy: the append's id is the command's.
+ATTEMPT_TIMEOUT = 1.0
 SNAPSHOT_CHECK = 5.0  # seconds between looks at whether a snapshot is due (snapshots.SNAPSHOT_EVERY)
 
 
@@ -201,6 +207,7 @@ class StateMachineService:
         self.authorizer = authorizer
         self.nc = nc
         self.js = nc.jetstream()
+        self._lookup = nc.jetstream(timeout=ATTEMPT_TIMEOUT)  # whether an unconfirmed append was stored
         self.drivers = drivers
         self.default_driver = default_driver
         self.states: dict[str, SandboxState] = {}
@@ -545,7 +552,7 @@ class StateMachineService:
         """Append, and when JetStream's ack does not come in time, learn from the log whether the
         event was stored before answering anything: an ack can be lost after the write."""
         try:
-            return await append(self.js, envelope, expected)
+            return await append(self.js, envelope, expected, timeout=ATTEMPT_TIMEOUT)
         except (TimeoutError, nats.errors.TimeoutError):
             try:
                 stored = await self._stored_last(envelope.subject)
@@ -559,7 +566,7 @@ class StateMachineService:
 
     async def _stored_last(self, name: str) -> RawStreamMsg | None:
         try:
-            return await self.js.get_last_msg(subjects.LOG_STREAM, subjects.log(name))
+            return await self._lookup.get_last_msg(subjects.LOG_STREAM, subjects.log(name))
         except NotFoundError:
             return None
 

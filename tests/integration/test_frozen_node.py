@@ -5,14 +5,17 @@ the same command id, so it is stored once. Real nats-servers; the state machine 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
 from pathlib import Path
 
 import nats
+from nats.aio.client import Client as NATS
 
 from sandboxctl.bus.reading import history
+from sandboxctl.bus.streams import ensure_streams
 from sandboxctl.client import SandboxClient
 from sandboxctl.events import subjects
 from sandboxctl.services.statemachine import StateMachineService
@@ -20,6 +23,7 @@ from tests.integration.test_quorum import IMAGE, OPTIONS
 from tests.integration.test_replicas import jetstream_answers, nodes_of
 
 TARGET = 5.0  # issue 18: the longest a command may wait for its answer while a node is lost
+ELECTION_MAX = 9.0  # nats-server server/raft.go maxElectionTimeoutDefault: a follower stands by then
 
 
 async def test_a_client_on_a_frozen_node_moves_to_another_and_is_answered_within_seconds(tmp_path: Path) -> None:
@@ -62,6 +66,74 @@ async def test_a_client_on_a_frozen_node_moves_to_another_and_is_answered_within
             await client.close()
         await machine.stop()
         await machine.nc.close()
+        await nc.close()
+        for node in nodes:
+            node.stop()
+
+
+async def new_leader(nc: NATS, old: str) -> float:
+    """When the log has a leader other than ``old`` (time.monotonic())."""
+    js = nc.jetstream(timeout=0.5)
+    while True:
+        try:
+            cluster = (await js.stream_info(subjects.LOG_STREAM)).cluster
+            if cluster is not None and cluster.leader and cluster.leader != old:
+                return time.monotonic()
+        except Exception:  # no leader to answer yet
+            pass
+        await asyncio.sleep(0.05)
+
+
+async def test_a_command_while_the_log_leader_is_frozen_is_answered_once_a_leader_is_elected(
+    tmp_path: Path,
+) -> None:
+    """The node that leads the log freezes: no append is stored until the other two elect a new
+    leader (NATS's RAFT: 4 to 9 s). The state machine does not wait out a whole ack timeout per
+    attempt on the frozen leader: it asks again in short attempts, so a command is answered soon
+    after the election, stored once."""
+    nodes = nodes_of(tmp_path)
+    for node in nodes:
+        node.start()
+    nc = await nats.connect(nodes[0].url, **OPTIONS)
+    frozen = None
+    machine = None
+    client = None
+    try:
+        await jetstream_answers(nc)
+        await ensure_streams(nc.jetstream())
+        leader = (await nc.jetstream().stream_info(subjects.LOG_STREAM)).cluster.leader  # type: ignore[union-attr]
+        frozen = next(n for n in nodes if n.server_name == leader)
+        stays = next(n for n in nodes if n is not frozen)
+        await nc.close()
+        nc = await nats.connect(stays.url, **OPTIONS)
+        machine = StateMachineService(await nats.connect(stays.url, **OPTIONS))
+        await machine.start()
+        client = await SandboxClient.connect(stays.url, actor="frozen-leader")
+        assert (await client.create("fl-1", IMAGE, driver="podman")).accepted
+        assert frozen.proc is not None
+        os.kill(frozen.proc.pid, signal.SIGSTOP)
+        began = time.monotonic()
+        elected = asyncio.create_task(new_leader(nc, leader))
+        reply = await client.touch("fl-1", command_id="fl-touch")
+        waited = time.monotonic() - began
+        after = waited - (await elected - began)
+        assert reply.accepted and reply.appended == 1, reply
+        touches = [e for e in await history(nc.jetstream(), "fl-1") if e.get("causationid") == "fl-touch"]
+        assert len(touches) == 1, touches
+        print(
+            f"\nwith the log's leader frozen, a command was answered after {waited:.2f}s, "
+            f"{after:.2f}s after the election"
+        )
+        assert waited < ELECTION_MAX + 2, f"answered after {waited:.1f}s"
+        assert after < 2.5, f"answered {after:.1f}s after the log had a new leader"
+    finally:
+        if frozen is not None and frozen.proc is not None:
+            os.kill(frozen.proc.pid, signal.SIGCONT)
+        if client is not None:
+            await client.close()
+        if machine is not None:
+            await machine.stop()
+            await machine.nc.close()
         await nc.close()
         for node in nodes:
             node.stop()
