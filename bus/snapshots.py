@@ -19,7 +19,7 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import msgspec
 from nats.js import JetStreamContext
@@ -112,22 +112,55 @@ async def save(store: ObjectStore, data: bytes) -> None:
 async def load(js: JetStreamContext, store: ObjectStore, log_created: str, log_last: int) -> Snapshot | None:
     """The snapshot, if there is one this code may fold on from, for the log created at
     ``log_created`` whose last sequence is ``log_last``; None (and why, in the log) otherwise."""
+    return await _load(js, store, OBJECT, decode_snapshot, SCHEMA, "snapshot", log_created, log_last)
+
+
+class _Positioned(Protocol):
+    """What every snapshot says of itself: its format, the schema of what it holds, and where
+    in which log it was taken."""
+
+    @property
+    def format(self) -> int: ...
+    @property
+    def schema(self) -> object: ...
+    @property
+    def log_created(self) -> str: ...
+    @property
+    def position(self) -> int: ...
+    @property
+    def subject(self) -> str: ...
+
+
+_S = TypeVar("_S", bound=_Positioned)
+
+
+async def _load(
+    js: JetStreamContext,
+    store: ObjectStore,
+    name: str,
+    decode: Callable[[bytes], _S],
+    schema: object,
+    label: str,
+    log_created: str,
+    log_last: int,
+) -> _S | None:
+    """The snapshot stored as ``name``, decoded, if it is of this code's ``schema`` and fits the
+    log as it is; None, and why in the log, otherwise: a snapshot is only ever a shortcut."""
     try:
-        data = (await store.get(OBJECT)).data or b""
+        data = (await store.get(name)).data or b""
     except NotFoundError:
         return None
     try:
-        snapshot = decode_snapshot(data)
+        snapshot = decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        log.warning("snapshot ignored: unreadable (%s); folding the log from its start", exc)
+        log.warning("%s ignored: unreadable (%s); folding the log from its start", label, exc)
         return None
-    why = ""
-    if snapshot.format != FORMAT or snapshot.schema != SCHEMA:
-        why = f"written by code of another state shape (format {snapshot.format}, schema {snapshot.schema})"
+    if snapshot.format != FORMAT or snapshot.schema != schema:
+        why = f"written by code of another shape (format {snapshot.format}, schema {snapshot.schema})"
     else:
         why = await _misfit(js, snapshot.log_created, snapshot.position, snapshot.subject, log_created, log_last)
     if why:
-        log.warning("snapshot ignored: %s; folding the log from its start", why)
+        log.warning("%s ignored: %s; folding the log from its start", label, why)
         return None
     return snapshot
 
@@ -187,20 +220,6 @@ async def load_projection(
 ) -> ProjectionSnapshot | None:
     """The projectors' snapshot, if there is one of ``schema`` that fits the log as it is; None
     (and why, in the log) otherwise."""
-    try:
-        data = (await store.get(PROJECTION)).data or b""
-    except NotFoundError:
-        return None
-    try:
-        snapshot = _projection_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        log.warning("projection snapshot ignored: unreadable (%s); folding the log from its start", exc)
-        return None
-    if snapshot.format != FORMAT or snapshot.schema != schema:
-        why = f"of another projection schema (format {snapshot.format}, schema {snapshot.schema})"
-    else:
-        why = await _misfit(js, snapshot.log_created, snapshot.position, snapshot.subject, log_created, log_last)
-    if why:
-        log.warning("projection snapshot ignored: %s; folding the log from its start", why)
-        return None
-    return snapshot
+    return await _load(
+        js, store, PROJECTION, _projection_decoder.decode, schema, "projection snapshot", log_created, log_last
+    )

@@ -21,6 +21,7 @@ from pathlib import Path
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js.object_store import ObjectStore
 
 from sandboxctl.bus import snapshots
 from sandboxctl.bus.bulkread import BULK_BEHIND, Frames
@@ -129,6 +130,8 @@ class Projector:
         self.snapshot_every = snapshot_every
         self.snapshot_check = snapshot_check
         self.snapshot_at = 0  # the log position of the last snapshot this projector took in or wrote
+        self._log_created: str | None = None  # the log's creation time, which snapshots are bound to
+        self._snapshot_store: ObjectStore | None = None
         self.snapshot_lease = Lease(self.js, subjects.PROJECTION_SNAPSHOT_LEASE, f"projector-{new_id()}")
         self.rows: dict[str, Row] = {}
         self.position = 0
@@ -199,21 +202,23 @@ class Projector:
         """Take in the projectors' snapshot (bus/snapshots.py) when there is one that fits this
         log and this schema: its rows and position are copied into the empty database in one
         transaction (a query service may have it open already), and only what the log holds
-        after it is folded."""
+        after it is folded. A snapshot that cannot be read is passed by; a failure once it is in
+        the database ends the start, so that no projector serves rows half loaded."""
         began = time.monotonic()
         try:
             info = await self.js.stream_info(subjects.LOG_STREAM)
-            created = info.created.isoformat() if info.created else ""
-            store = await snapshots.projection_store(self.js)
-            snapshot = await snapshots.load_projection(self.js, store, SCHEMA_VERSION, created, info.state.last_seq)
-            if snapshot is None:
-                return
-            await in_db_thread(self.db, _take_in, snapshot.database)
-            await self._load()
+            self._log_created = info.created.isoformat() if info.created else ""
+            snapshot = await snapshots.load_projection(
+                self.js, await self._snapshots(), SCHEMA_VERSION, self._log_created, info.state.last_seq
+            )
         except Exception as exc:
             reraise_if_cancelling()
             log.warning("projector: no snapshot taken in (%r); folding the log from its start", exc)
             return
+        if snapshot is None:
+            return
+        await in_db_thread(self.db, _take_in, snapshot.database)
+        await self._load()
         self.snapshot_at = self.position
         log.info(
             "projector: snapshot of %d sandboxes at seq %d taken in in %.0f ms",
@@ -222,23 +227,30 @@ class Projector:
             (time.monotonic() - began) * 1000,
         )
 
+    async def _snapshots(self) -> ObjectStore:
+        if self._snapshot_store is None:
+            self._snapshot_store = await snapshots.projection_store(self.js)
+        return self._snapshot_store
+
     async def write_snapshot(self) -> int:
         """Write the snapshot of the database as committed now; its log position."""
         began = time.monotonic()
         position, database = await asyncio.to_thread(_copy_database, self.db_path)
-        info = await self.js.stream_info(subjects.LOG_STREAM)
+        if self._log_created is None:
+            info = await self.js.stream_info(subjects.LOG_STREAM)
+            self._log_created = info.created.isoformat() if info.created else ""
         subject = ""
         if position:
             subject = (await self.js.get_msg(subjects.LOG_STREAM, position)).subject or ""
         snapshot = snapshots.ProjectionSnapshot(
             format=snapshots.FORMAT,
             schema=SCHEMA_VERSION,
-            log_created=info.created.isoformat() if info.created else "",
+            log_created=self._log_created,
             position=position,
             subject=subject,
             database=database,
         )
-        await snapshots.save_projection(await snapshots.projection_store(self.js), snapshot)
+        await snapshots.save_projection(await self._snapshots(), snapshot)
         self.snapshot_at = position
         log.info(
             "projector: snapshot at seq %d written (%d bytes, %.0f ms)",
