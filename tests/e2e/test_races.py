@@ -565,9 +565,9 @@ async def test_conflicting_commands_from_several_processes_have_one_winner_per_l
     guard_conflicts = Counter[str]()
     real_append = statemachine_module.append
 
-    async def counting_append(js: Any, envelope: Any, expected_seq: int) -> Any:
+    async def counting_append(js: Any, envelope: Any, expected_seq: int, **options: Any) -> Any:
         try:
-            return await real_append(js, envelope, expected_seq)
+            return await real_append(js, envelope, expected_seq, **options)
         except statemachine_module.SequenceConflict:
             guard_conflicts[envelope.subject] += 1
             raise
