@@ -78,7 +78,22 @@ PROTECTED_CONSUMERS = [f"{API}.CONSUMER.DELETE.{subjects.LOG_STREAM}.sandboxctl-
 ]
 
 
-def component_permissions(component: str) -> dict[str, Any]:
+def _hosts_reader() -> list[str]:
+    """What reading the hosts' bucket takes (bus/hosts.py: a watch, and reads of one entry)."""
+    return [*_stream_reader(subjects.HOSTS_STREAM), f"{API}.DIRECT.GET.{subjects.HOSTS_STREAM}.>"]
+
+
+def _host_announcer(host: str) -> list[str]:
+    """What announcing ``host`` takes: make the bucket if missing, write that one key, read it."""
+    return [
+        f"{API}.STREAM.INFO.{subjects.HOSTS_STREAM}",
+        f"{API}.STREAM.CREATE.{subjects.HOSTS_STREAM}",
+        f"{API}.STREAM.MSG.GET.{subjects.HOSTS_STREAM}",
+        f"$KV.{subjects.HOSTS_BUCKET}.{host}",
+    ]
+
+
+def component_permissions(component: str, host: str = "") -> dict[str, Any]:
     """Least privilege per service: exactly the subjects its code uses (see docs/security.md).
 
     Every service may hear ``sandboxctl.health``: the process that runs it reports its services'
@@ -101,6 +116,8 @@ def component_permissions(component: str) -> dict[str, Any]:
                     subjects.AUDIT_ALL,
                     *_objects(subjects.SNAPSHOTS_BUCKET, subjects.SNAPSHOTS_STREAM),
                     *_lease(subjects.SNAPSHOT_LEASE),  # one state machine writes the snapshot at a time
+                    *_hosts_reader(),  # it places sandboxes on the hosts announced
+                    f"{API}.STREAM.CREATE.{subjects.HOSTS_STREAM}",
                     inbox,  # its own: bus.natsinternals.settle
                 ],
                 "deny": PROTECTED_CONSUMERS,
@@ -146,12 +163,16 @@ def component_permissions(component: str) -> dict[str, Any]:
         }
     if component.startswith("driver-"):
         consumer = f"sandboxctl-{component}"  # services.worker.DriverWorker.consumer
+        # Its durable is its host's (DriverWorker.durable); the one of no host it may read to start
+        # where that one had got to.
+        hosts = [*_durable(subjects.LOG_STREAM, f"{consumer}-{host}"), *_host_announcer(host)] if host else []
         return {
             "publish": {
                 "allow": [
                     *_stream_info(*CORE_STREAMS),
                     *_stream_reader(subjects.LOG_STREAM),  # reconciliation folds the whole log
                     *_durable(subjects.LOG_STREAM, consumer),
+                    *hosts,
                     *_objects(subjects.WORKSPACES_BUCKET, subjects.WORKSPACES_STREAM),  # archive and restore
                     subjects.FACTS_ALL,
                     f"{subjects.DEADLETTER}.{consumer}.*",
@@ -173,7 +194,7 @@ def user_permissions(name: str, roles: Iterable[str]) -> dict[str, Any]:
     subscribe = [f"{subjects.inbox_prefix(name)}.>"]
     sub_deny: list[str] = []
     if has_role(roles, READ):
-        publish += [f"{subjects.QUERY}.*", *_stream_reader(subjects.LOG_STREAM), subjects.HEALTH]
+        publish += [f"{subjects.QUERY}.*", *_stream_reader(subjects.LOG_STREAM), subjects.HEALTH, *_hosts_reader()]
         subscribe += [f"{subjects.PROJECTED}.*"]
     if has_role(roles, ADMIN):
         publish += [*_stream_reader(subjects.DEADLETTER_STREAM), *_stream_reader(subjects.AUDIT_STREAM)]
@@ -190,7 +211,9 @@ def user_permissions(name: str, roles: Iterable[str]) -> dict[str, Any]:
 
 
 def permissions(user: User) -> dict[str, Any]:
-    return component_permissions(user.component) if user.component else user_permissions(user.name, user.roles)
+    if user.component:
+        return component_permissions(user.component, user.host)
+    return user_permissions(user.name, user.roles)
 
 
 def server_conf(users: Iterable[User]) -> str:

@@ -61,6 +61,7 @@ class User(msgspec.Struct, kw_only=True, omit_defaults=True):
     password: str
     roles: list[str] = []
     component: str = ""  # set for a service's own user
+    host: str = ""  # a driver worker's: the host it works for (its consumer and announcement are that host's)
 
 
 class Users(msgspec.Struct):

@@ -116,13 +116,17 @@ class AuthStore:
         path.unlink(missing_ok=True)
         return path
 
-    def provision(self, admin: str) -> None:
-        """What ``sandboxctl up`` needs: a user per service and an admin for the local user (existing ones kept)."""
+    def provision(self, admin: str, host: str = "") -> None:
+        """What ``sandboxctl up`` needs: a user per service and an admin for the local user (existing
+        ones kept); the driver workers' users work for ``host``."""
         users = self.load()
         for component in SERVICE_COMPONENTS:
             name = component_user(component)
+            on = host if component.startswith("driver-") else ""
             if name not in users:
-                users[name] = User(name=name, password=secrets.token_urlsafe(24), component=component)
+                users[name] = User(name=name, password=secrets.token_urlsafe(24), component=component, host=on)
+            elif users[name].host != on:
+                users[name] = msgspec.structs.replace(users[name], host=on)
         if admin not in users:
             users[admin] = User(name=admin, password=secrets.token_urlsafe(24), roles=[ADMIN])
         self._save(users)

@@ -26,7 +26,7 @@ from sandboxctl import audit, auth
 from sandboxctl.bus import reading
 from sandboxctl.bus.reading import Point
 from sandboxctl.cli import attach, copy, spec
-from sandboxctl.cli.output import BROKEN_PIPE, EXIT_CODES, show
+from sandboxctl.cli.output import BROKEN_PIPE, EXIT_CODES, HOST_COLUMNS, show
 from sandboxctl.cli.status import status
 from sandboxctl.client import TERMINAL, PermissionDenied, SandboxClient, SandboxError
 from sandboxctl.events import subjects
@@ -35,16 +35,13 @@ from sandboxctl.events.limits import (
     GRACE_MAX,
     HOLDER_MAX,
     IDLE_MAX,
-    LABEL_KEY_MAX,
     LABEL_KEY_PATTERN,
-    LABEL_VALUE_MAX,
-    LABELS_MAX,
     REASON_MAX,
     TTL_MAX,
 )
 from sandboxctl.events.queries import ListRequest
 from sandboxctl.events.replies import ErrorCode
-from sandboxctl.runtime.config import Config, parse_duration
+from sandboxctl.runtime.config import Config, labels_from_pairs, parse_duration
 from sandboxctl.runtime.supervise import run_to_exit
 from sandboxctl.services.query import list_problem
 from sandboxctl.statemachine import Phase, validate_name
@@ -73,27 +70,24 @@ class _Parser(argparse.ArgumentParser):
 _LABEL_KEY = re.compile(LABEL_KEY_PATTERN)
 
 
+def _host_row(host: dict[str, Any]) -> dict[str, Any]:
+    """A host as a table shows it: lists and sizes in a few characters each."""
+    gib = host["memory"] / 2**30
+    return {
+        **host,
+        "engines": ",".join(host["engines"]),
+        "labels": ",".join(f"{k}={v}" for k, v in sorted(host["labels"].items())),
+        "capacity": f"{host['cpus']:g} CPU, {gib:.1f} GiB, {host['max_sandboxes']} sandboxes",
+        "last_heartbeat": f"{host['last_heartbeat']:.0f}s ago",
+    }
+
+
 def _labels(pairs: Sequence[str]) -> dict[str, str]:
     """``KEY=VALUE`` pairs as labels, within events/limits.py's bounds (a create's and a list's alike)."""
-    labels: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise Failure(ErrorCode.INVALID_ARGUMENT, f"label {pair[:80]!r} is not KEY=VALUE")
-        if not _LABEL_KEY.fullmatch(key):
-            raise Failure(
-                ErrorCode.INVALID_ARGUMENT,
-                f"label key {key[:80]!r}: 1-{LABEL_KEY_MAX} letters, digits, '.', '_', '/' or '-', "
-                "starting with a letter or digit",
-            )
-        if len(value) > LABEL_VALUE_MAX:
-            raise Failure(ErrorCode.INVALID_ARGUMENT, f"label {key}: the value is longer than {LABEL_VALUE_MAX}")
-        if key in labels:
-            raise Failure(ErrorCode.INVALID_ARGUMENT, f"label {key} is given twice")
-        labels[key] = value
-    if len(labels) > LABELS_MAX:
-        raise Failure(ErrorCode.INVALID_ARGUMENT, f"{len(labels)} labels: at most {LABELS_MAX}")
-    return labels
+    try:
+        return labels_from_pairs(pairs)
+    except ValueError as exc:
+        raise Failure(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
 
 
 def _number(value: float) -> str:
@@ -177,6 +171,7 @@ def _check(args: argparse.Namespace) -> None:
     if args.cmd in ("create", "clone"):
         args.labels = _labels(args.label)
     if args.cmd == "create":
+        args.constraints = _labels(args.constraint)
         args.auto_delete_seconds = _duration(args.auto_delete_after, "--auto-delete-after", IDLE_MAX)
         args.auto_archive_seconds = _duration(args.auto_archive_after, "--auto-archive-after", IDLE_MAX)
     if args.cmd == "clone":
@@ -199,7 +194,7 @@ def _check(args: argparse.Namespace) -> None:
     if args.cmd == "list":
         args.labels = _labels(args.label)
         try:  # the query service's own check of a list request
-            request = msgspec.convert({"phases": args.phase, "labels": args.labels}, ListRequest)
+            request = msgspec.convert({"phases": args.phase, "labels": args.labels, "host": args.host}, ListRequest)
         except msgspec.ValidationError as exc:
             raise Failure(ErrorCode.INVALID_ARGUMENT, f"list: {exc}") from None
         problem = list_problem(request)
@@ -268,6 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--image", required=True)
     c.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     c.add_argument("--driver", default="", help="podman or docker (default: configured, else first found)")
+    c.add_argument("--host", default="", metavar="NAME", help="run it on this host (default: the one with most room)")
+    c.add_argument(
+        "--constraint",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run it on a host whose labels carry this (repeatable: all must match)",
+    )
     c.add_argument(
         "--idle-timeout",
         metavar="DURATION",
@@ -470,6 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="only sandboxes with this label (repeatable: all must match)",
     )
     ls.add_argument("--all", action="store_true", help="include deleted sandboxes")
+    ls.add_argument("--host", default="", metavar="NAME", help="only sandboxes placed on this host")
+
+    hs = sub.add_parser("hosts", help="the hosts driver workers announced: engines, capacity, sandboxes, state")
+    hs.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
 
     ev = sub.add_parser("events", help="print the log, one line per event")
     ev.add_argument("--follow", "-f", action="store_true", help="keep printing as the log grows")
@@ -960,6 +967,8 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
                 env=args.env,
                 expected_seq=args.expected_seq,
                 idle_action=args.idle_action,
+                host=args.host,
+                constraints=args.constraints,
             )
             if not args.no_wait:
                 await client.wait_for(args.name, Phase.READY, reply.seq, args.timeout)
@@ -1017,8 +1026,14 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
             show(await client.get(args.name), args.output)
             return 0
         if args.cmd == "list":
-            items = await client.list(args.phase, args.labels, include_deleted=args.all)
+            items = await client.list(args.phase, args.labels, include_deleted=args.all, host=args.host)
             show(items, args.output)
+            return 0
+        if args.cmd == "hosts":
+            hosts = await client.hosts()
+            if args.output == "table":
+                hosts = [_host_row(h) for h in hosts]
+            show(hosts, args.output, HOST_COLUMNS)
             return 0
         if args.cmd == "history":
             items = await client.history(args.name)

@@ -18,7 +18,8 @@ BROKEN_PIPE = "broken_pipe"
 # and the CLI's own.
 EXIT_CODES = {**EXIT_STATUS, BROKEN_PIPE: 141}
 
-TABLE_COLUMNS = ("name", "phase", "driver", "image", "last_error", "updated_at")
+TABLE_COLUMNS = ("name", "phase", "driver", "host", "image", "last_error", "updated_at")
+HOST_COLUMNS = ("name", "state", "engines", "labels", "capacity", "placed", "running", "last_heartbeat")
 
 
 def table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:

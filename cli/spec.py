@@ -24,27 +24,23 @@ from sandboxctl.events.limits import (
     SEQ_MAX,
 )
 from sandboxctl.events.spec import Resources
+from sandboxctl.runtime.config import SIZE_UNITS, parse_size
 
-_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-_MEMORY = re.compile(r"(\d+(?:\.\d+)?)\s*([bkmgt]?)(?:i?b)?", re.IGNORECASE)
 _ENV_KEY = re.compile(ENV_KEY_PATTERN)
 ENV_FILE_MAX = 1024 * 1024  # bytes: an env file is a short list of settings, never read without bound
 
 
 def _size(value: int) -> str:
     for unit in ("t", "g", "m", "k"):
-        if value % _UNITS[unit] == 0:
-            return f"{value // _UNITS[unit]}{unit}"
+        if value % SIZE_UNITS[unit] == 0:
+            return f"{value // SIZE_UNITS[unit]}{unit}"
     return f"{value}b"
 
 
 def memory(text: str) -> int:
     """``512m``, ``1g``, ``1.5g``, ``268435456``: bytes, as docker's ``--memory`` reads them (units
     of 1024; ``b``, ``k``, ``m``, ``g``, ``t``), from MEMORY_MIN to MEMORY_MAX."""
-    found = _MEMORY.fullmatch(text.strip())
-    if found is None:
-        raise ValueError(f"--memory {text[:40]!r}: a size such as 512m or 2g (units b, k, m, g, t)")
-    value = math.floor(float(found.group(1)) * _UNITS[found.group(2).lower()])
+    value = parse_size(text, "--memory")
     if not MEMORY_MIN <= value <= MEMORY_MAX:
         raise ValueError(
             f"--memory {text[:40]}: must be from {_size(MEMORY_MIN)} (the engines' minimum) to {_size(MEMORY_MAX)}"

@@ -21,6 +21,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from sandboxctl.bus.eventlog import decode_event
+from sandboxctl.bus.hosts import read_hosts
 from sandboxctl.bus.natsinternals import on_reconnected, server_requires_auth
 from sandboxctl.bus.reading import read_log, read_stream
 from sandboxctl.bus.servers import MAX_PINGS_OUT, PING_INTERVAL, server_urls
@@ -201,7 +202,7 @@ def _refuses_login(exc: Exception) -> bool:
 
 
 # The queries answered from a projection, whose answers must not go back past what was seen.
-MONOTONIC_QUERIES = frozenset({"get", "list", "summary"})
+MONOTONIC_QUERIES = frozenset({"get", "list", "summary", "hosts"})
 
 
 class SandboxClient:
@@ -433,13 +434,16 @@ class SandboxClient:
         expected_seq: int | None = None,
         idle_action: Literal["stop", "pause"] = "stop",
         auto_archive_after: float = 0.0,
+        host: str = "",
+        constraints: dict[str, str] | None = None,
     ) -> Reply:
         """``idle_timeout``: seconds idle before the reaper stops it (0 never; None, the service's
         default). ``auto_delete_after``: seconds Stopped before the reaper deletes it, workspace
         and all (0, the default, never). ``auto_archive_after``: seconds Stopped before the reaper
         archives it (0, the default, never); a start restores it. ``resources``: limits the engine
         enforces. ``env``: the environment of its processes, written to the log in clear (never
-        secrets).
+        secrets). ``host``: run it on this host only; ``constraints``: on a host whose labels carry
+        each pair (default: the host with the most room; the one chosen is in its ``host``).
 
         ``expected_seq`` (on every command that changes a sandbox): act only if the sandbox is
         still at this log sequence, its ``last_seq`` as read (0 for a name never used); else
@@ -457,6 +461,8 @@ class SandboxClient:
                 env=env or {},
                 idle_action=idle_action,
                 auto_archive_after=auto_archive_after,
+                host=host,
+                constraints=constraints or {},
                 **self._meta(command_id, expected_seq),
             )
         )
@@ -731,11 +737,12 @@ class SandboxClient:
         labels: dict[str, str] | None = None,
         include_deleted: bool = False,
         limit: int | None = None,
+        host: str = "",
     ) -> AsyncIterator[Rows]:
         """The sandboxes page by page, in name order, for callers with many: each page is one reply,
         at most ``limit`` rows (the service's default when None) and never over NATS's max
         payload. ``phases``: rows in one of these; none, every phase but Deleted unless
-        ``include_deleted``. ``labels``: rows carrying all of them.
+        ``include_deleted``. ``labels``: rows carrying all of them. ``host``: rows placed there.
 
         Pages are read one at a time, not as one snapshot: a sandbox created or deleted while
         they are read may or may not be in them, and none comes twice."""
@@ -743,6 +750,7 @@ class SandboxClient:
             "phases": [_phase(p).value for p in phases],
             "labels": labels or {},
             "include_deleted": include_deleted,
+            "host": host,
         }
         if limit is not None:
             request["limit"] = limit
@@ -753,9 +761,37 @@ class SandboxClient:
         phases: Iterable[Phase | str] = (),
         labels: dict[str, str] | None = None,
         include_deleted: bool = False,
+        host: str = "",
     ) -> Rows:
         """Every sandbox that matches (see list_pages), however many pages that takes."""
-        return [item async for page in self.list_pages(phases, labels, include_deleted) for item in page]
+        return [item async for page in self.list_pages(phases, labels, include_deleted, host=host) for item in page]
+
+    async def hosts(self) -> Rows:
+        """Every host announced, in name order: its announcement (engines, capacity, labels), how
+        many sandboxes are placed on it and running there, seconds since its last heartbeat, and
+        its state: ``ready``, or ``lost`` once its heartbeat window has passed."""
+        announced = await read_hosts(self.nc.jetstream())
+        counts: dict[str, Any] = (await self.query("hosts"))["hosts"]
+        rows: Rows = []
+        for seen in announced:
+            host = seen.host
+            placed = counts.get(host.name, {})
+            rows.append(
+                {
+                    "name": host.name,
+                    "state": "ready" if seen.live else "lost",
+                    "engines": list(host.engines),
+                    "labels": dict(host.labels),
+                    "cpus": host.cpus,
+                    "memory": host.memory,
+                    "max_sandboxes": host.max_sandboxes,
+                    "placed": placed.get("placed", 0),
+                    "running": placed.get("running", 0),
+                    "last_heartbeat": round(seen.age, 1),
+                    "heartbeat_window": host.heartbeat,
+                }
+            )
+        return rows
 
     async def summary(self) -> dict[str, Any]:
         """What ``sandboxctl top`` shows, in one bounded reply: ``phases``, how many sandboxes are in

@@ -36,6 +36,8 @@ LabelKey = Annotated[str, msgspec.Meta(max_length=limits.LABEL_KEY_MAX, pattern=
 LabelValue = Annotated[str, msgspec.Meta(max_length=limits.LABEL_VALUE_MAX)]
 Labels = Annotated[dict[LabelKey, LabelValue], msgspec.Meta(max_length=limits.LABELS_MAX)]
 Driver = Annotated[str, msgspec.Meta(max_length=limits.DRIVER_MAX)]
+HostName = Annotated[str, msgspec.Meta(max_length=limits.HOST_MAX, pattern=limits.HOST_PATTERN)]
+Constraints = Annotated[dict[LabelKey, LabelValue], msgspec.Meta(max_length=limits.CONSTRAINTS_MAX)]
 Reason = Annotated[str, msgspec.Meta(max_length=limits.REASON_MAX)]
 Holder = Annotated[str, msgspec.Meta(max_length=limits.HOLDER_MAX)]
 Grace = Annotated[float, msgspec.Meta(ge=0, le=limits.GRACE_MAX)]
@@ -81,6 +83,9 @@ class CreateSandbox(_Command, tag="sandboxctl.command.create.v1"):
     # Seconds a Stopped sandbox may stay Stopped before the reaper archives its workspace into the
     # object store (phase Archived; a start restores it). 0, the default: never.
     auto_archive_after: Idle = 0.0
+    # Where it may run: on this host only (""; any), and on a host whose labels carry each pair.
+    host: HostName = ""
+    constraints: Constraints = {}
     VERB: ClassVar[str] = "create"
 
 

@@ -27,6 +27,7 @@ class SandboxCreated(_Event):
     sandbox_id: str
     image: str
     driver: str
+    host: str = ""  # the host it is placed on (its driver worker's); "": placed before hosts
     command: list[str] | None = None
     labels: dict[str, str] = {}
     idle_timeout: float = 0.0  # seconds; 0: never auto-stopped
@@ -47,6 +48,7 @@ class SandboxCreated(_Event):
 class SandboxStopRequested(_Event):
     sandbox_id: str
     driver: str
+    host: str = ""  # the host it is placed on (its driver worker's); "": placed before hosts
     timeout: float = 10.0
     reason: str = ""  # "idle" when the reaper stopped it
     TYPE: ClassVar[str] = "sandboxctl.sandbox.stop_requested.v1"
@@ -62,6 +64,7 @@ class SandboxStopped(_Event):
 class SandboxStartRequested(_Event):
     sandbox_id: str
     driver: str
+    host: str = ""  # the host it is placed on (its driver worker's); "": placed before hosts
     # The limits the sandbox has now: with ``remake`` (they changed since its container was made),
     # a container made with others is made again with these before it starts.
     resources: Resources = NO_RESOURCES
@@ -81,6 +84,7 @@ class SandboxReady(_Event):
 class SandboxPauseRequested(_Event):
     sandbox_id: str
     driver: str
+    host: str = ""  # the host it is placed on (its driver worker's); "": placed before hosts
     reason: str = ""  # "idle" when the reaper paused it
     TYPE: ClassVar[str] = "sandboxctl.sandbox.pause_requested.v1"
     TRIGGER: ClassVar[str] = "request_pause"
@@ -96,6 +100,7 @@ class SandboxPaused(_Event):
 class SandboxResumeRequested(_Event):
     sandbox_id: str
     driver: str
+    host: str = ""  # the host it is placed on (its driver worker's); "": placed before hosts
     TYPE: ClassVar[str] = "sandboxctl.sandbox.resume_requested.v1"
     TRIGGER: ClassVar[str] = "request_resume"
 
@@ -104,6 +109,7 @@ class SandboxArchiveRequested(_Event):
     sandbox_id: str
     driver: str
     object: str  # the name of the workspace's object in the workspaces bucket
+    host: str = ""  # the host it is placed on (its driver worker's); "": placed before hosts
     reason: str = ""
     TYPE: ClassVar[str] = "sandboxctl.sandbox.archive_requested.v1"
     TRIGGER: ClassVar[str] = "request_archive"
@@ -166,6 +172,7 @@ class SandboxFailedV1(_Event):
 class SandboxDeleteRequested(_Event):
     sandbox_id: str
     driver: str
+    host: str = ""  # the host it is placed on (its driver worker's); "": placed before hosts
     reason: str = ""  # "auto_delete" when the reaper deleted it (opt-in)
     archive: str = ""  # the object its workspace is archived as, deleted with it
     TYPE: ClassVar[str] = "sandboxctl.sandbox.delete_requested.v1"

@@ -21,6 +21,13 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
 COMMAND_ID_MAX = 128
 COMMAND_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
 
+# A host: one NATS subject token (work orders and consumers are named by it), like a sandbox name.
+HOST_MAX = 63
+HOST_PATTERN = r"^([A-Za-z0-9][A-Za-z0-9_-]{0,62})?$"  # "" where no host is named
+CONSTRAINTS_MAX = 16  # key=value pairs a create may require of its host's labels
+HOST_ENGINES_MAX = 8
+HOST_SANDBOXES_MAX = 100_000  # the most sandboxes a host may say it takes
+
 ACTOR_MAX = 200
 CORRELATION_ID_MAX = 200
 IMAGE_MAX = 512

@@ -20,7 +20,7 @@ from typing import Annotated
 
 import msgspec
 
-from sandboxctl.events.commands import Labels
+from sandboxctl.events.commands import HostName, Labels
 from sandboxctl.events.limits import NAME_MAX, PAGE_LIMIT_DEFAULT, PAGE_LIMIT_MAX, SEQ_MAX
 
 Limit = Annotated[int, msgspec.Meta(ge=1, le=PAGE_LIMIT_MAX)]
@@ -45,6 +45,7 @@ class ListRequest(msgspec.Struct):
     phases: Annotated[list[PhaseName], msgspec.Meta(max_length=PHASES_MAX)] = []
     labels: Labels = {}
     include_deleted: bool = False
+    host: HostName = ""  # rows placed on this host
     after: Annotated[str, msgspec.Meta(max_length=NAME_MAX)] = ""
     at_least: AtLeast = 0
     limit: Limit = PAGE_LIMIT_DEFAULT
@@ -91,4 +92,27 @@ class Summary(msgspec.Struct):
     errors: list[InError]
 
 
-QUERY_TYPES = {"get": GetRequest, "list": ListRequest, "history": HistoryRequest, "summary": SummaryRequest}
+class HostsRequest(msgspec.Struct):
+    """How many sandboxes each host holds, as far as the projection has read the log."""
+
+    at_least: AtLeast = 0
+
+
+class HostCount(msgspec.Struct):
+    placed: int  # not Deleted
+    running: int  # Ready
+
+
+class HostCounts(msgspec.Struct):
+    """Per host, its sandboxes; "" counts those placed on no host."""
+
+    hosts: dict[str, HostCount]
+
+
+QUERY_TYPES = {
+    "get": GetRequest,
+    "list": ListRequest,
+    "history": HistoryRequest,
+    "summary": SummaryRequest,
+    "hosts": HostsRequest,
+}

@@ -53,6 +53,10 @@ PROJECTION_SNAPSHOT_LEASE = "projector-snapshot"  # the key the projectors take 
 # Leases: a JetStream key-value bucket whose entries expire; a key is held by one service at a time.
 LEASES_BUCKET = "sandboxctl-leases"
 LEASES_STREAM = f"KV_{LEASES_BUCKET}"
+# Hosts: each driver worker's announcement of its host, under the host's name, renewed by its
+# heartbeat; an entry not renewed for the heartbeat window is lost. A bucket of its own.
+HOSTS_BUCKET = "sandboxctl-hosts"
+HOSTS_STREAM = f"KV_{HOSTS_BUCKET}"
 REAPER_LEASE = "reaper"  # the key the reapers take turns on: one acts, the others stand by
 
 

@@ -9,12 +9,25 @@ from __future__ import annotations
 import math
 import os
 import re
+import socket
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sandboxctl.auth import load_credentials, local_user_name
+from sandboxctl.bus.hosts import HEARTBEAT_WINDOW
 from sandboxctl.bus.servers import server_urls
 from sandboxctl.bus.snapshots import SNAPSHOT_EVERY
+from sandboxctl.events.limits import (
+    CPUS_MAX,
+    HOST_MAX,
+    HOST_PATTERN,
+    HOST_SANDBOXES_MAX,
+    LABEL_KEY_MAX,
+    LABEL_KEY_PATTERN,
+    LABEL_VALUE_MAX,
+    LABELS_MAX,
+)
 from sandboxctl.runtime.supervise import RESTART_LIMIT, RESTART_WINDOW
 from sandboxctl.statemachine.deadlines import parse_deadlines
 from sandboxctl.statemachine.phases import Phase
@@ -32,6 +45,9 @@ def _default_run_dir() -> Path:
         return Path("/run/sandboxctl")
     base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/sandboxctl-{os.getuid()}"
     return Path(base) / "sandboxctl"
+
+
+HOST_MAX_SANDBOXES = 256  # a host's most sandboxes unless SANDBOXCTL_HOST_MAX_SANDBOXES says otherwise
 
 
 @dataclass
@@ -75,6 +91,17 @@ class Config:
     # retrying with backoff (a full disk may last); `serve` gives up after RESTART_LIMIT.
     restart_limit: int | None = None
     restart_window: float = RESTART_WINDOW
+    # The host this process's driver workers announce (runtime/host.py): its name (a subject
+    # token; default the machine's hostname), labels, capacity, and the heartbeat window after
+    # which it is lost. adopt_unplaced: its workers also work the sandboxes placed on no host
+    # (created before hosts); in a fleet, one host should.
+    host: str = field(default_factory=lambda: default_host_name())
+    host_labels: dict[str, str] = field(default_factory=dict)
+    host_cpus: float = 0.0  # 0: the machine's
+    host_memory: int = 0  # bytes; 0: the machine's
+    host_max_sandboxes: int = HOST_MAX_SANDBOXES
+    heartbeat: float = HEARTBEAT_WINDOW
+    adopt_unplaced: bool = True
 
     @property
     def restarts_allowed(self) -> int:
@@ -131,6 +158,31 @@ class Config:
             cfg.restart_limit = max(0, int(env["SANDBOXCTL_RESTART_LIMIT"]))
         if "SANDBOXCTL_RESTART_WINDOW" in env:
             cfg.restart_window = parse_duration(env["SANDBOXCTL_RESTART_WINDOW"])
+        cfg.host = env.get("SANDBOXCTL_HOST", "") or default_host_name()
+        if not _HOST.fullmatch(cfg.host):
+            raise ValueError(
+                f"SANDBOXCTL_HOST {cfg.host[:80]!r}: 1-63 letters, digits, '-' or '_', starting with a letter or digit"
+            )
+        cfg.host_labels = parse_labels(env.get("SANDBOXCTL_HOST_LABELS", ""), "SANDBOXCTL_HOST_LABELS")
+        if env.get("SANDBOXCTL_HOST_CPUS", "").strip():
+            try:
+                cfg.host_cpus = float(env["SANDBOXCTL_HOST_CPUS"])
+            except ValueError:
+                cfg.host_cpus = -1.0
+            if not (math.isfinite(cfg.host_cpus) and 0 < cfg.host_cpus <= CPUS_MAX * 64):
+                raise ValueError(
+                    f"SANDBOXCTL_HOST_CPUS must be a number of CPUs above 0, not {env['SANDBOXCTL_HOST_CPUS']!r}"
+                )
+        if env.get("SANDBOXCTL_HOST_MEMORY", "").strip():
+            cfg.host_memory = parse_size(env["SANDBOXCTL_HOST_MEMORY"], "SANDBOXCTL_HOST_MEMORY")
+        cfg.host_max_sandboxes = (
+            _bounded(env, "SANDBOXCTL_HOST_MAX_SANDBOXES", 1, HOST_SANDBOXES_MAX) or cfg.host_max_sandboxes
+        )
+        if env.get("SANDBOXCTL_HOST_HEARTBEAT", "").strip():
+            cfg.heartbeat = parse_duration(env["SANDBOXCTL_HOST_HEARTBEAT"])
+            if not 1 <= cfg.heartbeat <= 3600:
+                raise ValueError("SANDBOXCTL_HOST_HEARTBEAT must be from 1s to 1h")
+        cfg.adopt_unplaced = env.get("SANDBOXCTL_ADOPT_UNPLACED", "1").lower() not in ("0", "false", "no")
         if cfg.reconcile_exited not in ("restart", "error"):
             raise ValueError(f"SANDBOXCTL_RECONCILE_EXITED must be restart or error, not {cfg.reconcile_exited!r}")
         return cfg
@@ -152,6 +204,60 @@ def parse_duration(text: str) -> float:
     if not spec or pos != len(spec) or not math.isfinite(total):
         raise ValueError(f"bad duration {text!r}: use seconds or a number with s, m, h or d, e.g. 10m")
     return total
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([bkmgt]?)(?:i?b)?", re.IGNORECASE)
+SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_size(text: str, what: str) -> int:
+    """Bytes from ``512m``, ``1g``, ``1.5g`` or ``268435456`` (units of 1024: b, k, m, g, t), as
+    docker's ``--memory`` reads them."""
+    found = _SIZE.fullmatch(text.strip())
+    if found is None:
+        raise ValueError(f"{what} {text[:40]!r}: a size such as 512m or 2g (units b, k, m, g, t)")
+    return math.floor(float(found.group(1)) * SIZE_UNITS[found.group(2).lower()])
+
+
+_HOST = re.compile(HOST_PATTERN)
+_LABEL_KEY = re.compile(LABEL_KEY_PATTERN)
+
+
+def labels_from_pairs(pairs: Iterable[str]) -> dict[str, str]:
+    """``KEY=VALUE`` pairs as labels, within events/limits.py's bounds; ValueError says which is wrong."""
+    labels: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"label {pair[:80]!r} is not KEY=VALUE")
+        if not _LABEL_KEY.fullmatch(key):
+            raise ValueError(
+                f"label key {key[:80]!r}: 1-{LABEL_KEY_MAX} letters, digits, '.', '_', '/' or '-', "
+                "starting with a letter or digit"
+            )
+        if len(value) > LABEL_VALUE_MAX:
+            raise ValueError(f"label {key}: the value is longer than {LABEL_VALUE_MAX}")
+        if key in labels:
+            raise ValueError(f"label {key} is given twice")
+        labels[key] = value
+    if len(labels) > LABELS_MAX:
+        raise ValueError(f"{len(labels)} labels: at most {LABELS_MAX}")
+    return labels
+
+
+def parse_labels(text: str, what: str) -> dict[str, str]:
+    """``zone=a,gpu=none`` from the environment setting ``what``."""
+    try:
+        return labels_from_pairs(part.strip() for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None
+
+
+def default_host_name() -> str:
+    """The machine's hostname as a host name: its first label, with what a subject token cannot
+    hold replaced by '-'."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname().split(".")[0])[:HOST_MAX].strip("-_")
+    return name or "localhost"
 
 
 def _credentials(env: dict[str, str], auth_dir: Path) -> tuple[str, str]:

@@ -47,7 +47,8 @@ from sandboxctl.events import subjects
 from sandboxctl.events.health import ServiceHealth
 from sandboxctl.runtime import health
 from sandboxctl.runtime.config import Config
-from sandboxctl.runtime.health import LogHead, Progress, Responder, Watch
+from sandboxctl.runtime.health import HOST_COMPONENT, LogHead, Progress, Responder, Watch
+from sandboxctl.runtime.host import HostService, announcement
 from sandboxctl.runtime.supervise import (
     OK,
     Children,
@@ -662,6 +663,7 @@ class ControlPlane:
                     authorizer=Authorizer(self.auth) if self.auth_enabled else None,
                     idle_timeout=config.idle_timeout,
                     snapshot_every=config.snapshot_every,
+                    place=True,
                 )
                 return service, nc
 
@@ -685,11 +687,25 @@ class ControlPlane:
             async def worker(driver: Driver = driver) -> tuple[Any, NATS]:
                 nc = await self._connect(f"driver-{driver.name}")
                 service = DriverWorker(
-                    nc, driver, restart_exited=config.reconcile_exited == "restart", replicas=config.replicas
+                    nc,
+                    driver,
+                    restart_exited=config.reconcile_exited == "restart",
+                    replicas=config.replicas,
+                    host=config.host,
+                    adopt_unplaced=config.adopt_unplaced,
                 )
                 return service, nc
 
             made.append((f"driver-{driver.name}", worker))
+        if self.drivers and config.host:
+            # After the workers: their consumers exist before anything can be placed on the host.
+            engines = list(self.drivers)
+
+            async def host() -> tuple[Any, NATS]:
+                nc = await self._connect(f"driver-{engines[0]}", "host")
+                return HostService(nc, announcement(config, engines), config.replicas), nc
+
+            made.append((HOST_COMPONENT, host))
         if "reaper" in self.components:
 
             async def reaper() -> tuple[Any, NATS]:
@@ -993,7 +1009,7 @@ async def run_up(config: Config, port: int = 4222, sync_always: bool = False, cl
         make_private(config.data_dir)
         auth = AuthStore(config.auth_path)
         admin = local_user_name()
-        auth.provision(admin)  # a user per service and an admin for whoever runs this; existing ones are kept
+        auth.provision(admin, config.host)  # a user per service and an admin for whoever runs this; existing ones kept
         servers = cluster_nodes(config, port, cluster, sync_always, auth)
         for server in servers:
             _stop_leftover(server, config.data_dir)

@@ -45,6 +45,7 @@ OK, CATCHING_UP, BEHIND, MISSING = "ok", "catching up", "behind", "missing"
 # The services a deployment needs; a status that hears of none of one of them reports it missing.
 REQUIRED = ("statemachine", "projector", "query", "reaper")
 DRIVER_PREFIX = "driver-"
+HOST_COMPONENT = "host"  # the announcement of the host a process's driver workers run on (runtime/host.py)
 
 
 _encode = msgspec.json.Encoder().encode

@@ -21,6 +21,7 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     sandbox_id  TEXT NOT NULL,
     phase       TEXT NOT NULL,
     driver      TEXT NOT NULL,
+    host        TEXT NOT NULL DEFAULT '',
     image       TEXT NOT NULL,
     command     TEXT,
     labels      TEXT NOT NULL DEFAULT '{}',
@@ -54,13 +55,15 @@ INSERT OR IGNORE INTO checkpoint (id, seq) VALUES (1, 0)
 # (sandboxctl.bus.reading.history), instead of a copy of every event written on the way in.
 # 5: resources and env.
 # 6: auto_archive_after, and archive: the object an Archived sandbox's workspace is stored as.
-SCHEMA_VERSION = 6
+# 7: host, the host a sandbox is placed on.
+SCHEMA_VERSION = 7
 
 SANDBOX_COLUMNS = (
     "name",
     "sandbox_id",
     "phase",
     "driver",
+    "host",
     "image",
     "command",
     "labels",
@@ -235,7 +238,7 @@ def encoded_row(row: tuple[Any, ...]) -> bytes:
 
 # What a list shows of a row too large for a reply of its own: its identity and phase, all
 # bounded by events/limits.py, and ``truncated`` so the reader knows the rest was left out.
-STUB_COLUMNS = ("name", "sandbox_id", "phase", "driver", "last_seq", "updated_at")
+STUB_COLUMNS = ("name", "sandbox_id", "phase", "driver", "host", "last_seq", "updated_at")
 
 
 def stub_row(row: tuple[Any, ...]) -> bytes:
@@ -259,10 +262,11 @@ async def rows_after(
     phases: Collection[Phase] = (),
     labels: Mapping[str, str] | None = None,
     include_deleted: bool = False,
+    host: str = "",
 ) -> AsyncGenerator[tuple[Any, ...], None]:
     """At most ``limit`` rows whose name sorts after ``after``, in name order, that match the
     filters: with ``phases``, rows in one of them; without, every row but Deleted ones unless
-    ``include_deleted``; with ``labels``, rows carrying each of them.
+    ``include_deleted``; with ``labels``, rows carrying each of them; with ``host``, rows placed there.
 
     The rows are read along the primary key from the cursor on, and the filters are applied on
     the way (``+phase`` keeps SQLite off the phase index, which would make it sort every match
@@ -276,6 +280,9 @@ async def rows_after(
     elif not include_deleted:
         where.append("+phase != ?")
         args.append(Phase.DELETED.value)
+    if host:
+        where.append("host = ?")
+        args.append(host)
     for key, value in (labels or {}).items():
         where.append("json_extract(labels, ?) = ?")
         args.extend([f'$."{key}"', value])
@@ -293,6 +300,15 @@ async def phase_counts(db: aiosqlite.Connection) -> dict[Phase, int]:
     for phase, count in await db.execute_fetchall("SELECT phase, COUNT(*) FROM sandboxes GROUP BY phase"):
         counts[Phase(phase)] = int(count)
     return counts
+
+
+async def host_counts(db: aiosqlite.Connection) -> dict[str, tuple[int, int]]:
+    """Per host, how many sandboxes are placed there (not Deleted) and how many of them are Ready."""
+    rows = await db.execute_fetchall(
+        "SELECT host, COUNT(*), SUM(phase = ?) FROM sandboxes WHERE phase != ? GROUP BY host",
+        (Phase.READY.value, Phase.DELETED.value),
+    )
+    return {host: (int(placed), int(running or 0)) for host, placed, running in rows}
 
 
 async def in_error(db: aiosqlite.Connection, limit: int, reason_max: int) -> list[dict[str, Any]]:

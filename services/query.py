@@ -48,6 +48,9 @@ from sandboxctl.events.queries import (
     GetRequest,
     HistoryPage,
     HistoryRequest,
+    HostCount,
+    HostCounts,
+    HostsRequest,
     InError,
     ListPage,
     ListRequest,
@@ -60,6 +63,7 @@ from sandboxctl.services.projection import (
     connect,
     encoded_row,
     get_sandbox,
+    host_counts,
     in_error,
     phase_counts,
     rows_after,
@@ -79,7 +83,7 @@ REPLY_MARGIN = 1024
 # ``summary``: how many sandboxes in Error it names, and how much of each one's reason.
 SUMMARY_ERRORS = 50
 
-QUERIES = ("get", "list", "history", "summary")
+QUERIES = ("get", "list", "history", "summary", "hosts")
 # How long a query waits for its projection to reach the log position its client has seen
 # before answering ``unavailable``: a projector a little behind catches up in far less.
 READ_PATIENCE = 1.0
@@ -245,6 +249,11 @@ class QueryService:
                 phases = {p.value: n for p, n in counts.items()}
                 result = Summary(phases, [InError(**e) for e in errors])
                 return Reply(accepted=True, result=result, position=position)
+            if kind == "hosts":
+                hosts = msgspec.json.decode(payload or b"{}", type=HostsRequest)
+                position = await self._position(hosts.at_least)
+                per_host = {h: HostCount(placed=p, running=r) for h, (p, r) in (await host_counts(self.db)).items()}
+                return Reply(accepted=True, result=HostCounts(per_host), position=position)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             return error_reply(ErrorCode.INVALID_ARGUMENT, f"malformed query: {exc}")
         except Behind as exc:
@@ -276,6 +285,7 @@ class QueryService:
             [Phase(p) for p in request.phases],
             request.labels,
             request.include_deleted,
+            request.host,
         )
         async with contextlib.aclosing(rows):
             async for row in rows:

@@ -43,6 +43,7 @@ from sandboxctl.bus.eventlog import (
     last_subject_seq,
     retry_delay,
 )
+from sandboxctl.bus.hosts import HostsView
 from sandboxctl.bus.lease import Lease
 from sandboxctl.bus.natsinternals import settle
 from sandboxctl.bus.publish import DUPLICATE_IN_PROCESS, RESOURCES_EXHAUSTED, UNREACHABLE, Ack, cannot_store
@@ -65,11 +66,12 @@ from sandboxctl.events.envelope import Envelope, encode, new_id, now, type_name
 from sandboxctl.events.facts import Fact
 from sandboxctl.events.lifecycle import LifecycleEvent
 from sandboxctl.events.replies import ErrorCode, Reply, error_reply
-from sandboxctl.statemachine import Rejection, SandboxState, decide, evolve, react, validate_name
+from sandboxctl.statemachine import Phase, Rejection, SandboxState, decide, evolve, react, validate_name
 from sandboxctl.statemachine.bulk import bulk_problem, command_for, selected
 from sandboxctl.statemachine.clone import decide_clone
 from sandboxctl.statemachine.deadlines import Deadlines, overdue
 from sandboxctl.statemachine.phases import TRANSIENT
+from sandboxctl.statemachine.placement import Candidate, Loads, place
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,7 @@ APPEND_PATIENCE = 5.0
 # slow costs a look-up, never a second copy: the append's id is the command's.
 ATTEMPT_TIMEOUT = 1.0
 SNAPSHOT_CHECK = 5.0  # seconds between looks at whether a snapshot is due (snapshots.SNAPSHOT_EVERY)
+HOSTS_READ = 5.0  # seconds a starting state machine waits to have read the hosts announced
 
 
 def _react_to(fact: Fact, state: SandboxState | None) -> list[LifecycleEvent]:
@@ -197,8 +200,14 @@ class StateMachineService:
         bulk_behind: int = BULK_BEHIND,
         snapshot_every: int = snapshots.SNAPSHOT_EVERY,
         snapshot_check: float = SNAPSHOT_CHECK,
+        place: bool = False,
     ) -> None:
         self.replicas = replicas
+        # Placing: each create goes to a host its driver workers announced (statemachine/placement.py),
+        # named in its created event. Without, sandboxes are on no host (a plane with no hosts: tests
+        # of the state machine alone, which publish the drivers' facts themselves).
+        self.hosts = HostsView(nc.jetstream()) if place else None
+        self.loads = Loads()
         self.snapshot_every = snapshot_every
         self.snapshot_check = snapshot_check
         self.bulk_behind = bulk_behind
@@ -261,6 +270,14 @@ class StateMachineService:
         self._tail = Tail(self.js, subjects.LOG_STREAM, subjects.LOG_ALL, start_seq=self.position + 1)
         self.tasks.append(asyncio.create_task(self._follow_log(), name="statemachine-log"))
         await self._caught_up.wait()
+        if self.hosts is not None:
+            self.tasks.append(asyncio.create_task(self.hosts.run(), name="statemachine-hosts"))
+            try:  # the hosts announced so far, before the first create is placed
+                await asyncio.wait_for(self.hosts.ready.wait(), HOSTS_READ)
+            except TimeoutError:
+                log.warning(
+                    "state machine: the hosts' bucket was not read within %.0f s; placing as they come", HOSTS_READ
+                )
         self._subs.append(
             await self.nc.subscribe(subjects.COMMANDS_ALL, queue="sandboxctl-statemachine", cb=self._on_command)
         )
@@ -358,6 +375,7 @@ class StateMachineService:
     def _keep(self, name: str, state: SandboxState | None) -> None:
         if state is None:
             return
+        self.loads.changed(self.states.get(name), state)
         self.states[name] = state
         self._skipped.pop(name, None)
         if state.phase in TRANSIENT:
@@ -691,6 +709,18 @@ class StateMachineService:
 
             def decide_fn(state: SandboxState | None) -> list[LifecycleEvent] | Rejection:
                 return decide_clone(state, source, spec, clone, self.drivers, moment)
+        elif isinstance(command, CreateSandbox) and self.hosts is not None:
+            create = command
+            placed = self._place(create)
+            if isinstance(placed, Rejection) and await self.hosts.reload():
+                placed = self._place(create)
+
+            def decide_fn(state: SandboxState | None) -> list[LifecycleEvent] | Rejection:
+                if state is not None and state.phase is not Phase.DELETED:
+                    return decide(state, create, self.drivers, moment)  # already_exists, or a retry's no-op
+                if isinstance(placed, Rejection):
+                    return placed
+                return decide(state, msgspec.structs.replace(create, host=placed), self.drivers, moment)
         else:
 
             def decide_fn(state: SandboxState | None) -> list[LifecycleEvent] | Rejection:
@@ -702,6 +732,24 @@ class StateMachineService:
         if reply.accepted:
             self._outcomes.put(key, digest, reply, moment)
         return reply
+
+    def _place(self, create: CreateSandbox) -> str | Rejection:
+        """The host ``create`` goes to, by the hosts as announced now and what each holds."""
+        assert self.hosts is not None
+        hosts = self.hosts
+        candidates = (
+            Candidate(
+                name=name,
+                engines=tuple(host.engines),
+                labels=host.labels,
+                max_sandboxes=host.max_sandboxes,
+                cpus=host.cpus,
+                memory=host.memory,
+                live=hosts.live(name),
+            )
+            for name, host in hosts.hosts.items()
+        )
+        return place(candidates, self.loads, create.driver, create.resources, create.host, create.constraints)
 
     async def handle_bulk(self, subject: str, payload: bytes) -> Reply:
         """One page of a bulk command: each sandbox it takes in gets its own command, decided and

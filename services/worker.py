@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -36,6 +37,7 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from nats.js.object_store import ObjectStore
 
@@ -220,15 +222,24 @@ class DriverWorker:
         restart_exited: bool = True,
         retry_wait: float = 1.0,
         replicas: int | None = None,
+        host: str = "",
+        adopt_unplaced: bool = True,
     ) -> None:
         self.nc = nc
+        # The host this worker's engine runs on: it works the orders of the sandboxes placed there
+        # alone, and, with adopt_unplaced, those of sandboxes placed on no host (created before
+        # hosts, or by a plane that places none). "": a worker of no host, which works only those.
+        self.host = host
+        self.adopt_unplaced = adopt_unplaced or not host
         self.replicas = replicas  # of the archived workspaces' bucket, when this worker makes it
         self.js = nc.jetstream()
         self.driver = driver
         self.restart_exited = restart_exited
         self.retry_wait = retry_wait
         self.source = f"sandboxctl/driver/{driver.name}"
-        self.consumer = f"sandboxctl-driver-{driver.name}"
+        self.consumer = f"sandboxctl-driver-{driver.name}"  # its name in logs and dead letters
+        # Its durable consumer of the log: one per host, as each host's worker reads every order.
+        self.durable = f"{self.consumer}-{host}" if host else self.consumer
         self.reconciliations = 0  # completed sweeps, for operators and tests
         self._queues: dict[str, asyncio.Queue[Msg]] = {}
         self._runners: dict[str, asyncio.Task[None]] = {}
@@ -256,6 +267,9 @@ class DriverWorker:
 
     async def start(self) -> None:
         await ensure_streams(self.js)
+        # Made before anything is placed on this host (its announcement comes after the workers
+        # have started), so that no order for it can come before its consumer's first position.
+        self._config = await self._work_consumer()
         self.tasks.append(asyncio.create_task(self._watch(), name=f"{self.consumer}-watch"))
         self.tasks.append(asyncio.create_task(self._consume(), name=f"{self.consumer}-work"))
         self.tasks.append(asyncio.create_task(self._keep_alive(), name=f"{self.consumer}-keepalive"))
@@ -285,8 +299,7 @@ class DriverWorker:
     async def _consume(self) -> None:
         # A short ack wait, so that the orders a killed worker held are redelivered soon to the
         # next one; those still in hand are kept alive (_keep_alive), however long they wait.
-        config = durable_pull(self.consumer, subjects.LOG_ALL, ack_wait=WORK_ACK_WAIT, max_ack_pending=20_000)
-        pull = Pull(self.js, subjects.LOG_STREAM, config)
+        pull = Pull(self.js, subjects.LOG_STREAM, self._config)
         try:
             async for msgs in pull.batches():
                 for msg in msgs:
@@ -298,6 +311,38 @@ class DriverWorker:
                         log.exception("%s: could not take %s", self.consumer, msg.subject)
         finally:
             await pull.close()
+
+    async def _work_consumer(self) -> ConsumerConfig:
+        """The configuration of this worker's durable consumer of the log, made if missing.
+
+        A host's consumer made for the first time starts where the worker of no host (the
+        consumer of every order of the engine, before hosts) had got to, if there is one, so an
+        upgraded host misses no order and works none twice; otherwise at the log's end, as no
+        sandbox can be on a host that has not announced itself yet."""
+        config = durable_pull(self.durable, subjects.LOG_ALL, ack_wait=WORK_ACK_WAIT, max_ack_pending=20_000)
+        if self.durable == self.consumer:
+            return config
+        try:
+            made = await self.js.consumer_info(subjects.LOG_STREAM, self.durable)
+            start = made.config.opt_start_seq
+        except NotFoundError:
+            try:
+                legacy = await self.js.consumer_info(subjects.LOG_STREAM, self.consumer)
+                start = legacy.ack_floor.stream_seq + 1 if legacy.ack_floor else 1
+            except NotFoundError:
+                start = (await self.js.stream_info(subjects.LOG_STREAM)).state.last_seq + 1
+        if start is None:
+            return config
+        config = dataclasses.replace(config, deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
+        await self.js.add_consumer(subjects.LOG_STREAM, config=config)
+        return config
+
+    def _mine(self, event: object) -> bool:
+        """Whether a work order is this worker's: of its engine, for a sandbox on its host."""
+        if getattr(event, "driver", None) != self.driver.name:
+            return False
+        host = getattr(event, "host", "")
+        return host == self.host or (not host and self.adopt_unplaced)
 
     def _enqueue(self, msg: Msg) -> bool:
         """Queue a work order behind its sandbox's earlier ones; False for a log entry that
@@ -374,7 +419,7 @@ class DriverWorker:
             await msg.ack()
             return
         try:
-            if getattr(event, "driver", None) != self.driver.name or await self._superseded(msg, envelope):
+            if not self._mine(event) or await self._superseded(msg, envelope):
                 await msg.ack()
                 return
             facts = await self.perform(envelope)
@@ -833,11 +878,14 @@ class DriverWorker:
                 # hit the new sandbox's container. The move's own work order settles it.
                 if await last_subject_seq(self.js, name) != state.seq:
                     continue
-                mine = [i for i in infos if i.sandbox_id == state.sandbox_id and state.driver == self.driver.name]
+                ours = self._mine(state)
+                mine = [i for i in infos if i.sandbox_id == state.sandbox_id and ours]
                 for info in infos:
+                    if info.sandbox_id == state.sandbox_id and state.driver == self.driver.name and not ours:
+                        continue  # the sandbox's, though placed on another host: that host's to settle
                     if info not in mine:
                         await self._orphan(info, f"it belongs to no live sandbox {name} on {self.driver.name}")
-                if state.driver != self.driver.name:
+                if not ours:
                     continue
                 if state.phase is Phase.DELETED:
                     for info in mine:

@@ -74,7 +74,8 @@ def decide_clone(
         image=command.image or spec.image,
         command=command.command if command.command is not None else spec.command,
         labels={**spec.labels, **command.labels},
-        driver=spec.driver,  # a workspace is copied within its engine
+        driver=spec.driver,  # a workspace is copied within its engine,
+        host=source.host,  # on its host
         idle_timeout=spec.idle_timeout if command.idle_timeout is None else command.idle_timeout,
         resources=spec.resources.merged(command.resources),
         env={**spec.env, **command.env},

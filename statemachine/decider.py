@@ -221,6 +221,7 @@ def decide(
                 sandbox_id=command.command_id,
                 image=command.image,
                 driver=command.driver,
+                host=command.host,
                 command=command.command,
                 labels=command.labels,
                 idle_timeout=idle_timeout,
@@ -249,7 +250,11 @@ def decide(
             # SIGKILL comes at the earlier time. A longer grace never extends the pending one.
             return [
                 SandboxStopRequested(
-                    sandbox_id=state.sandbox_id, driver=state.driver, timeout=command.timeout, reason=command.reason
+                    sandbox_id=state.sandbox_id,
+                    driver=state.driver,
+                    host=state.host,
+                    timeout=command.timeout,
+                    reason=command.reason,
                 )
             ]
     noop = _NOOP[type(command)]
@@ -264,7 +269,11 @@ def decide(
                 return refused
         return [
             SandboxStopRequested(
-                sandbox_id=state.sandbox_id, driver=state.driver, timeout=command.timeout, reason=command.reason
+                sandbox_id=state.sandbox_id,
+                driver=state.driver,
+                host=state.host,
+                timeout=command.timeout,
+                reason=command.reason,
             )
         ]
     if isinstance(command, StartSandbox):
@@ -277,6 +286,7 @@ def decide(
             SandboxStartRequested(
                 sandbox_id=state.sandbox_id,
                 driver=state.driver,
+                host=state.host,
                 resources=state.resources,
                 remake=state.resized,
                 restore=state.archive,
@@ -289,7 +299,11 @@ def decide(
             refused = check_reaped(state, STOP, now)
             if refused is not None:
                 return refused
-        return [SandboxPauseRequested(sandbox_id=state.sandbox_id, driver=state.driver, reason=command.reason)]
+        return [
+            SandboxPauseRequested(
+                sandbox_id=state.sandbox_id, driver=state.driver, host=state.host, reason=command.reason
+            )
+        ]
     if isinstance(command, ArchiveSandbox):
         if state.phase is not Phase.STOPPED:
             return _not_allowed(state, "archive", "request_archive", noop)
@@ -301,6 +315,7 @@ def decide(
             SandboxArchiveRequested(
                 sandbox_id=state.sandbox_id,
                 driver=state.driver,
+                host=state.host,
                 object=subjects.workspace_object(state.name, state.sandbox_id),
                 reason=command.reason,
             )
@@ -308,7 +323,7 @@ def decide(
     if isinstance(command, ResumeSandbox):
         if state.phase is not Phase.PAUSED:
             return _not_allowed(state, "resume", "request_resume", noop)
-        return [SandboxResumeRequested(sandbox_id=state.sandbox_id, driver=state.driver)]
+        return [SandboxResumeRequested(sandbox_id=state.sandbox_id, driver=state.driver, host=state.host)]
     assert isinstance(command, DeleteSandbox)
     if command.reason == AUTO_DELETE:
         refused = check_reaped(state, DELETE, now)
@@ -316,7 +331,11 @@ def decide(
             return refused
     return [
         SandboxDeleteRequested(
-            sandbox_id=state.sandbox_id, driver=state.driver, reason=command.reason, archive=state.archive
+            sandbox_id=state.sandbox_id,
+            driver=state.driver,
+            host=state.host,
+            reason=command.reason,
+            archive=state.archive,
         )
     ]
 
@@ -463,6 +482,7 @@ def evolve(state: SandboxState | None, envelope: Envelope, seq: int = 0) -> Sand
             sandbox_id=event.sandbox_id,
             phase=phase,
             driver=event.driver,
+            host=event.host,
             seq=seq,
             since=moment,
             request_id=envelope.id,

@@ -37,6 +37,7 @@ class SandboxState(msgspec.Struct, kw_only=True, gc=False):
     sandbox_id: str
     phase: Phase
     driver: str
+    host: str = ""  # the host it is placed on, whose driver worker alone works its orders
     seq: int = 0  # stream sequence of the last event on this sandbox's subject
     incarnation: str = ""  # the run (engine start time) the sandbox last became Ready on
     # The latest run known to have ended (stopped or exited): a report of it, or of an older run,

@@ -13,7 +13,7 @@ import pytest
 
 from sandboxctl.auth import READ, WRITE, AuthStore, component_user
 from sandboxctl.client import Denials, SandboxClient
-from sandboxctl.runtime.config import Config
+from sandboxctl.runtime.config import Config, default_host_name
 
 ADMIN_USER = "ops"
 
@@ -35,7 +35,7 @@ class Figures:
 def make_store(root: Path) -> AuthStore:
     """An admin, a reader, a writer and a user with no role."""
     store = AuthStore(root)
-    store.provision(ADMIN_USER)
+    store.provision(ADMIN_USER, default_host_name())
     store.add("reader", [READ])
     store.add("writer", [WRITE])
     store.add("nobody", [])

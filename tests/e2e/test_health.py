@@ -24,7 +24,7 @@ from sandboxctl.auth import READ, AuthStore, component_user
 from sandboxctl.cli.status import status
 from sandboxctl.client import SandboxClient
 from sandboxctl.events import subjects
-from sandboxctl.runtime.config import Config
+from sandboxctl.runtime.config import Config, default_host_name
 from sandboxctl.runtime.embedded import ControlPlane, NatsServer
 from sandboxctl.runtime.health import HEALTH
 
@@ -127,7 +127,7 @@ async def test_a_frozen_projector_is_behind_status_exits_non_zero_and_it_catches
 @pytest.fixture
 def store(tmp_path: Path) -> AuthStore:
     store = AuthStore(tmp_path / "auth")
-    store.provision("ops")
+    store.provision("ops", default_host_name())
     store.add("reader", [READ])
     store.add("nobody", [])
     return store

@@ -20,6 +20,7 @@ def row(**overrides: object) -> tuple[object, ...]:
         "sandbox_id": "0123456789abcdef",
         "phase": "Ready",
         "driver": "podman",
+        "host": "host-a",
         "image": "localhost/sandboxctl-busybox:latest",
         "command": json.dumps(["sh", "-c", 'echo "hi" \u00e9']),
         "labels": json.dumps({"team": "red", "tier": "b"}, sort_keys=True),
@@ -67,6 +68,7 @@ def test_a_list_item_is_the_row_as_a_get_returns_it_and_a_stub_is_bounded() -> N
         assert json.loads(encoded_row(r)) == sandbox_row(r)
     stub = json.loads(stub_row(row(labels=json.dumps({"blob": "x" * 900_000}))))
     assert stub == {
-        "name": "box-1", "sandbox_id": "0123456789abcdef", "phase": "Ready", "driver": "podman", "last_seq": 42,
+        "name": "box-1", "sandbox_id": "0123456789abcdef", "phase": "Ready", "driver": "podman", "host": "host-a",
+        "last_seq": 42,
         "updated_at": "2026-11-29T16:00:01+00:00", "truncated": True,
     }  # fmt: skip

@@ -1,0 +1,257 @@
+"""Hosts in the hosts' key-value bucket: a process that runs driver workers announces its host and
+keeps the announcement fresh (``Announcer``); the state machine and the command line read them
+(``Hosts``, ``read_hosts``).
+
+An announcement is rewritten every third of its heartbeat window. A host whose announcement has
+not been rewritten for the window is lost; its entry stays, so that ``sandboxctl hosts`` shows it
+as lost and its return is the same host. A host name is held by one installation at a time (the
+announcement's ``worker``): a second one that announces a name whose holder is alive is refused,
+so two machines never take each other's work orders.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable
+from datetime import datetime
+
+import msgspec
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError, NoKeysError, NotFoundError
+from nats.js.kv import KeyValue
+
+from sandboxctl.bus.streams import make_once
+from sandboxctl.bus.tail import reraise_if_cancelling
+from sandboxctl.events import subjects
+from sandboxctl.events.hosts import HostAnnouncement, decode_host, encode_host
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_WINDOW = 30.0  # seconds without a heartbeat after which a host is lost (the default)
+
+
+class HostTaken(Exception):
+    """The host name is held by another installation whose heartbeat is alive."""
+
+
+async def hosts_bucket(js: JetStreamContext, replicas: int | None = None) -> KeyValue:
+    """The hosts' bucket, made if missing (replicas as the streams). No TTL: a lost host stays
+    listed, as lost, until it comes back."""
+    with contextlib.suppress(BucketNotFoundError):
+        return await js.key_value(subjects.HOSTS_BUCKET)
+
+    def make(wanted: int) -> Awaitable[KeyValue]:
+        config = KeyValueConfig(
+            bucket=subjects.HOSTS_BUCKET,
+            description="sandboxctl: each host's announcement, renewed by its heartbeat",
+            history=1,
+            storage=StorageType.FILE,
+            replicas=wanted,
+        )
+        return js.create_key_value(config)
+
+    return await make_once(make, lambda: js.key_value(subjects.HOSTS_BUCKET), replicas)
+
+
+def _seconds_since(written: object) -> float:
+    """Seconds since a time the server stamped (a datetime, or nanoseconds since the epoch),
+    against this machine's clock; never negative."""
+    if isinstance(written, datetime):
+        stamp = written.timestamp()
+    elif isinstance(written, (int, float)):
+        stamp = written / 1e9 if written > 1e12 else float(written)
+    else:
+        return 0.0
+    return max(time.time() - stamp, 0.0)
+
+
+async def _stored(js: JetStreamContext, name: str) -> tuple[bytes, float, int] | None:
+    """Host ``name``'s entry as stored: its value, its age (seconds), its revision."""
+    try:
+        msg = await js.get_msg(subjects.HOSTS_STREAM, subject=f"$KV.{subjects.HOSTS_BUCKET}.{name}")
+    except NotFoundError:
+        return None
+    if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+        return None
+    return msg.data or b"", _seconds_since(msg.time), int(msg.seq or 0)
+
+
+class HostSeen(msgspec.Struct, kw_only=True, frozen=True):
+    """An announcement as read: what it says, and how long ago it was last renewed."""
+
+    host: HostAnnouncement
+    age: float
+
+    @property
+    def live(self) -> bool:
+        return self.age <= self.host.heartbeat
+
+
+async def read_hosts(js: JetStreamContext) -> list[HostSeen]:
+    """Every host announced, in name order; an entry that does not decode is skipped, logged."""
+    try:
+        kv = await js.key_value(subjects.HOSTS_BUCKET)
+    except BucketNotFoundError:
+        return []
+    try:
+        keys = await kv.keys()
+    except NoKeysError:
+        return []
+    seen: list[HostSeen] = []
+    for key in sorted(keys):
+        stored = await _stored(js, key)
+        if stored is None:
+            continue
+        try:
+            seen.append(HostSeen(host=decode_host(stored[0]), age=stored[1]))
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.error("hosts: the announcement of %s is unreadable, skipped: %s", key[:80], exc)
+    return seen
+
+
+class Announcer:
+    """Announce ``host`` and renew it every third of its heartbeat window until stopped."""
+
+    def __init__(self, js: JetStreamContext, host: HostAnnouncement, replicas: int | None = None) -> None:
+        self.js, self.host, self.replicas = js, host, replicas
+        self._kv: KeyValue | None = None
+        self._revision = 0
+        self.task: asyncio.Task[None] | None = None
+
+    async def claim(self) -> None:
+        """Announce the host, or raise HostTaken if another installation holds its name."""
+        kv = self._kv = await hosts_bucket(self.js, self.replicas)
+        data = encode_host(self.host)
+        try:
+            self._revision = await kv.create(self.host.name, data)
+            return
+        except KeyWrongLastSequenceError:
+            pass
+        stored = await _stored(self.js, self.host.name)
+        if stored is None:  # deleted since: make it again
+            self._revision = await kv.put(self.host.name, data)
+            return
+        value, age, revision = stored
+        with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+            held = decode_host(value)
+            if held.worker != self.host.worker and age <= held.heartbeat:
+                raise HostTaken(
+                    f"host {self.host.name} is held by worker {held.worker}, heard from {age:.0f} s ago: "
+                    "give this machine another name (SANDBOXCTL_HOST)"
+                )
+        self._revision = await kv.update(self.host.name, data, last=revision)
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._renew(), name=f"host-{self.host.name}-heartbeat")
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+
+    async def _renew(self) -> None:
+        assert self._kv is not None
+        data = encode_host(self.host)
+        while True:
+            await asyncio.sleep(self.host.heartbeat / 3)
+            try:
+                self._revision = await self._kv.update(self.host.name, data, last=self._revision)
+            except KeyWrongLastSequenceError:
+                # Rewritten by someone else: taken over after our heartbeat lapsed, or our last
+                # write was stored though its answer was lost. Claim it again, or say who has it.
+                try:
+                    await self.claim()
+                except HostTaken as exc:
+                    log.error("hosts: %s", exc)
+                except Exception as exc:
+                    reraise_if_cancelling()
+                    log.warning("hosts: could not renew %s: %r", self.host.name, exc)
+            except Exception as exc:
+                reraise_if_cancelling()
+                log.warning("hosts: could not renew %s: %r", self.host.name, exc)
+
+
+class HostsView:
+    """The hosts as announced, followed as they change (the state machine places by it).
+
+    Follows the bucket with a watch; a host not heard from for half its window is read again
+    directly, so a watch that went quiet (a reconnect) never makes a live host look lost."""
+
+    def __init__(self, js: JetStreamContext) -> None:
+        self.js = js
+        self.hosts: dict[str, HostAnnouncement] = {}
+        self._written: dict[str, float] = {}  # when each was last renewed (Unix time, the server's stamp)
+        self.ready = asyncio.Event()  # set once the bucket's entries at start have been read
+
+    def age(self, name: str) -> float:
+        return time.time() - self._written.get(name, 0.0)
+
+    def live(self, name: str) -> bool:
+        host = self.hosts.get(name)
+        return host is not None and self.age(name) <= host.heartbeat
+
+    def _take(self, key: str, value: bytes | None, age: float) -> None:
+        if not value:
+            self.hosts.pop(key, None)
+            self._written.pop(key, None)
+            return
+        try:
+            host = decode_host(value)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.error("hosts: the announcement of %s is unreadable, skipped: %s", key[:80], exc)
+            return
+        if host.name != key:
+            log.error("hosts: the entry %s announces host %s; skipped", key[:80], host.name)
+            return
+        self.hosts[key] = host
+        self._written[key] = time.time() - age
+
+    async def run(self) -> None:
+        while True:
+            watcher = None
+            try:
+                kv = await hosts_bucket(self.js)
+                watcher = await kv.watchall()
+                refreshed = time.monotonic()
+                while True:
+                    try:
+                        entry = await watcher.updates(timeout=5.0)  # type: ignore[no-untyped-call]
+                    except TimeoutError:
+                        entry = None
+                    if time.monotonic() - refreshed > 5.0:
+                        await self._refresh()
+                        refreshed = time.monotonic()
+                    if entry is None:
+                        self.ready.set()
+                        continue
+                    deleted = entry.operation in ("DEL", "PURGE")
+                    self._take(entry.key, None if deleted else entry.value, _seconds_since(entry.created))
+            except Exception as exc:
+                reraise_if_cancelling()
+                log.warning("hosts: following the hosts' bucket failed (%r); again in 1 s", exc)
+                await asyncio.sleep(1.0)
+            finally:
+                if watcher is not None:
+                    with contextlib.suppress(Exception):
+                        await watcher.stop()  # type: ignore[no-untyped-call]
+
+    async def reload(self) -> bool:
+        """Read every host afresh (a create that found no host may have come before the watch
+        brought one); whether anything was new."""
+        before = dict(self.hosts)
+        for seen in await read_hosts(self.js):
+            self._take(seen.host.name, encode_host(seen.host), seen.age)
+        return self.hosts != before
+
+    async def _refresh(self) -> None:
+        for name, host in list(self.hosts.items()):
+            if self.age(name) > host.heartbeat / 2:
+                stored = await _stored(self.js, name)
+                if stored is None:
+                    self._take(name, None, 0.0)
+                else:
+                    self._take(name, stored[0], stored[1])

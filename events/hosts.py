@@ -1,0 +1,52 @@
+"""Hosts: what a driver worker announces of the machine it runs on, so that the state machine can
+place sandboxes (statemachine/placement.py) and tell when a host has gone away.
+
+Each announcement is the value of the host's key in the hosts' key-value bucket
+(``subjects.HOSTS_BUCKET``), JSON, rewritten by the worker's heartbeat. Only driver workers may
+write there (docs/security.md); every field is bounded all the same, and an announcement that
+does not decode is no host.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar
+
+import msgspec
+
+from sandboxctl.events import limits
+from sandboxctl.events.commands import Driver, HostName, Labels
+
+Engines = Annotated[list[Driver], msgspec.Meta(max_length=limits.HOST_ENGINES_MAX)]
+Worker = Annotated[str, msgspec.Meta(max_length=200)]
+HostCpus = Annotated[float, msgspec.Meta(gt=0, le=limits.CPUS_MAX * 64)]
+HostMemory = Annotated[int, msgspec.Meta(gt=0, le=limits.MEMORY_MAX * 64)]
+HostSandboxes = Annotated[int, msgspec.Meta(ge=1, le=limits.HOST_SANDBOXES_MAX)]
+
+
+class HostAnnouncement(msgspec.Struct, kw_only=True, frozen=True):
+    """A host as its driver worker announces it: its engines, its capacity and its labels.
+    ``worker`` is the announcing installation's own id: a second worker that announces a host
+    name a live worker holds is refused, so two machines never take each other's orders."""
+
+    name: HostName
+    worker: Worker
+    engines: Engines
+    cpus: HostCpus
+    memory: HostMemory  # bytes
+    max_sandboxes: HostSandboxes
+    labels: Labels = {}
+    # Seconds after which a host not heard from is lost; renewed every third of it.
+    heartbeat: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 30.0
+    TYPE: ClassVar[str] = "sandboxctl.host.announced.v1"
+
+
+_decode = msgspec.json.Decoder(HostAnnouncement).decode
+
+
+def decode_host(data: bytes) -> HostAnnouncement:
+    """An announcement, checked against every bound; raises msgspec's errors otherwise."""
+    return _decode(data)
+
+
+def encode_host(host: HostAnnouncement) -> bytes:
+    return msgspec.json.encode(host)

@@ -1,0 +1,148 @@
+"""Where a new sandbox runs: the host with the most room among those that can take it.
+
+Pure: the hosts as announced (events/hosts.py), what each already holds, and the create's
+wishes in; a host's name or a refusal out. The state machine's shell calls it once per create
+and records the host in the ``created`` event, so that a replay of the log places nothing anew.
+
+The rule, predictable and explainable as a small scheduler's should be:
+
+1. A host is a candidate if it is live (its heartbeat has not lapsed), not draining, has the
+   sandbox's engine, is the host asked for (``--host``), carries every label the create requires
+   (``--constraint key=value``), and has room: fewer sandboxes than its maximum, and CPUs and
+   memory for the limits the sandbox asks (a sandbox without a limit counts for none).
+2. Of the candidates, the one whose largest share of capacity is the least used wins (sandboxes,
+   CPUs, memory: the scarcest counts), so hosts fill in proportion to their capacity; ties go to
+   the most free slots, then to the name.
+3. No candidate: ``failed_precondition``, saying for each host why it did not fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import msgspec
+
+from sandboxctl.events.replies import ErrorCode
+from sandboxctl.events.spec import Resources
+from sandboxctl.statemachine.phases import Phase
+from sandboxctl.statemachine.rejection import Rejection
+from sandboxctl.statemachine.state import SandboxState
+
+
+class HostLoad(msgspec.Struct, kw_only=True):
+    """What the sandboxes placed on one host (every one not Deleted) ask of it."""
+
+    sandboxes: int = 0
+    cpus: float = 0.0
+    memory: int = 0
+
+
+class Candidate(msgspec.Struct, kw_only=True, frozen=True):
+    """A host as placement sees it: its announcement's capacity and labels, and its standing."""
+
+    name: str
+    engines: tuple[str, ...]
+    labels: Mapping[str, str]
+    max_sandboxes: int
+    cpus: float
+    memory: int
+    live: bool = True
+    draining: bool = False
+
+
+def _counts(state: SandboxState | None) -> bool:
+    return state is not None and bool(state.host) and state.phase is not Phase.DELETED
+
+
+class Loads:
+    """Each host's load, kept up to date as states change (``changed``), so a placement costs
+    nothing in the number of sandboxes."""
+
+    def __init__(self) -> None:
+        self.by_host: dict[str, HostLoad] = {}
+
+    def changed(self, before: SandboxState | None, after: SandboxState | None) -> None:
+        if _counts(before):
+            assert before is not None
+            self._add(before, -1)
+        if _counts(after):
+            assert after is not None
+            self._add(after, 1)
+
+    def _add(self, state: SandboxState, sign: int) -> None:
+        load = self.by_host.setdefault(state.host, HostLoad())
+        load.sandboxes += sign
+        load.cpus += sign * (state.resources.cpus or 0.0)
+        load.memory += sign * (state.resources.memory or 0)
+        if load.sandboxes <= 0:
+            del self.by_host[state.host]
+
+    def of(self, host: str) -> HostLoad:
+        return self.by_host.get(host) or HostLoad()
+
+
+def _why_not(host: Candidate, load: HostLoad, driver: str, constraints: Mapping[str, str], resources: Resources) -> str:
+    if not host.live:
+        return "lost (no heartbeat)"
+    if host.draining:
+        return "draining"
+    if driver not in host.engines:
+        return f"has no {driver} (has {', '.join(host.engines) or 'no engine'})"
+    unmet = sorted(f"{k}={v}" for k, v in constraints.items() if host.labels.get(k) != v)
+    if unmet:
+        return f"labels do not match {', '.join(unmet)}"
+    if load.sandboxes >= host.max_sandboxes:
+        return f"full ({load.sandboxes} of {host.max_sandboxes} sandboxes)"
+    if resources.cpus and load.cpus + resources.cpus > host.cpus:
+        return f"{host.cpus - load.cpus:g} of {host.cpus:g} CPUs free, {resources.cpus:g} asked"
+    if resources.memory and load.memory + resources.memory > host.memory:
+        return f"{max(host.memory - load.memory, 0)} of {host.memory} bytes of memory free, {resources.memory} asked"
+    return ""
+
+
+def _used(host: Candidate, load: HostLoad, resources: Resources) -> float:
+    """The largest share of the host's capacity in use once this sandbox is on it."""
+    shares = [(load.sandboxes + 1) / host.max_sandboxes]
+    if resources.cpus and host.cpus:
+        shares.append((load.cpus + resources.cpus) / host.cpus)
+    if resources.memory and host.memory:
+        shares.append((load.memory + resources.memory) / host.memory)
+    return max(shares)
+
+
+def place(
+    hosts: Iterable[Candidate],
+    loads: Loads,
+    driver: str,
+    resources: Resources,
+    host: str = "",
+    constraints: Mapping[str, str] | None = None,
+) -> str | Rejection:
+    """The host a new sandbox on ``driver`` goes to, or why none fits (module docstring)."""
+    constraints = constraints or {}
+    best: tuple[float, int, str] | None = None
+    refused: list[str] = []
+    named = False
+    for candidate in hosts:
+        if host and candidate.name != host:
+            continue
+        named = True
+        load = loads.of(candidate.name)
+        why = _why_not(candidate, load, driver, constraints, resources)
+        if why:
+            refused.append(f"{candidate.name}: {why}")
+            continue
+        rank = (_used(candidate, load, resources), -(candidate.max_sandboxes - load.sandboxes), candidate.name)
+        if best is None or rank < best:
+            best = rank
+    if best is not None:
+        return best[2]
+    if host and not named:
+        return Rejection(ErrorCode.FAILED_PRECONDITION, f"no host {host} is announced")
+    if not refused:
+        return Rejection(ErrorCode.FAILED_PRECONDITION, f"no host is announced to run {driver} sandboxes")
+    wanted = f"a {driver} sandbox" + (f" on {host}" if host else "")
+    if constraints:
+        wanted += " with " + ", ".join(f"{k}={v}" for k, v in sorted(constraints.items()))
+    shown = refused[:10] + ([f"and {len(refused) - 10} more"] if len(refused) > 10 else [])
+    return Rejection(ErrorCode.FAILED_PRECONDITION, f"no host fits {wanted}: {'; '.join(shown)}")

@@ -1,0 +1,92 @@
+"""Placement (statemachine/placement.py): the host with the most room among those that fit, in
+proportion to capacity, and a refusal that says why each host did not fit."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from sandboxctl.events.replies import ErrorCode
+from sandboxctl.events.spec import Resources
+from sandboxctl.statemachine import Phase, Rejection, SandboxState
+from sandboxctl.statemachine.placement import Candidate, Loads, place
+
+NONE = Resources()
+
+
+def host(name: str, max_sandboxes: int = 10, engines: tuple[str, ...] = ("podman",), **kw: object) -> Candidate:
+    return Candidate(
+        name=name,
+        engines=engines,
+        labels=kw.pop("labels", {}),  # type: ignore[arg-type]
+        max_sandboxes=max_sandboxes,
+        cpus=kw.pop("cpus", 4.0),  # type: ignore[arg-type]
+        memory=kw.pop("memory", 8 << 30),  # type: ignore[arg-type]
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def placed(loads: Loads, name: str, on: str, resources: Resources = NONE) -> SandboxState:
+    state = SandboxState(name=name, sandbox_id=name, phase=Phase.READY, driver="podman", host=on, resources=resources)
+    loads.changed(None, state)
+    return state
+
+
+def test_hosts_fill_in_proportion_to_their_capacity() -> None:
+    hosts = [host("a", 200), host("b", 100)]
+    loads = Loads()
+    split: Counter[str] = Counter()
+    for i in range(200):
+        chosen = place(hosts, loads, "podman", NONE)
+        assert isinstance(chosen, str)
+        placed(loads, f"s{i}", chosen)
+        split[chosen] += 1
+    assert abs(split["a"] - 2 * split["b"]) <= 2, split
+
+
+def test_only_a_host_with_the_engine_the_name_and_the_labels_asked_for_is_chosen() -> None:
+    hosts = [
+        host("a", engines=("docker",), labels={"zone": "a"}),
+        host("b", labels={"zone": "b"}),
+        host("c", labels={"zone": "a", "gpu": "none"}),
+    ]
+    loads = Loads()
+    assert place(hosts, loads, "podman", NONE, constraints={"zone": "a"}) == "c"
+    assert place(hosts, loads, "docker", NONE) == "a"
+    assert place(hosts, loads, "podman", NONE, host="b") == "b"
+    refused = place(hosts, loads, "podman", NONE, constraints={"zone": "z"})
+    assert isinstance(refused, Rejection) and refused.code == ErrorCode.FAILED_PRECONDITION
+    assert "zone=z" in refused.message and "a: has no podman" in refused.message
+
+
+def test_a_full_draining_or_lost_host_is_passed_by_and_the_refusal_says_so() -> None:
+    loads = Loads()
+    hosts = [host("full", 1), host("drained", draining=True), host("gone", live=False)]
+    placed(loads, "x", "full")
+    refused = place(hosts, loads, "podman", NONE)
+    assert isinstance(refused, Rejection)
+    assert "full: full (1 of 1 sandboxes)" in refused.message
+    assert "drained: draining" in refused.message and "gone: lost" in refused.message
+
+
+def test_an_unknown_host_and_no_host_at_all_are_refused() -> None:
+    unknown = place([host("a")], Loads(), "podman", NONE, host="zz")
+    assert isinstance(unknown, Rejection) and unknown.message == "no host zz is announced"
+    nothing = place([], Loads(), "podman", NONE)
+    assert isinstance(nothing, Rejection) and nothing.code == ErrorCode.FAILED_PRECONDITION
+
+
+def test_cpu_and_memory_limits_count_against_a_hosts_capacity() -> None:
+    loads = Loads()
+    hosts = [host("small", cpus=2.0), host("big", cpus=8.0)]
+    assert place(hosts, loads, "podman", Resources(cpus=4.0)) == "big"
+    placed(loads, "x", "big", Resources(cpus=7.0))
+    refused = place(hosts, loads, "podman", Resources(cpus=4.0))
+    assert isinstance(refused, Rejection) and "CPUs free" in refused.message
+
+
+def test_a_deleted_sandbox_frees_its_place() -> None:
+    loads = Loads()
+    state = placed(loads, "x", "a")
+    assert place([host("a", 1)], loads, "podman", NONE) != "a"
+    loads.changed(state, SandboxState(name="x", sandbox_id="x", phase=Phase.DELETED, driver="podman", host="a"))
+    assert place([host("a", 1)], loads, "podman", NONE) == "a"
