@@ -12,6 +12,7 @@ import msgspec
 
 from sandboxctl.auth.roles import ADMIN, DRIVERS, READ, STATEMACHINE_CONSUMER, User, component_user, has_role
 from sandboxctl.events import subjects
+from sandboxctl.events.hosts import DRAIN_PREFIX
 
 API = "$JS.API"
 
@@ -157,7 +158,10 @@ def component_permissions(component: str, host: str = "") -> dict[str, Any]:
     if component == "query":
         return {
             # It answers through allow_responses, and reads a sandbox's history from the log.
-            "publish": {"allow": [*_stream_reader(subjects.LOG_STREAM), inbox], "deny": PROTECTED_CONSUMERS},
+            "publish": {
+                "allow": [*_stream_reader(subjects.LOG_STREAM), *_hosts_reader(), inbox],
+                "deny": PROTECTED_CONSUMERS,
+            },
             "subscribe": {"allow": [f"{subjects.QUERY}.*", inbox, subjects.HEALTH]},
             "allow_responses": True,
         }
@@ -198,6 +202,7 @@ def user_permissions(name: str, roles: Iterable[str]) -> dict[str, Any]:
         subscribe += [f"{subjects.PROJECTED}.*"]
     if has_role(roles, ADMIN):
         publish += [*_stream_reader(subjects.DEADLETTER_STREAM), *_stream_reader(subjects.AUDIT_STREAM)]
+        publish += [f"$KV.{subjects.HOSTS_BUCKET}.{DRAIN_PREFIX}*"]  # sandboxctl host drain and undrain
         # `sandboxctl top` counts commands; joining the state machine's queue group would steal them.
         subscribe += [subjects.COMMANDS_ALL]
         sub_deny += [f"{subjects.COMMANDS_ALL} sandboxctl-statemachine"]

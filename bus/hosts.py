@@ -21,17 +21,27 @@ from datetime import datetime
 import msgspec
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError, NoKeysError, NotFoundError
+from nats.js.errors import (
+    BucketNotFoundError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoKeysError,
+    NotFoundError,
+)
 from nats.js.kv import KeyValue
 
 from sandboxctl.bus.streams import make_once
 from sandboxctl.bus.tail import reraise_if_cancelling
 from sandboxctl.events import subjects
-from sandboxctl.events.hosts import HostAnnouncement, decode_host, encode_host
+from sandboxctl.events.hosts import DRAIN_PREFIX, HostAnnouncement, decode_host, encode_host
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_WINDOW = 30.0  # seconds without a heartbeat after which a host is lost (the default)
+
+
+def drain_key(host: str) -> str:
+    return DRAIN_PREFIX + host
 
 
 class HostTaken(Exception):
@@ -103,6 +113,8 @@ async def read_hosts(js: JetStreamContext) -> list[HostSeen]:
         return []
     seen: list[HostSeen] = []
     for key in sorted(keys):
+        if key.startswith(DRAIN_PREFIX):
+            continue
         stored = await _stored(js, key)
         if stored is None:
             continue
@@ -111,6 +123,26 @@ async def read_hosts(js: JetStreamContext) -> list[HostSeen]:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             log.error("hosts: the announcement of %s is unreadable, skipped: %s", key[:80], exc)
     return seen
+
+
+async def drained(js: JetStreamContext) -> list[str]:
+    """The hosts an operator has drained."""
+    try:
+        kv = await js.key_value(subjects.HOSTS_BUCKET)
+        keys = await kv.keys()
+    except (BucketNotFoundError, NoKeysError):
+        return []
+    return sorted(k.removeprefix(DRAIN_PREFIX) for k in keys if k.startswith(DRAIN_PREFIX))
+
+
+async def drain(js: JetStreamContext, host: str, draining: bool = True) -> None:
+    """Stop placing sandboxes on ``host`` (or, with ``draining`` False, place them there again)."""
+    kv = await hosts_bucket(js)
+    if draining:
+        await kv.put(drain_key(host), b"draining")
+    else:
+        with contextlib.suppress(KeyNotFoundError):
+            await kv.delete(drain_key(host))
 
 
 class Announcer:
@@ -181,9 +213,11 @@ class HostsView:
     Follows the bucket with a watch; a host not heard from for half its window is read again
     directly, so a watch that went quiet (a reconnect) never makes a live host look lost."""
 
-    def __init__(self, js: JetStreamContext) -> None:
+    def __init__(self, js: JetStreamContext, make: bool = False) -> None:
         self.js = js
+        self.make = make  # make the bucket if missing (a reader that may not waits for it)
         self.hosts: dict[str, HostAnnouncement] = {}
+        self.draining: set[str] = set()
         self._written: dict[str, float] = {}  # when each was last renewed (Unix time, the server's stamp)
         self.ready = asyncio.Event()  # set once the bucket's entries at start have been read
 
@@ -195,6 +229,13 @@ class HostsView:
         return host is not None and self.age(name) <= host.heartbeat
 
     def _take(self, key: str, value: bytes | None, age: float) -> None:
+        if key.startswith(DRAIN_PREFIX):
+            drained_host = key.removeprefix(DRAIN_PREFIX)
+            if value:
+                self.draining.add(drained_host)
+            else:
+                self.draining.discard(drained_host)
+            return
         if not value:
             self.hosts.pop(key, None)
             self._written.pop(key, None)
@@ -214,7 +255,15 @@ class HostsView:
         while True:
             watcher = None
             try:
-                kv = await hosts_bucket(self.js)
+                if self.make:
+                    kv = await hosts_bucket(self.js)
+                else:
+                    try:
+                        kv = await self.js.key_value(subjects.HOSTS_BUCKET)
+                    except BucketNotFoundError:
+                        self.ready.set()  # no host announced yet
+                        await asyncio.sleep(1.0)
+                        continue
                 watcher = await kv.watchall()
                 refreshed = time.monotonic()
                 while True:
@@ -242,10 +291,11 @@ class HostsView:
     async def reload(self) -> bool:
         """Read every host afresh (a create that found no host may have come before the watch
         brought one); whether anything was new."""
-        before = dict(self.hosts)
+        before = dict(self.hosts), set(self.draining)
         for seen in await read_hosts(self.js):
             self._take(seen.host.name, encode_host(seen.host), seen.age)
-        return self.hosts != before
+        self.draining = set(await drained(self.js))
+        return (self.hosts, self.draining) != before
 
     async def _refresh(self) -> None:
         for name, host in list(self.hosts.items()):

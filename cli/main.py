@@ -139,6 +139,8 @@ def _check(args: argparse.Namespace) -> None:
             raise Failure(ErrorCode.INVALID_ARGUMENT, "give names, --all or --selector: one of them")
         if not names and not args.all and not args.selector_labels:
             raise Failure(ErrorCode.INVALID_ARGUMENT, f"{args.cmd} needs at least one NAME, --selector or --all")
+        if args.host and names:
+            raise Failure(ErrorCode.INVALID_ARGUMENT, "--host goes with --all or --selector, not with names")
     if isinstance(getattr(args, "name", None), str) and args.cmd != "user":
         names.append(args.name)
     seen: set[str] = set()
@@ -432,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(verb, help=helptext)
         sp.add_argument("names", nargs="*", metavar="NAME")
         sp.add_argument("--all", action="store_true", help=every)
+        sp.add_argument("--host", default="", metavar="NAME", help="with --all or --selector: those on this host only")
         sp.add_argument(
             "--selector",
             "-l",
@@ -477,6 +480,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     hs = sub.add_parser("hosts", help="the hosts driver workers announced: engines, capacity, sandboxes, state")
     hs.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+    ho = sub.add_parser("host", help="drain a host (place nothing new on it) or undrain it")
+    hsub = ho.add_subparsers(dest="host_cmd", required=True)
+    for verb, text in (("drain", "place no new sandbox on it"), ("undrain", "place sandboxes on it again")):
+        hsub.add_parser(verb, help=text).add_argument("host_name", metavar="NAME")
 
     ev = sub.add_parser("events", help="print the log, one line per event")
     ev.add_argument("--follow", "-f", action="store_true", help="keep printing as the log grows")
@@ -583,7 +590,7 @@ async def _bulk_selected(client: SandboxClient, verb: BulkVerb, args: argparse.N
     """--selector and --all: one command, which the state machine fans out; each sandbox's
     result is printed, with progress on a terminal while they get to their phase."""
     if verb == "delete" and not args.yes:
-        names = [s["name"] for s in await client.list(labels=args.selector_labels or None)]
+        names = [s["name"] for s in await client.list(labels=args.selector_labels or None, host=args.host)]
         if names:
             await _confirm_delete_all(names)
     items: list[BulkItem] = []
@@ -593,6 +600,7 @@ async def _bulk_selected(client: SandboxClient, verb: BulkVerb, args: argparse.N
         all=args.all,
         timeout=getattr(args, "grace", 10.0),
         reason=getattr(args, "reason", ""),
+        host=args.host,
     ):
         items.extend(page.items)
     progress = _Progress(verb, len(items))
@@ -1028,6 +1036,10 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
         if args.cmd == "list":
             items = await client.list(args.phase, args.labels, include_deleted=args.all, host=args.host)
             show(items, args.output)
+            return 0
+        if args.cmd == "host":
+            await client.drain(args.host_name, args.host_cmd == "drain")
+            print(f"host {args.host_name} {'drained' if args.host_cmd == 'drain' else 'undrained'}")
             return 0
         if args.cmd == "hosts":
             hosts = await client.hosts()

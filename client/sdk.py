@@ -21,7 +21,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from sandboxctl.bus.eventlog import decode_event
-from sandboxctl.bus.hosts import read_hosts
+from sandboxctl.bus.hosts import drain, drained, read_hosts
 from sandboxctl.bus.natsinternals import on_reconnected, server_requires_auth
 from sandboxctl.bus.reading import read_log, read_stream
 from sandboxctl.bus.servers import MAX_PINGS_OUT, PING_INTERVAL, server_urls
@@ -66,6 +66,7 @@ from sandboxctl.events.commands import (
 )
 from sandboxctl.events.envelope import Envelope, encode, new_id
 from sandboxctl.events.lifecycle import SandboxDeleted
+from sandboxctl.events.limits import HOST_MAX, HOST_PATTERN
 from sandboxctl.events.replies import ErrorCode, Reply, reply_decoder
 from sandboxctl.events.spec import Resources
 from sandboxctl.statemachine.phases import Phase
@@ -202,6 +203,7 @@ def _refuses_login(exc: Exception) -> bool:
 
 
 # The queries answered from a projection, whose answers must not go back past what was seen.
+_HOST = re.compile(HOST_PATTERN)
 MONOTONIC_QUERIES = frozenset({"get", "list", "summary", "hosts"})
 
 
@@ -523,9 +525,11 @@ class SandboxClient:
         timeout: float = 10.0,
         reason: str = "",
         command_id: str | None = None,
+        host: str = "",
     ) -> AsyncIterator[BulkPage]:
         """``verb`` for every sandbox carrying each label of ``selector`` (or, with ``all``, every
-        one) in a phase the verb is for, as one command the state machine fans out: its pages,
+        one; with ``host``, of those on that host) in a phase the verb is for, as one command the
+        state machine fans out: its pages,
         each the outcome of every sandbox it took in. The same ``command_id`` sent again (a retry)
         acts on no sandbox twice."""
         meta = self._meta(command_id)
@@ -533,7 +537,14 @@ class SandboxClient:
         while True:
             reply = await self.send(
                 BulkSandboxes(
-                    verb=verb, selector=selector or {}, all=all, timeout=timeout, reason=reason, after=after, **meta
+                    verb=verb,
+                    selector=selector or {},
+                    all=all,
+                    host=host,
+                    timeout=timeout,
+                    reason=reason,
+                    after=after,
+                    **meta,
                 )
             )
             page = msgspec.convert(reply.result, BulkPage)
@@ -766,11 +777,22 @@ class SandboxClient:
         """Every sandbox that matches (see list_pages), however many pages that takes."""
         return [item async for page in self.list_pages(phases, labels, include_deleted, host=host) for item in page]
 
+    async def drain(self, host: str, draining: bool = True) -> None:
+        """Place no new sandbox on ``host`` (its sandboxes stay where they are), or, with
+        ``draining`` False, place them there again. NotFound for a host never announced."""
+        if not _HOST.fullmatch(host) or not host:
+            raise InvalidArgument(f"host {host[:80]!r}: 1-{HOST_MAX} letters, digits, '-' or '_'")
+        if host not in {seen.host.name for seen in await read_hosts(self.nc.jetstream())}:
+            raise NotFound(f"no host {host[:80]} is announced (sandboxctl hosts lists them)")
+        await drain(self.nc.jetstream(), host, draining)
+
     async def hosts(self) -> Rows:
         """Every host announced, in name order: its announcement (engines, capacity, labels), how
         many sandboxes are placed on it and running there, seconds since its last heartbeat, and
-        its state: ``ready``, or ``lost`` once its heartbeat window has passed."""
-        announced = await read_hosts(self.nc.jetstream())
+        its state: ``ready``, ``draining`` (nothing new is placed there), or ``lost`` once its
+        heartbeat window has passed."""
+        js = self.nc.jetstream()
+        announced, draining = await read_hosts(js), set(await drained(js))
         counts: dict[str, Any] = (await self.query("hosts"))["hosts"]
         rows: Rows = []
         for seen in announced:
@@ -779,7 +801,7 @@ class SandboxClient:
             rows.append(
                 {
                     "name": host.name,
-                    "state": "ready" if seen.live else "lost",
+                    "state": "lost" if not seen.live else "draining" if host.name in draining else "ready",
                     "engines": list(host.engines),
                     "labels": dict(host.labels),
                     "cpus": host.cpus,

@@ -238,11 +238,11 @@ class BulkSandboxes(
     """One command for many sandboxes: ``verb`` for every sandbox whose labels carry each pair of
     ``selector``, or with ``all`` every sandbox, among those in a phase the verb is for (stop:
     Ready or Paused; start: Stopped or Error; pause: Ready; resume: Paused; delete: any). Exactly
-    one of ``selector`` and ``all``. The state machine fans it out as one command per sandbox,
-    decided and logged as if sent alone, each caused by this one (``correlationid``: this
-    ``command_id``) under an id derived from this ``command_id`` and the name, so a retry acts on
-    no sandbox twice. It answers a page at a time, in name order: ``after`` is the ``next`` of the
-    page before (BulkPage)."""
+    one of ``selector`` and ``all``; with ``host``, only sandboxes placed there. The state machine
+    fans it out as one command per sandbox, decided and logged as if sent alone, each caused by
+    this one (``correlationid``: this ``command_id``) under an id derived from this ``command_id``
+    and the name, so a retry acts on no sandbox twice. It answers a page at a time, in name order:
+    ``after`` is the ``next`` of the page before (BulkPage)."""
 
     command_id: CommandId
     actor: Actor = "anonymous"
@@ -250,6 +250,7 @@ class BulkSandboxes(
     verb: BulkVerb
     selector: Labels = {}
     all: bool = False
+    host: HostName = ""  # only the sandboxes placed on this host
     timeout: Grace = 10.0  # a stop's grace
     reason: Reason = ""
     after: Annotated[str, msgspec.Meta(max_length=limits.NAME_MAX)] = ""

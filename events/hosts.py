@@ -40,6 +40,10 @@ class HostAnnouncement(msgspec.Struct, kw_only=True, frozen=True):
     TYPE: ClassVar[str] = "sandboxctl.host.announced.v1"
 
 
+# A drained host's key beside its announcement: an operator's (``sandboxctl host drain``), which
+# the host's own worker may not write; nothing new is placed there while it is set.
+DRAIN_PREFIX = "drain."
+
 _decode = msgspec.json.Decoder(HostAnnouncement).decode
 
 

@@ -39,6 +39,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from sandboxctl.bus.eventlog import last_subject_seq
+from sandboxctl.bus.hosts import HostsView
 from sandboxctl.bus.natsinternals import settle
 from sandboxctl.bus.reading import history
 from sandboxctl.events import subjects
@@ -154,10 +155,13 @@ class QueryService:
         self.db_path = db_path
         self._sub: Any = None
         self._pending: set[asyncio.Task[None]] = set()
-        self.tasks: list[asyncio.Task[None]] = []  # none long-running: it answers from a subscription
+        self.tasks: list[asyncio.Task[None]] = []
+        # The hosts as announced: a get of a sandbox on a lost host says it is unreachable.
+        self.hosts = HostsView(nc.jetstream())
 
     async def start(self) -> None:
         self.db = await connect(self.db_path)
+        self.tasks.append(asyncio.create_task(self.hosts.run(), name="query-hosts"))
         self._sub = await self.nc.subscribe(subjects.query("*"), queue="sandboxctl-query", cb=self._on_request)
         await settle(self.nc)  # started means answering
 
@@ -172,6 +176,9 @@ class QueryService:
                     unsubscribing.exception()  # a closed connection has nothing to unsubscribe: not an error
             if self._pending:
                 await asyncio.wait(self._pending, timeout=5)
+            for task in self.tasks:
+                task.cancel()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
         finally:
             await self.db.close()
 
@@ -226,6 +233,8 @@ class QueryService:
                 item = await get_sandbox(self.db, get.name)
                 if item is None:
                     return error_reply(ErrorCode.NOT_FOUND, f"sandbox {get.name} not found", get.name)
+                host = item["host"]
+                item["unreachable"] = bool(host) and host in self.hosts.hosts and not self.hosts.live(host)
                 return Reply(
                     accepted=True,
                     sandbox=get.name,

@@ -71,7 +71,7 @@ from sandboxctl.statemachine.bulk import bulk_problem, command_for, selected
 from sandboxctl.statemachine.clone import decide_clone
 from sandboxctl.statemachine.deadlines import Deadlines, overdue
 from sandboxctl.statemachine.phases import TRANSIENT
-from sandboxctl.statemachine.placement import Candidate, Loads, place
+from sandboxctl.statemachine.placement import HOST_LOST, Candidate, Loads, host_lost, place
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +206,9 @@ class StateMachineService:
         # Placing: each create goes to a host its driver workers announced (statemachine/placement.py),
         # named in its created event. Without, sandboxes are on no host (a plane with no hosts: tests
         # of the state machine alone, which publish the drivers' facts themselves).
-        self.hosts = HostsView(nc.jetstream()) if place else None
+        self.hosts = HostsView(nc.jetstream(), make=True) if place else None
         self.loads = Loads()
+        self._started = time.monotonic()
         self.snapshot_every = snapshot_every
         self.snapshot_check = snapshot_check
         self.bulk_behind = bulk_behind
@@ -746,6 +747,7 @@ class StateMachineService:
                 cpus=host.cpus,
                 memory=host.memory,
                 live=hosts.live(name),
+                draining=name in hosts.draining,
             )
             for name, host in hosts.hosts.items()
         )
@@ -835,6 +837,35 @@ class StateMachineService:
                 except Exception:
                     reraise_if_cancelling()
                     log.exception("watchdog could not fail %s", name)
+            await self._fail_lost_hosts()
+
+    async def _fail_lost_hosts(self) -> None:
+        """Error with reason host_lost for what ran or moved on a host whose heartbeat lapsed: nothing
+        stays in Ready, Stopping or Starting on a machine that is gone. A host is given its whole
+        window from this instance's start too, so a plane that was down itself fails no host that
+        is merely announcing itself again."""
+        if self.hosts is None:
+            return
+        for host, announced in list(self.hosts.hosts.items()):
+            silent = self.hosts.age(host)
+            if silent <= announced.heartbeat or time.monotonic() - self._started <= announced.heartbeat:
+                continue
+            for name in list(self.loads.names.get(host, ())):
+                state = self.states.get(name)
+                if not host_lost(state, host, silent):
+                    continue
+                assert state is not None
+                log.warning("%s is %s on host %s, lost %.0f s ago: failing it", name, state.phase.value, host, silent)
+                try:
+                    cause = f"{state.sandbox_id}:{state.seq}:{HOST_LOST}"
+                    await self._decide_and_append(
+                        name,
+                        functools.partial(host_lost, host=host, silent_for=silent),
+                        Cause(WATCHDOG_EVENTS + cause, cause, "sandboxctl/watchdog"),
+                    )
+                except Exception:
+                    reraise_if_cancelling()
+                    log.exception("watchdog could not fail %s on lost host %s", name, host)
 
     # -- facts -------------------------------------------------------------------
 

@@ -41,9 +41,9 @@ def bulk_problem(bulk: BulkSandboxes) -> str | None:
 
 
 def selected(state: SandboxState, bulk: BulkSandboxes) -> bool:
-    """Whether the bulk command takes ``state``'s sandbox in: in a phase its verb is for, carrying
-    every label of its selector."""
-    if state.phase not in BULK_PHASES[bulk.verb]:
+    """Whether the bulk command takes ``state``'s sandbox in: in a phase its verb is for, on its
+    host if it names one, carrying every label of its selector."""
+    if state.phase not in BULK_PHASES[bulk.verb] or (bulk.host and state.host != bulk.host):
         return False
     labels = state.labels
     return all(labels.get(key) == value for key, value in bulk.selector.items())

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping
 
 import msgspec
 
+from sandboxctl.events.lifecycle import LifecycleEvent, SandboxFailed
 from sandboxctl.events.replies import ErrorCode
 from sandboxctl.events.spec import Resources
 from sandboxctl.statemachine.phases import Phase
@@ -60,14 +61,21 @@ class Loads:
 
     def __init__(self) -> None:
         self.by_host: dict[str, HostLoad] = {}
+        self.names: dict[str, set[str]] = {}  # the sandboxes on each host, not Deleted
 
     def changed(self, before: SandboxState | None, after: SandboxState | None) -> None:
         if _counts(before):
             assert before is not None
             self._add(before, -1)
+            on = self.names.get(before.host)
+            if on is not None:
+                on.discard(before.name)
+                if not on:
+                    del self.names[before.host]
         if _counts(after):
             assert after is not None
             self._add(after, 1)
+            self.names.setdefault(after.host, set()).add(after.name)
 
     def _add(self, state: SandboxState, sign: int) -> None:
         load = self.by_host.setdefault(state.host, HostLoad())
@@ -146,3 +154,35 @@ def place(
         wanted += " with " + ", ".join(f"{k}={v}" for k, v in sorted(constraints.items()))
     shown = refused[:10] + ([f"and {len(refused) - 10} more"] if len(refused) > 10 else [])
     return Rejection(ErrorCode.FAILED_PRECONDITION, f"no host fits {wanted}: {'; '.join(shown)}")
+
+
+# What a lost host takes down: every sandbox that runs there, or is on its way somewhere. Stopped
+# ones keep their phase (their workspace waits on the host, unreachable); Error, Completed and
+# Archived ones (nothing on the host runs) keep theirs too.
+HOST_LOST = "host_lost"
+LOST_WITH_HOST = frozenset(
+    {
+        Phase.READY,
+        Phase.PROVISIONING,
+        Phase.STARTING,
+        Phase.STOPPING,
+        Phase.PAUSING,
+        Phase.PAUSED,
+        Phase.RESUMING,
+        Phase.ARCHIVING,
+        Phase.DELETING,
+    }
+)
+
+
+def host_lost(state: SandboxState | None, host: str, silent_for: float) -> list[LifecycleEvent]:
+    """Error with reason ``host_lost`` for a sandbox on ``host``, which has sent no heartbeat for
+    ``silent_for`` seconds, if it was running or moving there; nothing otherwise."""
+    if state is None or state.host != host or state.phase not in LOST_WITH_HOST:
+        return []
+    return [
+        SandboxFailed(
+            kind=HOST_LOST,
+            reason=f"{HOST_LOST}: host {host} sent no heartbeat for {silent_for:.0f} s",
+        )
+    ]
