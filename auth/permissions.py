@@ -94,7 +94,15 @@ def _host_announcer(host: str) -> list[str]:
     ]
 
 
-def component_permissions(component: str, host: str = "") -> dict[str, Any]:
+def protected_consumers(hosts: Iterable[str] = ()) -> list[str]:
+    """Deletes denied to everyone: the services' durables, the driver workers' of each host too."""
+    per_host = [
+        f"{API}.CONSUMER.DELETE.{subjects.LOG_STREAM}.sandboxctl-driver-{d}-{h}" for d in DRIVERS for h in sorted(hosts)
+    ]
+    return [*PROTECTED_CONSUMERS, *per_host]
+
+
+def component_permissions(component: str, host: str = "", protected: list[str] = PROTECTED_CONSUMERS) -> dict[str, Any]:
     """Least privilege per service: exactly the subjects its code uses (see docs/security.md).
 
     Every service may hear ``sandboxctl.health``: the process that runs it reports its services'
@@ -121,7 +129,7 @@ def component_permissions(component: str, host: str = "") -> dict[str, Any]:
                     f"{API}.STREAM.CREATE.{subjects.HOSTS_STREAM}",
                     inbox,  # its own: bus.natsinternals.settle
                 ],
-                "deny": PROTECTED_CONSUMERS,
+                "deny": protected,
             },
             "subscribe": {"allow": [subjects.COMMANDS_ALL, inbox, subjects.HEALTH]},
             "allow_responses": True,
@@ -137,7 +145,7 @@ def component_permissions(component: str, host: str = "") -> dict[str, Any]:
                     *_lease(subjects.PROJECTION_SNAPSHOT_LEASE),  # one projector writes the snapshot at a time
                     subjects.INBOXES_ALL,
                 ],
-                "deny": PROTECTED_CONSUMERS,
+                "deny": protected,
             },
             "subscribe": {"allow": [inbox, subjects.HEALTH]},
         }
@@ -151,7 +159,7 @@ def component_permissions(component: str, host: str = "") -> dict[str, Any]:
                     *_lease(subjects.REAPER_LEASE),  # one reaper acts at a time
                     subjects.INBOXES_ALL,
                 ],
-                "deny": PROTECTED_CONSUMERS,
+                "deny": protected,
             },
             "subscribe": {"allow": [inbox, subjects.HEALTH]},
         }
@@ -160,7 +168,7 @@ def component_permissions(component: str, host: str = "") -> dict[str, Any]:
             # It answers through allow_responses, and reads a sandbox's history from the log.
             "publish": {
                 "allow": [*_stream_reader(subjects.LOG_STREAM), *_hosts_reader(), inbox],
-                "deny": PROTECTED_CONSUMERS,
+                "deny": protected,
             },
             "subscribe": {"allow": [f"{subjects.QUERY}.*", inbox, subjects.HEALTH]},
             "allow_responses": True,
@@ -182,14 +190,14 @@ def component_permissions(component: str, host: str = "") -> dict[str, Any]:
                     f"{subjects.DEADLETTER}.{consumer}.*",
                     subjects.INBOXES_ALL,
                 ],
-                "deny": PROTECTED_CONSUMERS,
+                "deny": protected,
             },
             "subscribe": {"allow": [inbox, subjects.HEALTH]},
         }
     raise ValueError(f"unknown component {component!r}")
 
 
-def user_permissions(name: str, roles: Iterable[str]) -> dict[str, Any]:
+def user_permissions(name: str, roles: Iterable[str], protected: list[str] = PROTECTED_CONSUMERS) -> dict[str, Any]:
     """A person's (or another service's) permissions: its own command subjects whatever its roles
     (the state machine checks those, and records refusals), and streams by role. A reader may
     also ask every process for its services' health (``sandboxctl status``)."""
@@ -207,7 +215,7 @@ def user_permissions(name: str, roles: Iterable[str]) -> dict[str, Any]:
         subscribe += [subjects.COMMANDS_ALL]
         sub_deny += [f"{subjects.COMMANDS_ALL} sandboxctl-statemachine"]
     perms: dict[str, Any] = {
-        "publish": {"allow": publish, "deny": PROTECTED_CONSUMERS},
+        "publish": {"allow": publish, "deny": protected},
         "subscribe": {"allow": subscribe},
     }
     if sub_deny:
@@ -215,13 +223,15 @@ def user_permissions(name: str, roles: Iterable[str]) -> dict[str, Any]:
     return perms
 
 
-def permissions(user: User) -> dict[str, Any]:
+def permissions(user: User, protected: list[str] = PROTECTED_CONSUMERS) -> dict[str, Any]:
     if user.component:
-        return component_permissions(user.component, user.host)
-    return user_permissions(user.name, user.roles)
+        return component_permissions(user.component, user.host, protected)
+    return user_permissions(user.name, user.roles, protected)
 
 
 def server_conf(users: Iterable[User]) -> str:
     """The nats-server ``authorization`` block (NATS config accepts JSON values)."""
-    entries = [{"user": u.name, "password": u.password, "permissions": permissions(u)} for u in users]
+    users = list(users)
+    protected = protected_consumers({u.host for u in users if u.host})
+    entries = [{"user": u.name, "password": u.password, "permissions": permissions(u, protected)} for u in users]
     return "authorization " + msgspec.json.format(msgspec.json.encode({"users": entries}).decode()) + "\n"

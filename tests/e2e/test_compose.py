@@ -121,7 +121,7 @@ async def test_compose_brings_up_a_replicated_plane_from_local_images_and_runs_a
             return False
         components = sorted(str(r["component"]) for r in json.loads(out))
         return components == sorted(
-            ["statemachine"] * 2 + ["projector"] * 2 + ["query"] * 2 + ["reaper"] * 2 + ["driver-docker"]
+            ["statemachine"] * 2 + ["projector"] * 2 + ["query"] * 2 + ["reaper"] * 2 + ["driver-docker", "host"]
         )
 
     await until(all_up, "every service of the compose stack reporting ok", timeout=120, every=1.0)

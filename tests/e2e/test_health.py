@@ -55,7 +55,14 @@ async def test_status_shows_each_service_with_its_position_against_the_log(
             break
         await asyncio.sleep(0.1)
     assert code == 0
-    assert sorted(r["component"] for r in rows) == ["driver-podman", "projector", "query", "reaper", "statemachine"]
+    assert sorted(r["component"] for r in rows) == [
+        "driver-podman",
+        "host",
+        "projector",
+        "query",
+        "reaper",
+        "statemachine",
+    ]
     for row in rows:
         assert row["healthy"] and row["status"] == "ok", row
         assert row["pid"] == os.getpid() and row["host"] == socket.gethostname() and row["restarts"] == 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -17,9 +18,10 @@ from sandboxctl.client import SandboxClient
 from sandboxctl.client.errors import FailedPrecondition
 from sandboxctl.runtime.config import Config
 from sandboxctl.runtime.embedded import ControlPlane, PodmanService, make_driver
-from tests.conftest import CLI
+from tests.conftest import CLI, until
 
 pytestmark = pytest.mark.timeout(300)
+HEARTBEAT = 5.0  # seconds: the hosts' heartbeat window, short for the test
 
 
 class IsolatedPodman(PodmanService):
@@ -62,6 +64,7 @@ async def two_hosts(
         host="host-b",
         host_labels={"zone": "b"},
         host_max_sandboxes=2,
+        heartbeat=HEARTBEAT,
     )
     plane = await ControlPlane(a).start()
     other = await ControlPlane(b, components=("worker",)).start()
@@ -75,6 +78,10 @@ async def hosts_client(config: Config, two_hosts: object) -> AsyncIterator[Sandb
     client = await SandboxClient.connect(config.nats_url, actor="test")
     yield client
     await client.close()
+
+
+async def phase_of(client: SandboxClient, name: str, phase: str) -> bool:
+    return bool((await client.get(name))["phase"] == phase)
 
 
 def names_on(config: Config) -> set[str]:
@@ -151,3 +158,85 @@ async def test_a_host_name_held_by_another_live_installation_is_refused(
     taken = dataclasses.replace(other.config, data_dir=tmp_path / "data-c")
     with pytest.raises(HostTaken, match="host host-b is held by worker"):
         await ControlPlane(taken, components=("worker",)).start()
+
+
+async def test_a_host_that_goes_away_fails_what_ran_there_and_reconciles_when_it_returns(
+    two_hosts: tuple[ControlPlane, ControlPlane],
+    hosts_client: SandboxClient,
+    second_podman: IsolatedPodman,
+    names,
+    image: str,
+) -> None:
+    _, other = two_hosts
+    client = hosts_client
+    running, stopped, elsewhere = names.new("run"), names.new("stopped"), names.new("a")
+    for name, where in ((running, "host-b"), (stopped, "host-b"), (elsewhere, "host-a")):
+        await client.create(name, image, host=where)
+    for name in (running, stopped, elsewhere):
+        await client.wait_for(name, "Ready", timeout=60)
+    reply = await client.stop(stopped, timeout=1)
+    await client.wait_for(stopped, "Stopped", reply.seq, timeout=60)
+
+    # host-b's worker and its engine go away together
+    await other.stop()
+    second_podman.stop()
+    began = time.monotonic()
+    await until(lambda: phase_of(client, running, "Error"), f"{running} in Error", timeout=HEARTBEAT + 15)
+    took = time.monotonic() - began
+    assert took <= HEARTBEAT + 5, f"host_lost after {took:.1f}s"
+    lost = await client.get(running)
+    assert lost["last_error"].startswith("host_lost") and lost["unreachable"] is True
+    kept = await client.get(stopped)
+    assert kept["phase"] == "Stopped" and kept["unreachable"] is True
+    assert (await client.get(elsewhere))["phase"] == "Ready" and (await client.get(elsewhere))["unreachable"] is False
+    states = {h["name"]: h["state"] for h in await client.hosts()}
+    assert states == {"host-a": "ready", "host-b": "lost"}, states
+
+    # it comes back: its reconciliation brings each sandbox to what its engine shows
+    second_podman.start()
+    back = await ControlPlane(other.config, components=("worker",)).start()
+    try:
+        await until(lambda: phase_of(client, running, "Ready"), f"{running} Ready again", timeout=60)
+        assert (await client.get(stopped))["phase"] == "Stopped"
+        assert (await client.get(running))["unreachable"] is False
+        for name in (running, stopped, elsewhere):
+            reply = await client.delete(name)
+            await client.wait_for(name, "Deleted", reply.seq, timeout=60)
+    finally:
+        await back.stop()
+
+
+async def test_a_drained_host_takes_nothing_new_and_stop_all_host_stops_only_its_sandboxes(
+    two_hosts: tuple[ControlPlane, ControlPlane],
+    hosts_client: SandboxClient,
+    config: Config,
+    capsys: pytest.CaptureFixture[str],
+    names,
+    image: str,
+) -> None:
+    client, cli = hosts_client, CLI(config, capsys)
+    on_a, on_b = names.new("a"), names.new("b")
+    await client.create(on_a, image, host="host-a")
+    await client.create(on_b, image, host="host-b")
+    for name in (on_a, on_b):
+        await client.wait_for(name, "Ready", timeout=60)
+    code, _, err = await cli("host", "drain", "host-a")
+    assert code == 0, err
+    assert {h["name"]: h["state"] for h in await client.hosts()}["host-a"] == "draining"
+    fresh = names.new("fresh")
+    await client.create(fresh, image)
+    assert (await client.get(fresh))["host"] == "host-b"  # host-a has more room, but is drained
+    with pytest.raises(FailedPrecondition, match="draining"):
+        await client.create(names.new("x"), image, host="host-a")
+    code, _, err = await cli("host", "drain", "nowhere")
+    assert code != 0 and "no host nowhere is announced" in err
+    code, _, err = await cli("host", "undrain", "host-a")
+    assert code == 0, err
+
+    code, _, err = await cli("stop", "--all", "--host", "host-b", "--grace", "1")
+    assert code == 0, err
+    assert (await client.get(on_b))["phase"] == "Stopped" and (await client.get(fresh))["phase"] == "Stopped"
+    assert (await client.get(on_a))["phase"] == "Ready"
+    for name in (on_a, on_b, fresh):
+        reply = await client.delete(name)
+        await client.wait_for(name, "Deleted", reply.seq, timeout=60)

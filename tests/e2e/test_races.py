@@ -876,7 +876,8 @@ async def test_a_stop_delivered_again_after_a_start_won_leaves_the_new_run_alone
     assert again.metadata.sequence.stream == stop.seq and again.metadata.num_delivered == 2
 
     driver = next(w for w in plane.workers if w.driver.name == "podman").driver
-    fresh = DriverWorker(await nats.connect(plane.config.nats_url), driver)  # knows nothing of the start
+    # knows nothing of the start
+    fresh = DriverWorker(await nats.connect(plane.config.nats_url), driver, host=plane.config.host)
     try:
         await fresh._handle(again)
     finally:

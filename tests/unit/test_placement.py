@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from collections import Counter
 
+from sandboxctl.events.commands import BulkSandboxes
+from sandboxctl.events.lifecycle import SandboxFailed
 from sandboxctl.events.replies import ErrorCode
 from sandboxctl.events.spec import Resources
 from sandboxctl.statemachine import Phase, Rejection, SandboxState
-from sandboxctl.statemachine.placement import Candidate, Loads, place
+from sandboxctl.statemachine.bulk import selected
+from sandboxctl.statemachine.placement import HOST_LOST, Candidate, Loads, host_lost, place
 
 NONE = Resources()
 
@@ -90,3 +93,33 @@ def test_a_deleted_sandbox_frees_its_place() -> None:
     assert place([host("a", 1)], loads, "podman", NONE) != "a"
     loads.changed(state, SandboxState(name="x", sandbox_id="x", phase=Phase.DELETED, driver="podman", host="a"))
     assert place([host("a", 1)], loads, "podman", NONE) == "a"
+
+
+def test_a_lost_host_fails_what_runs_or_moves_there_and_leaves_the_rest() -> None:
+    def on(phase: Phase, host_name: str = "a") -> SandboxState:
+        return SandboxState(name="x", sandbox_id="x", phase=phase, driver="podman", host=host_name)
+
+    for phase in (Phase.READY, Phase.STOPPING, Phase.STARTING, Phase.PROVISIONING, Phase.PAUSED):
+        (failed,) = host_lost(on(phase), "a", 31.0)
+        assert isinstance(failed, SandboxFailed) and failed.kind == HOST_LOST
+        assert failed.reason.startswith("host_lost") and "31 s" in failed.reason
+    for phase in (Phase.STOPPED, Phase.ERROR, Phase.ARCHIVED, Phase.COMPLETED, Phase.DELETED):
+        assert host_lost(on(phase), "a", 31.0) == []
+    assert host_lost(on(Phase.READY, "b"), "a", 31.0) == []
+    assert host_lost(None, "a", 31.0) == []
+
+
+def test_a_bulk_command_with_a_host_takes_in_that_hosts_sandboxes_only() -> None:
+    bulk = BulkSandboxes(command_id="c1", verb="stop", all=True, host="a")
+    assert selected(SandboxState(name="x", sandbox_id="x", phase=Phase.READY, driver="podman", host="a"), bulk)
+    assert not selected(SandboxState(name="y", sandbox_id="y", phase=Phase.READY, driver="podman", host="b"), bulk)
+
+
+def test_the_loads_know_which_sandboxes_are_on_each_host() -> None:
+    loads = Loads()
+    state = placed(loads, "x", "a")
+    placed(loads, "y", "a")
+    assert loads.names == {"a": {"x", "y"}}
+    moved = SandboxState(name="x", sandbox_id="x", phase=Phase.DELETED, driver="podman", host="a")
+    loads.changed(state, moved)
+    assert loads.names == {"a": {"y"}} and loads.of("a").sandboxes == 1
