@@ -6,7 +6,9 @@ is refused; ``sandboxctl hosts`` and ``list --host`` show where each sandbox is.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -28,12 +30,14 @@ class IsolatedPodman(PodmanService):
     """A podman service with storage of its own: another host's engine, on the same machine."""
 
     def __init__(self, root: Path) -> None:
-        super().__init__(root / "podman.sock")
+        # podman refuses a runroot of 50 characters or more, and a socket's path is bounded too
+        self.short = Path(tempfile.mkdtemp(prefix="sbx-host-", dir="/tmp"))
+        super().__init__(self.short / "podman.sock")
         self.root = root
 
     @property
     def storage(self) -> list[str]:
-        return ["--root", str(self.root / "storage"), "--runroot", str(self.root / "run")]
+        return ["--root", str(self.root / "storage"), "--runroot", str(self.short / "run")]
 
     @property
     def argv(self) -> list[str]:
@@ -44,11 +48,14 @@ class IsolatedPodman(PodmanService):
 def second_podman(tmp_path: Path, image: str) -> Iterator[IsolatedPodman]:
     service = IsolatedPodman(tmp_path / "host-b")
     saved = subprocess.run(["podman", "save", image], capture_output=True, check=True).stdout
-    subprocess.run(["podman", *service.storage, "load"], input=saved, capture_output=True, check=True)
+    loaded = subprocess.run(["podman", *service.storage, "load"], input=saved, capture_output=True)
+    assert loaded.returncode == 0, loaded.stderr.decode()[-2000:]
     service.start()
     yield service
     subprocess.run(["podman", *service.storage, "rm", "-af", "-t", "0"], capture_output=True)
+    subprocess.run(["podman", *service.storage, "volume", "prune", "-f"], capture_output=True)
     service.stop()
+    shutil.rmtree(service.short, ignore_errors=True)
 
 
 @pytest.fixture
@@ -226,6 +233,7 @@ async def test_a_drained_host_takes_nothing_new_and_stop_all_host_stops_only_its
     fresh = names.new("fresh")
     await client.create(fresh, image)
     assert (await client.get(fresh))["host"] == "host-b"  # host-a has more room, but is drained
+    await client.wait_for(fresh, "Ready", timeout=60)
     with pytest.raises(FailedPrecondition, match="draining"):
         await client.create(names.new("x"), image, host="host-a")
     code, _, err = await cli("host", "drain", "nowhere")
