@@ -90,6 +90,7 @@ def _host_announcer(host: str) -> list[str]:
         f"{API}.STREAM.INFO.{subjects.HOSTS_STREAM}",
         f"{API}.STREAM.CREATE.{subjects.HOSTS_STREAM}",
         f"{API}.STREAM.MSG.GET.{subjects.HOSTS_STREAM}",
+        f"{API}.DIRECT.GET.{subjects.HOSTS_STREAM}.$KV.{subjects.HOSTS_BUCKET}.{host}",
         f"$KV.{subjects.HOSTS_BUCKET}.{host}",
     ]
 

@@ -25,13 +25,12 @@ from nats.js.errors import (
     BucketNotFoundError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
-    NoKeysError,
     NotFoundError,
 )
 from nats.js.kv import KeyValue
 
 from sandboxctl.bus.streams import make_once
-from sandboxctl.bus.tail import reraise_if_cancelling
+from sandboxctl.bus.tail import Tail, reraise_if_cancelling
 from sandboxctl.events import subjects
 from sandboxctl.events.hosts import DRAIN_PREFIX, HostAnnouncement, decode_host, encode_host
 
@@ -101,18 +100,22 @@ class HostSeen(msgspec.Struct, kw_only=True, frozen=True):
         return self.age <= self.host.heartbeat
 
 
+_KEYS = f"$KV.{subjects.HOSTS_BUCKET}."  # + a key: the subject of its entry
+
+
+async def _keys(js: JetStreamContext) -> list[str]:
+    """The keys the hosts' bucket holds, from its stream's subjects (no consumer needed)."""
+    try:
+        info = await js.stream_info(subjects.HOSTS_STREAM, subjects_filter=f"{_KEYS}>")
+    except NotFoundError:
+        return []
+    return sorted(subject.removeprefix(_KEYS) for subject in (info.state.subjects or {}))
+
+
 async def read_hosts(js: JetStreamContext) -> list[HostSeen]:
     """Every host announced, in name order; an entry that does not decode is skipped, logged."""
-    try:
-        kv = await js.key_value(subjects.HOSTS_BUCKET)
-    except BucketNotFoundError:
-        return []
-    try:
-        keys = await kv.keys()
-    except NoKeysError:
-        return []
     seen: list[HostSeen] = []
-    for key in sorted(keys):
+    for key in await _keys(js):
         if key.startswith(DRAIN_PREFIX):
             continue
         stored = await _stored(js, key)
@@ -127,12 +130,8 @@ async def read_hosts(js: JetStreamContext) -> list[HostSeen]:
 
 async def drained(js: JetStreamContext) -> list[str]:
     """The hosts an operator has drained."""
-    try:
-        kv = await js.key_value(subjects.HOSTS_BUCKET)
-        keys = await kv.keys()
-    except (BucketNotFoundError, NoKeysError):
-        return []
-    return sorted(k.removeprefix(DRAIN_PREFIX) for k in keys if k.startswith(DRAIN_PREFIX))
+    keys = [k.removeprefix(DRAIN_PREFIX) for k in await _keys(js) if k.startswith(DRAIN_PREFIX)]
+    return [host for host in keys if await _stored(js, drain_key(host)) is not None]
 
 
 async def drain(js: JetStreamContext, host: str, draining: bool = True) -> None:
@@ -253,40 +252,38 @@ class HostsView:
 
     async def run(self) -> None:
         while True:
-            watcher = None
+            tail = None
             try:
                 if self.make:
-                    kv = await hosts_bucket(self.js)
+                    await hosts_bucket(self.js)
                 else:
                     try:
-                        kv = await self.js.key_value(subjects.HOSTS_BUCKET)
-                    except BucketNotFoundError:
+                        await self.js.stream_info(subjects.HOSTS_STREAM)
+                    except NotFoundError:
                         self.ready.set()  # no host announced yet
                         await asyncio.sleep(1.0)
                         continue
-                watcher = await kv.watchall()
+                tail = Tail(self.js, subjects.HOSTS_STREAM, f"{_KEYS}>")
+                known = await tail.last_seq()  # what was there at start: read, and the view is ready
                 refreshed = time.monotonic()
-                while True:
-                    try:
-                        entry = await watcher.updates(timeout=5.0)  # type: ignore[no-untyped-call]
-                    except TimeoutError:
-                        entry = None
+                async for msgs in tail.batches():
+                    for msg in msgs:
+                        operation = (msg.headers or {}).get("KV-Operation")
+                        value = None if operation in ("DEL", "PURGE") else msg.data
+                        self._take(msg.subject.removeprefix(_KEYS), value, _seconds_since(msg.metadata.timestamp))
+                    if tail.next_seq > known:
+                        self.ready.set()
                     if time.monotonic() - refreshed > 5.0:
                         await self._refresh()
                         refreshed = time.monotonic()
-                    if entry is None:
-                        self.ready.set()
-                        continue
-                    deleted = entry.operation in ("DEL", "PURGE")
-                    self._take(entry.key, None if deleted else entry.value, _seconds_since(entry.created))
             except Exception as exc:
                 reraise_if_cancelling()
                 log.warning("hosts: following the hosts' bucket failed (%r); again in 1 s", exc)
                 await asyncio.sleep(1.0)
             finally:
-                if watcher is not None:
+                if tail is not None:
                     with contextlib.suppress(Exception):
-                        await watcher.stop()  # type: ignore[no-untyped-call]
+                        await tail.close()
 
     async def reload(self) -> bool:
         """Read every host afresh (a create that found no host may have come before the watch

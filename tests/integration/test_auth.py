@@ -27,6 +27,7 @@ from sandboxctl.runtime.config import Config
 from sandboxctl.runtime.embedded import ControlPlane, NatsServer
 from sandboxctl.services.projector import Projector
 from sandboxctl.services.statemachine import StateMachineService
+from testing.hosts import announce_host
 from tests.authkit import ADMIN_USER, Figures, Raw, count, make_store, role_clients
 from tests.authkit import auth_config as auth_config_for
 
@@ -51,6 +52,8 @@ async def auth_plane(auth_config: Config) -> AsyncIterator[ControlPlane]:
     """Every service but the driver workers: commands are decided and logged, no engine is asked."""
     plane = await ControlPlane(auth_config, components=("statemachine", "projector", "query")).start()
     assert plane.auth_enabled
+    worker = plane.auth.credentials(component_user("driver-podman")).connect_options()
+    await announce_host(auth_config.nats_url, auth_config.host, **worker)  # where its creates are placed
     yield plane
     await plane.stop()
 
@@ -138,6 +141,7 @@ async def test_without_users_on_the_server_a_credential_changes_nothing(tmp_path
     config = Config(nats_url=server.url, data_dir=tmp_path / "data", drivers=("podman",), default_driver="podman")
     plane = await ControlPlane(config, components=("statemachine",)).start()
     assert not plane.auth_enabled
+    await announce_host(server.url, config.host)
     try:
         client = await SandboxClient.connect(server.url, actor="someone", user="leftover", password="x")
         try:

@@ -20,6 +20,7 @@ from sandboxctl.client import SandboxClient
 from sandboxctl.events import subjects
 from sandboxctl.runtime.config import Config
 from sandboxctl.runtime.embedded import ClusterNode, ControlPlane, NatsServer, free_port
+from testing.hosts import announce_host
 from tests.conftest import until
 
 
@@ -129,6 +130,7 @@ async def test_a_server_that_does_not_answer_at_start_is_named_and_the_others_se
     nats_config.nats_url = f"{dead},{live}"
     plane = await ControlPlane(nats_config, components=("statemachine",)).start()
     try:
+        await announce_host(live, nats_config.host)
         said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert f"the NATS server at {dead} does not answer (Connection refused); going on with the others" in said
         client = await SandboxClient.connect(nats_config.nats_url, actor="test")
