@@ -22,8 +22,9 @@ from sandboxctl.events.denied import DeniedAttempt
 from sandboxctl.events.envelope import Envelope
 from sandboxctl.events.facts import FACT_TYPES
 from sandboxctl.events.health import ServiceHealth
+from sandboxctl.events.hosts import DRAIN_PREFIX, HostAnnouncement
 from sandboxctl.events.lifecycle import EVENT_TYPES
-from sandboxctl.events.queries import QUERY_TYPES, HistoryPage, ListPage, Summary
+from sandboxctl.events.queries import QUERY_TYPES, HistoryPage, HostCounts, ListPage, Summary
 from sandboxctl.events.replies import Reply
 
 REF = "#/components/schemas/{name}"
@@ -62,9 +63,20 @@ def document() -> dict[str, Any]:
     events = list(EVENT_TYPES.values())
     facts = list(FACT_TYPES.values())
     queries = list(QUERY_TYPES.values())
-    results = [ListPage, HistoryPage, Summary, BulkPage]
+    results = [ListPage, HistoryPage, Summary, HostCounts, BulkPage]
     _, schemas = msgspec.json.schema_components(
-        [*commands, *events, *facts, Envelope, Reply, DeniedAttempt, *queries, *results, ServiceHealth],
+        [
+            *commands,
+            *events,
+            *facts,
+            Envelope,
+            Reply,
+            DeniedAttempt,
+            HostAnnouncement,
+            *queries,
+            *results,
+            ServiceHealth,
+        ],
         ref_template=REF,
     )
     schemas = _asyncapi_schema(schemas)
@@ -123,6 +135,11 @@ def document() -> dict[str, Any]:
         "properties": {"name": {"type": "string"}, "phase": {"type": "string"}, "seq": {"type": "integer"}},
     }
     messages["ProjectedNotice"] = {"name": "ProjectedNotice", "payload": {"$ref": REF.format(name="ProjectedNotice")}}
+    messages["HostAnnouncement"] = {
+        "name": "HostAnnouncement",
+        "summary": _doc(HostAnnouncement),
+        "payload": {"$ref": REF.format(name="HostAnnouncement")},
+    }
     messages["DeniedAttempt"] = {
         "name": "DeniedAttempt",
         "summary": "A command refused with permission_denied: who, what, which sandbox, when, why.",
@@ -160,6 +177,14 @@ def document() -> dict[str, Any]:
             "description": "Core NATS: the projection committed a change to this sandbox.",
             "parameters": name_param,
             "messages": {"ProjectedNotice": {"$ref": "#/components/messages/ProjectedNotice"}},
+        },
+        "hosts": {
+            "address": f"$KV.{subjects.HOSTS_BUCKET}.{{host}}",
+            "description": f"JetStream key-value bucket {subjects.HOSTS_BUCKET}: each host's announcement, "
+            "renewed by its driver workers' heartbeat; a host not renewed for its heartbeat window is lost. "
+            f"Key {DRAIN_PREFIX}<host> (admin only) drains the host.",
+            "parameters": {"host": {"description": "The host name: 1-63 letters, digits, '-' or '_'."}},
+            "messages": {"HostAnnouncement": {"$ref": "#/components/messages/HostAnnouncement"}},
         },
         "audit": {
             "address": f"{subjects.AUDIT}.denied.{{user}}",
@@ -230,7 +255,7 @@ def document() -> dict[str, Any]:
         "messages": {"HealthAnswer": {"$ref": "#/components/messages/HealthAnswer"}},
     }
     operations["askHealth"] = {"action": "send", "channel": {"$ref": "#/channels/health"}}
-    for channel in ("log", "facts", "projected", "audit"):
+    for channel in ("log", "facts", "projected", "hosts", "audit"):
         operations[f"read{channel.capitalize()}"] = {"action": "receive", "channel": {"$ref": f"#/channels/{channel}"}}
 
     return {
