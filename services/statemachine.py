@@ -703,6 +703,7 @@ class StateMachineService:
                 command.name,
             )
         decide_fn: Callable[[SandboxState | None], list[LifecycleEvent] | Rejection]
+        placed = ""  # the host a create is placed on
         if isinstance(command, CloneSandbox):
             # The source as it is now: its state from the cache, what it is made of from its log.
             clone, source = command, self.states.get(command.source)
@@ -712,24 +713,34 @@ class StateMachineService:
                 return decide_clone(state, source, spec, clone, self.drivers, moment)
         elif isinstance(command, CreateSandbox) and self.hosts is not None:
             create = command
-            placed = self._place(create)
-            if isinstance(placed, Rejection) and await self.hosts.reload():
-                placed = self._place(create)
+            chosen = self._place(create)
+            if isinstance(chosen, Rejection) and await self.hosts.reload():
+                chosen = self._place(create)
+            placed = chosen if isinstance(chosen, str) else ""
 
             def decide_fn(state: SandboxState | None) -> list[LifecycleEvent] | Rejection:
                 if state is not None and state.phase is not Phase.DELETED:
                     return decide(state, create, self.drivers, moment)  # already_exists, or a retry's no-op
-                if isinstance(placed, Rejection):
-                    return placed
-                return decide(state, msgspec.structs.replace(create, host=placed), self.drivers, moment)
+                if isinstance(chosen, Rejection):
+                    return chosen
+                return decide(state, msgspec.structs.replace(create, host=chosen), self.drivers, moment)
         else:
 
             def decide_fn(state: SandboxState | None) -> list[LifecycleEvent] | Rejection:
                 return decide(state, command, self.drivers, moment)
 
-        reply = await self._decide_and_append(
-            command.name, decide_fn, Cause(key, command.command_id, command.actor, command.correlation_id, digest)
-        )
+        # Counted on its host until its created event is folded: creates placed at the same moment
+        # see each other.
+        reserved = (placed, command.resources) if isinstance(command, CreateSandbox) and placed else None
+        if reserved is not None:
+            self.loads.reserve(*reserved)
+        try:
+            reply = await self._decide_and_append(
+                command.name, decide_fn, Cause(key, command.command_id, command.actor, command.correlation_id, digest)
+            )
+        finally:
+            if reserved is not None:
+                self.loads.release(*reserved)
         if reply.accepted:
             self._outcomes.put(key, digest, reply, moment)
         return reply

@@ -62,6 +62,7 @@ class Loads:
     def __init__(self) -> None:
         self.by_host: dict[str, HostLoad] = {}
         self.names: dict[str, set[str]] = {}  # the sandboxes on each host, not Deleted
+        self.reserved: dict[str, HostLoad] = {}  # placed, not yet folded
 
     def changed(self, before: SandboxState | None, after: SandboxState | None) -> None:
         if _counts(before):
@@ -86,7 +87,27 @@ class Loads:
             del self.by_host[state.host]
 
     def of(self, host: str) -> HostLoad:
-        return self.by_host.get(host) or HostLoad()
+        """What ``host`` holds: its sandboxes, and those placed there whose created event is not
+        folded yet (reserved), so creates decided at the same moment do not all take one place."""
+        load = self.by_host.get(host) or HostLoad()
+        held = self.reserved.get(host)
+        if held is None:
+            return load
+        return HostLoad(
+            sandboxes=load.sandboxes + held.sandboxes, cpus=load.cpus + held.cpus, memory=load.memory + held.memory
+        )
+
+    def reserve(self, host: str, resources: Resources, sign: int = 1) -> None:
+        """Count a create placed on ``host`` until its created event is folded (then ``release``)."""
+        held = self.reserved.setdefault(host, HostLoad())
+        held.sandboxes += sign
+        held.cpus += sign * (resources.cpus or 0.0)
+        held.memory += sign * (resources.memory or 0)
+        if held.sandboxes <= 0:
+            del self.reserved[host]
+
+    def release(self, host: str, resources: Resources) -> None:
+        self.reserve(host, resources, -1)
 
 
 def _why_not(host: Candidate, load: HostLoad, driver: str, constraints: Mapping[str, str], resources: Resources) -> str:

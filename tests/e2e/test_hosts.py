@@ -5,6 +5,7 @@ is refused; ``sandboxctl hosts`` and ``list --host`` show where each sandbox is.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import shutil
 import subprocess
@@ -60,9 +61,19 @@ def second_podman(tmp_path: Path, image: str) -> Iterator[IsolatedPodman]:
 
 @pytest.fixture
 async def two_hosts(
-    config: Config, second_podman: IsolatedPodman, tmp_path: Path
+    request: pytest.FixtureRequest, config: Config, second_podman: IsolatedPodman, tmp_path: Path
 ) -> AsyncIterator[tuple[ControlPlane, ControlPlane]]:
-    a = dataclasses.replace(config, drivers=("podman",), host="host-a", host_labels={"zone": "a"}, host_max_sandboxes=4)
+    """host-a (zone=a) with the test's podman, host-b (zone=b) with a podman of its own; their
+    most sandboxes are 4 and 2 unless the test asks for others (indirect parametrization)."""
+    most_a, most_b = getattr(request, "param", (4, 2))
+    a = dataclasses.replace(
+        config,
+        drivers=("podman",),
+        host="host-a",
+        host_labels={"zone": "a"},
+        host_max_sandboxes=most_a,
+        heartbeat=HEARTBEAT,
+    )
     b = dataclasses.replace(
         config,
         data_dir=tmp_path / "data-b",
@@ -70,7 +81,7 @@ async def two_hosts(
         drivers=("podman",),
         host="host-b",
         host_labels={"zone": "b"},
-        host_max_sandboxes=2,
+        host_max_sandboxes=most_b,
         heartbeat=HEARTBEAT,
     )
     plane = await ControlPlane(a).start()
@@ -248,3 +259,20 @@ async def test_a_drained_host_takes_nothing_new_and_stop_all_host_stops_only_its
     for name in (on_a, on_b, fresh):
         reply = await client.delete(name)
         await client.wait_for(name, "Deleted", reply.seq, timeout=60)
+
+
+@pytest.mark.parametrize("two_hosts", [(140, 70)], indirect=True)
+async def test_two_hundred_creates_at_once_split_two_to_one_between_hosts_of_capacities_two_to_one(
+    two_hosts: tuple[ControlPlane, ControlPlane], hosts_client: SandboxClient, names, image: str
+) -> None:
+    client = hosts_client
+    made = [names.new("s") for _ in range(200)]
+    replies = await asyncio.gather(*(client.create(name, image) for name in made))
+    assert all(r.accepted and r.appended for r in replies)
+    placed = {h["name"]: h["placed"] for h in await client.hosts()}
+    print(f"\n200 creates at once on hosts of 140 and 70 sandboxes: {placed}")
+    assert sum(placed.values()) == 200 and abs(placed["host-a"] - 2 * placed["host-b"]) <= 3, placed
+    async for page in client.bulk("delete", all=True):
+        assert all(item.accepted for item in page.items)
+    for name in made:
+        await client.wait_for(name, "Deleted", timeout=300)

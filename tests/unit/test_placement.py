@@ -123,3 +123,19 @@ def test_the_loads_know_which_sandboxes_are_on_each_host() -> None:
     moved = SandboxState(name="x", sandbox_id="x", phase=Phase.DELETED, driver="podman", host="a")
     loads.changed(state, moved)
     assert loads.names == {"a": {"y"}} and loads.of("a").sandboxes == 1
+
+
+def test_creates_placed_at_once_see_each_others_reservations() -> None:
+    hosts = [host("a", 200), host("b", 100)]
+    loads = Loads()
+    split: Counter[str] = Counter()
+    for _ in range(150):  # none folded yet: each only reserved
+        chosen = place(hosts, loads, "podman", NONE)
+        assert isinstance(chosen, str)
+        loads.reserve(chosen, NONE)
+        split[chosen] += 1
+    assert split == {"a": 100, "b": 50}
+    for name, count in split.items():
+        for _ in range(count):
+            loads.release(name, NONE)
+    assert loads.reserved == {} and loads.of("a").sandboxes == 0
