@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 import msgspec
@@ -212,9 +212,12 @@ class HostsView:
     Follows the bucket with a watch; a host not heard from for half its window is read again
     directly, so a watch that went quiet (a reconnect) never makes a live host look lost."""
 
-    def __init__(self, js: JetStreamContext, make: bool = False) -> None:
+    def __init__(
+        self, js: JetStreamContext, make: bool = False, on_change: Callable[[str], None] | None = None
+    ) -> None:
         self.js = js
         self.make = make  # make the bucket if missing (a reader that may not waits for it)
+        self.on_change = on_change  # told each host whose announcement or drain changed
         self.hosts: dict[str, HostAnnouncement] = {}
         self.draining: set[str] = set()
         self._written: dict[str, float] = {}  # when each was last renewed (Unix time, the server's stamp)
@@ -228,6 +231,11 @@ class HostsView:
         return host is not None and self.age(name) <= host.heartbeat
 
     def _take(self, key: str, value: bytes | None, age: float) -> None:
+        self._read(key, value, age)
+        if self.on_change is not None:
+            self.on_change(key.removeprefix(DRAIN_PREFIX))
+
+    def _read(self, key: str, value: bytes | None, age: float) -> None:
         if key.startswith(DRAIN_PREFIX):
             drained_host = key.removeprefix(DRAIN_PREFIX)
             if value:
@@ -291,7 +299,9 @@ class HostsView:
         before = dict(self.hosts), set(self.draining)
         for seen in await read_hosts(self.js):
             self._take(seen.host.name, encode_host(seen.host), seen.age)
-        self.draining = set(await drained(self.js))
+        now_drained = set(await drained(self.js))
+        for host in now_drained | self.draining:
+            self._take(drain_key(host), b"draining" if host in now_drained else None, 0.0)
         return (self.hosts, self.draining) != before
 
     async def _refresh(self) -> None:

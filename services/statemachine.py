@@ -71,7 +71,7 @@ from sandboxctl.statemachine.bulk import bulk_problem, command_for, selected
 from sandboxctl.statemachine.clone import decide_clone
 from sandboxctl.statemachine.deadlines import Deadlines, overdue
 from sandboxctl.statemachine.phases import TRANSIENT
-from sandboxctl.statemachine.placement import HOST_LOST, Candidate, Loads, host_lost, place
+from sandboxctl.statemachine.placement import HOST_LOST, Candidate, Loads, Placer, host_lost
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +206,9 @@ class StateMachineService:
         # Placing: each create goes to a host its driver workers announced (statemachine/placement.py),
         # named in its created event. Without, sandboxes are on no host (a plane with no hosts: tests
         # of the state machine alone, which publish the drivers' facts themselves).
-        self.hosts = HostsView(nc.jetstream(), make=True) if place else None
-        self.loads = Loads()
+        self.hosts = HostsView(nc.jetstream(), make=True, on_change=self._host_changed) if place else None
+        self.placer = Placer(self.hosts.live) if self.hosts is not None else None
+        self.loads = self.placer.loads if self.placer is not None else Loads()
         self._started = time.monotonic()
         self.snapshot_every = snapshot_every
         self.snapshot_check = snapshot_check
@@ -745,24 +746,27 @@ class StateMachineService:
             self._outcomes.put(key, digest, reply, moment)
         return reply
 
-    def _place(self, create: CreateSandbox) -> str | Rejection:
-        """The host ``create`` goes to, by the hosts as announced now and what each holds."""
-        assert self.hosts is not None
-        hosts = self.hosts
-        candidates = (
-            Candidate(
+    def _host_changed(self, name: str) -> None:
+        """The hosts' view changed for ``name`` (announced, renewed, drained, gone): placement's too."""
+        assert self.hosts is not None and self.placer is not None
+        host = self.hosts.hosts.get(name)
+        candidate = None
+        if host is not None:
+            candidate = Candidate(
                 name=name,
                 engines=tuple(host.engines),
                 labels=host.labels,
                 max_sandboxes=host.max_sandboxes,
                 cpus=host.cpus,
                 memory=host.memory,
-                live=hosts.live(name),
-                draining=name in hosts.draining,
+                draining=name in self.hosts.draining,
             )
-            for name, host in hosts.hosts.items()
-        )
-        return place(candidates, self.loads, create.driver, create.resources, create.host, create.constraints)
+        self.placer.announce(name, candidate)
+
+    def _place(self, create: CreateSandbox) -> str | Rejection:
+        """The host ``create`` goes to, by the hosts as announced now and what each holds."""
+        assert self.placer is not None
+        return self.placer.place(create.driver, create.resources, create.host, create.constraints)
 
     async def handle_bulk(self, subject: str, payload: bytes) -> Reply:
         """One page of a bulk command: each sandbox it takes in gets its own command, decided and

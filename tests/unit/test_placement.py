@@ -3,7 +3,10 @@ proportion to capacity, and a refusal that says why each host did not fit."""
 
 from __future__ import annotations
 
+import random
 from collections import Counter
+
+import msgspec
 
 from sandboxctl.events.commands import BulkSandboxes
 from sandboxctl.events.lifecycle import SandboxFailed
@@ -11,7 +14,7 @@ from sandboxctl.events.replies import ErrorCode
 from sandboxctl.events.spec import Resources
 from sandboxctl.statemachine import Phase, Rejection, SandboxState
 from sandboxctl.statemachine.bulk import selected
-from sandboxctl.statemachine.placement import HOST_LOST, Candidate, Loads, host_lost, place
+from sandboxctl.statemachine.placement import HOST_LOST, Candidate, Loads, Placer, host_lost, place
 
 NONE = Resources()
 
@@ -139,3 +142,33 @@ def test_creates_placed_at_once_see_each_others_reservations() -> None:
         for _ in range(count):
             loads.release(name, NONE)
     assert loads.reserved == {} and loads.of("a").sandboxes == 0
+
+
+def test_the_index_places_as_the_scan_does_whatever_the_hosts_and_loads_do() -> None:
+    rng = random.Random(19)
+    lost: set[str] = set()
+    placer = Placer(live=lambda name: name not in lost)
+    states: dict[str, SandboxState] = {}
+    for step in range(3000):
+        roll = rng.random()
+        name = f"h{rng.randrange(12)}"
+        if roll < 0.08:  # a host announced, renewed with other capacity, drained or undrained
+            placer.announce(
+                name, host(name, rng.randrange(1, 30), engines=rng.choice([("podman",), ("podman", "docker")]),
+                           draining=rng.random() < 0.2)
+            )  # fmt: skip
+        elif roll < 0.1:
+            placer.announce(name, None)
+        elif roll < 0.13:
+            lost.symmetric_difference_update({name})
+            placer.announce(name, placer.hosts.get(name))  # what a heartbeat (or its lapse) tells
+        elif roll < 0.3 and states:
+            gone = states.pop(rng.choice(sorted(states)))
+            placer.loads.changed(gone, msgspec.structs.replace(gone, phase=Phase.DELETED))
+        else:
+            scanned = place(placer.candidates(), placer.loads, "podman", NONE)
+            indexed = placer.place("podman", NONE)
+            assert indexed == scanned, (step, indexed, scanned)
+            if isinstance(indexed, str):
+                state = placed(placer.loads, f"s{step}", indexed)
+                states[state.name] = state
