@@ -29,7 +29,7 @@ from bench.bulk_stop import TARGET_RATIO as BULK_STOP_TARGET_RATIO
 from bench.common import RESULTS, ROOT
 from bench.engine_latency import TARGET_ADDED_P50_MS
 
-ORDER = ("engine_latency", "throughput", "bulk_stop", "replay", "memory", "lag", "durability", "cluster")
+ORDER = ("engine_latency", "throughput", "bulk_stop", "replay", "memory", "lag", "durability", "cluster", "placement")
 INTRO = """# Benchmarks
 
 sandboxctl sits between its users and a container engine; these benchmarks
@@ -381,6 +381,40 @@ def _cluster(r: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def _placement(r: dict[str, Any]) -> list[Row]:
+    base = r["baseline"]["latency"]
+    rows = []
+    for hosts, case in r["cases"].items():
+        latency = case["latency"]
+        rows.append(
+            Row(
+                f"create, request to reply, p50 / p99, {int(hosts):,} hosts announced (simulated)",
+                f"{_ms(latency['p50_ms'])} / {_ms(latency['p99_ms'])}",
+                f"{_ms(base['p50_ms'])} / {_ms(base['p99_ms'])} (no placement)",
+                _ratio(case["ratio_p50_to_baseline"]),
+            )
+        )
+        rows.append(
+            Row(
+                f"placing one create in process, {int(hosts):,} hosts",
+                f"{case['index_us']:.1f} µs (index)",
+                f"{case['scan_us']:.1f} µs (scan of every host)",
+                _ratio(case["index_us"] / case["scan_us"]),
+                "flat in the number of hosts",
+            )
+        )
+    rows.append(
+        Row(
+            "growth from the fewest hosts to the most: placement in process / create p50",
+            f"{_ratio(r['index_growth_largest_to_smallest'])} / {_ratio(r['create_p50_growth_largest_to_smallest'])}",
+            NONE,
+            NONE,
+            "none: reported",
+        )
+    )
+    return rows
+
+
 LAYOUTS: dict[str, Layout] = {
     "engine_latency": Layout("Stop and start latency per engine", _engine_latency, versus="added at p50"),
     "throughput": Layout("Command throughput", _throughput),
@@ -389,6 +423,7 @@ LAYOUTS: dict[str, Layout] = {
     "memory": Layout("Memory per sandbox", _memory),
     "lag": Layout("Projection lag", _lag, versus="added (ratio)"),
     "cluster": Layout("Replicas: three nodes, two state machines, take-over", _cluster, baseline="baseline, same run"),
+    "placement": Layout("Placement: a create's cost at 10, 100 and 1,000 hosts", _placement),
     "durability": Layout(
         "Durability: fsync every write",
         _durability,
