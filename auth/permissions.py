@@ -12,7 +12,7 @@ import msgspec
 
 from sandboxctl.auth.roles import ADMIN, DRIVERS, READ, STATEMACHINE_CONSUMER, User, component_user, has_role
 from sandboxctl.events import subjects
-from sandboxctl.events.hosts import DRAIN_PREFIX
+from sandboxctl.events.hosts import DRAIN_PREFIX, UNPLACED_PREFIX
 
 API = "$JS.API"
 
@@ -81,7 +81,7 @@ PROTECTED_CONSUMERS = [f"{API}.CONSUMER.DELETE.{subjects.LOG_STREAM}.sandboxctl-
 
 def _hosts_reader() -> list[str]:
     """What reading the hosts' bucket takes (bus/hosts.py: a watch, and reads of one entry)."""
-    return [*_stream_reader(subjects.HOSTS_STREAM), f"{API}.DIRECT.GET.{subjects.HOSTS_STREAM}.>"]
+    return _stream_reader(subjects.HOSTS_STREAM)
 
 
 def _host_announcer(host: str) -> list[str]:
@@ -92,6 +92,12 @@ def _host_announcer(host: str) -> list[str]:
         f"{API}.STREAM.MSG.GET.{subjects.HOSTS_STREAM}",
         f"{API}.DIRECT.GET.{subjects.HOSTS_STREAM}.$KV.{subjects.HOSTS_BUCKET}.{host}",
         f"$KV.{subjects.HOSTS_BUCKET}.{host}",
+        # the one host of each engine that works the sandboxes placed on no host (bus.hosts.claim_unplaced)
+        *(f"$KV.{subjects.HOSTS_BUCKET}.{UNPLACED_PREFIX}{engine}" for engine in DRIVERS),
+        *(
+            f"{API}.DIRECT.GET.{subjects.HOSTS_STREAM}.$KV.{subjects.HOSTS_BUCKET}.{UNPLACED_PREFIX}{engine}"
+            for engine in DRIVERS
+        ),
     ]
 
 

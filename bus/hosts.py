@@ -1,6 +1,6 @@
 """Hosts in the hosts' key-value bucket: a process that runs driver workers announces its host and
-keeps the announcement fresh (``Announcer``); the state machine and the command line read them
-(``Hosts``, ``read_hosts``).
+keeps the announcement fresh (``Announcer``); the state machine and the query service follow them
+(``HostsView``), the command line reads them (``read_hosts``).
 
 An announcement is rewritten every third of its heartbeat window. A host whose announcement has
 not been rewritten for the window is lost; its entry stays, so that ``sandboxctl hosts`` shows it
@@ -29,18 +29,39 @@ from nats.js.errors import (
 )
 from nats.js.kv import KeyValue
 
+from sandboxctl.bus.natsinternals import connection_of, on_reconnected
 from sandboxctl.bus.streams import make_once
-from sandboxctl.bus.tail import Tail, reraise_if_cancelling
+from sandboxctl.bus.tail import Tail, reraise_if_cancelling, stream_seq
 from sandboxctl.events import subjects
-from sandboxctl.events.hosts import DRAIN_PREFIX, HostAnnouncement, decode_host, encode_host
+from sandboxctl.events.hosts import (
+    DRAIN_PREFIX,
+    UNPLACED_PREFIX,
+    HostAnnouncement,
+    decode_host,
+    encode_host,
+)
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_WINDOW = 30.0  # seconds without a heartbeat after which a host is lost (the default)
+# A host's durable consumer says in its metadata whether it works the sandboxes placed on no host.
+ADOPTS = "sandboxctl-adopts-unplaced"
 
 
 def drain_key(host: str) -> str:
     return DRAIN_PREFIX + host
+
+
+async def claim_unplaced(js: JetStreamContext, engine: str, host: str) -> bool:
+    """Whether ``host`` works the sandboxes of ``engine`` placed on no host: the first host to
+    ask, ever, does (it takes over the consumer of no host), and no other."""
+    kv = await hosts_bucket(js)
+    key = UNPLACED_PREFIX + engine
+    try:
+        await kv.create(key, host.encode())
+        return True
+    except KeyWrongLastSequenceError:
+        stored = await _stored(js, key)
+        return stored is not None and stored[0] == host.encode()
 
 
 class HostTaken(Exception):
@@ -116,15 +137,20 @@ async def read_hosts(js: JetStreamContext) -> list[HostSeen]:
     """Every host announced, in name order; an entry that does not decode is skipped, logged."""
     seen: list[HostSeen] = []
     for key in await _keys(js):
-        if key.startswith(DRAIN_PREFIX):
+        if key.startswith((DRAIN_PREFIX, UNPLACED_PREFIX)):
             continue
         stored = await _stored(js, key)
         if stored is None:
             continue
         try:
-            seen.append(HostSeen(host=decode_host(stored[0]), age=stored[1]))
+            host = decode_host(stored[0])
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             log.error("hosts: the announcement of %s is unreadable, skipped: %s", key[:80], exc)
+            continue
+        if host.name != key:
+            log.error("hosts: the entry %s announces host %s; skipped", key[:80], host.name[:80])
+            continue
+        seen.append(HostSeen(host=host, age=stored[1]))
     return seen
 
 
@@ -196,8 +222,8 @@ class Announcer:
                 # write was stored though its answer was lost. Claim it again, or say who has it.
                 try:
                     await self.claim()
-                except HostTaken as exc:
-                    log.error("hosts: %s", exc)
+                except HostTaken:
+                    raise  # ends the service: its supervisor says so, and tries again
                 except Exception as exc:
                     reraise_if_cancelling()
                     log.warning("hosts: could not renew %s: %r", self.host.name, exc)
@@ -209,33 +235,53 @@ class Announcer:
 class HostsView:
     """The hosts as announced, followed as they change (the state machine places by it).
 
-    Follows the bucket with a watch; a host not heard from for half its window is read again
-    directly, so a watch that went quiet (a reconnect) never makes a live host look lost."""
+    Liveness is counted on this process's own clock, never against another machine's: a host is
+    heard from when a new revision of its announcement arrives (a heartbeat), and when this view
+    first reads it or its connection comes back (a full window of grace: a view that was away
+    itself has missed the heartbeats, not the host). A host not heard from for half its window is
+    read again directly, so a reader that went quiet never makes a live host look lost."""
 
     def __init__(
-        self, js: JetStreamContext, make: bool = False, on_change: Callable[[str], None] | None = None
+        self,
+        js: JetStreamContext,
+        make: bool = False,
+        on_change: Callable[[str], None] | None = None,
+        replicas: int | None = None,
     ) -> None:
         self.js = js
         self.make = make  # make the bucket if missing (a reader that may not waits for it)
+        self.replicas = replicas  # of the bucket, when this view makes it
         self.on_change = on_change  # told each host whose announcement or drain changed
         self.hosts: dict[str, HostAnnouncement] = {}
         self.draining: set[str] = set()
-        self._written: dict[str, float] = {}  # when each was last renewed (Unix time, the server's stamp)
+        self._heard: dict[str, float] = {}  # when each was last heard from (time.monotonic())
+        self._revision: dict[str, int] = {}  # the revision of each announcement last read
         self.ready = asyncio.Event()  # set once the bucket's entries at start have been read
+        on_reconnected(connection_of(js), self._reconnected)
+
+    async def _reconnected(self) -> None:
+        now = time.monotonic()
+        for name in self._heard:
+            self._heard[name] = now
 
     def age(self, name: str) -> float:
-        return time.time() - self._written.get(name, 0.0)
+        """Seconds since host ``name`` was last heard from."""
+        return time.monotonic() - self._heard.get(name, -1e9)
 
     def live(self, name: str) -> bool:
         host = self.hosts.get(name)
         return host is not None and self.age(name) <= host.heartbeat
 
-    def _take(self, key: str, value: bytes | None, age: float) -> None:
-        self._read(key, value, age)
-        if self.on_change is not None:
+    def _take(self, key: str, value: bytes | None, revision: int) -> None:
+        """The entry ``key`` at ``revision`` (its stream sequence) holds ``value`` (None: deleted)."""
+        if key.startswith(UNPLACED_PREFIX):
+            return
+        was_live = self.live(key)
+        self._read(key, value, revision)
+        if self.on_change is not None and (key.startswith(DRAIN_PREFIX) or revision or was_live != self.live(key)):
             self.on_change(key.removeprefix(DRAIN_PREFIX))
 
-    def _read(self, key: str, value: bytes | None, age: float) -> None:
+    def _read(self, key: str, value: bytes | None, revision: int) -> None:
         if key.startswith(DRAIN_PREFIX):
             drained_host = key.removeprefix(DRAIN_PREFIX)
             if value:
@@ -245,25 +291,29 @@ class HostsView:
             return
         if not value:
             self.hosts.pop(key, None)
-            self._written.pop(key, None)
+            self._heard.pop(key, None)
+            self._revision.pop(key, None)
             return
+        if revision and revision <= self._revision.get(key, 0):
+            return  # read already: no news of the host
         try:
             host = decode_host(value)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             log.error("hosts: the announcement of %s is unreadable, skipped: %s", key[:80], exc)
             return
         if host.name != key:
-            log.error("hosts: the entry %s announces host %s; skipped", key[:80], host.name)
+            log.error("hosts: the entry %s announces host %s; skipped", key[:80], host.name[:80])
             return
         self.hosts[key] = host
-        self._written[key] = time.time() - age
+        self._heard[key] = time.monotonic()
+        self._revision[key] = revision
 
     async def run(self) -> None:
         while True:
             tail = None
             try:
                 if self.make:
-                    await hosts_bucket(self.js)
+                    await hosts_bucket(self.js, self.replicas)
                 else:
                     try:
                         await self.js.stream_info(subjects.HOSTS_STREAM)
@@ -278,7 +328,7 @@ class HostsView:
                     for msg in msgs:
                         operation = (msg.headers or {}).get("KV-Operation")
                         value = None if operation in ("DEL", "PURGE") else msg.data
-                        self._take(msg.subject.removeprefix(_KEYS), value, _seconds_since(msg.metadata.timestamp))
+                        self._take(msg.subject.removeprefix(_KEYS), value, stream_seq(msg))
                     if tail.next_seq > known:
                         self.ready.set()
                     if time.monotonic() - refreshed > 5.0:
@@ -296,19 +346,17 @@ class HostsView:
     async def reload(self) -> bool:
         """Read every host afresh (a create that found no host may have come before the watch
         brought one); whether anything was new."""
-        before = dict(self.hosts), set(self.draining)
-        for seen in await read_hosts(self.js):
-            self._take(seen.host.name, encode_host(seen.host), seen.age)
+        before = dict(self.hosts), set(self.draining), {name for name in self.hosts if self.live(name)}
+        for key in await _keys(self.js):
+            stored = await _stored(self.js, key)
+            self._take(key, None if stored is None else stored[0], 0 if stored is None else stored[2])
         now_drained = set(await drained(self.js))
-        for host in now_drained | self.draining:
-            self._take(drain_key(host), b"draining" if host in now_drained else None, 0.0)
-        return (self.hosts, self.draining) != before
+        for host in self.draining - now_drained:
+            self._take(drain_key(host), None, 0)
+        return (self.hosts, self.draining, {name for name in self.hosts if self.live(name)}) != before
 
     async def _refresh(self) -> None:
         for name, host in list(self.hosts.items()):
             if self.age(name) > host.heartbeat / 2:
                 stored = await _stored(self.js, name)
-                if stored is None:
-                    self._take(name, None, 0.0)
-                else:
-                    self._take(name, stored[0], stored[1])
+                self._take(name, None if stored is None else stored[0], 0 if stored is None else stored[2])

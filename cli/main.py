@@ -32,6 +32,7 @@ from sandboxctl.client import TERMINAL, PermissionDenied, SandboxClient, Sandbox
 from sandboxctl.events import subjects
 from sandboxctl.events.commands import BulkItem, BulkVerb
 from sandboxctl.events.limits import (
+    CONSTRAINTS_MAX,
     GRACE_MAX,
     HOLDER_MAX,
     IDLE_MAX,
@@ -174,6 +175,8 @@ def _check(args: argparse.Namespace) -> None:
         args.labels = _labels(args.label)
     if args.cmd == "create":
         args.constraints = _labels(args.constraint)
+        if len(args.constraints) > CONSTRAINTS_MAX:
+            raise Failure(ErrorCode.INVALID_ARGUMENT, f"{len(args.constraints)} constraints: at most {CONSTRAINTS_MAX}")
         args.auto_delete_seconds = _duration(args.auto_delete_after, "--auto-delete-after", IDLE_MAX)
         args.auto_archive_seconds = _duration(args.auto_archive_after, "--auto-archive-after", IDLE_MAX)
     if args.cmd == "clone":

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sandboxctl.auth import load_credentials, local_user_name
-from sandboxctl.bus.hosts import HEARTBEAT_WINDOW
 from sandboxctl.bus.servers import server_urls
 from sandboxctl.bus.snapshots import SNAPSHOT_EVERY
+from sandboxctl.events.hosts import HEARTBEAT_DEFAULT, HEARTBEAT_MAX, HEARTBEAT_MIN
 from sandboxctl.events.limits import (
     CPUS_MAX,
     HOST_MAX,
@@ -27,6 +27,8 @@ from sandboxctl.events.limits import (
     LABEL_KEY_PATTERN,
     LABEL_VALUE_MAX,
     LABELS_MAX,
+    MEMORY_MAX,
+    MEMORY_MIN,
 )
 from sandboxctl.runtime.supervise import RESTART_LIMIT, RESTART_WINDOW
 from sandboxctl.statemachine.deadlines import parse_deadlines
@@ -93,15 +95,13 @@ class Config:
     restart_window: float = RESTART_WINDOW
     # The host this process's driver workers announce (runtime/host.py): its name (a subject
     # token; default the machine's hostname), labels, capacity, and the heartbeat window after
-    # which it is lost. adopt_unplaced: its workers also work the sandboxes placed on no host
-    # (created before hosts); in a fleet, one host should.
+    # which it is lost.
     host: str = field(default_factory=lambda: default_host_name())
     host_labels: dict[str, str] = field(default_factory=dict)
     host_cpus: float = 0.0  # 0: the machine's
     host_memory: int = 0  # bytes; 0: the machine's
     host_max_sandboxes: int = HOST_MAX_SANDBOXES
-    heartbeat: float = HEARTBEAT_WINDOW
-    adopt_unplaced: bool = True
+    heartbeat: float = HEARTBEAT_DEFAULT
 
     @property
     def restarts_allowed(self) -> int:
@@ -175,14 +175,15 @@ class Config:
                 )
         if env.get("SANDBOXCTL_HOST_MEMORY", "").strip():
             cfg.host_memory = parse_size(env["SANDBOXCTL_HOST_MEMORY"], "SANDBOXCTL_HOST_MEMORY")
+            if not MEMORY_MIN <= cfg.host_memory <= MEMORY_MAX * 64:
+                raise ValueError(f"SANDBOXCTL_HOST_MEMORY must be from {MEMORY_MIN} bytes to {MEMORY_MAX * 64} bytes")
         cfg.host_max_sandboxes = (
             _bounded(env, "SANDBOXCTL_HOST_MAX_SANDBOXES", 1, HOST_SANDBOXES_MAX) or cfg.host_max_sandboxes
         )
         if env.get("SANDBOXCTL_HOST_HEARTBEAT", "").strip():
             cfg.heartbeat = parse_duration(env["SANDBOXCTL_HOST_HEARTBEAT"])
-            if not 1 <= cfg.heartbeat <= 3600:
-                raise ValueError("SANDBOXCTL_HOST_HEARTBEAT must be from 1s to 1h")
-        cfg.adopt_unplaced = env.get("SANDBOXCTL_ADOPT_UNPLACED", "1").lower() not in ("0", "false", "no")
+            if not HEARTBEAT_MIN <= cfg.heartbeat <= HEARTBEAT_MAX:
+                raise ValueError(f"SANDBOXCTL_HOST_HEARTBEAT must be from {HEARTBEAT_MIN:g}s to {HEARTBEAT_MAX:g}s")
         if cfg.reconcile_exited not in ("restart", "error"):
             raise ValueError(f"SANDBOXCTL_RECONCILE_EXITED must be restart or error, not {cfg.reconcile_exited!r}")
         return cfg

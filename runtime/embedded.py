@@ -682,23 +682,11 @@ class ControlPlane:
                 return QueryService(nc, config.projection_path), nc
 
             made.append(("query", query))
-        for driver in self.drivers.values():
-
-            async def worker(driver: Driver = driver) -> tuple[Any, NATS]:
-                nc = await self._connect(f"driver-{driver.name}")
-                service = DriverWorker(
-                    nc,
-                    driver,
-                    restart_exited=config.reconcile_exited == "restart",
-                    replicas=config.replicas,
-                    host=config.host,
-                    adopt_unplaced=config.adopt_unplaced,
-                )
-                return service, nc
-
-            made.append((f"driver-{driver.name}", worker))
-        if self.drivers and config.host:
-            # After the workers: their consumers exist before anything can be placed on the host.
+        placing = bool(self.drivers and config.host)
+        if placing:
+            # Before the workers: a name another installation holds is refused before any worker
+            # takes an order, and the workers' consumers start where the log ended when the host
+            # was announced (HostService.first_seq), before anything could be placed on it.
             engines = list(self.drivers)
 
             async def host() -> tuple[Any, NATS]:
@@ -706,6 +694,22 @@ class ControlPlane:
                 return HostService(nc, announcement(config, engines), config.replicas), nc
 
             made.append((HOST_COMPONENT, host))
+        for driver in self.drivers.values():
+
+            async def worker(driver: Driver = driver) -> tuple[Any, NATS]:
+                nc = await self._connect(f"driver-{driver.name}")
+                first = self.supervisor.service(HOST_COMPONENT).first_seq if placing else 0
+                service = DriverWorker(
+                    nc,
+                    driver,
+                    restart_exited=config.reconcile_exited == "restart",
+                    replicas=config.replicas,
+                    host=config.host,
+                    first_seq=first,
+                )
+                return service, nc
+
+            made.append((f"driver-{driver.name}", worker))
         if "reaper" in self.components:
 
             async def reaper() -> tuple[Any, NATS]:

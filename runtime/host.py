@@ -1,9 +1,11 @@
 """The host a process's driver workers run on, announced as a service of its own.
 
-``up`` and ``serve`` add it after the driver workers, once their consumers exist, so nothing is
-placed on the host before its workers can take it. A name another live installation holds is
-refused: the service fails to start, says who holds it, and is tried again by the supervisor
-(the holder may be this machine's last run, whose heartbeat has not lapsed yet).
+``up`` and ``serve`` add it before the driver workers: a name another live installation holds is
+refused (the plane does not start, and says who holds it) before any worker takes an order, and
+the workers' consumers start where the log ended when the host was announced, so no order placed
+on the host comes before them. A name lost later (another installation took it over after this
+one's heartbeat lapsed) ends the service, which its supervisor restarts, refused while the other
+holds it.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ import os
 import uuid
 from pathlib import Path
 
+import msgspec
 from nats.aio.client import Client as NATS
+from nats.js.errors import NotFoundError
 
 from sandboxctl.bus.hosts import Announcer
-from sandboxctl.events.hosts import HostAnnouncement
+from sandboxctl.events import subjects
+from sandboxctl.events.hosts import HostAnnouncement, decode_host, encode_host
 from sandboxctl.runtime.config import Config
 
 
@@ -42,7 +47,8 @@ def machine_memory() -> int:
 
 
 def announcement(config: Config, engines: list[str]) -> HostAnnouncement:
-    return HostAnnouncement(
+    """The host this process announces, checked against the contract's bounds as any reader will."""
+    host = HostAnnouncement(
         name=config.host,
         worker=installation_id(config.data_dir),
         engines=sorted(engines),
@@ -52,6 +58,10 @@ def announcement(config: Config, engines: list[str]) -> HostAnnouncement:
         labels=config.host_labels,
         heartbeat=config.heartbeat,
     )
+    try:
+        return decode_host(encode_host(host))
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"host {config.host}: {exc}") from None
 
 
 class HostService:
@@ -61,8 +71,13 @@ class HostService:
         self.nc = nc
         self.announcer = Announcer(nc.jetstream(), host, replicas)
         self.tasks: list[asyncio.Task[None]] = []
+        self.first_seq = 0  # the log's end when the host was announced: where its workers start
 
     async def start(self) -> None:
+        try:
+            self.first_seq = (await self.nc.jetstream().stream_info(subjects.LOG_STREAM)).state.last_seq + 1
+        except NotFoundError:
+            self.first_seq = 1  # no log yet: the state machine makes it
         await self.announcer.claim()
         self.announcer.start()
         assert self.announcer.task is not None

@@ -64,6 +64,7 @@ from sandboxctl.events.commands import (
 )
 from sandboxctl.events.envelope import Envelope, encode, new_id, now, type_name
 from sandboxctl.events.facts import Fact
+from sandboxctl.events.hosts import HEARTBEAT_DEFAULT
 from sandboxctl.events.lifecycle import LifecycleEvent
 from sandboxctl.events.replies import ErrorCode, Reply, error_reply
 from sandboxctl.statemachine import Phase, Rejection, SandboxState, decide, evolve, react, validate_name
@@ -71,7 +72,7 @@ from sandboxctl.statemachine.bulk import bulk_problem, command_for, selected
 from sandboxctl.statemachine.clone import decide_clone
 from sandboxctl.statemachine.deadlines import Deadlines, overdue
 from sandboxctl.statemachine.phases import TRANSIENT
-from sandboxctl.statemachine.placement import HOST_LOST, Candidate, Loads, Placer, host_lost
+from sandboxctl.statemachine.placement import HOST_LOST, NO_LIMITS, Candidate, Loads, Placer, host_lost
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +207,9 @@ class StateMachineService:
         # Placing: each create goes to a host its driver workers announced (statemachine/placement.py),
         # named in its created event. Without, sandboxes are on no host (a plane with no hosts: tests
         # of the state machine alone, which publish the drivers' facts themselves).
-        self.hosts = HostsView(nc.jetstream(), make=True, on_change=self._host_changed) if place else None
+        self.hosts = (
+            HostsView(nc.jetstream(), make=True, on_change=self._host_changed, replicas=replicas) if place else None
+        )
         self.placer = Placer(self.hosts.live) if self.hosts is not None else None
         self.loads = self.placer.loads if self.placer is not None else Loads()
         self._started = time.monotonic()
@@ -710,7 +713,20 @@ class StateMachineService:
             clone, source = command, self.states.get(command.source)
             spec = None if source is None else await recorded_spec(self.js, command.source, source.sandbox_id)
 
+            # A clone goes to its source's host (the workspace is copied there): refused, like any
+            # new sandbox, while that host is lost, drained or full.
+            unfit = ""
+            if self.placer is not None and source is not None and source.host:
+                unfit = self.placer.why_not(source.host, source.driver, spec.resources if spec else NO_LIMITS)
+                placed = "" if unfit else source.host
+
             def decide_fn(state: SandboxState | None) -> list[LifecycleEvent] | Rejection:
+                if unfit and (state is None or state.phase is Phase.DELETED):
+                    return Rejection(
+                        ErrorCode.FAILED_PRECONDITION,
+                        f"sandbox {clone.source} is on host {source.host if source else ''}, which is {unfit}: "
+                        "a clone is made beside its source",
+                    )
                 return decide_clone(state, source, spec, clone, self.drivers, moment)
         elif isinstance(command, CreateSandbox) and self.hosts is not None:
             create = command
@@ -732,7 +748,7 @@ class StateMachineService:
 
         # Counted on its host until its created event is folded: creates placed at the same moment
         # see each other.
-        reserved = (placed, command.resources) if isinstance(command, CreateSandbox) and placed else None
+        reserved = (placed, getattr(command, "resources", NO_LIMITS)) if placed else None
         if reserved is not None:
             self.loads.reserve(*reserved)
         try:
@@ -855,19 +871,25 @@ class StateMachineService:
             await self._fail_lost_hosts()
 
     async def _fail_lost_hosts(self) -> None:
-        """Error with reason host_lost for what ran or moved on a host whose heartbeat lapsed: nothing
-        stays in Ready, Stopping or Starting on a machine that is gone. A host is given its whole
-        window from this instance's start too, so a plane that was down itself fails no host that
-        is merely announcing itself again."""
+        """Error with reason host_lost for what ran or moved on a host whose heartbeat lapsed (or
+        whose announcement is gone): nothing stays in Ready, Stopping or Starting on a machine that
+        is gone. Silence is counted on this instance's clock and from its own start at the
+        earliest (bus.hosts.HostsView), so a plane that was down itself fails no host that is
+        merely announcing itself again; a host heard from again meanwhile is left alone."""
         if self.hosts is None:
             return
-        for host, announced in list(self.hosts.hosts.items()):
-            silent = self.hosts.age(host)
-            if silent <= announced.heartbeat or time.monotonic() - self._started <= announced.heartbeat:
+        hosts = self.hosts
+        for host in list(self.loads.names):
+            if not host:
+                continue
+            announced = hosts.hosts.get(host)
+            window = announced.heartbeat if announced is not None else HEARTBEAT_DEFAULT
+            silent = min(hosts.age(host), time.monotonic() - self._started)
+            if silent <= window:
                 continue
             for name in list(self.loads.names.get(host, ())):
                 state = self.states.get(name)
-                if not host_lost(state, host, silent):
+                if hosts.live(host) or not host_lost(state, host, silent):
                     continue
                 assert state is not None
                 log.warning("%s is %s on host %s, lost %.0f s ago: failing it", name, state.phase.value, host, silent)

@@ -50,6 +50,7 @@ from sandboxctl.bus.eventlog import (
     publish_fact,
     retry_delay,
 )
+from sandboxctl.bus.hosts import ADOPTS, claim_unplaced
 from sandboxctl.bus.publish import cannot_store
 from sandboxctl.bus.pull import Pull
 from sandboxctl.bus.reading import load_states, read_events, recorded_spec
@@ -223,20 +224,23 @@ class DriverWorker:
         retry_wait: float = 1.0,
         replicas: int | None = None,
         host: str = "",
-        adopt_unplaced: bool = True,
+        first_seq: int = 0,
     ) -> None:
         self.nc = nc
         # The host this worker's engine runs on: it works the orders of the sandboxes placed there
-        # alone, and, with adopt_unplaced, those of sandboxes placed on no host (created before
-        # hosts, or by a plane that places none). "": a worker of no host, which works only those.
+        # alone, and, if it adopted them (see _work_consumer), those placed on no host (created
+        # before hosts, or by a plane that places none). "": a worker of no host, which works
+        # only those. first_seq: the log's end when the host was announced (0: ask the log).
         self.host = host
-        self.adopt_unplaced = adopt_unplaced or not host
+        self.first_seq = first_seq
+        self.adopt_unplaced = not host
         self.replicas = replicas  # of the archived workspaces' bucket, when this worker makes it
         self.js = nc.jetstream()
         self.driver = driver
         self.restart_exited = restart_exited
         self.retry_wait = retry_wait
-        self.source = f"sandboxctl/driver/{driver.name}"
+        # Its facts' source, the host included: an operator (and a test) sees which host reported what.
+        self.source = f"sandboxctl/driver/{driver.name}" + (f"/{host}" if host else "")
         self.consumer = f"sandboxctl-driver-{driver.name}"  # its name in logs and dead letters
         # Its durable consumer of the log: one per host, as each host's worker reads every order.
         self.durable = f"{self.consumer}-{host}" if host else self.consumer
@@ -269,6 +273,8 @@ class DriverWorker:
         await ensure_streams(self.js)
         # Made before anything is placed on this host (its announcement comes after the workers
         # have started), so that no order for it can come before its consumer's first position.
+        if self.host and not self.first_seq:
+            self.first_seq = (await self.js.stream_info(subjects.LOG_STREAM)).state.last_seq + 1
         self._config = await self._work_consumer()
         self.tasks.append(asyncio.create_task(self._watch(), name=f"{self.consumer}-watch"))
         self.tasks.append(asyncio.create_task(self._consume(), name=f"{self.consumer}-work"))
@@ -313,27 +319,45 @@ class DriverWorker:
             await pull.close()
 
     async def _work_consumer(self) -> ConsumerConfig:
-        """The configuration of this worker's durable consumer of the log, made if missing.
+        """The configuration of this worker's durable consumer of the log, made if missing, and
+        whether it works the sandboxes placed on no host (``adopt_unplaced``).
 
-        A host's consumer made for the first time starts where the worker of no host (the
-        consumer of every order of the engine, before hosts) had got to, if there is one, so an
-        upgraded host misses no order and works none twice; otherwise at the log's end, as no
-        sandbox can be on a host that has not announced itself yet."""
+        A host's consumer made for the first time starts at ``first_seq``, the log's end when its
+        host was announced: no order can be for a host before it is announced. One host of each
+        engine, the first to claim it (a key in the hosts' bucket, made once), takes over from the
+        consumer of no host (every order of the engine, before hosts) where it had got to, and
+        works from then on the sandboxes placed before hosts; an order that consumer had taken
+        past its last acknowledged one may come again, as any redelivery does."""
         config = durable_pull(self.durable, subjects.LOG_ALL, ack_wait=WORK_ACK_WAIT, max_ack_pending=20_000)
         if self.durable == self.consumer:
+            self.adopt_unplaced = True
             return config
         try:
-            made = await self.js.consumer_info(subjects.LOG_STREAM, self.durable)
-            start = made.config.opt_start_seq
+            made = (await self.js.consumer_info(subjects.LOG_STREAM, self.durable)).config
+            self.adopt_unplaced = (made.metadata or {}).get(ADOPTS) == "1"
+            return dataclasses.replace(
+                config,
+                deliver_policy=made.deliver_policy or DeliverPolicy.ALL,
+                opt_start_seq=made.opt_start_seq,
+                metadata=made.metadata,
+            )
         except NotFoundError:
-            try:
-                legacy = await self.js.consumer_info(subjects.LOG_STREAM, self.consumer)
-                start = legacy.ack_floor.stream_seq + 1 if legacy.ack_floor else 1
-            except NotFoundError:
-                start = (await self.js.stream_info(subjects.LOG_STREAM)).state.last_seq + 1
-        if start is None:
-            return config
-        config = dataclasses.replace(config, deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
+            pass
+        start = self.first_seq
+        self.adopt_unplaced = False
+        try:
+            legacy = await self.js.consumer_info(subjects.LOG_STREAM, self.consumer)
+        except NotFoundError:
+            legacy = None
+        if legacy is not None and await claim_unplaced(self.js, self.driver.name, self.host):
+            start = (legacy.ack_floor.stream_seq if legacy.ack_floor else 0) + 1
+            self.adopt_unplaced = True
+        config = dataclasses.replace(
+            config,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=max(start, 1),
+            metadata={ADOPTS: "1" if self.adopt_unplaced else "0"},
+        )
         await self.js.add_consumer(subjects.LOG_STREAM, config=config)
         return config
 

@@ -67,7 +67,19 @@ class Loads:
         self.on_change = on_change  # told the host whose load changed
 
     def changed(self, before: SandboxState | None, after: SandboxState | None) -> None:
-        if _counts(before):
+        counted_before, counted_after = _counts(before), _counts(after)
+        if not counted_before and not counted_after:
+            return
+        if (
+            counted_before
+            and counted_after
+            and before is not None
+            and after is not None
+            and before.host == after.host
+            and before.resources == after.resources
+        ):
+            return  # most events: the same sandbox on the same host, asking the same
+        if counted_before:
             assert before is not None
             self._add(before, -1)
             on = self.names.get(before.host)
@@ -75,7 +87,7 @@ class Loads:
                 on.discard(before.name)
                 if not on:
                     del self.names[before.host]
-        if _counts(after):
+        if counted_after:
             assert after is not None
             self._add(after, 1)
             self.names.setdefault(after.host, set()).add(after.name)
@@ -200,7 +212,9 @@ class Placer:
         self.loads = Loads(on_change=self._index)
         self._version: dict[str, int] = {}
         self._heaps: dict[str, list[tuple[float, int, str, int]]] = {}  # per engine
-        self._entries = 0
+        self._entries = 0  # in the heaps, stale ones included
+        self._indexed = 0  # after the last rebuild
+        self._rebuilding = False
 
     def announce(self, name: str, candidate: Candidate | None) -> None:
         """Host ``name`` as announced now (None: gone)."""
@@ -209,6 +223,14 @@ class Placer:
         else:
             self.hosts[name] = candidate
         self._index(name)
+
+    def why_not(self, host: str, driver: str, resources: Resources) -> str:
+        """Why a sandbox on ``driver`` asking ``resources`` cannot go to ``host`` now ("" if it can)."""
+        candidate = self.hosts.get(host)
+        if candidate is None:
+            return "not announced"
+        candidate = msgspec.structs.replace(candidate, live=self.live(host))
+        return _why_not(candidate, self.loads.of(host), driver, {}, resources)
 
     def candidates(self) -> list[Candidate]:
         """The hosts, each with whether it is live now."""
@@ -224,13 +246,17 @@ class Placer:
         for engine in candidate.engines:
             heapq.heappush(self._heaps.setdefault(engine, []), rank)
             self._entries += 1
-        if self._entries > 4 * max(len(self.hosts), 256):
+        if self._entries > 4 * max(self._indexed, 256) and not self._rebuilding:
             self._rebuild()
 
     def _rebuild(self) -> None:
-        self._heaps, self._entries = {}, 0
-        for name in list(self.hosts):
-            self._index(name)
+        self._heaps, self._entries, self._rebuilding = {}, 0, True
+        try:
+            for name in list(self.hosts):
+                self._index(name)
+        finally:
+            self._rebuilding = False
+        self._indexed = self._entries  # what a rebuild leaves: one entry per host and engine
 
     def place(
         self, driver: str, resources: Resources, host: str = "", constraints: Mapping[str, str] | None = None
