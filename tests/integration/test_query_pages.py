@@ -178,7 +178,7 @@ async def test_rows_and_events_past_the_bounds_still_get_answers(reader_config: 
             assert rows["big-2"]["labels"] == fat and rows["small"]["labels"] == {"team": "red"}
             assert rows["huge"] == {
                 "name": "huge", "sandbox_id": rows["huge"]["sandbox_id"], "phase": "Error", "driver": "podman",
-                "last_seq": 4, "updated_at": rows["huge"]["updated_at"], "truncated": True,
+                "host": "", "last_seq": 4, "updated_at": rows["huge"]["updated_at"], "truncated": True,
             }  # fmt: skip
             with pytest.raises(Internal, match="over the 1048576-byte max payload"):
                 await client.get("huge")

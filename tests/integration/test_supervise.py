@@ -15,6 +15,7 @@ import sandboxctl.services.projector
 from sandboxctl.client import Internal, SandboxClient
 from sandboxctl.runtime.config import Config
 from sandboxctl.runtime.embedded import _run_until_signalled
+from testing.hosts import announce_host
 
 INJECTED = "database or disk is full (injected)"
 
@@ -48,6 +49,7 @@ async def test_a_service_that_keeps_failing_ends_the_process_with_a_clear_messag
     run = asyncio.create_task(_run_until_signalled(nats_config, "banner", ("statemachine", "projector", "query")))
     client = await SandboxClient.connect(nats_config.nats_url, actor="test")
     try:
+        await announce_host(nats_config.nats_url, nats_config.host)  # where the create is placed
         for _ in range(200):  # until the services are up
             try:
                 await client.create("never-made", "localhost/none:latest")
