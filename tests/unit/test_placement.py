@@ -1,17 +1,22 @@
 """Placement (statemachine/placement.py): the host with the most room among those that fit, in
-proportion to capacity, and a refusal that says why each host did not fit."""
+proportion to capacity, and a refusal that says why each host did not fit; and the bounds of
+what a host announces and a create asks of one."""
 
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 
 import msgspec
+import pytest
 
-from sandboxctl.events.commands import BulkSandboxes
+from sandboxctl.events.commands import BulkSandboxes, CreateSandbox, command_decoder
+from sandboxctl.events.hosts import HostAnnouncement, decode_host, encode_host
 from sandboxctl.events.lifecycle import SandboxFailed
 from sandboxctl.events.replies import ErrorCode
 from sandboxctl.events.spec import Resources
+from sandboxctl.runtime.config import Config
 from sandboxctl.statemachine import Phase, Rejection, SandboxState
 from sandboxctl.statemachine.bulk import selected
 from sandboxctl.statemachine.placement import HOST_LOST, Candidate, Loads, Placer, host_lost, place
@@ -172,3 +177,43 @@ def test_the_index_places_as_the_scan_does_whatever_the_hosts_and_loads_do() -> 
             if isinstance(indexed, str):
                 state = placed(placer.loads, f"s{step}", indexed)
                 states[state.name] = state
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"SANDBOXCTL_HOST": "a.b"}, "SANDBOXCTL_HOST 'a.b'"),
+        ({"SANDBOXCTL_HOST": "x" * 64}, "SANDBOXCTL_HOST"),
+        ({"SANDBOXCTL_HOST_LABELS": "zone"}, "SANDBOXCTL_HOST_LABELS: label 'zone' is not KEY=VALUE"),
+        ({"SANDBOXCTL_HOST_MEMORY": "lots"}, "SANDBOXCTL_HOST_MEMORY 'lots'"),
+        ({"SANDBOXCTL_HOST_MEMORY": "1k"}, "SANDBOXCTL_HOST_MEMORY must be from"),
+        ({"SANDBOXCTL_HOST_CPUS": "nan"}, "SANDBOXCTL_HOST_CPUS must be a number of CPUs above 0"),
+        ({"SANDBOXCTL_HOST_MAX_SANDBOXES": "0"}, "SANDBOXCTL_HOST_MAX_SANDBOXES must be a whole number"),
+        ({"SANDBOXCTL_HOST_HEARTBEAT": "0.5"}, "SANDBOXCTL_HOST_HEARTBEAT must be from 1s"),
+    ],
+)
+def test_a_host_setting_out_of_bounds_is_refused_with_its_name(env: dict[str, str], says: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(says)):
+        Config.from_env(env)
+
+
+@pytest.mark.parametrize("host", ["a.b", "a*", ">", "-x", "x" * 64])
+def test_a_create_naming_a_host_that_is_no_subject_token_is_refused_by_the_contract(host: str) -> None:
+    create = CreateSandbox(name="s", command_id="c", image="img", host=host)
+    with pytest.raises(msgspec.ValidationError):
+        command_decoder.decode(msgspec.json.encode(create))
+
+
+def test_an_announcement_out_of_bounds_or_naming_an_engine_twice_is_no_host() -> None:
+    good = HostAnnouncement(name="a", worker="w", engines=["podman"], cpus=2, memory=1 << 30, max_sandboxes=10)
+    assert decode_host(encode_host(good)) == good
+    for bad in (
+        msgspec.structs.replace(good, engines=["podman", "podman"]),
+        msgspec.structs.replace(good, engines=[]),
+        msgspec.structs.replace(good, cpus=float("inf")),
+        msgspec.structs.replace(good, max_sandboxes=0),
+        msgspec.structs.replace(good, name="a.b"),
+        msgspec.structs.replace(good, heartbeat=0.1),
+    ):
+        with pytest.raises(msgspec.ValidationError):
+            decode_host(encode_host(bad))
