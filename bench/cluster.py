@@ -55,6 +55,7 @@ from sandboxctl.events.health import ServiceHealth
 from sandboxctl.events.replies import reply_decoder
 from sandboxctl.runtime import health
 from sandboxctl.runtime.embedded import ClusterNode, NatsServer, free_port
+from testing.hosts import announce_host
 from testing.serve import Service
 
 CASES = (("R1", 1, 1), ("R1", 1, 2), ("R3", 3, 1), ("R3", 3, 2))  # (replicas, nodes, state machines)
@@ -310,6 +311,8 @@ async def case(root: Path, replicas: str, nodes: int, machines: int, duration: f
             running = [state_machine(urls, root, f"sm{i}") for i in range(machines)]
             for machine in running:
                 await asyncio.to_thread(machine.start)
+            # A simulated host (no worker runs: these are the control plane's figures) to place on.
+            await announce_host(urls.split(",")[0], "bench-host", engines=("podman",))
             names = [f"b-{i:04d}" for i in range(SANDBOXES)]
             await create(nc, names)
             result = await drive(nc, names, duration)

@@ -736,8 +736,9 @@ class StateMachineService:
             placed = chosen if isinstance(chosen, str) else ""
 
             def decide_fn(state: SandboxState | None) -> list[LifecycleEvent] | Rejection:
-                if state is not None and state.phase is not Phase.DELETED:
-                    return decide(state, create, self.drivers, moment)  # already_exists, or a retry's no-op
+                if (state is not None and state.phase is not Phase.DELETED) or create.driver not in self.drivers:
+                    # already_exists, a retry's no-op, or an unknown driver: the decider's answer
+                    return decide(state, create, self.drivers, moment)
                 if isinstance(chosen, Rejection):
                     return chosen
                 return decide(state, msgspec.structs.replace(create, host=chosen), self.drivers, moment)

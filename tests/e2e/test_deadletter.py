@@ -80,10 +80,10 @@ async def test_a_work_order_whose_facts_the_bus_cannot_store_is_worked_again_unt
     config = info.config
     await js.update_stream(dataclasses.replace(config, max_msgs=info.state.messages, discard=DiscardPolicy.NEW))
     try:
-        before = (await js.consumer_info(subjects.LOG_STREAM, worker.consumer)).delivered.consumer_seq
+        before = (await js.consumer_info(subjects.LOG_STREAM, worker.durable)).delivered.consumer_seq
         reply = await client.stop(name, timeout=1)
         for _ in range(300):
-            delivered = (await js.consumer_info(subjects.LOG_STREAM, worker.consumer)).delivered.consumer_seq
+            delivered = (await js.consumer_info(subjects.LOG_STREAM, worker.durable)).delivered.consumer_seq
             if delivered - before > 2 * MAX_DELIVER:
                 break
             await asyncio.sleep(0.05)

@@ -55,7 +55,7 @@ async def test_concurrent_stops_append_exactly_one_stop_request(
     # A second state-machine instance on the same NATS, with a cache of its own,
     # shares the command queue group: racing stops land on both.
     twin_nc = await nats.connect(config.nats_url)
-    twin = StateMachineService(twin_nc)
+    twin = StateMachineService(twin_nc, config.drivers, config.default_driver, place=True)
     await twin.start()
     try:
         name = names.new()

@@ -575,7 +575,7 @@ async def test_conflicting_commands_from_several_processes_have_one_winner_per_l
     monkeypatch.setattr(statemachine_module, "append", counting_append)
 
     twin_nc = await nats.connect(config.nats_url, name="statemachine-twin")
-    twin = StateMachineService(twin_nc, config.drivers, config.default_driver)
+    twin = StateMachineService(twin_nc, config.drivers, config.default_driver, place=True)
     await twin.start()
     handled = Counter[str]()
     for label, service in (("plane", plane.statemachine), ("twin", twin)):

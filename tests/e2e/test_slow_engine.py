@@ -33,7 +33,7 @@ async def test_an_order_that_outlasts_the_ack_wait_is_delivered_once(
         name = names.new("slow")  # type: ignore[attr-defined]
         reply = await client.create(name, image, command=["sh", "-c", "trap '' TERM; while :; do sleep 1; done"])
         await client.wait_for(name, "Ready", reply.seq, timeout=60)
-        consumer = f"sandboxctl-driver-{engine.name}"
+        consumer = next(w for w in plane.workers if w.driver.name == engine.name).durable
         js = client.nc.jetstream()
         assert (await js.consumer_info(subjects.LOG_STREAM, consumer)).config.ack_wait == ACK_WAIT
         began = time.monotonic()
