@@ -19,7 +19,13 @@ from tests.conftest import CLI, Engine, until
 
 # Counts in its own memory (a shell variable), and writes the count where the test can read it:
 # after a thaw it goes on from where it was, which a restarted process could not.
-COUNTER = ["sh", "-c", "trap 'exit 0' TERM; i=0; while :; do i=$((i+1)); echo $i > /workspace/count; sleep 0.05; done"]
+# Written by rename, never truncated in place: a reader never sees the file empty.
+COUNTER = [
+    "sh",
+    "-c",
+    "trap 'exit 0' TERM; i=0; while :; do i=$((i+1)); "
+    "echo $i > /workspace/count.new; mv /workspace/count.new /workspace/count; sleep 0.05; done",
+]
 
 
 def count(engine: Engine, name: str) -> int:
