@@ -109,15 +109,18 @@ def protected_consumers(hosts: Iterable[str] = ()) -> list[str]:
     return [*PROTECTED_CONSUMERS, *per_host]
 
 
-def component_permissions(component: str, host: str = "", protected: list[str] = PROTECTED_CONSUMERS) -> dict[str, Any]:
+def component_permissions(
+    component: str, host: str = "", protected: list[str] = PROTECTED_CONSUMERS, user: str = ""
+) -> dict[str, Any]:
     """Least privilege per service: exactly the subjects its code uses (see docs/security.md).
 
     Every service may hear ``sandboxctl.health``: the process that runs it reports its services'
     health (runtime/health.py). The answer goes to the asker's inbox, so a service that does
     not answer requests anyway may publish to inboxes (``_INBOX.>``) rather than get
     ``allow_responses``: nats-server lets a response go to whatever reply subject the asker
-    named, the log's included, even past a deny rule."""
-    inbox = f"{subjects.inbox_prefix(component_user(component))}.>"
+    named, the log's included, even past a deny rule. ``user`` is the user's name when it is not
+    the component's own (a host's worker, ``host_worker_user``): its inboxes are under it."""
+    inbox = f"{subjects.inbox_prefix(user or component_user(component))}.>"
     if component == "statemachine":
         streams = (*CORE_STREAMS, subjects.AUDIT_STREAM)
         return {
@@ -232,7 +235,7 @@ def user_permissions(name: str, roles: Iterable[str], protected: list[str] = PRO
 
 def permissions(user: User, protected: list[str] = PROTECTED_CONSUMERS) -> dict[str, Any]:
     if user.component:
-        return component_permissions(user.component, user.host, protected)
+        return component_permissions(user.component, user.host, protected, user.name)
     return user_permissions(user.name, user.roles, protected)
 
 

@@ -56,6 +56,13 @@ def component_user(component: str) -> str:
     return f"{COMPONENT_PREFIX}{component}"
 
 
+def host_worker_user(engine: str, host: str) -> str:
+    """The NATS user of ``engine``'s driver worker on ``host``, made by ``sandboxctl host add`` for
+    a machine other than the one ``up`` provisioned: each host's worker may announce that host
+    alone and read its own work orders only."""
+    return f"{component_user('driver-' + engine)}-{host}"
+
+
 class User(msgspec.Struct, kw_only=True, omit_defaults=True):
     name: str
     password: str

@@ -4,6 +4,7 @@ every file written private (0600) and moved into place whole."""
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import signal
 from collections.abc import Iterable
@@ -15,14 +16,24 @@ from sandboxctl.auth.permissions import server_conf
 from sandboxctl.auth.roles import (
     ADMIN,
     COMPONENT_PREFIX,
+    DRIVERS,
     ROLES,
     SERVICE_COMPONENTS,
     Credentials,
     User,
     Users,
     component_user,
+    host_worker_user,
     valid_user_name,
 )
+from sandboxctl.events.limits import HOST_MAX, HOST_PATTERN
+
+_HOST = re.compile(HOST_PATTERN)
+
+
+def _engine(user: User) -> str:
+    """The engine of a driver worker's user ("" for any other user)."""
+    return user.component.removeprefix("driver-") if user.component.startswith("driver-") else ""
 
 
 def load_credentials(path: Path) -> Credentials:
@@ -68,7 +79,9 @@ class AuthStore:
 
     @property
     def enabled(self) -> bool:
-        return self.users_path.exists()
+        """Whether the server admits only users: this directory holds them (the machine that runs
+        the server), or holds credentials (a host whose workers ``host add`` made users for)."""
+        return self.users_path.exists() or any((self.root / "credentials").glob("*.json"))
 
     def load(self) -> dict[str, User]:
         if not self.users_path.exists():
@@ -133,6 +146,52 @@ class AuthStore:
 
     def credentials(self, user: str) -> Credentials:
         return load_credentials(self.credentials_path(user))
+
+    def worker_credentials(self, engine: str, host: str) -> Credentials:
+        """The credentials ``engine``'s driver worker on ``host`` connects with: that host's own
+        (``host add``), else the ones ``up`` made for its machine's workers."""
+        own = self.credentials_path(host_worker_user(engine, host))
+        return load_credentials(own if own.exists() else self.credentials_path(component_user(f"driver-{engine}")))
+
+    def add_host(self, host: str, engines: Iterable[str], output: Path | None = None) -> list[Path]:
+        """Users for the driver workers of ``host``, one per engine, that may announce that host
+        alone and read its work orders only (their passwords kept if they exist); returns their
+        credential files, copied into ``output``/credentials too when given, a directory the
+        host's machine takes as its SANDBOXCTL_AUTH_DIR. ValueError for a host name that is no
+        subject token or an engine sandboxctl has no driver for."""
+        if not host or not _HOST.fullmatch(host):
+            raise ValueError(f"host {host[:80]!r} must be 1-{HOST_MAX} letters, digits, '-' or '_'")
+        engines = sorted(set(engines))
+        unknown = [e for e in engines if e not in DRIVERS]
+        if unknown or not engines:
+            raise ValueError(f"unknown engine {(unknown or [''])[0][:40]!r}; engines are {', '.join(DRIVERS)}")
+        users = self.load()
+        for engine in engines:
+            name = host_worker_user(engine, host)
+            old = users.get(name)
+            password = old.password if old else secrets.token_urlsafe(24)
+            users[name] = User(name=name, password=password, component=f"driver-{engine}", host=host)
+        self._save(users)
+        paths = [self.credentials_path(host_worker_user(e, host)) for e in engines]
+        if output is not None:
+            for path in paths:
+                _write_private(output / "credentials" / path.name, path.read_bytes())
+        return paths
+
+    def remove_host(self, host: str) -> list[Path]:
+        """Remove the users ``add_host`` made for ``host`` (its workers are refused once the server
+        reloads); returns their credential files, deleted. KeyError if there are none."""
+        users = self.load()
+        names = [n for n, u in users.items() if u.host == host and n == host_worker_user(_engine(u), host)]
+        if not names:
+            raise KeyError(host)
+        for name in names:
+            del users[name]
+        self._save(users)
+        paths = [self.credentials_path(name) for name in names]
+        for path in paths:
+            path.unlink(missing_ok=True)
+        return paths
 
     def reload_server(self) -> bool:
         """Make the running embedded nats-server (every node of an embedded cluster) re-read its

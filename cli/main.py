@@ -483,10 +483,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     hs = sub.add_parser("hosts", help="the hosts driver workers announced: engines, capacity, sandboxes, state")
     hs.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
-    ho = sub.add_parser("host", help="drain a host (place nothing new on it) or undrain it")
+    ho = sub.add_parser("host", help="drain a host or undrain it; add or remove the users of a host's workers")
     hsub = ho.add_subparsers(dest="host_cmd", required=True)
     for verb, text in (("drain", "place no new sandbox on it"), ("undrain", "place sandboxes on it again")):
         hsub.add_parser(verb, help=text).add_argument("host_name", metavar="NAME")
+    hadd = hsub.add_parser(
+        "add", help="make NATS users for the driver workers of another machine (with authentication)"
+    )
+    hadd.add_argument("host_name", metavar="NAME", help="the host's name (its SANDBOXCTL_HOST)")
+    hadd.add_argument(
+        "--engine", action="append", choices=auth.DRIVERS, help="an engine it runs (repeatable; default: every one)"
+    )
+    hadd.add_argument("--output", type=Path, metavar="DIR", help="also write its credentials here, for that machine")
+    hsub.add_parser("remove", help="remove the users of a host's workers").add_argument("host_name", metavar="NAME")
 
     ev = sub.add_parser("events", help="print the log, one line per event")
     ev.add_argument("--follow", "-f", action="store_true", help="keep printing as the log grows")
@@ -890,11 +899,45 @@ async def _attach(client: SandboxClient, args: argparse.Namespace, config: Confi
         raise Failure(BROKEN_PIPE, f"the output of {args.cmd} in sandbox {args.name} was closed; {done}") from None
 
 
+def _host_users(config: Config, args: argparse.Namespace) -> int:
+    """``host add|remove``: the users of another machine's driver workers, in the auth directory
+    (the server is told to reload them, as for ``user add``)."""
+    store = auth.AuthStore(config.auth_path)
+    if not store.users_path.exists():
+        raise Failure(ErrorCode.FAILED_PRECONDITION, f"no users at {store.users_path}; run sandboxctl up first")
+    if args.host_cmd == "remove":
+        try:
+            paths = store.remove_host(args.host_name)
+        except KeyError:
+            raise Failure(
+                ErrorCode.NOT_FOUND, f"no users of host {args.host_name[:80]!r} in {store.users_path}"
+            ) from None
+        print(f"host {args.host_name}'s workers' users removed; their credentials are deleted")
+    else:
+        try:
+            paths = store.add_host(args.host_name, args.engine or auth.DRIVERS, args.output)
+        except ValueError as exc:
+            raise Failure(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
+        where = args.output or store.root
+        print(f"host {args.host_name}: {', '.join(p.stem for p in paths)}; credentials in {where / 'credentials'}")
+        print(
+            f"  on {args.host_name}: SANDBOXCTL_AUTH_DIR={where} SANDBOXCTL_HOST={args.host_name} "
+            "sandboxctl serve --only worker"
+        )
+    if not store.reload_server():
+        print("no running embedded nats-server found: the change takes effect when it next starts", file=sys.stderr)
+    return 0
+
+
 def _user(config: Config, args: argparse.Namespace) -> int:
     """Users live in the auth directory; the embedded server is told to reload them (SIGHUP)."""
     store = auth.AuthStore(config.auth_path)
     if args.user_cmd == "list":
-        users = [{"name": u.name, "roles": ", ".join(u.roles)} for u in store.load().values() if not u.component]
+        users = [
+            {"name": u.name, "roles": ", ".join(u.roles) if not u.component else f"{u.component} on host {u.host}"}
+            for u in store.load().values()
+            if not u.component or u.name == auth.host_worker_user(u.component.removeprefix("driver-"), u.host)
+        ]
         show(users, "table", ("name", "roles"))
         return 0
     if not store.enabled:
@@ -943,6 +986,8 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
         return 0
     if args.cmd == "user":
         return _user(config, args)
+    if args.cmd == "host" and args.host_cmd in ("add", "remove"):
+        return _host_users(config, args)
     if args.cmd == "serve":
         from sandboxctl.runtime.embedded import COMPONENTS, run_serve
 

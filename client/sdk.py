@@ -21,7 +21,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from sandboxctl.bus.eventlog import decode_event
-from sandboxctl.bus.hosts import drain, drained, read_hosts
+from sandboxctl.bus.hosts import drain, drain_key, drained, read_hosts
 from sandboxctl.bus.natsinternals import on_reconnected, server_requires_auth
 from sandboxctl.bus.reading import read_log, read_stream
 from sandboxctl.bus.servers import MAX_PINGS_OUT, PING_INTERVAL, server_urls
@@ -784,7 +784,21 @@ class SandboxClient:
             raise InvalidArgument(f"host {host[:80]!r}: 1-{HOST_MAX} letters, digits, '-' or '_'")
         if host not in {seen.host.name for seen in await read_hosts(self.nc.jetstream())}:
             raise NotFound(f"no host {host[:80]} is announced (sandboxctl hosts lists them)")
-        await drain(self.nc.jetstream(), host, draining)
+        subject = f"$KV.{subjects.HOSTS_BUCKET}.{drain_key(host)}"
+        refused = self.denials.watch(subject)
+        work = asyncio.ensure_future(drain(self.nc.jetstream(), host, draining))
+        try:
+            # Only an admin may: the server drops anyone else's write and says so on the side, where
+            # the write itself would only time out.
+            await asyncio.wait({work, refused}, return_when=asyncio.FIRST_COMPLETED)
+            if refused.done() and not work.done():
+                raise PermissionDenied(f"user {self.user or '(none)'} may not drain hosts (admin only)")
+            await work
+        except (TimeoutError, nats.errors.TimeoutError) as exc:
+            raise Unavailable(f"the hosts' bucket did not answer: {host} may or may not be drained") from exc
+        finally:
+            self.denials.forget(subject, refused)
+            work.cancel()
 
     async def hosts(self) -> Rows:
         """Every host announced, in name order: its announcement (engines, capacity, labels), how

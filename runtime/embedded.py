@@ -38,7 +38,7 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
 
-from sandboxctl.auth import Authorizer, AuthStore, component_user, local_user_name, record_denied
+from sandboxctl.auth import Authorizer, AuthStore, Credentials, component_user, local_user_name, record_denied
 from sandboxctl.bus.servers import MAX_PINGS_OUT, PING_INTERVAL, server_urls
 from sandboxctl.bus.tail import reraise_if_cancelling
 from sandboxctl.client import FailedPrecondition, Internal, Unavailable
@@ -628,8 +628,17 @@ class ControlPlane:
         """Set when a service kept failing: the process should exit (``failure`` says why)."""
         return self.supervisor.fatal
 
+    def _credentials(self, component: str) -> Credentials:
+        """Who ``component`` connects as: a driver worker (and its host's announcement) as its
+        host's worker user, any other service as its own."""
+        if component == HOST_COMPONENT:
+            component = f"driver-{next(iter(self.drivers))}"
+        if component.startswith("driver-"):
+            return self.auth.worker_credentials(component.removeprefix("driver-"), self.config.host)
+        return self.auth.credentials(component_user(component))
+
     async def _connect(self, name: str, purpose: str = "") -> NATS:
-        options = self.auth.credentials(component_user(name)).connect_options() if self.auth_enabled else {}
+        options = self._credentials(name).connect_options() if self.auth_enabled else {}
         nc = await nats.connect(
             server_urls(self.config.nats_url),
             name=f"{name}-{purpose}" if purpose else name,

@@ -16,11 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from sandboxctl.auth import AuthStore
 from sandboxctl.bus.hosts import HostTaken
-from sandboxctl.client import SandboxClient
+from sandboxctl.client import PermissionDenied, SandboxClient
 from sandboxctl.client.errors import FailedPrecondition
+from sandboxctl.events import subjects
 from sandboxctl.runtime.config import Config
-from sandboxctl.runtime.embedded import ControlPlane, PodmanService, make_driver
+from sandboxctl.runtime.embedded import ControlPlane, NatsServer, PodmanService, make_driver
+from tests.authkit import ADMIN_USER, Raw, auth_config, make_store
 from tests.conftest import CLI, until
 
 pytestmark = pytest.mark.timeout(300)
@@ -283,3 +286,77 @@ async def test_two_hundred_creates_at_once_split_two_to_one_between_hosts_of_cap
         assert all(item.accepted for item in page.items)
     for name in made:
         await client.wait_for(name, "Deleted", timeout=600)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> AuthStore:
+    """The users of ``auth_server`` (conftest): an admin, a reader, a writer, the services'."""
+    return make_store(tmp_path / "auth")
+
+
+async def test_with_authentication_a_hosts_workers_work_as_users_of_their_own_that_reach_no_other_host(
+    auth_server: NatsServer,
+    store: AuthStore,
+    second_podman: IsolatedPodman,
+    podman_url: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    names,
+    image: str,
+) -> None:
+    config = auth_config(tmp_path / "a", auth_server.url, store, podman_url)
+    admin = store.credentials(ADMIN_USER)
+    cli = CLI(dataclasses.replace(config, user=admin.user, password=admin.password), capsys)
+    # on the machine that holds the users: host-b's workers get users of their own, written for it
+    code, out, err = await cli("host", "add", "host-b", "--engine", "podman", "--output", str(tmp_path / "b-auth"))
+    assert code == 0 and "sandboxctl-driver-podman-host-b" in out, err
+    code, out, err = await cli("user", "list")
+    assert code == 0 and "driver-podman on host host-b" in out, err
+    code, _, err = await cli("host", "add", "no.such")
+    assert code != 0 and "host 'no.such' must be" in err
+    on_b = dataclasses.replace(
+        config,
+        data_dir=tmp_path / "data-b",
+        podman_url=second_podman.url,
+        host="host-b",
+        auth_dir=tmp_path / "b-auth",  # host-b's machine holds its own credentials, and no other
+    )
+    plane = await ControlPlane(config).start()
+    other = await ControlPlane(on_b, components=("worker",)).start()
+    writer_creds = store.credentials("writer")
+    writer = await SandboxClient.connect(config.nats_url, user=writer_creds.user, password=writer_creds.password)
+    raw = await Raw.connect(config.nats_url, AuthStore(tmp_path / "b-auth"), "sandboxctl-driver-podman-host-b")
+    try:
+        assert other.auth_enabled
+        sandbox = names.new("b")
+        await writer.create(sandbox, image, host="host-b")
+        await writer.wait_for(sandbox, "Ready", timeout=60)
+        assert sandbox in names_on(on_b) and sandbox not in names_on(config)
+        reply = await writer.stop(sandbox, timeout=1)
+        await writer.wait_for(sandbox, "Stopped", reply.seq, timeout=60)
+
+        # host-b's worker user may announce host-b alone, and read no other host's work orders
+        key = f"$KV.{subjects.HOSTS_BUCKET}.{config.host}"
+        await raw.refused(key, raw.js.publish(key, b"{}"))
+        durable = f"sandboxctl-driver-podman-{config.host}"
+        info = f"$JS.API.CONSUMER.INFO.{subjects.LOG_STREAM}.{durable}"
+        await raw.refused(info, raw.js.consumer_info(subjects.LOG_STREAM, durable))
+
+        # draining is an admin's: a writer is refused at once, not left to time out
+        began = time.monotonic()
+        with pytest.raises(PermissionDenied, match="may not drain hosts"):
+            await writer.drain("host-b")
+        assert time.monotonic() - began < 2.0
+        assert {h["name"]: h["state"] for h in await writer.hosts()}["host-b"] == "ready"
+
+        reply = await writer.delete(sandbox)
+        await writer.wait_for(sandbox, "Deleted", reply.seq, timeout=60)
+        # the users go: host-b's worker is refused from the next time it connects
+        code, _, err = await cli("host", "remove", "host-b")
+        assert code == 0, err
+        assert "sandboxctl-driver-podman-host-b" not in {u.name for u in store.load().values()}
+    finally:
+        await raw.nc.close()
+        await writer.close()
+        await other.stop()
+        await plane.stop()
