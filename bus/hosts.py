@@ -1,12 +1,14 @@
 """Hosts in the hosts' key-value bucket: a process that runs driver workers announces its host and
 keeps the announcement fresh (``Announcer``); the state machine and the query service follow them
-(``HostsView``), the command line reads them (``read_hosts``).
+(``HostsView``), and the query service answers ``sandboxctl hosts`` from its own view.
 
 An announcement is rewritten every third of its heartbeat window. A host whose announcement has
 not been rewritten for the window is lost; its entry stays, so that ``sandboxctl hosts`` shows it
 as lost and its return is the same host. A host name is held by one installation at a time (the
 announcement's ``worker``): a second one that announces a name whose holder is alive is refused,
-so two machines never take each other's work orders.
+so two machines never take each other's work orders. Liveness is always watched on the watcher's
+own clock (a new revision is a heartbeat), never read from the server's time stamps: two machines'
+clocks need not agree.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from datetime import datetime
 
 import msgspec
 from nats.js import JetStreamContext
@@ -87,38 +88,15 @@ async def hosts_bucket(js: JetStreamContext, replicas: int | None = None) -> Key
     return await make_once(make, lambda: js.key_value(subjects.HOSTS_BUCKET), replicas)
 
 
-def _seconds_since(written: object) -> float:
-    """Seconds since a time the server stamped (a datetime, or nanoseconds since the epoch),
-    against this machine's clock; never negative."""
-    if isinstance(written, datetime):
-        stamp = written.timestamp()
-    elif isinstance(written, (int, float)):
-        stamp = written / 1e9 if written > 1e12 else float(written)
-    else:
-        return 0.0
-    return max(time.time() - stamp, 0.0)
-
-
-async def _stored(js: JetStreamContext, name: str) -> tuple[bytes, float, int] | None:
-    """Host ``name``'s entry as stored: its value, its age (seconds), its revision."""
+async def _stored(js: JetStreamContext, name: str) -> tuple[bytes, int] | None:
+    """The entry ``name`` as stored: its value and its revision (None: never written, or deleted)."""
     try:
         msg = await js.get_msg(subjects.HOSTS_STREAM, subject=f"$KV.{subjects.HOSTS_BUCKET}.{name}")
     except NotFoundError:
         return None
     if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
         return None
-    return msg.data or b"", _seconds_since(msg.time), int(msg.seq or 0)
-
-
-class HostSeen(msgspec.Struct, kw_only=True, frozen=True):
-    """An announcement as read: what it says, and how long ago it was last renewed."""
-
-    host: HostAnnouncement
-    age: float
-
-    @property
-    def live(self) -> bool:
-        return self.age <= self.host.heartbeat
+    return msg.data or b"", int(msg.seq or 0)
 
 
 _KEYS = f"$KV.{subjects.HOSTS_BUCKET}."  # + a key: the subject of its entry
@@ -131,33 +109,6 @@ async def _keys(js: JetStreamContext) -> list[str]:
     except NotFoundError:
         return []
     return sorted(subject.removeprefix(_KEYS) for subject in (info.state.subjects or {}))
-
-
-async def read_hosts(js: JetStreamContext) -> list[HostSeen]:
-    """Every host announced, in name order; an entry that does not decode is skipped, logged."""
-    seen: list[HostSeen] = []
-    for key in await _keys(js):
-        if key.startswith((DRAIN_PREFIX, UNPLACED_PREFIX)):
-            continue
-        stored = await _stored(js, key)
-        if stored is None:
-            continue
-        try:
-            host = decode_host(stored[0])
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.error("hosts: the announcement of %s is unreadable, skipped: %s", key[:80], exc)
-            continue
-        if host.name != key:
-            log.error("hosts: the entry %s announces host %s; skipped", key[:80], host.name[:80])
-            continue
-        seen.append(HostSeen(host=host, age=stored[1]))
-    return seen
-
-
-async def drained(js: JetStreamContext) -> list[str]:
-    """The hosts an operator has drained."""
-    keys = [k.removeprefix(DRAIN_PREFIX) for k in await _keys(js) if k.startswith(DRAIN_PREFIX)]
-    return [host for host in keys if await _stored(js, drain_key(host)) is not None]
 
 
 async def drain(js: JetStreamContext, host: str, draining: bool = True) -> None:
@@ -180,7 +131,10 @@ class Announcer:
         self.task: asyncio.Task[None] | None = None
 
     async def claim(self) -> None:
-        """Announce the host, or raise HostTaken if another installation holds its name."""
+        """Announce the host, or raise HostTaken if another installation holds its name and is
+        alive. Whether it is alive is watched, on this machine's clock, never read from the
+        entry's time stamp (another machine's clock): its holder renews it every third of its
+        window, so a name not renewed for a whole window is taken over, and one renewed is not."""
         kv = self._kv = await hosts_bucket(self.js, self.replicas)
         data = encode_host(self.host)
         try:
@@ -192,15 +146,31 @@ class Announcer:
         if stored is None:  # deleted since: make it again
             self._revision = await kv.put(self.host.name, data)
             return
-        value, age, revision = stored
+        value, revision = stored
         with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
             held = decode_host(value)
-            if held.worker != self.host.worker and age <= held.heartbeat:
+            if held.worker != self.host.worker:
+                await self._wait_out(held, revision)
+        self._revision = await kv.update(self.host.name, data, last=revision)
+
+    async def _wait_out(self, held: HostAnnouncement, revision: int) -> None:
+        """Watch ``held``'s entry for its whole window: HostTaken as soon as its holder renews it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + held.heartbeat
+        log.warning(
+            "hosts: host %s is held by worker %s; taking it over unless it is renewed within %.0f s",
+            self.host.name,
+            held.worker[:80],
+            held.heartbeat,
+        )
+        while loop.time() < deadline:
+            await asyncio.sleep(min(1.0, held.heartbeat / 6))
+            now = await _stored(self.js, self.host.name)
+            if now is not None and now[1] != revision:
                 raise HostTaken(
-                    f"host {self.host.name} is held by worker {held.worker}, heard from {age:.0f} s ago: "
+                    f"host {self.host.name} is held by worker {held.worker}, which renewed it just now: "
                     "give this machine another name (SANDBOXCTL_HOST)"
                 )
-        self._revision = await kv.update(self.host.name, data, last=revision)
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._renew(), name=f"host-{self.host.name}-heartbeat")
@@ -347,16 +317,16 @@ class HostsView:
         """Read every host afresh (a create that found no host may have come before the watch
         brought one); whether anything was new."""
         before = dict(self.hosts), set(self.draining), {name for name in self.hosts if self.live(name)}
-        for key in await _keys(self.js):
+        keys = await _keys(self.js)
+        for key in keys:
             stored = await _stored(self.js, key)
-            self._take(key, None if stored is None else stored[0], 0 if stored is None else stored[2])
-        now_drained = set(await drained(self.js))
-        for host in self.draining - now_drained:
-            self._take(drain_key(host), None, 0)
+            self._take(key, None if stored is None else stored[0], 0 if stored is None else stored[1])
+        for host in self.draining - {k.removeprefix(DRAIN_PREFIX) for k in keys if k.startswith(DRAIN_PREFIX)}:
+            self._take(drain_key(host), None, 0)  # purged
         return (self.hosts, self.draining, {name for name in self.hosts if self.live(name)}) != before
 
     async def _refresh(self) -> None:
         for name, host in list(self.hosts.items()):
             if self.age(name) > host.heartbeat / 2:
                 stored = await _stored(self.js, name)
-                self._take(name, None if stored is None else stored[0], 0 if stored is None else stored[2])
+                self._take(name, None if stored is None else stored[0], 0 if stored is None else stored[1])

@@ -21,7 +21,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from sandboxctl.bus.eventlog import decode_event
-from sandboxctl.bus.hosts import drain, drain_key, drained, read_hosts
+from sandboxctl.bus.hosts import drain, drain_key
 from sandboxctl.bus.natsinternals import on_reconnected, server_requires_auth
 from sandboxctl.bus.reading import read_log, read_stream
 from sandboxctl.bus.servers import MAX_PINGS_OUT, PING_INTERVAL, server_urls
@@ -782,7 +782,7 @@ class SandboxClient:
         ``draining`` False, place them there again. NotFound for a host never announced."""
         if not _HOST.fullmatch(host) or not host:
             raise InvalidArgument(f"host {host[:80]!r}: 1-{HOST_MAX} letters, digits, '-' or '_'")
-        if host not in {seen.host.name for seen in await read_hosts(self.nc.jetstream())}:
+        if host not in {row["name"] for row in await self.hosts()}:
             raise NotFound(f"no host {host[:80]} is announced (sandboxctl hosts lists them)")
         subject = f"$KV.{subjects.HOSTS_BUCKET}.{drain_key(host)}"
         refused = self.denials.watch(subject)
@@ -805,28 +805,7 @@ class SandboxClient:
         many sandboxes are placed on it and running there, seconds since its last heartbeat, and
         its state: ``ready``, ``draining`` (nothing new is placed there), or ``lost`` once its
         heartbeat window has passed."""
-        js = self.nc.jetstream()
-        announced, draining = await read_hosts(js), set(await drained(js))
-        counts: dict[str, Any] = (await self.query("hosts"))["hosts"]
-        rows: Rows = []
-        for seen in announced:
-            host = seen.host
-            placed = counts.get(host.name, {})
-            rows.append(
-                {
-                    "name": host.name,
-                    "state": "lost" if not seen.live else "draining" if host.name in draining else "ready",
-                    "engines": list(host.engines),
-                    "labels": dict(host.labels),
-                    "cpus": host.cpus,
-                    "memory": host.memory,
-                    "max_sandboxes": host.max_sandboxes,
-                    "placed": placed.get("placed", 0),
-                    "running": placed.get("running", 0),
-                    "last_heartbeat": round(seen.age, 1),
-                    "heartbeat_window": host.heartbeat,
-                }
-            )
+        rows: Rows = (await self.query("hosts"))["hosts"]
         return rows
 
     async def summary(self) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from sandboxctl.events.facts import FACT_TYPES
 from sandboxctl.events.health import ServiceHealth
 from sandboxctl.events.hosts import DRAIN_PREFIX, HostAnnouncement
 from sandboxctl.events.lifecycle import EVENT_TYPES
-from sandboxctl.events.queries import QUERY_TYPES, HistoryPage, HostCounts, ListPage, Summary
+from sandboxctl.events.queries import QUERY_TYPES, HistoryPage, HostList, ListPage, Summary
 from sandboxctl.events.replies import Reply
 
 REF = "#/components/schemas/{name}"
@@ -63,7 +63,7 @@ def document() -> dict[str, Any]:
     events = list(EVENT_TYPES.values())
     facts = list(FACT_TYPES.values())
     queries = list(QUERY_TYPES.values())
-    results = [ListPage, HistoryPage, Summary, HostCounts, BulkPage]
+    results = [ListPage, HistoryPage, Summary, HostList, BulkPage]
     _, schemas = msgspec.json.schema_components(
         [
             *commands,

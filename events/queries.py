@@ -16,6 +16,7 @@ Every answer from a projection carries its ``position``: the log sequence it ref
 
 from __future__ import annotations
 
+import enum
 from typing import Annotated
 
 import msgspec
@@ -93,9 +94,15 @@ class Summary(msgspec.Struct):
 
 
 class HostsRequest(msgspec.Struct):
-    """How many sandboxes each host holds, as far as the projection has read the log."""
+    """Every host announced, with its sandboxes as far as the projection has read the log."""
 
     at_least: AtLeast = 0
+
+
+class HostState(enum.StrEnum):
+    READY = "ready"
+    DRAINING = "draining"  # an operator drained it: nothing new is placed there
+    LOST = "lost"  # not heard from for its heartbeat window
 
 
 class HostCount(msgspec.Struct):
@@ -103,10 +110,29 @@ class HostCount(msgspec.Struct):
     running: int  # Ready
 
 
-class HostCounts(msgspec.Struct):
-    """Per host, its sandboxes; "" counts those placed on no host."""
+class HostRow(msgspec.Struct, kw_only=True):
+    """A host as its workers announced it (engines, capacity, labels), its state and sandboxes.
+    ``last_heartbeat``: seconds since the answering service last heard from it, counted on that
+    service's own clock (never a comparison of two machines' clocks)."""
 
-    hosts: dict[str, HostCount]
+    name: str
+    state: HostState
+    engines: list[str]
+    labels: dict[str, str]
+    cpus: float
+    memory: int  # bytes
+    max_sandboxes: int
+    placed: int
+    running: int
+    last_heartbeat: float
+    heartbeat_window: float
+
+
+class HostList(msgspec.Struct):
+    """``hosts`` in name order; ``unplaced``: the sandboxes placed on no host (made before hosts)."""
+
+    hosts: list[HostRow]
+    unplaced: HostCount
 
 
 QUERY_TYPES = {

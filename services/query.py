@@ -50,8 +50,10 @@ from sandboxctl.events.queries import (
     HistoryPage,
     HistoryRequest,
     HostCount,
-    HostCounts,
+    HostList,
+    HostRow,
     HostsRequest,
+    HostState,
     InError,
     ListPage,
     ListRequest,
@@ -260,9 +262,7 @@ class QueryService:
                 return Reply(accepted=True, result=result, position=position)
             if kind == "hosts":
                 hosts = msgspec.json.decode(payload or b"{}", type=HostsRequest)
-                position = await self._position(hosts.at_least)
-                per_host = {h: HostCount(placed=p, running=r) for h, (p, r) in (await host_counts(self.db)).items()}
-                return Reply(accepted=True, result=HostCounts(per_host), position=position)
+                return await self._hosts(await self._position(hosts.at_least))
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             return error_reply(ErrorCode.INVALID_ARGUMENT, f"malformed query: {exc}")
         except Behind as exc:
@@ -272,6 +272,42 @@ class QueryService:
                 "you have seen; ask again (another replica may answer)",
             )
         return error_reply(ErrorCode.INVALID_ARGUMENT, f"unknown query {kind[:40]!r}; use {', '.join(QUERIES)}")
+
+    async def _hosts(self, position: int) -> Reply:
+        try:
+            await asyncio.wait_for(self.hosts.ready.wait(), READ_PATIENCE)
+        except TimeoutError:
+            return error_reply(
+                ErrorCode.UNAVAILABLE, "this query replica has not read the hosts' bucket yet; ask again"
+            )
+        counts = await host_counts(self.db)
+        rows = []
+        for name, host in sorted(self.hosts.hosts.items()):
+            placed, running = counts.get(name, (0, 0))
+            state = (
+                HostState.LOST
+                if not self.hosts.live(name)
+                else HostState.DRAINING
+                if name in self.hosts.draining
+                else HostState.READY
+            )
+            rows.append(
+                HostRow(
+                    name=name,
+                    state=state,
+                    engines=list(host.engines),
+                    labels=dict(host.labels),
+                    cpus=host.cpus,
+                    memory=host.memory,
+                    max_sandboxes=host.max_sandboxes,
+                    placed=placed,
+                    running=running,
+                    last_heartbeat=round(self.hosts.age(name), 1),
+                    heartbeat_window=host.heartbeat,
+                )
+            )
+        unplaced = HostCount(*counts.get("", (0, 0)))
+        return Reply(accepted=True, result=HostList(rows, unplaced), position=position)
 
     async def _position(self, at_least: int) -> int:
         """The projection's position, once it is at least ``at_least``: read before the rows, so

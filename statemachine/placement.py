@@ -128,8 +128,10 @@ class Loads:
         self.reserve(host, resources, -1)
 
 
-def _why_not(host: Candidate, load: HostLoad, driver: str, constraints: Mapping[str, str], resources: Resources) -> str:
-    if not host.live:
+def _why_not(
+    host: Candidate, load: HostLoad, driver: str, constraints: Mapping[str, str], resources: Resources, live: bool
+) -> str:
+    if not (live and host.live):
         return "lost (no heartbeat)"
     if host.draining:
         return "draining"
@@ -167,8 +169,10 @@ def place(
     resources: Resources,
     host: str = "",
     constraints: Mapping[str, str] | None = None,
+    live: Callable[[str], bool] | None = None,
 ) -> str | Rejection:
-    """The host a new sandbox on ``driver`` goes to, or why none fits (module docstring)."""
+    """The host a new sandbox on ``driver`` goes to, or why none fits (module docstring).
+    ``live``, when given, says whether a host's heartbeat is current (else its ``live`` does)."""
     constraints = constraints or {}
     best: tuple[float, int, str] | None = None
     refused: list[str] = []
@@ -178,7 +182,7 @@ def place(
             continue
         named = True
         load = loads.of(candidate.name)
-        why = _why_not(candidate, load, driver, constraints, resources)
+        why = _why_not(candidate, load, driver, constraints, resources, live is None or live(candidate.name))
         if why:
             refused.append(f"{candidate.name}: {why}")
             continue
@@ -229,12 +233,13 @@ class Placer:
         candidate = self.hosts.get(host)
         if candidate is None:
             return "not announced"
-        candidate = msgspec.structs.replace(candidate, live=self.live(host))
-        return _why_not(candidate, self.loads.of(host), driver, {}, resources)
+        return _why_not(candidate, self.loads.of(host), driver, {}, resources, self.live(host))
 
-    def candidates(self) -> list[Candidate]:
-        """The hosts, each with whether it is live now."""
-        return [msgspec.structs.replace(c, live=self.live(name)) for name, c in self.hosts.items()]
+    def scan(
+        self, driver: str, resources: Resources, host: str = "", constraints: Mapping[str, str] | None = None
+    ) -> str | Rejection:
+        """``place`` over every host, each live as its heartbeat says now."""
+        return place(self.hosts.values(), self.loads, driver, resources, host, constraints, self.live)
 
     def _index(self, name: str) -> None:
         version = self._version[name] = self._version.get(name, 0) + 1
@@ -263,7 +268,7 @@ class Placer:
     ) -> str | Rejection:
         """As ``place`` over every host, in O(log hosts) for a create with no host, constraint or limit."""
         if host or constraints or resources.cpus or resources.memory:
-            return place(self.candidates(), self.loads, driver, resources, host, constraints)
+            return self.scan(driver, resources, host, constraints)
         heap = self._heaps.get(driver, [])
         while heap:
             *_, name, version = heap[0]
@@ -272,15 +277,14 @@ class Placer:
                 heapq.heappop(heap)  # stale: the host changed since
                 self._entries -= 1
                 continue
-            candidate = msgspec.structs.replace(candidate, live=self.live(name))
-            if _why_not(candidate, self.loads.of(name), driver, {}, resources):
+            if _why_not(candidate, self.loads.of(name), driver, {}, resources, self.live(name)):
                 # Lost, drained or full for now: indexed again when that changes (a heartbeat, an
                 # undrain, a sandbox gone).
                 heapq.heappop(heap)
                 self._entries -= 1
                 continue
             return name
-        return place(self.candidates(), self.loads, driver, resources, host, constraints)  # none fits: say why
+        return self.scan(driver, resources, host, constraints)  # none fits: say why
 
 
 # What a lost host takes down: every sandbox that runs there, or is on its way somewhere. Stopped

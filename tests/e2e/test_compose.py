@@ -26,8 +26,7 @@ from sandboxctl.events import subjects
 from sandboxctl.runtime.embedded import free_port
 from sandboxctl.services.statemachine import StateMachineService
 from tests.conftest import ROOT, cli_process, until
-from tests.integration.test_quorum import OPTIONS
-from tests.integration.test_replicas import jetstream_answers
+from tests.integration.test_replicas import OPTIONS, jetstream_answers
 
 pytestmark = pytest.mark.timeout(900)
 

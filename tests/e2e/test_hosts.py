@@ -123,6 +123,8 @@ async def test_sandboxes_are_placed_by_constraint_name_and_room_and_worked_on_th
     assert set(hosts) == {"host-a", "host-b"}, hosts
     assert all(h["state"] == "ready" and h["engines"] == ["podman"] for h in hosts.values())
     assert hosts["host-b"]["labels"] == {"zone": "b"} and hosts["host-b"]["max_sandboxes"] == 2
+    # heard from within the window, by the query service's own clock
+    assert all(0 <= h["last_heartbeat"] <= HEARTBEAT and h["heartbeat_window"] == HEARTBEAT for h in hosts.values())
 
     on_b = names.new("b")
     await client.create(on_b, image, constraints={"zone": "b"})

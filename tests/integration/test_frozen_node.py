@@ -6,38 +6,29 @@ the same command id, so it is stored once. Real nats-servers; the state machine 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import time
 from pathlib import Path
 
-import nats
 from nats.aio.client import Client as NATS
 
 from sandboxctl.bus.reading import history
 from sandboxctl.bus.streams import ensure_streams
 from sandboxctl.client import SandboxClient
 from sandboxctl.events import subjects
-from sandboxctl.services.statemachine import StateMachineService
-from tests.integration.test_quorum import IMAGE, OPTIONS
-from tests.integration.test_replicas import jetstream_answers, nodes_of
+from tests.integration.test_quorum import IMAGE
+from tests.integration.test_replicas import jetstream_answers, running_cluster
 
 TARGET = 5.0  # issue 18: the longest a command may wait for its answer while a node is lost
 ELECTION_MAX = 9.0  # nats-server server/raft.go maxElectionTimeoutDefault: a follower stands by then
 
 
 async def test_a_client_on_a_frozen_node_moves_to_another_and_is_answered_within_seconds(tmp_path: Path) -> None:
-    nodes = nodes_of(tmp_path)
-    for node in nodes:
-        node.start()
-    # The state machine on the third node, which stays: what is measured is the client's move.
-    nc = await nats.connect(nodes[2].url, **OPTIONS)
-    machine = StateMachineService(await nats.connect(nodes[2].url, **OPTIONS))
-    frozen = None
-    client = None
-    try:
+    async with running_cluster(tmp_path) as cluster:
+        nodes = cluster.nodes
+        # The state machine on the third node, which stays: what is measured is the client's move.
+        nc = await cluster.connect(nodes[2])
         await jetstream_answers(nc)
-        await machine.start()
+        await cluster.state_machine(nodes[2])
         setup = SandboxClient(nc, actor="setup")
         assert (await setup.create("fz-1", IMAGE, driver="podman")).accepted
         # Freeze a node that does not lead the log: its loss costs the log no election, so the
@@ -45,11 +36,10 @@ async def test_a_client_on_a_frozen_node_moves_to_another_and_is_answered_within
         leader = (await nc.jetstream().stream_info(subjects.LOG_STREAM)).cluster.leader  # type: ignore[union-attr]
         frozen = next(n for n in nodes[:2] if n.server_name != leader)
         other = next(n for n in nodes if n is not frozen)
-        client = await SandboxClient.connect(f"{frozen.url},{other.url}", actor="frozen", dont_randomize=True)
+        client = await cluster.client(f"{frozen.url},{other.url}", "frozen", dont_randomize=True)
         assert client.nc.connected_url is not None and client.nc.connected_url.port == frozen.port
 
-        assert frozen.proc is not None
-        os.kill(frozen.proc.pid, signal.SIGSTOP)
+        cluster.freeze(frozen)
         began = time.monotonic()
         reply = await client.touch("fz-1", command_id="fz-touch")
         waited = time.monotonic() - began
@@ -59,16 +49,6 @@ async def test_a_client_on_a_frozen_node_moves_to_another_and_is_answered_within
         touches = [e for e in await history(nc.jetstream(), "fz-1") if e.get("causationid") == "fz-touch"]
         assert len(touches) == 1, touches  # asked twice, stored once
         print(f"\na client on a frozen node was answered after {waited:.2f}s")
-    finally:
-        if frozen is not None and frozen.proc is not None:
-            os.kill(frozen.proc.pid, signal.SIGCONT)
-        if client is not None:
-            await client.close()
-        await machine.stop()
-        await machine.nc.close()
-        await nc.close()
-        for node in nodes:
-            node.stop()
 
 
 async def new_leader(nc: NATS, old: str) -> float:
@@ -91,27 +71,19 @@ async def test_a_command_while_the_log_leader_is_frozen_is_answered_once_a_leade
     leader (NATS's RAFT: 4 to 9 s). The state machine does not wait out a whole ack timeout per
     attempt on the frozen leader: it asks again in short attempts, so a command is answered soon
     after the election, stored once."""
-    nodes = nodes_of(tmp_path)
-    for node in nodes:
-        node.start()
-    nc = await nats.connect(nodes[0].url, **OPTIONS)
-    frozen = None
-    machine = None
-    client = None
-    try:
-        await jetstream_answers(nc)
-        await ensure_streams(nc.jetstream())
-        leader = (await nc.jetstream().stream_info(subjects.LOG_STREAM)).cluster.leader  # type: ignore[union-attr]
-        frozen = next(n for n in nodes if n.server_name == leader)
-        stays = next(n for n in nodes if n is not frozen)
-        await nc.close()
-        nc = await nats.connect(stays.url, **OPTIONS)
-        machine = StateMachineService(await nats.connect(stays.url, **OPTIONS))
-        await machine.start()
-        client = await SandboxClient.connect(stays.url, actor="frozen-leader")
+    async with running_cluster(tmp_path) as cluster:
+        first = await cluster.connect(cluster.nodes[0])
+        await jetstream_answers(first)
+        await ensure_streams(first.jetstream())
+        leader = (await first.jetstream().stream_info(subjects.LOG_STREAM)).cluster.leader  # type: ignore[union-attr]
+        assert leader is not None
+        frozen = next(n for n in cluster.nodes if n.server_name == leader)
+        stays = next(n for n in cluster.nodes if n is not frozen)
+        nc = await cluster.connect(stays)
+        await cluster.state_machine(stays)
+        client = await cluster.client(stays.url, "frozen-leader")
         assert (await client.create("fl-1", IMAGE, driver="podman")).accepted
-        assert frozen.proc is not None
-        os.kill(frozen.proc.pid, signal.SIGSTOP)
+        cluster.freeze(frozen)
         began = time.monotonic()
         elected = asyncio.create_task(new_leader(nc, leader))
         reply = await client.touch("fl-1", command_id="fl-touch")
@@ -126,14 +98,3 @@ async def test_a_command_while_the_log_leader_is_frozen_is_answered_once_a_leade
         )
         assert waited < ELECTION_MAX + 2, f"answered after {waited:.1f}s"
         assert after < 2.5, f"answered {after:.1f}s after the log had a new leader"
-    finally:
-        if frozen is not None and frozen.proc is not None:
-            os.kill(frozen.proc.pid, signal.SIGCONT)
-        if client is not None:
-            await client.close()
-        if machine is not None:
-            await machine.stop()
-            await machine.nc.close()
-        await nc.close()
-        for node in nodes:
-            node.stop()

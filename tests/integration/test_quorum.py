@@ -9,34 +9,28 @@ import asyncio
 import time
 from pathlib import Path
 
-import nats
 import pytest
 
 from sandboxctl.bus.reading import history
 from sandboxctl.client import SandboxClient, SandboxError
 from sandboxctl.events.replies import ErrorCode
-from sandboxctl.services.statemachine import APPEND_PATIENCE, StateMachineService
+from sandboxctl.services.statemachine import APPEND_PATIENCE
 from tests.conftest import until
-from tests.integration.test_replicas import jetstream_answers, nodes_of
+from tests.integration.test_replicas import jetstream_answers, running_cluster
 
 IMAGE = "localhost/sandboxctl-busybox:latest"
-OPTIONS = {"max_reconnect_attempts": -1, "reconnect_time_wait": 0.2, "ping_interval": 1, "max_outstanding_pings": 2}
 
 
 async def test_without_its_quorum_a_cluster_answers_unavailable_and_serves_again_once_it_is_back(
     tmp_path: Path,
 ) -> None:
-    nodes = nodes_of(tmp_path)
-    for node in nodes:
-        node.start()
-    # The state machine and the client on the node that stays: what is measured is the log's
-    # answer without a majority, not a connection's move to another node.
-    nc = await nats.connect(nodes[0].url, **OPTIONS)
-    machine = None
-    try:
+    async with running_cluster(tmp_path) as cluster:
+        nodes = cluster.nodes
+        # The state machine and the client on the node that stays: what is measured is the log's
+        # answer without a majority, not a connection's move to another node.
+        nc = await cluster.connect(nodes[0])
         await jetstream_answers(nc, "the cluster's JetStream")
-        machine = StateMachineService(await nats.connect(nodes[0].url, **OPTIONS))
-        await machine.start()
+        await cluster.state_machine(nodes[0])
         client = SandboxClient(nc, actor="quorum", retries=0, request_timeout=60)
         before = await client.create("q-before", IMAGE, driver="podman")
         assert before.accepted and before.seq > 0
@@ -74,10 +68,3 @@ async def test_without_its_quorum_a_cluster_answers_unavailable_and_serves_again
         assert await logged("q-before") == ["created"]  # acknowledged before the loss, kept
         assert await logged("q-during") == ["created"]  # stored once, whichever attempt stored it
         print(f"\nquorum lost: a command answered {code} in {waited:.1f}s; accepted once the majority was back")
-    finally:
-        if machine is not None:
-            await machine.stop()
-            await machine.nc.close()
-        await nc.close()
-        for node in nodes:
-            node.stop()

@@ -5,10 +5,14 @@ what SANDBOXCTL_REPLICAS says when it is set), and a server of the list that doe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import secrets
-from collections.abc import Iterator
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -20,6 +24,7 @@ from sandboxctl.client import SandboxClient
 from sandboxctl.events import subjects
 from sandboxctl.runtime.config import Config
 from sandboxctl.runtime.embedded import ClusterNode, ControlPlane, NatsServer, free_port
+from sandboxctl.services.statemachine import StateMachineService
 from testing.hosts import announce_host
 from tests.conftest import until
 
@@ -42,6 +47,67 @@ def nodes_of(tmp_path: Path) -> list[NatsServer]:
         )
         for i in range(1, 4)
     ]
+
+
+# A connection that rides out a node's loss, and leaves a frozen node within seconds.
+OPTIONS: dict[str, Any] = {
+    "max_reconnect_attempts": -1,
+    "reconnect_time_wait": 0.2,
+    "ping_interval": 1,
+    "max_outstanding_pings": 2,
+}
+
+
+class Cluster:
+    """Three running nodes of one cluster, and what a test opens against them."""
+
+    def __init__(self, nodes: list[NatsServer]) -> None:
+        self.nodes = nodes
+        self.frozen: list[NatsServer] = []
+        self.closers: list[Callable[[], Awaitable[Any]]] = []
+
+    async def connect(self, node: NatsServer) -> NATS:
+        nc = await nats.connect(node.url, **OPTIONS)
+        self.closers.append(nc.close)
+        return nc
+
+    async def state_machine(self, node: NatsServer) -> StateMachineService:
+        """A state machine connected to ``node``, started."""
+        machine = StateMachineService(await self.connect(node))
+        self.closers.append(machine.stop)
+        await machine.start()
+        return machine
+
+    async def client(self, url: str, actor: str, **options: Any) -> SandboxClient:
+        client = await SandboxClient.connect(url, actor=actor, **options)
+        self.closers.append(client.close)
+        return client
+
+    def freeze(self, node: NatsServer) -> None:
+        """SIGSTOP: a hung process, or a machine gone without a word (woken at the end)."""
+        assert node.proc is not None
+        self.frozen.append(node)
+        os.kill(node.proc.pid, signal.SIGSTOP)
+
+
+@contextlib.asynccontextmanager
+async def running_cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    """Three nodes started; at the end, frozen ones woken, whatever was opened closed (the last
+    first), and every node stopped."""
+    cluster = Cluster(nodes_of(tmp_path))
+    try:
+        for node in cluster.nodes:
+            node.start()
+        yield cluster
+    finally:
+        for node in cluster.frozen:
+            if node.proc is not None:
+                os.kill(node.proc.pid, signal.SIGCONT)
+        for close in reversed(cluster.closers):
+            with contextlib.suppress(Exception):
+                await close()
+        for node in cluster.nodes:
+            node.stop()
 
 
 @pytest.fixture

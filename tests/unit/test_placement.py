@@ -171,7 +171,7 @@ def test_the_index_places_as_the_scan_does_whatever_the_hosts_and_loads_do() -> 
             gone = states.pop(rng.choice(sorted(states)))
             placer.loads.changed(gone, msgspec.structs.replace(gone, phase=Phase.DELETED))
         else:
-            scanned = place(placer.candidates(), placer.loads, "podman", NONE)
+            scanned = placer.scan("podman", NONE)
             indexed = placer.place("podman", NONE)
             assert indexed == scanned, (step, indexed, scanned)
             if isinstance(indexed, str):
