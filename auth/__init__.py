@@ -33,6 +33,7 @@ from sandboxctl.auth.roles import (
     component_user,
     has_role,
     host_worker_user,
+    is_host_worker,
     local_user_name,
     valid_user_name,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "component_user",
     "has_role",
     "host_worker_user",
+    "is_host_worker",
     "load_credentials",
     "local_user_name",
     "permissions",

@@ -84,20 +84,23 @@ def _hosts_reader() -> list[str]:
     return _stream_reader(subjects.HOSTS_STREAM)
 
 
-def _host_announcer(host: str) -> list[str]:
-    """What announcing ``host`` takes: make the bucket if missing, write that one key, read it."""
+def _host_announcer(host: str, adopts: bool) -> list[str]:
+    """What announcing ``host`` takes: make the bucket if missing, write that one key, read it;
+    with ``adopts``, claim the sandboxes placed on no host too (bus.hosts.claim_unplaced)."""
+    unplaced = [
+        *(f"$KV.{subjects.HOSTS_BUCKET}.{UNPLACED_PREFIX}{engine}" for engine in DRIVERS),
+        *(
+            f"{API}.DIRECT.GET.{subjects.HOSTS_STREAM}.$KV.{subjects.HOSTS_BUCKET}.{UNPLACED_PREFIX}{engine}"
+            for engine in DRIVERS
+        ),
+    ]
     return [
         f"{API}.STREAM.INFO.{subjects.HOSTS_STREAM}",
         f"{API}.STREAM.CREATE.{subjects.HOSTS_STREAM}",
         f"{API}.STREAM.MSG.GET.{subjects.HOSTS_STREAM}",
         f"{API}.DIRECT.GET.{subjects.HOSTS_STREAM}.$KV.{subjects.HOSTS_BUCKET}.{host}",
         f"$KV.{subjects.HOSTS_BUCKET}.{host}",
-        # the one host of each engine that works the sandboxes placed on no host (bus.hosts.claim_unplaced)
-        *(f"$KV.{subjects.HOSTS_BUCKET}.{UNPLACED_PREFIX}{engine}" for engine in DRIVERS),
-        *(
-            f"{API}.DIRECT.GET.{subjects.HOSTS_STREAM}.$KV.{subjects.HOSTS_BUCKET}.{UNPLACED_PREFIX}{engine}"
-            for engine in DRIVERS
-        ),
+        *(unplaced if adopts else []),
     ]
 
 
@@ -128,6 +131,7 @@ def component_permissions(
                 "allow": [
                     *_stream_info(*streams),
                     *(f"{API}.STREAM.CREATE.{s}" for s in streams),  # it creates the streams; no one else may
+                    *(f"{API}.STREAM.UPDATE.{s}" for s in streams),  # and brings an older one's subjects up to date
                     *_stream_reader(subjects.LOG_STREAM),
                     *_durable(subjects.FACTS_STREAM, STATEMACHINE_CONSUMER),
                     subjects.LOG_ALL,
@@ -185,18 +189,21 @@ def component_permissions(
         }
     if component.startswith("driver-"):
         consumer = f"sandboxctl-{component}"  # services.worker.DriverWorker.consumer
-        # Its durable is its host's (DriverWorker.durable); the one of no host it may read to start
-        # where that one had got to.
-        hosts = [*_durable(subjects.LOG_STREAM, f"{consumer}-{host}"), *_host_announcer(host)] if host else []
+        # Its durable is its host's (DriverWorker.durable). The workers ``up`` provisioned may take
+        # over the sandboxes placed on no host (before hosts), reading the consumer of no host to
+        # start where it had got to; another machine's (``host add``) may not. Its facts go on its
+        # host's subjects alone, which the state machine checks against each sandbox's host.
+        adopts = not user or user == component_user(component)
+        hosts = [*_durable(subjects.LOG_STREAM, f"{consumer}-{host}"), *_host_announcer(host, adopts)] if host else []
         return {
             "publish": {
                 "allow": [
                     *_stream_info(*CORE_STREAMS),
                     *_stream_reader(subjects.LOG_STREAM),  # reconciliation folds the whole log
-                    *_durable(subjects.LOG_STREAM, consumer),
+                    *(_durable(subjects.LOG_STREAM, consumer) if adopts else []),
                     *hosts,
                     *_objects(subjects.WORKSPACES_BUCKET, subjects.WORKSPACES_STREAM),  # archive and restore
-                    subjects.FACTS_ALL,
+                    subjects.fact("*", host) if host else subjects.FACTS_ALL,
                     f"{subjects.DEADLETTER}.{consumer}.*",
                     subjects.INBOXES_ALL,
                 ],

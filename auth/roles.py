@@ -71,6 +71,12 @@ class User(msgspec.Struct, kw_only=True, omit_defaults=True):
     host: str = ""  # a driver worker's: the host it works for (its consumer and announcement are that host's)
 
 
+def is_host_worker(user: User) -> bool:
+    """Whether ``user`` is a host's own worker user (``host_worker_user``), made by ``host add``."""
+    engine = user.component.removeprefix("driver-")
+    return user.component.startswith("driver-") and bool(user.host) and user.name == host_worker_user(engine, user.host)
+
+
 class Users(msgspec.Struct):
     users: list[User] = []
 

@@ -24,16 +24,12 @@ from sandboxctl.auth.roles import (
     Users,
     component_user,
     host_worker_user,
+    is_host_worker,
     valid_user_name,
 )
 from sandboxctl.events.limits import HOST_MAX, HOST_PATTERN
 
 _HOST = re.compile(HOST_PATTERN)
-
-
-def _engine(user: User) -> str:
-    """The engine of a driver worker's user ("" for any other user)."""
-    return user.component.removeprefix("driver-") if user.component.startswith("driver-") else ""
 
 
 def load_credentials(path: Path) -> Credentials:
@@ -80,8 +76,8 @@ class AuthStore:
     @property
     def enabled(self) -> bool:
         """Whether the server admits only users: this directory holds them (the machine that runs
-        the server), or holds credentials (a host whose workers ``host add`` made users for)."""
-        return self.users_path.exists() or any((self.root / "credentials").glob("*.json"))
+        the server), or holds a host's workers' credentials (``host add``: another machine)."""
+        return self.users_path.exists() or any((self.root / "credentials").glob(f"{COMPONENT_PREFIX}driver-*-*.json"))
 
     def load(self) -> dict[str, User]:
         if not self.users_path.exists():
@@ -151,13 +147,25 @@ class AuthStore:
         """The credentials ``engine``'s driver worker on ``host`` connects with: that host's own
         (``host add``), else the ones ``up`` made for its machine's workers."""
         own = self.credentials_path(host_worker_user(engine, host))
-        return load_credentials(own if own.exists() else self.credentials_path(component_user(f"driver-{engine}")))
+        path = own if own.exists() else self.credentials_path(component_user(f"driver-{engine}"))
+        try:
+            return load_credentials(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"no credentials for the {engine} worker of host {host} in {self.root / 'credentials'}: "
+                f"run 'sandboxctl host add {host} --engine {engine}' where the users are, and bring its output here"
+            ) from None
 
-    def add_host(self, host: str, engines: Iterable[str], output: Path | None = None) -> list[Path]:
+    def host_dir(self, host: str) -> Path:
+        """Where ``add_host`` puts a host's own credentials, for its machine (and nothing else)."""
+        return self.root / "hosts" / host
+
+    def add_host(self, host: str, engines: Iterable[str], output: Path | None = None) -> tuple[Path, list[Path]]:
         """Users for the driver workers of ``host``, one per engine, that may announce that host
-        alone and read its work orders only (their passwords kept if they exist); returns their
-        credential files, copied into ``output``/credentials too when given, a directory the
-        host's machine takes as its SANDBOXCTL_AUTH_DIR. ValueError for a host name that is no
+        alone, read its own work orders and report facts about its own sandboxes only (their
+        passwords kept if they exist). Their credentials, and nothing else, are written to
+        ``output`` (default ``host_dir``), a directory the host's machine takes as its
+        SANDBOXCTL_AUTH_DIR; returns it and the files. ValueError for a host name that is no
         subject token or an engine sandboxctl has no driver for."""
         if not host or not _HOST.fullmatch(host):
             raise ValueError(f"host {host[:80]!r} must be 1-{HOST_MAX} letters, digits, '-' or '_'")
@@ -172,24 +180,26 @@ class AuthStore:
             password = old.password if old else secrets.token_urlsafe(24)
             users[name] = User(name=name, password=password, component=f"driver-{engine}", host=host)
         self._save(users)
-        paths = [self.credentials_path(host_worker_user(e, host)) for e in engines]
-        if output is not None:
-            for path in paths:
-                _write_private(output / "credentials" / path.name, path.read_bytes())
-        return paths
+        output = output or self.host_dir(host)
+        copies = []
+        for engine in engines:
+            path = self.credentials_path(host_worker_user(engine, host))
+            copies.append(output / "credentials" / path.name)
+            _write_private(copies[-1], path.read_bytes())
+        return output, copies
 
     def remove_host(self, host: str) -> list[Path]:
         """Remove the users ``add_host`` made for ``host`` (its workers are refused once the server
         reloads); returns their credential files, deleted. KeyError if there are none."""
         users = self.load()
-        names = [n for n, u in users.items() if u.host == host and n == host_worker_user(_engine(u), host)]
+        names = [n for n, u in users.items() if u.host == host and is_host_worker(u)]
         if not names:
             raise KeyError(host)
         for name in names:
             del users[name]
         self._save(users)
         paths = [self.credentials_path(name) for name in names]
-        for path in paths:
+        for path in [*paths, *(self.host_dir(host) / "credentials" / p.name for p in paths)]:
             path.unlink(missing_ok=True)
         return paths
 

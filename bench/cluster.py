@@ -191,7 +191,7 @@ async def report_started(nc: NATS, name: str) -> None:
     envelope = Envelope(
         id=new_id(), type=type_name(ContainerStarted), source="bench", subject=name, time=now(), data=fact
     )
-    await publish_fact(nc.jetstream(), envelope)
+    await publish_fact(nc.jetstream(), envelope, created["data"].get("host", ""))  # as the host's worker
 
 
 async def command_answered(nc: NATS, name: str) -> None:

@@ -109,10 +109,10 @@ async def append(js: JetStreamContext, envelope: Envelope, expected_seq: int, ti
         raise
 
 
-async def publish_fact(js: JetStreamContext, envelope: Envelope) -> Ack:
-    return await publish(
-        js, subjects.fact(envelope.subject), encode(envelope), subjects.FACTS_STREAM, {"Nats-Msg-Id": envelope.id}
-    )
+async def publish_fact(js: JetStreamContext, envelope: Envelope, host: str = "") -> Ack:
+    """Report a fact as the worker of ``host`` (subjects.fact)."""
+    subject = subjects.fact(envelope.subject, host)
+    return await publish(js, subject, encode(envelope), subjects.FACTS_STREAM, {"Nats-Msg-Id": envelope.id})
 
 
 def decode_event(payload: bytes) -> Envelope:

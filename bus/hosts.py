@@ -18,10 +18,11 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 
 import msgspec
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
+from nats.js.api import KeyValueConfig, RawStreamMsg, StorageType
 from nats.js.errors import (
     BucketNotFoundError,
     KeyNotFoundError,
@@ -41,6 +42,7 @@ from sandboxctl.events.hosts import (
     decode_host,
     encode_host,
 )
+from sandboxctl.events.limits import HOST_MAX
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +93,7 @@ async def hosts_bucket(js: JetStreamContext, replicas: int | None = None) -> Key
 async def _stored(js: JetStreamContext, name: str) -> tuple[bytes, int] | None:
     """The entry ``name`` as stored: its value and its revision (None: never written, or deleted)."""
     try:
-        msg = await js.get_msg(subjects.HOSTS_STREAM, subject=f"$KV.{subjects.HOSTS_BUCKET}.{name}")
+        msg = await js.get_msg(subjects.HOSTS_STREAM, subject=key_subject(name))
     except NotFoundError:
         return None
     if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
@@ -102,6 +104,40 @@ async def _stored(js: JetStreamContext, name: str) -> tuple[bytes, int] | None:
 _KEYS = f"$KV.{subjects.HOSTS_BUCKET}."  # + a key: the subject of its entry
 
 
+def key_subject(key: str) -> str:
+    return _KEYS + key
+
+
+def _holder(value: bytes) -> HostAnnouncement | None:
+    """The announcement an entry holds; None if it does not decode."""
+    try:
+        return decode_host(value)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+def _stamp(msg: RawStreamMsg) -> float:
+    """When the server stored ``msg`` (seconds since the epoch, by the server's clock)."""
+    written: object = msg.time
+    if isinstance(written, datetime):
+        return written.timestamp()
+    if isinstance(written, (int, float)):
+        return written / 1e9 if written > 1e12 else float(written)
+    return 0.0
+
+
+async def _older_than_newest(js: JetStreamContext, key: str) -> float:
+    """How much older entry ``key`` is than the bucket's newest: a lower bound of its age read
+    from the server's stamps alone (0 when it cannot be told)."""
+    try:
+        entry = await js.get_msg(subjects.HOSTS_STREAM, subject=key_subject(key))
+        last = (await js.stream_info(subjects.HOSTS_STREAM)).state.last_seq
+        newest = await js.get_msg(subjects.HOSTS_STREAM, seq=last)
+    except NotFoundError:
+        return 0.0
+    return max(_stamp(newest) - _stamp(entry), 0.0)
+
+
 async def _keys(js: JetStreamContext) -> list[str]:
     """The keys the hosts' bucket holds, from its stream's subjects (no consumer needed)."""
     try:
@@ -109,6 +145,11 @@ async def _keys(js: JetStreamContext) -> list[str]:
     except NotFoundError:
         return []
     return sorted(subject.removeprefix(_KEYS) for subject in (info.state.subjects or {}))
+
+
+async def announced(js: JetStreamContext, host: str) -> bool:
+    """Whether ``host`` has an announcement in the bucket (live or lost)."""
+    return await _stored(js, host) is not None
 
 
 async def drain(js: JetStreamContext, host: str, draining: bool = True) -> None:
@@ -132,29 +173,38 @@ class Announcer:
 
     async def claim(self) -> None:
         """Announce the host, or raise HostTaken if another installation holds its name and is
-        alive. Whether it is alive is watched, on this machine's clock, never read from the
-        entry's time stamp (another machine's clock): its holder renews it every third of its
-        window, so a name not renewed for a whole window is taken over, and one renewed is not."""
+        alive. Whether it is alive is watched on this machine's clock, never read by comparing the
+        entry's time stamp with this machine's clock (two machines' clocks need not agree): its
+        holder renews it every third of its window, so a name not renewed for a whole window is
+        taken over, and one renewed is not. An entry the server's own stamps already show older
+        than its window (against the bucket's newest entry) is taken over at once."""
         kv = self._kv = await hosts_bucket(self.js, self.replicas)
         data = encode_host(self.host)
-        try:
-            self._revision = await kv.create(self.host.name, data)
-            return
-        except KeyWrongLastSequenceError:
-            pass
-        stored = await _stored(self.js, self.host.name)
-        if stored is None:  # deleted since: make it again
-            self._revision = await kv.put(self.host.name, data)
-            return
-        value, revision = stored
-        with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-            held = decode_host(value)
-            if held.worker != self.host.worker:
-                await self._wait_out(held, revision)
-        self._revision = await kv.update(self.host.name, data, last=revision)
+        while True:
+            try:
+                self._revision = await kv.create(self.host.name, data)
+                return
+            except KeyWrongLastSequenceError:
+                pass
+            stored = await _stored(self.js, self.host.name)
+            if stored is None:  # deleted since: make it again
+                self._revision = await kv.put(self.host.name, data)
+                return
+            value, revision = stored
+            held = _holder(value)
+            if held is not None and held.worker != self.host.worker:
+                if await _older_than_newest(self.js, self.host.name) <= held.heartbeat:
+                    await self._wait_out(held, revision)
+            try:
+                self._revision = await kv.update(self.host.name, data, last=revision)
+                return
+            except KeyWrongLastSequenceError:
+                continue  # written meanwhile (another installation taking it too): look again
 
     async def _wait_out(self, held: HostAnnouncement, revision: int) -> None:
-        """Watch ``held``'s entry for its whole window: HostTaken as soon as its holder renews it."""
+        """Watch ``held``'s entry for its whole window: HostTaken, naming whoever holds it, as soon
+        as it is renewed. The bus's trouble meanwhile is waited out, not taken for silence: the
+        entry is read again until the window has passed."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + held.heartbeat
         log.warning(
@@ -165,10 +215,17 @@ class Announcer:
         )
         while loop.time() < deadline:
             await asyncio.sleep(min(1.0, held.heartbeat / 6))
-            now = await _stored(self.js, self.host.name)
+            try:
+                now = await _stored(self.js, self.host.name)
+            except Exception as exc:
+                reraise_if_cancelling()
+                log.warning("hosts: could not read %s (%r); watching on", self.host.name, exc)
+                continue
             if now is not None and now[1] != revision:
+                holder = _holder(now[0])
+                who = holder.worker if holder is not None else "(unreadable)"
                 raise HostTaken(
-                    f"host {self.host.name} is held by worker {held.worker}, which renewed it just now: "
+                    f"host {self.host.name} is held by worker {who}, which renewed it just now: "
                     "give this machine another name (SANDBOXCTL_HOST)"
                 )
 
@@ -206,10 +263,12 @@ class HostsView:
     """The hosts as announced, followed as they change (the state machine places by it).
 
     Liveness is counted on this process's own clock, never against another machine's: a host is
-    heard from when a new revision of its announcement arrives (a heartbeat), and when this view
-    first reads it or its connection comes back (a full window of grace: a view that was away
-    itself has missed the heartbeats, not the host). A host not heard from for half its window is
-    read again directly, so a reader that went quiet never makes a live host look lost."""
+    heard from when a new revision of its announcement arrives (a heartbeat). What this view finds
+    at its start is as old as the server's own stamps say against the bucket's newest entry (a
+    lower bound: two stamps of one clock); when its connection comes back every host gets a full
+    window of grace (a view that was away itself has missed the heartbeats, not the host). A host
+    not heard from for half its window is read again directly, so a reader that went quiet never
+    makes a live host look lost."""
 
     def __init__(
         self,
@@ -224,6 +283,7 @@ class HostsView:
         self.on_change = on_change  # told each host whose announcement or drain changed
         self.hosts: dict[str, HostAnnouncement] = {}
         self.draining: set[str] = set()
+        self.adopters: dict[str, str] = {}  # per engine, the host that works the sandboxes placed on no host
         self._heard: dict[str, float] = {}  # when each was last heard from (time.monotonic())
         self._revision: dict[str, int] = {}  # the revision of each announcement last read
         self.ready = asyncio.Event()  # set once the bucket's entries at start have been read
@@ -242,16 +302,22 @@ class HostsView:
         host = self.hosts.get(name)
         return host is not None and self.age(name) <= host.heartbeat
 
-    def _take(self, key: str, value: bytes | None, revision: int) -> None:
-        """The entry ``key`` at ``revision`` (its stream sequence) holds ``value`` (None: deleted)."""
+    def _take(self, key: str, value: bytes | None, revision: int, behind: float = 0.0) -> None:
+        """The entry ``key`` at ``revision`` (its stream sequence) holds ``value`` (None: deleted),
+        written at least ``behind`` seconds ago."""
         if key.startswith(UNPLACED_PREFIX):
+            engine = key.removeprefix(UNPLACED_PREFIX)
+            if value:
+                self.adopters[engine] = value.decode(errors="replace")[:HOST_MAX]
+            else:
+                self.adopters.pop(engine, None)
             return
         was_live = self.live(key)
-        self._read(key, value, revision)
+        self._read(key, value, revision, behind)
         if self.on_change is not None and (key.startswith(DRAIN_PREFIX) or revision or was_live != self.live(key)):
             self.on_change(key.removeprefix(DRAIN_PREFIX))
 
-    def _read(self, key: str, value: bytes | None, revision: int) -> None:
+    def _read(self, key: str, value: bytes | None, revision: int, behind: float) -> None:
         if key.startswith(DRAIN_PREFIX):
             drained_host = key.removeprefix(DRAIN_PREFIX)
             if value:
@@ -275,7 +341,7 @@ class HostsView:
             log.error("hosts: the entry %s announces host %s; skipped", key[:80], host.name[:80])
             return
         self.hosts[key] = host
-        self._heard[key] = time.monotonic()
+        self._heard[key] = time.monotonic() - max(behind, 0.0)
         self._revision[key] = revision
 
     async def run(self) -> None:
@@ -294,12 +360,23 @@ class HostsView:
                 tail = Tail(self.js, subjects.HOSTS_STREAM, f"{_KEYS}>")
                 known = await tail.last_seq()  # what was there at start: read, and the view is ready
                 refreshed = time.monotonic()
+                # The entries there at start, taken together once read: each is as old as the
+                # server's stamps say against the newest (both the server's: no clock compared).
+                first: list[tuple[str, bytes | None, int, float]] | None = []
                 async for msgs in tail.batches():
                     for msg in msgs:
                         operation = (msg.headers or {}).get("KV-Operation")
                         value = None if operation in ("DEL", "PURGE") else msg.data
-                        self._take(msg.subject.removeprefix(_KEYS), value, stream_seq(msg))
-                    if tail.next_seq > known:
+                        key, seq = msg.subject.removeprefix(_KEYS), stream_seq(msg)
+                        if first is not None and seq <= known:
+                            first.append((key, value, seq, msg.metadata.timestamp.timestamp()))
+                        else:
+                            self._take(key, value, seq)
+                    if tail.next_seq > known and first is not None:
+                        newest = max((stamp for *_, stamp in first), default=0.0)
+                        for key, value, seq, stamp in first:
+                            self._take(key, value, seq, behind=newest - stamp)
+                        first = None
                         self.ready.set()
                     if time.monotonic() - refreshed > 5.0:
                         await self._refresh()

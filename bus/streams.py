@@ -107,7 +107,9 @@ def audit_stream_config(replicas: int = 1) -> StreamConfig:
     )
 
 
-async def ensure_streams(js: JetStreamContext, replicas: int | None = None, audit: bool = False) -> None:
+async def ensure_streams(
+    js: JetStreamContext, replicas: int | None = None, audit: bool = False, owner: bool = False
+) -> None:
     """Create the streams if missing (the audit stream too with ``audit``: only when users are
     authenticated), with ``replicas`` each; None (the default) is AUTO_REPLICAS on a cluster and
     1 on a single server, which refuses more. A stream's replica count is fixed by whoever
@@ -115,14 +117,19 @@ async def ensure_streams(js: JetStreamContext, replicas: int | None = None, audi
     replicas (one down when the streams are first made) is waited for, never settled for less.
 
     With authorization on only the state machine may create streams; a worker or projector
-    started before it (``serve --only``) waits for them, as the server drops its request."""
+    started before it (``serve --only``) waits for them, as the server drops its request. The
+    ``owner`` (the state machine) also brings a stream an earlier version made to the subjects it
+    has now (the facts' per-host subjects), keeping every message."""
     wanted = replicas or AUTO_REPLICAS
     configs = [log_stream_config(wanted), facts_stream_config(wanted), deadletter_stream_config(wanted)]
     for config in [*configs, *([audit_stream_config(wanted)] if audit else [])]:
         waited = asleep = False
         while True:
             try:
-                await js.stream_info(config.name or "")
+                found = await js.stream_info(config.name or "")
+                if owner and found.config.subjects != config.subjects:
+                    await js.update_stream(dataclasses.replace(found.config, subjects=config.subjects))
+                    log.info("stream %s now takes %s", config.name, ", ".join(config.subjects or []))
                 break
             except NotFoundError:
                 pass

@@ -494,7 +494,12 @@ def build_parser() -> argparse.ArgumentParser:
     hadd.add_argument(
         "--engine", action="append", choices=auth.DRIVERS, help="an engine it runs (repeatable; default: every one)"
     )
-    hadd.add_argument("--output", type=Path, metavar="DIR", help="also write its credentials here, for that machine")
+    hadd.add_argument(
+        "--output",
+        type=Path,
+        metavar="DIR",
+        help="where to write its credentials, for that machine (default: <auth>/hosts/NAME)",
+    )
     hsub.add_parser("remove", help="remove the users of a host's workers").add_argument("host_name", metavar="NAME")
 
     ev = sub.add_parser("events", help="print the log, one line per event")
@@ -915,11 +920,10 @@ def _host_users(config: Config, args: argparse.Namespace) -> int:
         print(f"host {args.host_name}'s workers' users removed; their credentials are deleted")
     else:
         try:
-            paths = store.add_host(args.host_name, args.engine or auth.DRIVERS, args.output)
+            where, paths = store.add_host(args.host_name, args.engine or auth.DRIVERS, args.output)
         except ValueError as exc:
             raise Failure(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
-        where = args.output or store.root
-        print(f"host {args.host_name}: {', '.join(p.stem for p in paths)}; credentials in {where / 'credentials'}")
+        print(f"host {args.host_name}: {', '.join(p.stem for p in paths)}; its credentials alone are in {where}")
         print(
             f"  on {args.host_name}: SANDBOXCTL_AUTH_DIR={where} SANDBOXCTL_HOST={args.host_name} "
             "sandboxctl serve --only worker"
@@ -936,11 +940,11 @@ def _user(config: Config, args: argparse.Namespace) -> int:
         users = [
             {"name": u.name, "roles": ", ".join(u.roles) if not u.component else f"{u.component} on host {u.host}"}
             for u in store.load().values()
-            if not u.component or u.name == auth.host_worker_user(u.component.removeprefix("driver-"), u.host)
+            if not u.component or auth.is_host_worker(u)
         ]
         show(users, "table", ("name", "roles"))
         return 0
-    if not store.enabled:
+    if not store.users_path.exists():
         raise Failure(ErrorCode.FAILED_PRECONDITION, f"no users at {store.users_path}; run sandboxctl up first")
     if args.user_cmd == "remove":
         try:

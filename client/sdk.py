@@ -21,7 +21,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from sandboxctl.bus.eventlog import decode_event
-from sandboxctl.bus.hosts import drain, drain_key
+from sandboxctl.bus.hosts import announced, drain, drain_key, key_subject
 from sandboxctl.bus.natsinternals import on_reconnected, server_requires_auth
 from sandboxctl.bus.reading import read_log, read_stream
 from sandboxctl.bus.servers import MAX_PINGS_OUT, PING_INTERVAL, server_urls
@@ -782,11 +782,16 @@ class SandboxClient:
         ``draining`` False, place them there again. NotFound for a host never announced."""
         if not _HOST.fullmatch(host) or not host:
             raise InvalidArgument(f"host {host[:80]!r}: 1-{HOST_MAX} letters, digits, '-' or '_'")
-        if host not in {row["name"] for row in await self.hosts()}:
+        js = self.nc.jetstream()
+        try:
+            known = await announced(js, host)
+        except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.APIError) as exc:
+            raise Unavailable(f"the hosts' bucket did not answer: {exc!r}") from exc
+        if not known:
             raise NotFound(f"no host {host[:80]} is announced (sandboxctl hosts lists them)")
-        subject = f"$KV.{subjects.HOSTS_BUCKET}.{drain_key(host)}"
+        subject = key_subject(drain_key(host))
         refused = self.denials.watch(subject)
-        work = asyncio.ensure_future(drain(self.nc.jetstream(), host, draining))
+        work = asyncio.ensure_future(drain(js, host, draining))
         try:
             # Only an admin may: the server drops anyone else's write and says so on the side, where
             # the write itself would only time out.
@@ -794,8 +799,8 @@ class SandboxClient:
             if refused.done() and not work.done():
                 raise PermissionDenied(f"user {self.user or '(none)'} may not drain hosts (admin only)")
             await work
-        except (TimeoutError, nats.errors.TimeoutError) as exc:
-            raise Unavailable(f"the hosts' bucket did not answer: {host} may or may not be drained") from exc
+        except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.APIError) as exc:
+            raise Unavailable(f"the hosts' bucket did not answer ({exc!r}): {host} may or may not be drained") from exc
         finally:
             self.denials.forget(subject, refused)
             work.cancel()

@@ -165,9 +165,14 @@ def document() -> dict[str, Any]:
             },
         },
         "facts": {
-            "address": f"{subjects.FACTS}.{{name}}",
-            "description": f"JetStream stream {subjects.FACTS_STREAM}: what driver workers saw engines do.",
-            "parameters": name_param,
+            "address": f"{subjects.FACTS}.{{host}}.{{name}}",
+            "description": f"JetStream stream {subjects.FACTS_STREAM}: what driver workers saw engines do, on the "
+            "reporting host's subject (a worker of no host reports on sandboxctl.fact.{name}); the state machine "
+            "believes a fact only from the sandbox's own host.",
+            "parameters": {
+                "host": {"description": "The reporting worker's host; NATS lets only that host's worker publish here."},
+                **name_param,
+            },
             "messages": {
                 f"{c.__name__}Envelope": {"$ref": f"#/components/messages/{c.__name__}Envelope"} for c in facts
             },

@@ -21,10 +21,11 @@ LOG_STREAM = "SANDBOXCTL_LOG"
 LOG = f"{PREFIX}.log"
 LOG_ALL = f"{LOG}.*"
 
-# Driver facts: JetStream stream FACTS_STREAM, one subject per sandbox.
+# Driver facts: JetStream stream FACTS_STREAM, one subject per reporting host and sandbox
+# (``fact``): a host's worker may publish on its own host's subjects only (docs/security.md).
 FACTS_STREAM = "SANDBOXCTL_FACTS"
 FACTS = f"{PREFIX}.fact"
-FACTS_ALL = f"{FACTS}.*"
+FACTS_ALL = f"{FACTS}.>"
 
 # Dead letters: messages a consumer gave up on, for operators. Stream DEADLETTER_STREAM.
 DEADLETTER_STREAM = "SANDBOXCTL_DEADLETTER"
@@ -105,8 +106,22 @@ def log(name: str) -> str:
     return f"{LOG}.{name}"
 
 
-def fact(name: str) -> str:
-    return f"{FACTS}.{name}"
+def fact(name: str, host: str = "") -> str:
+    """Where the worker of ``host`` reports a fact about sandbox ``name``: the host token is the
+    reporter's, which NATS binds to the worker's user, so the state machine can tell who speaks
+    (a worker of no host, before hosts, reports on ``sandboxctl.fact.<name>``)."""
+    return f"{FACTS}.{host}.{name}" if host else f"{FACTS}.{name}"
+
+
+def facts_of(name: str) -> str:
+    """Every host's facts about sandbox ``name`` (a filter; a worker of no host's are ``fact(name)``)."""
+    return f"{FACTS}.*.{name}"
+
+
+def reporter_of(subject: str) -> str | None:
+    """The host whose worker reported the fact on ``subject``; None for a worker of no host."""
+    tokens = subject.split(".")
+    return tokens[2] if len(tokens) == 4 else None
 
 
 def query(kind: str) -> str:

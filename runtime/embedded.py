@@ -715,6 +715,10 @@ class ControlPlane:
                     replicas=config.replicas,
                     host=config.host,
                     first_seq=first,
+                    # another machine's worker user (sandboxctl host add) may not take over the
+                    # sandboxes placed on no host; those up provisioned may
+                    may_adopt=not self.auth_enabled
+                    or self._credentials(f"driver-{driver.name}").user == component_user(f"driver-{driver.name}"),
                 )
                 return service, nc
 

@@ -72,7 +72,15 @@ from sandboxctl.statemachine.bulk import bulk_problem, command_for, selected
 from sandboxctl.statemachine.clone import decide_clone
 from sandboxctl.statemachine.deadlines import Deadlines, overdue
 from sandboxctl.statemachine.phases import TRANSIENT
-from sandboxctl.statemachine.placement import HOST_LOST, NO_LIMITS, Candidate, Loads, Placer, host_lost
+from sandboxctl.statemachine.placement import (
+    HOST_LOST,
+    NO_LIMITS,
+    Candidate,
+    Loads,
+    Placer,
+    foreign_report,
+    host_lost,
+)
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +122,6 @@ APPEND_PATIENCE = 5.0
 ATTEMPT_TIMEOUT = 1.0
 SNAPSHOT_CHECK = 5.0  # seconds between looks at whether a snapshot is due (snapshots.SNAPSHOT_EVERY)
 HOSTS_READ = 5.0  # seconds a starting state machine waits to have read the hosts announced
-
-
-def _react_to(fact: Fact, state: SandboxState | None) -> list[LifecycleEvent]:
-    return react(state, fact)
 
 
 class OutcomeUnknown(Exception):
@@ -270,7 +274,7 @@ class StateMachineService:
     # -- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
-        await ensure_streams(self.js, self.replicas, audit=self.authorizer is not None)
+        await ensure_streams(self.js, self.replicas, audit=self.authorizer is not None, owner=True)
         await self._restore_snapshot()
         self._tail = Tail(self.js, subjects.LOG_STREAM, subjects.LOG_ALL, start_seq=self.position + 1)
         self.tasks.append(asyncio.create_task(self._follow_log(), name="statemachine-log"))
@@ -763,6 +767,17 @@ class StateMachineService:
             self._outcomes.put(key, digest, reply, moment)
         return reply
 
+    def _react_to(
+        self, reporter: str | None, fact: Fact, state: SandboxState | None
+    ) -> list[LifecycleEvent] | Rejection:
+        """What ``fact`` makes of the sandbox, if its reporter (the host token of its subject) may
+        speak for it (statemachine.placement.foreign_report); refused otherwise."""
+        adopter = self.hosts.adopters.get(state.driver) if self.hosts is not None and state is not None else None
+        why = foreign_report(state, reporter, adopter)
+        if why:
+            return Rejection(ErrorCode.PERMISSION_DENIED, why)
+        return react(state, fact)
+
     def _host_changed(self, name: str) -> None:
         """The hosts' view changed for ``name`` (announced, renewed, drained, gone): placement's too."""
         assert self.hosts is not None and self.placer is not None
@@ -974,10 +989,15 @@ class StateMachineService:
             await dead_letter(self.js, FACTS_CONSUMER, msg, f"unreadable fact: {exc}")
             return True
         fact = envelope.data
+        if envelope.subject != subjects.name_of(msg.subject):
+            log.error("dead-lettering a fact on %s about sandbox %s", msg.subject, envelope.subject[:80])
+            why = f"the fact on {msg.subject} is about sandbox {envelope.subject[:80]}: a fact speaks for its subject's"
+            await dead_letter(self.js, FACTS_CONSUMER, msg, why)
+            return True
         try:
             reply = await self._decide_and_append(
                 envelope.subject,
-                functools.partial(_react_to, fact),
+                functools.partial(self._react_to, subjects.reporter_of(msg.subject), fact),
                 Cause(
                     FACT_EVENTS + envelope.id, envelope.id, envelope.actor or envelope.source, envelope.correlationid
                 ),
@@ -992,6 +1012,10 @@ class StateMachineService:
         if reply.error is not None and reply.error.code in (ErrorCode.UNAVAILABLE, ErrorCode.OUTCOME_UNKNOWN):
             await msg.nak(delay=UNAVAILABLE_RETRY)
             return False
+        if reply.error is not None and reply.error.code == ErrorCode.PERMISSION_DENIED:
+            log.error("dead-lettering %s: %s", msg.subject, reply.error.message)
+            await dead_letter(self.js, FACTS_CONSUMER, msg, reply.error.message)
+            return True
         if reply.error is not None and reply.error.code in (ErrorCode.CONFLICT, ErrorCode.INTERNAL):
             failed = self._failures.failed(msg)
             if failed < MAX_DELIVER:

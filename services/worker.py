@@ -210,7 +210,7 @@ class DriverWorker:
 
     Consumes: the log's work orders (a durable consumer: created, stop, start and delete
     requested) for its engine, and the engine's own event stream. Produces: driver facts on
-    ``sandboxctl.fact.<name>`` (started, exited, removed, failed, orphaned). Promises: an order is
+    ``sandboxctl.fact.<host>.<name>`` (started, exited, removed, failed, orphaned). Promises: an order is
     acknowledged only once its fact is stored; an order overtaken by a later request is skipped;
     nothing that does not carry the sandbox's id is touched; reconciliation at every (re)connect
     leaves no sandbox in a phase the engine contradicts."""
@@ -225,13 +225,16 @@ class DriverWorker:
         replicas: int | None = None,
         host: str = "",
         first_seq: int = 0,
+        may_adopt: bool = True,
     ) -> None:
         self.nc = nc
         # The host this worker's engine runs on: it works the orders of the sandboxes placed there
         # alone, and, if it adopted them (see _work_consumer), those placed on no host (created
         # before hosts, or by a plane that places none). "": a worker of no host, which works
         # only those. first_seq: the log's end when the host was announced (0: ask the log).
+        # may_adopt: whether it may take those over (another machine's worker user may not).
         self.host = host
+        self.may_adopt = may_adopt
         self.first_seq = first_seq
         self.adopt_unplaced = not host
         self.replicas = replicas  # of the archived workspaces' bucket, when this worker makes it
@@ -345,10 +348,10 @@ class DriverWorker:
             pass
         start = self.first_seq
         self.adopt_unplaced = False
-        try:
-            legacy = await self.js.consumer_info(subjects.LOG_STREAM, self.consumer)
-        except NotFoundError:
-            legacy = None
+        legacy = None
+        if self.may_adopt:
+            with contextlib.suppress(NotFoundError):
+                legacy = await self.js.consumer_info(subjects.LOG_STREAM, self.consumer)
         if legacy is not None and await claim_unplaced(self.js, self.driver.name, self.host):
             start = (legacy.ack_floor.stream_seq if legacy.ack_floor else 0) + 1
             self.adopt_unplaced = True
@@ -876,7 +879,7 @@ class DriverWorker:
             correlationid=cause.correlationid if cause else new_id(),
             causationid=cause.id if cause else "",
         )
-        await publish_fact(self.js, envelope)
+        await publish_fact(self.js, envelope, self.host)
 
     # -- the engine's side: boot reconciliation and changes made outside --------
 

@@ -317,3 +317,22 @@ def host_lost(state: SandboxState | None, host: str, silent_for: float) -> list[
             reason=f"{HOST_LOST}: host {host} sent no heartbeat for {silent_for:.0f} s",
         )
     ]
+
+
+def foreign_report(state: SandboxState | None, reporter: str | None, adopter: str | None) -> str:
+    """Why a fact about ``state``'s sandbox, reported by the worker of host ``reporter`` (None: a
+    worker of no host), is not to be believed ("" if it is). Only the sandbox's own host speaks
+    for it; for one placed on no host (made before hosts), the host that adopted those of its
+    engine (``adopter``, None when no host has), or a worker of no host. A host's worker may
+    publish on its own host's fact subjects only (docs/security.md), so one host cannot make
+    another's sandboxes look started, stopped or gone."""
+    if state is None:
+        return ""  # no sandbox: react takes nothing from it
+    if state.host:
+        if reporter == state.host:
+            return ""
+        who = f"host {reporter}" if reporter is not None else "a worker of no host"
+        return f"a fact from {who} about sandbox {state.name}, which is on host {state.host}"
+    if reporter is None or adopter is None or reporter == adopter:
+        return ""
+    return f"a fact from host {reporter} about sandbox {state.name}, placed on no host ({adopter} works those)"

@@ -53,13 +53,17 @@ def phase_after(type_: str, before: str | None) -> str | None:
 
 
 async def facts_of(js: Any, name: str) -> list[tuple[int, Envelope]]:
-    """Every driver fact stored so far about one sandbox, in stream order."""
-    tail = Tail(js, subjects.FACTS_STREAM, subjects.fact(name), 1, batch=500)
+    """Every driver fact stored so far about one sandbox, in stream order, whichever host reported it."""
+    tail = Tail(js, subjects.FACTS_STREAM, subjects.FACTS_ALL, 1, batch=500)
     end = await tail.last_seq()
     found: list[tuple[int, Envelope]] = []
     try:
         async for batch in tail.batches():
-            found += [(msg.metadata.sequence.stream, decode_fact(msg.data)) for msg in batch]
+            found += [
+                (msg.metadata.sequence.stream, decode_fact(msg.data))
+                for msg in batch
+                if subjects.name_of(msg.subject) == name
+            ]
             if tail.next_seq > end:
                 break
     finally:

@@ -182,6 +182,7 @@ async def test_a_stale_exit_from_an_earlier_run_leaves_the_new_run_ready(
         Envelope(
             id=f"late-{name}", type=type_name(ContainerExited), source="test", subject=name, time=now(), data=stale
         ),
+        new.host,  # as its host's worker
     )
     await _until_consumed(plane, ack.seq)
     # Read where the fence acts, not the projection (which may lag behind the fact's ack): once the
@@ -281,7 +282,7 @@ async def test_an_orphan_container_is_reported_and_left_alone(
     worker = plane.workers[[w.driver.name for w in plane.workers].index(engine.name)]
     await worker.reconcile()
     js = plane.statemachine.js
-    msg = await js.get_last_msg(subjects.FACTS_STREAM, subjects.fact(name))
+    msg = await js.get_last_msg(subjects.FACTS_STREAM, subjects.fact(name, worker.host))
     fact = decode_fact(msg.data).data
     assert type(fact).__name__ == "ContainerOrphaned" and fact.sandbox_id == "nobody"
     assert engine.container_exists(name)

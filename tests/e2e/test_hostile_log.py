@@ -153,7 +153,7 @@ async def test_no_request_can_make_a_service_answer_into_the_log(
     facts_before = await facts_of(js, name)
     nc = await nats.connect(config.nats_url)
     try:
-        for reply in (subjects.log(name), subjects.fact(name)):
+        for reply in (subjects.log(name), subjects.fact(name), subjects.fact(name, config.host)):
             await nc.publish(subjects.query("get"), json.dumps({"name": name}).encode(), reply=reply)
             await nc.publish(subjects.query("list"), b"{}", reply=reply)
             stop = {"type": "sandboxctl.command.stop.v1", "name": name, "command_id": f"inj-{len(reply)}"}
@@ -168,5 +168,5 @@ async def test_no_request_can_make_a_service_answer_into_the_log(
 
 
 async def facts_of(js: JetStreamContext, name: str) -> int:
-    info = await js.stream_info(subjects.FACTS_STREAM, subjects_filter=subjects.fact(name))
-    return sum((info.state.subjects or {}).values())
+    info = await js.stream_info(subjects.FACTS_STREAM, subjects_filter=subjects.FACTS_ALL)
+    return sum(n for subject, n in (info.state.subjects or {}).items() if subjects.name_of(subject) == name)

@@ -18,7 +18,7 @@ import pytest
 
 from sandboxctl.auth import AuthStore
 from sandboxctl.bus.hosts import HostTaken
-from sandboxctl.client import PermissionDenied, SandboxClient
+from sandboxctl.client import PermissionDenied, SandboxClient, SandboxError
 from sandboxctl.client.errors import FailedPrecondition
 from sandboxctl.events import subjects
 from sandboxctl.runtime.config import Config
@@ -327,7 +327,8 @@ async def test_with_authentication_a_hosts_workers_work_as_users_of_their_own_th
     other = await ControlPlane(on_b, components=("worker",)).start()
     writer_creds = store.credentials("writer")
     writer = await SandboxClient.connect(config.nats_url, user=writer_creds.user, password=writer_creds.password)
-    raw = await Raw.connect(config.nats_url, AuthStore(tmp_path / "b-auth"), "sandboxctl-driver-podman-host-b")
+    raw_creds = AuthStore(tmp_path / "b-auth").credentials("sandboxctl-driver-podman-host-b")
+    raw = await Raw.connect(config.nats_url, AuthStore(tmp_path / "b-auth"), raw_creds.user)
     try:
         assert other.auth_enabled
         sandbox = names.new("b")
@@ -343,6 +344,13 @@ async def test_with_authentication_a_hosts_workers_work_as_users_of_their_own_th
         durable = f"sandboxctl-driver-podman-{config.host}"
         info = f"$JS.API.CONSUMER.INFO.{subjects.LOG_STREAM}.{durable}"
         await raw.refused(info, raw.js.consumer_info(subjects.LOG_STREAM, durable))
+        # nor report facts about another host's sandboxes, nor take over those placed on no host
+        forged = subjects.fact(sandbox, config.host)
+        await raw.refused(forged, raw.js.publish(forged, b"{}"))
+        unplaced = f"$KV.{subjects.HOSTS_BUCKET}.unplaced.podman"
+        await raw.refused(unplaced, raw.js.publish(unplaced, b"host-b"))
+        legacy = f"$JS.API.CONSUMER.INFO.{subjects.LOG_STREAM}.sandboxctl-driver-podman"
+        await raw.refused(legacy, raw.js.consumer_info(subjects.LOG_STREAM, "sandboxctl-driver-podman"))
 
         # draining is an admin's: a writer is refused at once, not left to time out
         began = time.monotonic()
@@ -357,6 +365,8 @@ async def test_with_authentication_a_hosts_workers_work_as_users_of_their_own_th
         code, _, err = await cli("host", "remove", "host-b")
         assert code == 0, err
         assert "sandboxctl-driver-podman-host-b" not in {u.name for u in store.load().values()}
+        with pytest.raises(SandboxError):  # refused by the reloaded server
+            await SandboxClient.connect(config.nats_url, user=raw_creds.user, password=raw_creds.password)
     finally:
         await raw.nc.close()
         await writer.close()

@@ -829,7 +829,7 @@ async def test_late_facts_of_an_earlier_run_move_nothing(
             data=fact,
             actor=source,
         )
-        last = (await publish_fact(js, envelope)).seq
+        last = (await publish_fact(js, envelope, worker.host)).seq
     for _ in range(200):  # until the state machine has taken both (acknowledged them)
         info = await js.consumer_info(subjects.FACTS_STREAM, FACTS_CONSUMER)
         if info.ack_floor is not None and (info.ack_floor.stream_seq or 0) >= last:

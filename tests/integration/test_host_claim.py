@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 
@@ -65,3 +66,13 @@ async def test_the_same_installation_takes_its_name_back_at_once(nc: NATS) -> No
     began = time.monotonic()
     await Announcer(nc.jetstream(), announced("installation-a")).claim()  # a restart
     assert time.monotonic() - began < 1.0
+
+
+async def test_a_name_the_servers_own_stamps_show_stale_is_taken_over_at_once(nc: NATS) -> None:
+    await Announcer(nc.jetstream(), announced("installation-a")).claim()  # never renewed
+    await asyncio.sleep(WINDOW + 0.5)
+    other = HostAnnouncement(**{**msgspec.structs.asdict(announced("installation-c")), "name": "host-y"})
+    await Announcer(nc.jetstream(), other).claim()  # the bucket's newest entry: a window after host-x's
+    began = time.monotonic()
+    await Announcer(nc.jetstream(), announced("installation-b")).claim()
+    assert time.monotonic() - began < 1.0  # no window watched: the server's stamps tell

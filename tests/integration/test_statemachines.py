@@ -32,6 +32,7 @@ from sandboxctl.runtime.embedded import NatsServer
 from sandboxctl.services import statemachine
 from sandboxctl.services.statemachine import FACTS_CONSUMER, FACTS_PIN_TIMEOUT, StateMachineService
 from sandboxctl.statemachine import Phase
+from testing.hosts import announce_host
 from tests.conftest import until
 from tests.integration.test_idempotency import send
 from tests.integration.test_replicas import jetstream_answers, nodes_of
@@ -276,14 +277,14 @@ async def test_a_fact_that_fails_by_itself_is_dead_lettered_after_its_own_failur
     poison, healthy = "fails-0", "fails-1"
     for name in (poison, healthy):
         assert (await send(nc, "create", name=name, command_id=f"c-{name}")).accepted
-    react = statemachine._react_to
+    react = statemachine.react
 
-    def failing(fact: Fact, state: Any) -> Any:
+    def failing(state: Any, fact: Fact) -> Any:
         if state is not None and state.name == poison:
             raise RuntimeError("a bug in react")
-        return react(fact, state)
+        return react(state, fact)
 
-    monkeypatch.setattr(statemachine, "_react_to", failing)
+    monkeypatch.setattr(statemachine, "react", failing)
     for name in (poison, healthy):
         await report(nc, name, ContainerStarted(sandbox_id=sandbox_id(machines, name), incarnation="i1"))
     await until(lambda: all(m.states[healthy].phase is Phase.READY for m in machines), "the other fact applied")
@@ -336,3 +337,48 @@ async def test_a_fact_the_log_could_not_take_holds_back_its_sandboxs_later_facts
         ids.append(envelope.id)
     await until(lambda: calls.count(ids[0]) >= 2 and ids[1] in calls, "both facts applied", timeout=20)
     assert calls.index(ids[1]) > calls.index(ids[0], 1), calls
+
+
+async def test_only_a_sandboxs_own_host_speaks_for_it_and_a_fact_speaks_for_its_subjects_sandbox_alone(
+    nats_server: NatsServer, nc: NATS
+) -> None:
+    """A fact's subject names the host whose worker reported it (NATS lets a host's worker user
+    publish on its own host's subjects only): a fact about a sandbox on another host, or one whose
+    envelope names a sandbox other than its subject's, is dead-lettered and moves nothing."""
+    await announce_host(nats_server.url, "host-a", engines=("podman",))
+    service = StateMachineService(await nats.connect(nats_server.url), drivers=("podman",), place=True)
+    await service.start()
+    js = nc.jetstream()
+    try:
+        assert (await send(nc, "create", name="on-a", command_id="c-on-a")).accepted
+        assert (await send(nc, "create", name="other-a", command_id="c-other-a")).accepted
+        state = service.states["on-a"]
+        assert state.host == "host-a" and state.phase is Phase.PROVISIONING
+        started = ContainerStarted(sandbox_id=state.sandbox_id, incarnation="run-1")
+
+        async def dead_lettered(name: str, count: int) -> bool:
+            info = await js.stream_info(
+                subjects.DEADLETTER_STREAM, subjects_filter=subjects.deadletter(FACTS_CONSUMER, name)
+            )
+            return sum((info.state.subjects or {}).values()) >= count
+
+        forged = Envelope(
+            id="from-b", type=type_name(ContainerStarted), source="b", subject="on-a", time=now(), data=started
+        )
+        await publish_fact(js, forged, "host-b")  # another host's worker about host-a's sandbox
+        await until(lambda: dead_lettered("on-a", 1), "the other host's fact dead-lettered", timeout=10)
+        # host-a's own subject, but the envelope speaks for another sandbox than the subject's
+        raw = msgspec.json.encode(msgspec.structs.replace(forged, id="renamed"))
+        await js.publish(subjects.fact("other-a", "host-a"), raw, headers={"Nats-Msg-Id": "renamed"})
+        await until(lambda: dead_lettered("other-a", 1), "the renamed fact dead-lettered", timeout=10)
+        await asyncio.sleep(0.2)
+        assert service.states["on-a"].phase is Phase.PROVISIONING
+        assert service.states["other-a"].phase is Phase.PROVISIONING
+
+        own = msgspec.structs.replace(forged, id="from-a", source="a")
+        await publish_fact(js, own, "host-a")  # its own host's worker: believed
+        await until(lambda: service.states["on-a"].phase is Phase.READY, "on-a Ready", timeout=10)
+        assert service.states["other-a"].phase is Phase.PROVISIONING
+    finally:
+        await service.stop()
+        await service.nc.close()

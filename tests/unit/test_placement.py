@@ -19,7 +19,7 @@ from sandboxctl.events.spec import Resources
 from sandboxctl.runtime.config import Config
 from sandboxctl.statemachine import Phase, Rejection, SandboxState
 from sandboxctl.statemachine.bulk import selected
-from sandboxctl.statemachine.placement import HOST_LOST, Candidate, Loads, Placer, host_lost, place
+from sandboxctl.statemachine.placement import HOST_LOST, Candidate, Loads, Placer, foreign_report, host_lost, place
 
 NONE = Resources()
 
@@ -217,3 +217,24 @@ def test_an_announcement_out_of_bounds_or_naming_an_engine_twice_is_no_host() ->
     ):
         with pytest.raises(msgspec.ValidationError):
             decode_host(encode_host(bad))
+
+
+@pytest.mark.parametrize(
+    ("on", "reporter", "adopter", "believed"),
+    [
+        ("host-a", "host-a", None, True),  # its own host's worker
+        ("host-a", "host-b", None, False),  # another host's worker
+        ("host-a", None, None, False),  # a worker of no host, about a placed sandbox
+        ("", None, None, True),  # before hosts: the worker of no host
+        ("", "host-a", "host-a", True),  # placed on no host: the host that adopted those
+        ("", "host-b", "host-a", False),  # ... and no other
+        ("", "host-b", None, True),  # no host has adopted them (a plane that places nothing)
+    ],
+)
+def test_only_a_sandboxs_own_host_speaks_for_it(
+    on: str, reporter: str | None, adopter: str | None, believed: bool
+) -> None:
+    state = SandboxState(name="s", sandbox_id="s", phase=Phase.READY, driver="podman", host=on)
+    why = foreign_report(state, reporter, adopter)
+    assert (why == "") is believed, why
+    assert foreign_report(None, reporter, adopter) == ""  # no sandbox: nothing to believe
