@@ -8,6 +8,7 @@ test publishes the drivers' facts itself."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
 
-from sandboxctl.bus import eventlog, snapshots
+from sandboxctl.bus import eventlog, snapshots, streams
 from sandboxctl.bus.eventlog import publish_fact
 from sandboxctl.bus.reading import history
 from sandboxctl.bus.servers import server_urls
@@ -379,6 +380,25 @@ async def test_only_a_sandboxs_own_host_speaks_for_it_and_a_fact_speaks_for_its_
         await publish_fact(js, own, "host-a")  # its own host's worker: believed
         await until(lambda: service.states["on-a"].phase is Phase.READY, "on-a Ready", timeout=10)
         assert service.states["other-a"].phase is Phase.PROVISIONING
+    finally:
+        await service.stop()
+        await service.nc.close()
+
+
+async def test_a_facts_stream_an_earlier_version_made_is_brought_to_the_per_host_subjects_keeping_its_facts(
+    nats_server: NatsServer, nc: NATS
+) -> None:
+    js = nc.jetstream()
+    older = dataclasses.replace(streams.facts_stream_config(), subjects=[f"{subjects.FACTS}.*"])
+    await js.add_stream(older)
+    await js.publish(subjects.fact("before"), b"{}")  # a fact reported before hosts
+    service = StateMachineService(await nats.connect(nats_server.url), drivers=("podman",))
+    await service.start()
+    try:
+        info = await js.stream_info(subjects.FACTS_STREAM)
+        assert info.config.subjects == [subjects.FACTS_ALL] and info.state.messages >= 1
+        ack = await js.publish(subjects.fact("after", "host-a"), b"{}")  # taken now
+        assert ack.stream == subjects.FACTS_STREAM
     finally:
         await service.stop()
         await service.nc.close()
