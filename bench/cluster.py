@@ -64,6 +64,9 @@ IN_FLIGHT = 64
 TAKEOVER_TARGET_S = 2.0
 
 
+HOST = "bench-host"  # the simulated host every sandbox is placed on
+
+
 def state_machine(urls: str, root: Path, name: str, **settings: str) -> Service:
     """``sandboxctl serve --only statemachine`` in a process of its own, not started yet."""
     env = {
@@ -191,7 +194,7 @@ async def report_started(nc: NATS, name: str) -> None:
     envelope = Envelope(
         id=new_id(), type=type_name(ContainerStarted), source="bench", subject=name, time=now(), data=fact
     )
-    await publish_fact(nc.jetstream(), envelope, created["data"].get("host", ""))  # as the host's worker
+    await publish_fact(nc.jetstream(), envelope, HOST)  # as the worker of the host it is placed on
 
 
 async def command_answered(nc: NATS, name: str) -> None:
@@ -312,7 +315,7 @@ async def case(root: Path, replicas: str, nodes: int, machines: int, duration: f
             for machine in running:
                 await asyncio.to_thread(machine.start)
             # A simulated host (no worker runs: these are the control plane's figures) to place on.
-            await announce_host(urls.split(",")[0], "bench-host", engines=("podman",))
+            await announce_host(urls.split(",")[0], HOST, engines=("podman",))
             names = [f"b-{i:04d}" for i in range(SANDBOXES)]
             await create(nc, names)
             result = await drive(nc, names, duration)
