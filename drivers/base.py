@@ -68,6 +68,10 @@ STOP_KILL_MARGIN = 2.0
 # (children and daemons too) can be found and ended when the client goes away, and nothing else.
 EXEC_ID_ENV = "SANDBOXCTL_EXEC_ID"
 EXEC_KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for an abandoned exec's processes
+# runc's freezer gives up ("unable to freeze") when the container's processes fork while it freezes
+# them, and thaws them again: the pause is tried this many times, this far apart, before it fails.
+PAUSE_TRIES = 3
+PAUSE_RETRY_DELAY = 0.2
 CHUNK = 64 * 1024  # standard input is forwarded in chunks of this size, never read whole
 
 
@@ -632,7 +636,19 @@ class EngineDriver:
                 raise DriverError(
                     "pause", f"container {container_name(sandbox)} is {info.status or 'not running'}: nothing to pause"
                 )
-            self._pause(container_id)
+            for tries_left in reversed(range(PAUSE_TRIES)):
+                try:
+                    self._pause(container_id)
+                    break
+                except ContainerMissing:
+                    raise
+                except DriverError:
+                    info = self._info("pause", container_id)
+                    if info.paused:
+                        return info
+                    if not tries_left or not info.running or info.stopping:
+                        raise
+                    time.sleep(PAUSE_RETRY_DELAY)
             return self._info("pause", container_id)
 
         return self._on_own("pause", sandbox, sandbox_id, act)
