@@ -76,7 +76,9 @@ def _host_row(host: dict[str, Any]) -> dict[str, Any]:
     gib = host["memory"] / 2**30
     return {
         **host,
-        "engines": ",".join(host["engines"]),
+        "engines": ",".join(
+            f"{e} ({host['acceleration']})" if e == "vm" and host.get("acceleration") else e for e in host["engines"]
+        ),
         "labels": ",".join(f"{k}={v}" for k, v in sorted(host["labels"].items())),
         "capacity": f"{host['cpus']:g} CPU, {gib:.1f} GiB, {host['max_sandboxes']} sandboxes",
         "last_heartbeat": f"{host['last_heartbeat']:.0f}s ago",

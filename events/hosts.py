@@ -9,7 +9,7 @@ does not decode is no host.
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, Literal
 
 import msgspec
 
@@ -24,6 +24,8 @@ Heartbeat = Annotated[float, msgspec.Meta(ge=HEARTBEAT_MIN, le=HEARTBEAT_MAX)]
 HostCpus = Annotated[float, msgspec.Meta(gt=0, le=limits.CPUS_MAX * 64)]
 HostMemory = Annotated[int, msgspec.Meta(gt=0, le=limits.MEMORY_MAX * 64)]
 HostSandboxes = Annotated[int, msgspec.Meta(ge=1, le=limits.HOST_SANDBOXES_MAX)]
+# How the host runs VM sandboxes: hardware-assisted (KVM) or emulated (TCG); "" with no vm engine.
+Acceleration = Literal["", "kvm", "tcg"]
 
 
 class HostAnnouncement(msgspec.Struct, kw_only=True, frozen=True):
@@ -40,6 +42,7 @@ class HostAnnouncement(msgspec.Struct, kw_only=True, frozen=True):
     labels: Labels = {}
     # Seconds after which a host not heard from is lost; renewed every third of it.
     heartbeat: Heartbeat = HEARTBEAT_DEFAULT
+    acceleration: Acceleration = ""
     TYPE: ClassVar[str] = "sandboxctl.host.announced.v1"
 
 

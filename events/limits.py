@@ -56,6 +56,8 @@ RESERVED_LABEL_PREFIX = "sandboxctl."  # sandboxctl's own labels on containers a
 CPUS_MAX = 512.0
 MEMORY_MIN = 6 * 1024 * 1024
 MEMORY_MAX = 2**40  # 1 TiB
+# A vm sandbox's guest kernel does not boot in less (measured: drivers/vm, docs/vm.md).
+VM_MEMORY_MIN = 96 * 1024 * 1024
 PIDS_MIN = 8  # a shell and an exec need a few; fewer leaves a sandbox that cannot run a command
 PIDS_MAX = 4_194_304  # the kernel's own maximum (pid_max)
 

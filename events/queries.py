@@ -126,6 +126,7 @@ class HostRow(msgspec.Struct, kw_only=True):
     running: int
     last_heartbeat: float
     heartbeat_window: float
+    acceleration: str = ""  # of its VM sandboxes: "kvm" or "tcg" ("" without the vm engine)
 
 
 class HostList(msgspec.Struct):

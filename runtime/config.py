@@ -102,6 +102,16 @@ class Config:
     host_memory: int = 0  # bytes; 0: the machine's
     host_max_sandboxes: int = HOST_MAX_SANDBOXES
     heartbeat: float = HEARTBEAT_DEFAULT
+    # The vm driver (docs/vm.md): the guest kernel and initramfs scripts/setup-vm.sh made (None:
+    # drivers.vm.machine.default_guest_dir), and the acceleration ("" or "auto": KVM where the CPU
+    # has hardware virtualisation, TCG otherwise; "kvm" or "tcg" to choose).
+    vm_guest_dir: Path | None = None
+    vm_acceleration: str = ""
+
+    @property
+    def vm_dir(self) -> Path:
+        """Where the vm driver keeps every VM's files (one directory per sandbox id) and the images' root disks."""
+        return self.data_dir / "vm"
 
     @property
     def restarts_allowed(self) -> int:
@@ -139,6 +149,11 @@ class Config:
         if "SANDBOXCTL_RUN_DIR" in env:
             cfg.run_dir = Path(env["SANDBOXCTL_RUN_DIR"])
         cfg.podman_url = env.get("SANDBOXCTL_PODMAN_URL", "")
+        if env.get("SANDBOXCTL_VM_GUEST"):
+            cfg.vm_guest_dir = Path(env["SANDBOXCTL_VM_GUEST"])
+        cfg.vm_acceleration = env.get("SANDBOXCTL_VM_ACCEL", "").strip().lower()
+        if cfg.vm_acceleration not in ("", "auto", "kvm", "tcg"):
+            raise ValueError(f"SANDBOXCTL_VM_ACCEL must be auto, kvm or tcg, not {cfg.vm_acceleration[:20]!r}")
         cfg.docker_url = env.get("SANDBOXCTL_DOCKER_URL", "")
         if "SANDBOXCTL_DRIVERS" in env:
             cfg.drivers = tuple(d.strip() for d in env["SANDBOXCTL_DRIVERS"].split(",") if d.strip())

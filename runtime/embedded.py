@@ -38,7 +38,7 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
 
-from sandboxctl.auth import Authorizer, AuthStore, Credentials, component_user, local_user_name, record_denied
+from sandboxctl.auth import DRIVERS, Authorizer, AuthStore, Credentials, component_user, local_user_name, record_denied
 from sandboxctl.bus.servers import MAX_PINGS_OUT, PING_INTERVAL, server_urls
 from sandboxctl.bus.tail import reraise_if_cancelling
 from sandboxctl.client import FailedPrecondition, Internal, Unavailable
@@ -452,7 +452,11 @@ def make_driver(name: str, config: Config) -> Driver:
         from sandboxctl.drivers.docker import DockerDriver
 
         return DockerDriver(config.docker_socket_url)
-    raise ValueError(f"unknown driver {name!r}; known drivers: podman, docker")
+    if name == "vm":
+        from sandboxctl.drivers.vm.driver import VMDriver
+
+        return VMDriver(config.vm_dir, config.vm_guest_dir, config.vm_acceleration)
+    raise ValueError(f"unknown driver {name!r}; known drivers: {', '.join(DRIVERS)}")
 
 
 def _socket_answers(url: str) -> bool:
@@ -469,14 +473,42 @@ def _socket_answers(url: str) -> bool:
         return False
 
 
+def drivers_said(config: Config) -> str:
+    """The configured drivers as ``up`` and ``serve`` say them: vm with its acceleration and why."""
+    said = []
+    for name in config.drivers:
+        if name == "vm":
+            from sandboxctl.runtime.host import vm_acceleration
+
+            how, why = vm_acceleration(config)
+            name = f"vm ({how}{': ' + why if why else ''})"
+        said.append(name)
+    return ", ".join(said)
+
+
+def _vm_installed(config: Config) -> bool:
+    """Whether VM sandboxes can run here: qemu and the guest scripts/setup-vm.sh makes are installed."""
+    from sandboxctl.drivers.vm.machine import Guest, VMError, default_guest_dir, qemu_binary
+
+    try:
+        Guest.find(config.vm_guest_dir or default_guest_dir())
+        qemu_binary()
+    except VMError:
+        return False
+    return True
+
+
 def detect_drivers(config: Config) -> tuple[str, ...]:
     """The engines to drive when configuration names none: podman if installed
-    (sandboxctl starts its service), docker if its daemon answers."""
+    (sandboxctl starts its service), docker if its daemon answers, vm if qemu and its guest
+    (scripts/setup-vm.sh) are installed."""
     found = []
     if config.podman_url or shutil.which("podman"):
         found.append("podman")
     if _socket_answers(config.docker_socket_url):
         found.append("docker")
+    if _vm_installed(config):
+        found.append("vm")
     if not found:
         raise RuntimeError("no container engine found: install podman (scripts/setup-engines.sh) or start docker")
     return tuple(found)
@@ -929,7 +961,7 @@ async def run_serve(
         text = (
             banner(config)
             if banner
-            else f"sandboxctl services are up on {config.nats_url}, drivers {', '.join(config.drivers)}"
+            else f"sandboxctl services are up on {config.nats_url}, drivers {drivers_said(config)}"
         )
         await _run_until_signalled(config, text, components, children, ready, started)
     finally:
@@ -1058,7 +1090,7 @@ async def run_up(config: Config, port: int = 4222, sync_always: bool = False, cl
         await run_serve(
             config,
             lambda cfg: (
-                f"sandboxctl is up: {nodes} {url}, data {cfg.data_dir}, drivers {', '.join(cfg.drivers)}\n"
+                f"sandboxctl is up: {nodes} {url}, data {cfg.data_dir}, drivers {drivers_said(cfg)}\n"
                 f"in another shell: export SANDBOXCTL_NATS_URL={url}\n"
                 f"you are {admin} (admin), credentials in {auth.credentials_path(admin)}; more: sandboxctl user add"
             ),

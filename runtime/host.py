@@ -20,6 +20,7 @@ from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
 
 from sandboxctl.bus.hosts import Announcer
+from sandboxctl.drivers.vm.accel import Accel
 from sandboxctl.events import subjects
 from sandboxctl.events.hosts import HostAnnouncement, decode_host, encode_host
 from sandboxctl.runtime.config import Config
@@ -46,6 +47,13 @@ def machine_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def vm_acceleration(config: Config) -> tuple[Accel, str]:
+    """How this host runs VM sandboxes ("kvm" or "tcg") and why (drivers.vm.accel)."""
+    from sandboxctl.drivers.vm.accel import detect
+
+    return detect(config.vm_acceleration)
+
+
 def announcement(config: Config, engines: list[str]) -> HostAnnouncement:
     """The host this process announces, checked against the contract's bounds as any reader will."""
     host = HostAnnouncement(
@@ -57,6 +65,7 @@ def announcement(config: Config, engines: list[str]) -> HostAnnouncement:
         max_sandboxes=config.host_max_sandboxes,
         labels=config.host_labels,
         heartbeat=config.heartbeat,
+        acceleration=vm_acceleration(config)[0] if "vm" in engines else "",
     )
     try:
         return decode_host(encode_host(host))

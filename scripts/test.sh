@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-engines.sh
+bash scripts/setup-vm.sh
 bash scripts/venv.sh
 export PATH="$PWD/.venv/bin:$PATH"
 bash scripts/build-test-image.sh

@@ -304,6 +304,7 @@ class QueryService:
                     running=running,
                     last_heartbeat=round(self.hosts.age(name), 1),
                     heartbeat_window=host.heartbeat,
+                    acceleration=host.acceleration,
                 )
             )
         unplaced = HostCount(*counts.get("", (0, 0)))

@@ -57,8 +57,16 @@ from sandboxctl.events.lifecycle import (
     SandboxUpdated,
     SandboxWarningCancelled,
 )
-from sandboxctl.events.limits import COMMAND_BYTES_MAX, GRACE_MAX, IDLE_MAX, LABELS_MAX, RESERVED_LABEL_PREFIX
+from sandboxctl.events.limits import (
+    COMMAND_BYTES_MAX,
+    GRACE_MAX,
+    IDLE_MAX,
+    LABELS_MAX,
+    RESERVED_LABEL_PREFIX,
+    VM_MEMORY_MIN,
+)
 from sandboxctl.events.replies import ErrorCode
+from sandboxctl.events.spec import Resources
 from sandboxctl.statemachine.idle import (
     ARCHIVE,
     AUTO_ARCHIVE,
@@ -119,6 +127,18 @@ def _reserved(labels: Iterable[str]) -> Rejection | None:
     return None
 
 
+def _vm_memory(driver: str, resources: Resources | None) -> Rejection | None:
+    """A vm sandbox asked to boot in less memory than its guest kernel needs: refused before it is
+    logged, as a container asked to run in less than any process needs is (events/limits.py)."""
+    memory = resources.memory if resources is not None else None
+    if driver != "vm" or memory is None or memory >= VM_MEMORY_MIN:
+        return None
+    return Rejection(
+        ErrorCode.INVALID_ARGUMENT,
+        f"memory {memory / 2**20:g} MiB is below the {VM_MEMORY_MIN >> 20} MiB a vm sandbox's guest needs to boot",
+    )
+
+
 # While these run nothing, a sandbox's resources may change: its container is made again with
 # them at the next start (a running container keeps what it was made with).
 RESIZABLE = frozenset({Phase.STOPPED, Phase.COMPLETED, Phase.ERROR})
@@ -136,6 +156,9 @@ def _update(state: SandboxState, command: UpdateSandbox) -> Decision:
                 "(Stopped, Completed or Error): stop it first",
             )
         resources = state.resources.merged(command.resources)
+        too_small = _vm_memory(state.driver, resources)
+        if too_small is not None:
+            return too_small
         if resources != state.resources:
             changes["resources"] = resources
     if command.labels or command.remove_labels:
@@ -216,6 +239,9 @@ def decide(
                 ErrorCode.INVALID_ARGUMENT,
                 f"unknown driver {command.driver!r}; configured drivers: {', '.join(known)}",
             )
+        too_small = _vm_memory(command.driver, command.resources)
+        if too_small is not None:
+            return too_small
         return [
             SandboxCreated(
                 sandbox_id=command.command_id,

@@ -36,6 +36,7 @@ from sandboxctl.events.lifecycle import (
     SandboxStopRequested,
     SandboxUpdated,
 )
+from sandboxctl.events.limits import VM_MEMORY_MIN
 from sandboxctl.events.replies import ErrorCode
 from sandboxctl.events.spec import Resources
 from sandboxctl.statemachine import (
@@ -546,6 +547,21 @@ def test_resources_and_env_are_recorded_and_out_of_range_ones_never_decode() -> 
             command_decoder.decode(wire % bad)
     nul = decide(None, cmd(CreateSandbox, env={"A": "x\x00y"}))
     assert isinstance(nul, Rejection) and nul.code is ErrorCode.INVALID_ARGUMENT and "NUL" in nul.message
+
+
+def test_a_vm_sandbox_asked_to_boot_in_less_memory_than_its_guest_needs_is_refused_before_it_is_logged() -> None:
+    drivers = ("podman", "vm")
+    small = Resources(memory=VM_MEMORY_MIN - 2**20)
+    refused = decide(None, cmd(CreateSandbox, driver="vm", resources=small), drivers)
+    assert isinstance(refused, Rejection) and refused.code is ErrorCode.INVALID_ARGUMENT
+    assert f"below the {VM_MEMORY_MIN >> 20} MiB" in refused.message
+    (made,) = decide(None, cmd(CreateSandbox, driver="vm", resources=Resources(memory=VM_MEMORY_MIN)), drivers)  # type: ignore[misc]
+    assert isinstance(made, SandboxCreated)
+    (container,) = decide(None, cmd(CreateSandbox, driver="podman", resources=small), drivers)  # type: ignore[misc]
+    assert isinstance(container, SandboxCreated)  # a container needs no kernel of its own
+    stopped = msgspec.structs.replace(state(Phase.STOPPED), driver="vm")
+    shrunk = decide(stopped, cmd(UpdateSandbox, resources=small), drivers)
+    assert isinstance(shrunk, Rejection) and shrunk.code is ErrorCode.INVALID_ARGUMENT
 
 
 # -- update ------------------------------------------------------------------------------------

@@ -1,0 +1,511 @@
+"""The VM driver's disks: ext4 images a microVM boots from, made and checked on the host.
+
+A VM sandbox has three disks, found by the guest's init through their ext4 labels:
+
+- **root** (``LABEL_ROOT``): the image's root filesystem, built once per image id and cached as
+  ``<cache_dir>/<image id>.ext4`` (mode 0444), shared read-only by every VM of that image;
+- **layer** (``LABEL_LAYER``): a VM's writable layer over root, which may be remade empty;
+- **workspace** (``LABEL_WORKSPACE``): the sandbox's files, which nothing here ever remakes.
+
+Everything is synchronous (the driver calls it from worker threads) and bounded: every tool runs
+under a timeout, and a missing tool is named with the script that installs it. A failure is a
+``DiskError`` whose text is the tool's own message, and leaves nothing half-made behind: a disk
+is written under a temporary name and renamed into place only when complete.
+
+The root disk is built from ``podman export`` of a throwaway container of the image, unpacked
+as root into a directory inside ``cache_dir``. The tar comes from an image, that is from whoever
+published it, so each member is checked before it is written (``_safe_member``): it must land
+inside that directory, through no symlink, and may not replace a directory; a hard link may
+only link a regular file already unpacked; device nodes are skipped (the guest mounts its own
+``/dev``). Modes (setuid, sticky), numeric owners and symlinks, absolute or not, are kept: they
+are the image's and the guest needs them. Extended attributes (file capabilities) are not kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import re
+import secrets
+import shutil
+import stat
+import subprocess
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import IO
+
+log = logging.getLogger(__name__)
+
+LABEL_ROOT = "root"
+LABEL_LAYER = "layer"
+LABEL_WORKSPACE = "workspace"
+
+MIB = 1 << 20
+WORKSPACE_SIZE = 1 << 30  # sparse: only what the guest writes takes space
+LAYER_SIZE = 1 << 30  # sparse
+ROOT_MIN_SIZE = 64 * MIB
+
+# Seconds each tool may take. A root build holds its image's lock for at most about
+# EXPORT_TIMEOUT + MKFS_TIMEOUT + 2 * ENGINE_TIMEOUT, so a waiter gives up after LOCK_TIMEOUT.
+ENGINE_TIMEOUT = 60.0  # podman image inspect, create, rm
+EXPORT_TIMEOUT = 300.0  # podman export and unpacking it
+MKFS_TIMEOUT = 300.0
+FSCK_TIMEOUT = 120.0
+DEBUGFS_TIMEOUT = 60.0
+LOCK_TIMEOUT = EXPORT_TIMEOUT + MKFS_TIMEOUT + 4 * ENGINE_TIMEOUT
+
+MKFS = "mkfs.ext4"  # the tools, by name on PATH
+E2FSCK = "e2fsck"
+DEBUGFS = "debugfs"
+BUILD_LABEL = "sandboxctl.vm-disk-build"  # set on the throwaway containers a root build makes
+
+_ENGINES = ("podman", "docker")  # a missing engine is installed by scripts/setup-engines.sh, a tool by setup-vm.sh
+_IMAGE_ID = re.compile(r"(?:sha256:)?([0-9a-f]{64})")
+_MISSING_IMAGE = ("image not known", "no such image", "failed to find image")
+_MESSAGE_LINES = 6
+
+
+class DiskError(Exception):
+    """A disk could not be made or checked; str() is the tool's own message (e.g. e2fsck's),
+    one to a few lines, prefixed with what was being done."""
+
+
+def image_id(image: str, engine: Sequence[str] = ("podman",)) -> str:
+    """The full id (64 hex digits) of ``image`` in the engine's local storage; never pulls.
+
+    ``engine`` is the engine's command line and its connection flags, e.g. ``("podman",)`` or
+    ``("podman", "--url", "unix:///run/podman.sock")``. Raises DiskError, with the engine's
+    message, if the image is not there or the engine cannot be asked.
+    """
+    result = _run([*engine, "image", "inspect", "--format", "{{.Id}}", image], ENGINE_TIMEOUT, f"image {image}")
+    if result.returncode != 0:
+        message = _message(result)
+        if any(marker in message.lower() for marker in _MISSING_IMAGE):
+            raise DiskError(f"image {image} is not in {_tool_name(engine)}'s storage: {message}")
+        raise DiskError(f"image {image}: {_tool_name(engine)} image inspect failed: {message}")
+    match = _IMAGE_ID.fullmatch(result.stdout.strip())
+    if match is None:
+        raise DiskError(f"image {image}: {_tool_name(engine)} gave no image id: {result.stdout.strip()!r}")
+    return match.group(1)
+
+
+def root_disk(image: str, cache_dir: Path, engine: Sequence[str] = ("podman",)) -> Path:
+    """The image's root filesystem as an ext4 disk labelled ``LABEL_ROOT``: ``cache_dir/<image id>.ext4``.
+
+    Built once per image id, and shared read-only (mode 0444) by every VM of that image; a disk
+    found in place is complete, since one is only ever renamed there whole. Callers in other
+    threads or processes wait on a lock file per image id (``<image id>.lock``) rather than build
+    it again. A failure raises DiskError naming the image, with the tool's message, and leaves no
+    temporary file, directory or throwaway container behind.
+    """
+    ident = image_id(image, engine)
+    disk = cache_dir / f"{ident}.ext4"
+    if disk.exists():
+        return disk
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DiskError(f"image {image}: cannot make the disk cache {cache_dir}: {exc}") from exc
+    with _locked(cache_dir / f"{ident}.lock", f"image {image}"):
+        if disk.exists():
+            return disk
+        _remove_leftovers(cache_dir, ident)
+        _build_root(image, ident, disk, engine)
+    return disk
+
+
+def make_workspace(path: Path, size: int = WORKSPACE_SIZE) -> None:
+    """Make a new sparse ext4 disk of ``size`` bytes at ``path``, labelled ``LABEL_WORKSPACE``, whose
+    root directory (mode 0777, owned by root) any guest user can write in.
+
+    A workspace holds a sandbox's files, so an existing file at ``path`` is never replaced:
+    DiskError instead, and the file is left as it was (the check and the placing are one atomic
+    hard link, so two callers cannot both succeed).
+    """
+    if os.path.lexists(path):
+        raise DiskError(f"workspace {path} already exists: a workspace is never made over another")
+    with _scratch(path) as tmp:
+        _mkfs(tmp, size, LABEL_WORKSPACE, f"workspace {path}")
+        _open_root_dir(tmp, f"workspace {path}")
+        try:
+            os.link(tmp, path)
+        except FileExistsError as exc:
+            raise DiskError(f"workspace {path} already exists: a workspace is never made over another") from exc
+        except OSError as exc:
+            raise DiskError(f"workspace {path}: {exc}") from exc
+    _sync_dir(path.parent)
+
+
+def make_layer(path: Path, size: int = LAYER_SIZE) -> None:
+    """Make a fresh, empty sparse ext4 disk of ``size`` bytes at ``path``, labelled ``LABEL_LAYER``.
+
+    A layer is a VM's writable scratch over its root disk, so one already at ``path`` is replaced
+    (atomically: a reader sees the old layer or the new one, never a half-made one).
+    """
+    with _scratch(path) as tmp:
+        _mkfs(tmp, size, LABEL_LAYER, f"layer {path}")
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise DiskError(f"layer {path}: {exc}") from exc
+    _sync_dir(path.parent)
+
+
+def check(path: Path) -> str:
+    """Check, and mend what it safely can, the ext4 disk at ``path`` with ``e2fsck -p`` (preen).
+
+    The disk must be one no VM is using. Returns "" when it was clean, or a one-line summary of
+    what e2fsck mended (for the caller to log). Raises DiskError with e2fsck's own message when
+    it found what preen may not mend, or could not check the file at all (missing, not an ext4
+    filesystem). Never deletes nor remakes the disk: what is on it is the sandbox's.
+    """
+    result = _run([E2FSCK, "-p", str(path)], FSCK_TIMEOUT, f"disk {path}")
+    if result.returncode == 0:
+        return ""
+    if result.returncode in (1, 2):
+        return _mended(path, result.stdout + result.stderr)
+    raise DiskError(f"disk {path}: e2fsck -p failed (exit {result.returncode}): {_message(result)}")
+
+
+def disk_usage(path: Path) -> int:
+    """The bytes the disk at ``path`` actually takes on the host (its allocated blocks), which for a
+    sparse disk is what has been written, not its size. DiskError if it cannot be read."""
+    try:
+        return os.stat(path).st_blocks * 512
+    except OSError as exc:
+        raise DiskError(f"disk {path}: {exc}") from exc
+
+
+# -- the root disk ---------------------------------------------------------------------------------
+
+
+def _build_root(image: str, ident: str, disk: Path, engine: Sequence[str]) -> None:
+    """Export, unpack and mkfs the image into ``disk``; the caller holds the image's lock."""
+    what = f"image {image}"
+    cache_dir = disk.parent
+    tree = Path(tempfile.mkdtemp(prefix=f".{ident}.tree-", dir=cache_dir))
+    image_tmp = cache_dir / f".{ident}.ext4-{secrets.token_hex(4)}"
+    try:
+        os.chmod(tree, 0o755)
+        _export(image, ident, tree, engine)
+        size, entries = _tree_size(tree)
+        _mkfs(image_tmp, size, LABEL_ROOT, what, tree=tree, inodes=entries + entries // 4 + 1024)
+        os.chmod(image_tmp, 0o444)
+        _fsync(image_tmp)
+        os.rename(image_tmp, disk)
+        _sync_dir(cache_dir)
+    except OSError as exc:
+        raise DiskError(f"{what}: {exc}") from exc
+    finally:
+        _remove(tree)
+        _remove(image_tmp)
+
+
+def _export(image: str, ident: str, tree: Path, engine: Sequence[str]) -> None:
+    """Unpack the image's filesystem into ``tree`` through a throwaway container, always removed."""
+    what = f"image {image}"
+    name = f"sandboxctl-vmdisk-{ident[:12]}-{secrets.token_hex(4)}"
+    create = [*engine, "create", "--name", name, "--label", f"{BUILD_LABEL}={ident}", "--pull", "never"]
+    create += ["--network", "none", "--entrypoint", "true", ident, "true"]
+    try:
+        result = _run(create, ENGINE_TIMEOUT, what)
+        if result.returncode != 0:
+            raise DiskError(f"{what}: {_tool_name(engine)} create failed: {_message(result)}")
+        _stream_export(what, [*engine, "export", name], tree)
+    finally:
+        removed = _run([*engine, "rm", "-f", "--", name], ENGINE_TIMEOUT, what, check_timeout=False)
+        if removed.returncode != 0:
+            log.warning("%s: throwaway container %s may be left: %s", what, name, _message(removed))
+
+
+def _stream_export(what: str, argv: list[str], tree: Path) -> None:
+    """Run ``podman export`` and unpack its tar stream into ``tree``, all within EXPORT_TIMEOUT."""
+    with tempfile.TemporaryFile() as errors:
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors)
+        except FileNotFoundError as exc:
+            raise DiskError(f"{what}: {argv[0]} is not installed: run scripts/setup-engines.sh") from exc
+        assert proc.stdout is not None
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            proc.kill()
+
+        watchdog = threading.Timer(EXPORT_TIMEOUT, expire)
+        watchdog.daemon = True
+        watchdog.start()
+        failure: Exception | None = None
+        try:
+            _extract(proc.stdout, tree)
+            while proc.stdout.read(1 << 16):  # the archive's padding, so the exporter can finish
+                pass
+        except (OSError, tarfile.TarError, DiskError) as exc:
+            failure = exc
+        finally:
+            killed = failure is not None and proc.poll() is None
+            if killed:
+                proc.kill()
+            proc.stdout.close()
+            try:
+                code = proc.wait(timeout=ENGINE_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = proc.wait()
+            watchdog.cancel()
+        errors.seek(0)
+        message = _trim(errors.read().decode(errors="replace"))
+    if expired.is_set():
+        raise DiskError(f"{what}: {argv[0]} export timed out after {EXPORT_TIMEOUT:g} s")
+    if isinstance(failure, DiskError):  # an unsafe member: the exporter was stopped for it
+        raise DiskError(f"{what}: {failure}") from failure
+    if code != 0 and not killed:  # the exporter's own failure explains a torn stream best
+        raise DiskError(f"{what}: {argv[0]} export failed: {message or f'exit {code}'}")
+    if failure is not None:
+        raise DiskError(f"{what}: unpacking its filesystem failed: {failure}") from failure
+
+
+def _extract(stream: IO[bytes], tree: Path) -> None:
+    """Unpack the tar ``stream`` into the directory ``tree``, member by member through _safe_member;
+    raises DiskError on a member that would escape ``tree``, tarfile's or the OS's errors otherwise."""
+    with tarfile.open(fileobj=stream, mode="r|", errorlevel=2) as archive:
+        archive.extractall(str(tree), numeric_owner=True, filter=_safe_member)
+
+
+def _safe_member(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
+    """The member as it may be unpacked into ``dest``, None to skip it, or DiskError if it may not.
+
+    The checks are on the tree as unpacked so far (nothing else writes in it): the member's path
+    has no ``..``, and no directory on the way to it is a symlink, so it lands inside ``dest``;
+    what is already at its path is removed first (a symlink there would otherwise be written
+    through), unless it is a directory, which only a directory may meet. A hard link must name a
+    regular file already unpacked. Device nodes are skipped.
+    """
+    if member.ischr() or member.isblk():
+        return None
+    name = _relative(member.name, member.name)
+    if not name:
+        if not member.isdir():
+            raise DiskError(f"unsafe member {member.name!r}: the root of the tree is not a directory")
+        return member.replace(name=".", deep=False)
+    _check_parents(dest, name, member.name)
+    target = os.path.join(dest, name)
+    try:
+        existing = os.lstat(target)
+    except FileNotFoundError:
+        pass
+    else:
+        if stat.S_ISDIR(existing.st_mode):
+            if not member.isdir():
+                raise DiskError(f"unsafe member {member.name!r}: it would replace a directory")
+        else:
+            os.unlink(target)
+    if member.islnk():
+        link = _relative(member.linkname, member.name)
+        _check_parents(dest, link, member.name)
+        try:
+            linked = os.lstat(os.path.join(dest, link))
+        except FileNotFoundError:
+            linked = None
+        if linked is None or not stat.S_ISREG(linked.st_mode):
+            raise DiskError(f"unsafe member {member.name!r}: a hard link to {member.linkname!r}, no regular file")
+        return member.replace(name=name, linkname=link, deep=False)
+    return member.replace(name=name, deep=False)
+
+
+def _relative(name: str, member: str) -> str:
+    """``name``, a path in the archive, relative to its root ("" for the root itself); DiskError if
+    it has a ``..`` or a NUL."""
+    parts = [part for part in name.split("/") if part not in ("", ".")]
+    if ".." in parts or "\0" in name:
+        raise DiskError(f"unsafe member {member!r}: the path {name!r} leaves the tree")
+    return "/".join(parts)
+
+
+def _check_parents(dest: str, name: str, member: str) -> None:
+    """DiskError unless every directory on the way to ``name`` under ``dest`` that exists is a real
+    directory (not a symlink, which could lead out of the tree)."""
+    path = dest
+    for part in name.split("/")[:-1]:
+        path = os.path.join(path, part)
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return  # tarfile makes the rest as plain directories
+        if not stat.S_ISDIR(mode):
+            raise DiskError(f"unsafe member {member!r}: {path[len(dest) :]!r} on its way is not a directory")
+
+
+def _tree_size(tree: Path) -> tuple[int, int]:
+    """The disk size for the tree: its content * 1.25 + 32 MiB, whole MiB, at least ROOT_MIN_SIZE;
+    and its number of entries. Content counts each file in whole 4 KiB blocks, plus an inode."""
+    total = 0
+    entries = 0
+    for dirpath, dirnames, filenames in os.walk(tree):
+        for name in (*dirnames, *filenames):
+            st = os.lstat(os.path.join(dirpath, name))
+            entries += 1
+            total += 256 + (-(-st.st_size // 4096) * 4096 if not stat.S_ISLNK(st.st_mode) or st.st_size >= 60 else 0)
+    size = -(-(total + total // 4 + 32 * MIB) // MIB) * MIB
+    return max(size, ROOT_MIN_SIZE), entries
+
+
+def _remove_leftovers(cache_dir: Path, ident: str) -> None:
+    """Remove what an interrupted build of this image left (its lock is held, so none is running)."""
+    for leftover in cache_dir.glob(f".{ident}.*"):
+        _remove(leftover)
+
+
+# -- making and checking filesystems ---------------------------------------------------------------
+
+
+def _mkfs(path: Path, size: int, label: str, what: str, tree: Path | None = None, inodes: int | None = None) -> None:
+    """Make an ext4 filesystem of ``size`` bytes (sparse) in the new file ``path``, labelled ``label``,
+    its root directory owned by root, filled from ``tree`` if given."""
+    if size < MIB or size % 1024:
+        raise DiskError(f"{what}: a disk's size must be whole KiB, at least 1 MiB (not {size})")
+    with open(path, "xb") as file:
+        file.truncate(size)
+    argv = [MKFS, "-q", "-F", "-L", label, "-E", "root_owner=0:0"]
+    if tree is not None:
+        argv += ["-d", str(tree)]
+    if inodes is not None:
+        argv += ["-N", str(inodes)]
+    result = _run([*argv, str(path), f"{size // 1024}k"], MKFS_TIMEOUT, what)
+    if result.returncode != 0:
+        raise DiskError(f"{what}: {MKFS} failed: {_message(result)}")
+
+
+def _open_root_dir(path: Path, what: str) -> None:
+    """Give the filesystem in ``path`` a root directory mode 0777 (mkfs.ext4 makes it 0755), so a
+    guest user that is not root can write in it; checked after, as debugfs exits 0 on failure."""
+    _run([DEBUGFS, "-w", "-R", "set_inode_field / mode 040777", str(path)], DEBUGFS_TIMEOUT, what)
+    result = _run([DEBUGFS, "-R", "stat /", str(path)], DEBUGFS_TIMEOUT, what)
+    if not re.search(r"Mode:\s+0?777\b", result.stdout):
+        raise DiskError(f"{what}: could not open its root directory to all users: {_message(result)}")
+
+
+def _mended(path: Path, output: str) -> str:
+    """One line of what ``e2fsck -p`` said it mended: its messages without the disk's name, the
+    "check forced" notice, nor its closing statistics (unless nothing else was said)."""
+    lines = [line.strip() for line in output.splitlines() if line.strip() and not line.startswith("e2fsck ")]
+    lines = [re.sub(r"^[^:\s]*:\s+", "", line, count=1) if ":" in line else line for line in lines]
+    fixes = [
+        line
+        for line in lines
+        if "check forced" not in line and not re.match(r"\d+/\d+ files \(", line) and "clean," not in line
+    ]
+    summary = "; ".join(re.sub(r"\s+", " ", line) for line in (fixes or lines[-1:]))
+    return f"e2fsck mended {path.name}: {summary or 'errors corrected'}"[:500]
+
+
+# -- small helpers ---------------------------------------------------------------------------------
+
+
+def _run(
+    argv: Sequence[str], timeout: float, what: str, check_timeout: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run a tool with a timeout; DiskError if it is not installed or (with check_timeout) too slow."""
+    try:
+        return subprocess.run(list(argv), capture_output=True, text=True, errors="replace", timeout=timeout)
+    except FileNotFoundError as exc:
+        engine = os.path.basename(argv[0]) in _ENGINES
+        installer = "scripts/setup-engines.sh" if engine else "scripts/setup-vm.sh"
+        raise DiskError(f"{what}: {argv[0]} is not installed: run {installer}") from exc
+    except subprocess.TimeoutExpired as exc:
+        if not check_timeout:
+            return subprocess.CompletedProcess(list(argv), -1, "", f"timed out after {timeout:g} s")
+        raise DiskError(f"{what}: {' '.join(argv[:2])} timed out after {timeout:g} s") from exc
+
+
+def _message(result: subprocess.CompletedProcess[str]) -> str:
+    """The tool's own message: its stderr, then its stdout, without version banners, a few lines."""
+    text = "\n".join(part for part in (result.stderr, result.stdout) if part)
+    return _trim(text) or f"exit {result.returncode}"
+
+
+def _trim(text: str) -> str:
+    lines = [line.rstrip() for line in text.splitlines()]
+    lines = [line[:300] for line in lines if line.strip() and not re.match(r"^(e2fsck|debugfs|mke2fs) \d", line)]
+    if len(lines) > _MESSAGE_LINES:
+        lines = [*lines[:_MESSAGE_LINES], "..."]
+    return "\n".join(lines)
+
+
+def _tool_name(engine: Sequence[str]) -> str:
+    return os.path.basename(engine[0]) if engine else "engine"
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive flock on ``lock_path`` (each holder opens it anew, so threads of one
+    process exclude each other too); DiskError after LOCK_TIMEOUT seconds of waiting."""
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise DiskError(f"{what}: cannot open the lock {lock_path}: {exc}") from exc
+    try:
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise DiskError(f"{what}: another build held {lock_path} for over {LOCK_TIMEOUT:g} s") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def _scratch(path: Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` for a disk being made; whatever is left there is removed."""
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        yield tmp
+    except OSError as exc:
+        raise DiskError(f"disk {path}: {exc}") from exc
+    finally:
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file or a whole tree, even one with read-only directories; never raises."""
+    try:
+        if not (path.is_dir() and not path.is_symlink()):
+            path.unlink(missing_ok=True)
+            return
+        try:
+            shutil.rmtree(path)
+        except OSError:  # a directory of the image's without write permission, when not root
+            os.chmod(path, 0o700)
+            for dirpath, dirnames, _ in os.walk(path):
+                for name in dirnames:
+                    with contextlib.suppress(OSError):
+                        if not os.path.islink(os.path.join(dirpath, name)):
+                            os.chmod(os.path.join(dirpath, name), 0o700)
+            shutil.rmtree(path)
+    except OSError as exc:
+        log.warning("could not remove %s: %s", path, exc)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable; best effort (the disk itself is already synced)."""
+    with contextlib.suppress(OSError):
+        _fsync(path)

@@ -1,0 +1,681 @@
+"""The vm driver: each sandbox a QEMU microVM, with the driver contract of the container engines.
+
+Everything sandboxctl makes for a VM lives in one directory named by the sandbox's id,
+``<vm dir>/sandboxes/<sandbox id>/``: the record (``vm.json``: what the sandbox was made from,
+and the id of this make of it, which stands where a container id stands), the writable layer
+over the image's shared root disk, the **workspace disk**, and what qemu runs with (pidfile, QMP
+and console sockets, the serial log). Only ``delete`` removes the workspace disk, and only in the
+directory of the sandbox id it was given.
+
+What a container engine keeps (the container's state, its events) is kept here on disk and read
+from the processes themselves, so the worker, the CLI (exec, logs) and an operator all see the
+same VM: qemu outlives the worker that booted it, and a worker that starts again finds it.
+
+Facts come from watching each qemu process through a pidfd (a ``kill -9`` is seen in
+milliseconds) and from the driver's own actions (a boot, a pause); the guest's poweroff, reset
+and crash all end the qemu process (it runs with ``-no-reboot``), so its end is the one fact
+of a VM that stopped, whoever stopped it. A sweep every second finds VMs booted or ended by
+anyone else, so no change goes unreported.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import math
+import os
+import secrets
+import select
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import msgspec
+
+from sandboxctl.drivers.base import (
+    CHUNK,
+    ContainerInfo,
+    ContainerMissing,
+    DriverError,
+    EngineEvent,
+    ExecControl,
+    SandboxSpec,
+    grace_seconds,
+)
+from sandboxctl.drivers.vm import accel, disks
+from sandboxctl.drivers.vm.machine import Guest, Machine, MachineSpec, VMError, default_guest_dir
+from sandboxctl.events.limits import VM_MEMORY_MIN
+from sandboxctl.events.spec import Resources
+
+MEMORY_DEFAULT_MIB = 256  # a VM made with no memory limit gets this much
+MEMORY_MIN_MIB = VM_MEMORY_MIN >> 20
+STOPPED = "stopped"  # holds the boot id of a run that a stop powered off (its end is no crash)
+RECORD = "vm.json"
+LAYER = "layer.img"
+WORKSPACE_DISK = "workspace.img"
+SWEEP_EVERY = 1.0  # seconds between the sweeps that find VMs booted or ended by anyone else
+HISTORY = 1024  # events kept for a watcher that asks for those since a moment
+
+
+class VMRecord(msgspec.Struct, kw_only=True):
+    """What a VM sandbox was made from: the driver's counterpart of a container's configuration."""
+
+    sandbox: str
+    sandbox_id: str
+    vm_id: str  # this make of the VM (a start with new resources makes it again, with a new id)
+    image: str
+    root: str  # the image's root disk, shared read-only by every VM of that image
+    command: list[str] = []
+    env: dict[str, str] = {}
+    labels: dict[str, str] = {}
+    resources: Resources = Resources()
+    started: bool = False  # booted at least once
+
+
+def vm_cpus(resources: Resources) -> int:
+    """Whole virtual CPUs for a CPU limit: a fraction of a CPU is one, never more than the host has."""
+    wanted = resources.cpus or 1.0
+    return max(1, min(math.ceil(wanted), os.cpu_count() or 1))
+
+
+def vm_memory_mib(resources: Resources) -> int:
+    return MEMORY_DEFAULT_MIB if resources.memory is None else resources.memory // (1 << 20)
+
+
+class VMDriver:
+    """The driver contract (drivers.base.Driver) on QEMU microVMs; see the module's docstring."""
+
+    name = "vm"
+    # Under TCG each booting VM takes a core: more at once only makes every boot slower.
+    parallelism = 4
+
+    def __init__(
+        self,
+        directory: Path,
+        guest_dir: Path | None = None,
+        acceleration: str = "",
+        engine_cli: Iterable[str] = ("podman",),
+        timeout: float = 60.0,
+    ) -> None:
+        self.directory = directory
+        self.guest_dir = guest_dir or default_guest_dir()
+        self.acceleration, self.acceleration_reason = accel.detect(acceleration)
+        self.engine_cli = tuple(engine_cli)
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._history: collections.deque[EngineEvent] = collections.deque(maxlen=HISTORY)
+        self._news = threading.Condition(self._lock)
+        self._watched: dict[str, tuple[int, str]] = {}  # sandbox id -> (qemu pid, incarnation) watched
+        self._watcher: threading.Thread | None = None
+        self._wake_r, self._wake_w = -1, -1
+        self._closed = threading.Event()
+
+    # -- where things are ----------------------------------------------------------------
+
+    @property
+    def sandboxes_dir(self) -> Path:
+        return self.directory / "sandboxes"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.directory / "images"
+
+    def _dir(self, sandbox_id: str) -> Path:
+        if not sandbox_id or "/" in sandbox_id or sandbox_id.startswith("."):
+            raise ContainerMissing("inspect", f"no VM can be the sandbox id {sandbox_id!r}'s")
+        return self.sandboxes_dir / sandbox_id
+
+    def _record(self, sandbox_id: str) -> VMRecord | None:
+        try:
+            return msgspec.json.decode((self._dir(sandbox_id) / RECORD).read_bytes(), type=VMRecord)
+        except (OSError, msgspec.DecodeError, ContainerMissing):
+            return None
+
+    def _write_record(self, record: VMRecord) -> None:
+        path = self._dir(record.sandbox_id) / RECORD
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(msgspec.json.encode(record))
+        os.replace(tmp, path)
+
+    def _own(self, operation: str, sandbox: str, sandbox_id: str) -> VMRecord:
+        """The sandbox's VM, checked by its record: ContainerMissing if there is none, or if the
+        record in that id's directory names another sandbox (it is not this sandbox's)."""
+        if not sandbox_id:
+            raise ContainerMissing(operation, f"no sandbox id given for {sandbox}: no VM is its without one")
+        record = self._record(sandbox_id)
+        if record is None or record.sandbox != sandbox or record.sandbox_id != sandbox_id:
+            raise ContainerMissing(operation, f"sandbox {sandbox} (id {sandbox_id}) has no VM")
+        return record
+
+    def _machine(self, sandbox_id: str) -> Machine:
+        try:
+            guest = Guest.find(self.guest_dir)
+        except VMError as exc:
+            raise DriverError("boot", str(exc)) from exc
+        return Machine(self._dir(sandbox_id), guest)
+
+    def _quiet_machine(self, sandbox_id: str) -> Machine:
+        """A Machine for reading a VM's state: needs no guest kernel (a host whose kernel went
+        still sees its VMs)."""
+        return Machine(self._dir(sandbox_id), Guest(kernel=Path("/nonexistent"), initrd=Path("/nonexistent")))
+
+    # -- state ------------------------------------------------------------------------------
+
+    def _info(self, record: VMRecord) -> ContainerInfo:
+        machine = self._quiet_machine(record.sandbox_id)
+        pid = machine.pid()
+        paused = False
+        if pid is not None:
+            with contextlib.suppress(VMError, OSError):
+                paused = machine.paused()
+        incarnation = machine.started_at() if record.started else ""
+        exit_code = 0
+        if pid is None and record.started:
+            code = machine.exit_code()
+            if code is None and not self._stopped(record.sandbox_id, incarnation):
+                code = 137  # ended neither by its command nor by a stop: qemu was killed (or crashed)
+            exit_code = code or 0
+        status = "paused" if paused else "running" if pid is not None else "exited" if record.started else "created"
+        return ContainerInfo(
+            sandbox=record.sandbox,
+            sandbox_id=record.sandbox_id,
+            container_id=record.vm_id,
+            running=pid is not None,
+            status=status,
+            exit_code=exit_code,
+            incarnation=incarnation,
+            paused=paused,
+            resources=record.resources,
+        )
+
+    def _stopped(self, sandbox_id: str, incarnation: str) -> bool:
+        """Whether run ``incarnation`` of the VM was powered off by a stop."""
+        try:
+            return bool(incarnation) and (self._dir(sandbox_id) / STOPPED).read_text() == incarnation
+        except OSError:
+            return False
+
+    def ping(self) -> None:
+        try:
+            Guest.find(self.guest_dir)
+            from sandboxctl.drivers.vm.machine import qemu_binary
+
+            qemu_binary()
+        except VMError as exc:
+            raise DriverError("ping", str(exc)) from exc
+
+    def inspect(self, sandbox: str, sandbox_id: str) -> ContainerInfo | None:
+        try:
+            return self._info(self._own("inspect", sandbox, sandbox_id))
+        except ContainerMissing:
+            return None
+
+    def workspace(self, sandbox: str, sandbox_id: str) -> bool:
+        try:
+            directory = self._dir(sandbox_id)
+        except ContainerMissing:
+            return False
+        return (directory / WORKSPACE_DISK).exists()
+
+    def list_managed(self) -> list[ContainerInfo]:
+        infos = []
+        with contextlib.suppress(FileNotFoundError):
+            for entry in sorted(self.sandboxes_dir.iterdir()):
+                record = self._record(entry.name)
+                if record is not None and record.sandbox_id == entry.name:
+                    infos.append(self._info(record))
+        return infos
+
+    # -- the lifecycle ----------------------------------------------------------------------
+
+    def create(self, spec: SandboxSpec) -> ContainerInfo:
+        existing = self._record(spec.sandbox_id) if spec.sandbox_id else None
+        if existing is not None:
+            if existing.sandbox != spec.name:
+                raise DriverError("create", f"the VM of sandbox id {spec.sandbox_id} is sandbox {existing.sandbox}'s")
+            return self._info(existing)
+        for info in self.list_managed():
+            if info.sandbox == spec.name and info.sandbox_id != spec.sandbox_id:
+                raise DriverError(
+                    "create", f"a VM for sandbox {spec.name} already exists and belongs to sandbox id {info.sandbox_id}"
+                )
+        memory = vm_memory_mib(spec.resources)
+        if memory < MEMORY_MIN_MIB:
+            raise DriverError(
+                "create", f"memory {memory} MiB is below the {MEMORY_MIN_MIB} MiB a VM sandbox's guest needs to boot"
+            )
+        directory = self._dir(spec.sandbox_id)
+        try:
+            root = disks.root_disk(spec.image, self.images_dir, self.engine_cli)
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if not (directory / WORKSPACE_DISK).exists():
+                disks.make_workspace(directory / WORKSPACE_DISK)
+            disks.make_layer(directory / LAYER)
+        except disks.DiskError as exc:
+            raise DriverError("create", str(exc)) from exc
+        command, env = list(spec.command or []), dict(spec.env)
+        if not command:
+            command, image_env = image_config(spec.image, self.engine_cli)
+            env = {**image_env, **env}
+        record = VMRecord(
+            sandbox=spec.name,
+            sandbox_id=spec.sandbox_id,
+            vm_id=f"vm-{secrets.token_hex(8)}",
+            image=spec.image,
+            root=str(root),
+            command=command,
+            env=env,
+            labels=dict(spec.labels),
+            resources=spec.resources,
+        )
+        self._write_record(record)
+        return self._info(record)
+
+    def start(self, sandbox: str, sandbox_id: str) -> ContainerInfo:
+        record = self._own("start", sandbox, sandbox_id)
+        machine = self._machine(sandbox_id)
+        if machine.pid() is not None:
+            return self._info(record)
+        directory = self._dir(sandbox_id)
+        try:
+            # The guest must find the workspace sound: mended where e2fsck can, refused with its
+            # words where it cannot, and never made anew (its files are the user's).
+            mended = disks.check(directory / WORKSPACE_DISK)
+            if mended:
+                self._log_line(directory, f"sandboxctl: the workspace disk was mended before boot: {mended}")
+            if not (directory / LAYER).exists():
+                disks.make_layer(directory / LAYER)
+        except disks.DiskError as exc:
+            raise DriverError("start", f"the workspace disk of sandbox {sandbox} is damaged: {exc}") from exc
+        if not Path(record.root).exists():  # the image cache was cleared: made again from the image
+            try:
+                record.root = str(disks.root_disk(record.image, self.images_dir, self.engine_cli))
+            except disks.DiskError as exc:
+                raise DriverError("start", str(exc)) from exc
+            self._write_record(record)
+        spec = MachineSpec(
+            root=Path(record.root),
+            layer=directory / LAYER,
+            workspace=directory / WORKSPACE_DISK,
+            cpus=vm_cpus(record.resources),
+            memory_mib=vm_memory_mib(record.resources),
+            command=tuple(record.command),
+            env=tuple(sorted(record.env.items())),
+            accel=self.acceleration,
+        )
+        try:
+            machine.boot(spec, timeout=max(self.timeout, 60.0))
+        except VMError as exc:
+            raise DriverError("start", str(exc)) from exc
+        if not record.started:
+            record.started = True
+            self._write_record(record)
+        info = self._info(record)
+        self._emit("start", info)
+        self._watch(record.sandbox_id)
+        return info
+
+    def stop(self, sandbox: str, sandbox_id: str, timeout: float) -> ContainerInfo:
+        record = self._own("stop", sandbox, sandbox_id)
+        machine = self._quiet_machine(sandbox_id)
+        if machine.pid() is not None:
+            try:
+                if machine.paused():
+                    machine.resume()  # a frozen guest cannot hear its power button
+                (self._dir(sandbox_id) / STOPPED).write_text(machine.started_at())
+                machine.powerdown(grace_seconds(timeout))
+            except VMError as exc:
+                raise DriverError("stop", str(exc)) from exc
+        return self._info(record)
+
+    def pause(self, sandbox: str, sandbox_id: str) -> ContainerInfo:
+        record = self._own("pause", sandbox, sandbox_id)
+        machine = self._quiet_machine(sandbox_id)
+        if machine.pid() is None:
+            raise DriverError("pause", f"the VM of sandbox {sandbox} is not running: nothing to pause")
+        try:
+            if not machine.paused():
+                machine.pause()
+        except VMError as exc:
+            raise DriverError("pause", str(exc)) from exc
+        info = self._info(record)
+        self._emit("pause", info)
+        return info
+
+    def resume(self, sandbox: str, sandbox_id: str) -> ContainerInfo:
+        record = self._own("resume", sandbox, sandbox_id)
+        machine = self._quiet_machine(sandbox_id)
+        try:
+            if machine.pid() is not None and machine.paused():
+                machine.resume()
+                self._emit("unpause", self._info(record))
+        except VMError as exc:
+            raise DriverError("resume", str(exc)) from exc
+        return self._info(record)
+
+    def remake(self, spec: SandboxSpec) -> ContainerInfo:
+        record = self._own("update", spec.name, spec.sandbox_id)
+        machine = self._quiet_machine(spec.sandbox_id)
+        if machine.pid() is not None:
+            raise DriverError("update", f"the VM of sandbox {spec.name} is running: it is made again only stopped")
+        memory = vm_memory_mib(spec.resources)
+        if memory < MEMORY_MIN_MIB:
+            raise DriverError(
+                "update", f"memory {memory} MiB is below the {MEMORY_MIN_MIB} MiB a VM sandbox's guest needs to boot"
+            )
+        old = record.vm_id
+        record.vm_id = f"vm-{secrets.token_hex(8)}"
+        record.resources = spec.resources
+        record.started = False
+        try:
+            disks.make_layer(self._dir(spec.sandbox_id) / LAYER)  # a VM made again starts from the image
+        except disks.DiskError as exc:
+            raise DriverError("update", str(exc)) from exc
+        self._write_record(record)
+        self._emit(
+            "remove",
+            ContainerInfo(sandbox=spec.name, sandbox_id=spec.sandbox_id, container_id=old, running=False, status=""),
+        )
+        return self._info(record)
+
+    def delete(self, sandbox: str, sandbox_id: str) -> str:
+        try:
+            directory = self._dir(sandbox_id)
+        except ContainerMissing:
+            return ""
+        record = self._record(sandbox_id)
+        if record is not None and record.sandbox != sandbox:
+            raise DriverError(
+                "delete", f"the VM directory of sandbox id {sandbox_id} is sandbox {record.sandbox}'s, not {sandbox}'s"
+            )
+        if not directory.exists():
+            return ""
+        machine = self._quiet_machine(sandbox_id)
+        try:
+            machine.kill()
+        except VMError as exc:
+            raise DriverError("delete", str(exc)) from exc
+        shutil.rmtree(directory, ignore_errors=False)
+        if record is not None:
+            gone = ContainerInfo(
+                sandbox=sandbox, sandbox_id=sandbox_id, container_id=record.vm_id, running=False, status=""
+            )
+            self._emit("remove", gone)
+            return record.vm_id
+        return ""
+
+    # -- exec and logs ----------------------------------------------------------------------
+
+    def exec(
+        self,
+        sandbox: str,
+        sandbox_id: str,
+        command: list[str],
+        output: Callable[[int, bytes], None],
+        stdin: IO[bytes] | None = None,
+        control: ExecControl | None = None,
+    ) -> int:
+        if control is not None and control.aborted:
+            raise DriverError("exec", "ended before it started")
+        self._own("exec", sandbox, sandbox_id)
+        machine = self._quiet_machine(sandbox_id)
+        if machine.pid() is None:
+            raise DriverError("exec", f"the VM of sandbox {sandbox} is not running")
+        data = None
+        if stdin is not None:
+            chunks = []
+            while chunk := stdin.read(CHUNK):
+                chunks.append(chunk)
+            data = b"".join(chunks)
+        try:
+            return machine.exec(command, output, stdin=data)
+        except VMError as exc:
+            raise DriverError("exec", str(exc)) from exc
+
+    def logs(
+        self, sandbox: str, sandbox_id: str, tail: int | None = None, since: float | None = None, follow: bool = False
+    ) -> Iterator[bytes]:
+        self._own("logs", sandbox, sandbox_id)
+        if since is not None:
+            raise DriverError("logs", "a VM's console log has no times: --since is not available on vm sandboxes")
+        path = self._quiet_machine(sandbox_id).logs()
+        return _read_log(path, tail, follow, lambda: self._quiet_machine(sandbox_id).pid() is not None)
+
+    def interactive(self, sandbox: str, sandbox_id: str, command: list[str], tty: bool) -> list[str]:
+        raise DriverError("exec", "an interactive shell is not available on vm sandboxes yet: use exec")
+
+    def path_stat(self, sandbox: str, sandbox_id: str, path: str) -> dict[str, Any] | None:
+        raise DriverError("copy", "copy is not available on vm sandboxes yet: use exec with tar")
+
+    def copy_in(self, sandbox: str, sandbox_id: str, directory: str, archive: Iterable[bytes]) -> None:
+        raise DriverError("copy", "copy is not available on vm sandboxes yet: use exec with tar")
+
+    def copy_out(self, sandbox: str, sandbox_id: str, path: str) -> Iterator[bytes]:
+        raise DriverError("copy", "copy is not available on vm sandboxes yet: use exec with tar")
+
+    def copy_workspace(self, source: str, source_id: str, sandbox: str, sandbox_id: str) -> None:
+        self._own("clone", source, source_id)
+        self._own("clone", sandbox, sandbox_id)
+        if self._quiet_machine(source_id).pid() is not None:
+            raise DriverError(
+                "clone", f"the VM of sandbox {source} is running: its workspace disk is copied only stopped"
+            )
+        target = self._dir(sandbox_id) / WORKSPACE_DISK
+        tmp = target.with_suffix(".copy")
+        try:
+            with open(self._dir(source_id) / WORKSPACE_DISK, "rb") as src, open(tmp, "wb") as dst:
+                _sparse_copy(src, dst)
+            os.replace(tmp, target)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise DriverError("clone", f"could not copy the workspace disk of sandbox {source}: {exc}") from exc
+
+    # -- watching -----------------------------------------------------------------------------
+
+    def _emit(self, action: str, info: ContainerInfo, exit_code: int | None = None) -> None:
+        event = EngineEvent(
+            action=action,
+            sandbox=info.sandbox,
+            container_id=info.container_id,
+            sandbox_id=info.sandbox_id,
+            exit_code=exit_code,
+            time_ns=time.time_ns(),
+        )
+        with self._news:
+            self._history.append(event)
+            self._news.notify_all()
+
+    def _watch(self, sandbox_id: str) -> None:
+        """Watch the VM's qemu process (if it runs and is not watched already) through a pidfd."""
+        machine = self._quiet_machine(sandbox_id)
+        pid = machine.pid()
+        if pid is None:
+            return
+        incarnation = machine.started_at()
+        with self._lock:
+            if self._watched.get(sandbox_id, (0, ""))[0] == pid:
+                return
+            self._watched[sandbox_id] = (pid, incarnation)
+            if self._watcher is None:
+                self._wake_r, self._wake_w = os.pipe()
+                self._watcher = threading.Thread(target=self._watch_loop, name="sandboxctl-vm-watch", daemon=True)
+                self._watcher.start()
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def _watch_loop(self) -> None:
+        fds: dict[int, str] = {}  # pidfd -> sandbox id
+        pids: dict[str, int] = {}
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        while not self._closed.is_set():
+            with self._lock:
+                wanted = dict(self._watched)
+            for sandbox_id, (pid, _) in wanted.items():
+                if pids.get(sandbox_id) == pid:
+                    continue
+                try:
+                    fd = os.pidfd_open(pid)
+                except OSError:
+                    fd = -1
+                if fd < 0:
+                    self._ended(sandbox_id, pid)
+                    continue
+                pids[sandbox_id] = pid
+                fds[fd] = sandbox_id
+                poller.register(fd, select.POLLIN)
+            for fd, _ in poller.poll(1000):
+                if fd == self._wake_r:
+                    with contextlib.suppress(OSError):
+                        os.read(self._wake_r, 4096)
+                    continue
+                sandbox_id = fds.pop(fd)
+                poller.unregister(fd)
+                os.close(fd)
+                self._ended(sandbox_id, pids.pop(sandbox_id, 0))
+
+    def _ended(self, sandbox_id: str, pid: int) -> None:
+        with self._lock:
+            if self._watched.get(sandbox_id, (0, ""))[0] != pid:
+                return
+            del self._watched[sandbox_id]
+        record = self._record(sandbox_id)
+        if record is None:
+            return  # deleted: its removal is reported on its own
+        info = self._info(record)
+        if not info.running:
+            self._emit("die", info, info.exit_code)
+
+    def _sweep(self, seen: dict[str, str]) -> None:
+        """Report the VMs booted or ended since the last sweep by anyone but this driver, and
+        watch every running one."""
+        now: dict[str, str] = {}
+        for info in self.list_managed():
+            if info.running:
+                now[info.sandbox_id] = info.incarnation
+                self._watch(info.sandbox_id)
+                if seen.get(info.sandbox_id) != info.incarnation:
+                    with self._lock:
+                        known = any(
+                            e.action == "start"
+                            and e.sandbox_id == info.sandbox_id
+                            and e.container_id == info.container_id
+                            for e in list(self._history)[-64:]
+                        )
+                    if not known:
+                        self._emit("start", info)
+        seen.clear()
+        seen.update(now)
+
+    def events(self, since: float | None = None) -> Iterator[EngineEvent]:
+        since_ns = int((since if since is not None else time.time()) * 1e9)
+        with self._lock:
+            replay = [e for e in self._history if e.time_ns >= since_ns]
+            last = replay[-1] if replay else (self._history[-1] if self._history else None)
+        yield from replay
+        seen: dict[str, str] = {}
+        self._sweep(seen)
+        last_sweep = time.monotonic()
+        while not self._closed.is_set():
+            with self._news:
+                fresh = _after(self._history, last)
+                if not fresh:
+                    self._news.wait(SWEEP_EVERY)
+                    fresh = _after(self._history, last)
+            if fresh:
+                last = fresh[-1]
+                yield from fresh
+            if time.monotonic() - last_sweep >= SWEEP_EVERY:
+                self._sweep(seen)
+                last_sweep = time.monotonic()
+
+    def _log_line(self, directory: Path, line: str) -> None:
+        with contextlib.suppress(OSError), open(self._quiet_machine(directory.name).logs(), "ab") as log:
+            log.write(line.encode() + b"\n")
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._news:
+            self._news.notify_all()
+        if self._wake_w >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
+
+
+def image_config(image: str, engine_cli: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
+    """The image's own command (entrypoint and cmd) and environment, which a container of it would
+    run with: a VM made from the image with no command of the user's runs the same."""
+    try:
+        done = subprocess.run(
+            [*engine_cli, "image", "inspect", "--format", "json", image],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise DriverError("create", f"image {image}: {done.stderr.strip() or 'not found'}")
+        found = json.loads(done.stdout)
+        config = (found[0] if isinstance(found, list) and found else {}).get("Config") or {}
+    except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
+        raise DriverError("create", f"could not read image {image}'s configuration: {exc}") from exc
+    command = [str(a) for a in (config.get("Entrypoint") or []) + (config.get("Cmd") or [])]
+    env = dict(str(e).split("=", 1) for e in config.get("Env") or [] if "=" in str(e))
+    return command, env
+
+
+def _read_log(path: Path, tail: int | None, follow: bool, running: Callable[[], bool]) -> Iterator[bytes]:
+    """The serial log: its last ``tail`` lines, then (with ``follow``) what comes, until the VM ends."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        data = b""
+    if tail is not None:
+        lines = data.splitlines(keepends=True)
+        data = b"".join(lines[-tail:]) if tail > 0 else b""
+    if data:
+        yield data
+    if not follow:
+        return
+    offset = path.stat().st_size if path.exists() else 0
+    while True:
+        try:
+            with open(path, "rb") as log:
+                log.seek(offset)
+                chunk = log.read(CHUNK)
+        except FileNotFoundError:
+            return
+        if chunk:
+            offset += len(chunk)
+            yield chunk
+            continue
+        if not running():
+            return
+        time.sleep(0.1)
+
+
+def _after(history: collections.deque[EngineEvent], last: EngineEvent | None) -> list[EngineEvent]:
+    """The events in ``history`` after ``last`` (all of them if ``last`` is None or has aged out)."""
+    events = list(history)
+    if last is None:
+        return events
+    for index in range(len(events) - 1, -1, -1):
+        if events[index] is last:
+            return events[index + 1 :]
+    return events
+
+
+def _sparse_copy(src: IO[bytes], dst: IO[bytes]) -> None:
+    """Copy a disk image, leaving its holes holes (a 1 GiB workspace is mostly empty)."""
+    size = os.fstat(src.fileno()).st_size
+    while chunk := src.read(1 << 20):
+        if chunk.count(0) == len(chunk):
+            dst.seek(len(chunk), os.SEEK_CUR)
+        else:
+            dst.write(chunk)
+    dst.truncate(size)

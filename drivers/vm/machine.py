@@ -1,0 +1,698 @@
+"""One sandbox as a QEMU microVM: boot, stop, pause, exec, watch, all synchronous.
+
+A VM boots the guest ``scripts/setup-vm.sh`` builds (``Guest``) over three raw ext4 disks, found
+in the guest by label: ``root`` (the image's filesystem, attached read-only, so many VMs share
+one), ``layer`` (the sandbox's writable overlayfs upper) and ``workspace`` (mounted at
+``/workspace``, the command's working directory). Everything a VM has on the host lives in its
+``directory``: QEMU's pidfile, sockets and serial log, the console locks and the boot record, so
+a restarted worker finds a VM it did not start (QEMU runs daemonized, outside the worker).
+
+**Kernel command line.** The guest learns what to run from keys on it (at most 2047 bytes in
+all): ``sandboxctl.boot=<boot id>``, ``sandboxctl.cmd=<argv>`` (absent: the VM idles),
+``sandboxctl.env=<environment>`` (each item ``NAME=value``; ``PATH`` is added when not given)
+and ``sandboxctl.term=<seconds>`` (how long a stop gives the processes after SIGTERM). A list is
+its items joined by ``,``, each item ``_`` + base64 of its bytes (the ``_`` keeps an empty
+argument a field).
+
+**Serial console** (``serial.log``, appended across boots: the sandbox's log). The command's
+output (stdout and stderr merged, on a pipe, not a tty) goes there with the kernel's few
+messages (``quiet``) and the guest's markers, each on a line of its own:
+``sandboxctl-ready <boot id>`` once the disks are mounted and the exec agents listen;
+``sandboxctl-exit <code>`` when the command ended by itself (not when a stop ended it);
+``sandboxctl-fail <why>`` when the guest cannot set up (its disks missing, say), before it
+powers off. When the command ends, or the ACPI power button is pressed (QMP
+``system_powerdown``), the guest sends every process SIGTERM, waits up to ``sandboxctl.term``
+seconds, SIGKILLs what is left, syncs, unmounts the workspace and the layer and powers off: a
+stop whose grace covers that leaves the workspace clean for e2fsck.
+
+**Exec protocol**, on four virtio consoles (``hvc0.sock`` .. ``hvc3.sock``, so four execs at
+once; a flock on ``hvcN.lock`` makes a console one caller's, across threads and processes). The
+agent in the guest puts its tty in raw mode (no echo, no translation) and reads lines::
+
+    host:  \\nX <token> <argv list> <stdin: "_" + base64, or "-" for none>\\n
+    guest: <token> ack\\n
+           <the command's output, raw bytes: stdout and stderr merged>
+           \\n<token> <exit code>\\n
+
+The token is 128 random bits in hex; the end marker's leading newline is always the agent's own,
+so output without a final newline, or binary output, stays exact. Bytes written to a console
+right after connecting can be lost under load, so the host resends the request (same token)
+every second until acked; the agent ignores a repeat of the token it last took. Anything before
+the ack (a previous caller's leftovers) is skipped. ``\\nK <token>\\n`` on another console
+SIGKILLs the process group of the exec with that token (the host's exec timeout). The
+command's standard input is the stdin bytes, or /dev/null; it is meant for small inputs (the
+agent reads the request byte by byte). A daemon an exec leaves holding its output gets a second
+after the command exits, then the exec ends without the rest of its output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import fcntl
+import json
+import os
+import re
+import secrets
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient
+
+import sandboxctl
+from sandboxctl.events.limits import VM_MEMORY_MIN
+
+# The least -m the guest boots with (measured: 96 boots and execs; 88 panics, out of memory).
+MEMORY_MIN_MIB = VM_MEMORY_MIN >> 20
+CONSOLES = 4  # virtio consoles, so this many execs run at once
+GUEST_TERM = 3  # seconds the guest gives its processes after SIGTERM on a stop (sandboxctl.term)
+CMDLINE_MAX = 2047  # the x86 kernel's COMMAND_LINE_SIZE, less its NUL
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+ACK_RESEND = 1.0  # seconds without an ack before an exec request is sent again
+ACK_WAIT = 30.0  # seconds an exec waits for its ack before the VM counts as unresponsive
+EVENTS = ("SHUTDOWN", "RESET", "STOP", "RESUME", "POWERDOWN")
+SOCKET_PATH_MAX = 107  # sun_path, less its NUL
+
+_EXIT = re.compile(rb"sandboxctl-exit (-?\d+)\r?\n")
+_FAIL = re.compile(rb"sandboxctl-fail ([^\r\n]*)")
+
+
+class VMError(Exception):
+    """A VM operation failed; the message is for the user, one or two lines."""
+
+
+@dataclass(frozen=True)
+class Guest:
+    """The kernel and initramfs every VM boots (made by scripts/setup-vm.sh)."""
+
+    kernel: Path
+    initrd: Path
+
+    @staticmethod
+    def find(directory: Path) -> Guest:
+        """The guest in ``directory``; ``VMError`` naming setup-vm.sh when it is not (all) there."""
+        kernel, initrd = directory / "vmlinux", directory / "initramfs.cpio"
+        if not kernel.is_file() or not initrd.is_file():
+            raise VMError(f"no VM guest kernel in {directory}: run scripts/setup-vm.sh")
+        return Guest(kernel, initrd)
+
+
+def default_guest_dir() -> Path:
+    """``$SANDBOXCTL_VM_GUEST``, else ``<repo>/.cache/vm``, where setup-vm.sh puts the guest."""
+    configured = os.environ.get("SANDBOXCTL_VM_GUEST")
+    if configured:
+        return Path(configured)
+    # sandboxctl/ is a real folder at the top of the repository (its subpackages are symlinks).
+    return Path(sandboxctl.__file__).resolve().parent.parent / ".cache" / "vm"
+
+
+def qemu_binary() -> str:
+    """The qemu-system-x86_64 to run: ``$SANDBOXCTL_QEMU``, else the one on PATH."""
+    configured = os.environ.get("SANDBOXCTL_QEMU")
+    found = configured if configured and os.access(configured, os.X_OK) else shutil.which("qemu-system-x86_64")
+    if not found:
+        raise VMError("qemu-system-x86_64 is not installed: run scripts/setup-vm.sh")
+    return found
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    """What one boot runs: its disks (raw ext4 images labelled root, layer, workspace), size,
+    command (empty: the VM idles until stopped), environment and accelerator (``accel.detect``)."""
+
+    root: Path
+    layer: Path
+    workspace: Path
+    cpus: int = 1
+    memory_mib: int = 256
+    command: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    accel: str = "tcg"
+
+
+def _item(value: str | bytes) -> str:
+    raw = value if isinstance(value, bytes) else os.fsencode(value)
+    return "_" + base64.b64encode(raw).decode()
+
+
+def _list(values: Sequence[str | bytes]) -> str:
+    return ",".join(_item(v) for v in values)
+
+
+def _tsc_khz() -> int | None:
+    """The host TSC in kHz, from /proc/cpuinfo: microvm under TCG cannot calibrate it and hangs."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "cpu MHz":
+                with contextlib.suppress(ValueError):
+                    return int(float(value) * 1000)
+    return None
+
+
+def _alive(pidfd: int) -> bool:
+    return not select.select([pidfd], [], [], 0)[0]
+
+
+def _wait_gone(pidfd: int, timeout: float | None) -> bool:
+    """Wait until the process of ``pidfd`` has exited; whether it did within ``timeout``."""
+    return bool(select.select([pidfd], [], [], timeout)[0])
+
+
+def _run_private(coro: Any, timeout: float) -> Any:
+    """Run ``coro`` on a loop of its own: QMP must not touch (or need) the calling thread's loop."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(asyncio.wait_for(coro, timeout))
+    finally:
+        loop.close()
+
+
+class Machine:
+    """One VM: its qemu process, QMP socket, console sockets, serial log and pidfile, all inside
+    `directory` (created 0700).
+
+    Any number of ``Machine`` objects, in any threads or processes, may stand for the same
+    directory: all state is in its files, and what must be one caller's at a time (a console,
+    the QMP command socket) is held by a flock there. One ``watch`` at a time per VM.
+    """
+
+    def __init__(self, directory: Path, guest: Guest, qemu: str | None = None) -> None:
+        self.directory = Path(directory).resolve()
+        self.guest = guest
+        self._qemu = qemu
+
+    # --- files ---------------------------------------------------------------------------------
+
+    def logs(self) -> Path:
+        """The serial log: the sandbox's output and the guest's markers, appended across boots."""
+        return self.directory / "serial.log"
+
+    def _boot_record(self) -> dict[str, Any]:
+        try:
+            record = json.loads((self.directory / "boot.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    def _log_since_boot(self) -> bytes:
+        offset = int(self._boot_record().get("offset", 0))
+        try:
+            with open(self.logs(), "rb") as f:
+                f.seek(offset)
+                return f.read()
+        except OSError:
+            return b""
+
+    @contextlib.contextmanager
+    def _socket_path(self, name: str) -> Iterator[str]:
+        """A path to connect to ``name`` in the directory, short enough for sun_path however deep
+        the directory is (through /proc/self/fd when it is not)."""
+        path = str(self.directory / name)
+        if len(os.fsencode(path)) <= SOCKET_PATH_MAX:
+            yield path
+            return
+        dirfd = os.open(self.directory, os.O_PATH | os.O_DIRECTORY)
+        try:
+            yield f"/proc/self/fd/{dirfd}/{name}"
+        finally:
+            os.close(dirfd)
+
+    @contextlib.contextmanager
+    def _flock(self, name: str, blocking: bool = True) -> Iterator[bool]:
+        fd = os.open(self.directory / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
+    # --- the process ---------------------------------------------------------------------------
+
+    def pid(self) -> int | None:
+        """The live qemu of this directory (by its pidfile, checked against /proc/<pid>/cmdline so a
+        reused pid is not taken for it), else None."""
+        try:
+            pid = int((self.directory / "qemu.pid").read_text().split()[0])
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid if os.fsencode(str(self.directory) + "/") in cmdline else None
+
+    def _pidfd(self) -> int | None:
+        pid = self.pid()
+        if pid is None:
+            return None
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return None
+        if self.pid() != pid:  # it exited and the pid was reused between the two looks
+            os.close(fd)
+            return None
+        return fd
+
+    def started_at(self) -> str:
+        """The id of the current or last boot (a fresh random one each boot), "" if never booted."""
+        return str(self._boot_record().get("boot", ""))
+
+    def exit_code(self) -> int | None:
+        """The command's exit code from the last boot's ``sandboxctl-exit`` marker, if it ended by
+        itself (a stop that ends it reports none)."""
+        found = _EXIT.findall(self._log_since_boot())
+        return int(found[-1]) if found else None
+
+    def kill(self) -> None:
+        """SIGKILL the qemu and return once it is gone (the guest gets no chance to unmount)."""
+        pidfd = self._pidfd()
+        if pidfd is None:
+            return
+        try:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            _wait_gone(pidfd, None)
+        finally:
+            os.close(pidfd)
+
+    def boot(self, spec: MachineSpec, timeout: float = 60.0) -> int:
+        """Start the VM (qemu daemonized, outliving the caller) and return its pid once the guest
+        prints this boot's ready marker. ``VMError`` (with qemu's complaint or the last serial lines)
+        if qemu refuses, the guest fails (too little memory: a kernel panic) or the timeout passes;
+        the qemu is killed then."""
+        if self.pid() is not None:
+            raise VMError(f"the VM in {self.directory} is already running")
+        if spec.memory_mib < MEMORY_MIN_MIB:
+            raise VMError(f"a VM needs at least {MEMORY_MIN_MIB} MiB of memory, not {spec.memory_mib}")
+        if spec.cpus < 1:
+            raise VMError(f"a VM needs at least one CPU, not {spec.cpus}")
+        if spec.accel not in ("kvm", "tcg"):
+            raise VMError(f"unknown VM accelerator {spec.accel!r}: use kvm or tcg")
+        for disk in (spec.root, spec.layer, spec.workspace):
+            if not Path(disk).is_file():
+                raise VMError(f"VM disk {disk} does not exist")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.directory, 0o700)
+        boot_id = secrets.token_hex(8)
+        cmdline = self._cmdline(spec, boot_id)
+        qemu = self._qemu or qemu_binary()
+        for name in ("qemu.pid", *(f"hvc{n}.sock" for n in range(CONSOLES)), "qmp.sock", "events.sock"):
+            with contextlib.suppress(FileNotFoundError):
+                (self.directory / name).unlink()
+        try:
+            offset = self.logs().stat().st_size
+        except FileNotFoundError:
+            offset = 0
+        record = {"boot": boot_id, "offset": offset, "time": time.time()}
+        tmp = self.directory / "boot.json.tmp"
+        tmp.write_text(json.dumps(record))
+        tmp.replace(self.directory / "boot.json")
+
+        argv = [qemu, *self._qemu_args(spec, cmdline)]
+        try:
+            done = subprocess.run(
+                argv, cwd=self.directory, capture_output=True, text=True, timeout=30, start_new_session=True
+            )
+        except subprocess.TimeoutExpired as e:
+            raise VMError(f"qemu did not start within 30 s: {(e.stderr or '')!s:.300}") from None
+        if done.returncode != 0:
+            complaint = " ".join((done.stderr or done.stdout).split())[:400]
+            raise VMError(f"qemu refused to start the VM: {complaint}")
+        pid, pidfd = self.pid(), self._pidfd()
+        if pid is None or pidfd is None:
+            raise VMError(f"the VM stopped while booting: {self._tail()}")
+        try:
+            deadline = time.monotonic() + timeout
+            ready = re.compile(rb"sandboxctl-ready " + boot_id.encode() + rb"\b")
+            while True:
+                text = self._log_since_boot()
+                if ready.search(text):
+                    return pid  # (a short command may have ended and powered off already)
+                failed = _FAIL.search(text)
+                if failed:
+                    self._kill_fd(pidfd)
+                    raise VMError(f"the VM failed to start: {failed.group(1).decode(errors='replace')}")
+                if not _alive(pidfd):
+                    raise VMError(f"the VM stopped while booting: {self._tail()}")
+                if time.monotonic() > deadline:
+                    self._kill_fd(pidfd)
+                    raise VMError(f"the VM did not become ready within {timeout:g} s: {self._tail()}")
+                _wait_gone(pidfd, 0.05)
+        finally:
+            os.close(pidfd)
+
+    def _kill_fd(self, pidfd: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        _wait_gone(pidfd, 10)
+
+    def _tail(self, lines: int = 3) -> str:
+        """What the serial log says went wrong: a kernel panic and its cause when there is one
+        (their last lines are only a stack trace), else the last few lines."""
+        text = self._log_since_boot().decode(errors="replace").replace("\r", "")
+        found = [line.strip() for line in text.splitlines() if line.strip()]
+        telling = [line for line in found if "Kernel panic" in line or "Out of memory" in line][-2:]
+        kept = telling or found[-lines:]
+        return " | ".join(kept)[-600:] if kept else "(no serial output; too little memory?)"
+
+    def _cmdline(self, spec: MachineSpec, boot_id: str) -> str:
+        env = dict(spec.env)
+        for name in env:
+            if not name or "=" in name or "\0" in name:
+                raise VMError(f"invalid environment variable name {name!r}")
+        if any("\0" in v for v in env.values()) or any("\0" in a for a in spec.command):
+            raise VMError("the command and environment cannot contain NUL bytes")
+        env.setdefault("PATH", DEFAULT_PATH)
+        parts = ["console=ttyS0", "quiet", "pci=off", "panic=-1"]
+        khz = _tsc_khz() if spec.accel == "tcg" else None
+        if khz:
+            parts.append(f"tsc_early_khz={khz}")
+        parts += [f"sandboxctl.boot={boot_id}", f"sandboxctl.term={GUEST_TERM}"]
+        parts.append("sandboxctl.env=" + _list([f"{k}={v}" for k, v in env.items()]))
+        if spec.command:
+            parts.append("sandboxctl.cmd=" + _list(spec.command))
+        cmdline = " ".join(parts)
+        if len(cmdline) > CMDLINE_MAX:
+            raise VMError(
+                f"the command and environment are too long for a VM: {len(cmdline)} bytes encoded,"
+                f" the kernel command line holds {CMDLINE_MAX}"
+            )
+        return cmdline
+
+    def _qemu_args(self, spec: MachineSpec, cmdline: str) -> list[str]:
+        d = str(self.directory)
+        args = ["-name", "sandboxctl", "-M", "microvm,acpi=on,pit=on,rtc=on"]
+        args += ["-accel", "kvm", "-cpu", "host"] if spec.accel == "kvm" else ["-accel", "tcg"]
+        args += ["-smp", str(spec.cpus), "-m", str(spec.memory_mib)]
+        args += ["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
+        args += ["-kernel", str(self.guest.kernel), "-initrd", str(self.guest.initrd), "-append", cmdline]
+        for name, path, readonly in (
+            ("root", spec.root, True),
+            ("layer", spec.layer, False),
+            ("workspace", spec.workspace, False),
+        ):
+            drive = f"id={name},file={_opt(str(Path(path).resolve()))},format=raw,if=none,aio=threads"
+            args += [
+                "-drive",
+                drive + (",readonly=on" if readonly else ""),
+                "-device",
+                f"virtio-blk-device,drive={name}",
+            ]
+        args += ["-device", "virtio-serial-device"]
+        for n in range(CONSOLES):
+            # Relative socket paths (qemu runs in the directory): sun_path holds 107 bytes only.
+            args += ["-chardev", f"socket,id=hvc{n},path=hvc{n}.sock,server=on,wait=off"]
+            args += ["-device", f"virtconsole,chardev=hvc{n}"]
+        args += ["-chardev", f"file,id=serial,path={_opt(d + '/serial.log')},append=on", "-serial", "chardev:serial"]
+        args += ["-chardev", "socket,id=qmp,path=qmp.sock,server=on,wait=off", "-mon", "chardev=qmp,mode=control"]
+        args += [
+            "-chardev",
+            "socket,id=events,path=events.sock,server=on,wait=off",
+            "-mon",
+            "chardev=events,mode=control",
+        ]
+        args += ["-pidfile", d + "/qemu.pid", "-daemonize"]
+        return args
+
+    # --- QMP -----------------------------------------------------------------------------------
+
+    def _qmp(self, command: str, **arguments: Any) -> Any:
+        """Run one QMP command on the command socket (one caller at a time: a flock)."""
+        if self.pid() is None:
+            raise VMError("the VM is not running")
+
+        async def run(path: str) -> Any:
+            client = QMPClient("sandboxctl")
+            try:
+                await client.connect(path)
+                return await client.execute(command, arguments or None)
+            finally:
+                await client.disconnect()
+
+        with self._flock("qmp.lock"), self._socket_path("qmp.sock") as path:
+            try:
+                return _run_private(run(path), 10.0)
+            except Exception as e:  # qemu.qmp raises many kinds; the VM may be exiting
+                if self.pid() is None:
+                    raise VMError("the VM is not running") from None
+                raise VMError(f"QMP {command} failed: {e or type(e).__name__}") from None
+
+    def pause(self) -> None:
+        """Freeze the VM's CPUs (QMP stop); its memory stays."""
+        self._qmp("stop")
+
+    def resume(self) -> None:
+        """Let a paused VM run again (QMP cont)."""
+        self._qmp("cont")
+
+    def paused(self) -> bool:
+        """Whether the VM is paused (QMP query-status); ``VMError`` if it is not running at all."""
+        status = self._qmp("query-status")
+        return not bool(status.get("running")) and status.get("status") == "paused"
+
+    def powerdown(self, grace: float) -> None:
+        """Stop the VM cleanly: press its power button (the guest ends its processes, unmounts and
+        powers off), wait up to ``grace`` seconds for qemu to exit, then QMP quit, then SIGKILL.
+        Returns once qemu is gone; no-op if it is not running. A grace of GUEST_TERM + 2 s or more
+        lets the guest finish unmounting even when its command ignores SIGTERM."""
+        pidfd = self._pidfd()
+        if pidfd is None:
+            return
+        try:
+            with contextlib.suppress(VMError):
+                if self.paused():
+                    self.resume()
+            with contextlib.suppress(VMError):
+                self._qmp("system_powerdown")
+            if _wait_gone(pidfd, max(0.0, grace)):
+                return
+            with contextlib.suppress(VMError):
+                self._qmp("quit")
+            if _wait_gone(pidfd, 2.0):
+                return
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            _wait_gone(pidfd, None)
+        finally:
+            os.close(pidfd)
+
+    def watch(self, stop: threading.Event) -> Iterator[str]:
+        """Yield the VM's QMP events ("SHUTDOWN", "RESET", "STOP", "RESUME", "POWERDOWN") as they
+        happen, then "EXITED" once the qemu process is gone (seen through a pidfd, so within
+        milliseconds of a kill -9). Ends after "EXITED", or soon after ``stop`` is set."""
+        pidfd = self._pidfd()
+        if pidfd is None:
+            yield "EXITED"
+            return
+        loop = asyncio.new_event_loop()
+        client: QMPClient | None = QMPClient("sandboxctl-watch")
+        try:
+            try:
+                with self._socket_path("events.sock") as path:
+                    loop.run_until_complete(asyncio.wait_for(client.connect(path), 5.0))  # type: ignore[union-attr]
+            except Exception:  # qemu exiting, or another watcher has the socket: the pidfd still tells
+                client = None
+            exited = loop.create_future()
+
+            def gone() -> None:
+                if not exited.done():
+                    exited.set_result(None)
+
+            loop.add_reader(pidfd, gone)
+
+            async def next_event() -> str | None:
+                """The next event's name, "EXITED", or None after a short wait (to look at ``stop``)."""
+                waits: list[asyncio.Future[Any]] = [exited]
+                getter = None
+                if client is not None:
+                    getter = asyncio.ensure_future(client.events.get())
+                    waits.append(getter)
+                done, _ = await asyncio.wait(waits, timeout=0.1, return_when=asyncio.FIRST_COMPLETED)
+                if getter is not None and getter in done:
+                    return str(getter.result()["event"])
+                if getter is not None:
+                    getter.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await getter
+                return "EXITED" if exited in done else None
+
+            while not stop.is_set():
+                name = loop.run_until_complete(next_event())
+                if name == "EXITED":
+                    if client is not None:  # events qemu sent just before it went
+                        for message in client.events.clear():
+                            if str(message["event"]) in EVENTS:
+                                yield str(message["event"])
+                    yield "EXITED"
+                    return
+                if name in EVENTS:
+                    yield name
+        finally:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(pidfd)
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    loop.run_until_complete(asyncio.wait_for(client.disconnect(), 2.0))
+            loop.close()
+            os.close(pidfd)
+
+    # --- exec ----------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _console(self, deadline: float | None) -> Iterator[int]:
+        """Hold a free console (its flock) for the duration; wait for one while all are taken."""
+        while True:
+            for n in range(CONSOLES):
+                with self._flock(f"hvc{n}.lock", blocking=False) as held:
+                    if held:
+                        yield n
+                        return
+            if self.pid() is None:
+                raise VMError("the VM is not running")
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("every console of the VM stayed busy until the exec's timeout")
+            time.sleep(0.05)
+
+    def _connect(self, n: int) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            with self._socket_path(f"hvc{n}.sock") as path:
+                sock.connect(path)
+        except OSError as e:
+            sock.close()
+            if self.pid() is None:
+                raise VMError("the VM is not running") from None
+            raise VMError(f"cannot reach the VM's console {n}: {e.strerror or e}") from None
+        return sock
+
+    def exec(
+        self,
+        argv: Sequence[str],
+        output: Callable[[int, bytes], None],
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Run ``argv`` in the sandbox (chrooted in its root, cwd /workspace, the boot's environment)
+        and return its exit code, calling ``output(1, chunk)`` as output arrives (stdout and stderr
+        merged, as fd 1). ``stdin`` is its whole standard input (else /dev/null). ``VMError`` if the
+        VM is not running or stops meanwhile; ``TimeoutError`` after ``timeout`` seconds (the
+        command's process group is killed then)."""
+        if not argv:
+            raise VMError("exec needs a command")
+        if any("\0" in a for a in argv):
+            raise VMError("the command cannot contain NUL bytes")
+        pidfd = self._pidfd()
+        if pidfd is None:
+            raise VMError("the VM is not running")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        token = secrets.token_hex(16)
+        stdin_field = "-" if stdin is None else _item(stdin)
+        request = f"\nX {token} {_list(list(argv))} {stdin_field}\n".encode()
+        try:
+            with self._console(deadline) as n, contextlib.closing(self._connect(n)) as sock:
+                return self._converse(sock, pidfd, token.encode(), request, output, deadline)
+        finally:
+            os.close(pidfd)
+
+    def _converse(
+        self,
+        sock: socket.socket,
+        pidfd: int,
+        token: bytes,
+        request: bytes,
+        output: Callable[[int, bytes], None],
+        deadline: float | None,
+    ) -> int:
+        ack = token + b" ack\n"
+        end = b"\n" + token + b" "
+        buf = b""
+        acked = False
+        sent_at = -ACK_RESEND
+        first_send = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if not acked and now - sent_at >= ACK_RESEND:
+                if now - first_send > ACK_WAIT:
+                    raise VMError(f"the VM's exec agent did not answer within {ACK_WAIT:g} s")
+                sock.sendall(request)
+                sent_at = now
+            if deadline is not None and now > deadline:
+                self._kill_exec(token.decode())
+                raise TimeoutError("the command did not finish before the exec's timeout; it was killed")
+            wait = 0.2 if acked else max(0.01, sent_at + ACK_RESEND - now)
+            if deadline is not None:
+                wait = min(wait, max(0.0, deadline - now))
+            readable = select.select([sock.fileno(), pidfd], [], [], wait)[0]
+            if pidfd in readable:
+                raise VMError("the VM stopped during the exec")
+            if sock.fileno() not in readable:
+                continue
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise VMError("the VM's console closed during the exec")
+            buf += chunk
+            if not acked:
+                at = buf.find(ack)
+                if at < 0:
+                    if token + b" bad\n" in buf:
+                        raise VMError("the VM's exec agent rejected the request")
+                    buf = buf[-(len(ack) - 1) :]  # leftovers of an earlier caller; keep what may begin the ack
+                    continue
+                acked = True
+                buf = buf[at + len(ack) :]
+            at = buf.find(end)
+            if at >= 0:
+                newline = buf.find(b"\n", at + len(end))
+                if newline >= 0:
+                    if at:
+                        output(1, buf[:at])
+                    try:
+                        return int(buf[at + len(end) : newline])
+                    except ValueError:
+                        raise VMError("the VM's exec agent sent a malformed exit marker") from None
+                if at:
+                    output(1, buf[:at])
+                    buf = buf[at:]
+                continue
+            keep = _marker_start(buf, end)  # what may be the beginning of the end marker waits
+            if len(buf) > keep:
+                output(1, buf[: len(buf) - keep])
+                buf = buf[len(buf) - keep :]
+
+    def _kill_exec(self, token: str) -> None:
+        """Best effort: SIGKILL the process group of the exec ``token`` through another console."""
+        with contextlib.suppress(VMError, TimeoutError, OSError), self._console(time.monotonic() + 2.0) as n:
+            with contextlib.closing(self._connect(n)) as sock:
+                sock.sendall(f"\nK {token}\n".encode())
+                sock.settimeout(2.0)
+                with contextlib.suppress(OSError):
+                    sock.recv(4096)
+
+
+def _marker_start(buf: bytes, end: bytes) -> int:
+    """The length of the longest tail of ``buf`` that begins ``end`` (the marker starts with a
+    newline, so only a tail from a newline on can): those bytes wait, the rest is output now."""
+    at = buf.find(b"\n", max(0, len(buf) - (len(end) - 1)))
+    while at >= 0:
+        if end.startswith(buf[at:]):
+            return len(buf) - at
+        at = buf.find(b"\n", at + 1)
+    return 0
+
+
+def _opt(value: str) -> str:
+    """A value for a qemu -drive/-chardev option: commas are doubled there."""
+    return value.replace(",", ",,")

@@ -1,0 +1,206 @@
+"""VM sandboxes through the whole control plane: real qemu microVMs (scripts/setup-vm.sh), a real
+nats-server, the vm driver worker. What holds for containers holds here: stop keeps the
+workspace disk, start brings the same sandbox back, a VM killed from outside is Error, only
+delete removes the workspace, and bad input is an Error with its reason that deletes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from sandboxctl.client import SandboxClient
+from sandboxctl.client.errors import InvalidArgument
+from sandboxctl.events.spec import Resources
+from sandboxctl.runtime.config import Config
+from sandboxctl.runtime.embedded import ControlPlane
+from tests.conftest import CLI, phase
+
+
+def qemu_pids(under: Path) -> list[int]:
+    """The qemu processes whose command line names a path under ``under``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu-system" in cmdline and str(under).encode() in cmdline:
+            found.append(int(entry))
+    return found
+
+
+@pytest.fixture
+def vm_config(config: Config, tmp_path: Path) -> Iterator[Config]:
+    """A plane driving VMs alone; every qemu the test started is killed after it."""
+    vm = dataclasses.replace(config, drivers=("vm",), default_driver="vm")
+    yield vm
+    for pid in qemu_pids(tmp_path):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+async def vm_plane(vm_config: Config) -> AsyncIterator[ControlPlane]:
+    plane = await ControlPlane(vm_config).start()
+    yield plane
+    await plane.stop()
+
+
+@pytest.fixture
+async def vm_client(vm_config: Config, vm_plane: ControlPlane) -> AsyncIterator[SandboxClient]:
+    client = await SandboxClient.connect(vm_config.nats_url, actor="test")
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+def vm_cli(vm_config: Config, vm_plane: ControlPlane, capsys: pytest.CaptureFixture[str]) -> CLI:
+    return CLI(vm_config, capsys)
+
+
+def damage(disk: Path) -> None:
+    """Overwrite the disk's superblock and its first backups: beyond what e2fsck -p mends."""
+    with open(disk, "r+b") as f:
+        f.write(b"\xff" * (4 << 20))
+
+
+def vm_dir(config: Config, item: dict[str, object]) -> Path:
+    return config.vm_dir / "sandboxes" / str(item["sandbox_id"])
+
+
+def vm_pid(config: Config, item: dict[str, object]) -> int:
+    pids = qemu_pids(vm_dir(config, item))
+    assert len(pids) == 1, pids
+    return pids[0]
+
+
+async def test_a_vm_sandbox_keeps_its_workspace_across_stop_and_start_and_delete_removes_it(
+    vm_config: Config, vm_cli: CLI, vm_client: SandboxClient, names, image: str
+) -> None:
+    name = names.new("vm")
+    code, _, err = await vm_cli("create", name, "--driver", "vm", "--image", image, "--memory", "256m")
+    assert code == 0, err
+    item = await vm_client.wait_for(name, "Ready", timeout=90)
+    assert item["driver"] == "vm"
+    directory = vm_dir(vm_config, item)
+    code, out, err = await vm_cli("exec", name, "--", "sh", "-c", "echo agent work > /workspace/notes.txt; uname -r")
+    assert code == 0, err
+    assert out.strip() and "-cloud-" in out  # the guest's own kernel, not the host's container
+    first = vm_pid(vm_config, item)
+
+    reply = await vm_client.stop(name)
+    await vm_client.wait_for(name, "Stopped", reply.seq, timeout=60)
+    assert qemu_pids(directory) == []  # powered off: no CPU, no memory held
+    assert (directory / "workspace.img").exists()
+    check = await asyncio.to_thread(
+        subprocess.run, ["e2fsck", "-fn", str(directory / "workspace.img")], capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stdout + check.stderr  # unmounted cleanly by the guest
+
+    reply = await vm_client.start(name)
+    await vm_client.wait_for(name, "Ready", reply.seq, timeout=90)
+    assert vm_pid(vm_config, item) != first
+    code, out, err = await vm_cli("exec", name, "--", "cat", "/workspace/notes.txt")
+    assert (code, out) == (0, "agent work\n"), err
+    code, out, err = await vm_cli("logs", name)
+    assert code == 0 and out, err  # the serial console is the log
+
+    reply = await vm_client.delete(name)
+    await vm_client.wait_for(name, "Deleted", reply.seq, timeout=60)
+    assert not directory.exists() and qemu_pids(directory) == []
+    types = [h["type"].split(".")[2] for h in await vm_client.history(name)]
+    assert types == [
+        "created", "ready", "stop_requested", "stopped", "start_requested", "ready", "delete_requested", "deleted",
+    ]  # fmt: skip
+
+
+async def test_a_vm_killed_from_outside_is_error_within_2s_and_start_recovers_it(
+    vm_config: Config, vm_cli: CLI, vm_client: SandboxClient, names, image: str
+) -> None:
+    name = names.new("vmk")
+    await vm_client.create(name, image, driver="vm")
+    item = await vm_client.wait_for(name, "Ready", timeout=90)
+    os.kill(vm_pid(vm_config, item), signal.SIGKILL)
+    began = time.monotonic()
+    failed = await vm_client.wait_for(name, "Error", timeout=5)
+    assert time.monotonic() - began < 2.0
+    assert "137" in failed["last_error"]
+    reply = await vm_client.start(name)
+    await vm_client.wait_for(name, "Ready", reply.seq, timeout=90)
+    # exec of a Stopped VM sandbox starts it first, as with containers
+    reply = await vm_client.stop(name)
+    await vm_client.wait_for(name, "Stopped", reply.seq, timeout=60)
+    code, out, err = await vm_cli("exec", name, "--", "sh", "-c", "echo back; exit 3")
+    assert (code, out) == (3, "back\n"), err
+    assert await phase(vm_cli, name) == "Ready"
+
+
+async def test_too_little_memory_is_an_error_with_its_reason_and_a_damaged_workspace_is_never_deleted(
+    vm_config: Config, vm_cli: CLI, vm_client: SandboxClient, names, image: str
+) -> None:
+    small = names.new("vms")
+    with pytest.raises(InvalidArgument, match="below the 96 MiB a vm sandbox's guest needs"):
+        await vm_client.create(small, image, driver="vm", resources=Resources(memory=32 << 20))
+    code, _, err = await vm_cli("create", small, "--driver", "vm", "--image", image, "--memory", "64m")
+    assert code != 0 and "invalid_argument" in err and "96 MiB" in err, err
+
+    name = names.new("vmd")
+    await vm_client.create(name, image, driver="vm")
+    item = await vm_client.wait_for(name, "Ready", timeout=90)
+    reply = await vm_client.stop(name)
+    await vm_client.wait_for(name, "Stopped", reply.seq, timeout=60)
+    disk = vm_dir(vm_config, item) / "workspace.img"
+    size = disk.stat().st_size
+    await asyncio.to_thread(damage, disk)
+    reply = await vm_client.start(name)
+    failed = await vm_client.wait_for(name, "Error", reply.seq, timeout=60)
+    assert "workspace disk" in failed["last_error"] and "e2fsck" in failed["last_error"], failed["last_error"]
+    assert disk.exists() and disk.stat().st_size == size  # the user's files are never remade
+
+
+async def test_the_reaper_stops_an_idle_vm_and_a_worker_that_comes_back_restarts_one_that_died_unwatched(
+    vm_config: Config, vm_plane: ControlPlane, vm_client: SandboxClient, names, image: str
+) -> None:
+    idle = names.new("vmi")
+    await vm_client.create(idle, image, driver="vm", idle_timeout=2.0)
+    await vm_client.wait_for(idle, "Ready", timeout=90)
+    item = await vm_client.wait_for(idle, "Stopped", timeout=60)
+    assert qemu_pids(vm_dir(vm_config, item)) == []
+
+    name = names.new("vmu")
+    await vm_client.create(name, image, driver="vm")
+    item = await vm_client.wait_for(name, "Ready", timeout=90)
+    seen = item["last_seq"]
+    await vm_plane.stop()
+    os.kill(vm_pid(vm_config, item), signal.SIGKILL)
+    await asyncio.sleep(0.5)
+    again = await ControlPlane(vm_config).start()
+    try:
+        back = await vm_client.wait_for(name, "Ready", int(seen) + 1, timeout=90)
+        assert back["last_error"] == ""
+        assert qemu_pids(vm_dir(vm_config, item))  # restarted: it exited 137 while nobody watched
+    finally:
+        await again.stop()
+
+
+async def test_vm_sandboxes_show_the_hosts_acceleration(vm_cli: CLI) -> None:
+    code, out, err = await vm_cli("hosts", "-o", "json")
+    assert code == 0, err
+    (host,) = json.loads(out)
+    assert host["engines"] == ["vm"] and host["acceleration"] in ("kvm", "tcg")
+    code, out, err = await vm_cli("hosts")
+    assert code == 0 and f"vm ({host['acceleration']})" in out, err
