@@ -74,7 +74,6 @@ class VMRecord(msgspec.Struct, kw_only=True):
     env: dict[str, str] = {}
     labels: dict[str, str] = {}
     resources: Resources = Resources()
-    started: bool = False  # booted at least once
 
 
 def vm_cpus(resources: Resources) -> int:
@@ -173,14 +172,14 @@ class VMDriver:
         if pid is not None:
             with contextlib.suppress(VMError, OSError):
                 paused = machine.paused()
-        incarnation = machine.started_at() if record.started else ""
+        incarnation = machine.started_at()
         exit_code = 0
-        if pid is None and record.started:
+        if pid is None and incarnation:
             code = machine.exit_code()
             if code is None and not self._stopped(record.sandbox_id, incarnation):
                 code = 137  # ended neither by its command nor by a stop: qemu was killed (or crashed)
             exit_code = code or 0
-        status = "paused" if paused else "running" if pid is not None else "exited" if record.started else "created"
+        status = "paused" if paused else "running" if pid is not None else "exited" if incarnation else "created"
         return ContainerInfo(
             sandbox=record.sandbox,
             sandbox_id=record.sandbox_id,
@@ -312,9 +311,6 @@ class VMDriver:
             machine.boot(spec, timeout=max(self.timeout, 60.0))
         except VMError as exc:
             raise DriverError("start", str(exc)) from exc
-        if not record.started:
-            record.started = True
-            self._write_record(record)
         info = self._info(record)
         self._emit("start", info)
         self._watch(record.sandbox_id)
@@ -371,7 +367,10 @@ class VMDriver:
         old = record.vm_id
         record.vm_id = f"vm-{secrets.token_hex(8)}"
         record.resources = spec.resources
-        record.started = False
+        try:
+            machine.forget_boots()
+        except VMError as exc:
+            raise DriverError("update", str(exc)) from exc
         try:
             disks.make_layer(self._dir(spec.sandbox_id) / LAYER)  # a VM made again starts from the image
         except disks.DiskError as exc:
@@ -556,7 +555,9 @@ class VMDriver:
         watch every running one."""
         now: dict[str, str] = {}
         for info in self.list_managed():
-            if info.running:
+            if (
+                info.running and self._quiet_machine(info.sandbox_id).ready()
+            ):  # a boot under way is its booter's to report
                 now[info.sandbox_id] = info.incarnation
                 self._watch(info.sandbox_id)
                 if seen.get(info.sandbox_id) != info.incarnation:

@@ -270,6 +270,21 @@ class Machine:
         """The id of the current or last boot (a fresh random one each boot), "" if never booted."""
         return str(self._boot_record().get("boot", ""))
 
+    def forget_boots(self) -> None:
+        """Forget the last boot (its id and exit), as a VM made anew has none; the log stays."""
+        if self.pid() is not None:
+            raise VMError(f"the VM in {self.directory} is running: its boot is not forgotten")
+        with contextlib.suppress(FileNotFoundError):
+            (self.directory / "boot.json").unlink()
+
+    def ready(self) -> bool:
+        """Whether the current or last boot's guest said it was ready (its disks mounted, its exec
+        agents listening): a VM still booting is running, but not yet ready for anything."""
+        boot = self.started_at()
+        return (
+            bool(boot) and re.search(rb"sandboxctl-ready " + boot.encode() + rb"\b", self._log_since_boot()) is not None
+        )
+
     def exit_code(self) -> int | None:
         """The command's exit code from the last boot's ``sandboxctl-exit`` marker, if it ended by
         itself (a stop that ends it reports none)."""
