@@ -152,6 +152,28 @@ while :; do
     rm -f "$SBX_RUN/$tok.in" "$out" "$SBX_RUN/$tok.pid"
     printf '\n%s %d\n' "$tok" "$code"
     ;;
+  I)
+    # An interactive session (sandboxctl shell): the command gets this console as its terminal,
+    # cooked, with echo and signals, as its controlling tty; the host relays the user's terminal.
+    [ "$tok" != "$last" ] || continue
+    [ $# -ge 5 ] || { printf '%s bad\n' "$tok"; continue; }
+    last=$tok
+    argvf=$3 rows=$4 cols=$5
+    printf '%s ack\n' "$tok"
+    stty sane
+    if [ "$rows" = 0 ]; then stty -echo; else stty rows "$rows" cols "$cols" 2>/dev/null; fi
+    setsid -c sandboxctl-run "$SBX_ENV,$(printf TERM=xterm | base64 | sed 's/^/_/')" "$argvf" <"$tty" >"$tty" 2>&1 &
+    pid=$!
+    echo "$pid" >"$SBX_RUN/$tok.pid"
+    wait "$pid"
+    code=$?
+    # The session's end hung the console up for every file open on it, this agent's too: it opens
+    # the console anew before it says how the command ended.
+    exec <"$tty" >"$tty"
+    stty raw -echo
+    rm -f "$SBX_RUN/$tok.pid"
+    printf '\n%s %d\n' "$tok" "$code"
+    ;;
   K)
     pid=$(cat "$SBX_RUN/$tok.pid" 2>/dev/null) && kill -KILL -"$pid" 2>/dev/null
     printf '%s killed\n' "$tok"

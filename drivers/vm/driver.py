@@ -14,8 +14,8 @@ same VM: qemu outlives the worker that booted it, and a worker that starts again
 Facts come from watching each qemu process through a pidfd (a ``kill -9`` is seen in
 milliseconds) and from the driver's own actions (a boot, a pause); the guest's poweroff, reset
 and crash all end the qemu process (it runs with ``-no-reboot``), so its end is the one fact
-of a VM that stopped, whoever stopped it. A sweep every second finds VMs booted or ended by
-anyone else, so no change goes unreported.
+of a VM that stopped, whoever stopped it. A sweep every second finds VMs booted, ended or
+removed by anyone else, so no change goes unreported.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import secrets
 import select
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -54,7 +55,7 @@ from sandboxctl.events.spec import Resources
 
 MEMORY_DEFAULT_MIB = 256  # a VM made with no memory limit gets this much
 MEMORY_MIN_MIB = VM_MEMORY_MIN >> 20
-STOPPED = "stopped"  # holds the boot id of a run that a stop powered off (its end is no crash)
+STOPPED = "stopped"  # holds the incarnation of a run that a stop powered off (its end is no crash)
 RECORD = "vm.json"
 LAYER = "layer.img"
 WORKSPACE_DISK = "workspace.img"
@@ -110,6 +111,10 @@ class VMDriver:
         self._history: collections.deque[EngineEvent] = collections.deque(maxlen=HISTORY)
         self._news = threading.Condition(self._lock)
         self._watched: dict[str, tuple[int, str]] = {}  # sandbox id -> (qemu pid, incarnation) watched
+        self._booted: dict[str, str] = {}  # sandbox id -> the boot (incarnation) this driver reported the start of
+        # Held while this driver removes a VM (or makes it anew) and reports it, and while a sweep
+        # looks for VMs removed by anyone else: a removal is reported once, by whoever made it.
+        self._removing = threading.Lock()
         self._watcher: threading.Thread | None = None
         self._wake_r, self._wake_w = -1, -1
         self._closed = threading.Event()
@@ -152,10 +157,11 @@ class VMDriver:
         return record
 
     def _machine(self, sandbox_id: str) -> Machine:
+        """A Machine to boot: DriverError of the start when the guest kernel is not installed."""
         try:
             guest = Guest.find(self.guest_dir)
         except VMError as exc:
-            raise DriverError("boot", str(exc)) from exc
+            raise DriverError("start", str(exc)) from exc
         return Machine(self._dir(sandbox_id), guest)
 
     def _quiet_machine(self, sandbox_id: str) -> Machine:
@@ -172,12 +178,14 @@ class VMDriver:
         if pid is not None:
             with contextlib.suppress(VMError, OSError):
                 paused = machine.paused()
-        incarnation = machine.started_at()
+        incarnation = machine.booted_at()
         exit_code = 0
         if pid is None and incarnation:
             code = machine.exit_code()
-            if code is None and not self._stopped(record.sandbox_id, incarnation):
-                code = 137  # ended neither by its command nor by a stop: qemu was killed (or crashed)
+            if code is None and not self._stopped(record.sandbox_id, incarnation) and not machine.powered_off():
+                # Ended neither by its command nor by a stop (this driver's, or anyone's power button,
+                # which the guest answers by powering off cleanly): qemu was killed (or crashed).
+                code = 137
             exit_code = code or 0
         status = "paused" if paused else "running" if pid is not None else "exited" if incarnation else "created"
         return ContainerInfo(
@@ -312,6 +320,8 @@ class VMDriver:
         except VMError as exc:
             raise DriverError("start", str(exc)) from exc
         info = self._info(record)
+        with self._lock:
+            self._booted[sandbox_id] = info.incarnation
         self._emit("start", info)
         self._watch(record.sandbox_id)
         return info
@@ -323,7 +333,7 @@ class VMDriver:
             try:
                 if machine.paused():
                     machine.resume()  # a frozen guest cannot hear its power button
-                (self._dir(sandbox_id) / STOPPED).write_text(machine.started_at())
+                (self._dir(sandbox_id) / STOPPED).write_text(machine.booted_at())
                 machine.powerdown(grace_seconds(timeout))
             except VMError as exc:
                 raise DriverError("stop", str(exc)) from exc
@@ -375,11 +385,12 @@ class VMDriver:
             disks.make_layer(self._dir(spec.sandbox_id) / LAYER)  # a VM made again starts from the image
         except disks.DiskError as exc:
             raise DriverError("update", str(exc)) from exc
-        self._write_record(record)
-        self._emit(
-            "remove",
-            ContainerInfo(sandbox=spec.name, sandbox_id=spec.sandbox_id, container_id=old, running=False, status=""),
-        )
+        with self._removing:
+            self._write_record(record)
+            gone = ContainerInfo(
+                sandbox=spec.name, sandbox_id=spec.sandbox_id, container_id=old, running=False, status=""
+            )
+            self._emit("remove", gone)
         return self._info(record)
 
     def delete(self, sandbox: str, sandbox_id: str) -> str:
@@ -399,13 +410,16 @@ class VMDriver:
             machine.kill()
         except VMError as exc:
             raise DriverError("delete", str(exc)) from exc
-        shutil.rmtree(directory, ignore_errors=False)
-        if record is not None:
-            gone = ContainerInfo(
-                sandbox=sandbox, sandbox_id=sandbox_id, container_id=record.vm_id, running=False, status=""
-            )
-            self._emit("remove", gone)
-            return record.vm_id
+        with self._lock:
+            self._booted.pop(sandbox_id, None)
+        with self._removing:
+            shutil.rmtree(directory, ignore_errors=False)
+            if record is not None:
+                gone = ContainerInfo(
+                    sandbox=sandbox, sandbox_id=sandbox_id, container_id=record.vm_id, running=False, status=""
+                )
+                self._emit("remove", gone)
+                return record.vm_id
         return ""
 
     # -- exec and logs ----------------------------------------------------------------------
@@ -446,7 +460,9 @@ class VMDriver:
         return _read_log(path, tail, follow, lambda: self._quiet_machine(sandbox_id).pid() is not None)
 
     def interactive(self, sandbox: str, sandbox_id: str, command: list[str], tty: bool) -> list[str]:
-        raise DriverError("exec", "an interactive shell is not available on vm sandboxes yet: use exec")
+        self._own("exec", sandbox, sandbox_id)
+        console = [sys.executable, "-m", "sandboxctl.drivers.vm.console", str(self._dir(sandbox_id))]
+        return [*console, *(["--tty"] if tty else []), "--", *command]
 
     def path_stat(self, sandbox: str, sandbox_id: str, path: str) -> dict[str, Any] | None:
         raise DriverError("copy", "copy is not available on vm sandboxes yet: use exec with tar")
@@ -495,7 +511,7 @@ class VMDriver:
         pid = machine.pid()
         if pid is None:
             return
-        incarnation = machine.started_at()
+        incarnation = machine.booted_at()
         with self._lock:
             if self._watched.get(sandbox_id, (0, ""))[0] == pid:
                 return
@@ -550,11 +566,13 @@ class VMDriver:
         if not info.running:
             self._emit("die", info, info.exit_code)
 
-    def _sweep(self, seen: dict[str, str]) -> None:
-        """Report the VMs booted or ended since the last sweep by anyone but this driver, and
-        watch every running one."""
+    def _sweep(self, seen: dict[str, str], made: dict[str, ContainerInfo]) -> None:
+        """Report the VMs booted, ended or removed since the last sweep by anyone but this driver,
+        and watch every running one. ``seen``: the running VMs' boots at the last sweep; ``made``:
+        every VM (by sandbox id) at the last sweep."""
         now: dict[str, str] = {}
-        for info in self.list_managed():
+        infos = self.list_managed()
+        for info in infos:
             if (
                 info.running and self._quiet_machine(info.sandbox_id).ready()
             ):  # a boot under way is its booter's to report
@@ -562,16 +580,30 @@ class VMDriver:
                 self._watch(info.sandbox_id)
                 if seen.get(info.sandbox_id) != info.incarnation:
                     with self._lock:
-                        known = any(
-                            e.action == "start"
-                            and e.sandbox_id == info.sandbox_id
-                            and e.container_id == info.container_id
-                            for e in list(self._history)[-64:]
-                        )
-                    if not known:
+                        known = self._booted.get(info.sandbox_id) == info.incarnation
+                    if not known:  # booted by anyone else (an operator, another worker): news
                         self._emit("start", info)
         seen.clear()
         seen.update(now)
+        with self._removing:
+            for sandbox_id, old in list(made.items()):
+                record = self._record(sandbox_id)
+                if record is not None and record.vm_id == old.container_id:
+                    continue
+                del made[sandbox_id]
+                with self._lock:
+                    told = any(e.action == "remove" and e.container_id == old.container_id for e in self._history)
+                if not told:  # removed by anyone else (its record gone): news, as a container's removal is
+                    gone = ContainerInfo(
+                        sandbox=old.sandbox,
+                        sandbox_id=sandbox_id,
+                        container_id=old.container_id,
+                        running=False,
+                        status="",
+                    )
+                    self._emit("remove", gone)
+        for info in infos:
+            made.setdefault(info.sandbox_id, info)
 
     def events(self, since: float | None = None) -> Iterator[EngineEvent]:
         since_ns = int((since if since is not None else time.time()) * 1e9)
@@ -580,7 +612,8 @@ class VMDriver:
             last = replay[-1] if replay else (self._history[-1] if self._history else None)
         yield from replay
         seen: dict[str, str] = {}
-        self._sweep(seen)
+        made: dict[str, ContainerInfo] = {}
+        self._sweep(seen, made)
         last_sweep = time.monotonic()
         while not self._closed.is_set():
             with self._news:
@@ -592,7 +625,7 @@ class VMDriver:
                 last = fresh[-1]
                 yield from fresh
             if time.monotonic() - last_sweep >= SWEEP_EVERY:
-                self._sweep(seen)
+                self._sweep(seen, made)
                 last_sweep = time.monotonic()
 
     def _log_line(self, directory: Path, line: str) -> None:

@@ -85,6 +85,7 @@ SOCKET_PATH_MAX = 107  # sun_path, less its NUL
 
 _EXIT = re.compile(rb"sandboxctl-exit (-?\d+)\r?\n")
 _FAIL = re.compile(rb"sandboxctl-fail ([^\r\n]*)")
+POWER_DOWN = b"reboot: Power down"  # the kernel's last line when the guest powers itself off
 
 
 class VMError(Exception):
@@ -117,9 +118,17 @@ def default_guest_dir() -> Path:
 
 
 def qemu_binary() -> str:
-    """The qemu-system-x86_64 to run: ``$SANDBOXCTL_QEMU``, else the one on PATH."""
+    """The qemu-system-x86_64 to run: ``$SANDBOXCTL_QEMU``, else the one on PATH. One that
+    ``$SANDBOXCTL_QEMU`` names and is not there is missing (``VMError``): another is not taken
+    in its stead."""
     configured = os.environ.get("SANDBOXCTL_QEMU")
-    found = configured if configured and os.access(configured, os.X_OK) else shutil.which("qemu-system-x86_64")
+    if configured:
+        if not os.path.isfile(configured) or not os.access(configured, os.X_OK):
+            raise VMError(
+                f"qemu-system-x86_64 is not installed at {configured} (SANDBOXCTL_QEMU): run scripts/setup-vm.sh"
+            )
+        return configured
+    found = shutil.which("qemu-system-x86_64")
     if not found:
         raise VMError("qemu-system-x86_64 is not installed: run scripts/setup-vm.sh")
     return found
@@ -270,6 +279,16 @@ class Machine:
         """The id of the current or last boot (a fresh random one each boot), "" if never booted."""
         return str(self._boot_record().get("boot", ""))
 
+    def booted_at(self) -> str:
+        """When the current or last boot began, as podman and docker write a container's start
+        (RFC 3339, UTC, nanoseconds), so that runs sort by it; "" if never booted."""
+        record = self._boot_record()
+        started = record.get("started")
+        if isinstance(started, str) and started:
+            return started
+        when = record.get("time")  # a boot recorded before "started" was
+        return _rfc3339(int(when * 1e9)) if isinstance(when, int | float) else ""
+
     def forget_boots(self) -> None:
         """Forget the last boot (its id and exit), as a VM made anew has none; the log stays."""
         if self.pid() is not None:
@@ -290,6 +309,13 @@ class Machine:
         itself (a stop that ends it reports none)."""
         found = _EXIT.findall(self._log_since_boot())
         return int(found[-1]) if found else None
+
+    def powered_off(self) -> bool:
+        """Whether the last boot's guest powered itself off (the kernel's last words, "reboot: Power
+        down", the last line of its serial log, after its processes were ended and its disks
+        unmounted): the end of a stop, by whoever pressed its power button, or of its command. A
+        kill, a crash or a panic never is."""
+        return self._log_since_boot().rstrip().endswith(POWER_DOWN)
 
     def kill(self) -> None:
         """SIGKILL the qemu and return once it is gone (the guest gets no chance to unmount)."""
@@ -331,7 +357,8 @@ class Machine:
             offset = self.logs().stat().st_size
         except FileNotFoundError:
             offset = 0
-        record = {"boot": boot_id, "offset": offset, "time": time.time()}
+        now = time.time_ns()
+        record = {"boot": boot_id, "offset": offset, "time": now / 1e9, "started": _rfc3339(now)}
         tmp = self.directory / "boot.json.tmp"
         tmp.write_text(json.dumps(record))
         tmp.replace(self.directory / "boot.json")
@@ -695,6 +722,12 @@ class Machine:
                 sock.settimeout(2.0)
                 with contextlib.suppress(OSError):
                     sock.recv(4096)
+
+
+def _rfc3339(ns: int) -> str:
+    """A time in nanoseconds since the epoch as RFC 3339 in UTC, with all nine digits."""
+    seconds, fraction = divmod(ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{fraction:09d}Z"
 
 
 def _marker_start(buf: bytes, end: bytes) -> int:

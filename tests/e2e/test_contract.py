@@ -1,15 +1,19 @@
 """The driver contract, run against every engine: the same behaviour on real
-podman and real docker, through the services and through the driver itself.
+podman, real docker and real QEMU microVMs (the vm driver), through the services
+and through the driver itself.
 
 Everything here that happens "by hand" uses the engine's own command line,
-behind sandboxctl's back, the way an operator or a crash would.
+behind sandboxctl's back, the way an operator or a crash would; for vm, the VM
+itself (tests.vmengine.VMEngine: its qemu, its QMP socket, its directory).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -22,11 +26,39 @@ from sandboxctl.events.envelope import type_name
 from sandboxctl.runtime.config import Config
 from sandboxctl.runtime.embedded import ControlPlane, PodmanService, make_driver
 from sandboxctl.statemachine import Phase
-from tests.conftest import CLI, Engine, phase
+from tests.conftest import CLI, ENGINES, Engine, phase
+from tests.vmengine import VMEngine
+
+AnyEngine = Engine | VMEngine
+
+
+@pytest.fixture(params=(*ENGINES, "vm"))
+def engine(request: pytest.FixtureRequest, engines: dict[str, Engine], tmp_path) -> Iterator[AnyEngine]:
+    """Every engine of the contract, vm too (here only: a VM boots in seconds under TCG). The VMs
+    are the test's own, under its data directory; every qemu of them is killed after the test,
+    however it ended."""
+    if request.param != "vm":
+        yield engines[request.param]
+        return
+    vm = VMEngine(tmp_path / "data" / "vm")
+    try:
+        yield vm
+    finally:
+        vm.close()
+
+
+@pytest.fixture
+def config(config: Config, request: pytest.FixtureRequest) -> Config:
+    """The suite's plane, with the vm driver beside podman and docker when the test is vm's."""
+    if "engine" not in request.fixturenames or request.getfixturevalue("engine").name != "vm":
+        return config
+    vm = dataclasses.replace(config, drivers=(*ENGINES, "vm"))
+    assert vm.vm_dir == request.getfixturevalue("engine").directory
+    return vm
 
 
 async def test_workspace_survives_stop_and_start_and_delete_removes_it(
-    cli: CLI, names, image: str, engine: Engine
+    cli: CLI, names, image: str, engine: AnyEngine
 ) -> None:
     name = names.new()
     code, out, err = await cli("create", name, "--image", image, "--label", "team=a", "--driver", engine.name)
@@ -68,7 +100,7 @@ async def test_workspace_survives_stop_and_start_and_delete_removes_it(
 
 
 async def test_kill_from_outside_is_error_not_stopped_and_start_recovers(
-    cli: CLI, client: SandboxClient, names, image: str, engine: Engine
+    cli: CLI, client: SandboxClient, names, image: str, engine: AnyEngine
 ) -> None:
     name = names.new()
     assert (await cli("create", name, "--image", image))[0] == 0
@@ -82,7 +114,7 @@ async def test_kill_from_outside_is_error_not_stopped_and_start_recovers(
 
 
 async def test_stop_on_stopped_succeeds_and_appends_nothing(
-    cli: CLI, client: SandboxClient, names, image: str, engine: Engine
+    cli: CLI, client: SandboxClient, names, image: str, engine: AnyEngine
 ) -> None:
     name = names.new()
     await client.create(name, image)
@@ -98,7 +130,7 @@ async def test_stop_on_stopped_succeeds_and_appends_nothing(
 
 
 async def test_stop_all_stops_every_ready_sandbox(
-    cli: CLI, client: SandboxClient, names, image: str, engine: Engine
+    cli: CLI, client: SandboxClient, names, image: str, engine: AnyEngine
 ) -> None:
     made = [names.new() for _ in range(4)]
     await asyncio.gather(*(client.create(n, image) for n in made))
@@ -114,7 +146,7 @@ async def test_stop_all_stops_every_ready_sandbox(
     assert json.loads(out) == []
 
 
-async def test_get_json_and_list_filters(cli: CLI, client: SandboxClient, names, image: str, engine: Engine) -> None:
+async def test_get_json_and_list_filters(cli: CLI, client: SandboxClient, names, image: str, engine: AnyEngine) -> None:
     a, b = names.new(), names.new()
     await client.create(a, image, labels={"team": "red"})
     await client.create(b, image, labels={"team": "blue"})
@@ -135,7 +167,7 @@ async def test_get_json_and_list_filters(cli: CLI, client: SandboxClient, names,
 
 
 async def test_a_start_by_hand_on_a_stopped_sandbox_makes_it_ready(
-    client: SandboxClient, names, image: str, engine: Engine
+    client: SandboxClient, names, image: str, engine: AnyEngine
 ) -> None:
     name = names.new()
     await client.create(name, image)
@@ -148,7 +180,7 @@ async def test_a_start_by_hand_on_a_stopped_sandbox_makes_it_ready(
 
 
 async def test_removal_by_hand_of_a_stopped_sandbox_is_backend_missing(
-    client: SandboxClient, names, image: str, engine: Engine
+    client: SandboxClient, names, image: str, engine: AnyEngine
 ) -> None:
     name = names.new()
     await client.create(name, image)
@@ -162,7 +194,7 @@ async def test_removal_by_hand_of_a_stopped_sandbox_is_backend_missing(
 
 
 async def test_a_stale_exit_from_an_earlier_run_leaves_the_new_run_ready(
-    config: Config, plane: ControlPlane, client: SandboxClient, names, image: str, engine: Engine
+    config: Config, plane: ControlPlane, client: SandboxClient, names, image: str, engine: AnyEngine
 ) -> None:
     name = names.new()
     await client.create(name, image)
@@ -206,7 +238,7 @@ async def _until_consumed(plane: ControlPlane, facts_seq: int, timeout: float = 
 
 
 async def test_reconciliation_after_changes_made_while_everything_was_down(
-    config: Config, plane: ControlPlane, client: SandboxClient, names, image: str, engine: Engine
+    config: Config, plane: ControlPlane, client: SandboxClient, names, image: str, engine: AnyEngine
 ) -> None:
     stopped_by_hand, killed, removed, started_by_hand, stuck_stopping = (names.new(k) for k in "skrbt")
     made = [stopped_by_hand, killed, removed, started_by_hand, stuck_stopping]
@@ -242,7 +274,10 @@ async def test_reconciliation_after_changes_made_while_everything_was_down(
             stuck_stopping: "Stopped",
             job: "Completed",  # exited 0 on its own: a job done, not restarted
         }
-        items = await asyncio.gather(*(client.wait_for(n, p, seen[n] + 1, timeout=5) for n, p in expected.items()))
+        settle = 60 if engine.name == "vm" else 5  # the killed one is started again: a VM boots in seconds
+        items = await asyncio.gather(
+            *(client.wait_for(n, p, seen[n] + 1, timeout=settle) for n, p in expected.items())
+        )
         assert items[2]["last_error"] == "backend_missing"
         for n, p in expected.items():
             if n != removed:
@@ -253,7 +288,7 @@ async def test_reconciliation_after_changes_made_while_everything_was_down(
 
 
 async def test_reconciliation_can_mark_unobserved_exits_as_errors(
-    config: Config, plane: ControlPlane, client: SandboxClient, names, image: str, engine: Engine
+    config: Config, plane: ControlPlane, client: SandboxClient, names, image: str, engine: AnyEngine
 ) -> None:
     name = names.new()
     await client.create(name, image)
@@ -271,7 +306,7 @@ async def test_reconciliation_can_mark_unobserved_exits_as_errors(
 
 
 async def test_an_orphan_container_is_reported_and_left_alone(
-    plane: ControlPlane, names, image: str, engine: Engine
+    plane: ControlPlane, names, image: str, engine: AnyEngine
 ) -> None:
     name = names.new("orphan")
     engine(
@@ -289,7 +324,7 @@ async def test_an_orphan_container_is_reported_and_left_alone(
 
 
 async def test_a_container_whose_sandbox_label_is_no_name_is_passed_by_and_stops_nothing(
-    plane: ControlPlane, client: SandboxClient, names, image: str, engine: Engine
+    plane: ControlPlane, client: SandboxClient, names, image: str, engine: AnyEngine
 ) -> None:
     """The label is the engine's word, which anyone may write: a container labelled with what is no
     sandbox name (no subject of the facts stream) is neither reported nor waited on, and the
@@ -310,8 +345,9 @@ async def test_a_container_whose_sandbox_label_is_no_name_is_passed_by_and_stops
     await client.wait_for(name, "Error", timeout=10)  # reported by the watcher, which was not held up
 
 
+@pytest.mark.parametrize("engine", ENGINES, indirect=True)  # vm's counterpart: the test after this one
 async def test_an_unreachable_engine_gives_error_with_its_message_and_never_sticks_in_stopping(
-    config: Config, plane: ControlPlane, client: SandboxClient, names, image: str, engine: Engine, tmp_path
+    config: Config, plane: ControlPlane, client: SandboxClient, names, image: str, engine: AnyEngine, tmp_path
 ) -> None:
     name = names.new()
     await client.create(name, image)
@@ -343,17 +379,72 @@ async def test_an_unreachable_engine_gives_error_with_its_message_and_never_stic
         await back.stop()
 
 
+@pytest.mark.parametrize("engine", ["vm"], indirect=True)
+@pytest.mark.parametrize("missing", ["qemu", "guest"])
+async def test_a_vm_host_without_qemu_or_its_guest_gives_error_with_a_clear_message_and_never_sticks_in_stopping(
+    config: Config,
+    plane: ControlPlane,
+    client: SandboxClient,
+    names,
+    image: str,
+    engine: AnyEngine,
+    tmp_path,
+    monkeypatch: pytest.MonkeyPatch,
+    missing: str,
+) -> None:
+    """vm's unreachable engine: qemu (SANDBOXCTL_QEMU naming none) or the guest kernel gone. A VM
+    that runs is stopped all the same (through its own QMP socket: it needs neither); what needs
+    them, a boot, fails with DriverFailed saying what is missing and how to install it."""
+    name = names.new()
+    await client.create(name, image)
+    await client.wait_for(name, "Ready")
+    await plane.stop()
+    if missing == "qemu":
+        monkeypatch.setenv("SANDBOXCTL_QEMU", str(tmp_path / "no-qemu"))
+        what = "qemu-system-x86_64 is not installed"
+    else:
+        config.vm_guest_dir = tmp_path / "no-guest"
+        what = f"no VM guest kernel in {tmp_path / 'no-guest'}"
+    down = await ControlPlane(config).start()
+    try:
+        began = time.monotonic()
+        reply = await client.stop(name)
+        await client.wait_for(name, "Stopped", reply.seq, timeout=10)
+        assert time.monotonic() - began < 10
+        reply = await client.start(name)
+        item = await client.wait_for(name, "Error", reply.seq, timeout=10)
+        assert item["last_error"].startswith(f"start failed: {what}"), item["last_error"]
+        assert item["last_error"].endswith("run scripts/setup-vm.sh"), item["last_error"]
+        created = await client.create(names.new(), image)
+        failed = await client.wait_for(created.sandbox, "Error", timeout=10)
+        assert failed["last_error"].startswith(f"start failed: {what}"), failed["last_error"]
+        facts = [h for h in await client.history(created.sandbox) if h["type"].split(".")[2] == "failed"]
+        assert facts, await client.history(created.sandbox)
+    finally:
+        await down.stop()
+    # With qemu and the guest back, the sandbox starts again.
+    monkeypatch.delenv("SANDBOXCTL_QEMU", raising=False)
+    config.vm_guest_dir = None
+    back = await ControlPlane(config).start()
+    try:
+        reply = await client.start(name)
+        await client.wait_for(name, "Ready", reply.seq, timeout=60)
+        assert engine.state(name)["Running"] is True
+    finally:
+        await back.stop()
+
+
 # -- the driver itself -------------------------------------------------------------
 
 
 @pytest.fixture
-def driver(engine: Engine, config: Config):
+def driver(engine: AnyEngine, config: Config):
     driver = make_driver(engine.name, config)
     yield driver
     driver.close()
 
 
-def test_resume_semantics(driver, names, image: str, engine: Engine) -> None:
+def test_resume_semantics(driver, names, image: str, engine: AnyEngine) -> None:
     name = names.new()
     with pytest.raises(ContainerMissing):
         driver.start(name, "sb-1")  # resuming a missing container reports that it is missing
@@ -367,10 +458,18 @@ def test_resume_semantics(driver, names, image: str, engine: Engine) -> None:
     assert not stopped.running and driver.stop(name, "sb-1", 5).running is False  # stopping twice is fine
     again = driver.start(name, "sb-1")  # resuming a stopped container starts it
     assert again.running and again.incarnation != first.incarnation
-    labels = json.loads(engine("container", "inspect", f"sandboxctl-{name}").stdout)[0]["Config"]["Labels"]
-    assert labels["sandboxctl.sandbox"] == name and labels["sandboxctl.sandbox_id"] == "sb-1" and labels["team"] == "x"
-    mounts = json.loads(engine("container", "inspect", f"sandboxctl-{name}").stdout)[0]["Mounts"]
-    assert [(m["Name"], m["Destination"]) for m in mounts] == [(f"sandboxctl-{name}-workspace", "/workspace")]
+    if isinstance(engine, VMEngine):  # the VM's record names its sandbox; its workspace disk is /workspace
+        record = engine.record(name)
+        assert (record["sandbox"], record["sandbox_id"], record["labels"]) == (name, "sb-1", {"team": "x"})
+        find = 'disk=$(findfs LABEL=workspace) && grep "^$disk " /proc/mounts'
+        mounted = engine("exec", f"sandboxctl-{name}", "sh", "-c", find).stdout
+        assert mounted.split()[1:3] == ["/workspace", "ext4"] and engine.volume_exists(name), mounted
+    else:
+        labels = json.loads(engine("container", "inspect", f"sandboxctl-{name}").stdout)[0]["Config"]["Labels"]
+        assert labels["sandboxctl.sandbox"] == name and labels["sandboxctl.sandbox_id"] == "sb-1"
+        assert labels["team"] == "x"
+        mounts = json.loads(engine("container", "inspect", f"sandboxctl-{name}").stdout)[0]["Mounts"]
+        assert [(m["Name"], m["Destination"]) for m in mounts] == [(f"sandboxctl-{name}-workspace", "/workspace")]
     assert [i.sandbox for i in driver.list_managed() if i.sandbox == name] == [name]
     driver.delete(name, "sb-1")
     assert driver.inspect(name, "sb-1") is None and not engine.volume_exists(name)

@@ -10,8 +10,11 @@ import asyncio
 import dataclasses
 import json
 import os
+import pty
+import select
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,7 +26,7 @@ from sandboxctl.client.errors import InvalidArgument
 from sandboxctl.events.spec import Resources
 from sandboxctl.runtime.config import Config
 from sandboxctl.runtime.embedded import ControlPlane
-from tests.conftest import CLI, phase
+from tests.conftest import CLI, cli_process, phase
 
 
 def qemu_pids(under: Path) -> list[int]:
@@ -71,6 +74,14 @@ async def vm_client(vm_config: Config, vm_plane: ControlPlane) -> AsyncIterator[
 @pytest.fixture
 def vm_cli(vm_config: Config, vm_plane: ControlPlane, capsys: pytest.CaptureFixture[str]) -> CLI:
     return CLI(vm_config, capsys)
+
+
+def read_some(fd: int) -> bytes:
+    """What the terminal has within a moment (b"" if nothing): never blocks for long, so no
+    thread is left reading once the test is over."""
+    if select.select([fd], [], [], 0.5)[0]:
+        return os.read(fd, 4096)
+    return b""
 
 
 def damage(disk: Path) -> None:
@@ -197,6 +208,64 @@ async def test_the_reaper_stops_an_idle_vm_and_a_worker_that_comes_back_restarts
         assert qemu_pids(vm_dir(vm_config, item))  # restarted: it exited 137 while nobody watched
     finally:
         await again.stop()
+
+
+async def test_shell_on_a_vm_sandbox_with_a_terminal_and_from_a_pipe(
+    vm_config: Config, vm_client: SandboxClient, names, image: str
+) -> None:
+    name = names.new("vmsh")
+    await vm_client.create(name, image, driver="vm")
+    await vm_client.wait_for(name, "Ready", timeout=90)
+    env = {
+        **os.environ,
+        "SANDBOXCTL_NATS_URL": vm_config.nats_url,
+        "SANDBOXCTL_DATA_DIR": str(vm_config.data_dir),
+        "SANDBOXCTL_DRIVERS": "vm",
+    }
+    # From a pipe: the input is the command's standard input, as for exec.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sandboxctl.cli", "shell", name,
+        env=env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out_b, err_b = await asyncio.wait_for(proc.communicate(b"echo from a pipe; exit 4\n"), 60)
+    assert proc.returncode == 4 and b"from a pipe" in out_b, err_b.decode()
+
+    # With a terminal: the guest's console is the command's terminal, relayed both ways.
+    leader, follower = pty.openpty()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sandboxctl.cli", "shell", name,
+        env=env, stdin=follower, stdout=follower, stderr=follower, start_new_session=True,
+    )  # fmt: skip
+    os.close(follower)
+    seen = b""
+
+    async def until_seen(what: bytes) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + 60
+        while what not in seen:
+            assert time.monotonic() < deadline, f"{what!r} not seen on the terminal: {seen[-500:]!r}"
+            try:
+                seen += await asyncio.to_thread(read_some, leader)
+            except OSError:  # the command line ended and closed the terminal
+                break
+
+    try:
+        await until_seen(b"# ")  # the guest shell's prompt
+        os.write(leader, b"tty; echo $((6 * 7))\r")
+        await until_seen(b"42")
+        assert b"/dev/hvc" in seen  # a terminal of the guest's own
+        seen = seen[seen.index(b"42") :]
+        await until_seen(b"# ")  # the next prompt
+        os.write(leader, b"exit 5\r")
+        assert await asyncio.wait_for(proc.wait(), 30) == 5
+        # The session's console serves the next exec (the first console a command is given).
+        code, out, err = await cli_process(env, "exec", name, "--", "tty")
+        assert (code, out) == (1, "not a tty\n"), err
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        os.close(leader)
 
 
 async def test_vm_sandboxes_show_the_hosts_acceleration(vm_cli: CLI) -> None:
