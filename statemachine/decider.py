@@ -127,6 +127,11 @@ def _reserved(labels: Iterable[str]) -> Rejection | None:
     return None
 
 
+# Drivers whose workspace cannot yet be read from outside the sandbox (a VM's is a disk inside the
+# guest, and its files are reached only through the guest): archive is refused for their sandboxes.
+NO_ARCHIVE = frozenset({"vm"})
+
+
 def _vm_memory(driver: str, resources: Resources | None) -> Rejection | None:
     """A vm sandbox asked to boot in less memory than its guest kernel needs: refused before it is
     logged, as a container asked to run in less than any process needs is (events/limits.py)."""
@@ -242,6 +247,10 @@ def decide(
         too_small = _vm_memory(command.driver, command.resources)
         if too_small is not None:
             return too_small
+        if command.auto_archive_after and command.driver in NO_ARCHIVE:
+            return Rejection(
+                ErrorCode.INVALID_ARGUMENT, f"auto-archive is not available for {command.driver} sandboxes yet"
+            )
         return [
             SandboxCreated(
                 sandbox_id=command.command_id,
@@ -331,6 +340,10 @@ def decide(
             )
         ]
     if isinstance(command, ArchiveSandbox):
+        if state.driver in NO_ARCHIVE:
+            return Rejection(
+                ErrorCode.FAILED_PRECONDITION, f"archive is not available for {state.driver} sandboxes yet (docs/vm.md)"
+            )
         if state.phase is not Phase.STOPPED:
             return _not_allowed(state, "archive", "request_archive", noop)
         if command.reason == AUTO_ARCHIVE:

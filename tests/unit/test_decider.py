@@ -562,6 +562,11 @@ def test_a_vm_sandbox_asked_to_boot_in_less_memory_than_its_guest_needs_is_refus
     stopped = msgspec.structs.replace(state(Phase.STOPPED), driver="vm")
     shrunk = decide(stopped, cmd(UpdateSandbox, resources=small), drivers)
     assert isinstance(shrunk, Rejection) and shrunk.code is ErrorCode.INVALID_ARGUMENT
+    # Its workspace is a disk inside the guest: no archive of it yet, asked for or automatic.
+    refused = decide(stopped, cmd(ArchiveSandbox), drivers)
+    assert isinstance(refused, Rejection) and refused.code is ErrorCode.FAILED_PRECONDITION and "vm" in refused.message
+    refused = decide(None, cmd(CreateSandbox, driver="vm", auto_archive_after=60.0), drivers)
+    assert isinstance(refused, Rejection) and refused.code is ErrorCode.INVALID_ARGUMENT
 
 
 # -- update ------------------------------------------------------------------------------------
