@@ -292,6 +292,12 @@ def untimed(response: Any) -> None:
         response.raw._fp.fp.raw._sock.settimeout(None)
 
 
+class Endable(Protocol):
+    """A running exec that another thread can end (an engine's stream, a VM's console session)."""
+
+    def end(self) -> None: ...
+
+
 class ExecControl:
     """Lets another thread end an exec that ``Driver.exec`` is running (a signal, a closed pipe):
     ``abort`` ends the exec's processes in the container and then its stream, so the exec call
@@ -299,7 +305,7 @@ class ExecControl:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._run: _ExecRun | None = None
+        self._run: Endable | None = None
         self.aborted = False
 
     def abort(self) -> None:
@@ -309,7 +315,7 @@ class ExecControl:
         if run is not None:
             run.end()
 
-    def _attach(self, run: _ExecRun) -> None:
+    def _attach(self, run: Endable) -> None:
         with self._lock:
             self._run = run
             aborted = self.aborted

@@ -150,7 +150,7 @@ while :; do
     kill "$catpid" 2>/dev/null
     wait "$catpid"
     rm -f "$SBX_RUN/$tok.in" "$out" "$SBX_RUN/$tok.pid"
-    printf '\n%s %d\n' "$tok" "$code"
+    printf '\036%s %d\n' "$tok" "$code"
     ;;
   I)
     # An interactive session (sandboxctl shell): the command gets this console as its terminal,
@@ -172,7 +172,7 @@ while :; do
     exec <"$tty" >"$tty"
     stty raw -echo
     rm -f "$SBX_RUN/$tok.pid"
-    printf '\n%s %d\n' "$tok" "$code"
+    printf '\036%s %d\n' "$tok" "$code"
     ;;
   K)
     pid=$(cat "$SBX_RUN/$tok.pid" 2>/dev/null) && kill -KILL -"$pid" 2>/dev/null

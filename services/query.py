@@ -237,6 +237,9 @@ class QueryService:
                     return error_reply(ErrorCode.NOT_FOUND, f"sandbox {get.name} not found", get.name)
                 host = item["host"]
                 item["unreachable"] = bool(host) and host in self.hosts.hosts and not self.hosts.live(host)
+                announced = self.hosts.hosts.get(host)
+                if item["driver"] == "vm" and announced is not None and announced.acceleration:
+                    item["acceleration"] = announced.acceleration  # how its host runs VMs: kvm or tcg
                 return Reply(
                     accepted=True,
                     sandbox=get.name,

@@ -23,7 +23,7 @@ import tty
 from collections.abc import Sequence
 from pathlib import Path
 
-from sandboxctl.drivers.vm.machine import ACK_RESEND, ACK_WAIT, Guest, Machine, VMError, _list
+from sandboxctl.drivers.vm.machine import ACK_RESEND, ACK_WAIT, END, Guest, Machine, VMError, _list
 
 CHUNK = 64 * 1024
 
@@ -36,7 +36,7 @@ def session(machine: Machine, argv: Sequence[str], stdin_fd: int, stdout_fd: int
         raise VMError("the VM is not running")
     token = secrets.token_hex(16)
     request = f"\nI {token} {_list(list(argv))} {rows} {cols}\n".encode()
-    ack, end = token.encode() + b" ack\n", b"\n" + token.encode() + b" "
+    ack, end = token.encode() + b" ack\n", END + token.encode() + b" "
     try:
         with machine._console(None) as n, contextlib.closing(machine._connect(n)) as sock:
             buf, acked, sent_at, first = b"", False, -ACK_RESEND, time.monotonic()

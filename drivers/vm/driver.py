@@ -445,8 +445,11 @@ class VMDriver:
             while chunk := stdin.read(CHUNK):
                 chunks.append(chunk)
             data = b"".join(chunks)
+        ended = threading.Event()
+        if control is not None:
+            control._attach(_Ending(ended))
         try:
-            return machine.exec(command, output, stdin=data)
+            return machine.exec(command, output, stdin=data, abort=ended)
         except VMError as exc:
             raise DriverError("exec", str(exc)) from exc
 
@@ -639,6 +642,16 @@ class VMDriver:
         if self._wake_w >= 0:
             with contextlib.suppress(OSError):
                 os.write(self._wake_w, b"x")
+
+
+class _Ending:
+    """An exec's end, for ExecControl: the console session sees the event and kills the command."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def end(self) -> None:
+        self.event.set()
 
 
 def image_config(image: str, engine_cli: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:

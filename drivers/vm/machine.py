@@ -32,10 +32,11 @@ agent in the guest puts its tty in raw mode (no echo, no translation) and reads 
     host:  \\nX <token> <argv list> <stdin: "_" + base64, or "-" for none>\\n
     guest: <token> ack\\n
            <the command's output, raw bytes: stdout and stderr merged>
-           \\n<token> <exit code>\\n
+           \\x1e<token> <exit code>\\n
 
-The token is 128 random bits in hex; the end marker's leading newline is always the agent's own,
-so output without a final newline, or binary output, stays exact. Bytes written to a console
+The token is 128 random bits in hex, after a record separator (0x1e) that text output does not
+end in: output without a final newline, or binary output, stays exact, and only output that ends
+in what could begin the marker is held back until the next bytes show it is not. Bytes written to a console
 right after connecting can be lost under load, so the host resends the request (same token)
 every second until acked; the agent ignores a repeat of the token it last took. Anything before
 the ack (a previous caller's leftovers) is skipped. ``\\nK <token>\\n`` on another console
@@ -78,7 +79,9 @@ CONSOLES = 4  # virtio consoles, so this many execs run at once
 GUEST_TERM = 3  # seconds the guest gives its processes after SIGTERM on a stop (sandboxctl.term)
 CMDLINE_MAX = 2047  # the x86 kernel's COMMAND_LINE_SIZE, less its NUL
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+END = b"\x1e"  # what begins an exec's end marker (a record separator)
 ACK_RESEND = 1.0  # seconds without an ack before an exec request is sent again
+KILL_WAIT = 5.0  # seconds an exec's kill is tried for
 ACK_WAIT = 30.0  # seconds an exec waits for its ack before the VM counts as unresponsive
 EVENTS = ("SHUTDOWN", "RESET", "STOP", "RESUME", "POWERDOWN")
 SOCKET_PATH_MAX = 107  # sun_path, less its NUL
@@ -626,12 +629,14 @@ class Machine:
         output: Callable[[int, bytes], None],
         stdin: bytes | None = None,
         timeout: float | None = None,
+        abort: threading.Event | None = None,
     ) -> int:
         """Run ``argv`` in the sandbox (chrooted in its root, cwd /workspace, the boot's environment)
         and return its exit code, calling ``output(1, chunk)`` as output arrives (stdout and stderr
         merged, as fd 1). ``stdin`` is its whole standard input (else /dev/null). ``VMError`` if the
-        VM is not running or stops meanwhile; ``TimeoutError`` after ``timeout`` seconds (the
-        command's process group is killed then)."""
+        VM is not running or stops meanwhile, or ``abort`` is set; ``TimeoutError`` after ``timeout``
+        seconds. Whatever ends the exec early (those, or ``output`` raising: a closed pipe), the
+        command's process group is killed first: it never goes on alone."""
         if not argv:
             raise VMError("exec needs a command")
         if any("\0" in a for a in argv):
@@ -645,7 +650,14 @@ class Machine:
         request = f"\nX {token} {_list(list(argv))} {stdin_field}\n".encode()
         try:
             with self._console(deadline) as n, contextlib.closing(self._connect(n)) as sock:
-                return self._converse(sock, pidfd, token.encode(), request, output, deadline)
+                try:
+                    return self._converse(sock, pidfd, token.encode(), request, output, deadline, abort)
+                except BaseException as exc:
+                    # Our reader went away, an abort, a timeout: the command must not go on. The kill
+                    # goes through another console while this one is still held (its agent is busy).
+                    if not (isinstance(exc, VMError) and self.pid() is None):
+                        self._kill_exec(token)
+                    raise
         finally:
             os.close(pidfd)
 
@@ -657,9 +669,10 @@ class Machine:
         request: bytes,
         output: Callable[[int, bytes], None],
         deadline: float | None,
+        abort: threading.Event | None = None,
     ) -> int:
         ack = token + b" ack\n"
-        end = b"\n" + token + b" "
+        end = END + token + b" "
         buf = b""
         acked = False
         sent_at = -ACK_RESEND
@@ -672,8 +685,9 @@ class Machine:
                 sock.sendall(request)
                 sent_at = now
             if deadline is not None and now > deadline:
-                self._kill_exec(token.decode())
                 raise TimeoutError("the command did not finish before the exec's timeout; it was killed")
+            if abort is not None and abort.is_set():
+                raise VMError("the exec was ended; its command was killed")
             wait = 0.2 if acked else max(0.01, sent_at + ACK_RESEND - now)
             if deadline is not None:
                 wait = min(wait, max(0.0, deadline - now))
@@ -715,13 +729,24 @@ class Machine:
                 buf = buf[len(buf) - keep :]
 
     def _kill_exec(self, token: str) -> None:
-        """Best effort: SIGKILL the process group of the exec ``token`` through another console."""
-        with contextlib.suppress(VMError, TimeoutError, OSError), self._console(time.monotonic() + 2.0) as n:
+        """Best effort: SIGKILL the process group of the exec ``token`` through another console,
+        sent again each second (a request can be lost just after connecting) until the agent says
+        it was done, for at most KILL_WAIT seconds."""
+        done = f"{token} killed\n".encode()
+        deadline = time.monotonic() + KILL_WAIT
+        with contextlib.suppress(VMError, TimeoutError, OSError), self._console(deadline) as n:
             with contextlib.closing(self._connect(n)) as sock:
-                sock.sendall(f"\nK {token}\n".encode())
-                sock.settimeout(2.0)
-                with contextlib.suppress(OSError):
-                    sock.recv(4096)
+                heard = b""
+                while time.monotonic() < deadline and done not in heard:
+                    sock.sendall(f"\nK {token}\n".encode())
+                    until = min(deadline, time.monotonic() + ACK_RESEND)
+                    while done not in heard and (left := until - time.monotonic()) > 0:
+                        if not select.select([sock], [], [], left)[0]:
+                            break
+                        chunk = sock.recv(4096)
+                        if not chunk:
+                            return
+                        heard = (heard + chunk)[-4096:]
 
 
 def _rfc3339(ns: int) -> str:
@@ -731,13 +756,13 @@ def _rfc3339(ns: int) -> str:
 
 
 def _marker_start(buf: bytes, end: bytes) -> int:
-    """The length of the longest tail of ``buf`` that begins ``end`` (the marker starts with a
-    newline, so only a tail from a newline on can): those bytes wait, the rest is output now."""
-    at = buf.find(b"\n", max(0, len(buf) - (len(end) - 1)))
+    """The length of the longest tail of ``buf`` that begins ``end`` (only a tail from the marker's
+    first byte on can): those bytes wait, the rest is output now."""
+    at = buf.find(end[:1], max(0, len(buf) - (len(end) - 1)))
     while at >= 0:
         if end.startswith(buf[at:]):
             return len(buf) - at
-        at = buf.find(b"\n", at + 1)
+        at = buf.find(end[:1], at + 1)
     return 0
 
 

@@ -276,9 +276,7 @@ async def test_reconciliation_after_changes_made_while_everything_was_down(
             job: "Completed",  # exited 0 on its own: a job done, not restarted
         }
         settle = 60 if engine.name == "vm" else 5  # the killed one is started again: a VM boots in seconds
-        items = await asyncio.gather(
-            *(client.wait_for(n, p, seen[n] + 1, timeout=settle) for n, p in expected.items())
-        )
+        items = await asyncio.gather(*(client.wait_for(n, p, seen[n] + 1, timeout=settle) for n, p in expected.items()))
         assert items[2]["last_error"] == "backend_missing"
         for n, p in expected.items():
             if n != removed:

@@ -108,6 +108,8 @@ async def test_a_vm_sandbox_keeps_its_workspace_across_stop_and_start_and_delete
     assert code == 0, err
     item = await vm_client.wait_for(name, "Ready", timeout=90)
     assert item["driver"] == "vm"
+    code, out, err = await vm_cli("get", name, "-o", "json")
+    assert code == 0 and json.loads(out)["acceleration"] in ("kvm", "tcg"), err
     directory = vm_dir(vm_config, item)
     code, out, err = await vm_cli("exec", name, "--", "sh", "-c", "echo agent work > /workspace/notes.txt; uname -r")
     assert code == 0, err
@@ -229,6 +231,18 @@ async def test_shell_on_a_vm_sandbox_with_a_terminal_and_from_a_pipe(
     )  # fmt: skip
     out_b, err_b = await asyncio.wait_for(proc.communicate(b"echo from a pipe; exit 4\n"), 60)
     assert proc.returncode == 4 and b"from a pipe" in out_b, err_b.decode()
+
+    # An exec the caller gives up on (a signal) ends its command in the guest too.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sandboxctl.cli", "exec", name, "--", "sh", "-c", "echo started; sleep 300",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    assert await asyncio.wait_for(proc.stdout.readline(), 60) == b"started\n"
+    proc.send_signal(signal.SIGTERM)
+    await asyncio.wait_for(proc.wait(), 30)
+    code, out, err = await cli_process(env, "exec", name, "--", "ps")
+    assert code == 0 and "sleep 300" not in out, out + err
 
     # With a terminal: the guest's console is the command's terminal, relayed both ways.
     leader, follower = pty.openpty()
