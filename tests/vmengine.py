@@ -21,6 +21,7 @@ import select
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from sandboxctl.drivers.vm.driver import LAYER, RECORD, WORKSPACE_DISK, VMRecord
 from sandboxctl.drivers.vm.machine import Guest, Machine, MachineSpec, default_guest_dir
 
 PREFIX = "sandboxctl-"
+EXEC_TIMEOUT = 60.0  # seconds an exec by hand may take: the contract's are quick
 
 
 def qemu_pids(under: Path) -> list[int]:
@@ -117,11 +119,20 @@ class VMEngine:
 
     def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         argv = list(args)
+        # On a thread of its own, as an operator's command is a process of its own: Machine's QMP
+        # runs an event loop, which a thread already running one (an async test's) cannot. A daemon
+        # thread, not waited for once the test gives up on it (pytest's timeout).
+        done: concurrent.futures.Future[tuple[int, str]] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                done.set_result(self._run(argv))
+            except BaseException as exc:  # handed to the caller
+                done.set_exception(exc)
+
+        threading.Thread(target=run, name=f"vm-{argv[0]}", daemon=True).start()
         try:
-            # On a thread of its own, as an operator's command is a process of its own: Machine's
-            # QMP runs an event loop, which a thread already running one (an async test's) cannot.
-            with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                code, out = pool.submit(self._run, argv).result()
+            code, out = done.result()
             err = ""
         except LookupError as exc:
             code, out, err = 125, "", str(exc)
@@ -151,7 +162,8 @@ class VMEngine:
             return 0, f"{self._wait(self._vm(argv[1]))}\n"
         if verb == "exec":
             chunks: list[bytes] = []
-            code = self.machine(self._vm(argv[1])).exec(argv[2:], lambda fd, chunk: chunks.append(chunk))
+            machine = self.machine(self._vm(argv[1]))
+            code = machine.exec(argv[2:], lambda fd, chunk: chunks.append(chunk), timeout=EXEC_TIMEOUT)
             return code, b"".join(chunks).decode(errors="replace")
         if verb == "create":
             return 0, self._create(argv[1:]) + "\n"
