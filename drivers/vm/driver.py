@@ -56,6 +56,7 @@ from sandboxctl.events.spec import Resources
 MEMORY_DEFAULT_MIB = 256  # a VM made with no memory limit gets this much
 MEMORY_MIN_MIB = VM_MEMORY_MIN >> 20
 STOPPED = "stopped"  # holds the incarnation of a run that a stop powered off (its end is no crash)
+PAUSED = "paused"  # holds the incarnation of a run that this driver paused
 RECORD = "vm.json"
 LAYER = "layer.img"
 WORKSPACE_DISK = "workspace.img"
@@ -171,18 +172,24 @@ class VMDriver:
 
     # -- state ------------------------------------------------------------------------------
 
-    def _info(self, record: VMRecord) -> ContainerInfo:
+    def _info(self, record: VMRecord, ask_qemu: bool = False) -> ContainerInfo:
+        """The VM as a container engine describes a container. Whether it is paused is what this
+        driver's own pause and resume recorded (a file, read in microseconds); ``ask_qemu`` asks
+        qemu itself (a QMP round trip, milliseconds), so a pause made behind the driver's back is
+        seen: a reconciliation asks, each operation and the watcher's sweep every second do not."""
         machine = self._quiet_machine(record.sandbox_id)
         pid = machine.pid()
+        incarnation = machine.booted_at()
         paused = False
-        if pid is not None:
+        if pid is not None and ask_qemu:
             with contextlib.suppress(VMError, OSError):
                 paused = machine.paused()
-        incarnation = machine.booted_at()
+        elif pid is not None:
+            paused = self._marked(record.sandbox_id, PAUSED, incarnation)
         exit_code = 0
         if pid is None and incarnation:
             code = machine.exit_code()
-            if code is None and not self._stopped(record.sandbox_id, incarnation) and not machine.powered_off():
+            if code is None and not self._marked(record.sandbox_id, STOPPED, incarnation) and not machine.powered_off():
                 # Ended neither by its command nor by a stop (this driver's, or anyone's power button,
                 # which the guest answers by powering off cleanly): qemu was killed (or crashed).
                 code = 137
@@ -200,12 +207,20 @@ class VMDriver:
             resources=record.resources,
         )
 
-    def _stopped(self, sandbox_id: str, incarnation: str) -> bool:
-        """Whether run ``incarnation`` of the VM was powered off by a stop."""
+    def _marked(self, sandbox_id: str, mark: str, incarnation: str) -> bool:
+        """Whether run ``incarnation`` of the VM carries ``mark`` (STOPPED, PAUSED)."""
         try:
-            return bool(incarnation) and (self._dir(sandbox_id) / STOPPED).read_text() == incarnation
+            return bool(incarnation) and (self._dir(sandbox_id) / mark).read_text() == incarnation
         except OSError:
             return False
+
+    def _mark(self, sandbox_id: str, mark: str, incarnation: str | None) -> None:
+        """Mark run ``incarnation`` of the VM (None: take the mark off)."""
+        path = self._dir(sandbox_id) / mark
+        if incarnation is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_text(incarnation)
 
     def ping(self) -> None:
         try:
@@ -229,13 +244,13 @@ class VMDriver:
             return False
         return (directory / WORKSPACE_DISK).exists()
 
-    def list_managed(self) -> list[ContainerInfo]:
+    def list_managed(self, ask_qemu: bool = True) -> list[ContainerInfo]:
         infos = []
         with contextlib.suppress(FileNotFoundError):
             for entry in sorted(self.sandboxes_dir.iterdir()):
                 record = self._record(entry.name)
                 if record is not None and record.sandbox_id == entry.name:
-                    infos.append(self._info(record))
+                    infos.append(self._info(record, ask_qemu))
         return infos
 
     # -- the lifecycle ----------------------------------------------------------------------
@@ -246,7 +261,7 @@ class VMDriver:
             if existing.sandbox != spec.name:
                 raise DriverError("create", f"the VM of sandbox id {spec.sandbox_id} is sandbox {existing.sandbox}'s")
             return self._info(existing)
-        for info in self.list_managed():
+        for info in self.list_managed(ask_qemu=False):
             if info.sandbox == spec.name and info.sandbox_id != spec.sandbox_id:
                 raise DriverError(
                     "create", f"a VM for sandbox {spec.name} already exists and belongs to sandbox id {info.sandbox_id}"
@@ -331,10 +346,8 @@ class VMDriver:
         machine = self._quiet_machine(sandbox_id)
         if machine.pid() is not None:
             try:
-                if machine.paused():
-                    machine.resume()  # a frozen guest cannot hear its power button
-                (self._dir(sandbox_id) / STOPPED).write_text(machine.booted_at())
-                machine.powerdown(grace_seconds(timeout))
+                self._mark(sandbox_id, STOPPED, machine.booted_at())
+                machine.powerdown(grace_seconds(timeout))  # a paused guest is thawed first, to hear it
             except VMError as exc:
                 raise DriverError("stop", str(exc)) from exc
         return self._info(record)
@@ -349,6 +362,7 @@ class VMDriver:
                 machine.pause()
         except VMError as exc:
             raise DriverError("pause", str(exc)) from exc
+        self._mark(sandbox_id, PAUSED, machine.booted_at())
         info = self._info(record)
         self._emit("pause", info)
         return info
@@ -359,9 +373,11 @@ class VMDriver:
         try:
             if machine.pid() is not None and machine.paused():
                 machine.resume()
+                self._mark(sandbox_id, PAUSED, None)
                 self._emit("unpause", self._info(record))
         except VMError as exc:
             raise DriverError("resume", str(exc)) from exc
+        self._mark(sandbox_id, PAUSED, None)
         return self._info(record)
 
     def remake(self, spec: SandboxSpec) -> ContainerInfo:
@@ -574,7 +590,7 @@ class VMDriver:
         and watch every running one. ``seen``: the running VMs' boots at the last sweep; ``made``:
         every VM (by sandbox id) at the last sweep."""
         now: dict[str, str] = {}
-        infos = self.list_managed()
+        infos = self.list_managed(ask_qemu=False)
         for info in infos:
             if (
                 info.running and self._quiet_machine(info.sandbox_id).ready()

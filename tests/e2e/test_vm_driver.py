@@ -156,6 +156,13 @@ async def test_a_vm_killed_from_outside_is_error_within_2s_and_start_recovers_it
     assert "137" in failed["last_error"]
     reply = await vm_client.start(name)
     await vm_client.wait_for(name, "Ready", reply.seq, timeout=90)
+    # paused (memory kept, no CPU), resumed, paused again: a stop powers off a paused guest too
+    reply = await vm_client.pause(name)
+    await vm_client.wait_for(name, "Paused", reply.seq, timeout=30)
+    reply = await vm_client.resume(name)
+    await vm_client.wait_for(name, "Ready", reply.seq, timeout=30)
+    reply = await vm_client.pause(name)
+    await vm_client.wait_for(name, "Paused", reply.seq, timeout=30)
     # exec of a Stopped VM sandbox starts it first, as with containers
     reply = await vm_client.stop(name)
     await vm_client.wait_for(name, "Stopped", reply.seq, timeout=60)
