@@ -696,7 +696,9 @@ async def test_a_name_created_again_right_after_delete_keeps_its_container(
     await client.delete(name)
     assert await asyncio.to_thread(holding.wait, 30)  # the container is gone, the workspace not yet
     watcher_seq = 0
-    for _ in range(400):  # up to 20 s for the watcher's removal report, then for the state machine to take it
+    # Up to 40 s for the watcher's removal report (podman's event backend lags under load), then
+    # for the state machine to take it.
+    for _ in range(800):
         if not watcher_seq:
             for seq, fact in await facts_of(js, name):
                 if event_kind(fact.type) == "container_removed" and not fact.causationid:
