@@ -29,8 +29,8 @@ from typing import Any
 import msgspec
 
 from sandboxctl.drivers.vm import accel, disks
-from sandboxctl.drivers.vm.driver import LAYER, RECORD, WORKSPACE_DISK, VMRecord, vm_cpus, vm_memory_mib
-from sandboxctl.drivers.vm.machine import Guest, Machine, MachineSpec, default_guest_dir
+from sandboxctl.drivers.vm.driver import LAYER, RECORD, WORKSPACE_DISK, VMRecord, machine_spec
+from sandboxctl.drivers.vm.machine import Guest, Machine, default_guest_dir
 
 PREFIX = "sandboxctl-"
 EXEC_TIMEOUT = 60.0  # seconds an exec by hand may take: the contract's are quick
@@ -181,17 +181,7 @@ class VMEngine:
     def _boot(self, directory: Path) -> None:
         """A boot by hand, from what the VM's record says it is made of."""
         record = msgspec.json.decode((directory / RECORD).read_bytes(), type=VMRecord)
-        spec = MachineSpec(
-            root=Path(record.root),
-            layer=directory / LAYER,
-            workspace=directory / WORKSPACE_DISK,
-            cpus=vm_cpus(record.resources),
-            memory_mib=vm_memory_mib(record.resources),
-            command=tuple(record.command),
-            env=tuple(sorted(record.env.items())),
-            accel=accel.detect("")[0],
-        )
-        self.machine(directory).boot(spec, timeout=90)
+        self.machine(directory).boot(machine_spec(record, directory, accel.detect("")[0]), timeout=90)
 
     def _wait(self, directory: Path, timeout: float = 60.0) -> int:
         """Wait for the VM's qemu to end; the exit code its guest reported (137 if it said none)."""

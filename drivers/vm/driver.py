@@ -78,6 +78,20 @@ class VMRecord(msgspec.Struct, kw_only=True):
     resources: Resources = Resources()
 
 
+def machine_spec(record: VMRecord, directory: Path, acceleration: str) -> MachineSpec:
+    """What qemu boots for the VM ``record`` describes, whose files are in ``directory``."""
+    return MachineSpec(
+        root=Path(record.root),
+        layer=directory / LAYER,
+        workspace=directory / WORKSPACE_DISK,
+        cpus=vm_cpus(record.resources),
+        memory_mib=vm_memory_mib(record.resources),
+        command=tuple(record.command),
+        env=tuple(sorted(record.env.items())),
+        accel=acceleration,
+    )
+
+
 def vm_cpus(resources: Resources) -> int:
     """Whole virtual CPUs for a CPU limit: a fraction of a CPU is one, never more than the host has."""
     wanted = resources.cpus or 1.0
@@ -320,16 +334,7 @@ class VMDriver:
             except disks.DiskError as exc:
                 raise DriverError("start", str(exc)) from exc
             self._write_record(record)
-        spec = MachineSpec(
-            root=Path(record.root),
-            layer=directory / LAYER,
-            workspace=directory / WORKSPACE_DISK,
-            cpus=vm_cpus(record.resources),
-            memory_mib=vm_memory_mib(record.resources),
-            command=tuple(record.command),
-            env=tuple(sorted(record.env.items())),
-            accel=self.acceleration,
-        )
+        spec = machine_spec(record, directory, self.acceleration)
         try:
             machine.boot(spec, timeout=max(self.timeout, 60.0))
         except VMError as exc:

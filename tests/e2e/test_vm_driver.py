@@ -27,21 +27,7 @@ from sandboxctl.events.spec import Resources
 from sandboxctl.runtime.config import Config
 from sandboxctl.runtime.embedded import ControlPlane
 from tests.conftest import CLI, cli_process, phase
-
-
-def qemu_pids(under: Path) -> list[int]:
-    """The qemu processes whose command line names a path under ``under``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"qemu-system" in cmdline and str(under).encode() in cmdline:
-            found.append(int(entry))
-    return found
+from tests.vmengine import qemu_pids
 
 
 @pytest.fixture
