@@ -10,7 +10,16 @@ from typing import Any
 
 import msgspec
 
-from sandboxctl.auth.roles import ADMIN, DRIVERS, READ, STATEMACHINE_CONSUMER, User, component_user, has_role
+from sandboxctl.auth.roles import (
+    ADMIN,
+    DRIVERS,
+    READ,
+    STATEMACHINE_CONSUMER,
+    User,
+    adopts_unplaced,
+    component_user,
+    has_role,
+)
 from sandboxctl.events import subjects
 from sandboxctl.events.hosts import DRAIN_PREFIX, UNPLACED_PREFIX
 
@@ -193,7 +202,7 @@ def component_permissions(
         # over the sandboxes placed on no host (before hosts), reading the consumer of no host to
         # start where it had got to; another machine's (``host add``) may not. Its facts go on its
         # host's subjects alone, which the state machine checks against each sandbox's host.
-        adopts = not user or user == component_user(component)
+        adopts = adopts_unplaced(user, component)
         hosts = [*_durable(subjects.LOG_STREAM, f"{consumer}-{host}"), *_host_announcer(host, adopts)] if host else []
         return {
             "publish": {

@@ -77,6 +77,13 @@ def is_host_worker(user: User) -> bool:
     return user.component.startswith("driver-") and bool(user.host) and user.name == host_worker_user(engine, user.host)
 
 
+def adopts_unplaced(user: str, component: str) -> bool:
+    """Whether the worker ``component`` connecting as ``user`` ("": no authentication) may take
+    over the sandboxes placed on no host (bus.hosts.claim_unplaced): the workers ``up`` provisioned
+    may, another machine's (``host add``, ``host_worker_user``) may not."""
+    return not user or user == component_user(component)
+
+
 class Users(msgspec.Struct):
     users: list[User] = []
 

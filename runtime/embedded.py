@@ -38,7 +38,16 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
 
-from sandboxctl.auth import DRIVERS, Authorizer, AuthStore, Credentials, component_user, local_user_name, record_denied
+from sandboxctl.auth import (
+    DRIVERS,
+    Authorizer,
+    AuthStore,
+    Credentials,
+    adopts_unplaced,
+    component_user,
+    local_user_name,
+    record_denied,
+)
 from sandboxctl.bus.servers import MAX_PINGS_OUT, PING_INTERVAL, server_urls
 from sandboxctl.bus.tail import reraise_if_cancelling
 from sandboxctl.client import FailedPrecondition, Internal, Unavailable
@@ -747,10 +756,10 @@ class ControlPlane:
                     replicas=config.replicas,
                     host=config.host,
                     first_seq=first,
-                    # another machine's worker user (sandboxctl host add) may not take over the
-                    # sandboxes placed on no host; those up provisioned may
-                    may_adopt=not self.auth_enabled
-                    or self._credentials(f"driver-{driver.name}").user == component_user(f"driver-{driver.name}"),
+                    may_adopt=adopts_unplaced(
+                        self._credentials(f"driver-{driver.name}").user if self.auth_enabled else "",
+                        f"driver-{driver.name}",
+                    ),
                 )
                 return service, nc
 
