@@ -39,8 +39,8 @@ The raw call is ``Machine.boot`` for a start (qemu launched to the guest's ready
 also the **boot time** reported), ``Machine.powerdown`` for a stop (the power button to qemu's
 exit), and making the two disks then ``Machine.boot`` for a create. The raw driver sequence adds
 what the driver itself runs besides: for a start the ``e2fsck -p`` of the workspace, for a stop
-the QMP ``query-status`` it asks first, for a create the image's root disk looked up and its
-command read (``podman image inspect``, twice) and the e2fsck of the start.
+the QMP ``query-status`` it asks first, for a create the image looked up (its id and
+command: one ``podman image inspect``) and its root disk found and the e2fsck of the start.
 
 The e2fsck decision: the headline raw figure leaves it **out**. The issue requires the driver to
 find a corrupt workspace at start, and an operator starting a VM properly would check the disk
@@ -97,7 +97,7 @@ from sandboxctl.bus.eventlog import decode_event, decode_fact
 from sandboxctl.bus.tail import Tail
 from sandboxctl.client import SandboxClient
 from sandboxctl.drivers.vm import accel, disks
-from sandboxctl.drivers.vm.driver import LAYER, WORKSPACE_DISK, image_config, vm_cpus, vm_memory_mib
+from sandboxctl.drivers.vm.driver import LAYER, WORKSPACE_DISK, vm_cpus, vm_memory_mib
 from sandboxctl.drivers.vm.machine import Guest, Machine, MachineSpec, VMError, default_guest_dir, qemu_binary
 from sandboxctl.events import subjects
 from sandboxctl.events.envelope import Envelope
@@ -267,8 +267,8 @@ class RawVM:
 
     def create(self) -> tuple[float, float, float]:
         t0 = time.perf_counter()
-        disks.root_disk(IMAGE, self.images)  # a lookup: the sandbox's create built it
-        image_config(IMAGE, ("podman",))  # what the driver reads for a create without a command
+        # the image looked up (its id and command) and its root disk found: the sandbox's create built it
+        disks.root_disk(IMAGE, self.images, info=disks.image_info(IMAGE))
         t1 = time.perf_counter()
         self.directory.mkdir(parents=True, mode=0o700)
         disks.make_workspace(self.spec.workspace)
@@ -525,8 +525,9 @@ async def measure_vm(client: SandboxClient, cfg: Config, cycles: int, tag: str, 
         reply = await client.create(name, IMAGE, driver="vm")  # builds the image's root disk: untimed
         item = await client.wait_for(name, "Ready", reply.seq, timeout=VM_WAIT_S * 2)
         ours = Machine(cfg.vm_dir / "sandboxes" / str(item["sandbox_id"]), Guest.find(default_guest_dir()))
-        root_disk = disks.root_disk(IMAGE, images)
-        command, env = image_config(IMAGE, ("podman",))
+        image = disks.image_info(IMAGE)
+        root_disk = disks.root_disk(IMAGE, images, info=image)
+        command, env = image.command, image.env
         made = RawVM(root / "raw-vm" / f"{tag}-main", root_disk, images, command, env)
         raw = made
 
@@ -615,7 +616,7 @@ RAW_VM = {
     "start": ("Machine.boot", "e2fsck -p of the workspace, Machine.boot"),
     "create": (
         "make the workspace and layer disks, Machine.boot",
-        "root disk lookup and image config (podman image inspect twice), the disks, e2fsck -p, Machine.boot",
+        "the image looked up (podman image inspect, once) and its root disk found, the disks, e2fsck -p, Machine.boot",
     ),
 }
 

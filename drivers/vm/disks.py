@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import re
@@ -37,6 +38,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -76,35 +78,59 @@ class DiskError(Exception):
     one to a few lines, prefixed with what was being done."""
 
 
-def image_id(image: str, engine: Sequence[str] = ("podman",)) -> str:
-    """The full id (64 hex digits) of ``image`` in the engine's local storage; never pulls.
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the engine's storage says of an image: its id, and the command (entrypoint then cmd)
+    and environment a container of it would run with."""
+
+    id: str  # 64 hex digits
+    command: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def image_info(image: str, engine: Sequence[str] = ("podman",)) -> ImageInfo:
+    """``image`` as the engine's local storage has it (one ``image inspect``); never pulls.
 
     ``engine`` is the engine's command line and its connection flags, e.g. ``("podman",)`` or
     ``("podman", "--url", "unix:///run/podman.sock")``. Raises DiskError, with the engine's
-    message, if the image is not there or the engine cannot be asked.
+    message, if the image is not there or the engine cannot be asked or answers nonsense.
     """
-    result = _run([*engine, "image", "inspect", "--format", "{{.Id}}", image], ENGINE_TIMEOUT, f"image {image}")
+    result = _run([*engine, "image", "inspect", "--format", "json", image], ENGINE_TIMEOUT, f"image {image}")
     if result.returncode != 0:
         message = _message(result)
         if any(marker in message.lower() for marker in _MISSING_IMAGE):
             raise DiskError(f"image {image} is not in {_tool_name(engine)}'s storage: {message}")
         raise DiskError(f"image {image}: {_tool_name(engine)} image inspect failed: {message}")
-    match = _IMAGE_ID.fullmatch(result.stdout.strip())
+    try:
+        found = json.loads(result.stdout)
+        described = found[0] if isinstance(found, list) and found else {}
+        match = _IMAGE_ID.fullmatch(str(described.get("Id", "")))
+        config = described.get("Config") or {}
+        command = [str(a) for a in (config.get("Entrypoint") or []) + (config.get("Cmd") or [])]
+        env = dict(str(e).split("=", 1) for e in config.get("Env") or [] if "=" in str(e))
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise DiskError(f"image {image}: {_tool_name(engine)} image inspect gave no image: {exc}") from exc
     if match is None:
-        raise DiskError(f"image {image}: {_tool_name(engine)} gave no image id: {result.stdout.strip()!r}")
-    return match.group(1)
+        raise DiskError(f"image {image}: {_tool_name(engine)} gave no image id: {result.stdout.strip()[:200]!r}")
+    return ImageInfo(match.group(1), command, env)
 
 
-def root_disk(image: str, cache_dir: Path, engine: Sequence[str] = ("podman",)) -> Path:
+def image_id(image: str, engine: Sequence[str] = ("podman",)) -> str:
+    """The full id (64 hex digits) of ``image`` in the engine's local storage (``image_info``)."""
+    return image_info(image, engine).id
+
+
+def root_disk(image: str, cache_dir: Path, engine: Sequence[str] = ("podman",), info: ImageInfo | None = None) -> Path:
     """The image's root filesystem as an ext4 disk labelled ``LABEL_ROOT``: ``cache_dir/<image id>.ext4``.
 
     Built once per image id, and shared read-only (mode 0444) by every VM of that image; a disk
     found in place is complete, since one is only ever renamed there whole. Callers in other
     threads or processes wait on a lock file per image id (``<image id>.lock``) rather than build
     it again. A failure raises DiskError naming the image, with the tool's message, and leaves no
-    temporary file, directory or throwaway container behind.
+    temporary file, directory or throwaway container behind. ``info``: the image as
+    ``image_info`` found it already (else it is asked).
     """
-    ident = image_id(image, engine)
+    ident = (info or image_info(image, engine)).id
     disk = cache_dir / f"{ident}.ext4"
     if disk.exists():
         return disk

@@ -11,10 +11,12 @@ What a container engine keeps (the container's state, its events) is kept here o
 from the processes themselves, so the worker, the CLI (exec, logs) and an operator all see the
 same VM: qemu outlives the worker that booted it, and a worker that starts again finds it.
 
-Facts come from watching each qemu process through a pidfd (a ``kill -9`` is seen in
-milliseconds) and from the driver's own actions (a boot, a pause); the guest's poweroff, reset
-and crash all end the qemu process (it runs with ``-no-reboot``), so its end is the one fact
-of a VM that stopped, whoever stopped it. A sweep every second finds VMs booted, ended or
+Facts come from watching each qemu (``Machine.watch``, a thread per running VM): its QMP
+events on a monitor of their own (STOP and RESUME: a pause or resume, by this driver or anyone
+speaking QMP) and its process's end through a pidfd (a ``kill -9`` is seen in milliseconds);
+and from the driver's own actions (a boot, a pause). The guest's poweroff, reset and crash all
+end the qemu process (it runs with ``-no-reboot``; SHUTDOWN and RESET come just before), so its
+end is the one fact of a VM that stopped, whoever stopped it. A sweep every second finds VMs booted, ended or
 removed by anyone else, so no change goes unreported.
 """
 
@@ -22,13 +24,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import math
 import os
 import secrets
-import select
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -130,8 +129,6 @@ class VMDriver:
         # Held while this driver removes a VM (or makes it anew) and reports it, and while a sweep
         # looks for VMs removed by anyone else: a removal is reported once, by whoever made it.
         self._removing = threading.Lock()
-        self._watcher: threading.Thread | None = None
-        self._wake_r, self._wake_w = -1, -1
         self._closed = threading.Event()
 
     # -- where things are ----------------------------------------------------------------
@@ -287,17 +284,17 @@ class VMDriver:
             )
         directory = self._dir(spec.sandbox_id)
         try:
-            root = disks.root_disk(spec.image, self.images_dir, self.engine_cli)
+            image = disks.image_info(spec.image, self.engine_cli)
+            root = disks.root_disk(spec.image, self.images_dir, self.engine_cli, image)
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             if not (directory / WORKSPACE_DISK).exists():
                 disks.make_workspace(directory / WORKSPACE_DISK)
             disks.make_layer(directory / LAYER)
         except disks.DiskError as exc:
             raise DriverError("create", str(exc)) from exc
-        command, env = list(spec.command or []), dict(spec.env)
-        if not command:
-            command, image_env = image_config(spec.image, self.engine_cli)
-            env = {**image_env, **env}
+        # What a container of the image would run with, but for what the user said.
+        command = list(spec.command or image.command)
+        env = {**image.env, **spec.env}
         record = VMRecord(
             sandbox=spec.name,
             sandbox_id=spec.sandbox_id,
@@ -362,12 +359,18 @@ class VMDriver:
         machine = self._quiet_machine(sandbox_id)
         if machine.pid() is None:
             raise DriverError("pause", f"the VM of sandbox {sandbox} is not running: nothing to pause")
+        incarnation = machine.booted_at()
         try:
             if not machine.paused():
+                # Marked first: the watcher, hearing QMP's STOP, then knows the pause for this driver's.
+                self._mark(sandbox_id, PAUSED, incarnation)
                 machine.pause()
         except VMError as exc:
+            with contextlib.suppress(VMError, OSError):
+                if not machine.paused():
+                    self._mark(sandbox_id, PAUSED, None)
             raise DriverError("pause", str(exc)) from exc
-        self._mark(sandbox_id, PAUSED, machine.booted_at())
+        self._mark(sandbox_id, PAUSED, incarnation)
         info = self._info(record)
         self._emit("pause", info)
         return info
@@ -377,8 +380,14 @@ class VMDriver:
         machine = self._quiet_machine(sandbox_id)
         try:
             if machine.pid() is not None and machine.paused():
-                machine.resume()
-                self._mark(sandbox_id, PAUSED, None)
+                self._mark(sandbox_id, PAUSED, None)  # first, as pause marks first
+                try:
+                    machine.resume()
+                except VMError:
+                    with contextlib.suppress(VMError, OSError):
+                        if machine.paused():
+                            self._mark(sandbox_id, PAUSED, machine.booted_at())
+                    raise
                 self._emit("unpause", self._info(record))
         except VMError as exc:
             raise DriverError("resume", str(exc)) from exc
@@ -530,53 +539,54 @@ class VMDriver:
             self._news.notify_all()
 
     def _watch(self, sandbox_id: str) -> None:
-        """Watch the VM's qemu process (if it runs and is not watched already) through a pidfd."""
-        machine = self._quiet_machine(sandbox_id)
-        pid = machine.pid()
+        """Watch the VM's qemu (if it runs and is not watched already) on a thread of its own:
+        its QMP events and its process's end (Machine.watch)."""
+        pid = self._quiet_machine(sandbox_id).pid()
         if pid is None:
             return
-        incarnation = machine.booted_at()
         with self._lock:
             if self._watched.get(sandbox_id, (0, ""))[0] == pid:
                 return
+            incarnation = self._quiet_machine(sandbox_id).booted_at()
             self._watched[sandbox_id] = (pid, incarnation)
-            if self._watcher is None:
-                self._wake_r, self._wake_w = os.pipe()
-                self._watcher = threading.Thread(target=self._watch_loop, name="sandboxctl-vm-watch", daemon=True)
-                self._watcher.start()
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
+        threading.Thread(
+            target=self._watch_one,
+            args=(sandbox_id, pid, incarnation),
+            name=f"sandboxctl-vm-watch-{sandbox_id[:12]}",
+            daemon=True,
+        ).start()
 
-    def _watch_loop(self) -> None:
-        fds: dict[int, str] = {}  # pidfd -> sandbox id
-        pids: dict[str, int] = {}
-        poller = select.poll()
-        poller.register(self._wake_r, select.POLLIN)
-        while not self._closed.is_set():
-            with self._lock:
-                wanted = dict(self._watched)
-            for sandbox_id, (pid, _) in wanted.items():
-                if pids.get(sandbox_id) == pid:
-                    continue
-                try:
-                    fd = os.pidfd_open(pid)
-                except OSError:
-                    fd = -1
-                if fd < 0:
-                    self._ended(sandbox_id, pid)
-                    continue
-                pids[sandbox_id] = pid
-                fds[fd] = sandbox_id
-                poller.register(fd, select.POLLIN)
-            for fd, _ in poller.poll(1000):
-                if fd == self._wake_r:
-                    with contextlib.suppress(OSError):
-                        os.read(self._wake_r, 4096)
-                    continue
-                sandbox_id = fds.pop(fd)
-                poller.unregister(fd)
-                os.close(fd)
-                self._ended(sandbox_id, pids.pop(sandbox_id, 0))
+    def _watch_one(self, sandbox_id: str, pid: int, incarnation: str) -> None:
+        """Report what qemu ``pid`` tells of run ``incarnation``: a pause or a resume made by anyone
+        (QMP STOP and RESUME; the guest's power-off, reset and crash end qemu, run ``-no-reboot``),
+        then its end."""
+        machine = self._quiet_machine(sandbox_id)
+        for event in machine.watch(self._closed):
+            if event == "EXITED" or machine.pid() != pid:
+                self._ended(sandbox_id, pid)
+                return
+            if event in ("STOP", "RESUME"):
+                self._paused_or_resumed(sandbox_id, incarnation, event == "STOP")
+
+    def _paused_or_resumed(self, sandbox_id: str, incarnation: str, stopped: bool) -> None:
+        """QMP said the VM's CPUs stopped or ran again: a pause or resume, by this driver or anyone.
+        Marked and reported unless this driver's own pause or resume marked it already. A stop
+        that is no pause (qemu stops a VM on a disk's I/O error) is not reported as one."""
+        record = self._record(sandbox_id)
+        if record is None:
+            return
+        marked = self._marked(sandbox_id, PAUSED, incarnation)
+        if stopped and not marked:
+            try:
+                paused = self._quiet_machine(sandbox_id).paused()
+            except (VMError, OSError):
+                return  # ended meanwhile: its end is reported
+            if paused:
+                self._mark(sandbox_id, PAUSED, incarnation)
+                self._emit("pause", self._info(record))
+        elif not stopped and marked:
+            self._mark(sandbox_id, PAUSED, None)
+            self._emit("unpause", self._info(record))
 
     def _ended(self, sandbox_id: str, pid: int) -> None:
         with self._lock:
@@ -660,9 +670,6 @@ class VMDriver:
         self._closed.set()
         with self._news:
             self._news.notify_all()
-        if self._wake_w >= 0:
-            with contextlib.suppress(OSError):
-                os.write(self._wake_w, b"x")
 
 
 class _Ending:
@@ -673,28 +680,6 @@ class _Ending:
 
     def end(self) -> None:
         self.event.set()
-
-
-def image_config(image: str, engine_cli: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
-    """The image's own command (entrypoint and cmd) and environment, which a container of it would
-    run with: a VM made from the image with no command of the user's runs the same."""
-    try:
-        done = subprocess.run(
-            [*engine_cli, "image", "inspect", "--format", "json", image],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise DriverError("create", f"image {image}: {done.stderr.strip() or 'not found'}")
-        found = json.loads(done.stdout)
-        config = (found[0] if isinstance(found, list) and found else {}).get("Config") or {}
-    except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
-        raise DriverError("create", f"could not read image {image}'s configuration: {exc}") from exc
-    command = [str(a) for a in (config.get("Entrypoint") or []) + (config.get("Cmd") or [])]
-    env = dict(str(e).split("=", 1) for e in config.get("Env") or [] if "=" in str(e))
-    return command, env
 
 
 def _read_log(path: Path, tail: int | None, follow: bool, running: Callable[[], bool]) -> Iterator[bytes]:

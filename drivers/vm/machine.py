@@ -637,6 +637,32 @@ class Machine:
         VM is not running or stops meanwhile, or ``abort`` is set; ``TimeoutError`` after ``timeout``
         seconds. Whatever ends the exec early (those, or ``output`` raising: a closed pipe), the
         command's process group is killed first: it never goes on alone."""
+        stdin_field = "-" if stdin is None else _item(stdin)
+        return self._conversation("X", argv, stdin_field, output, timeout, abort)
+
+    def session(
+        self, argv: Sequence[str], terminal: int, output: Callable[[int, bytes], None], rows: int, cols: int
+    ) -> int:
+        """Run ``argv`` with a free console of the guest as its terminal (``sandboxctl shell``):
+        cooked, with echo, line editing and signals done by the guest's tty, sized ``rows`` by
+        ``cols``. What is read from the file descriptor ``terminal`` goes to it as typed, its end
+        as the terminal's end of file (^D); what the console shows goes to ``output(1, chunk)``.
+        Returns the command's exit code; what ends the session early kills the command, as an
+        exec's does."""
+        return self._conversation("I", argv, f"{int(rows)} {int(cols)}", output, None, None, terminal)
+
+    def _conversation(
+        self,
+        kind: str,
+        argv: Sequence[str],
+        tail: str,
+        output: Callable[[int, bytes], None],
+        timeout: float | None,
+        abort: threading.Event | None,
+        terminal: int = -1,
+    ) -> int:
+        """One request of ``kind`` (X, an exec; I, a session) for ``argv`` to the agent on a free
+        console, its fields after the command ``tail``, seen to its end marker (``_converse``)."""
         if not argv:
             raise VMError("exec needs a command")
         if any("\0" in a for a in argv):
@@ -646,12 +672,11 @@ class Machine:
             raise VMError("the VM is not running")
         deadline = None if timeout is None else time.monotonic() + timeout
         token = secrets.token_hex(16)
-        stdin_field = "-" if stdin is None else _item(stdin)
-        request = f"\nX {token} {_list(list(argv))} {stdin_field}\n".encode()
+        request = f"\n{kind} {token} {_list(list(argv))} {tail}\n".encode()
         try:
             with self._console(deadline) as n, contextlib.closing(self._connect(n)) as sock:
                 try:
-                    return self._converse(sock, pidfd, token.encode(), request, output, deadline, abort)
+                    return self._converse(sock, pidfd, token.encode(), request, output, deadline, abort, terminal)
                 except BaseException as exc:
                     # Our reader went away, an abort, a timeout: the command must not go on. The kill
                     # goes through another console while this one is still held (its agent is busy).
@@ -670,7 +695,10 @@ class Machine:
         output: Callable[[int, bytes], None],
         deadline: float | None,
         abort: threading.Event | None = None,
+        terminal: int = -1,
     ) -> int:
+        """Send ``request`` until the agent acks it, then pass on the command's output until its end
+        marker, and (``terminal`` >= 0) what is typed to the console meanwhile."""
         ack = token + b" ack\n"
         end = END + token + b" "
         buf = b""
@@ -691,9 +719,17 @@ class Machine:
             wait = 0.2 if acked else max(0.01, sent_at + ACK_RESEND - now)
             if deadline is not None:
                 wait = min(wait, max(0.0, deadline - now))
-            readable = select.select([sock.fileno(), pidfd], [], [], wait)[0]
+            typed = [terminal] if acked and terminal >= 0 else []
+            readable = select.select([sock.fileno(), pidfd, *typed], [], [], wait)[0]
             if pidfd in readable:
                 raise VMError("the VM stopped during the exec")
+            if typed and terminal in readable:
+                data = os.read(terminal, 65536)
+                # The end of input is the terminal's end of file (^D), which the guest's tty gives
+                # the command; its output is still shown until it ends.
+                sock.sendall(data or b"\x04")
+                if not data:
+                    terminal = -1
             if sock.fileno() not in readable:
                 continue
             chunk = sock.recv(65536)
