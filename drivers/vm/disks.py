@@ -32,6 +32,7 @@ import re
 import secrets
 import shutil
 import stat
+import struct
 import subprocess
 import tarfile
 import tempfile
@@ -190,13 +191,53 @@ def check(path: Path) -> str:
     what e2fsck mended (for the caller to log). Raises DiskError with e2fsck's own message when
     it found what preen may not mend, or could not check the file at all (missing, not an ext4
     filesystem). Never deletes nor remakes the disk: what is on it is the sandbox's.
+
+    A disk whose superblock says it was cleanly unmounted, with no error recorded, no journal to
+    replay and no check due, is taken as clean without running e2fsck: that is the test e2fsck -p
+    itself makes before it skips a disk, read here in microseconds instead of a process's
+    milliseconds on every start. Anything else (a superblock that is not ext4's) goes to e2fsck.
     """
+    if _cleanly_unmounted(path):
+        return ""
     result = _run([E2FSCK, "-p", str(path)], FSCK_TIMEOUT, f"disk {path}")
     if result.returncode == 0:
         return ""
     if result.returncode in (1, 2):
         return _mended(path, result.stdout + result.stderr)
     raise DiskError(f"disk {path}: e2fsck -p failed (exit {result.returncode}): {_message(result)}")
+
+
+# The ext4 superblock (1024 bytes at offset 1024): the fields e2fsck -p reads to decide a disk is clean.
+_SUPERBLOCK = struct.Struct(
+    "<52xHhHH4xII24xI"
+)  # mnt_count, max_mnt_count, magic, state, lastcheck, checkinterval, incompat
+_EXT4_MAGIC = 0xEF53
+_VALID_FS, _ERROR_FS = 0x1, 0x2
+_INCOMPAT_RECOVER = 0x4  # the journal has transactions to replay
+_ERROR_COUNT = struct.Struct("<I")  # s_error_count, at byte 0x194 of the superblock
+_ERROR_COUNT_AT = 0x194
+
+
+def _cleanly_unmounted(path: Path) -> bool:
+    """Whether the ext4 superblock of the disk at ``path`` says e2fsck -p would find nothing to do."""
+    try:
+        with open(path, "rb") as disk:
+            disk.seek(1024)
+            block = disk.read(1024)
+    except OSError:
+        return False  # e2fsck says why, in its own words
+    if len(block) < 1024:
+        return False
+    mounts, max_mounts, magic, state, lastcheck, interval, incompat = _SUPERBLOCK.unpack_from(block)
+    (errors,) = _ERROR_COUNT.unpack_from(block, _ERROR_COUNT_AT)
+    return (
+        magic == _EXT4_MAGIC
+        and state & (_VALID_FS | _ERROR_FS) == _VALID_FS
+        and not incompat & _INCOMPAT_RECOVER
+        and errors == 0
+        and not (max_mounts > 0 and mounts >= max_mounts)
+        and not (interval > 0 and time.time() >= lastcheck + interval)
+    )
 
 
 def disk_usage(path: Path) -> int:

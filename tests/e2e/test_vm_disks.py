@@ -359,6 +359,27 @@ def test_check_a_clean_disk(layer: Path) -> None:
     assert disks.check(layer) == ""
 
 
+@pytest.mark.parametrize(
+    "unclean",
+    [
+        ["ssv state 0"],  # not cleanly unmounted (a VM killed while it had the disk)
+        ["ssv state 3"],  # an error recorded by the guest's kernel
+        ["feature needs_recovery"],  # a journal to replay
+        ["ssv error_count 1"],
+        ["ssv max_mnt_count 2", "ssv mnt_count 2"],  # a check due by mounts
+    ],
+)
+def test_check_reads_a_clean_superblock_itself_and_runs_e2fsck_on_any_other(
+    layer: Path, unclean: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What e2fsck -p itself reads before it skips a disk: no e2fsck is run for a clean one.
+    monkeypatch.setattr(disks, "E2FSCK", "/nonexistent/e2fsck")
+    assert disks.check(layer) == ""
+    debugfs_write(layer, *unclean)
+    with pytest.raises(DiskError, match="/nonexistent/e2fsck is not installed"):
+        disks.check(layer)
+
+
 def test_check_mends_what_preen_may_and_says_what(layer: Path) -> None:
     debugfs_write(layer, "sif file links_count 5", "ssv state 0")  # and "not cleanly unmounted"
     assert not fsck_clean(layer)
