@@ -85,6 +85,10 @@ KILL_WAIT = 5.0  # seconds an exec's kill is tried for
 ACK_WAIT = 30.0  # seconds an exec waits for its ack before the VM counts as unresponsive
 EVENTS = ("SHUTDOWN", "RESET", "STOP", "RESUME", "POWERDOWN")
 SOCKET_PATH_MAX = 107  # sun_path, less its NUL
+# qemu runs at this niceness: a guest's vCPUs (under TCG each one a host core of emulation, at
+# boot and whenever the guest computes) yield to the control plane and nats-server, whose answers
+# must stay prompt however busy the sandboxes are. Idle cores are still the guests' to use.
+NICE = 10
 
 _EXIT = re.compile(rb"sandboxctl-exit (-?\d+)\r?\n")
 _FAIL = re.compile(rb"sandboxctl-fail ([^\r\n]*)")
@@ -150,6 +154,7 @@ class MachineSpec:
     command: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     accel: str = "tcg"
+    nice: int = NICE
 
 
 def _item(value: str | bytes) -> str:
@@ -343,6 +348,8 @@ class Machine:
             raise VMError(f"a VM needs at least {MEMORY_MIN_MIB} MiB of memory, not {spec.memory_mib}")
         if spec.cpus < 1:
             raise VMError(f"a VM needs at least one CPU, not {spec.cpus}")
+        if not 0 <= spec.nice <= 19:
+            raise VMError(f"a VM's niceness is 0 to 19, not {spec.nice}")
         if spec.accel not in ("kvm", "tcg"):
             raise VMError(f"unknown VM accelerator {spec.accel!r}: use kvm or tcg")
         for disk in (spec.root, spec.layer, spec.workspace):
@@ -366,7 +373,7 @@ class Machine:
         tmp.write_text(json.dumps(record))
         tmp.replace(self.directory / "boot.json")
 
-        argv = [qemu, *self._qemu_args(spec, cmdline)]
+        argv = [*(["nice", "-n", str(spec.nice)] if spec.nice else []), qemu, *self._qemu_args(spec, cmdline)]
         try:
             done = subprocess.run(
                 argv, cwd=self.directory, capture_output=True, text=True, timeout=30, start_new_session=True

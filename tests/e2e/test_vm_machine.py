@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from sandboxctl.drivers.vm import accel, machine
-from sandboxctl.drivers.vm.machine import Guest, Machine, MachineSpec, VMError
+from sandboxctl.drivers.vm.machine import NICE, Guest, Machine, MachineSpec, VMError
 
 BUSYBOX = "/bin/busybox"
 
@@ -80,6 +80,9 @@ def test_boot_exec_binary_and_two_at_once(vm: Machine, disks: MachineSpec) -> No
     assert vm.pid() == pid
     assert (vm.directory.stat().st_mode & 0o777) == 0o700
     assert f"sandboxctl-ready {vm.started_at()}".encode() in vm.logs().read_bytes()
+    # every thread of qemu (its vCPUs too) yields to the control plane
+    tasks = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    assert len(tasks) > 1 and {os.getpriority(os.PRIO_PROCESS, t) for t in tasks} == {NICE}
 
     assert run(vm, "sh", "-c", "echo hi; exit 3") == (3, b"hi\n")
     # Every byte value, no final newline, through stdin and back: the output is not line-bound.
