@@ -120,6 +120,7 @@ class VMDriver:
         self.guest_dir = guest_dir or default_guest_dir()
         self.acceleration, self.acceleration_reason = accel.detect(acceleration)
         self.engine_cli = tuple(engine_cli)
+        self._images = disks.ImageIndex(self.engine_cli)
         self.timeout = timeout
         self._lock = threading.Lock()
         self._history: collections.deque[EngineEvent] = collections.deque(maxlen=HISTORY)
@@ -284,7 +285,7 @@ class VMDriver:
             )
         directory = self._dir(spec.sandbox_id)
         try:
-            image = disks.image_info(spec.image, self.engine_cli)
+            image = self._images.info(spec.image)
             root = disks.root_disk(spec.image, self.images_dir, self.engine_cli, image)
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             if not (directory / WORKSPACE_DISK).exists():

@@ -13,8 +13,9 @@ import tarfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -148,6 +149,7 @@ def test_callers_at_once_build_the_root_disk_once(image: str, tmp_path: Path, mo
 BUILD_IN_A_PROCESS = """
 import sys, time
 from pathlib import Path
+from typing import Any
 from sandboxctl.drivers.vm import disks
 build = disks._build_root
 def counted(*args):
@@ -208,6 +210,39 @@ def test_the_root_disk_through_an_engine_url(image: str, podman_url: str, tmp_pa
     assert disk.name == f"{disks.image_id(image, engine)}.ext4" == f"{disks.image_id(image)}.ext4"
     assert "Type: regular" in debugfs(disk, "stat /bin/busybox")
     assert build_containers() == []
+
+
+def test_the_image_index_asks_the_engine_again_only_once_its_images_change(
+    image: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[str] = []
+    run = disks._run
+
+    def counting(argv: Sequence[str], *args: Any, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        if list(argv[1:3]) == ["image", "inspect"]:
+            asked.append(argv[-1])
+        return run(argv, *args, **kwargs)
+
+    monkeypatch.setattr(disks, "_run", counting)
+    index = disks.ImageIndex()
+    first = index.info(image)
+    assert first == disks.image_info(image) and first.id == disks.image_id(image)
+    asked.clear()
+    assert index.info(image) == first and asked == []  # podman's images unchanged: not asked again
+
+    other = f"localhost/sandboxctl-index-test-{uuid.uuid4().hex[:8]}:latest"
+    subprocess.run(["podman", "tag", image, other], check=True, capture_output=True)
+    try:
+        assert index.info(image) == first and asked == [image]  # a tag changed podman's index: asked
+        assert index.info(other).id == first.id
+    finally:
+        subprocess.run(["podman", "rmi", other], check=True, capture_output=True)
+    asked.clear()
+    with pytest.raises(DiskError, match="is not in podman's storage"):
+        index.info(other)  # untagged: the image under that name is gone, not remembered
+    assert asked == [other]
+    # reached by URL, the engine's files are not read: every call asks
+    assert disks.ImageIndex(("podman", "--url", "unix:///nonexistent.sock"))._stamp() is None
 
 
 # -- unpacking an image's tar ------------------------------------------------------------------------

@@ -91,16 +91,24 @@ async def test_a_vm_sandbox_keeps_its_workspace_across_stop_and_start_and_delete
     vm_config: Config, vm_cli: CLI, vm_client: SandboxClient, names, image: str
 ) -> None:
     name = names.new("vm")
-    code, _, err = await vm_cli("create", name, "--driver", "vm", "--image", image, "--memory", "256m")
+    idle = "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done"
+    code, _, err = await vm_cli(
+        "create", name, "--driver", "vm", "--image", image, "--memory", "256m", "--env", "GREETING=hi",
+        "--", "sh", "-c", idle,
+    )  # fmt: skip
     assert code == 0, err
     item = await vm_client.wait_for(name, "Ready", timeout=90)
     assert item["driver"] == "vm"
     code, out, err = await vm_cli("get", name, "-o", "json")
     assert code == 0 and json.loads(out)["acceleration"] in ("kvm", "tcg"), err
     directory = vm_dir(vm_config, item)
-    code, out, err = await vm_cli("exec", name, "--", "sh", "-c", "echo agent work > /workspace/notes.txt; uname -r")
+    code, out, err = await vm_cli(
+        "exec", name, "--", "sh", "-c", 'echo agent work > /workspace/notes.txt; echo "$GREETING $PATH"; uname -r'
+    )
     assert code == 0, err
-    assert out.strip() and "-cloud-" in out  # the guest's own kernel, not the host's container
+    environment, kernel = out.splitlines()
+    assert environment == "hi /bin"  # the image's environment (PATH=/bin), the sandbox's over it
+    assert "-cloud-" in kernel  # the guest's own kernel, not the host's container
     first = vm_pid(vm_config, item)
 
     reply = await vm_client.stop(name)
