@@ -323,6 +323,13 @@ class ExecControl:
             run.end()
 
 
+def refuse_if_aborted(control: ExecControl | None) -> None:
+    """DriverError if the exec was ended before it started (its ``ExecControl`` aborted already):
+    every driver's exec begins here, so no command starts for a caller that has gone."""
+    if control is not None and control.aborted:
+        raise DriverError("exec", "ended before it started")
+
+
 class Driver(Protocol):
     name: str
     # How many operations the engine takes at once before it serialises them and
@@ -755,8 +762,7 @@ class EngineDriver:
         stdin: IO[bytes] | None = None,
         control: ExecControl | None = None,
     ) -> int:
-        if control is not None and control.aborted:
-            raise DriverError("exec", "ended before it started")
+        refuse_if_aborted(control)
         container_id = self._own("exec", sandbox, sandbox_id)
         http = self._http("exec")
         token = secrets.token_hex(16)

@@ -46,6 +46,7 @@ from sandboxctl.drivers.base import (
     ExecControl,
     SandboxSpec,
     grace_seconds,
+    refuse_if_aborted,
 )
 from sandboxctl.drivers.vm import accel, disks
 from sandboxctl.drivers.vm.machine import Guest, Machine, MachineSpec, VMError, default_guest_dir
@@ -99,6 +100,16 @@ def vm_cpus(resources: Resources) -> int:
 
 def vm_memory_mib(resources: Resources) -> int:
     return MEMORY_DEFAULT_MIB if resources.memory is None else resources.memory // (1 << 20)
+
+
+def _boots_in(operation: str, resources: Resources) -> None:
+    """DriverError unless a guest boots in the memory ``resources`` give. The decider refuses less
+    before anything is logged; this holds for what a log written before that floor may ask."""
+    memory = vm_memory_mib(resources)
+    if memory < MEMORY_MIN_MIB:
+        raise DriverError(
+            operation, f"memory {memory} MiB is below the {MEMORY_MIN_MIB} MiB a VM sandbox's guest needs to boot"
+        )
 
 
 class VMDriver:
@@ -278,11 +289,7 @@ class VMDriver:
                 raise DriverError(
                     "create", f"a VM for sandbox {spec.name} already exists and belongs to sandbox id {info.sandbox_id}"
                 )
-        memory = vm_memory_mib(spec.resources)
-        if memory < MEMORY_MIN_MIB:
-            raise DriverError(
-                "create", f"memory {memory} MiB is below the {MEMORY_MIN_MIB} MiB a VM sandbox's guest needs to boot"
-            )
+        _boots_in("create", spec.resources)
         directory = self._dir(spec.sandbox_id)
         try:
             image = self._images.info(spec.image)
@@ -400,11 +407,7 @@ class VMDriver:
         machine = self._quiet_machine(spec.sandbox_id)
         if machine.pid() is not None:
             raise DriverError("update", f"the VM of sandbox {spec.name} is running: it is made again only stopped")
-        memory = vm_memory_mib(spec.resources)
-        if memory < MEMORY_MIN_MIB:
-            raise DriverError(
-                "update", f"memory {memory} MiB is below the {MEMORY_MIN_MIB} MiB a VM sandbox's guest needs to boot"
-            )
+        _boots_in("update", spec.resources)
         old = record.vm_id
         record.vm_id = f"vm-{secrets.token_hex(8)}"
         record.resources = spec.resources
@@ -464,8 +467,7 @@ class VMDriver:
         stdin: IO[bytes] | None = None,
         control: ExecControl | None = None,
     ) -> int:
-        if control is not None and control.aborted:
-            raise DriverError("exec", "ended before it started")
+        refuse_if_aborted(control)
         self._own("exec", sandbox, sandbox_id)
         machine = self._quiet_machine(sandbox_id)
         if machine.pid() is None:
