@@ -61,6 +61,8 @@ against seconds).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 import os
 import select
@@ -97,7 +99,7 @@ from sandboxctl.bus.eventlog import decode_event, decode_fact
 from sandboxctl.bus.tail import Tail
 from sandboxctl.client import SandboxClient
 from sandboxctl.drivers.vm import accel, disks
-from sandboxctl.drivers.vm.driver import LAYER, WORKSPACE_DISK, vm_cpus, vm_memory_mib
+from sandboxctl.drivers.vm.driver import LAYER, RECORD, WORKSPACE_DISK, vm_cpus, vm_memory_mib
 from sandboxctl.drivers.vm.machine import Guest, Machine, MachineSpec, VMError, default_guest_dir, qemu_binary
 from sandboxctl.events import subjects
 from sandboxctl.events.envelope import Envelope
@@ -311,11 +313,13 @@ class Moments(threading.Thread):
 
     POLL_S = 0.002
 
-    def __init__(self, machine: Machine) -> None:
+    def __init__(self, machine: Machine | Callable[[], Machine | None]) -> None:
+        """``machine``: the VM, or (for a create) how to find the VM once it exists."""
         super().__init__(daemon=True)
-        self.machine = machine
-        self.previous = machine.started_at()
-        pid = machine.pid()
+        self.find = machine if callable(machine) else lambda: machine
+        self.machine: Machine | None = machine if isinstance(machine, Machine) else None
+        self.previous = self.machine.started_at() if self.machine is not None else ""
+        pid = self.machine.pid() if self.machine is not None else None
         self.pidfd = os.pidfd_open(pid) if pid is not None else -1
         self.launched = self.ready = self.exited = 0.0
         self.done = threading.Event()
@@ -328,6 +332,10 @@ class Moments(threading.Thread):
         self.look()  # a moment the last poll missed is taken as the operation's end (the caller's)
 
     def look(self) -> None:
+        if self.machine is None:
+            self.machine = self.find()
+            if self.machine is None:
+                return
         if self.pidfd >= 0 and not self.exited and select.select([self.pidfd], [], [], 0)[0]:
             self.exited = time.time()
         record = self.machine._boot_record()
@@ -339,13 +347,25 @@ class Moments(threading.Thread):
         self.join()
         if self.pidfd >= 0:
             os.close(self.pidfd)
+            self.pidfd = -1
         return self
+
+
+def vm_of(sandboxes: Path, name: str) -> Machine | None:
+    """The VM of sandbox ``name`` among the vm driver's sandbox directories, once its record is written."""
+    with contextlib.suppress(OSError):
+        for directory in sandboxes.iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                if json.loads((directory / RECORD).read_bytes()).get("sandbox") == name:
+                    return Machine(directory, Guest.find(default_guest_dir()))
+    return None
 
 
 def outside_vm(verb: str, t0: float, t_end: float, moments: Moments) -> float | None:
     """The part of an operation from ``t0`` to ``t_end`` (wall clock) that is not the VM's own: for
-    a start, all but launch to ready marker; for a stop, what follows qemu's exit. None if unseen."""
-    if verb == "start" and moments.launched and moments.ready:
+    a start or a create, all but launch to ready marker; for a stop, what follows qemu's exit.
+    None if unseen."""
+    if verb in ("start", "create") and moments.launched and moments.ready:
         return (moments.launched - t0) + (t_end - moments.ready)
     if verb == "stop" and moments.exited:
         return t_end - moments.exited
@@ -541,9 +561,7 @@ async def measure_vm(client: SandboxClient, cfg: Config, cycles: int, tag: str, 
         }
         boots: list[float] = []
         rss: dict[str, list[int]] = {"sandboxctl": [], "raw": []}
-        outside: dict[str, dict[str, list[float | None]]] = {
-            verb: {"sandboxctl": [], "raw": []} for verb in ("stop", "start")
-        }
+        outside: dict[str, dict[str, list[float | None]]] = {verb: {"sandboxctl": [], "raw": []} for verb in verbs}
         for cycle in range(cycles + 1):  # cycle 0 warms up and is not kept
             for verb in ("stop", "start"):
                 pair: list[tuple[str, Any]] = []
@@ -575,15 +593,25 @@ async def measure_vm(client: SandboxClient, cfg: Config, cycles: int, tag: str, 
                     new = f"{name}-c{cycle}"
                     subs.append(await client.nc.subscribe(subjects.projected(new), cb=notices.record))
                     names.append(new)
+                    moments = Moments(functools.partial(vm_of, cfg.vm_dir / "sandboxes", new))
+                    t0 = time.time()
                     pair.append(("sandboxctl", await sandboxctl_op(client, new, "create", VM_WAIT_S)))
+                    outside["create"][side].append(outside_vm("create", t0, time.time(), moments.end()))
                     await delete_sandbox(client, new)
                 else:
                     fresh = raw_vm(f"c{cycle}")
+                    moments = Moments(fresh.machine)
+                    t0 = time.time()
                     try:
                         pair.append(("raw", await asyncio.to_thread(fresh.create)))
+                        outside["create"][side].append(outside_vm("create", t0, time.time(), moments.end()))
                     finally:
+                        moments.end()
                         await asyncio.to_thread(fresh.remove)
-            if cycle > 0:
+            if cycle == 0:
+                for side in outside["create"]:
+                    outside["create"][side].clear()
+            else:
                 keep(ops["create"], pair, boots)
         await asyncio.sleep(1.0)  # let the last notices arrive
         recorded = await records(client, names)
@@ -638,9 +666,10 @@ def outside_figures(verb: str, sides: dict[str, list[float | None]]) -> dict[str
     over tens of cycles is far larger than the target."""
     seen = {side: [v for v in values if v is not None] for side, values in sides.items()}
     out: dict[str, Any] = {
-        "is": "launch of qemu from the command, plus ready marker to Ready"
-        if verb == "start"
-        else "qemu's exit to Stopped",
+        "is": {
+            "start": "launch of qemu from the command, plus ready marker to Ready",
+            "create": "image lookup, disks and launch of qemu from the command, plus ready marker to Ready",
+        }.get(verb, "qemu's exit to Stopped"),
         **{side: percentiles(values) for side, values in seen.items() if values},
     }
     if all(seen.values()):

@@ -14,9 +14,10 @@ same VM: qemu outlives the worker that booted it, and a worker that starts again
 Facts come from watching each qemu (``Machine.watch``, a thread per running VM): its QMP
 events on a monitor of their own (STOP and RESUME: a pause or resume, by this driver or anyone
 speaking QMP) and its process's end through a pidfd (a ``kill -9`` is seen in milliseconds);
-and from the driver's own actions (a boot, a pause). The guest's poweroff, reset and crash all
-end the qemu process (it runs with ``-no-reboot``; SHUTDOWN and RESET come just before), so its
-end is the one fact of a VM that stopped, whoever stopped it. A sweep every second finds VMs booted, ended or
+and from the driver's own pauses, resumes and removals. A boot's start is the worker's to report
+(from what ``start`` returns). The guest's poweroff, reset and crash all end the qemu process
+(it runs with ``-no-reboot``; SHUTDOWN and RESET come just before), so its end is the one fact
+of a VM that stopped, whoever stopped it. A sweep every second finds VMs booted, ended or
 removed by anyone else, so no change goes unreported.
 """
 
@@ -341,13 +342,15 @@ class VMDriver:
             self._write_record(record)
         spec = machine_spec(record, directory, self.acceleration)
         try:
-            machine.boot(spec, timeout=max(self.timeout, 60.0))
+            # Watched from its launch: the watcher's QMP connection is made while the guest boots,
+            # not in the moment the start is reported. Its end before it was ready is this start's
+            # failure, reported by the start alone (see _ended).
+            machine.boot(spec, timeout=max(self.timeout, 60.0), launched=lambda: self._watch(sandbox_id))
         except VMError as exc:
             raise DriverError("start", str(exc)) from exc
         info = self._info(record)
         with self._lock:
-            self._booted[sandbox_id] = info.incarnation
-        self._emit("start", info)
+            self._booted[sandbox_id] = info.incarnation  # the worker reports it: no news for a sweep
         self._watch(record.sandbox_id)
         return info
 
@@ -600,7 +603,7 @@ class VMDriver:
         if record is None:
             return  # deleted: its removal is reported on its own
         info = self._info(record)
-        if not info.running:
+        if not info.running and self._quiet_machine(sandbox_id).ready():  # else a boot that failed
             self._emit("die", info, info.exit_code)
 
     def _sweep(self, seen: dict[str, str], made: dict[str, ContainerInfo]) -> None:

@@ -83,6 +83,7 @@ END = b"\x1e"  # what begins an exec's end marker (a record separator)
 ACK_RESEND = 1.0  # seconds without an ack before an exec request is sent again
 KILL_WAIT = 5.0  # seconds an exec's kill is tried for
 ACK_WAIT = 30.0  # seconds an exec waits for its ack before the VM counts as unresponsive
+READY_POLL = 0.01  # seconds between looks for the guest's ready marker in the serial log
 EVENTS = ("SHUTDOWN", "RESET", "STOP", "RESUME", "POWERDOWN")
 SOCKET_PATH_MAX = 107  # sun_path, less its NUL
 # qemu runs at this niceness: a guest's vCPUs (under TCG each one a host core of emulation, at
@@ -337,11 +338,12 @@ class Machine:
         finally:
             os.close(pidfd)
 
-    def boot(self, spec: MachineSpec, timeout: float = 60.0) -> int:
+    def boot(self, spec: MachineSpec, timeout: float = 60.0, launched: Callable[[], None] | None = None) -> int:
         """Start the VM (qemu daemonized, outliving the caller) and return its pid once the guest
-        prints this boot's ready marker. ``VMError`` (with qemu's complaint or the last serial lines)
-        if qemu refuses, the guest fails (too little memory: a kernel panic) or the timeout passes;
-        the qemu is killed then."""
+        prints this boot's ready marker (looked for every READY_POLL seconds); ``launched`` is
+        called once qemu runs, before the guest is ready (to begin watching it meanwhile).
+        ``VMError`` (with qemu's complaint or the last serial lines) if qemu refuses, the guest
+        fails (too little memory: a kernel panic) or the timeout passes; the qemu is killed then."""
         if self.pid() is not None:
             raise VMError(f"the VM in {self.directory} is already running")
         if spec.memory_mib < MEMORY_MIN_MIB:
@@ -387,6 +389,8 @@ class Machine:
         if pid is None or pidfd is None:
             raise VMError(f"the VM stopped while booting: {self._tail()}")
         try:
+            if launched is not None:
+                launched()
             deadline = time.monotonic() + timeout
             ready = re.compile(rb"sandboxctl-ready " + boot_id.encode() + rb"\b")
             while True:
@@ -402,7 +406,7 @@ class Machine:
                 if time.monotonic() > deadline:
                     self._kill_fd(pidfd)
                     raise VMError(f"the VM did not become ready within {timeout:g} s: {self._tail()}")
-                _wait_gone(pidfd, 0.05)
+                _wait_gone(pidfd, READY_POLL)
         finally:
             os.close(pidfd)
 

@@ -197,13 +197,25 @@ async def test_too_little_memory_is_an_error_with_its_reason_and_a_damaged_works
 
 
 async def test_the_reaper_stops_an_idle_vm_and_a_worker_that_comes_back_restarts_one_that_died_unwatched(
-    vm_config: Config, vm_plane: ControlPlane, vm_client: SandboxClient, names, image: str
+    vm_config: Config, vm_plane: ControlPlane, vm_client: SandboxClient, vm_cli: CLI, names, image: str
 ) -> None:
+    # Idleness, leases and holds work on vm unchanged: a leased VM is not stopped past its idle
+    # timeout; released, it is; a stop hold keeps it stopped.
     idle = names.new("vmi")
     await vm_client.create(idle, image, driver="vm", idle_timeout=2.0)
     await vm_client.wait_for(idle, "Ready", timeout=90)
+    code, _, err = await vm_cli("lease", "acquire", idle, "--ttl", "1m", "--holder", "agent-7")
+    assert code == 0, err
+    await asyncio.sleep(2.0 + vm_config.idle_grace + 2.0)
+    assert (await vm_client.get(idle))["phase"] == "Ready"
+    code, _, err = await vm_cli("lease", "release", idle, "--holder", "agent-7")
+    assert code == 0, err
     item = await vm_client.wait_for(idle, "Stopped", timeout=60)
     assert qemu_pids(vm_dir(vm_config, item)) == []
+    code, _, err = await vm_cli("hold", idle, "--holder", "ops-7", "--reason", "disk audit")
+    assert code == 0, err
+    code, _, err = await vm_cli("start", idle)
+    assert code == 5 and "ops-7" in err, err
 
     name = names.new("vmu")
     await vm_client.create(name, image, driver="vm")
