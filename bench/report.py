@@ -215,7 +215,7 @@ def _engine_latency(r: dict[str, Any]) -> list[Row]:
         if fsck:
             rows.append(
                 Row(
-                    f"vm: e2fsck -p of the clean 1 GiB workspace before each start, p50 of {fsck['n']}",
+                    f"vm: the check of the clean 1 GiB workspace before each start (disks.check), p50 of {fsck['n']}",
                     f"{_ms(fsck['p50_ms'])} (p99 {_ms(fsck['p99_ms'])})",
                     NONE,
                     NONE,
