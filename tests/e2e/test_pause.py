@@ -41,6 +41,11 @@ def count(engine: Engine, name: str) -> int:
     return 0
 
 
+def kinds_of(history: list[dict[str, object]]) -> list[str]:
+    """What happened to a sandbox, for a failure's message: its events' kinds, in order."""
+    return [str(h["type"]).split(".")[2] for h in history]
+
+
 @pytest.fixture
 def config(config: Config) -> Config:
     config.idle_grace = 1.0
@@ -83,7 +88,8 @@ async def test_a_paused_sandbox_is_resumed_by_exec_stopped_by_stop_and_refused_w
     code, out, err = await cli("exec", name, "--", "cat", "/workspace/count")  # resumes it first
     assert code == 0 and int(out) > 0, err
     assert (await client.get(name))["phase"] == "Ready"
-    assert (await cli("pause", name))[0] == 0
+    code, _, err = await cli("pause", name)
+    assert code == 0, (err, kinds_of(await client.history(name)))
     code, _, err = await cli("exec", name, "--no-start", "--", "true")
     assert code == EXIT_STATUS[ErrorCode.FAILED_PRECONDITION] and "resume" in err, (code, err)
     # a paused sandbox stops (the engine thaws it to stop it), and keeps its workspace
