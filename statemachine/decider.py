@@ -424,7 +424,10 @@ def react(state: SandboxState | None, fact: Fact) -> list[LifecycleEvent]:
             return []  # about an earlier run
         if isinstance(fact, ContainerPaused):
             return [SandboxPaused()] if phase in (Phase.PAUSING, Phase.READY) else []
-        if phase in (Phase.RESUMING, Phase.PAUSED, Phase.PAUSING):
+        # Not while Pausing: the container runs until the pause takes, so a report that it runs
+        # unpaused then is the echo of an earlier thaw (an engine's event stream lags), and must
+        # not undo the pause under way. A thaw made outside after the pause is reported after it.
+        if phase in (Phase.RESUMING, Phase.PAUSED):
             return [SandboxReady(incarnation=state.incarnation)]
         return []
     if isinstance(fact, WorkspaceArchived):

@@ -625,6 +625,8 @@ def test_pause_and_resume_go_through_their_own_phases_and_a_paused_sandbox_may_s
     assert isinstance(pause, SandboxPauseRequested)
     pausing = evolve(ready, env(pause))
     assert pausing.phase is Phase.PAUSING and decide(pausing, cmd(PauseSandbox)) == []
+    # the late echo of an earlier thaw (the container runs until the pause takes) undoes nothing
+    assert react(pausing, ContainerResumed(incarnation="run-1")) == []
     (paused,) = react(pausing, ContainerPaused(incarnation="run-1"))
     frozen = evolve(pausing, env(paused))
     assert frozen.phase is Phase.PAUSED
