@@ -129,8 +129,18 @@ async def test_one_instance_applies_the_facts_and_another_takes_over_when_it_goe
     for name in names[3:]:
         started.sandbox_id = sandbox_id(machines, name)
         await report(nc, name, started)
-    for name in names[3:]:
-        await until(lambda name=name: other.states[name].phase is Phase.READY, f"{name} Ready", timeout=10)
+    try:
+        for name in names[3:]:
+            await until(lambda name=name: other.states[name].phase is Phase.READY, f"{name} Ready", timeout=10)
+    except AssertionError as exc:
+        # Say where the facts are: delivered to the instance that went and waiting out their ack
+        # wait (ack pending), or never delivered (pending), so a failure under load tells why.
+        info = await nc.jetstream().consumer_info(subjects.FACTS_STREAM, FACTS_CONSUMER)
+        raise AssertionError(
+            f"{exc}; facts consumer: ack pending {info.num_ack_pending}, pending {info.num_pending}, "
+            f"waiting {info.num_waiting}, redelivered {info.num_redelivered}; "
+            f"the standby applied {other.facts_applied}, pinned {other.applies_facts}"
+        ) from exc
     took = time.monotonic() - gone
     assert other.applies_facts and other.facts_applied == 3
     # at once (well under the pin's timeout), or once the pin has timed out
