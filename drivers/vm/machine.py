@@ -84,6 +84,7 @@ ACK_RESEND = 1.0  # seconds without an ack before an exec request is sent again
 KILL_WAIT = 5.0  # seconds an exec's kill is tried for
 ACK_WAIT = 30.0  # seconds an exec waits for its ack before the VM counts as unresponsive
 READY_POLL = 0.01  # seconds between looks for the guest's ready marker in the serial log
+STOP_LOOK = 1.0  # seconds between a watcher's looks at whether it is to stop
 EVENTS = ("SHUTDOWN", "RESET", "STOP", "RESUME", "POWERDOWN")
 SOCKET_PATH_MAX = 107  # sun_path, less its NUL
 # qemu runs at this niceness: a guest's vCPUs (under TCG each one a host core of emulation, at
@@ -548,7 +549,9 @@ class Machine:
     def watch(self, stop: threading.Event) -> Iterator[str]:
         """Yield the VM's QMP events ("SHUTDOWN", "RESET", "STOP", "RESUME", "POWERDOWN") as they
         happen, then "EXITED" once the qemu process is gone (seen through a pidfd, so within
-        milliseconds of a kill -9). Ends after "EXITED", or soon after ``stop`` is set."""
+        milliseconds of a kill -9). Ends after "EXITED", or within STOP_LOOK seconds of ``stop``
+        being set: a watcher wakes only for its VM's news and that look, not to take the
+        interpreter's lock from the control plane's hops every few milliseconds."""
         pidfd = self._pidfd()
         if pidfd is None:
             yield "EXITED"
@@ -570,13 +573,13 @@ class Machine:
             loop.add_reader(pidfd, gone)
 
             async def next_event() -> str | None:
-                """The next event's name, "EXITED", or None after a short wait (to look at ``stop``)."""
+                """The next event's name, "EXITED", or None after STOP_LOOK seconds (to look at ``stop``)."""
                 waits: list[asyncio.Future[Any]] = [exited]
                 getter = None
                 if client is not None:
                     getter = asyncio.ensure_future(client.events.get())
                     waits.append(getter)
-                done, _ = await asyncio.wait(waits, timeout=0.1, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(waits, timeout=STOP_LOOK, return_when=asyncio.FIRST_COMPLETED)
                 if getter is not None and getter in done:
                     return str(getter.result()["event"])
                 if getter is not None:
