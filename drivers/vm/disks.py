@@ -171,11 +171,6 @@ class ImageIndex:
         return index if index.is_file() else None
 
 
-def image_id(image: str, engine: Sequence[str] = ("podman",)) -> str:
-    """The full id (64 hex digits) of ``image`` in the engine's local storage (``image_info``)."""
-    return image_info(image, engine).id
-
-
 def root_disk(image: str, cache_dir: Path, engine: Sequence[str] = ("podman",), info: ImageInfo | None = None) -> Path:
     """The image's root filesystem as an ext4 disk labelled ``LABEL_ROOT``: ``cache_dir/<image id>.ext4``.
 

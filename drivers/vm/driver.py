@@ -372,16 +372,16 @@ class VMDriver:
             raise DriverError("pause", f"the VM of sandbox {sandbox} is not running: nothing to pause")
         incarnation = machine.booted_at()
         try:
+            # Marked first: the watcher, hearing QMP's STOP, then knows the pause for this driver's
+            # (and a VM found paused already is marked as paused).
+            self._mark(sandbox_id, PAUSED, incarnation)
             if not machine.paused():
-                # Marked first: the watcher, hearing QMP's STOP, then knows the pause for this driver's.
-                self._mark(sandbox_id, PAUSED, incarnation)
                 machine.pause()
         except VMError as exc:
             with contextlib.suppress(VMError, OSError):
                 if not machine.paused():
                     self._mark(sandbox_id, PAUSED, None)
             raise DriverError("pause", str(exc)) from exc
-        self._mark(sandbox_id, PAUSED, incarnation)
         info = self._info(record)
         self._emit("pause", info)
         return info
@@ -389,9 +389,9 @@ class VMDriver:
     def resume(self, sandbox: str, sandbox_id: str) -> ContainerInfo:
         record = self._own("resume", sandbox, sandbox_id)
         machine = self._quiet_machine(sandbox_id)
+        self._mark(sandbox_id, PAUSED, None)  # first, as pause marks first (and a VM found running is not paused)
         try:
             if machine.pid() is not None and machine.paused():
-                self._mark(sandbox_id, PAUSED, None)  # first, as pause marks first
                 try:
                     machine.resume()
                 except VMError:
@@ -402,7 +402,6 @@ class VMDriver:
                 self._emit("unpause", self._info(record))
         except VMError as exc:
             raise DriverError("resume", str(exc)) from exc
-        self._mark(sandbox_id, PAUSED, None)
         return self._info(record)
 
     def remake(self, spec: SandboxSpec) -> ContainerInfo:
@@ -547,13 +546,14 @@ class VMDriver:
     def _watch(self, sandbox_id: str) -> None:
         """Watch the VM's qemu (if it runs and is not watched already) on a thread of its own:
         its QMP events and its process's end (Machine.watch)."""
-        pid = self._quiet_machine(sandbox_id).pid()
+        machine = self._quiet_machine(sandbox_id)
+        pid = machine.pid()
         if pid is None:
             return
         with self._lock:
             if self._watched.get(sandbox_id, (0, ""))[0] == pid:
                 return
-            incarnation = self._quiet_machine(sandbox_id).booted_at()
+            incarnation = machine.booted_at()
             self._watched[sandbox_id] = (pid, incarnation)
         threading.Thread(
             target=self._watch_one,

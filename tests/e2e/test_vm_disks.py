@@ -76,7 +76,7 @@ def test_root_disk_holds_the_images_filesystem_and_is_built_once(
     cache = tmp_path / "cache"
     disk = disks.root_disk(image, cache)
 
-    ident = disks.image_id(image)
+    ident = disks.image_info(image).id
     assert disk == cache / f"{ident}.ext4"
     assert stat.S_IMODE(disk.stat().st_mode) == 0o444
     assert label(disk) == disks.LABEL_ROOT
@@ -129,7 +129,7 @@ def test_callers_at_once_build_the_root_disk_once(image: str, tmp_path: Path, mo
 
     # What a build killed midway left is removed by the next one (it holds the image's lock).
     cache.mkdir()
-    ident = disks.image_id(image)
+    ident = disks.image_info(image).id
     (cache / f".{ident}.tree-stale").mkdir()
     (cache / f".{ident}.tree-stale" / "file").write_bytes(b"x")
     (cache / f".{ident}.ext4-stale").write_bytes(b"x")
@@ -168,7 +168,7 @@ def test_processes_at_once_build_the_root_disk_once(image: str, tmp_path: Path, 
     procs = [subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [proc.communicate(timeout=60)[0].split() for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0]
-    disk = str(cache / f"{disks.image_id(image)}.ext4")
+    disk = str(cache / f"{disks.image_info(image).id}.ext4")
     assert sorted(outputs) == [[disk], ["built", disk]], outputs  # one built it, the other waited for it
     assert build_containers() == []
 
@@ -207,7 +207,7 @@ def test_a_failed_build_names_the_image_and_leaves_nothing(
 def test_the_root_disk_through_an_engine_url(image: str, podman_url: str, tmp_path: Path) -> None:
     engine = ("podman", "--url", podman_url)
     disk = disks.root_disk(image, tmp_path / "cache", engine)
-    assert disk.name == f"{disks.image_id(image, engine)}.ext4" == f"{disks.image_id(image)}.ext4"
+    assert disk.name == f"{disks.image_info(image, engine).id}.ext4" == f"{disks.image_info(image).id}.ext4"
     assert "Type: regular" in debugfs(disk, "stat /bin/busybox")
     assert build_containers() == []
 
@@ -226,7 +226,7 @@ def test_the_image_index_asks_the_engine_again_only_once_its_images_change(
     monkeypatch.setattr(disks, "_run", counting)
     index = disks.ImageIndex()
     first = index.info(image)
-    assert first == disks.image_info(image) and first.id == disks.image_id(image)
+    assert first == disks.image_info(image) and len(first.id) == 64
     asked.clear()
     assert index.info(image) == first and asked == []  # podman's images unchanged: not asked again
 
