@@ -42,6 +42,7 @@ from sandboxctl.events.limits import (
 )
 from sandboxctl.events.queries import ListRequest
 from sandboxctl.events.replies import ErrorCode
+from sandboxctl.observe.address import parse_address as parse_metrics_address
 from sandboxctl.runtime.config import Config, labels_from_pairs, parse_duration
 from sandboxctl.runtime.supervise import run_to_exit
 from sandboxctl.services.query import list_problem
@@ -209,6 +210,12 @@ def _check(args: argparse.Namespace) -> None:
             raise Failure(ErrorCode.INVALID_ARGUMENT, problem)
 
 
+METRICS_HELP = (
+    "serve Prometheus metrics at HOST:PORT (port 0: a free one; off: none); default SANDBOXCTL_METRICS, "
+    "else 127.0.0.1:0. The address is printed once the services are up"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="sandboxctl", description="Create, stop, start and delete sandboxes.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -225,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run N nats-server nodes (1, 3 or 5) routed into one cluster on ports PORT.., every stream on 3 "
         "replicas (default 1: a single server)",
     )
+    up.add_argument("--metrics", metavar="HOST:PORT", help=METRICS_HELP)
 
     serve = sub.add_parser("serve", help="run the services against the NATS in SANDBOXCTL_NATS_URL")
     serve.add_argument(
@@ -233,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="COMPONENT[,...]",
         help="run only these: statemachine, projector, query, worker, reaper (default: all)",
     )
+    serve.add_argument("--metrics", metavar="HOST:PORT", help=METRICS_HELP)
 
     st = sub.add_parser(
         "status", help="each service's health and position in the log; exits 8 if one is down or behind"
@@ -985,6 +994,12 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
             config = Config.from_env()
         except ValueError as exc:  # a setting in the environment that is not one
             raise Failure(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
+    if args.cmd in ("up", "serve") and args.metrics is not None:
+        try:
+            parse_metrics_address(args.metrics)
+        except ValueError as exc:
+            raise Failure(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
+        config.metrics = args.metrics
     if args.cmd == "up":
         from sandboxctl.runtime.embedded import run_up
 

@@ -30,6 +30,7 @@ from sandboxctl.events.limits import (
     MEMORY_MAX,
     MEMORY_MIN,
 )
+from sandboxctl.observe import address as metrics_address
 from sandboxctl.runtime.supervise import RESTART_LIMIT, RESTART_WINDOW
 from sandboxctl.statemachine.deadlines import parse_deadlines
 from sandboxctl.statemachine.phases import Phase
@@ -55,6 +56,8 @@ HOST_MAX_SANDBOXES = 256  # a host's most sandboxes unless SANDBOXCTL_HOST_MAX_S
 @dataclass
 class Config:
     nats_url: str = "nats://127.0.0.1:4222"
+    # Where up and serve serve their Prometheus metrics: host:port (port 0: a free one, printed), or "off".
+    metrics: str = metrics_address.DEFAULT_ADDRESS
     data_dir: Path = field(default_factory=_default_data_dir)
     run_dir: Path = field(default_factory=_default_run_dir)
     podman_url: str = ""
@@ -149,6 +152,8 @@ class Config:
         if "SANDBOXCTL_RUN_DIR" in env:
             cfg.run_dir = Path(env["SANDBOXCTL_RUN_DIR"])
         cfg.podman_url = env.get("SANDBOXCTL_PODMAN_URL", "")
+        cfg.metrics = env.get(metrics_address.ENV, "").strip() or cfg.metrics
+        metrics_address.parse_address(cfg.metrics)  # ValueError, saying what is wrong
         if env.get("SANDBOXCTL_VM_GUEST"):
             cfg.vm_guest_dir = Path(env["SANDBOXCTL_VM_GUEST"])
         cfg.vm_acceleration = env.get("SANDBOXCTL_VM_ACCEL", "").strip().lower()

@@ -54,6 +54,7 @@ from sandboxctl.client import FailedPrecondition, Internal, Unavailable
 from sandboxctl.drivers.base import Driver
 from sandboxctl.events import subjects
 from sandboxctl.events.health import ServiceHealth
+from sandboxctl.observe import address, metrics
 from sandboxctl.runtime import health
 from sandboxctl.runtime.config import Config
 from sandboxctl.runtime.health import HOST_COMPONENT, LogHead, Progress, Responder, Watch
@@ -609,6 +610,7 @@ def _nats_error(name: str) -> Callable[[Exception], Any]:
 # The services one process can run; ``sandboxctl serve --only`` picks some, so each can be
 # deployed, scaled and killed on its own.
 COMPONENTS = ("statemachine", "projector", "query", "worker", "reaper")
+BACKLOG_EVERY = 5  # seconds between looks at the consumers' backlogs (a JetStream request each)
 
 
 class ControlPlane:
@@ -642,6 +644,7 @@ class ControlPlane:
         self._responder: Responder | None = None
         self._head: LogHead | None = None
         self._observer: asyncio.Task[None] | None = None
+        self._uncount: Callable[[], None] | None = None  # stops counting the projector's sandboxes
 
     # The services as they are now: a restart puts a new instance in place.
     @property
@@ -789,6 +792,8 @@ class ControlPlane:
             await self.stop()
             raise
         self.supervisor.start()
+        if "projector" in self.components:
+            self._uncount = metrics.SANDBOXES.add(lambda: [row.state for row in list(self.projector.rows.values())])
         self._observer = asyncio.create_task(self._observe(), name="health-watch")
         return self
 
@@ -810,17 +815,56 @@ class ControlPlane:
         return out
 
     async def _observe(self) -> None:
+        """Each second: say when a service falls behind or catches up, and set the gauges of the
+        services' health; every BACKLOG_EVERY seconds, those of their consumers' backlogs."""
+        ticks = 0
         while True:
             reraise_if_cancelling()
             await asyncio.sleep(1.0)
             try:
-                self._watch.observe(await self.reports())
+                reports = await self.reports()
+                self._watch.observe(reports)
+                metrics.set_health(reports)
+                if ticks % BACKLOG_EVERY == 0:
+                    await self._backlogs()
             except Exception as exc:
+                reraise_if_cancelling()
                 log.debug("health watch: %s", exc)
+            ticks += 1
+
+    async def _backlogs(self) -> None:
+        """The gauges of each service's JetStream consumer, asked on the service's own connection
+        (its user may read its consumer's state), and of the dead letters, where the state
+        machine runs (it may read that stream)."""
+        for slot in self.supervisor.slots:
+            js: Any = getattr(slot.service, "js", None)
+            for stream, durable in getattr(slot.service, "consumers", ()) if js is not None else ():
+                try:
+                    info = await js.consumer_info(stream, durable)
+                except Exception as exc:  # not made yet, or the server away: the gauges keep their last values
+                    reraise_if_cancelling()
+                    log.debug("backlog of %s: %s", durable, exc)
+                    continue
+                metrics.set_consumer(
+                    slot.name, durable, info.num_pending or 0, info.num_ack_pending or 0, info.num_redelivered or 0
+                )
+            if slot.name == "statemachine" and js is not None:
+                try:
+                    stream_info = await js.stream_info(
+                        subjects.DEADLETTER_STREAM, subjects_filter=subjects.DEADLETTER_ALL
+                    )
+                except Exception as exc:
+                    reraise_if_cancelling()
+                    log.debug("dead letters: %s", exc)
+                    continue
+                metrics.set_dead_letters(dict(stream_info.state.subjects or {}))
 
     async def stop(self) -> None:
         """Stop every part, each within a bound: a part that does not stop in time is left behind
         and named in the log, so it cannot keep the others (or the process) from stopping."""
+        if self._uncount is not None:
+            self._uncount()
+            self._uncount = None
         if self._observer is not None:
             self._observer.cancel()
             await _within(5, "the health observer", asyncio.gather(self._observer, return_exceptions=True))
@@ -903,7 +947,18 @@ async def _run_until_signalled(
     answers) holds; ``started`` is called just before it."""
     import signal
 
-    plane = await ControlPlane(config, components=components).start()
+    try:  # first: an address that cannot be bound is refused before anything starts
+        endpoint = await asyncio.to_thread(metrics.serve, config.metrics)
+    except OSError as exc:
+        raise Unavailable(f"cannot serve metrics on {config.metrics} ({exc}); set --metrics or {address.ENV}") from None
+    try:
+        plane = await ControlPlane(config, components=components).start()
+    except BaseException:
+        if endpoint is not None:
+            await asyncio.to_thread(endpoint.close)
+        raise
+    if endpoint is not None:
+        banner += f"\nmetrics at {endpoint.url}"
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -933,6 +988,8 @@ async def _run_until_signalled(
         if children is not None:
             await children.stop()
         await plane.stop()
+        if endpoint is not None:
+            await asyncio.to_thread(endpoint.close)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
     if failure:

@@ -32,6 +32,7 @@ from sandboxctl.bus.tail import Tail, reraise_if_cancelling, stream_seq
 from sandboxctl.events import subjects
 from sandboxctl.events.envelope import new_id
 from sandboxctl.events.lifecycle import SandboxCreated, SandboxUpdated
+from sandboxctl.observe import metrics
 from sandboxctl.services.projection import (
     SANDBOX_COLUMNS,
     SCHEMA_VERSION,
@@ -304,6 +305,8 @@ class Projector:
             self.rows[name] = row
         else:
             assert row is not None
+            if self.caught_up.is_set() and row.state.phase is not state.phase:
+                metrics.observe_transition(row.state.phase, state.phase, state.driver, state.since - row.state.since)
             row.state, row.updated = state, envelope.time  # the one live copy of the row: no new object per event
             if isinstance(event, SandboxUpdated):
                 if event.labels is not None:

@@ -29,6 +29,7 @@ from sandboxctl.bus.streams import ensure_streams
 from sandboxctl.bus.tail import Tail, reraise_if_cancelling, stream_seq
 from sandboxctl.client import SandboxClient, SandboxError
 from sandboxctl.events import subjects
+from sandboxctl.observe import metrics
 from sandboxctl.statemachine import Phase, SandboxState
 from sandboxctl.statemachine.idle import REAPER, ReaperCommand, deadline, due
 
@@ -150,11 +151,14 @@ class Reaper:
         except SandboxError as exc:
             # Stale (used since, leased, already gone): the log has news the next tick will see.
             log.info("reaper: %s of %s refused: %s", command.VERB, command.name, exc)
+            metrics.REAPER_ACTIONS.labels(command.VERB, metrics.outcome_of(exc.code)).inc()
             return
         except Exception:
             reraise_if_cancelling()
             log.exception("reaper: %s of %s failed", command.VERB, command.name)
+            metrics.REAPER_ACTIONS.labels(command.VERB, "failed").inc()
             return
+        metrics.REAPER_ACTIONS.labels(command.VERB, "appended" if reply.appended else "unchanged").inc()
         if reply.appended:
             what = getattr(command, "kind", "") or getattr(command, "reason", "")
             log.warning("reaper: %s %s (%s) at log seq %d", command.VERB, command.name, what, reply.seq)

@@ -67,6 +67,7 @@ from sandboxctl.events.facts import Fact
 from sandboxctl.events.hosts import HEARTBEAT_DEFAULT
 from sandboxctl.events.lifecycle import LifecycleEvent
 from sandboxctl.events.replies import ErrorCode, Reply, error_reply
+from sandboxctl.observe import metrics
 from sandboxctl.statemachine import Phase, Rejection, SandboxState, decide, evolve, react, validate_name
 from sandboxctl.statemachine.bulk import bulk_problem, command_for, selected
 from sandboxctl.statemachine.clone import decide_clone
@@ -265,6 +266,11 @@ class StateMachineService:
             "applies_facts": int(self.applies_facts),
             "snapshot_at": self.snapshot_at,
         }
+
+    @property
+    def consumers(self) -> tuple[tuple[str, str], ...]:
+        """(stream, durable) of the JetStream consumer this service works, for its backlog's gauges."""
+        return ((subjects.FACTS_STREAM, FACTS_CONSUMER),)
 
     @property
     def applies_facts(self) -> bool:
@@ -655,6 +661,9 @@ class StateMachineService:
         except Exception as exc:  # never let one command take the service down
             log.exception("command on %s failed", msg.subject)
             reply = error_reply(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        metrics.COMMANDS.labels(
+            metrics.verb_of(msg.subject), metrics.outcome_of(reply.error and reply.error.code)
+        ).inc()
         if msg.reply:
             try:
                 await msg.respond(encode(reply))

@@ -102,6 +102,7 @@ from sandboxctl.events.lifecycle import (
     SandboxStopRequested,
 )
 from sandboxctl.events.spec import Resources
+from sandboxctl.observe import metrics
 from sandboxctl.services.threads import EngineThreads
 from sandboxctl.statemachine import Phase, SandboxState
 from sandboxctl.statemachine.deadlines import DEFAULT_DEADLINES
@@ -291,10 +292,24 @@ class DriverWorker:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._threads.shutdown()
 
+    @property
+    def consumers(self) -> tuple[tuple[str, str], ...]:
+        """(stream, durable) of the JetStream consumer this worker works, for its backlog's gauges."""
+        return ((subjects.LOG_STREAM, self.durable),)
+
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Engine calls block (the SDKs are synchronous); they run on the worker's own threads,
-        which ``stop`` abandons rather than waits for: a stop hanging in the engine cannot hold us."""
-        return await self._threads.call(fn, *args)
+        which ``stop`` abandons rather than waits for: a stop hanging in the engine cannot hold us.
+        Each call of the driver's own is timed (sandboxctl_engine_call_seconds)."""
+        if getattr(fn, "__self__", None) is not self.driver:
+            return await self._threads.call(fn, *args)
+        began, outcome = time.monotonic(), "error"
+        try:
+            result = await self._threads.call(fn, *args)
+            outcome = "ok"
+            return result
+        finally:
+            metrics.ENGINE_CALLS.labels(self.driver.name, fn.__name__, outcome).observe(time.monotonic() - began)
 
     def _lock(self, name: str) -> asyncio.Lock:
         # Work orders and reconciliation of one sandbox never interleave.

@@ -10,8 +10,32 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 # Lowest first: each room may import only the rooms before it (and itself).
-LAYERS = ("events", "statemachine", "bus", "client", "auth", "drivers", "services", "audit", "runtime", "cli")
-OLD_NAMES = {"events", "statemachine", "bus", "client", "auth", "drivers", "services", "audit", "runtime", "cli"}
+LAYERS = (
+    "events",
+    "statemachine",
+    "observe",
+    "bus",
+    "client",
+    "auth",
+    "drivers",
+    "services",
+    "audit",
+    "runtime",
+    "cli",
+)
+OLD_NAMES = {
+    "events",
+    "statemachine",
+    "observe",
+    "bus",
+    "client",
+    "auth",
+    "drivers",
+    "services",
+    "audit",
+    "runtime",
+    "cli",
+}
 
 
 def imports(path: Path) -> list[tuple[int, str]]:

@@ -1,0 +1,1 @@
+"""What the operations team watches sandboxctl by: Prometheus metrics (metrics.py)."""
