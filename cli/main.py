@@ -475,7 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
 
     ls = sub.add_parser("list", help="the sandboxes, by name (read page by page, however many there are)")
-    ls.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+    ls.add_argument(
+        "-o", "--output", choices=("table", "json", "yaml", "name"), default="table", help="name: one name a line"
+    )
     ls.add_argument(
         "--phase", action="append", default=[], help=f"only sandboxes in this phase (repeatable): {PHASE_CHOICES}"
     )
@@ -531,6 +533,13 @@ def build_parser() -> argparse.ArgumentParser:
     usub.add_parser("list", help="the users and their roles")
     ur = usub.add_parser("remove", help="remove a user and its credential file, and reload the running server")
     ur.add_argument("name")
+
+    comp = sub.add_parser(
+        "completion",
+        help="print the shell completion script: verbs, flags and sandbox names "
+        '(bash: eval "$(sandboxctl completion bash)"; fish: sandboxctl completion fish | source)',
+    )
+    comp.add_argument("shell", choices=("bash", "zsh", "fish"))
 
     dl = sub.add_parser("deadletters", help="messages a consumer gave up on, oldest first")
     dl.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
@@ -806,7 +815,7 @@ async def _audit(client: SandboxClient, args: argparse.Namespace, config: Config
         state = await audit.state_as_of(js, args.name, point)
         if state is None:
             raise Failure("not_found", f"sandbox {args.name} did not exist at {args.as_of}")
-        show(msgspec.to_builtins(state), args.output, ("name", "phase", "seq", "driver", "last_error"))
+        show(msgspec.to_builtins(state), args.output, ("name", "phase", "since", "seq", "driver", "last_error"))
         return 0
     if args.audit_cmd == "replay":
         if not config.projection_path.exists():
@@ -989,6 +998,11 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
         argv, command = argv[:split], argv[split + 1 :]
     args = build_parser().parse_args(argv)
     _check(args)
+    if args.cmd == "completion":  # needs no settings and no server: it works before anything is set up
+        from sandboxctl.cli.completion import script
+
+        print(script(args.shell, build_parser()), end="")
+        return 0
     if config is None:
         try:
             config = Config.from_env()
@@ -1104,6 +1118,9 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
             return 0
         if args.cmd == "list":
             items = await client.list(args.phase, args.labels, include_deleted=args.all, host=args.host)
+            if args.output == "name":
+                print("\n".join(item["name"] for item in items))
+                return 0
             show(items, args.output)
             return 0
         if args.cmd == "host":

@@ -9,6 +9,10 @@ bash scripts/setup-vm.sh
 bash scripts/venv.sh
 export PATH="$PWD/.venv/bin:$PATH"
 bash scripts/build-test-image.sh
+# The shells whose completion scripts the tests load (bash is there already).
+if ! command -v zsh >/dev/null || ! command -v fish >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends zsh fish >/dev/null
+fi
 # The AsyncAPI 3 JSON Schema the contract test validates against, from the npm registry.
 if [ ! -f .cache/asyncapi/node_modules/@asyncapi/specs/schemas/3.0.0.json ]; then
   command -v npm >/dev/null || { apt-get update -qq && apt-get install -y -qq npm >/dev/null; }

@@ -60,7 +60,13 @@ async def test_state_as_of_a_sequence_and_a_time(cli: CLI, client: SandboxClient
     code, out, err = await cli("audit", "state", name, "--as-of", between)
     assert code == 0 and json.loads(out)["phase"] == "Ready", err
     code, out, _ = await cli("audit", "state", name, "--as-of", str(reply.seq))
-    assert json.loads(out)["phase"] == "Stopping"
+    stopping = json.loads(out)
+    assert stopping["phase"] == "Stopping"
+    # its moments as ISO 8601, not Unix time: when it began stopping, and when the engine kills
+    began, kill_at = datetime.fromisoformat(stopping["since"]), datetime.fromisoformat(stopping["stop_by"])
+    assert began.tzinfo is not None and began < kill_at and abs((datetime.now(UTC) - began).total_seconds()) < 120
+    code, out, _ = await cli("audit", "state", name, "--as-of", str(reply.seq), "-o", "table")
+    assert code == 0 and "Stopping" in out
     code, _, err = await cli("audit", "state", name, "--as-of", "1999-01-01T00:00:00Z")
     assert code == 3 and "did not exist" in err
     code, _, err = await cli("audit", "state", name, "--as-of", "yesterday")
