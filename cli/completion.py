@@ -108,30 +108,39 @@ def _bash(verbs: list[Verb]) -> str:
         + f"_sandboxctl_names={shlex.quote(names)}\n"
         + r"""
 _sandboxctl() {
-    local cur=${COMP_WORDS[COMP_CWORD]} prev="" path=sandboxctl word i
+    # (not "path": zsh ties that name to $PATH)
+    local cur=${COMP_WORDS[COMP_CWORD]} prev="" verb=sandboxctl word i
     (( COMP_CWORD > 0 )) && prev=${COMP_WORDS[COMP_CWORD-1]}
+    # bash splits --flag=value at "=": complete the value of the flag before it
+    if [[ $cur == "=" ]]; then
+        cur=""
+    elif [[ $prev == "=" ]] && (( COMP_CWORD > 1 )); then
+        prev=${COMP_WORDS[COMP_CWORD-2]}
+    fi
     COMPREPLY=()
     for (( i = 1; i < COMP_CWORD; i++ )); do
         word=${COMP_WORDS[i]}
         [[ $word == -- ]] && return 0  # the command run in the sandbox: the shell's own business
         if [[ $word == -* ]]; then
-            [[ $word != *=* && " ${_sandboxctl_valued[$path]} " == *" $word "* ]] && (( i++ ))
-        elif [[ " ${_sandboxctl_verbs[$path]} " == *" $word "* ]]; then
-            path="$path $word"
+            [[ $word != *=* && " ${_sandboxctl_valued[$verb]} " == *" $word "* ]] && (( i++ ))
+        elif [[ " ${_sandboxctl_verbs[$verb]} " == *" $word "* ]]; then
+            verb="$verb $word"
         fi
     done
-    if [[ -n ${_sandboxctl_choices[$path|$prev]+set} ]]; then
-        COMPREPLY=($(compgen -W "${_sandboxctl_choices[$path|$prev]}" -- "$cur"))
-    elif [[ $prev == -* && " ${_sandboxctl_valued[$path]} " == *" $prev "* ]]; then
-        return 0  # the flag's value: nothing to offer
+    if [[ -n ${_sandboxctl_choices[$verb|$prev]+set} ]]; then
+        COMPREPLY=($(compgen -W "${_sandboxctl_choices[$verb|$prev]}" -- "$cur"))
+    elif [[ $prev == -* && " ${_sandboxctl_valued[$verb]} " == *" $prev "* ]]; then
+        COMPREPLY=($(compgen -f -- "$cur"))  # a value of its own: a file, if anything
     elif [[ $cur == -* ]]; then
-        COMPREPLY=($(compgen -W "${_sandboxctl_flags[$path]}" -- "$cur"))
-    elif [[ -n ${_sandboxctl_verbs[$path]} ]]; then
-        COMPREPLY=($(compgen -W "${_sandboxctl_verbs[$path]}" -- "$cur"))
-    elif [[ $_sandboxctl_names == *"|$path|"* ]]; then
+        COMPREPLY=($(compgen -W "${_sandboxctl_flags[$verb]}" -- "$cur"))
+    elif [[ -n ${_sandboxctl_verbs[$verb]} ]]; then
+        COMPREPLY=($(compgen -W "${_sandboxctl_verbs[$verb]}" -- "$cur"))
+    elif [[ $_sandboxctl_names == *"|$verb|"* ]]; then
         COMPREPLY=($(compgen -W "$("""
         + NAMES
         + r""")" -- "$cur"))
+    elif [[ $verb == "sandboxctl cp" ]]; then
+        COMPREPLY=($(compgen -f -- "$cur"))
     fi
     return 0
 }
@@ -161,7 +170,7 @@ def _fish(verbs: list[Verb]) -> str:
         "            continue",
         "        end",
         "        if test $word = '--'",
-        "            echo '--'",
+        "            printf '%s\\n' ' --'",  # after it, the command run in the sandbox: no verb is there
         "            return",
         "        end",
         "        if string match -q -- '-*' $word",
@@ -200,8 +209,10 @@ def _fish(verbs: list[Verb]) -> str:
             if flag in verb.choices:
                 values = " -x -a " + _fish_quote(" ".join(verb.choices[flag]))
             elif flag in verb.valued:
-                values = " -r"
+                values = " -r -F"  # a value of its own: a file, if anything
             lines.append(f"complete -c sandboxctl -n {_fish_quote(at)} {option}{values}")
         if verb.names:
             lines.append(f"complete -c sandboxctl -n {_fish_quote(at)} -a '(command -q sandboxctl; and {NAMES})'")
+        if verb.path == "cp":
+            lines.append(f"complete -c sandboxctl -n {_fish_quote(at)} -F")
     return "\n".join(lines) + "\n"

@@ -16,7 +16,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -27,6 +27,7 @@ from sandboxctl.bus import reading
 from sandboxctl.bus.reading import Point
 from sandboxctl.cli import attach, copy, spec
 from sandboxctl.cli.output import BROKEN_PIPE, EXIT_CODES, HOST_COLUMNS, show
+from sandboxctl.cli.progress import Progress
 from sandboxctl.cli.status import status
 from sandboxctl.client import TERMINAL, PermissionDenied, SandboxClient, SandboxError
 from sandboxctl.events import subjects
@@ -606,21 +607,19 @@ PAST = {
 }
 
 
-class _Progress:
-    """``stop: 37/120`` on a terminal's stderr, rewritten in place as sandboxes get there."""
+async def _wait_shown(client: SandboxClient, verb: str, name: str, seq: int, timeout: float) -> None:
+    """Wait for ``name`` to be Ready, its phases shown on a terminal as they move."""
+    progress = Progress(verb, 1)
+    try:
+        await client.wait_for(name, Phase.READY, seq, timeout, on_change=_moved(progress, name))
+        progress.done()
+    finally:
+        progress.end()
 
-    def __init__(self, verb: str, total: int) -> None:
-        self.verb, self.total, self.done = verb, total, 0
-        self.shown = sys.stderr.isatty() and total > 1
 
-    def tick(self) -> None:
-        self.done += 1
-        if self.shown:
-            print(f"\r{self.verb}: {self.done}/{self.total}", end="", file=sys.stderr, flush=True)
-
-    def end(self) -> None:
-        if self.shown:
-            print(file=sys.stderr)
+def _moved(progress: Progress, name: str) -> Callable[[dict[str, Any]], None]:
+    """What a wait tells ``progress`` of each row of ``name`` it looks at."""
+    return lambda row: progress.moved(name, str(row.get("phase", "")))
 
 
 async def _bulk_selected(client: SandboxClient, verb: BulkVerb, args: argparse.Namespace) -> int:
@@ -640,21 +639,27 @@ async def _bulk_selected(client: SandboxClient, verb: BulkVerb, args: argparse.N
         host=args.host,
     ):
         items.extend(page.items)
-    progress = _Progress(verb, len(items))
+    progress = Progress(verb, 0 if args.no_wait else len(items))
 
     async def settle(item: BulkItem) -> str | None:
-        if not item.accepted:
-            return f"{item.code}: {item.message}"
-        if item.appended and not args.no_wait:
-            try:
-                await client.wait_for(item.name, TERMINAL[verb], item.seq, args.timeout)
-            except SandboxError as exc:
-                return f"{exc.code}: {exc.message}"
-        progress.tick()
-        return None
+        try:
+            if not item.accepted:
+                return f"{item.code}: {item.message}"
+            if item.appended and not args.no_wait:
+                try:
+                    await client.wait_for(
+                        item.name, TERMINAL[verb], item.seq, args.timeout, on_change=_moved(progress, item.name)
+                    )
+                except SandboxError as exc:
+                    return f"{exc.code}: {exc.message}"
+            return None
+        finally:
+            progress.done()
 
-    results = await asyncio.gather(*(settle(item) for item in items))
-    progress.end()
+    try:
+        results = await asyncio.gather(*(settle(item) for item in items))
+    finally:
+        progress.end()
     for item, error in zip(items, results, strict=True):
         if error is not None:
             print(f"sandboxctl: {item.name}: {error}", file=sys.stderr)
@@ -673,6 +678,7 @@ async def _bulk(client: SandboxClient, verb: BulkVerb, args: argparse.Namespace)
     if args.all or args.selector_labels:
         return await _bulk_selected(client, verb, args)
     names = list(args.names)  # names, or --all / --selector: never both (see _check)
+    progress = Progress(verb, 0 if args.no_wait else len(names))
 
     async def one(name: str) -> str | None:
         try:
@@ -690,12 +696,17 @@ async def _bulk(client: SandboxClient, verb: BulkVerb, args: argparse.Namespace)
             else:
                 reply = await client.delete(name, expected_seq=seq)
             if not args.no_wait:
-                await client.wait_for(name, TERMINAL[verb], reply.seq, args.timeout)
+                await client.wait_for(name, TERMINAL[verb], reply.seq, args.timeout, on_change=_moved(progress, name))
             return None
         except SandboxError as exc:
             return f"{exc.code}: {exc.message}"
+        finally:
+            progress.done()
 
-    results = await asyncio.gather(*(one(n) for n in names))
+    try:
+        results = await asyncio.gather(*(one(n) for n in names))
+    finally:
+        progress.end()
     failed = [(n, r) for n, r in zip(names, results, strict=True) if r is not None]
     for _, reason in failed:
         print(f"sandboxctl: {reason}", file=sys.stderr)
@@ -1062,7 +1073,7 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
                 constraints=args.constraints,
             )
             if not args.no_wait:
-                await client.wait_for(args.name, Phase.READY, reply.seq, args.timeout)
+                await _wait_shown(client, "create", args.name, reply.seq, args.timeout)
             print(f"sandbox {args.name} {'created' if not args.no_wait else 'accepted'}")
             return 0
         if args.cmd == "clone":
@@ -1082,7 +1093,7 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
             if source["phase"] == Phase.READY:
                 print(f"sandbox {args.source} is Ready: it is paused for the copy and resumed", file=sys.stderr)
             if not args.no_wait:
-                await client.wait_for(args.name, Phase.READY, reply.seq, args.timeout)
+                await _wait_shown(client, "clone", args.name, reply.seq, args.timeout)
             print(f"sandbox {args.name} {'cloned from ' + args.source if not args.no_wait else 'accepted'}")
             return 0
         if args.cmd == "update":

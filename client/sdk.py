@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, Literal
 
 import msgspec
@@ -865,7 +865,12 @@ class SandboxClient:
         ]
 
     async def wait_for(
-        self, name: str, phase: Phase | str, after_seq: int = 0, timeout: float = 60.0
+        self,
+        name: str,
+        phase: Phase | str,
+        after_seq: int = 0,
+        timeout: float = 60.0,
+        on_change: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
         """Wait until the projection shows ``phase`` at or after ``after_seq`` (a command's reply.seq),
         and return the row.
@@ -875,7 +880,8 @@ class SandboxClient:
         for Ready while a delete or a stop came after it). A wait for Deleted that finds the name
         live again looks in the log: if the sandbox was deleted and then created again, the wait
         is over, and the row returned is the new sandbox's. WaitTimeout if none of this happens in
-        ``timeout`` seconds.
+        ``timeout`` seconds. ``on_change`` is given each row looked at on the way (a progress
+        display shows the phases the sandbox passes through).
         """
         target = _phase(phase)
         changed = asyncio.Event()
@@ -906,6 +912,8 @@ class SandboxClient:
                         item = await self.get(name)
                     except NotFound:
                         item = None
+                if on_change is not None and item is not None:
+                    on_change(item)
                 verdict = wait_verdict(name, target, after_seq, item)
                 if verdict is True:
                     assert item is not None

@@ -610,7 +610,8 @@ def _nats_error(name: str) -> Callable[[Exception], Any]:
 # The services one process can run; ``sandboxctl serve --only`` picks some, so each can be
 # deployed, scaled and killed on its own.
 COMPONENTS = ("statemachine", "projector", "query", "worker", "reaper")
-BACKLOG_EVERY = 5  # seconds between looks at the consumers' backlogs (a JetStream request each)
+BACKLOG_EVERY = 5.0  # seconds between looks at the consumers' backlogs (a JetStream request each)
+BACKLOG_ANSWER = 2.0  # seconds one such request may take, else its gauges keep their last values
 
 
 class ControlPlane:
@@ -644,6 +645,7 @@ class ControlPlane:
         self._responder: Responder | None = None
         self._head: LogHead | None = None
         self._observer: asyncio.Task[None] | None = None
+        self._backlog_watch: asyncio.Task[None] | None = None
         self._uncount: Callable[[], None] | None = None  # stops counting the projector's sandboxes
 
     # The services as they are now: a restart puts a new instance in place.
@@ -795,6 +797,7 @@ class ControlPlane:
         if "projector" in self.components:
             self._uncount = metrics.SANDBOXES.add(lambda: [row.state for row in list(self.projector.rows.values())])
         self._observer = asyncio.create_task(self._observe(), name="health-watch")
+        self._backlog_watch = asyncio.create_task(self._watch_backlogs(), name="backlog-watch")
         return self
 
     async def reports(self) -> list[ServiceHealth]:
@@ -816,8 +819,8 @@ class ControlPlane:
 
     async def _observe(self) -> None:
         """Each second: say when a service falls behind or catches up, and set the gauges of the
-        services' health; every BACKLOG_EVERY seconds, those of their consumers' backlogs."""
-        ticks = 0
+        services' health. The consumers' backlogs are asked on a loop of their own
+        (``_watch_backlogs``): a server slow to answer them never holds this one up."""
         while True:
             reraise_if_cancelling()
             await asyncio.sleep(1.0)
@@ -825,12 +828,19 @@ class ControlPlane:
                 reports = await self.reports()
                 self._watch.observe(reports)
                 metrics.set_health(reports)
-                if ticks % BACKLOG_EVERY == 0:
-                    await self._backlogs()
             except Exception as exc:
                 reraise_if_cancelling()
                 log.debug("health watch: %s", exc)
-            ticks += 1
+
+    async def _watch_backlogs(self) -> None:
+        while True:
+            reraise_if_cancelling()
+            try:
+                await self._backlogs()
+            except Exception as exc:
+                reraise_if_cancelling()
+                log.debug("backlogs: %s", exc)
+            await asyncio.sleep(BACKLOG_EVERY)
 
     async def _backlogs(self) -> None:
         """The gauges of each service's JetStream consumer, asked on the service's own connection
@@ -840,7 +850,7 @@ class ControlPlane:
             js: Any = getattr(slot.service, "js", None)
             for stream, durable in getattr(slot.service, "consumers", ()) if js is not None else ():
                 try:
-                    info = await js.consumer_info(stream, durable)
+                    info = await asyncio.wait_for(js.consumer_info(stream, durable), BACKLOG_ANSWER)
                 except Exception as exc:  # not made yet, or the server away: the gauges keep their last values
                     reraise_if_cancelling()
                     log.debug("backlog of %s: %s", durable, exc)
@@ -850,8 +860,9 @@ class ControlPlane:
                 )
             if slot.name == "statemachine" and js is not None:
                 try:
-                    stream_info = await js.stream_info(
-                        subjects.DEADLETTER_STREAM, subjects_filter=subjects.DEADLETTER_ALL
+                    stream_info = await asyncio.wait_for(
+                        js.stream_info(subjects.DEADLETTER_STREAM, subjects_filter=subjects.DEADLETTER_ALL),
+                        BACKLOG_ANSWER,
                     )
                 except Exception as exc:
                     reraise_if_cancelling()
@@ -868,6 +879,9 @@ class ControlPlane:
         if self._observer is not None:
             self._observer.cancel()
             await _within(5, "the health observer", asyncio.gather(self._observer, return_exceptions=True))
+        if self._backlog_watch is not None:
+            self._backlog_watch.cancel()
+            await _within(5, "the backlog watch", asyncio.gather(self._backlog_watch, return_exceptions=True))
         if self._responder is not None:
             await _within(5, "the health responder", self._responder.stop())
         await _within(10, "the supervisor", self.supervisor.stop())
@@ -949,7 +963,7 @@ async def _run_until_signalled(
 
     try:  # first: an address that cannot be bound is refused before anything starts
         endpoint = await asyncio.to_thread(metrics.serve, config.metrics)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # in use, not this host's, a name that is none
         raise Unavailable(f"cannot serve metrics on {config.metrics} ({exc}); set --metrics or {address.ENV}") from None
     try:
         plane = await ControlPlane(config, components=components).start()

@@ -372,10 +372,11 @@ class VMDriver:
             raise DriverError("pause", f"the VM of sandbox {sandbox} is not running: nothing to pause")
         incarnation = machine.booted_at()
         try:
+            paused = machine.paused()  # (a VM that cannot be asked is neither marked nor paused)
             # Marked first: the watcher, hearing QMP's STOP, then knows the pause for this driver's
             # (and a VM found paused already is marked as paused).
             self._mark(sandbox_id, PAUSED, incarnation)
-            if not machine.paused():
+            if not paused:
                 machine.pause()
         except VMError as exc:
             with contextlib.suppress(VMError, OSError):
@@ -389,9 +390,10 @@ class VMDriver:
     def resume(self, sandbox: str, sandbox_id: str) -> ContainerInfo:
         record = self._own("resume", sandbox, sandbox_id)
         machine = self._quiet_machine(sandbox_id)
-        self._mark(sandbox_id, PAUSED, None)  # first, as pause marks first (and a VM found running is not paused)
         try:
-            if machine.pid() is not None and machine.paused():
+            paused = machine.pid() is not None and machine.paused()  # (one that cannot be asked is left as it is)
+            self._mark(sandbox_id, PAUSED, None)  # first, as pause marks first (one found running is not paused)
+            if paused:
                 try:
                     machine.resume()
                 except VMError:

@@ -21,6 +21,13 @@ def test_verbs_sub_verbs_flags_and_their_values_complete(shell: str) -> None:
     assert candidates(shell, "sandboxctl list -o ") == ["json", "name", "table", "yaml"]
     assert candidates(shell, "sandboxctl list --phase Ready --output y") == ["yaml"]
     assert "Stopped" in candidates(shell, "sandboxctl list --phase ")
+    assert candidates(shell, "sandboxctl exec box -- ") == []  # the command run in the sandbox is the shell's
+
+
+def test_bash_completes_the_value_after_an_equals_sign() -> None:
+    """bash splits ``--output=j`` into ``--output``, ``=`` and ``j``."""
+    assert candidates("bash", "sandboxctl list --output = j") == ["json"]
+    assert candidates("bash", "sandboxctl list --output = ") == ["json", "name", "table", "yaml"]
 
 
 def test_every_verb_of_the_parser_is_in_the_scripts_and_only_existing_sandboxes_are_names() -> None:
