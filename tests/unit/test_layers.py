@@ -23,19 +23,7 @@ LAYERS = (
     "runtime",
     "cli",
 )
-OLD_NAMES = {
-    "events",
-    "statemachine",
-    "observe",
-    "bus",
-    "client",
-    "auth",
-    "drivers",
-    "services",
-    "audit",
-    "runtime",
-    "cli",
-}
+OLD_NAMES = frozenset(LAYERS)  # the names the rooms had before they were one package
 
 
 def imports(path: Path) -> list[tuple[int, str]]:
