@@ -4,6 +4,8 @@ server's refusals, counts of a stream's messages, and the figures the suites pri
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -89,9 +91,16 @@ class Raw:
     async def refused(self, subject: str, attempt: Any) -> None:
         """Run ``attempt`` and assert the server refused the publish to ``subject`` (it gets no answer)."""
         Figures.attempts += 1
-        with pytest.raises((TimeoutError, nats.errors.TimeoutError)):
-            await attempt
-        await self.nc.flush()
+        refusal = self.denials.watch(subject)
+        try:
+            with pytest.raises((TimeoutError, nats.errors.TimeoutError)):
+                await attempt
+            # the server's -ERR is asynchronous; wait for it rather than flush: a PING whose
+            # connection is remade in between is never answered, and flush waits out its 10 s
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(refusal), 5.0)
+        finally:
+            self.denials.forget(subject, refusal)
         assert subject.lower() in self.denials.subjects, (subject, self.errors)
         Figures.refused += 1
 

@@ -20,6 +20,7 @@ from sandboxctl.auth import AuthStore
 from sandboxctl.bus.hosts import HostTaken
 from sandboxctl.client import PermissionDenied, SandboxClient, SandboxError
 from sandboxctl.client.errors import FailedPrecondition
+from sandboxctl.client.sdk import CLOSE_WAIT
 from sandboxctl.events import subjects
 from sandboxctl.runtime.config import Config
 from sandboxctl.runtime.embedded import ControlPlane, NatsServer, PodmanService, make_driver
@@ -370,7 +371,9 @@ async def test_with_authentication_a_hosts_workers_work_as_users_of_their_own_th
                 late = await SandboxClient.connect(config.nats_url, user=raw_creds.user, password=raw_creds.password)
             except SandboxError:
                 break
-            await late.close()
+            closing = time.monotonic()
+            await late.close()  # bounded, also when the server drops the user while it closes
+            assert time.monotonic() - closing < CLOSE_WAIT + 1.0
             await asyncio.sleep(0.1)
         else:
             pytest.fail("the server still lets host-b's removed worker user in after 5 s")
