@@ -24,8 +24,6 @@ from sandboxctl.bus.reading import Point, read_events
 from sandboxctl.events import subjects
 from sandboxctl.events.envelope import Envelope
 from sandboxctl.events.lifecycle import SandboxCreated
-from sandboxctl.services.projection import SANDBOX_COLUMNS, checkpoint, connect
-from sandboxctl.services.projector import Projector
 from sandboxctl.statemachine import IllegalTransition, Phase, SandboxState, evolve
 
 
@@ -117,6 +115,8 @@ async def rebuild(nc: NATS, out: Path, until: Point | None = None) -> int:
     """Fold the log into a fresh projection at ``out``; returns the last sequence folded."""
     if os.path.exists(out):  # noqa: ASYNC240 -- one stat before any I/O starts
         raise FileExistsError(f"{out} exists; replay writes a fresh projection")
+    from sandboxctl.services.projector import Projector  # replay's alone: the other tools need no projection
+
     projector = Projector(nc, out, notify=False)
     await projector.open()
     try:
@@ -136,6 +136,8 @@ async def rebuild(nc: NATS, out: Path, until: Point | None = None) -> int:
 
 
 async def _rows(path: Path) -> tuple[int, dict[str, tuple[Any, ...]]]:
+    from sandboxctl.services.projection import SANDBOX_COLUMNS, checkpoint, connect
+
     db = await connect(path, readonly=True)
     try:
         position = await checkpoint(db)

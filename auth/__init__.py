@@ -18,27 +18,32 @@ by nats-server) and ``credentials/<user>.json``, one per user, mode 0600.
 See docs/security.md.
 """
 
-from sandboxctl.auth.authorizer import Authorizer, check, record_denied
-from sandboxctl.auth.permissions import component_permissions, permissions, server_conf, user_permissions
-from sandboxctl.auth.roles import (
-    ADMIN,
-    COMPONENT_PREFIX,
-    COMPONENT_ROLES,
-    DRIVERS,
-    READ,
-    ROLES,
-    WRITE,
-    Credentials,
-    User,
-    adopts_unplaced,
-    component_user,
-    has_role,
-    host_worker_user,
-    is_host_worker,
-    local_user_name,
-    valid_user_name,
-)
-from sandboxctl.auth.store import AuthStore, load_credentials
+from typing import TYPE_CHECKING
+
+from sandboxctl import lazy_exports
+
+if TYPE_CHECKING:
+    from sandboxctl.auth.authorizer import Authorizer, check, record_denied
+    from sandboxctl.auth.permissions import component_permissions, permissions, server_conf, user_permissions
+    from sandboxctl.auth.roles import (
+        ADMIN,
+        COMPONENT_PREFIX,
+        COMPONENT_ROLES,
+        DRIVERS,
+        READ,
+        ROLES,
+        WRITE,
+        Credentials,
+        User,
+        adopts_unplaced,
+        component_user,
+        has_role,
+        host_worker_user,
+        is_host_worker,
+        local_user_name,
+        valid_user_name,
+    )
+    from sandboxctl.auth.store import AuthStore, load_credentials
 
 __all__ = [
     "ADMIN",
@@ -67,3 +72,42 @@ __all__ = [
     "user_permissions",
     "valid_user_name",
 ]
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "authorizer": (
+            "Authorizer",
+            "check",
+            "record_denied",
+        ),
+        "permissions": (
+            "component_permissions",
+            "permissions",
+            "server_conf",
+            "user_permissions",
+        ),
+        "roles": (
+            "ADMIN",
+            "COMPONENT_PREFIX",
+            "COMPONENT_ROLES",
+            "DRIVERS",
+            "READ",
+            "ROLES",
+            "WRITE",
+            "Credentials",
+            "User",
+            "adopts_unplaced",
+            "component_user",
+            "has_role",
+            "host_worker_user",
+            "is_host_worker",
+            "local_user_name",
+            "valid_user_name",
+        ),
+        "store": (
+            "AuthStore",
+            "load_credentials",
+        ),
+    },
+)

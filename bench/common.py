@@ -37,16 +37,23 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def percentiles(samples: Sequence[float]) -> dict[str, float]:
-    """p50/p99/mean of samples in seconds, reported in milliseconds."""
+SAMPLES = "samples_ms"  # a figure's every sample, in milliseconds as measured: the plots draw them
+
+
+def percentiles(samples: Sequence[float], keep: bool = False) -> dict[str, Any]:
+    """p50/p99/mean of samples in seconds, reported in milliseconds; with ``keep``, the samples
+    too (in the order measured, to 0.001 ms), for the distributions on the page."""
     ordered = sorted(samples)
     p99 = ordered[min(len(ordered) - 1, max(0, round(0.99 * (len(ordered) - 1))))]
-    return {
+    out: dict[str, Any] = {
         "n": len(ordered),
         "p50_ms": statistics.median(ordered) * 1000,
         "p99_ms": p99 * 1000,
         "mean_ms": statistics.fmean(ordered) * 1000,
     }
+    if keep:
+        out[SAMPLES] = [round(s * 1000, 3) for s in samples]
+    return out
 
 
 def cpu_seconds() -> float:
@@ -153,6 +160,7 @@ PRODUCT = (
     "sandboxctl",
     "events",
     "statemachine",
+    "observe",
     "bus",
     "client",
     "auth",

@@ -631,7 +631,7 @@ async def measure_vm(client: SandboxClient, cfg: Config, cycles: int, tag: str, 
             "accelerator": made.spec.accel,
             "memory_mib": made.spec.memory_mib,
             "cpus": made.spec.cpus,
-            "boot": percentiles(boots),
+            "boot": percentiles(boots, keep=True),
             "e2fsck_before_start": percentiles(
                 [s - c for c, s in zip(start["raw_call"], start["raw_driver_sequence"], strict=True)]
             ),
@@ -678,7 +678,7 @@ def outside_figures(verb: str, sides: dict[str, list[float | None]]) -> dict[str
             "start": "launch of qemu from the command, plus ready marker to Ready",
             "create": "disks and launch of qemu from the command, plus ready marker to Ready",
         }.get(verb, "qemu's exit to Stopped"),
-        **{side: percentiles(values) for side, values in seen.items() if values},
+        **{side: percentiles(values, keep=True) for side, values in seen.items() if values},
     }
     if all(seen.values()):
         out["added_p50_ms"] = out["sandboxctl"]["p50_ms"] - out["raw"]["p50_ms"]
@@ -695,8 +695,8 @@ def rss_figures(values: list[int]) -> dict[str, Any]:
 def summarize(
     op: dict[str, list[Any]], recorded: Records, notices: Notices, raw_is: tuple[str, str] | None = None
 ) -> dict[str, Any]:
-    ours = percentiles([s["total"] for s in op["sandboxctl"]])
-    raw = percentiles(op["raw_call"])
+    ours = percentiles([s["total"] for s in op["sandboxctl"]], keep=True)
+    raw = percentiles(op["raw_call"], keep=True)
     driver_seq = percentiles(op["raw_driver_sequence"])
     split = [
         h

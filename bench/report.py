@@ -26,10 +26,21 @@ from typing import Any
 
 # Results from before their benchmark recorded its target: the target it has now.
 from bench.bulk_stop import TARGET_RATIO as BULK_STOP_TARGET_RATIO
-from bench.common import RESULTS, ROOT
+from bench.common import RESULTS, ROOT, SAMPLES
 from bench.engine_latency import TARGET_ADDED_P50_MS
 
-ORDER = ("engine_latency", "throughput", "bulk_stop", "replay", "memory", "lag", "durability", "cluster", "placement")
+ORDER = (
+    "engine_latency",
+    "cli",
+    "throughput",
+    "bulk_stop",
+    "replay",
+    "memory",
+    "lag",
+    "durability",
+    "cluster",
+    "placement",
+)
 INTRO = """# Benchmarks
 
 sandboxctl sits between its users and a container engine; these benchmarks
@@ -109,6 +120,8 @@ def _cell(text: str) -> str:
 def _flatten(prefix: str, value: Any, out: list[tuple[str, str]]) -> None:
     if isinstance(value, dict):
         for k, v in value.items():
+            if k.endswith(SAMPLES):  # the plot shows them; the table gives how many (n)
+                continue
             _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
     elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
         for i, v in enumerate(value):
@@ -435,6 +448,30 @@ def _cluster(r: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def _cli(r: dict[str, Any]) -> list[Row]:
+    rows = []
+    for key, measured, baseline in (
+        ("get", "`sandboxctl get NAME -o json`, wall time p50", "bare nats-py script"),
+        ("stop_start", "`sandboxctl stop X && sandboxctl start X`, wall time p50", "`podman stop && podman start`"),
+    ):
+        case = r["results"][key]
+        rows.append(
+            Row(
+                measured,
+                _ms(case["sandboxctl"]["p50_ms"]),
+                f"{_ms(case['baseline']['p50_ms'])} ({baseline})",
+                _ratio(case["ratio_p50"]),
+                f"≤ {case['target_ratio']:g}{TIMES}",
+                case["target_met"],
+            )
+        )
+    if r["results"].get("cli_import_ms") is not None:
+        rows.append(
+            Row("`import sandboxctl.cli.main`", _ms(r["results"]["cli_import_ms"]), NONE, NONE, "none: reported")
+        )
+    return rows
+
+
 def _placement(r: dict[str, Any]) -> list[Row]:
     base = r["baseline"]["latency"]
     rows = []
@@ -471,6 +508,7 @@ def _placement(r: dict[str, Any]) -> list[Row]:
 
 LAYOUTS: dict[str, Layout] = {
     "engine_latency": Layout("Stop and start latency per engine", _engine_latency, versus="added at p50"),
+    "cli": Layout("The command line against a bare script and podman's CLI", _cli),
     "throughput": Layout("Command throughput", _throughput),
     "bulk_stop": Layout("Bulk stop", _bulk_stop),
     "replay": Layout("Replay: rebuilding the projection from the log", _replay),
@@ -587,7 +625,7 @@ def provenance(name: str, result: dict[str, Any], source: Path | None) -> str:
 # -- the page -------------------------------------------------------------------------------
 
 
-def section(name: str, result: dict[str, Any], source: Path | None = None) -> str:
+def section(name: str, result: dict[str, Any], source: Path | None = None, plot: Path | None = None) -> str:
     layout = LAYOUTS.get(name)
     lines = [f"## {result.get('title') or (layout.title if layout else name)}", ""]
     figures = flattened(result)
@@ -604,6 +642,9 @@ def section(name: str, result: dict[str, Any], source: Path | None = None) -> st
         lines += [*table(layout, rows), ""]
     else:
         lines += [f"Every figure as recorded: {problem}.", "", *figures_table(figures), ""]
+    if plot is not None:
+        title = result.get("title") or (layout.title if layout else name)
+        lines += [f"![{_cell(str(title))}: the distributions]({os.path.relpath(plot.resolve(), DOCS)})", ""]
     lines += [provenance(name, result, source), ""]
     carried = result.get("carried_over")
     if isinstance(carried, dict):
@@ -645,7 +686,10 @@ def unreadable(name: str, source: Path, error: Exception) -> str:
     )
 
 
-def render(results_dir: Path = RESULTS) -> str:
+def render(results_dir: Path = RESULTS, plots: dict[str, Path] | None = None) -> str:
+    """The page, from the results in ``results_dir``, with the ``plots`` drawn from them
+    (bench.plots.draw) under their benchmarks' tables."""
+    plots = plots or {}
     sources = {p.stem: p for p in sorted(results_dir.glob("*.json"))}
     parts = [INTRO]
     for name in (*ORDER, *sorted(set(sources) - set(ORDER))):
@@ -659,7 +703,7 @@ def render(results_dir: Path = RESULTS) -> str:
         except (OSError, ValueError) as exc:
             parts.append(unreadable(name, sources[name], exc))
             continue
-        parts.append(section(name, result, sources[name]))
+        parts.append(section(name, result, sources[name], plots.get(name)))
     extra = DOCS / "benchmarks-analysis.md"
     if extra.exists():
         parts.append(extra.read_text())
@@ -667,8 +711,10 @@ def render(results_dir: Path = RESULTS) -> str:
 
 
 def main() -> None:
+    from bench.plots import draw  # matplotlib: only to write the page, not to render it in a test
+
     out = DOCS / "benchmarks.md"
-    out.write_text(render())
+    out.write_text(render(plots=draw()))
     print(f"wrote {out}")
 
 

@@ -30,15 +30,12 @@ from typing import IO, Any, TypeVar
 from sandboxctl.client import SandboxClient, Unavailable
 from sandboxctl.drivers.base import DriverError, ExecControl
 from sandboxctl.events.envelope import new_id
-from sandboxctl.runtime.config import Config, parse_duration
+from sandboxctl.runtime.config import ANSWER_TIMEOUT, Config, parse_duration
 from sandboxctl.statemachine import Phase
 
 T = TypeVar("T")
 
 EXEC_LEASE_TTL = 60.0  # renewed every 20 s while the command runs; lapses on its own if the CLI dies
-# Seconds the engine may take to answer each request that sets up an exec or a log stream (not the
-# command's run time): a paused or wedged engine is then a one-line error instead of a hang.
-ANSWER_TIMEOUT = 30.0
 
 
 def write(fd: int, chunk: bytes) -> None:

@@ -18,17 +18,14 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import msgspec
 
-from sandboxctl import audit, auth
-from sandboxctl.bus import reading
-from sandboxctl.bus.reading import Point
-from sandboxctl.cli import attach, copy, spec
+from sandboxctl import auth
+from sandboxctl.cli import spec
 from sandboxctl.cli.output import BROKEN_PIPE, EXIT_CODES, HOST_COLUMNS, show
 from sandboxctl.cli.progress import Progress
-from sandboxctl.cli.status import status
 from sandboxctl.client import TERMINAL, PermissionDenied, SandboxClient, SandboxError
 from sandboxctl.events import subjects
 from sandboxctl.events.commands import BulkItem, BulkVerb
@@ -44,10 +41,14 @@ from sandboxctl.events.limits import (
 from sandboxctl.events.queries import ListRequest
 from sandboxctl.events.replies import ErrorCode
 from sandboxctl.observe.address import parse_address as parse_metrics_address
-from sandboxctl.runtime.config import Config, labels_from_pairs, parse_duration
+from sandboxctl.runtime.config import ANSWER_TIMEOUT, Config, labels_from_pairs, parse_duration
 from sandboxctl.runtime.supervise import run_to_exit
-from sandboxctl.services.query import list_problem
-from sandboxctl.statemachine import Phase, validate_name
+from sandboxctl.statemachine.names import validate_name
+from sandboxctl.statemachine.phases import Phase
+from sandboxctl.statemachine.queries import list_problem
+
+if TYPE_CHECKING:
+    from sandboxctl.bus.reading import Point
 
 # The longest a command waits for a phase (--timeout), or top sleeps between screens: a day.
 WAIT_MAX = 86400.0
@@ -217,9 +218,40 @@ METRICS_HELP = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Unused:
+    """Stands in for the parser of a verb that is not being run, and takes every call made to it:
+    argparse builds each parser eagerly, and building all of them costs more than a ``get``."""
+
+    def __getattr__(self, name: str) -> Callable[..., _Unused]:
+        return self._take
+
+    def _take(self, *args: Any, **kwargs: Any) -> _Unused:
+        return self
+
+
+class _Verbs:
+    """The top parser's verbs, of which only ``verb`` (every one, when None) is built."""
+
+    def __init__(self, sub: Any, verb: str | None) -> None:
+        self.sub, self.verb, self.built = sub, verb, False
+
+    def add_parser(self, name: str, **kwargs: Any) -> Any:
+        if self.verb is not None and name != self.verb:
+            return _Unused()
+        self.built = True
+        return self.sub.add_parser(name, **kwargs)
+
+
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line's parser; given the verb being run, that verb's alone (any other
+    word, or none, gets the whole parser, which says what is known)."""
     p = _Parser(prog="sandboxctl", description="Create, stop, start and delete sandboxes.")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    verbs = _Verbs(p.add_subparsers(dest="cmd", required=True), verb)
+    _add_verbs(verbs)
+    return p if verbs.built or verb is None else build_parser()
+
+
+def _add_verbs(sub: _Verbs) -> None:
 
     up = sub.add_parser("up", help="run nats-server, podman and every service on embedded defaults")
     up.add_argument("--port", type=int, default=4222, help="NATS port (default 4222)")
@@ -254,9 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "--engine-timeout",
             type=float,
-            default=attach.ANSWER_TIMEOUT,
+            default=ANSWER_TIMEOUT,
             metavar="S",
-            help=f"seconds the engine may take to answer before {before} (default {attach.ANSWER_TIMEOUT:g})",
+            help=f"seconds the engine may take to answer before {before} (default {ANSWER_TIMEOUT:g})",
         )
 
     def if_seq(sp: argparse.ArgumentParser) -> None:
@@ -571,7 +603,6 @@ def build_parser() -> argparse.ArgumentParser:
     ax.add_argument("--since", metavar="TIME|SEQ")
     ax.add_argument("--until", metavar="TIME|SEQ")
     ax.add_argument("--output", type=Path, help="a file (default: standard output)")
-    return p
 
 
 async def _confirm_delete_all(names: list[str]) -> None:
@@ -738,6 +769,8 @@ def _event_line(seq: int, env: Any) -> str:
 def _point(text: str | None) -> Point | None:
     if text is None:
         return None
+    from sandboxctl import audit
+
     try:
         return audit.parse_point(text)
     except ValueError as exc:
@@ -745,6 +778,8 @@ def _point(text: str | None) -> Point | None:
 
 
 async def _events(client: SandboxClient, args: argparse.Namespace) -> int:
+    from sandboxctl import audit
+
     since = _point(args.since)
     start = since if isinstance(since, int) else 1
     async for seq, envelope in client.events(args.sandbox, start, follow=args.follow):
@@ -805,6 +840,9 @@ async def _admin_only(client: SandboxClient, what: str) -> None:
 
 
 async def _audit(client: SandboxClient, args: argparse.Namespace, config: Config) -> int:
+    from sandboxctl import audit
+    from sandboxctl.bus import reading
+
     js = client.nc.jetstream()
     if args.audit_cmd in ("replay", "verify", "denied"):
         await _admin_only(client, args.audit_cmd)
@@ -894,6 +932,8 @@ async def _attach(client: SandboxClient, args: argparse.Namespace, config: Confi
     """exec, shell and logs. A closed output pipe (``| head``) ends the command (run_main exits 141
     with one line); a signal ends it and exits 128 + the signal; piped standard input reaches
     ``exec``'s command (a terminal does not: like ``docker exec`` without ``-i``)."""
+    from sandboxctl.cli import attach
+
     wait = args.engine_timeout
     try:
         if args.cmd == "logs":
@@ -1007,7 +1047,7 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
     if "--" in argv:
         split = argv.index("--")
         argv, command = argv[:split], argv[split + 1 :]
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv[0] if argv and not argv[0].startswith("-") else None).parse_args(argv)
     _check(args)
     if args.cmd == "completion":  # needs no settings and no server: it works before anything is set up
         from sandboxctl.cli.completion import script
@@ -1054,6 +1094,8 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
     )
     try:
         if args.cmd == "status":
+            from sandboxctl.cli.status import status
+
             return await status(client, args.output, args.wait)
         if args.cmd == "create":
             reply = await client.create(
@@ -1119,6 +1161,8 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
         if args.cmd in ("exec", "shell", "logs"):
             return await _attach(client, args, config, command)
         if args.cmd == "cp":
+            from sandboxctl.cli import copy
+
             try:
                 print(await copy.run_copy(client, config, args.source, args.destination, args.engine_timeout))
             except copy.CopyError as exc:

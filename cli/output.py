@@ -10,8 +10,6 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import yaml
-
 from sandboxctl.client import EXIT_STATUS
 
 # The reader of our output went away (`sandboxctl exec NAME -- yes | head`): the status a shell
@@ -98,6 +96,8 @@ def show(data: Any, output: str, columns: Sequence[str] = TABLE_COLUMNS) -> None
     if output == "json":
         print(json.dumps(moments_as_iso(data), indent=2, default=str))
     elif output == "yaml":
+        import yaml  # asked for seldom, and the slowest of the formats to import
+
         print(yaml.safe_dump(moments_as_iso(data), sort_keys=False, default_flow_style=False).rstrip())
     else:
         print(table(data if isinstance(data, list) else [data], columns))

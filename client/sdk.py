@@ -20,12 +20,8 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from sandboxctl.bus.eventlog import decode_event
-from sandboxctl.bus.hosts import announced, drain, drain_key, key_subject
 from sandboxctl.bus.natsinternals import on_reconnected, server_requires_auth
-from sandboxctl.bus.reading import read_log, read_stream
 from sandboxctl.bus.servers import MAX_PINGS_OUT, PING_INTERVAL, server_urls
-from sandboxctl.bus.tail import Tail, stream_seq
 from sandboxctl.client.errors import (
     FailedPrecondition,
     Internal,
@@ -65,7 +61,6 @@ from sandboxctl.events.commands import (
     command_decoder,
 )
 from sandboxctl.events.envelope import Envelope, encode, new_id
-from sandboxctl.events.lifecycle import SandboxDeleted
 from sandboxctl.events.limits import HOST_MAX, HOST_PATTERN
 from sandboxctl.events.replies import ErrorCode, Reply, reply_decoder
 from sandboxctl.events.spec import Resources
@@ -795,6 +790,8 @@ class SandboxClient:
         ``draining`` False, place them there again. NotFound for a host never announced."""
         if not _HOST.fullmatch(host) or not host:
             raise InvalidArgument(f"host {host[:80]!r}: 1-{HOST_MAX} letters, digits, '-' or '_'")
+        from sandboxctl.bus.hosts import announced, drain, drain_key, key_subject  # only for drain
+
         js = self.nc.jetstream()
         try:
             known = await announced(js, host)
@@ -846,6 +843,10 @@ class SandboxClient:
         server restarts, without a gap or a repeat; without it, it stops at the
         end of the log as it stood when called.
         """
+        from sandboxctl.bus.eventlog import decode_event  # the log's readers alone pay for its decoding
+        from sandboxctl.bus.reading import read_log
+        from sandboxctl.bus.tail import Tail, stream_seq
+
         await self.may_read(subjects.LOG_STREAM)
         js = self.nc.jetstream()
         if not follow:
@@ -870,6 +871,8 @@ class SandboxClient:
         return await self._records(subjects.AUDIT_STREAM, subjects.AUDIT_ALL)
 
     async def _records(self, stream: str, filter_subject: str) -> Rows:
+        from sandboxctl.bus.reading import read_stream
+
         await self.may_read(stream)
         return [
             msgspec.json.decode(m.data)
@@ -948,6 +951,8 @@ class SandboxClient:
 
     async def _deleted_since(self, name: str, seq: int) -> bool:
         """Whether the log holds a Deleted event of ``name`` after ``seq``."""
+        from sandboxctl.events.lifecycle import SandboxDeleted
+
         async for _, envelope in self.events(name, since_seq=seq + 1, follow=False):
             if isinstance(envelope.data, SandboxDeleted):
                 return True

@@ -6,45 +6,50 @@ Nothing in this package performs I/O (but ``python -m sandboxctl.events.asyncapi
 writes the generated contract); every other package imports it.
 """
 
-from sandboxctl.events.commands import (
-    COMMAND_TYPES,
-    AcquireLease,
-    CreateSandbox,
-    DeleteSandbox,
-    PlaceStopHold,
-    ReleaseLease,
-    ReleaseStopHold,
-    RenewLease,
-    SandboxCommand,
-    StartSandbox,
-    StopSandbox,
-    TouchSandbox,
-    WarnSandbox,
-)
-from sandboxctl.events.envelope import Envelope, decode_envelope, encode, new_id, now
-from sandboxctl.events.facts import (
-    FACT_TYPES,
-    ContainerCreated,
-    ContainerExited,
-    ContainerOrphaned,
-    ContainerRemoved,
-    ContainerStarted,
-    DriverFailed,
-    Fact,
-)
-from sandboxctl.events.lifecycle import (
-    EVENT_TYPES,
-    LifecycleEvent,
-    SandboxCreated,
-    SandboxDeleted,
-    SandboxDeleteRequested,
-    SandboxFailed,
-    SandboxReady,
-    SandboxStartRequested,
-    SandboxStopped,
-    SandboxStopRequested,
-)
-from sandboxctl.events.replies import ErrorCode, ErrorInfo, Reply
+from typing import TYPE_CHECKING
+
+from sandboxctl import lazy_exports
+
+if TYPE_CHECKING:
+    from sandboxctl.events.commands import (
+        COMMAND_TYPES,
+        AcquireLease,
+        CreateSandbox,
+        DeleteSandbox,
+        PlaceStopHold,
+        ReleaseLease,
+        ReleaseStopHold,
+        RenewLease,
+        SandboxCommand,
+        StartSandbox,
+        StopSandbox,
+        TouchSandbox,
+        WarnSandbox,
+    )
+    from sandboxctl.events.envelope import Envelope, decode_envelope, encode, new_id, now
+    from sandboxctl.events.facts import (
+        FACT_TYPES,
+        ContainerCreated,
+        ContainerExited,
+        ContainerOrphaned,
+        ContainerRemoved,
+        ContainerStarted,
+        DriverFailed,
+        Fact,
+    )
+    from sandboxctl.events.lifecycle import (
+        EVENT_TYPES,
+        LifecycleEvent,
+        SandboxCreated,
+        SandboxDeleted,
+        SandboxDeleteRequested,
+        SandboxFailed,
+        SandboxReady,
+        SandboxStartRequested,
+        SandboxStopped,
+        SandboxStopRequested,
+    )
+    from sandboxctl.events.replies import ErrorCode, ErrorInfo, Reply
 
 __all__ = [
     "COMMAND_TYPES",
@@ -87,3 +92,58 @@ __all__ = [
     "new_id",
     "now",
 ]
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "commands": (
+            "COMMAND_TYPES",
+            "AcquireLease",
+            "CreateSandbox",
+            "DeleteSandbox",
+            "PlaceStopHold",
+            "ReleaseLease",
+            "ReleaseStopHold",
+            "RenewLease",
+            "SandboxCommand",
+            "StartSandbox",
+            "StopSandbox",
+            "TouchSandbox",
+            "WarnSandbox",
+        ),
+        "envelope": (
+            "Envelope",
+            "decode_envelope",
+            "encode",
+            "new_id",
+            "now",
+        ),
+        "facts": (
+            "FACT_TYPES",
+            "ContainerCreated",
+            "ContainerExited",
+            "ContainerOrphaned",
+            "ContainerRemoved",
+            "ContainerStarted",
+            "DriverFailed",
+            "Fact",
+        ),
+        "lifecycle": (
+            "EVENT_TYPES",
+            "LifecycleEvent",
+            "SandboxCreated",
+            "SandboxDeleted",
+            "SandboxDeleteRequested",
+            "SandboxFailed",
+            "SandboxReady",
+            "SandboxStartRequested",
+            "SandboxStopped",
+            "SandboxStopRequested",
+        ),
+        "replies": (
+            "ErrorCode",
+            "ErrorInfo",
+            "Reply",
+        ),
+    },
+)

@@ -35,6 +35,10 @@ from sandboxctl.runtime.supervise import RESTART_LIMIT, RESTART_WINDOW
 from sandboxctl.statemachine.deadlines import parse_deadlines
 from sandboxctl.statemachine.phases import Phase
 
+# Seconds the engine may take to answer each request that sets up an exec or a log stream (not the
+# command's run time): a paused or wedged engine is then a one-line error instead of a hang.
+ANSWER_TIMEOUT = 30.0
+
 
 def _default_data_dir() -> Path:
     if os.geteuid() == 0:

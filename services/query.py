@@ -74,6 +74,7 @@ from sandboxctl.services.projection import (
 )
 from sandboxctl.statemachine.names import validate_name
 from sandboxctl.statemachine.phases import Phase
+from sandboxctl.statemachine.queries import list_problem
 
 log = logging.getLogger(__name__)
 
@@ -98,21 +99,6 @@ class Behind(Exception):
     def __init__(self, position: int, wanted: int) -> None:
         super().__init__(position, wanted)
         self.position, self.wanted = position, wanted
-
-
-PHASES = frozenset(p.value for p in Phase)
-PHASE_NAMES = ", ".join(p.value for p in Phase)
-
-
-def list_problem(request: ListRequest) -> str:
-    """Why a list request that decoded is still invalid ("" if it is not): an unknown phase, or
-    a cursor that is not a sandbox name. The CLI asks the same before it sends one."""
-    for phase in request.phases:
-        if phase not in PHASES:
-            return f"unknown phase {phase[:40]!r}; phases are {PHASE_NAMES}"
-    if request.after and validate_name(request.after):
-        return f"after must be a sandbox name (the next of the previous page), not {request.after[:40]!r}"
-    return ""
 
 
 def list_request(payload: bytes) -> ListRequest | str:

@@ -5,11 +5,16 @@ No I/O happens here. ``decide`` turns a command into events or a rejection,
 state. Services at the edges feed these from NATS and append their results.
 """
 
-from sandboxctl.statemachine.decider import BACKEND_MISSING, Decision, Rejection, decide, evolve, fold, react
-from sandboxctl.statemachine.machine import IllegalTransition, allowed_sources
-from sandboxctl.statemachine.names import validate_name
-from sandboxctl.statemachine.phases import Phase
-from sandboxctl.statemachine.state import SandboxState
+from typing import TYPE_CHECKING
+
+from sandboxctl import lazy_exports
+
+if TYPE_CHECKING:
+    from sandboxctl.statemachine.decider import BACKEND_MISSING, Decision, Rejection, decide, evolve, fold, react
+    from sandboxctl.statemachine.machine import IllegalTransition, allowed_sources
+    from sandboxctl.statemachine.names import validate_name
+    from sandboxctl.statemachine.phases import Phase
+    from sandboxctl.statemachine.state import SandboxState
 
 __all__ = [
     "BACKEND_MISSING",
@@ -25,3 +30,25 @@ __all__ = [
     "react",
     "validate_name",
 ]
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "decider": (
+            "BACKEND_MISSING",
+            "Decision",
+            "Rejection",
+            "decide",
+            "evolve",
+            "fold",
+            "react",
+        ),
+        "machine": (
+            "IllegalTransition",
+            "allowed_sources",
+        ),
+        "names": ("validate_name",),
+        "phases": ("Phase",),
+        "state": ("SandboxState",),
+    },
+)
