@@ -640,17 +640,9 @@ PAST = {
 
 async def _wait_shown(client: SandboxClient, verb: str, name: str, seq: int, timeout: float) -> None:
     """Wait for ``name`` to be Ready, its phases shown on a terminal as they move."""
-    progress = Progress(verb, 1)
-    try:
-        await client.wait_for(name, Phase.READY, seq, timeout, on_change=_moved(progress, name))
+    with Progress(verb, 1) as progress:
+        await progress.wait(client, name, Phase.READY, seq, timeout)
         progress.done()
-    finally:
-        progress.end()
-
-
-def _moved(progress: Progress, name: str) -> Callable[[dict[str, Any]], None]:
-    """What a wait tells ``progress`` of each row of ``name`` it looks at."""
-    return lambda row: progress.moved(name, str(row.get("phase", "")))
 
 
 async def _bulk_selected(client: SandboxClient, verb: BulkVerb, args: argparse.Namespace) -> int:
@@ -670,7 +662,6 @@ async def _bulk_selected(client: SandboxClient, verb: BulkVerb, args: argparse.N
         host=args.host,
     ):
         items.extend(page.items)
-    progress = Progress(verb, 0 if args.no_wait else len(items))
 
     async def settle(item: BulkItem) -> str | None:
         try:
@@ -678,19 +669,15 @@ async def _bulk_selected(client: SandboxClient, verb: BulkVerb, args: argparse.N
                 return f"{item.code}: {item.message}"
             if item.appended and not args.no_wait:
                 try:
-                    await client.wait_for(
-                        item.name, TERMINAL[verb], item.seq, args.timeout, on_change=_moved(progress, item.name)
-                    )
+                    await progress.wait(client, item.name, TERMINAL[verb], item.seq, args.timeout)
                 except SandboxError as exc:
                     return f"{exc.code}: {exc.message}"
             return None
         finally:
             progress.done()
 
-    try:
+    with Progress(verb, 0 if args.no_wait else len(items)) as progress:
         results = await asyncio.gather(*(settle(item) for item in items))
-    finally:
-        progress.end()
     for item, error in zip(items, results, strict=True):
         if error is not None:
             print(f"sandboxctl: {item.name}: {error}", file=sys.stderr)
@@ -709,7 +696,6 @@ async def _bulk(client: SandboxClient, verb: BulkVerb, args: argparse.Namespace)
     if args.all or args.selector_labels:
         return await _bulk_selected(client, verb, args)
     names = list(args.names)  # names, or --all / --selector: never both (see _check)
-    progress = Progress(verb, 0 if args.no_wait else len(names))
 
     async def one(name: str) -> str | None:
         try:
@@ -727,17 +713,15 @@ async def _bulk(client: SandboxClient, verb: BulkVerb, args: argparse.Namespace)
             else:
                 reply = await client.delete(name, expected_seq=seq)
             if not args.no_wait:
-                await client.wait_for(name, TERMINAL[verb], reply.seq, args.timeout, on_change=_moved(progress, name))
+                await progress.wait(client, name, TERMINAL[verb], reply.seq, args.timeout)
             return None
         except SandboxError as exc:
             return f"{exc.code}: {exc.message}"
         finally:
             progress.done()
 
-    try:
+    with Progress(verb, 0 if args.no_wait else len(names)) as progress:
         results = await asyncio.gather(*(one(n) for n in names))
-    finally:
-        progress.end()
     failed = [(n, r) for n, r in zip(names, results, strict=True) if r is not None]
     for _, reason in failed:
         print(f"sandboxctl: {reason}", file=sys.stderr)

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import IO, Any
+from types import TracebackType
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sandboxctl.client import SandboxClient
+    from sandboxctl.statemachine.phases import Phase
 
 
 def on_terminal(stream: IO[str]) -> bool:
@@ -19,8 +24,9 @@ def on_terminal(stream: IO[str]) -> bool:
 
 
 class Progress:
-    """``total`` sandboxes going to their phase for ``verb``; ``moved`` as each changes, ``done``
-    as each gets there (or fails), ``end`` once all have."""
+    """``total`` sandboxes going to their phase for ``verb``: ``wait`` for each (it shows each
+    phase the sandbox passes through), ``done`` as each gets there or fails; the bar ends with
+    the ``with`` block."""
 
     def __init__(self, verb: str, total: int, stream: IO[str] | None = None) -> None:
         stream = sys.stderr if stream is None else stream
@@ -41,6 +47,20 @@ class Progress:
         )
         self._task = self._bar.add_task(verb, total=total)
         self._bar.start()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        self.end()
+
+    async def wait(
+        self, client: SandboxClient, name: str, target: Phase, after_seq: int, timeout: float
+    ) -> dict[str, Any]:
+        """``client.wait_for`` the sandbox's ``target``, each row looked at on the way shown."""
+        return await client.wait_for(
+            name, target, after_seq, timeout, on_change=lambda row: self.moved(name, str(row.get("phase", "")))
+        )
 
     def moved(self, name: str, phase: str) -> None:
         """``name`` is in ``phase`` now (said once per phase it passes through)."""
