@@ -24,6 +24,7 @@ from sandboxctl.bus.reading import Point, read_events
 from sandboxctl.events import subjects
 from sandboxctl.events.envelope import Envelope
 from sandboxctl.events.lifecycle import SandboxCreated
+from sandboxctl.events.webhooks import type_matches
 from sandboxctl.statemachine import IllegalTransition, Phase, SandboxState, evolve
 
 
@@ -194,14 +195,6 @@ async def replay(
         "events": position,  # the log is never deleted from: its last sequence is its length
         "differences": [msgspec.to_builtins(d) for d in differences],
     }
-
-
-def type_matches(patterns: list[str], type_: str) -> bool:
-    """``stopped``, ``sandbox.stopped`` or the full ``sandboxctl.sandbox.stopped.v1`` all select that type."""
-    if not patterns:
-        return True
-    short = type_.split(".")
-    return any(p == type_ or p in short[2:3] or type_.startswith(f"sandboxctl.{p}") for p in patterns)
 
 
 def selected(

@@ -84,8 +84,20 @@ def _lease(key: str) -> list[str]:
 CORE_STREAMS = (subjects.LOG_STREAM, subjects.FACTS_STREAM, subjects.DEADLETTER_STREAM)
 # Nobody but their owner may delete the services' durable consumers.
 PROTECTED_CONSUMERS = [f"{API}.CONSUMER.DELETE.{subjects.LOG_STREAM}.sandboxctl-driver-{d}" for d in DRIVERS] + [
-    f"{API}.CONSUMER.DELETE.{subjects.FACTS_STREAM}.{STATEMACHINE_CONSUMER}"
+    f"{API}.CONSUMER.DELETE.{subjects.FACTS_STREAM}.{STATEMACHINE_CONSUMER}",
+    f"{API}.CONSUMER.DELETE.{subjects.LOG_STREAM}.{subjects.RELAY_CONSUMER}",
 ]
+
+
+def _webhooks(keys: str) -> list[str]:
+    """What reading the webhooks' bucket takes (bus/webhooks.py: its keys, each entry), making it
+    if missing, and writing the ``keys`` given (a subject pattern under the bucket)."""
+    return [
+        *_stream_reader(subjects.WEBHOOKS_STREAM),
+        f"{API}.STREAM.CREATE.{subjects.WEBHOOKS_STREAM}",
+        f"{API}.DIRECT.GET.{subjects.WEBHOOKS_STREAM}.>",
+        f"$KV.{subjects.WEBHOOKS_BUCKET}.{keys}",
+    ]
 
 
 def _hosts_reader() -> list[str]:
@@ -186,6 +198,21 @@ def component_permissions(
             },
             "subscribe": {"allow": [inbox, subjects.HEALTH]},
         }
+    if component == "webhooks":
+        return {
+            "publish": {
+                "allow": [
+                    *_stream_info(*CORE_STREAMS),
+                    *_stream_reader(subjects.LOG_STREAM),  # a late webhook is caught up from the log
+                    *_durable(subjects.LOG_STREAM, subjects.RELAY_CONSUMER),
+                    *_webhooks(f"{subjects.JOINED_PREFIX}*"),  # it reads every webhook, writes its own marks
+                    f"{subjects.DEADLETTER}.{subjects.RELAY_CONSUMER}.*",
+                    subjects.INBOXES_ALL,
+                ],
+                "deny": protected,
+            },
+            "subscribe": {"allow": [inbox, subjects.HEALTH]},
+        }
     if component == "query":
         return {
             # It answers through allow_responses, and reads a sandbox's history from the log.
@@ -237,6 +264,7 @@ def user_permissions(name: str, roles: Iterable[str], protected: list[str] = PRO
     if has_role(roles, ADMIN):
         publish += [*_stream_reader(subjects.DEADLETTER_STREAM), *_stream_reader(subjects.AUDIT_STREAM)]
         publish += [f"$KV.{subjects.HOSTS_BUCKET}.{DRAIN_PREFIX}*"]  # sandboxctl host drain and undrain
+        publish += _webhooks(">")  # sandboxctl webhook: the webhooks and their secrets are an admin's
         # `sandboxctl top` counts commands; joining the state machine's queue group would steal them.
         subscribe += [subjects.COMMANDS_ALL]
         sub_deny += [f"{subjects.COMMANDS_ALL} sandboxctl-statemachine"]

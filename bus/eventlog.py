@@ -74,8 +74,12 @@ class Failures:
         self._counts.pop(stream_seq(msg), None)
 
 
-async def dead_letter(js: JetStreamContext, consumer: str, msg: Msg, reason: str) -> None:
-    """Record ``msg`` as given up on by ``consumer``, then terminate its delivery."""
+async def dead_letter(
+    js: JetStreamContext, consumer: str, msg: Msg, reason: str, terminate: bool = True, about: str = ""
+) -> None:
+    """Record ``msg`` as given up on by ``consumer``, then terminate its delivery (unless
+    ``terminate`` is False: the webhooks' relay gives up on one webhook of a message, not on the
+    message). ``about`` tells apart records of one message for several such parts."""
     meta = msg.metadata
     record = DeadLettered(
         consumer=consumer,
@@ -92,9 +96,10 @@ async def dead_letter(js: JetStreamContext, consumer: str, msg: Msg, reason: str
         subjects.deadletter(consumer, subjects.name_of(msg.subject)),
         msgspec.json.encode(record),
         subjects.DEADLETTER_STREAM,
-        {"Nats-Msg-Id": f"{consumer}:{meta.stream}:{meta.sequence.stream}"},
+        {"Nats-Msg-Id": f"{consumer}:{meta.stream}:{meta.sequence.stream}" + (f":{about}" if about else "")},
     )
-    await msg.term()
+    if terminate:
+        await msg.term()
 
 
 async def append(js: JetStreamContext, envelope: Envelope, expected_seq: int, timeout: float = ACK_TIMEOUT) -> Ack:

@@ -272,7 +272,7 @@ def _add_verbs(sub: _Verbs) -> None:
         "--only",
         default="",
         metavar="COMPONENT[,...]",
-        help="run only these: statemachine, projector, query, worker, reaper (default: all)",
+        help="run only these: statemachine, projector, query, worker, reaper, webhooks (default: all)",
     )
     serve.add_argument("--metrics", metavar="HOST:PORT", help=METRICS_HELP)
 
@@ -574,6 +574,32 @@ def _add_verbs(sub: _Verbs) -> None:
     )
     comp.add_argument("shell", choices=("bash", "zsh", "fish"))
 
+    wh = sub.add_parser("webhook", help="POST the log's events to URLs, as signed CloudEvents (admin)")
+    whsub = wh.add_subparsers(dest="webhook_cmd", required=True)
+    wa = whsub.add_parser(
+        "add",
+        help="a URL that gets the events from now on",
+        usage="sandboxctl webhook add URL --secret-file F [--type stopped,failed]",
+    )
+    wa.add_argument("url", metavar="URL")
+    wa.add_argument(
+        "--type",
+        action="append",
+        default=[],
+        metavar="TYPE[,TYPE]",
+        help="only these events, as events --type takes them (stopped, failed, sandbox.ready...); default all",
+    )
+    wa.add_argument(
+        "--secret-file",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help="the secret each request is signed with (HMAC-SHA256 of the body, header X-Sandboxctl-Signature-256)",
+    )
+    wl = whsub.add_parser("list", help="the webhooks (never their secrets)")
+    wl.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+    whsub.add_parser("remove", help="stop POSTing to a webhook").add_argument("id", metavar="ID")
+
     dl = sub.add_parser("deadletters", help="messages a consumer gave up on, oldest first")
     dl.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
 
@@ -732,6 +758,34 @@ async def _bulk(client: SandboxClient, verb: BulkVerb, args: argparse.Namespace)
         return EXIT_CODES.get(failed[0][1].split(":", 1)[0], 1)
     if not names:
         print(f"no sandbox to {verb}")
+    return 0
+
+
+def _secret(path: Path) -> str:
+    """The secret in ``path``, without its trailing newline; bounded, and text."""
+    from sandboxctl.events.webhooks import SECRET_MAX
+
+    try:
+        with path.open("rb") as f:
+            data = f.read(SECRET_MAX + 2)
+    except OSError as exc:
+        raise Failure(ErrorCode.INVALID_ARGUMENT, f"--secret-file {path}: {exc.strerror or exc}") from None
+    try:
+        return data.decode().rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise Failure(ErrorCode.INVALID_ARGUMENT, f"--secret-file {path}: not UTF-8 text") from None
+
+
+async def _webhook(client: SandboxClient, args: argparse.Namespace) -> int:
+    if args.webhook_cmd == "add":
+        types = [t for item in args.type for t in item.split(",")]
+        row = await client.add_webhook(args.url, types, _secret(args.secret_file))
+        print(f"webhook {row['id']} added: {row['url']} gets {row['types']} events after log seq {row['after_seq']}")
+    elif args.webhook_cmd == "list":
+        show(await client.webhooks(), args.output, ("id", "url", "types", "after_seq", "created_at", "created_by"))
+    else:
+        await client.remove_webhook(args.id)
+        print(f"webhook {args.id} removed")
     return 0
 
 
@@ -1180,6 +1234,8 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
             return 0
         if args.cmd == "events":
             return await _events(client, args)
+        if args.cmd == "webhook":
+            return await _webhook(client, args)
         if args.cmd == "deadletters":
             items = await client.dead_letters()
             show(items, args.output, ("stream_seq", "time", "consumer", "subject", "deliveries", "reason"))

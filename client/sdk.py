@@ -184,6 +184,19 @@ class Denials:
 Rows = list[dict[str, Any]]  # what list and history return (``list`` is a method of the client, too)
 
 
+def _webhook_row(hook: Any, joined: bool) -> dict[str, Any]:
+    """What ``webhook list`` shows of a webhook: everything but its secret."""
+    return {
+        "id": hook.id,
+        "url": hook.url,
+        "types": ",".join(hook.types) or "all",
+        "after_seq": hook.after_seq,
+        "created_at": hook.created_at,
+        "created_by": hook.created_by,
+        "joined": joined,
+    }
+
+
 def _phase(phase: Phase | str) -> Phase:
     try:
         return Phase(phase)
@@ -814,6 +827,71 @@ class SandboxClient:
         finally:
             self.denials.forget(subject, refused)
             work.cancel()
+
+    async def webhooks(self) -> Rows:
+        """Every webhook (admin only): its id, URL, event types, the log position it was added at,
+        who added it and when, and whether the relay has joined it. Never its secret."""
+        from sandboxctl.bus.webhooks import webhooks
+
+        await self.may_read(subjects.WEBHOOKS_STREAM)
+        try:
+            hooks, joined = await webhooks(self.nc.jetstream())
+        except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.APIError) as exc:
+            raise Unavailable(f"the webhooks' bucket did not answer: {exc!r}") from exc
+        return [_webhook_row(h, h.id in joined) for h in sorted(hooks.values(), key=lambda h: (h.created_at, h.id))]
+
+    async def add_webhook(self, url: str, types: Iterable[str], secret: str) -> dict[str, Any]:
+        """Add a webhook (admin only) that gets the log's events from now on, those of ``types``
+        (``events --type`` patterns; none: all), signed with ``secret``. Returns its row."""
+        import secrets as tokens
+        from datetime import UTC, datetime
+
+        from sandboxctl.bus.webhooks import add_webhook, webhooks_bucket
+        from sandboxctl.events.lifecycle import EVENT_TYPES
+        from sandboxctl.events.webhooks import SECRET_MAX, SECRET_MIN, Webhook, types_problem, url_problem
+
+        types = [t.strip() for t in types if t.strip()]
+        problem = url_problem(url) or types_problem(types, [*EVENT_TYPES])
+        if not problem and not SECRET_MIN <= len(secret) <= SECRET_MAX:
+            problem = f"the secret must be {SECRET_MIN} to {SECRET_MAX} characters, not {len(secret)}"
+        if problem:
+            raise InvalidArgument(f"webhook: {problem}")
+        await self.may_read(subjects.WEBHOOKS_STREAM)
+        js = self.nc.jetstream()
+        try:
+            head = (await js.stream_info(subjects.LOG_STREAM)).state.last_seq
+            hook = Webhook(
+                id=tokens.token_hex(6),
+                url=url,
+                types=types,
+                secret=secret,
+                after_seq=head,
+                created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+                created_by=self.actor or self.user,
+            )
+            await add_webhook(await webhooks_bucket(js), hook)
+        except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.APIError) as exc:
+            raise Unavailable(
+                f"the webhooks' bucket did not answer ({exc!r}): the webhook may or may not be added"
+            ) from exc
+        return _webhook_row(hook, False)
+
+    async def remove_webhook(self, hook_id: str) -> None:
+        """Remove a webhook (admin only); NotFound if there is none of that id."""
+        from sandboxctl.bus.webhooks import remove_webhook, webhooks_bucket
+        from sandboxctl.events.webhooks import ID_PATTERN
+
+        if not re.fullmatch(ID_PATTERN, hook_id):
+            raise InvalidArgument(f"webhook id {hook_id[:80]!r}: 12 hexadecimal digits, as webhook list shows")
+        await self.may_read(subjects.WEBHOOKS_STREAM)
+        try:
+            removed = await remove_webhook(await webhooks_bucket(self.nc.jetstream()), hook_id)
+        except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.APIError) as exc:
+            raise Unavailable(
+                f"the webhooks' bucket did not answer ({exc!r}): {hook_id} may or may not be removed"
+            ) from exc
+        if not removed:
+            raise NotFound(f"no webhook {hook_id} (sandboxctl webhook list lists them)")
 
     async def hosts(self) -> Rows:
         """Every host announced, in name order: its announcement (engines, capacity, labels), how

@@ -58,6 +58,13 @@ LEASES_STREAM = f"KV_{LEASES_BUCKET}"
 # heartbeat; an entry not renewed for the heartbeat window is lost. A bucket of its own.
 HOSTS_BUCKET = "sandboxctl-hosts"
 HOSTS_STREAM = f"KV_{HOSTS_BUCKET}"
+# Webhooks (events/webhooks.py): ``hook.<id>`` each webhook, written by admins; ``joined.<id>``
+# the relay's mark that it has caught the webhook up with the log.
+WEBHOOKS_BUCKET = "sandboxctl-webhooks"
+WEBHOOKS_STREAM = f"KV_{WEBHOOKS_BUCKET}"
+WEBHOOK_PREFIX = "hook."
+JOINED_PREFIX = "joined."
+RELAY_CONSUMER = "sandboxctl-webhooks"  # the relay's durable consumer of the log
 REAPER_LEASE = "reaper"  # the key the reapers take turns on: one acts, the others stand by
 
 

@@ -67,6 +67,12 @@ REAPER_ACTIONS = Counter(
     "and outcome.",
     ("action", "outcome"),
 )
+WEBHOOK_DELIVERIES = Counter(
+    "sandboxctl_webhook_deliveries",
+    "Webhook requests by outcome: delivered (a 2xx answer), failed (a try that will be retried or "
+    "dead-lettered), dead_lettered (given up on after the relay's tries).",
+    ("outcome",),
+)
 LOG_HEAD = Gauge("sandboxctl_log_head", "The log's last sequence, as this process last asked.")
 LOG_POSITION = Gauge(
     "sandboxctl_log_position", "The highest log sequence each reader of the log has folded, by service.", ("service",)

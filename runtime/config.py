@@ -91,6 +91,12 @@ class Config:
     idle_timeout: float = 0.0
     idle_grace: float = 60.0
     reaper_interval: float = 1.0
+    # The webhooks' relay (services/webhooks.py): tries per delivery before it is dead-lettered,
+    # the first wait between tries (doubling up to webhook_backoff_max), and each try's timeout.
+    webhook_attempts: int = 6
+    webhook_backoff: float = 0.5
+    webhook_backoff_max: float = 10.0
+    webhook_timeout: float = 5.0
     # The state machine writes its snapshot once the log has grown this many entries past the last.
     snapshot_every: int = SNAPSHOT_EVERY
     # Supervision (runtime/supervise.py): a service or a process sandboxctl runs that fails more
@@ -178,6 +184,17 @@ class Config:
         cfg.user, cfg.password = _credentials(env, cfg.auth_path)
         cfg.idle_timeout = parse_duration(env.get("SANDBOXCTL_IDLE_TIMEOUT", "0"))
         cfg.idle_grace = parse_duration(env.get("SANDBOXCTL_IDLE_GRACE", "60"))
+        cfg.webhook_attempts = _bounded(env, "SANDBOXCTL_WEBHOOK_ATTEMPTS", 1, 100) or cfg.webhook_attempts
+        for key, attribute in (
+            ("SANDBOXCTL_WEBHOOK_BACKOFF", "webhook_backoff"),
+            ("SANDBOXCTL_WEBHOOK_BACKOFF_MAX", "webhook_backoff_max"),
+            ("SANDBOXCTL_WEBHOOK_TIMEOUT", "webhook_timeout"),
+        ):
+            if env.get(key, "").strip():
+                seconds = parse_duration(env[key])
+                if not 0 < seconds <= 300:
+                    raise ValueError(f"{key} must be above 0 and at most 5m, not {env[key]!r}")
+                setattr(cfg, attribute, seconds)
         if "SANDBOXCTL_RESTART_LIMIT" in env:
             cfg.restart_limit = max(0, int(env["SANDBOXCTL_RESTART_LIMIT"]))
         if "SANDBOXCTL_RESTART_WINDOW" in env:

@@ -81,6 +81,7 @@ from sandboxctl.services.projector import Projector
 from sandboxctl.services.query import QueryService
 from sandboxctl.services.reaper import Reaper
 from sandboxctl.services.statemachine import StateMachineService
+from sandboxctl.services.webhooks import WebhookRelay
 from sandboxctl.services.worker import DriverWorker
 
 log = logging.getLogger(__name__)
@@ -609,7 +610,7 @@ def _nats_error(name: str) -> Callable[[Exception], Any]:
 
 # The services one process can run; ``sandboxctl serve --only`` picks some, so each can be
 # deployed, scaled and killed on its own.
-COMPONENTS = ("statemachine", "projector", "query", "worker", "reaper")
+COMPONENTS = ("statemachine", "projector", "query", "worker", "reaper", "webhooks")
 BACKLOG_EVERY = 5.0  # seconds between looks at the consumers' backlogs (a JetStream request each)
 BACKLOG_ANSWER = 2.0  # seconds one such request may take, else its gauges keep their last values
 
@@ -777,6 +778,21 @@ class ControlPlane:
                 return Reaper(nc, grace=config.idle_grace, interval=config.reaper_interval, user=user), nc
 
             made.append(("reaper", reaper))
+        if "webhooks" in self.components:
+
+            async def relay() -> tuple[Any, NATS]:
+                nc = await self._connect("webhooks")
+                service = WebhookRelay(
+                    nc,
+                    attempts=config.webhook_attempts,
+                    backoff=config.webhook_backoff,
+                    backoff_max=config.webhook_backoff_max,
+                    timeout=config.webhook_timeout,
+                    replicas=config.replicas,
+                )
+                return service, nc
+
+            made.append(("webhooks", relay))
         return made
 
     async def start(self) -> ControlPlane:

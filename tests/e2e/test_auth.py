@@ -300,7 +300,16 @@ async def test_up_makes_the_credentials_and_user_add_admits_a_new_user(
                 banner += line
         auth = data / "auth"
         made = sorted(p.name for p in (auth / "credentials").iterdir())
-        components = ("statemachine", "projector", "query", "reaper", "driver-podman", "driver-docker", "driver-vm")
+        components = (
+            "statemachine",
+            "projector",
+            "query",
+            "reaper",
+            "webhooks",
+            "driver-podman",
+            "driver-docker",
+            "driver-vm",
+        )
         assert made == sorted(["local-op.json", *(f"{component_user(c)}.json" for c in components)])
         for path in [*(auth / "credentials").iterdir(), auth / "users.json", auth / "server.conf"]:
             assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
