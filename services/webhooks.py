@@ -27,7 +27,7 @@ import contextlib
 import logging
 from urllib.parse import quote
 
-import aiohttp
+import httpx
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -95,16 +95,14 @@ class WebhookRelay:
         self.tasks: list[asyncio.Task[None]] = []
         self._changed = asyncio.Event()
         self._pull: Pull | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._session: httpx.AsyncClient | None = None
 
     async def start(self) -> None:
         await ensure_streams(self.js)
         await webhooks_bucket(self.js, self.replicas)
         self.kv = await self.js.key_value(subjects.WEBHOOKS_BUCKET)
-        # No cookies, no redirects followed: a webhook is its URL.
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.timeout), cookie_jar=aiohttp.DummyCookieJar()
-        )
+        # No redirects followed, no proxy or netrc from the environment: a webhook is its URL.
+        self._session = httpx.AsyncClient(timeout=self.timeout, follow_redirects=False, trust_env=False)
         self.tasks.append(asyncio.create_task(self._watch(), name="webhook-watch"))
         self.tasks.append(asyncio.create_task(self._run(), name="webhook-relay"))
         log.info("webhook relay ready")
@@ -116,7 +114,7 @@ class WebhookRelay:
         if self._pull is not None:
             await self._pull.close()
         if self._session is not None:
-            await self._session.close()
+            await self._session.aclose()
 
     def _budget(self) -> float:
         """The longest one delivery may take, every attempt and wait included."""
@@ -214,12 +212,12 @@ class WebhookRelay:
         problem = ""
         for attempt in range(1, self.attempts + 1):
             try:
-                async with self._session.post(hook.url, data=body, headers=signed, allow_redirects=False) as answer:
-                    if 200 <= answer.status < 300:
-                        metrics.WEBHOOK_DELIVERIES.labels("delivered").inc()
-                        return
-                    problem = f"HTTP {answer.status} {answer.reason or ''}".strip()
-            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                answer = await self._session.post(hook.url, content=body, headers=signed)
+                if 200 <= answer.status_code < 300:
+                    metrics.WEBHOOK_DELIVERIES.labels("delivered").inc()
+                    return
+                problem = f"HTTP {answer.status_code} {answer.reason_phrase}".strip()
+            except (httpx.HTTPError, ValueError) as exc:
                 problem = f"{type(exc).__name__}: {exc}"[:300]
             metrics.WEBHOOK_DELIVERIES.labels("failed").inc()
             if attempt < self.attempts:

@@ -11,12 +11,13 @@ import dataclasses
 import hashlib
 import hmac
 import json
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from sandboxctl.auth import AuthStore
 from sandboxctl.bus.webhooks import add_webhook, webhooks_bucket
@@ -24,7 +25,7 @@ from sandboxctl.client import PermissionDenied, SandboxClient
 from sandboxctl.events import subjects
 from sandboxctl.events.webhooks import SIGNATURE_HEADER, Webhook
 from sandboxctl.runtime.config import Config
-from sandboxctl.runtime.embedded import COMPONENTS, ControlPlane, NatsServer, free_port
+from sandboxctl.runtime.embedded import COMPONENTS, ControlPlane, NatsServer
 from tests.authkit import ADMIN_USER, auth_config, make_store
 from tests.conftest import CLI
 
@@ -32,41 +33,52 @@ SECRET = "a-shared-secret-of-some-length"
 
 
 class Receiver:
-    """An HTTP server that records every POST; ``failing`` answers the next so many with 500,
-    a path in ``down`` is answered 500 for as long as it is there."""
+    """An HTTP server (the standard library's, on a thread) that records every POST; ``failing``
+    answers the next so many with 500, a path in ``down`` is answered 500 while it is there."""
 
     def __init__(self) -> None:
-        self.port = free_port()
         self.requests: list[tuple[str, dict[str, str], bytes]] = []
         self.failing = 0
         self.down: set[str] = set()
         self.refused = 0
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                path = self.path.lstrip("/")
+                with receiver._lock:
+                    refuse = receiver.failing > 0 or path in receiver.down
+                    if refuse:
+                        receiver.failing = max(0, receiver.failing - 1)
+                        receiver.refused += 1
+                    else:
+                        receiver.requests.append((path, dict(self.headers.items()), body))
+                self.send_response(500 if refuse else 204)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
 
     async def start(self) -> Receiver:
-        app = web.Application()
-        app.router.add_post("/{path}", self._post)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
 
     async def stop(self) -> None:
-        await self.runner.cleanup()
+        await asyncio.to_thread(self.server.shutdown)
+        self.server.server_close()
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}/{path}"
 
-    async def _post(self, request: web.Request) -> web.Response:
-        path = request.match_info["path"]
-        if self.failing > 0 or path in self.down:
-            self.failing = max(0, self.failing - 1)
-            self.refused += 1
-            return web.Response(status=500, text="not now")
-        self.requests.append((path, dict(request.headers), await request.read()))
-        return web.Response(status=204)
-
     def got(self, path: str, name: str) -> list[tuple[dict[str, str], bytes]]:
-        return [(h, b) for p, h, b in self.requests if p == path and h.get("ce-subject") == name]
+        with self._lock:
+            return [(h, b) for p, h, b in self.requests if p == path and h.get("ce-subject") == name]
 
 
 async def until(check: Any, what: str, timeout: float = 30.0) -> None:
