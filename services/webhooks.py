@@ -91,7 +91,9 @@ class WebhookRelay:
         self.replicas = replicas
         self.hooks: dict[str, Webhook] = {}
         self.joined: set[str] = set()
-        self.position = 0  # the last log sequence handled
+        # The last log sequence handled; None while there is no webhook and so nothing to read
+        # (the health report then counts no position, rather than one that never moves).
+        self.position: int | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self._changed = asyncio.Event()
         self._pull: Pull | None = None
