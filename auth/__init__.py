@@ -24,7 +24,7 @@ from sandboxctl import lazy_exports
 
 if TYPE_CHECKING:
     from sandboxctl.auth.authorizer import Authorizer, check, record_denied
-    from sandboxctl.auth.permissions import component_permissions, permissions, server_conf, user_permissions
+    from sandboxctl.auth.permissions import component_permissions, server_conf, user_permissions
     from sandboxctl.auth.roles import (
         ADMIN,
         COMPONENT_PREFIX,
@@ -66,7 +66,6 @@ __all__ = [
     "is_host_worker",
     "load_credentials",
     "local_user_name",
-    "permissions",
     "record_denied",
     "server_conf",
     "user_permissions",
@@ -81,9 +80,9 @@ __getattr__, __dir__ = lazy_exports(
             "check",
             "record_denied",
         ),
+        # Not ``permissions`` itself: that is the submodule's name, which importing it binds here.
         "permissions": (
             "component_permissions",
-            "permissions",
             "server_conf",
             "user_permissions",
         ),

@@ -174,6 +174,12 @@ class Pull:
         except Exception as exc:  # the pin times out anyway
             log.info("pull %s: could not give up pin %s: %r", self._durable, pin, exc)
 
+    def progressed(self) -> None:
+        """The reader finished one message of its batch: it is working, not stuck (MAX_BUSY counts
+        from here). A reader whose every message may take long (the webhooks' relay) says so."""
+        if self._busy_since:
+            self._busy_since = time.monotonic()
+
     async def close(self) -> None:
         sub, self._sub = self._sub, None
         if sub is not None:

@@ -63,6 +63,11 @@ def url_problem(url: str) -> str:
         return f"the URL must be http:// or https://, not {parts.scheme or 'none'}"
     if not parts.hostname:
         return "the URL has no host"
+    if not parts.hostname.startswith("["):
+        try:
+            parts.hostname.encode("idna")
+        except UnicodeError:
+            return f"the URL's host {parts.hostname[:80]!r} is not a valid name"
     if parts.username is not None or parts.password is not None:
         return "the URL must not carry credentials (put the shared secret in --secret-file)"
     return ""

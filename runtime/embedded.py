@@ -778,7 +778,12 @@ class ControlPlane:
                 return Reaper(nc, grace=config.idle_grace, interval=config.reaper_interval, user=user), nc
 
             made.append(("reaper", reaper))
-        if "webhooks" in self.components:
+        relay_user = component_user("webhooks")
+        if "webhooks" in self.components and self.auth_enabled and not self.auth.credentials_path(relay_user).exists():
+            # Users made by an earlier version: `up` adds the relay's on its next start; a server
+            # run by its operator needs `sandboxctl up` once, or the user added by hand.
+            log.warning("webhooks: no credentials for %s in %s; the relay does not run", relay_user, self.auth.root)
+        elif "webhooks" in self.components:
 
             async def relay() -> tuple[Any, NATS]:
                 nc = await self._connect("webhooks")

@@ -49,7 +49,7 @@ RELAY_GROUP = "webhooks"
 PIN_TIMEOUT = 5.0  # seconds after which a standby relay takes over from a silent one
 BATCH = 8  # events read ahead of the one being delivered
 # Safe in a header value as it is (CloudEvents' HTTP binding percent-encodes everything else).
-_HEADER_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '%"') + " "
+_HEADER_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '%"')
 
 
 def cloudevent_headers(envelope: Envelope, seq: int) -> dict[str, str]:
@@ -114,6 +114,7 @@ class WebhookRelay:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         if self._pull is not None:
+            await self._pull.release()  # a standby relay takes over at once
             await self._pull.close()
         if self._session is not None:
             await self._session.aclose()
@@ -156,18 +157,25 @@ class WebhookRelay:
             subjects.RELAY_CONSUMER, subjects.LOG_ALL, ack_wait=BATCH * self._budget() + 30.0, max_ack_pending=BATCH
         )
         self._pull = Pull(self.js, subjects.LOG_STREAM, config, batch=BATCH, group=RELAY_GROUP, pin_timeout=PIN_TIMEOUT)
-        async for msgs in self._pull.batches():
+        pull = self._pull
+        async for msgs in pull.batches():
             for msg in msgs:
-                try:
-                    await self._handle(msg)
-                except Exception:  # not acknowledged: it comes again after the ack wait
-                    reraise_if_cancelling()
-                    log.exception("webhook relay: log seq %d failed; it will come again", stream_seq(msg))
-                    await asyncio.sleep(1.0)
+                # In place until it is done: an event is never passed over, nor handled out of order.
+                while True:
+                    try:
+                        await self._handle(msg)
+                        break
+                    except Exception:
+                        reraise_if_cancelling()
+                        log.exception("webhook relay: log seq %d failed; trying it again", stream_seq(msg))
+                        with contextlib.suppress(Exception):
+                            await msg.in_progress()
+                        await asyncio.sleep(1.0)
+                pull.progressed()
 
     async def _handle(self, msg: Msg) -> None:
         seq = stream_seq(msg)
-        await self._join_new(seq)
+        await self._join_new(seq, msg)
         try:
             envelope = decode_event(msg.data)
         except DecodeError as exc:
@@ -178,15 +186,17 @@ class WebhookRelay:
         await msg.ack()
         self.position = seq
 
-    async def _join_new(self, seq: int) -> None:
-        """Catch each webhook not joined yet up with the events before ``seq`` it wants (those
-        after the position it was added at that the relay passed before it saw the webhook),
-        then mark it joined: the consumer carries it from ``seq`` on."""
+    async def _join_new(self, seq: int, current: Msg) -> None:
+        """Catch each webhook not joined yet up with the events it wants that the relay has passed
+        (after the position it was added at, up to the furthest of ``seq - 1`` and what was handled
+        already: ``seq`` may come again after a failure), then mark it joined: the consumer carries
+        it from there. The ``current`` event is kept from redelivery meanwhile."""
+        passed = max(seq - 1, self.position or 0)
         for hook in [h for h in list(self.hooks.values()) if h.id not in self.joined]:
-            if seq - 1 > hook.after_seq:
-                log.info("webhook %s: catching up from log seq %d to %d", hook.id, hook.after_seq + 1, seq - 1)
+            if passed > hook.after_seq:
+                log.info("webhook %s: catching up from log seq %d to %d", hook.id, hook.after_seq + 1, passed)
                 async for batch in read_stream(
-                    self.js, subjects.LOG_STREAM, subjects.LOG_ALL, hook.after_seq + 1, seq - 1
+                    self.js, subjects.LOG_STREAM, subjects.LOG_ALL, hook.after_seq + 1, passed
                 ):
                     for old in batch:
                         try:
@@ -194,7 +204,10 @@ class WebhookRelay:
                         except DecodeError:
                             continue
                         await self._deliver_all(old, stream_seq(old), envelope, [hook], durable=False)
-            await mark_joined(self.kv, hook.id, seq - 1)
+                        await current.in_progress()
+                        if self._pull is not None:
+                            self._pull.progressed()
+            await mark_joined(self.kv, hook.id, passed)
             self.joined.add(hook.id)
 
     async def _deliver_all(self, msg: Msg, seq: int, envelope: Envelope, hooks: list[Webhook], durable: bool) -> None:
@@ -204,7 +217,12 @@ class WebhookRelay:
         if wanted:
             body = msgspec.json.encode(envelope.data)
             headers = cloudevent_headers(envelope, seq)
-            await asyncio.gather(*(self._deliver(h, msg, seq, body, headers, durable) for h in wanted))
+            results = await asyncio.gather(
+                *(self._deliver(h, msg, seq, body, headers, durable) for h in wanted), return_exceptions=True
+            )
+            for result in results:  # every delivery has ended: none goes on beside the next event
+                if isinstance(result, BaseException):
+                    raise result
 
     async def _deliver(
         self, hook: Webhook, msg: Msg, seq: int, body: bytes, headers: dict[str, str], durable: bool
@@ -214,12 +232,17 @@ class WebhookRelay:
         problem = ""
         for attempt in range(1, self.attempts + 1):
             try:
-                answer = await self._session.post(hook.url, content=body, headers=signed)
-                if 200 <= answer.status_code < 300:
+                # The whole try within the timeout (httpx's bounds each step, not the request), and
+                # the answer's body is never read: its status is all that counts.
+                async with asyncio.timeout(self.timeout):
+                    async with self._session.stream("POST", hook.url, content=body, headers=signed) as answer:
+                        status, reason = answer.status_code, answer.reason_phrase
+                if 200 <= status < 300:
                     metrics.WEBHOOK_DELIVERIES.labels("delivered").inc()
                     return
-                problem = f"HTTP {answer.status_code} {answer.reason_phrase}".strip()
-            except (httpx.HTTPError, ValueError) as exc:
+                problem = f"HTTP {status} {reason}".strip()
+            except Exception as exc:  # any failure is a failed try: a bad URL, a reset, a timeout
+                reraise_if_cancelling()
                 problem = f"{type(exc).__name__}: {exc}"[:300]
             metrics.WEBHOOK_DELIVERIES.labels("failed").inc()
             if attempt < self.attempts:

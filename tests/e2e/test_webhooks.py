@@ -261,7 +261,9 @@ async def test_a_webhook_the_relay_sees_after_passing_its_position_is_caught_up_
         await asyncio.sleep(0.5)  # the relay sees it now, and catches it up at the next event
         reply = await client.stop(name, timeout=1)
         await client.wait_for(name, "Stopped", reply.seq, timeout=60)
-        await until(lambda: len(receiver.got("caught", name)) == len(receiver.got("first", name)), "the catch-up")
+        stopped = "sandboxctl.sandbox.stopped.v1"
+        for path in ("first", "caught"):
+            await until(lambda p=path: [h for h, _ in receiver.got(p, name) if h["ce-type"] == stopped], path)
         got = receiver.got("caught", name)
         sequences = [int(h["ce-sequence"]) for h, _ in got]
         assert sequences == sorted(set(sequences)), sequences  # in order, each once
