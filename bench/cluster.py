@@ -52,6 +52,7 @@ from sandboxctl.events.commands import CreateSandbox, UpdateSandbox
 from sandboxctl.events.envelope import Envelope, encode, new_id, now, type_name
 from sandboxctl.events.facts import ContainerStarted
 from sandboxctl.events.health import ServiceHealth
+from sandboxctl.events.limits import SNAPSHOT_EVERY
 from sandboxctl.events.replies import reply_decoder
 from sandboxctl.runtime import health
 from sandboxctl.runtime.embedded import ClusterNode, NatsServer, free_port
@@ -253,7 +254,7 @@ async def with_and_without(
     timed from its start to its first answer at the log's head (``answered``), with the snapshot
     and again without it."""
     head = (await nc.jetstream().stream_info(subjects.LOG_STREAM)).state.last_seq
-    first = service("writer", SANDBOXCTL_SNAPSHOT_EVERY=str(min(snapshots.SNAPSHOT_EVERY, events // 2)))
+    first = service("writer", SANDBOXCTL_SNAPSHOT_EVERY=str(min(SNAPSHOT_EVERY, events // 2)))
     await asyncio.to_thread(first.start)
     while True:  # the first writes a snapshot of the whole log, in the background
         try:

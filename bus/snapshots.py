@@ -35,10 +35,6 @@ from sandboxctl.statemachine import SandboxState
 log = logging.getLogger(__name__)
 
 FORMAT = 1
-# A snapshot is written once the log has grown this many entries past the last one: an instance
-# that starts folds at most about this many entries after reading it (a state machine folds about
-# 90,000 a second). SANDBOXCTL_SNAPSHOT_EVERY sets another.
-SNAPSHOT_EVERY = 20_000
 OBJECT = "statemachine"  # the object the state machine's snapshot is, replaced by each new one
 
 

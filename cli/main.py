@@ -42,7 +42,7 @@ from sandboxctl.events.queries import ListRequest
 from sandboxctl.events.replies import ErrorCode
 from sandboxctl.observe.address import parse_address as parse_metrics_address
 from sandboxctl.runtime.config import ANSWER_TIMEOUT, Config, labels_from_pairs, parse_duration
-from sandboxctl.runtime.supervise import run_to_exit
+from sandboxctl.runtime.process import run_to_exit
 from sandboxctl.statemachine.names import validate_name
 from sandboxctl.statemachine.phases import Phase
 from sandboxctl.statemachine.queries import list_problem

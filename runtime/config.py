@@ -16,7 +16,6 @@ from pathlib import Path
 
 from sandboxctl.auth import load_credentials, local_user_name
 from sandboxctl.bus.servers import server_urls
-from sandboxctl.bus.snapshots import SNAPSHOT_EVERY
 from sandboxctl.events.hosts import HEARTBEAT_DEFAULT, HEARTBEAT_MAX, HEARTBEAT_MIN
 from sandboxctl.events.limits import (
     CPUS_MAX,
@@ -29,11 +28,16 @@ from sandboxctl.events.limits import (
     LABELS_MAX,
     MEMORY_MAX,
     MEMORY_MIN,
+    SNAPSHOT_EVERY,
 )
 from sandboxctl.observe import address as metrics_address
-from sandboxctl.runtime.supervise import RESTART_LIMIT, RESTART_WINDOW
 from sandboxctl.statemachine.deadlines import parse_deadlines
 from sandboxctl.statemachine.phases import Phase
+
+# Failures of one service or process within RESTART_WINDOW seconds that are restarted in place;
+# one more, and the process gives up (exits non-zero) for an outer supervisor to take over.
+RESTART_LIMIT = 5
+RESTART_WINDOW = 60.0
 
 # Seconds the engine may take to answer each request that sets up an exec or a log stream (not the
 # command's run time): a paused or wedged engine is then a one-line error instead of a hang.

@@ -66,6 +66,7 @@ from sandboxctl.events.envelope import Envelope, encode, new_id, now, type_name
 from sandboxctl.events.facts import Fact
 from sandboxctl.events.hosts import HEARTBEAT_DEFAULT
 from sandboxctl.events.lifecycle import LifecycleEvent
+from sandboxctl.events.limits import SNAPSHOT_EVERY
 from sandboxctl.events.replies import ErrorCode, Reply, error_reply
 from sandboxctl.observe import metrics
 from sandboxctl.statemachine import Phase, Rejection, SandboxState, decide, evolve, react, validate_name
@@ -121,7 +122,7 @@ APPEND_PATIENCE = 5.0
 # answered soon after the election rather than a whole ack timeout later. An ack that is merely
 # slow costs a look-up, never a second copy: the append's id is the command's.
 ATTEMPT_TIMEOUT = 1.0
-SNAPSHOT_CHECK = 5.0  # seconds between looks at whether a snapshot is due (snapshots.SNAPSHOT_EVERY)
+SNAPSHOT_CHECK = 5.0  # seconds between looks at whether a snapshot is due (SNAPSHOT_EVERY)
 HOSTS_READ = 5.0  # seconds a starting state machine waits to have read the hosts announced
 
 
@@ -204,7 +205,7 @@ class StateMachineService:
         authorizer: Authorizer | None = None,
         idle_timeout: float = 0.0,
         bulk_behind: int = BULK_BEHIND,
-        snapshot_every: int = snapshots.SNAPSHOT_EVERY,
+        snapshot_every: int = SNAPSHOT_EVERY,
         snapshot_check: float = SNAPSHOT_CHECK,
         place: bool = False,
     ) -> None:

@@ -24,7 +24,7 @@ def test_up_never_gives_up_and_serve_leaves_it_to_its_outer_supervisor() -> None
 # interpreter's exit) waiting for ever.
 _LINGERING = """
 import asyncio, sys, threading, time
-from sandboxctl.runtime.supervise import run_to_exit
+from sandboxctl.runtime.process import run_to_exit
 
 async def stubborn() -> None:
     while True:
@@ -67,7 +67,7 @@ def test_a_process_with_nothing_left_exits_normally() -> None:
     import subprocess
     import sys
 
-    script = "import sys\nfrom sandboxctl.runtime.supervise import run_to_exit\n"
+    script = "import sys\nfrom sandboxctl.runtime.process import run_to_exit\n"
     script += "async def main() -> int:\n    return 4\nsys.exit(run_to_exit(main()))\n"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
     assert (done.returncode, done.stderr) == (4, "")
@@ -75,7 +75,7 @@ def test_a_process_with_nothing_left_exits_normally() -> None:
 
 _PROMPT = """
 import asyncio, sys
-from sandboxctl.runtime.supervise import run_to_exit
+from sandboxctl.runtime.process import run_to_exit
 
 async def main() -> int:
     print("Type yes:", flush=True)
