@@ -17,14 +17,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import datetime
 
 import msgspec
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, RawStreamMsg, StorageType
+from nats.js.api import RawStreamMsg
 from nats.js.errors import (
-    BucketNotFoundError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
     NotFoundError,
@@ -32,7 +31,7 @@ from nats.js.errors import (
 from nats.js.kv import KeyValue
 
 from sandboxctl.bus.natsinternals import connection_of, on_reconnected
-from sandboxctl.bus.streams import make_once
+from sandboxctl.bus.streams import key_value_bucket
 from sandboxctl.bus.tail import Tail, reraise_if_cancelling, stream_seq
 from sandboxctl.events import subjects
 from sandboxctl.events.hosts import (
@@ -74,20 +73,9 @@ class HostTaken(Exception):
 async def hosts_bucket(js: JetStreamContext, replicas: int | None = None) -> KeyValue:
     """The hosts' bucket, made if missing (replicas as the streams). No TTL: a lost host stays
     listed, as lost, until it comes back."""
-    with contextlib.suppress(BucketNotFoundError):
-        return await js.key_value(subjects.HOSTS_BUCKET)
-
-    def make(wanted: int) -> Awaitable[KeyValue]:
-        config = KeyValueConfig(
-            bucket=subjects.HOSTS_BUCKET,
-            description="sandboxctl: each host's announcement, renewed by its heartbeat",
-            history=1,
-            storage=StorageType.FILE,
-            replicas=wanted,
-        )
-        return js.create_key_value(config)
-
-    return await make_once(make, lambda: js.key_value(subjects.HOSTS_BUCKET), replicas)
+    return await key_value_bucket(
+        js, subjects.HOSTS_BUCKET, "sandboxctl: each host's announcement, renewed by its heartbeat", replicas
+    )
 
 
 async def _stored(js: JetStreamContext, name: str) -> tuple[bytes, int] | None:

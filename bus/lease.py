@@ -12,14 +12,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable
 
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from sandboxctl.bus.streams import make_once
+from sandboxctl.bus.streams import key_value_bucket
 from sandboxctl.events import subjects
 
 log = logging.getLogger(__name__)
@@ -29,21 +27,9 @@ LEASE_TTL = 10.0  # seconds a lease lasts unless renewed: how long a dead holder
 
 async def leases(js: JetStreamContext, replicas: int | None = None, ttl: float = LEASE_TTL) -> KeyValue:
     """The leases' bucket, made if missing (replicas as the streams: 3 on a cluster, else 1)."""
-    with contextlib.suppress(BucketNotFoundError):
-        return await js.key_value(subjects.LEASES_BUCKET)
-
-    def make(wanted: int) -> Awaitable[KeyValue]:
-        config = KeyValueConfig(
-            bucket=subjects.LEASES_BUCKET,
-            description="sandboxctl: leases, one holder per key at a time",
-            ttl=ttl,
-            history=1,
-            storage=StorageType.FILE,
-            replicas=wanted,
-        )
-        return js.create_key_value(config)
-
-    return await make_once(make, lambda: js.key_value(subjects.LEASES_BUCKET), replicas)
+    return await key_value_bucket(
+        js, subjects.LEASES_BUCKET, "sandboxctl: leases, one holder per key at a time", replicas, ttl
+    )
 
 
 class Lease:

@@ -10,6 +10,7 @@ every ordered reader of the log uses.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -24,12 +25,14 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    KeyValueConfig,
     ObjectStoreConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
+from nats.js.errors import APIError, BucketNotFoundError, NotFoundError, ServiceUnavailableError
+from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from sandboxctl.bus.natsinternals import api_prefix, connection_of
@@ -249,6 +252,23 @@ async def object_bucket(js: JetStreamContext, bucket: str, description: str, rep
         return js.create_object_store(bucket, config=config)
 
     return await make_once(make, lambda: js.object_store(bucket), replicas)
+
+
+async def key_value_bucket(
+    js: JetStreamContext, bucket: str, description: str, replicas: int | None, ttl: float | None = None
+) -> KeyValue:
+    """The key-value ``bucket`` (one value per key, on file), made if missing with ``replicas``
+    (see make_once) and, given one, a ``ttl`` for its entries."""
+    with contextlib.suppress(BucketNotFoundError):
+        return await js.key_value(bucket)
+
+    def make(wanted: int) -> Awaitable[KeyValue]:
+        config = KeyValueConfig(
+            bucket=bucket, description=description, ttl=ttl, history=1, storage=StorageType.FILE, replicas=wanted
+        )
+        return js.create_key_value(config)
+
+    return await make_once(make, lambda: js.key_value(bucket), replicas)
 
 
 async def make_once(

@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Awaitable
 
 import msgspec
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from sandboxctl.bus.reading import read_stream
-from sandboxctl.bus.streams import make_once
+from sandboxctl.bus.streams import key_value_bucket
 from sandboxctl.events import subjects
 from sandboxctl.events.webhooks import Webhook, webhook_decoder
 
@@ -27,20 +25,9 @@ KEYS = f"$KV.{subjects.WEBHOOKS_BUCKET}."  # + a key: the subject of its entry
 
 async def webhooks_bucket(js: JetStreamContext, replicas: int | None = None) -> KeyValue:
     """The webhooks' bucket, made if missing (replicas as the streams)."""
-    with contextlib.suppress(BucketNotFoundError):
-        return await js.key_value(subjects.WEBHOOKS_BUCKET)
-
-    def make(wanted: int) -> Awaitable[KeyValue]:
-        config = KeyValueConfig(
-            bucket=subjects.WEBHOOKS_BUCKET,
-            description="sandboxctl: the webhooks the relay POSTs the log's events to",
-            history=1,
-            storage=StorageType.FILE,
-            replicas=wanted,
-        )
-        return js.create_key_value(config)
-
-    return await make_once(make, lambda: js.key_value(subjects.WEBHOOKS_BUCKET), replicas)
+    return await key_value_bucket(
+        js, subjects.WEBHOOKS_BUCKET, "sandboxctl: the webhooks the relay POSTs the log's events to", replicas
+    )
 
 
 def take(msg: Msg, hooks: dict[str, Webhook], joined: set[str]) -> None:
