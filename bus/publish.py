@@ -28,6 +28,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableError
 
 from sandboxctl.bus.natsinternals import connection_of
+from sandboxctl.observe import tracing
 
 ACK_TIMEOUT = 5.0  # js.publish's default
 
@@ -138,9 +139,12 @@ async def publish(
     headers: dict[str, str],
     timeout: float = ACK_TIMEOUT,
 ) -> Ack:
-    """Publish to ``stream`` and return once the server says it is stored (or why not)."""
+    """Publish to ``stream`` and return once the server says it is stored (or why not). The current
+    trace context, if any, goes with it (observe.tracing): stored in the log, it is the next hop's."""
     nc = connection_of(js)
     acks = _inboxes.get(nc)
     if acks is None or (acks.ready.done() and acks.ready.exception() is not None):
         acks = _inboxes[nc] = _Acks(nc)  # the first, or one whose subscription failed: a fresh inbox
-    return await acks.publish(nc, subject, payload, {**headers, "Nats-Expected-Stream": stream}, timeout)
+    sent = {**headers, "Nats-Expected-Stream": stream}
+    tracing.inject(sent)
+    return await acks.publish(nc, subject, payload, sent, timeout)

@@ -40,6 +40,7 @@ from sandboxctl.events.limits import (
 )
 from sandboxctl.events.queries import ListRequest
 from sandboxctl.events.replies import ErrorCode
+from sandboxctl.observe import tracing
 from sandboxctl.observe.address import parse_address as parse_metrics_address
 from sandboxctl.runtime.config import ANSWER_TIMEOUT, Config, labels_from_pairs, parse_duration
 from sandboxctl.runtime.process import run_to_exit
@@ -1121,6 +1122,19 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
             raise Failure("invalid_argument", f"unknown component {', '.join(unknown)}; known: {', '.join(COMPONENTS)}")
         await run_serve(config, components=only)
         return 0
+    # With OTEL_EXPORTER_OTLP_ENDPOINT set, the call is the root of its trace (observe.tracing);
+    # otherwise nothing of OpenTelemetry is imported.
+    export = tracing.setup("sandboxctl-cli")
+    try:
+        with tracing.sending(f"sandboxctl {args.cmd}"):
+            return await _call(args, config, command)
+    finally:
+        if export is not None:
+            await asyncio.to_thread(export)  # sends what is left before the process ends
+
+
+async def _call(args: argparse.Namespace, config: Config, command: list[str]) -> int:
+    """One verb that talks to the services, as a client."""
     # A follower rides out a server restart; a one-shot command reports it at once.
     patient = args.cmd == "top" or (args.cmd == "events" and args.follow)
     client = await SandboxClient.connect(

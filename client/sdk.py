@@ -20,6 +20,7 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+import sandboxctl.observe.tracing as tracing
 from sandboxctl.bus.natsinternals import on_reconnected, server_requires_auth
 from sandboxctl.bus.servers import MAX_PINGS_OUT, PING_INTERVAL, server_urls
 from sandboxctl.client.errors import (
@@ -328,7 +329,11 @@ class SandboxClient:
         refused = self.denials.watch(subject)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.request_timeout
-        request = asyncio.ensure_future(self.nc.request(subject, payload, timeout=self.request_timeout))
+        headers: dict[str, str] = {}
+        tracing.inject(headers)  # the caller's trace goes on in the services (observe.tracing)
+        request = asyncio.ensure_future(
+            self.nc.request(subject, payload, timeout=self.request_timeout, headers=headers or None)
+        )
         try:
             for resent in range(RESENDS + 1):
                 moved = self._moved()
@@ -346,7 +351,9 @@ class SandboxClient:
                 # a command carries the same id, so one the service took is answered its outcome.
                 request.cancel()
                 left = max(deadline - loop.time(), 0.001)
-                request = asyncio.ensure_future(self.nc.request(subject, payload, timeout=left))
+                request = asyncio.ensure_future(
+                    self.nc.request(subject, payload, timeout=left, headers=headers or None)
+                )
             msg = await request
         except nats.errors.NoRespondersError as exc:
             raise Unavailable(f"no service answers on {subject}; is sandboxctl up running?") from exc
@@ -404,6 +411,12 @@ class SandboxClient:
             raise InvalidArgument(f"{command.VERB} {command.name[:80]}: {exc}") from None
         expected_seq = None if isinstance(command, BulkSandboxes) else command.expected_seq
         subject = subjects.command(command.VERB, self.user)
+        with tracing.sending(f"send {command.VERB}", **tracing.about(subject), **{"sandboxctl.sandbox": command.name}):
+            return await self._send(command, subject, payload, expected_seq)
+
+    async def _send(
+        self, command: SandboxCommand | BulkSandboxes, subject: str, payload: bytes, expected_seq: int | None
+    ) -> Reply:
         unanswered: SandboxError | None = None  # the first attempt that may have been applied
         for attempt in range(self.retries + 1):
             try:

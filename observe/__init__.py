@@ -1,1 +1,2 @@
-"""What the operations team watches sandboxctl by: Prometheus metrics (metrics.py)."""
+"""What the operations team watches sandboxctl by: Prometheus metrics (metrics.py) and
+OpenTelemetry traces (tracing.py)."""

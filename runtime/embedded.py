@@ -54,7 +54,7 @@ from sandboxctl.client import FailedPrecondition, Internal, Unavailable
 from sandboxctl.drivers.base import Driver
 from sandboxctl.events import subjects
 from sandboxctl.events.health import ServiceHealth
-from sandboxctl.observe import address, metrics
+from sandboxctl.observe import address, metrics, tracing
 from sandboxctl.runtime import health
 from sandboxctl.runtime.config import Config
 from sandboxctl.runtime.health import HOST_COMPONENT, LogHead, Progress, Responder, Watch
@@ -994,6 +994,9 @@ async def _run_until_signalled(
         raise
     if endpoint is not None:
         banner += f"\nmetrics at {endpoint.url}"
+    export = tracing.setup("sandboxctl")  # OTLP, when OTEL_EXPORTER_OTLP_ENDPOINT asks for it
+    if export is not None:
+        banner += f"\ntraces to {tracing.endpoint()}"
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -1025,6 +1028,8 @@ async def _run_until_signalled(
         await plane.stop()
         if endpoint is not None:
             await asyncio.to_thread(endpoint.close)
+        if export is not None:
+            await asyncio.to_thread(export)  # the spans not sent yet
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
     if failure:

@@ -32,7 +32,7 @@ from sandboxctl.bus.tail import Tail, reraise_if_cancelling, stream_seq
 from sandboxctl.events import subjects
 from sandboxctl.events.envelope import new_id
 from sandboxctl.events.lifecycle import SandboxCreated, SandboxUpdated
-from sandboxctl.observe import metrics
+from sandboxctl.observe import metrics, tracing
 from sandboxctl.services.projection import (
     SANDBOX_COLUMNS,
     SCHEMA_VERSION,
@@ -317,12 +317,21 @@ class Projector:
 
     async def apply(self, batch: list[Msg]) -> None:
         changed: dict[str, Row] = {}
+        spans = []  # one per traced event, ended once its row is committed (observe.tracing)
         for msg in batch:
+            if msg.headers:
+                span = tracing.begin("project", msg.subject, msg.headers)
+                if span is not None:
+                    spans.append(span)
             self._fold(stream_seq(msg), subjects.name_of(msg.subject), msg.data, changed)
         last = stream_seq(batch[-1])
         # One hand-off to the database thread per batch, not one per statement: each costs
         # a queue, a future and a wake-up, on the path of every waiting client.
-        await self._commit(changed, last)
+        try:
+            await self._commit(changed, last)
+        finally:
+            for span in spans:
+                span.end()
 
     def _submit(self, upserts: list[tuple[object, ...]], last: int) -> asyncio.Future[None]:
         """Hand rows (their values as they are now) and position to the database thread."""

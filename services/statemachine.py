@@ -68,7 +68,7 @@ from sandboxctl.events.hosts import HEARTBEAT_DEFAULT
 from sandboxctl.events.lifecycle import LifecycleEvent
 from sandboxctl.events.limits import SNAPSHOT_EVERY
 from sandboxctl.events.replies import ErrorCode, Reply, error_reply
-from sandboxctl.observe import metrics
+from sandboxctl.observe import metrics, tracing
 from sandboxctl.statemachine import Phase, Rejection, SandboxState, decide, evolve, react, validate_name
 from sandboxctl.statemachine.bulk import bulk_problem, command_for, selected
 from sandboxctl.statemachine.clone import decide_clone
@@ -658,7 +658,8 @@ class StateMachineService:
             log.warning("dropped a command on %s asking for its reply on %s", msg.subject[:200], msg.reply[:200])
             return
         try:
-            reply = await self.handle(msg.subject, msg.data)
+            with tracing.consumed(f"decide {metrics.verb_of(msg.subject)}", msg.subject, msg.headers):
+                reply = await self.handle(msg.subject, msg.data)
         except Exception as exc:  # never let one command take the service down
             log.exception("command on %s failed", msg.subject)
             reply = error_reply(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
@@ -1005,13 +1006,17 @@ class StateMachineService:
             await dead_letter(self.js, FACTS_CONSUMER, msg, why)
             return True
         try:
-            reply = await self._decide_and_append(
-                envelope.subject,
-                functools.partial(self._react_to, subjects.reporter_of(msg.subject), fact),
-                Cause(
-                    FACT_EVENTS + envelope.id, envelope.id, envelope.actor or envelope.source, envelope.correlationid
-                ),
-            )
+            with tracing.consumed(f"react {envelope.type}", msg.subject, msg.headers):
+                reply = await self._decide_and_append(
+                    envelope.subject,
+                    functools.partial(self._react_to, subjects.reporter_of(msg.subject), fact),
+                    Cause(
+                        FACT_EVENTS + envelope.id,
+                        envelope.id,
+                        envelope.actor or envelope.source,
+                        envelope.correlationid,
+                    ),
+                )
         except Exception as exc:
             reraise_if_cancelling()
             if cannot_store(exc):

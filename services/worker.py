@@ -102,7 +102,7 @@ from sandboxctl.events.lifecycle import (
     SandboxStopRequested,
 )
 from sandboxctl.events.spec import Resources
-from sandboxctl.observe import metrics
+from sandboxctl.observe import metrics, tracing
 from sandboxctl.services.threads import EngineThreads
 from sandboxctl.statemachine import Phase, SandboxState
 from sandboxctl.statemachine.deadlines import DEFAULT_DEADLINES
@@ -305,7 +305,8 @@ class DriverWorker:
             return await self._threads.call(fn, *args)
         began, outcome = time.monotonic(), "error"
         try:
-            result = await self._threads.call(fn, *args)
+            with tracing.step(f"engine {self.driver.name}.{fn.__name__}"):
+                result = await self._threads.call(fn, *args)
             outcome = "ok"
             return result
         finally:
@@ -464,12 +465,13 @@ class DriverWorker:
             if not self._mine(event) or await self._superseded(msg, envelope):
                 await msg.ack()
                 return
-            facts = await self.perform(envelope)
-            # Keyed by the work order, not the container run: a start of a container
-            # that is still running reports the same run as before, and is still news.
-            for index, (_, fact) in enumerate(facts):
-                fact.request_id = envelope.id  # an answer to this work order, not an observation
-                await self.report(envelope.subject, f"{envelope.id}:fact:{index}", fact, cause=envelope)
+            with tracing.consumed(f"work {envelope.type}", msg.subject, msg.headers):
+                facts = await self.perform(envelope)
+                # Keyed by the work order, not the container run: a start of a container
+                # that is still running reports the same run as before, and is still news.
+                for index, (_, fact) in enumerate(facts):
+                    fact.request_id = envelope.id  # an answer to this work order, not an observation
+                    await self.report(envelope.subject, f"{envelope.id}:fact:{index}", fact, cause=envelope)
         except Exception as exc:
             reraise_if_cancelling()
             if cannot_store(exc):

@@ -25,6 +25,7 @@ HEAVY = (
     "podman",
     "yaml",
     "rich",
+    "opentelemetry",  # only once a call traces (observe.tracing)
 )
 
 

@@ -51,14 +51,15 @@ def test_every_room_imports_only_the_rooms_below_it() -> None:
 
 
 def test_the_client_sdk_imports_no_service_and_no_runner() -> None:
-    """Other services embed the SDK: it speaks the contract through the NATS plumbing, nothing more."""
+    """Other services embed the SDK: it speaks the contract through the NATS plumbing, nothing more,
+    and carries the caller's trace context (observe.tracing, not the metrics)."""
     reached = {
-        module.split(".")[1]
+        ".".join(module.split(".")[1:3]) if module.startswith("sandboxctl.observe") else module.split(".")[1]
         for path in (ROOT / "client").rglob("*.py")
         for _, module in imports(path)
         if module.startswith("sandboxctl.")
     }
-    assert reached <= {"events", "statemachine", "bus", "client"}, reached
+    assert reached <= {"events", "statemachine", "bus", "client", "observe.tracing"}, reached
 
 
 def test_the_tests_and_benchmarks_use_the_one_import_name_too() -> None:
