@@ -72,41 +72,4 @@ __all__ = [
     "valid_user_name",
 ]
 
-__getattr__, __dir__ = lazy_exports(
-    __name__,
-    {
-        "authorizer": (
-            "Authorizer",
-            "check",
-            "record_denied",
-        ),
-        # Not ``permissions`` itself: that is the submodule's name, which importing it binds here.
-        "permissions": (
-            "component_permissions",
-            "server_conf",
-            "user_permissions",
-        ),
-        "roles": (
-            "ADMIN",
-            "COMPONENT_PREFIX",
-            "COMPONENT_ROLES",
-            "DRIVERS",
-            "READ",
-            "ROLES",
-            "WRITE",
-            "Credentials",
-            "User",
-            "adopts_unplaced",
-            "component_user",
-            "has_role",
-            "host_worker_user",
-            "is_host_worker",
-            "local_user_name",
-            "valid_user_name",
-        ),
-        "store": (
-            "AuthStore",
-            "load_credentials",
-        ),
-    },
-)
+__getattr__, __dir__ = lazy_exports(__name__)

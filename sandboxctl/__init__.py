@@ -24,18 +24,24 @@ from typing import Any
 __version__ = "0.1.0"
 
 
-def lazy_exports(package: str, modules: dict[str, tuple[str, ...]]) -> tuple[Any, Any]:
+def lazy_exports(package: str) -> tuple[Any, Any]:
     """A package's ``__getattr__`` and ``__dir__`` (PEP 562) that import an exported name's module
     the first time the name is used.
 
-    ``modules`` maps each submodule to the names the package exports from it. Importing one light
-    module of a room (``sandboxctl.events.replies``, ``sandboxctl.statemachine.phases``) then runs
-    no other: a CLI call pays only for what its verb uses. The package lists the same imports under
-    ``TYPE_CHECKING``, so type checkers see every name as it is."""
-    where = {name: f"{package}.{module}" for module, names in modules.items() for name in names}
+    The names and their modules are the package's own imports under ``if TYPE_CHECKING:``, read
+    from its source the first time a name is missed: type checkers see every name as it is, and
+    importing one light module of a room (``sandboxctl.events.replies``,
+    ``sandboxctl.statemachine.phases``) runs no other, so a CLI call pays only for what its verb
+    uses. ``__all__`` lists the same names (tests/unit/test_layers.py checks that it does)."""
+    where: dict[str, str] = {}
+
+    def modules() -> dict[str, str]:
+        if not where:
+            where.update(type_checking_imports(sys.modules[package].__file__ or ""))
+        return where
 
     def __getattr__(name: str) -> Any:
-        module = where.get(name)
+        module = modules().get(name)
         if module is None:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
         value = getattr(importlib.import_module(module), name)
@@ -43,6 +49,19 @@ def lazy_exports(package: str, modules: dict[str, tuple[str, ...]]) -> tuple[Any
         return value
 
     def __dir__() -> list[str]:
-        return sorted(set(vars(sys.modules[package])) | set(where))
+        return sorted(set(vars(sys.modules[package])) | set(modules()))
 
     return __getattr__, __dir__
+
+
+def type_checking_imports(path: str) -> dict[str, str]:
+    """Each name imported under ``if TYPE_CHECKING:`` in the module at ``path``, to its module."""
+    import ast
+
+    found: dict[str, str] = {}
+    for node in ast.parse(open(path, encoding="utf-8").read(), path).body:
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            for statement in node.body:
+                if isinstance(statement, ast.ImportFrom) and statement.module:
+                    found.update({alias.asname or alias.name: statement.module for alias in statement.names})
+    return found

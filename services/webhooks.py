@@ -101,8 +101,7 @@ class WebhookRelay:
 
     async def start(self) -> None:
         await ensure_streams(self.js)
-        await webhooks_bucket(self.js, self.replicas)
-        self.kv = await self.js.key_value(subjects.WEBHOOKS_BUCKET)
+        self.kv = await webhooks_bucket(self.js, self.replicas)
         # No redirects followed, no proxy or netrc from the environment: a webhook is its URL.
         self._session = httpx.AsyncClient(timeout=self.timeout, follow_redirects=False, trust_env=False)
         self.tasks.append(asyncio.create_task(self._watch(), name="webhook-watch"))

@@ -31,24 +31,4 @@ __all__ = [
     "validate_name",
 ]
 
-__getattr__, __dir__ = lazy_exports(
-    __name__,
-    {
-        "decider": (
-            "BACKEND_MISSING",
-            "Decision",
-            "Rejection",
-            "decide",
-            "evolve",
-            "fold",
-            "react",
-        ),
-        "machine": (
-            "IllegalTransition",
-            "allowed_sources",
-        ),
-        "names": ("validate_name",),
-        "phases": ("Phase",),
-        "state": ("SandboxState",),
-    },
-)
+__getattr__, __dir__ = lazy_exports(__name__)

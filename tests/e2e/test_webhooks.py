@@ -13,6 +13,7 @@ import hmac
 import json
 import threading
 import time
+from collections.abc import AsyncIterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -108,102 +109,112 @@ def verified(headers: dict[str, str], body: bytes) -> dict[str, Any]:
     return data
 
 
-async def test_webhooks_get_signed_cloudevents_in_order_with_retries_dead_letters_and_restarts(
-    podman_config: Config, tmp_path: Path, capsys: pytest.CaptureFixture[str], names: Any, image: str
-) -> None:
+@dataclasses.dataclass
+class Relayed:
+    """A plane with a relay that retries quickly, a receiver, a client and the CLI; ``plane`` is
+    replaced by a test that restarts it, and whichever runs at the end is stopped."""
+
+    config: Config
+    receiver: Receiver
+    plane: ControlPlane
+    client: SandboxClient
+    cli: CLI
+
+
+@pytest.fixture
+async def relayed(podman_config: Config, capsys: pytest.CaptureFixture[str]) -> AsyncIterator[Relayed]:
     config = quick(podman_config)
     receiver = await Receiver().start()
     plane = await ControlPlane(config).start()
     client = await SandboxClient.connect(config.nats_url, actor="test")
-    cli = CLI(config, capsys)
+    setup = Relayed(config, receiver, plane, client, CLI(config, capsys))
     try:
-        ok = await add(cli, tmp_path, receiver.url("ok"), "ready,stopped")
-        broken = await add(cli, tmp_path, receiver.url("broken"), "stopped")
-        receiver.down.add("broken")
-        code, out, err = await cli("webhook", "list", "-o", "json")
-        assert code == 0, err
-        listed = {row["id"]: row for row in json.loads(out)}
-        assert set(listed) == {ok, broken} and listed[ok]["types"] == "ready,stopped"
-        assert SECRET not in out  # the secret is never shown
-
-        name = names.new("hook")
-        reply = await client.create(name, image)
-        await client.wait_for(name, "Ready", reply.seq, timeout=60)
-        reply = await client.stop(name, timeout=1)
-        await client.wait_for(name, "Stopped", reply.seq, timeout=60)
-        receiver.failing = 2  # the next two requests fail: the start's Ready is retried, then delivered
-        reply = await client.start(name)
-        await client.wait_for(name, "Ready", reply.seq, timeout=60)
-        await until(lambda: len(receiver.got("ok", name)) == 3, "three events at the good receiver")
-        got = receiver.got("ok", name)
-        types = [h["ce-type"] for h, _ in got]
-        assert types == ["sandboxctl.sandbox.ready.v1", "sandboxctl.sandbox.stopped.v1", "sandboxctl.sandbox.ready.v1"]
-        sequences = [int(h["ce-sequence"]) for h, _ in got]
-        assert sequences == sorted(sequences) and len(set(h["ce-id"] for h, _ in got)) == 3
-        for headers, body in got:
-            verified(headers, body)
-            assert headers["ce-source"] and headers["ce-time"]
-        assert receiver.refused >= 2
-
-        # the broken receiver's stop is dead-lettered, naming the webhook, after its tries
-        async def dead() -> list[dict[str, Any]]:
-            return [d for d in await client.dead_letters() if d["consumer"] == subjects.RELAY_CONSUMER]
-
-        deadline = time.monotonic() + 30
-        while not (letters := await dead()):
-            assert time.monotonic() < deadline, "the broken webhook's event was not dead-lettered"
-            await asyncio.sleep(0.2)
-        assert broken in letters[0]["reason"] and "HTTP 500" in letters[0]["reason"]
-        assert letters[0]["deliveries"] >= 1 and name in letters[0]["subject"]
-
-        # the relay stopped: events happen; back, it delivers them, nothing lost
-        await plane.stop()
-        plane = await ControlPlane(config, components=tuple(c for c in COMPONENTS if c != "webhooks")).start()
-        reply = await client.stop(name, timeout=1)
-        await client.wait_for(name, "Stopped", reply.seq, timeout=60)
-        await asyncio.sleep(0.5)
-        assert len(receiver.got("ok", name)) == 3  # no relay runs: nothing is sent
-        relay = await ControlPlane(config, components=("webhooks",)).start()
-        try:
-            await until(lambda: len(receiver.got("ok", name)) == 4, "the stop made while no relay ran")
-            assert receiver.got("ok", name)[-1][0]["ce-type"] == "sandboxctl.sandbox.stopped.v1"
-        finally:
-            await relay.stop()
-
-        code, _, err = await cli("webhook", "remove", broken)
-        assert code == 0, err
-        code, out, _ = await cli("webhook", "list", "-o", "json")
-        assert [row["id"] for row in json.loads(out)] == [ok]
+        yield setup
     finally:
         await client.close()
-        await plane.stop()
+        await setup.plane.stop()
         await receiver.stop()
+
+
+async def test_webhooks_get_signed_cloudevents_in_order_with_retries_dead_letters_and_restarts(
+    relayed: Relayed, tmp_path: Path, names: Any, image: str
+) -> None:
+    config, receiver, client, cli = relayed.config, relayed.receiver, relayed.client, relayed.cli
+    ok = await add(cli, tmp_path, receiver.url("ok"), "ready,stopped")
+    broken = await add(cli, tmp_path, receiver.url("broken"), "stopped")
+    receiver.down.add("broken")
+    code, out, err = await cli("webhook", "list", "-o", "json")
+    assert code == 0, err
+    listed = {row["id"]: row for row in json.loads(out)}
+    assert set(listed) == {ok, broken} and listed[ok]["types"] == "ready,stopped"
+    assert SECRET not in out  # the secret is never shown
+
+    name = names.new("hook")
+    reply = await client.create(name, image)
+    await client.wait_for(name, "Ready", reply.seq, timeout=60)
+    reply = await client.stop(name, timeout=1)
+    await client.wait_for(name, "Stopped", reply.seq, timeout=60)
+    receiver.failing = 2  # the next two requests fail: the start's Ready is retried, then delivered
+    reply = await client.start(name)
+    await client.wait_for(name, "Ready", reply.seq, timeout=60)
+    await until(lambda: len(receiver.got("ok", name)) == 3, "three events at the good receiver")
+    got = receiver.got("ok", name)
+    types = [h["ce-type"] for h, _ in got]
+    assert types == ["sandboxctl.sandbox.ready.v1", "sandboxctl.sandbox.stopped.v1", "sandboxctl.sandbox.ready.v1"]
+    sequences = [int(h["ce-sequence"]) for h, _ in got]
+    assert sequences == sorted(sequences) and len(set(h["ce-id"] for h, _ in got)) == 3
+    for headers, body in got:
+        verified(headers, body)
+        assert headers["ce-source"] and headers["ce-time"]
+    assert receiver.refused >= 2
+
+    # the broken receiver's stop is dead-lettered, naming the webhook, after its tries
+    async def dead() -> list[dict[str, Any]]:
+        return [d for d in await client.dead_letters() if d["consumer"] == subjects.RELAY_CONSUMER]
+
+    deadline = time.monotonic() + 30
+    while not (letters := await dead()):
+        assert time.monotonic() < deadline, "the broken webhook's event was not dead-lettered"
+        await asyncio.sleep(0.2)
+    assert broken in letters[0]["reason"] and "HTTP 500" in letters[0]["reason"]
+    assert letters[0]["deliveries"] >= 1 and name in letters[0]["subject"]
+
+    # the relay stopped: events happen; back, it delivers them, nothing lost
+    await relayed.plane.stop()
+    others = tuple(c for c in COMPONENTS if c != "webhooks")
+    relayed.plane = await ControlPlane(config, components=others).start()
+    reply = await client.stop(name, timeout=1)
+    await client.wait_for(name, "Stopped", reply.seq, timeout=60)
+    await asyncio.sleep(0.5)
+    assert len(receiver.got("ok", name)) == 3  # no relay runs: nothing is sent
+    relay = await ControlPlane(config, components=("webhooks",)).start()
+    try:
+        await until(lambda: len(receiver.got("ok", name)) == 4, "the stop made while no relay ran")
+        assert receiver.got("ok", name)[-1][0]["ce-type"] == "sandboxctl.sandbox.stopped.v1"
+    finally:
+        await relay.stop()
+
+    code, _, err = await cli("webhook", "remove", broken)
+    assert code == 0, err
+    code, out, _ = await cli("webhook", "list", "-o", "json")
+    assert [row["id"] for row in json.loads(out)] == [ok]
 
 
 async def test_a_webhook_gets_the_events_after_it_was_added_not_before(
-    podman_config: Config, tmp_path: Path, capsys: pytest.CaptureFixture[str], names: Any, image: str
+    relayed: Relayed, tmp_path: Path, names: Any, image: str
 ) -> None:
-    config = quick(podman_config)
-    receiver = await Receiver().start()
-    plane = await ControlPlane(config).start()
-    client = await SandboxClient.connect(config.nats_url, actor="test")
-    cli = CLI(config, capsys)
-    try:
-        name = names.new("late")
-        reply = await client.create(name, image)
-        await client.wait_for(name, "Ready", reply.seq, timeout=60)
-        await add(cli, tmp_path, receiver.url("late"))
-        reply = await client.stop(name, timeout=1)
-        await client.wait_for(name, "Stopped", reply.seq, timeout=60)
-        await until(lambda: len(receiver.got("late", name)) == 2, "the stop's two events")
-        assert [h["ce-type"] for h, _ in receiver.got("late", name)] == [
-            "sandboxctl.sandbox.stop_requested.v1",
-            "sandboxctl.sandbox.stopped.v1",
-        ]
-    finally:
-        await client.close()
-        await plane.stop()
-        await receiver.stop()
+    receiver, client, cli = relayed.receiver, relayed.client, relayed.cli
+    name = names.new("late")
+    reply = await client.create(name, image)
+    await client.wait_for(name, "Ready", reply.seq, timeout=60)
+    await add(cli, tmp_path, receiver.url("late"))
+    reply = await client.stop(name, timeout=1)
+    await client.wait_for(name, "Stopped", reply.seq, timeout=60)
+    await until(lambda: len(receiver.got("late", name)) == 2, "the stop's two events")
+    assert [h["ce-type"] for h, _ in receiver.got("late", name)] == [
+        "sandboxctl.sandbox.stop_requested.v1",
+        "sandboxctl.sandbox.stopped.v1",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -237,50 +248,31 @@ async def test_bad_webhook_input_is_refused_with_a_reason(
 
 
 async def test_a_webhook_the_relay_sees_after_passing_its_position_is_caught_up_from_the_log(
-    podman_config: Config,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    receiver_hook: Any,
-    names: Any,
-    image: str,
+    relayed: Relayed, tmp_path: Path, names: Any, image: str
 ) -> None:
     """The relay may read past the position a webhook was added at before its watch brings the
     webhook (a moment's race): before the next event, it delivers the ones it passed, in order,
     each once. Here the webhook is written as added at log seq 0 once the relay is well past it."""
-    receiver, hook = receiver_hook
-    config = quick(podman_config)
-    plane = await ControlPlane(config).start()
-    client = await SandboxClient.connect(config.nats_url, actor="test")
-    try:
-        await add(CLI(config, capsys), tmp_path, receiver.url("first"))  # the relay's consumer runs
-        name = names.new("caught")
-        reply = await client.create(name, image)
-        await client.wait_for(name, "Ready", reply.seq, timeout=60)
-        await until(lambda: receiver.got("first", name), "the create at the first webhook")
-        await add_webhook(await webhooks_bucket(client.nc.jetstream()), hook)
-        await asyncio.sleep(0.5)  # the relay sees it now, and catches it up at the next event
-        reply = await client.stop(name, timeout=1)
-        await client.wait_for(name, "Stopped", reply.seq, timeout=60)
-        stopped = "sandboxctl.sandbox.stopped.v1"
-        for path in ("first", "caught"):
-            await until(lambda p=path: [h for h, _ in receiver.got(p, name) if h["ce-type"] == stopped], path)
-        got = receiver.got("caught", name)
-        sequences = [int(h["ce-sequence"]) for h, _ in got]
-        assert sequences == sorted(set(sequences)), sequences  # in order, each once
-        assert [h["ce-type"] for h, _ in got] == [h["ce-type"] for h, _ in receiver.got("first", name)]
-        assert got[0][0]["ce-type"] == "sandboxctl.sandbox.created.v1"
-        assert got[-1][0]["ce-type"] == "sandboxctl.sandbox.stopped.v1"
-    finally:
-        await client.close()
-        await plane.stop()
-
-
-@pytest.fixture
-async def receiver_hook() -> Any:
-    receiver = await Receiver().start()
+    receiver, client = relayed.receiver, relayed.client
     hook = Webhook(id="0123456789ab", url=receiver.url("caught"), secret=SECRET)
-    yield receiver, hook
-    await receiver.stop()
+    await add(relayed.cli, tmp_path, receiver.url("first"))  # the relay's consumer runs
+    name = names.new("caught")
+    reply = await client.create(name, image)
+    await client.wait_for(name, "Ready", reply.seq, timeout=60)
+    await until(lambda: receiver.got("first", name), "the create at the first webhook")
+    await add_webhook(await webhooks_bucket(client.nc.jetstream()), hook)
+    await asyncio.sleep(0.5)  # the relay sees it now, and catches it up at the next event
+    reply = await client.stop(name, timeout=1)
+    await client.wait_for(name, "Stopped", reply.seq, timeout=60)
+    stopped = "sandboxctl.sandbox.stopped.v1"
+    for path in ("first", "caught"):
+        await until(lambda p=path: [h for h, _ in receiver.got(p, name) if h["ce-type"] == stopped], path)
+    got = receiver.got("caught", name)
+    sequences = [int(h["ce-sequence"]) for h, _ in got]
+    assert sequences == sorted(set(sequences)), sequences  # in order, each once
+    assert [h["ce-type"] for h, _ in got] == [h["ce-type"] for h, _ in receiver.got("first", name)]
+    assert got[0][0]["ce-type"] == "sandboxctl.sandbox.created.v1"
+    assert got[-1][0]["ce-type"] == "sandboxctl.sandbox.stopped.v1"
 
 
 @pytest.fixture

@@ -71,3 +71,19 @@ def test_the_tests_and_benchmarks_use_the_one_import_name_too() -> None:
         if module.split(".")[0] in OLD_NAMES
     ]
     assert wrong == []
+
+
+def test_a_room_exports_lazily_exactly_what_it_imports_for_type_checkers() -> None:
+    """``__all__`` and the ``TYPE_CHECKING`` imports (which lazy_exports serves) name the same
+    things, and each resolves to its module's own object."""
+    import importlib
+
+    from sandboxctl import type_checking_imports
+
+    for room in ("events", "statemachine", "auth"):
+        package = importlib.import_module(f"sandboxctl.{room}")
+        imported = type_checking_imports(str(ROOT / room / "__init__.py"))
+        assert sorted(package.__all__) == sorted(imported), room
+        for name, module in imported.items():
+            assert getattr(package, name) is getattr(importlib.import_module(module), name), (room, name)
+        assert set(package.__all__) <= set(dir(package))
