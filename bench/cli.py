@@ -9,7 +9,11 @@ noise falls on both sides alike:
 - ``sandboxctl stop X && sandboxctl start X`` against ``podman stop Y && podman start Y`` on an
   identical container (same image, network none, a named volume at /workspace): each sandboxctl
   call waits for its phase (Stopped, Ready) to be in the log and projected, each podman call for
-  its engine.
+  its engine;
+- and, as the floor of any Python client, a bare nats-py script that sends the same stop and
+  start and waits for the projector's notice of each phase: against podman's CLI (what Python,
+  asyncio and nats-py cost before any of sandboxctl's code) and against sandboxctl's pair (what
+  sandboxctl's CLI adds to that floor).
 
 Every call is a new process, as a user's is, with the control plane running in another
 (``sandboxctl serve``). Bytecode is compiled before the first timed call, as an installed
@@ -48,6 +52,35 @@ async def main():
     nc = await nats.connect(sys.argv[1])
     msg = await nc.request(sys.argv[2], json.dumps({"name": sys.argv[3], "at_least": 0}).encode(), timeout=5)
     print(json.dumps(json.loads(msg.data)["result"], indent=2))
+    await nc.close()
+
+asyncio.run(main())
+"""
+
+# The same for a stop or a start and its wait: the command sent, then the projector's notice of
+# the phase at or after the command's position. What any Python client of sandboxctl pays at
+# least for one call of the pair: the interpreter, asyncio and nats-py, and the control plane.
+BARE_PHASE = """
+import asyncio, json, sys, uuid
+import nats
+
+async def main():
+    url, subject, notices, name, verb, phase = sys.argv[1:7]
+    nc = await nats.connect(url)
+    seen = asyncio.Queue()
+
+    async def noticed(msg):
+        seen.put_nowait(json.loads(msg.data))
+
+    await nc.subscribe(notices, cb=noticed)
+    command = {"type": f"sandboxctl.command.{verb}.v1", "name": name, "command_id": uuid.uuid4().hex}
+    reply = json.loads((await nc.request(subject, json.dumps(command).encode(), timeout=10)).data)
+    assert reply.get("accepted"), reply
+    while True:
+        notice = await asyncio.wait_for(seen.get(), 60)
+        if notice["phase"] == phase and notice["seq"] >= reply["seq"]:
+            break
+    print(f"sandbox {name} {phase}")
     await nc.close()
 
 asyncio.run(main())
@@ -107,6 +140,12 @@ def measure(cfg: Config, root: Path, rounds: int) -> dict[str, Any]:
     get = [sandboxctl, "get", NAME, "-o", "json"]
     ours_pair = ([sandboxctl, "stop", NAME], [sandboxctl, "start", NAME])
     podman_pair = ([podman, "stop", "--time", "10", RAW], [podman, "start", RAW])
+    bare_phase = [sys.executable, "-c", BARE_PHASE, cfg.nats_url]
+    bare_pair = (
+        [*bare_phase, subjects.command("stop"), subjects.projected(NAME), NAME, "stop", "Stopped"],
+        [*bare_phase, subjects.command("start"), subjects.projected(NAME), NAME, "start", "Ready"],
+    )
+    pairs = {"pair": ours_pair, "podman": podman_pair, "bare_pair": bare_pair}
 
     asyncio.run(ready(cfg))
     engine = sdk_client("podman", cfg.podman_url)
@@ -115,14 +154,17 @@ def measure(cfg: Config, root: Path, rounds: int) -> dict[str, Any]:
         same = json.loads(subprocess.run(bare, env=env, capture_output=True, text=True, check=True).stdout)
         assert same["name"] == NAME, same  # both sides answer the same question
         for _ in range(2):  # warm: bytecode, the page cache, podman's own first calls
-            timed(get, env), timed(bare, env), timed_pair(*ours_pair, env), timed_pair(*podman_pair, env)
-        sides: dict[str, list[float]] = {"get": [], "bare": [], "pair": [], "podman": []}
+            timed(get, env), timed(bare, env)
+            for pair in pairs.values():
+                timed_pair(*pair, env)
+        sides: dict[str, list[float]] = {"get": [], "bare": [], "pair": [], "podman": [], "bare_pair": []}
         for i in range(rounds):
             # Alternate which side goes first, so neither always follows the other's caches.
             for side in ("get", "bare") if i % 2 == 0 else ("bare", "get"):
                 sides[side].append(timed(get if side == "get" else bare, env))
-            for side in ("pair", "podman") if i % 2 == 0 else ("podman", "pair"):
-                sides[side].append(timed_pair(*(ours_pair if side == "pair" else podman_pair), env))
+            order = list(pairs)
+            for side in order[i % 3 :] + order[: i % 3]:  # each side first in turn
+                sides[side].append(timed_pair(*pairs[side], env))
     finally:
         remove_raw(engine, RAW)
         engine.close()
@@ -136,6 +178,10 @@ def measure(cfg: Config, root: Path, rounds: int) -> dict[str, Any]:
     return {
         "get": figures(sides["get"], sides["bare"], GET_TARGET),
         "stop_start": figures(sides["pair"], sides["podman"], PAIR_TARGET),
+        # The floor of any Python client: a bare nats-py script's pair against podman's CLI, and
+        # sandboxctl's against that script's (what sandboxctl's own CLI adds to the floor).
+        "bare_stop_start": figures(sides["bare_pair"], sides["podman"], PAIR_TARGET),
+        "stop_start_over_bare": figures(sides["pair"], sides["bare_pair"], GET_TARGET),
         "rounds": rounds,
         "cli_import_ms": int(imports[-1].split("|")[1]) / 1000 if imports else None,
     }
@@ -157,7 +203,10 @@ def main() -> None:
             "summary": (
                 "Wall time of whole calls, each a new process: sandboxctl get against a bare nats-py "
                 "script asking the same query, and sandboxctl stop && start against podman stop && start "
-                "on an identical container."
+                "on an identical container. A bare nats-py script doing the same stop && start (the "
+                "command, then the projector's notice of the phase) is the floor of any Python client: "
+                "its ratio to podman's CLI is what the interpreter, asyncio and nats-py cost per call "
+                "before sandboxctl's own code, and sandboxctl's pair is also given against it."
             ),
             "results": results,
         },

@@ -86,6 +86,7 @@ def cli(result: dict[str, Any]) -> Any:
     for key, name, base_label in (
         ("get", "sandboxctl get NAME", "bare nats-py script"),
         ("stop_start", "sandboxctl stop && start", "podman stop && start"),
+        ("stop_start_over_bare", "sandboxctl stop && start", "bare nats-py script's pair"),
     ):
         figures = results.get(key) or {}
         ours, base = _samples(figures.get("sandboxctl")), _samples(figures.get("baseline"))
