@@ -42,7 +42,7 @@ from sandboxctl.events.queries import ListRequest
 from sandboxctl.events.replies import ErrorCode
 from sandboxctl.observe import tracing
 from sandboxctl.observe.address import parse_address as parse_metrics_address
-from sandboxctl.runtime.config import ANSWER_TIMEOUT, Config, labels_from_pairs, parse_duration
+from sandboxctl.runtime.config import ANSWER_TIMEOUT, TRACE_EXPORT_WAIT, Config, labels_from_pairs, parse_duration
 from sandboxctl.runtime.process import run_to_exit
 from sandboxctl.statemachine.names import validate_name
 from sandboxctl.statemachine.phases import Phase
@@ -1124,7 +1124,7 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
         return 0
     # With OTEL_EXPORTER_OTLP_ENDPOINT set, the call is the root of its trace (observe.tracing);
     # otherwise nothing of OpenTelemetry is imported.
-    export = tracing.setup("sandboxctl-cli")
+    export = tracing.setup("sandboxctl-cli", patience=TRACE_EXPORT_WAIT)
     try:
         with tracing.sending(f"sandboxctl {args.cmd}"):
             return await _call(args, config, command)

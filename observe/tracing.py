@@ -57,11 +57,16 @@ def wanted(environ: Mapping[str, str] = os.environ) -> bool:
     return any(environ.get(name, "").strip() for name in ENDPOINT_ENVS)
 
 
-def setup(service: str, environ: Mapping[str, str] = os.environ) -> Callable[[], None] | None:
+def setup(
+    service: str, environ: Mapping[str, str] = os.environ, patience: float | None = None
+) -> Callable[[], None] | None:
     """Export this process's spans with OTLP over HTTP (``http/protobuf``) when the environment
     asks for it: the endpoint, headers, timeout and batching are the SDK's ``OTEL_*`` settings,
     and ``service.name`` is ``OTEL_SERVICE_NAME`` or ``service``. What to call at exit (it sends
-    what is left), or None when nothing is exported."""
+    what is left, trying for at most the exporter's timeout), or None when nothing is exported.
+
+    ``patience``, given, is that timeout in seconds, whatever the environment says: a CLI call
+    whose collector is away ends that much later, not the SDK's 10 s, and says so in one line."""
     global _exporting
     if not wanted(environ):
         return None
@@ -74,8 +79,13 @@ def setup(service: str, environ: Mapping[str, str] = os.environ) -> Callable[[],
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: environ.get("OTEL_SERVICE_NAME") or service}))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    resource = Resource.create({SERVICE_NAME: environ.get("OTEL_SERVICE_NAME") or service})
+    provider = TracerProvider(resource=resource, shutdown_on_exit=False)  # ours to call, bounded
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(timeout=patience)))
+    if patience is not None:
+        # Each retry's warning would be a line of the call's output; the exporter's last word
+        # (an error: the spans it gave up on) is enough.
+        logging.getLogger("opentelemetry.exporter.otlp.proto.http").setLevel(logging.ERROR)
     trace.set_tracer_provider(provider)
     _exporting = True
     return provider.shutdown

@@ -43,6 +43,10 @@ RESTART_WINDOW = 60.0
 # command's run time): a paused or wedged engine is then a one-line error instead of a hang.
 ANSWER_TIMEOUT = 30.0
 
+# Seconds a CLI call that exports traces may spend sending its spans at exit (observe.tracing):
+# with its collector away, the call ends that much later, never the OpenTelemetry SDK's 10 s.
+TRACE_EXPORT_WAIT = 2.0
+
 
 def _default_data_dir() -> Path:
     if os.geteuid() == 0:

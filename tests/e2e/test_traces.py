@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from sandboxctl.runtime.config import TRACE_EXPORT_WAIT
 from sandboxctl.runtime.embedded import free_port
 from tests.conftest import cli_process, podman
 from tests.uprun import Up, up_env
@@ -179,3 +180,18 @@ async def test_a_stop_and_a_start_are_each_one_unbroken_trace_across_the_process
             assert await up.stop() == 0, up.text
             podman("rm", "-f", "-t", "0", f"sandboxctl-{name}", check=False)
             podman("volume", "rm", "-f", f"sandboxctl-{name}-workspace", check=False)
+
+
+async def test_a_cli_call_whose_collector_is_away_ends_soon_with_its_own_reason(tmp_path: Path) -> None:
+    """The exporter's 10 s of retries would hold every call: a call waits TRACE_EXPORT_WAIT for
+    its spans at most, and its one-line reason and exit code are its own."""
+    dead, nowhere = free_port(), free_port()
+    env = up_env(tmp_path, nowhere)
+    env.update(OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{dead}")
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    code, _, err = await cli_process(env, "get", "anything")
+    took = loop.time() - began
+    assert code == 8 and "sandboxctl: unavailable: cannot reach NATS" in err, err
+    assert took < TRACE_EXPORT_WAIT + 4.0, took  # the interpreter's start and the refused connect
+    assert "retrying" not in err and len(err.strip().splitlines()) <= 2, err
