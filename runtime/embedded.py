@@ -610,7 +610,7 @@ def _nats_error(name: str) -> Callable[[Exception], Any]:
 
 # The services one process can run; ``sandboxctl serve --only`` picks some, so each can be
 # deployed, scaled and killed on its own.
-COMPONENTS = ("statemachine", "projector", "query", "worker", "reaper", "webhooks")
+COMPONENTS = ("statemachine", "projector", "query", "worker", "reaper", "webhooks", "console")
 BACKLOG_EVERY = 5.0  # seconds between looks at the consumers' backlogs (a JetStream request each)
 BACKLOG_ANSWER = 2.0  # seconds one such request may take, else its gauges keep their last values
 
@@ -648,6 +648,18 @@ class ControlPlane:
         self._observer: asyncio.Task[None] | None = None
         self._backlog_watch: asyncio.Task[None] | None = None
         self._uncount: Callable[[], None] | None = None  # stops counting the projector's sandboxes
+        # The web console's listening socket, bound once by ``start`` and kept across the console's
+        # restarts (each instance serves a copy of it), so its address never changes.
+        self._console_socket: socket.socket | None = None
+
+    @property
+    def console_url(self) -> str:
+        """Where the web console is served ("" when it is not)."""
+        if self._console_socket is None:
+            return ""
+        from sandboxctl.services.console import url_of
+
+        return url_of(self._console_socket)
 
     # The services as they are now: a restart puts a new instance in place.
     @property
@@ -798,11 +810,30 @@ class ControlPlane:
                 return service, nc
 
             made.append(("webhooks", relay))
+        console_user = component_user("console")
+        if (
+            self._console_socket is not None
+            and self.auth_enabled
+            and not self.auth.credentials_path(console_user).exists()
+        ):
+            log.warning("console: no credentials for %s in %s; the console does not run", console_user, self.auth.root)
+        elif self._console_socket is not None:
+            listening = self._console_socket
+
+            async def console() -> tuple[Any, NATS]:
+                from sandboxctl.services.console import Console  # Starlette and uvicorn: only where it is served
+
+                nc = await self._connect("console")
+                return Console(nc, listening, config, self.auth if self.auth_enabled else None), nc
+
+            made.append(("console", console))
         return made
 
     async def start(self) -> ControlPlane:
         make_private(self.config.data_dir)
         await asyncio.to_thread(_say_unreachable, server_urls(self.config.nats_url))
+        if "console" in self.components:
+            self._console_socket = _console_socket(self.config.console)
         try:
             for name, factory in self._factories():
                 await self.supervisor.add(name, factory)
@@ -911,6 +942,35 @@ class ControlPlane:
         for nc in self.connections:
             await _within(5, "a NATS connection", nc.close())
         self.connections.clear()
+        if self._console_socket is not None:
+            self._console_socket.close()
+            self._console_socket = None
+
+
+def _console_socket(setting: str) -> socket.socket | None:
+    """The web console's socket, bound to ``setting`` (None when it is ``off``): refused with
+    Unavailable, before any service starts, when the address cannot be bound."""
+    from sandboxctl.runtime.config import CONSOLE_ENV, CONSOLE_WHAT
+
+    try:
+        parsed = address.parse_address(setting, CONSOLE_WHAT)
+        if parsed is None:
+            return None
+        host, port = parsed
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, where = infos[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(where)
+            sock.listen(128)
+        except BaseException:
+            sock.close()
+            raise
+    except (OSError, ValueError) as exc:  # in use, not this host's, a name that is none
+        raise Unavailable(f"cannot serve the console on {setting} ({exc}); set --console or {CONSOLE_ENV}") from None
+    sock.setblocking(False)
+    return sock
 
 
 async def _within(seconds: float, what: str, step: Awaitable[Any]) -> None:
@@ -994,6 +1054,8 @@ async def _run_until_signalled(
         raise
     if endpoint is not None:
         banner += f"\nmetrics at {endpoint.url}"
+    if plane.console_url:
+        banner += f"\nconsole at {plane.console_url}"
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
