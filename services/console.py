@@ -304,14 +304,16 @@ class Console:
         if len(self.sessions) >= SESSIONS_MAX:
             raise SandboxError.of(ErrorCode.UNAVAILABLE, f"the console holds {SESSIONS_MAX} sessions already")
         if self.auth is None:
-            client = await SandboxClient.connect(self.config.nats_url, actor="console", max_reconnect_attempts=-1)
+            client = await SandboxClient.connect(self.config.nats_url, actor="console")
             may_write = True
         else:
-            client = await SandboxClient.connect(
-                self.config.nats_url, user=user, password=password, max_reconnect_attempts=-1
-            )
+            client = await SandboxClient.connect(self.config.nats_url, user=user, password=password)
             assert self.authorizer is not None
             may_write = has_role(self.authorizer.roles(user) or [], WRITE)
+        # Connected with the SDK's few attempts, so a wrong password is told at once (with no
+        # bound nats-py would try it for ever); from now on the session rides out a server's
+        # restart, as ``events --follow`` does: nats-py reads this at each reconnect.
+        client.nc.options["max_reconnect_attempts"] = -1
         session = Session(secrets.token_urlsafe(32), user, client, may_write)
         self.sessions[session.id] = session
         return session
