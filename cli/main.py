@@ -1110,9 +1110,10 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
             raise Failure(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
         config.console = args.console
     if args.cmd == "up":
+        from sandboxctl.cli.console import Console  # Starlette and uvicorn: only where the console is served
         from sandboxctl.runtime.embedded import run_up
 
-        await run_up(config, port=args.port, sync_always=args.sync_always, cluster=args.cluster)
+        await run_up(config, port=args.port, sync_always=args.sync_always, cluster=args.cluster, console=Console)
         return 0
     if args.cmd == "user":
         return _user(config, args)
@@ -1125,7 +1126,9 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
         unknown = sorted(set(only) - set(COMPONENTS))
         if unknown:
             raise Failure("invalid_argument", f"unknown component {', '.join(unknown)}; known: {', '.join(COMPONENTS)}")
-        await run_serve(config, components=only)
+        from sandboxctl.cli.console import Console
+
+        await run_serve(config, components=only, console=Console)
         return 0
     # A follower rides out a server restart; a one-shot command reports it at once.
     patient = args.cmd == "top" or (args.cmd == "events" and args.follow)

@@ -611,6 +611,9 @@ def _nats_error(name: str) -> Callable[[Exception], Any]:
 # The services one process can run; ``sandboxctl serve --only`` picks some, so each can be
 # deployed, scaled and killed on its own.
 COMPONENTS = ("statemachine", "projector", "query", "worker", "reaper", "webhooks", "console")
+# What makes the web console's service (sandboxctl.cli.console.Console): a front end, as the
+# command line is, which hands it over; the plane serves it on its own socket and connection.
+ConsoleFactory = Callable[[NATS, socket.socket, Config, AuthStore | None], Any]
 BACKLOG_EVERY = 5.0  # seconds between looks at the consumers' backlogs (a JetStream request each)
 BACKLOG_ANSWER = 2.0  # seconds one such request may take, else its gauges keep their last values
 
@@ -624,13 +627,18 @@ class ControlPlane:
     (runtime/health.py), and says when one falls behind the log and catches up again."""
 
     def __init__(
-        self, config: Config, drivers: dict[str, Driver] | None = None, components: Sequence[str] = COMPONENTS
+        self,
+        config: Config,
+        drivers: dict[str, Driver] | None = None,
+        components: Sequence[str] = COMPONENTS,
+        console: ConsoleFactory | None = None,
     ) -> None:
         unknown = set(components) - set(COMPONENTS)
         if unknown:
             raise ValueError(f"unknown component(s) {', '.join(sorted(unknown))}; known: {', '.join(COMPONENTS)}")
         self.config = config
         self.components = frozenset(components)
+        self.console = console  # the web console, when the caller gives it (the command line does)
         # With users.json in the auth directory, every service connects as its own user and commands need roles.
         self.auth = AuthStore(config.auth_path)
         self.auth_enabled = self.auth.enabled
@@ -655,11 +663,7 @@ class ControlPlane:
     @property
     def console_url(self) -> str:
         """Where the web console is served ("" when it is not)."""
-        if self._console_socket is None:
-            return ""
-        from sandboxctl.services.console import url_of
-
-        return url_of(self._console_socket)
+        return url_of(self._console_socket) if self._console_socket is not None else ""
 
     # The services as they are now: a restart puts a new instance in place.
     @property
@@ -820,11 +824,12 @@ class ControlPlane:
         elif self._console_socket is not None:
             listening = self._console_socket
 
-            async def console() -> tuple[Any, NATS]:
-                from sandboxctl.services.console import Console  # Starlette and uvicorn: only where it is served
+            make_console = self.console
+            assert make_console is not None  # the socket is bound only for a console given
 
+            async def console() -> tuple[Any, NATS]:
                 nc = await self._connect("console")
-                return Console(nc, listening, config, self.auth if self.auth_enabled else None), nc
+                return make_console(nc, listening, config, self.auth if self.auth_enabled else None), nc
 
             made.append(("console", console))
         return made
@@ -832,7 +837,7 @@ class ControlPlane:
     async def start(self) -> ControlPlane:
         make_private(self.config.data_dir)
         await asyncio.to_thread(_say_unreachable, server_urls(self.config.nats_url))
-        if "console" in self.components:
+        if "console" in self.components and self.console is not None:
             self._console_socket = _console_socket(self.config.console)
         try:
             for name, factory in self._factories():
@@ -947,6 +952,12 @@ class ControlPlane:
             self._console_socket = None
 
 
+def url_of(sock: socket.socket) -> str:
+    """The http URL of a bound socket (an IPv6 host in brackets, as a URL writes it)."""
+    host, port = sock.getsockname()[:2]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+
+
 def _console_socket(setting: str) -> socket.socket | None:
     """The web console's socket, bound to ``setting`` (None when it is ``off``): refused with
     Unavailable, before any service starts, when the address cannot be bound."""
@@ -1034,6 +1045,7 @@ async def _run_until_signalled(
     children: Children | None = None,
     ready: Callable[[], bool] | None = None,
     started: Callable[[], None] | None = None,
+    console: ConsoleFactory | None = None,
 ) -> None:
     """Run the services until SIGINT or SIGTERM, or until a service (or a process in
     ``children``) keeps failing: then stop everything and raise ``Internal``, which the CLI
@@ -1047,7 +1059,7 @@ async def _run_until_signalled(
     except (OSError, ValueError) as exc:  # in use, not this host's, a name that is none
         raise Unavailable(f"cannot serve metrics on {config.metrics} ({exc}); set --metrics or {address.ENV}") from None
     try:
-        plane = await ControlPlane(config, components=components).start()
+        plane = await ControlPlane(config, components=components, console=console).start()
     except BaseException:
         if endpoint is not None:
             await asyncio.to_thread(endpoint.close)
@@ -1100,6 +1112,7 @@ async def run_serve(
     children: Children | None = None,
     ready: Callable[[], bool] | None = None,
     started: Callable[[], None] | None = None,
+    console: ConsoleFactory | None = None,
 ) -> None:
     """``sandboxctl serve``: the services against a NATS someone else runs (compose, a cluster).
 
@@ -1126,7 +1139,7 @@ async def run_serve(
             if banner
             else f"sandboxctl services are up on {config.nats_url}, drivers {drivers_said(config)}"
         )
-        await _run_until_signalled(config, text, components, children, ready, started)
+        await _run_until_signalled(config, text, components, children, ready, started, console)
     finally:
         if podman is not None:
             podman.stop()
@@ -1195,7 +1208,13 @@ async def _jetstream_ready(url: str, auth: AuthStore, timeout: float = 60.0) -> 
             await asyncio.wait_for(nc.close(), 5)
 
 
-async def run_up(config: Config, port: int = 4222, sync_always: bool = False, cluster: int = 1) -> None:
+async def run_up(
+    config: Config,
+    port: int = 4222,
+    sync_always: bool = False,
+    cluster: int = 1,
+    console: ConsoleFactory | None = None,
+) -> None:
     """``sandboxctl up``: a nats-server of its own (``cluster``: that many nodes, routed to each
     other on this host, every stream then replicated on 3) plus every service, until interrupted.
 
@@ -1260,6 +1279,7 @@ async def run_up(config: Config, port: int = 4222, sync_always: bool = False, cl
             children=children,
             ready=lambda: all(server.answers() for server in servers),
             started=started,
+            console=console,
         )
     finally:
         for audit in audits:

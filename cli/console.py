@@ -2,7 +2,9 @@
 log's events and the dead letters, in a browser (docs/console.md).
 
 A Starlette app served by uvicorn inside the process's event loop, as the ``console`` service
-of ``up`` and ``serve`` (``serve --only console``). What it promises:
+of ``up`` and ``serve`` (``serve --only console``). It is a front end over the SDK, as the
+command line is, and lives beside it: the command line hands it to the control plane it runs
+(runtime/embedded.py serves it and knows nothing of the web). What it promises:
 
 - **It acts as the signed-in user.** Sign-in takes a sandboxctl user name and password (its
   NATS credentials); the console connects a ``SandboxClient`` as that user for the session, so
@@ -47,13 +49,16 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from sandboxctl import audit
 from sandboxctl.auth import WRITE, Authorizer, AuthStore, has_role
 from sandboxctl.bus.tail import reraise_if_cancelling
+from sandboxctl.cli.attach import show_logs
 from sandboxctl.cli.output import ago, iso, short_type, why
 from sandboxctl.client import NotFound, PermissionDenied, SandboxClient, SandboxError, Unauthenticated
 from sandboxctl.events import subjects
 from sandboxctl.events.replies import ErrorCode
 from sandboxctl.runtime.config import Config, parse_labels
+from sandboxctl.runtime.embedded import url_of
 from sandboxctl.statemachine.phases import Phase
 
 log = logging.getLogger(__name__)
@@ -84,12 +89,6 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "same-origin",  # no-referrer would make a form's Origin "null"
     "Cache-Control": "no-store",
 }
-
-
-def url_of(sock: socket.socket) -> str:
-    """The console's URL on a bound socket (an IPv6 host in brackets, as a URL writes it)."""
-    host, port = sock.getsockname()[:2]
-    return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
 
 
 @dataclass
@@ -466,8 +465,6 @@ class Console:
         reads them; what went wrong instead, when they cannot be read here."""
         if item["phase"] in (Phase.DELETED.value, Phase.ARCHIVED.value):
             return f"(no logs: the sandbox is {item['phase']})"
-        from sandboxctl.cli.attach import show_logs
-
         chunks: list[bytes] = []
         try:
             await asyncio.wait_for(
@@ -670,8 +667,6 @@ class Console:
         """The log's events as ``events --follow`` prints them, with its filters: ``sandbox``,
         ``type`` and ``actor`` (comma-separated), ``since`` (a time or a log sequence; without it,
         the last RECENT_EVENTS events)."""
-        from sandboxctl import audit
-
         session = self._session(request)
         if session is None:
             return self._finish(JSONResponse({"error": {"code": "unauthenticated", "message": "sign in"}}, 401))
