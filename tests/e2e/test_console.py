@@ -15,6 +15,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from sandboxctl.auth import AuthStore
 from sandboxctl.runtime.embedded import free_port
-from tests.conftest import cli_process
+from tests.conftest import ROOT, cli_process
 from tests.uprun import Up, up_env
 
 CHROMIUM = "/usr/bin/chromium"
@@ -259,4 +261,45 @@ async def test_a_reader_sees_no_buttons_its_forged_post_is_refused_and_log_text_
             assert (await admin.get("/deadletters")).status_code == 200
         assert await up.stop() == 0, up.text
     finally:
+        await up.kill()
+
+
+async def test_serve_only_console_serves_it_on_its_own_user_and_answers_health(
+    tmp_path: Path, podman_url: str, image: str, sandboxes: list[str]
+) -> None:
+    """``serve --only console`` beside an ``up``: the console alone, on the NATS user ``up`` made
+    for it, on the address --console names, in the process's health answer."""
+    up, _ = await console_up(tmp_path / "up", podman_url)
+    serve = None
+    try:
+        port = free_port()
+        env = {**up.env, "SANDBOXCTL_RUN_DIR": str(tmp_path / "serve-run")}
+        serve = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sandboxctl.cli", "serve", "--only", "console", "--console", f"127.0.0.1:{port}",
+            env=env, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        assert serve.stdout is not None
+        said = b""
+        async with asyncio.timeout(60):
+            while b"console at" not in said:
+                line = await serve.stdout.readline()
+                assert line, said
+                said += line
+        assert f"console at http://127.0.0.1:{port}/".encode() in said, said
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as web:
+            answer = await web.get("/")
+            assert answer.status_code == 303 and answer.headers["location"].startswith("/login")
+            answer = await web.get("/login")
+            assert answer.status_code == 200 and 'id="login-user"' in answer.text
+        code, out, err = await cli_process(up.env, "status", "-o", "json")
+        assert code == 0, err
+        assert any(r["component"] == "console" and r["healthy"] for r in json.loads(out)), out
+        serve.send_signal(signal.SIGINT)
+        rest, _ = await asyncio.wait_for(serve.communicate(), 30)
+        assert serve.returncode == 0 and b"Traceback" not in said + rest, (said + rest).decode()
+        assert await up.stop() == 0, up.text
+    finally:
+        if serve is not None and serve.returncode is None:
+            serve.kill()
+            await serve.wait()
         await up.kill()

@@ -25,6 +25,8 @@ HEAVY = (
     "podman",
     "yaml",
     "rich",
+    "starlette",  # the web console's, loaded by up and serve alone
+    "uvicorn",
 )
 
 
