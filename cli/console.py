@@ -32,6 +32,7 @@ import contextlib
 import html
 import json
 import logging
+import re
 import secrets
 import socket
 import time
@@ -229,6 +230,7 @@ class Console:
         self.socket = listening.dup()  # uvicorn closes what it serves; the plane keeps the original
         self.url = url_of(listening)
         self.sessions: dict[str, Session] = {}
+        self._anonymous: SandboxClient | None = None  # every session's, when the server has no users
         self.tasks: list[asyncio.Task[None]] = []
         self._streams: set[asyncio.Queue[Any]] = set()
         self._server: _Server | None = None
@@ -279,6 +281,9 @@ class Console:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         for session in list(self.sessions.values()):
             await self._end(session)
+        if self._anonymous is not None:
+            with contextlib.suppress(Exception):
+                await self._anonymous.close()
         self.socket.close()
 
     # -- sessions ---------------------------------------------------------------------------
@@ -294,28 +299,41 @@ class Console:
 
     async def _end(self, session: Session) -> None:
         self.sessions.pop(session.id, None)
-        with contextlib.suppress(Exception):
-            await session.client.close()
+        if session.client is not self._anonymous:  # the shared one is closed with the console
+            with contextlib.suppress(Exception):
+                await session.client.close()
 
     async def _open(self, user: str, password: str) -> Session:
         """A session as ``user`` (authorization off: as no one), its client connected. Raises
         Unauthenticated when NATS refuses the user and password."""
-        if len(self.sessions) >= SESSIONS_MAX:
-            raise SandboxError.of(ErrorCode.UNAVAILABLE, f"the console holds {SESSIONS_MAX} sessions already")
         if self.auth is None:
-            client = await SandboxClient.connect(self.config.nats_url, actor="console")
-            may_write = True
+            # No users: every browser acts as no one, on one shared connection; a session is only
+            # its token, and the oldest gives way to a new one rather than refuse it.
+            if len(self.sessions) >= SESSIONS_MAX:
+                await self._end(min(self.sessions.values(), key=lambda s: s.used))
+            if self._anonymous is None:
+                self._anonymous = await self._connect(actor="console")
+            client, may_write = self._anonymous, True
         else:
-            client = await SandboxClient.connect(self.config.nats_url, user=user, password=password)
+            if len(self.sessions) >= SESSIONS_MAX:
+                raise SandboxError.of(ErrorCode.UNAVAILABLE, f"the console holds {SESSIONS_MAX} sessions already")
+            client = await self._connect(user=user, password=password)
             assert self.authorizer is not None
+            # Roles as the state machine reads them (users.json where the console runs; none
+            # known there: no buttons, and the state machine decides all the same).
             may_write = has_role(self.authorizer.roles(user) or [], WRITE)
-        # Connected with the SDK's few attempts, so a wrong password is told at once (with no
-        # bound nats-py would try it for ever); from now on the session rides out a server's
-        # restart, as ``events --follow`` does: nats-py reads this at each reconnect.
-        client.nc.options["max_reconnect_attempts"] = -1
         session = Session(secrets.token_urlsafe(32), user, client, may_write)
         self.sessions[session.id] = session
         return session
+
+    async def _connect(self, **who: str) -> SandboxClient:
+        """A client on the console's NATS. Connected with the SDK's few attempts, so a wrong
+        password is told at once (with no bound nats-py would try it for ever); from then on it
+        rides out a server's restart, as ``events --follow`` does: nats-py reads this option at
+        each reconnect."""
+        client = await SandboxClient.connect(self.config.nats_url, **who)
+        client.nc.options["max_reconnect_attempts"] = -1
+        return client
 
     def _session(self, request: Request) -> Session | None:
         session = self.sessions.get(request.cookies.get(COOKIE, ""))
@@ -358,7 +376,7 @@ class Console:
 
     async def login(self, request: Request) -> Response:
         target = request.query_params.get("next", "/")
-        if not target.startswith("/") or target.startswith("//"):
+        if not re.fullmatch(r"/(?![/\\])[\w\-./?=&%]*", target):  # a page of this console, never another site's
             target = "/"
         if self.auth is None:
             return self._finish(RedirectResponse(target, 303))
