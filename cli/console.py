@@ -173,6 +173,8 @@ def sse(event: str, data: Any) -> str:
 
 
 def error_response(exc: SandboxError, as_json: bool, session: Session | None = None) -> Response:
+    """A refusal with its code's status: ``{"error": {"code", "message"}}`` for a script, a page
+    naming the code for a person."""
     status = STATUS.get(exc.code, 500)
     if as_json:
         return JSONResponse({"error": {"code": str(exc.code), "message": exc.message}}, status, SECURITY_HEADERS)
@@ -181,6 +183,7 @@ def error_response(exc: SandboxError, as_json: bool, session: Session | None = N
 
 
 def esc(value: Any) -> str:
+    """Text (and attribute values) for a page: whatever the log holds stays text."""
     return html.escape(str(value), quote=True)
 
 

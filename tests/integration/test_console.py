@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import socket
 
 import httpx
+import pytest
 
 from sandboxctl.cli.console import Console
+from sandboxctl.client import Unavailable
 from sandboxctl.runtime.config import Config
 from sandboxctl.runtime.embedded import ControlPlane
 
@@ -44,3 +47,15 @@ async def test_without_users_there_is_no_sign_in_and_the_table_streams_from_the_
         assert len(console.sessions) == 2 and len({s.client for s in console.sessions.values()}) == 1
     finally:
         await plane.stop()
+
+
+async def test_an_address_in_use_is_refused_in_one_line_before_any_service_starts(nats_config: Config) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        config = dataclasses.replace(nats_config, console=f"127.0.0.1:{port}")
+        plane = ControlPlane(config, components=PARTS, console=Console)
+        with pytest.raises(Unavailable, match=rf"cannot serve the console on 127.0.0.1:{port} .*SANDBOXCTL_CONSOLE"):
+            await plane.start()
+        assert plane.supervisor.slots == []
