@@ -213,6 +213,13 @@ def component_permissions(
             },
             "subscribe": {"allow": [inbox, subjects.HEALTH]},
         }
+    if component == "console":
+        # The web console acts as each signed-in user, on that user's own connection; its own
+        # user only answers health requests (``serve --only console``) and reads the log's head.
+        return {
+            "publish": {"allow": [*_stream_info(subjects.LOG_STREAM), subjects.INBOXES_ALL], "deny": protected},
+            "subscribe": {"allow": [inbox, subjects.HEALTH]},
+        }
     if component == "query":
         return {
             # It answers through allow_responses, and reads a sandbox's history from the log.

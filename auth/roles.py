@@ -26,7 +26,15 @@ VERB_ROLE = {**{cls.VERB: WRITE for cls in COMMAND_TYPES}, BulkSandboxes.VERB: W
 # The services' own users: one per component and one per engine's driver worker.
 COMPONENT_PREFIX = "sandboxctl-"
 DRIVERS = ("podman", "docker", "vm")
-SERVICE_COMPONENTS = ("statemachine", "projector", "query", "reaper", "webhooks", *(f"driver-{d}" for d in DRIVERS))
+SERVICE_COMPONENTS = (
+    "statemachine",
+    "projector",
+    "query",
+    "reaper",
+    "webhooks",
+    "console",
+    *(f"driver-{d}" for d in DRIVERS),
+)
 # Services that send commands, with the role the state machine grants them: the reaper warns
 # and stops (or, opted in, deletes) like any writer, on its own command subjects.
 COMPONENT_ROLES = {"reaper": [WRITE]}

@@ -24,7 +24,7 @@ import msgspec
 
 from sandboxctl import auth
 from sandboxctl.cli import spec
-from sandboxctl.cli.output import BROKEN_PIPE, EXIT_CODES, HOST_COLUMNS, show
+from sandboxctl.cli.output import BROKEN_PIPE, EXIT_CODES, HOST_COLUMNS, short_type, show, why
 from sandboxctl.cli.progress import Progress
 from sandboxctl.client import TERMINAL, PermissionDenied, SandboxClient, SandboxError
 from sandboxctl.events import subjects
@@ -41,8 +41,15 @@ from sandboxctl.events.limits import (
 from sandboxctl.events.queries import ListRequest
 from sandboxctl.events.replies import ErrorCode
 from sandboxctl.observe import tracing
-from sandboxctl.observe.address import parse_address as parse_metrics_address
-from sandboxctl.runtime.config import ANSWER_TIMEOUT, TRACE_EXPORT_WAIT, Config, labels_from_pairs, parse_duration
+from sandboxctl.observe.address import parse_address
+from sandboxctl.runtime.config import (
+    ANSWER_TIMEOUT,
+    CONSOLE_WHAT,
+    TRACE_EXPORT_WAIT,
+    Config,
+    labels_from_pairs,
+    parse_duration,
+)
 from sandboxctl.runtime.process import run_to_exit
 from sandboxctl.statemachine.names import validate_name
 from sandboxctl.statemachine.phases import Phase
@@ -219,6 +226,12 @@ METRICS_HELP = (
 )
 
 
+CONSOLE_HELP = (
+    "serve the web console at HOST:PORT (port 0: a free one; off: none); default SANDBOXCTL_CONSOLE, "
+    "else 127.0.0.1:4280. The address is printed once the services are up (docs/console.md)"
+)
+
+
 class _Unused:
     """Stands in for the parser of a verb that is not being run, and takes every call made to it:
     argparse builds each parser eagerly, and building all of them costs more than a ``get``."""
@@ -267,15 +280,17 @@ def _add_verbs(sub: _Verbs) -> None:
         "replicas (default 1: a single server)",
     )
     up.add_argument("--metrics", metavar="HOST:PORT", help=METRICS_HELP)
+    up.add_argument("--console", metavar="HOST:PORT", help=CONSOLE_HELP)
 
     serve = sub.add_parser("serve", help="run the services against the NATS in SANDBOXCTL_NATS_URL")
     serve.add_argument(
         "--only",
         default="",
         metavar="COMPONENT[,...]",
-        help="run only these: statemachine, projector, query, worker, reaper, webhooks (default: all)",
+        help="run only these: statemachine, projector, query, worker, reaper, webhooks, console (default: all)",
     )
     serve.add_argument("--metrics", metavar="HOST:PORT", help=METRICS_HELP)
+    serve.add_argument("--console", metavar="HOST:PORT", help=CONSOLE_HELP)
 
     st = sub.add_parser(
         "status", help="each service's health and position in the log; exits 8 if one is down or behind"
@@ -790,18 +805,10 @@ async def _webhook(client: SandboxClient, args: argparse.Namespace) -> int:
     return 0
 
 
-def _why(data: dict[str, Any]) -> str:
-    """What a history line shows of an event's data: a stop's reason, a lease's holder, ..."""
-    parts = [str(data[k]) for k in ("reason", "via", "holder", "kind", "cause") if data.get(k)]
-    if "grace" in data:
-        parts.append(f"grace {data['grace']:g}s")
-    return " ".join(parts)
-
-
 def _event_line(seq: int, env: Any) -> str:
     data = msgspec.to_builtins(env.data)
     detail = " ".join(f"{k}={v}" for k, v in data.items() if k not in ("sandbox_id",) and v not in (None, "", {}))
-    short = env.type.removeprefix("sandboxctl.").rsplit(".", 1)[0]
+    short = short_type(env.type)
     return f"{seq:>8} {env.time.isoformat(timespec='milliseconds')} {env.subject:<20} {short:<28} {detail}".rstrip()
 
 
@@ -1100,14 +1107,21 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
             raise Failure(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
     if args.cmd in ("up", "serve") and args.metrics is not None:
         try:
-            parse_metrics_address(args.metrics)
+            parse_address(args.metrics)
         except ValueError as exc:
             raise Failure(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
         config.metrics = args.metrics
+    if args.cmd in ("up", "serve") and args.console is not None:
+        try:
+            parse_address(args.console, CONSOLE_WHAT)
+        except ValueError as exc:
+            raise Failure(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
+        config.console = args.console
     if args.cmd == "up":
+        from sandboxctl.cli.console import Console  # Starlette and uvicorn: only where the console is served
         from sandboxctl.runtime.embedded import run_up
 
-        await run_up(config, port=args.port, sync_always=args.sync_always, cluster=args.cluster)
+        await run_up(config, port=args.port, sync_always=args.sync_always, cluster=args.cluster, console=Console)
         return 0
     if args.cmd == "user":
         return _user(config, args)
@@ -1120,7 +1134,9 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
         unknown = sorted(set(only) - set(COMPONENTS))
         if unknown:
             raise Failure("invalid_argument", f"unknown component {', '.join(unknown)}; known: {', '.join(COMPONENTS)}")
-        await run_serve(config, components=only)
+        from sandboxctl.cli.console import Console
+
+        await run_serve(config, components=only, console=Console)
         return 0
     # With OTEL_EXPORTER_OTLP_ENDPOINT set, the call is the root of its trace (observe.tracing);
     # otherwise nothing of OpenTelemetry is imported.
@@ -1243,7 +1259,7 @@ async def _call(args: argparse.Namespace, config: Config, command: list[str]) ->
         if args.cmd == "history":
             items = await client.history(args.name)
             if args.output == "table":
-                items = [{**item, "why": _why(item.get("data") or {})} for item in items]
+                items = [{**item, "why": why(item.get("data") or {})} for item in items]
             show(items, args.output, ("seq", "time", "type", "phase", "actor", "why", "causationid"))
             return 0
         if args.cmd == "events":

@@ -78,6 +78,19 @@ def moments_as_iso(data: Any) -> Any:
     return data
 
 
+def why(data: dict[str, Any]) -> str:
+    """What a history line shows of an event's data: a stop's reason, a lease's holder, ..."""
+    parts = [str(data[k]) for k in ("reason", "via", "holder", "kind", "cause") if data.get(k)]
+    if "grace" in data:
+        parts.append(f"grace {data['grace']:g}s")
+    return " ".join(parts)
+
+
+def short_type(event_type: str) -> str:
+    """An event's type as ``events`` prints it: ``sandbox.stopped`` for ``sandboxctl.sandbox.stopped.v1``."""
+    return event_type.removeprefix("sandboxctl.").rsplit(".", 1)[0]
+
+
 def table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
     """Rows in aligned columns; moments as the time from now."""
     now = time.time()

@@ -62,6 +62,12 @@ def _default_run_dir() -> Path:
     return Path(base) / "sandboxctl"
 
 
+# The web console's address (cli/console.py): a port of its own, printed by up and serve, so
+# a bookmark keeps working; port 0 takes a free one, "off" serves none.
+CONSOLE_ENV = "SANDBOXCTL_CONSOLE"
+CONSOLE_DEFAULT = "127.0.0.1:4280"
+CONSOLE_WHAT = "console address"
+
 HOST_MAX_SANDBOXES = 256  # a host's most sandboxes unless SANDBOXCTL_HOST_MAX_SANDBOXES says otherwise
 
 
@@ -70,6 +76,9 @@ class Config:
     nats_url: str = "nats://127.0.0.1:4222"
     # Where up and serve serve their Prometheus metrics: host:port (port 0: a free one, printed), or "off".
     metrics: str = metrics_address.DEFAULT_ADDRESS
+    # Where up and serve serve the web console (cli/console.py): host:port, or "off". Off
+    # unless asked for here; the command line's default is CONSOLE_DEFAULT (from_env).
+    console: str = metrics_address.OFF
     data_dir: Path = field(default_factory=_default_data_dir)
     run_dir: Path = field(default_factory=_default_run_dir)
     podman_url: str = ""
@@ -172,6 +181,8 @@ class Config:
         cfg.podman_url = env.get("SANDBOXCTL_PODMAN_URL", "")
         cfg.metrics = env.get(metrics_address.ENV, "").strip() or cfg.metrics
         metrics_address.parse_address(cfg.metrics)  # ValueError, saying what is wrong
+        cfg.console = env.get(CONSOLE_ENV, "").strip() or CONSOLE_DEFAULT
+        metrics_address.parse_address(cfg.console, CONSOLE_WHAT)
         if env.get("SANDBOXCTL_VM_GUEST"):
             cfg.vm_guest_dir = Path(env["SANDBOXCTL_VM_GUEST"])
         cfg.vm_acceleration = env.get("SANDBOXCTL_VM_ACCEL", "").strip().lower()

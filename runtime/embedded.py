@@ -610,7 +610,10 @@ def _nats_error(name: str) -> Callable[[Exception], Any]:
 
 # The services one process can run; ``sandboxctl serve --only`` picks some, so each can be
 # deployed, scaled and killed on its own.
-COMPONENTS = ("statemachine", "projector", "query", "worker", "reaper", "webhooks")
+COMPONENTS = ("statemachine", "projector", "query", "worker", "reaper", "webhooks", "console")
+# What makes the web console's service (sandboxctl.cli.console.Console): a front end, as the
+# command line is, which hands it over; the plane serves it on its own socket and connection.
+ConsoleFactory = Callable[[NATS, socket.socket, Config, AuthStore | None], Any]
 BACKLOG_EVERY = 5.0  # seconds between looks at the consumers' backlogs (a JetStream request each)
 BACKLOG_ANSWER = 2.0  # seconds one such request may take, else its gauges keep their last values
 
@@ -624,13 +627,18 @@ class ControlPlane:
     (runtime/health.py), and says when one falls behind the log and catches up again."""
 
     def __init__(
-        self, config: Config, drivers: dict[str, Driver] | None = None, components: Sequence[str] = COMPONENTS
+        self,
+        config: Config,
+        drivers: dict[str, Driver] | None = None,
+        components: Sequence[str] = COMPONENTS,
+        console: ConsoleFactory | None = None,
     ) -> None:
         unknown = set(components) - set(COMPONENTS)
         if unknown:
             raise ValueError(f"unknown component(s) {', '.join(sorted(unknown))}; known: {', '.join(COMPONENTS)}")
         self.config = config
         self.components = frozenset(components)
+        self.console = console  # the web console, when the caller gives it (the command line does)
         # With users.json in the auth directory, every service connects as its own user and commands need roles.
         self.auth = AuthStore(config.auth_path)
         self.auth_enabled = self.auth.enabled
@@ -648,6 +656,14 @@ class ControlPlane:
         self._observer: asyncio.Task[None] | None = None
         self._backlog_watch: asyncio.Task[None] | None = None
         self._uncount: Callable[[], None] | None = None  # stops counting the projector's sandboxes
+        # The web console's listening socket, bound once by ``start`` and kept across the console's
+        # restarts (each instance serves a copy of it), so its address never changes.
+        self._console_socket: socket.socket | None = None
+
+    @property
+    def console_url(self) -> str:
+        """Where the web console is served ("" when it is not)."""
+        return url_of(self._console_socket) if self._console_socket is not None else ""
 
     # The services as they are now: a restart puts a new instance in place.
     @property
@@ -798,11 +814,31 @@ class ControlPlane:
                 return service, nc
 
             made.append(("webhooks", relay))
+        console_user = component_user("console")
+        if (
+            self._console_socket is not None
+            and self.auth_enabled
+            and not self.auth.credentials_path(console_user).exists()
+        ):
+            log.warning("console: no credentials for %s in %s; the console does not run", console_user, self.auth.root)
+        elif self._console_socket is not None:
+            listening = self._console_socket
+
+            make_console = self.console
+            assert make_console is not None  # the socket is bound only for a console given
+
+            async def console() -> tuple[Any, NATS]:
+                nc = await self._connect("console")
+                return make_console(nc, listening, config, self.auth if self.auth_enabled else None), nc
+
+            made.append(("console", console))
         return made
 
     async def start(self) -> ControlPlane:
         make_private(self.config.data_dir)
         await asyncio.to_thread(_say_unreachable, server_urls(self.config.nats_url))
+        if "console" in self.components and self.console is not None:
+            self._console_socket = _console_socket(self.config.console)
         try:
             for name, factory in self._factories():
                 await self.supervisor.add(name, factory)
@@ -911,6 +947,41 @@ class ControlPlane:
         for nc in self.connections:
             await _within(5, "a NATS connection", nc.close())
         self.connections.clear()
+        if self._console_socket is not None:
+            self._console_socket.close()
+            self._console_socket = None
+
+
+def url_of(sock: socket.socket) -> str:
+    """The http URL of a bound socket (an IPv6 host in brackets, as a URL writes it)."""
+    host, port = sock.getsockname()[:2]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+
+
+def _console_socket(setting: str) -> socket.socket | None:
+    """The web console's socket, bound to ``setting`` (None when it is ``off``): refused with
+    Unavailable, before any service starts, when the address cannot be bound."""
+    from sandboxctl.runtime.config import CONSOLE_ENV, CONSOLE_WHAT
+
+    try:
+        parsed = address.parse_address(setting, CONSOLE_WHAT)
+        if parsed is None:
+            return None
+        host, port = parsed
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, where = infos[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(where)
+            sock.listen(128)
+        except BaseException:
+            sock.close()
+            raise
+    except (OSError, ValueError) as exc:  # in use, not this host's, a name that is none
+        raise Unavailable(f"cannot serve the console on {setting} ({exc}); set --console or {CONSOLE_ENV}") from None
+    sock.setblocking(False)
+    return sock
 
 
 async def _within(seconds: float, what: str, step: Awaitable[Any]) -> None:
@@ -974,6 +1045,7 @@ async def _run_until_signalled(
     children: Children | None = None,
     ready: Callable[[], bool] | None = None,
     started: Callable[[], None] | None = None,
+    console: ConsoleFactory | None = None,
 ) -> None:
     """Run the services until SIGINT or SIGTERM, or until a service (or a process in
     ``children``) keeps failing: then stop everything and raise ``Internal``, which the CLI
@@ -987,13 +1059,15 @@ async def _run_until_signalled(
     except (OSError, ValueError) as exc:  # in use, not this host's, a name that is none
         raise Unavailable(f"cannot serve metrics on {config.metrics} ({exc}); set --metrics or {address.ENV}") from None
     try:
-        plane = await ControlPlane(config, components=components).start()
+        plane = await ControlPlane(config, components=components, console=console).start()
     except BaseException:
         if endpoint is not None:
             await asyncio.to_thread(endpoint.close)
         raise
     if endpoint is not None:
         banner += f"\nmetrics at {endpoint.url}"
+    if plane.console_url:
+        banner += f"\nconsole at {plane.console_url}"
     export = tracing.setup("sandboxctl")  # OTLP, when OTEL_EXPORTER_OTLP_ENDPOINT asks for it
     if export is not None:
         banner += f"\ntraces to {tracing.endpoint()}"
@@ -1043,6 +1117,7 @@ async def run_serve(
     children: Children | None = None,
     ready: Callable[[], bool] | None = None,
     started: Callable[[], None] | None = None,
+    console: ConsoleFactory | None = None,
 ) -> None:
     """``sandboxctl serve``: the services against a NATS someone else runs (compose, a cluster).
 
@@ -1069,7 +1144,7 @@ async def run_serve(
             if banner
             else f"sandboxctl services are up on {config.nats_url}, drivers {drivers_said(config)}"
         )
-        await _run_until_signalled(config, text, components, children, ready, started)
+        await _run_until_signalled(config, text, components, children, ready, started, console)
     finally:
         if podman is not None:
             podman.stop()
@@ -1138,7 +1213,13 @@ async def _jetstream_ready(url: str, auth: AuthStore, timeout: float = 60.0) -> 
             await asyncio.wait_for(nc.close(), 5)
 
 
-async def run_up(config: Config, port: int = 4222, sync_always: bool = False, cluster: int = 1) -> None:
+async def run_up(
+    config: Config,
+    port: int = 4222,
+    sync_always: bool = False,
+    cluster: int = 1,
+    console: ConsoleFactory | None = None,
+) -> None:
     """``sandboxctl up``: a nats-server of its own (``cluster``: that many nodes, routed to each
     other on this host, every stream then replicated on 3) plus every service, until interrupted.
 
@@ -1203,6 +1284,7 @@ async def run_up(config: Config, port: int = 4222, sync_always: bool = False, cl
             children=children,
             ready=lambda: all(server.answers() for server in servers),
             started=started,
+            console=console,
         )
     finally:
         for audit in audits:

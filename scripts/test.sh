@@ -13,6 +13,11 @@ bash scripts/build-test-image.sh
 if ! command -v zsh >/dev/null || ! command -v fish >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends zsh fish >/dev/null
 fi
+# The browser the web console's test drives (tests/e2e/test_console.py): Debian's chromium, headless,
+# through chromium-driver.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+fi
 # The AsyncAPI 3 JSON Schema the contract test validates against, from the npm registry.
 if [ ! -f .cache/asyncapi/node_modules/@asyncapi/specs/schemas/3.0.0.json ]; then
   command -v npm >/dev/null || { apt-get update -qq && apt-get install -y -qq npm >/dev/null; }

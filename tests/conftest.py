@@ -41,6 +41,9 @@ from testing.dockerd import DockerDaemon
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 IMAGE = os.environ.get("SANDBOXCTL_TEST_IMAGE", "localhost/sandboxctl-busybox:latest")
+# Every up and serve a test runs serves its web console on a free port, not the default one: tests
+# run beside each other, and beside a developer's own up.
+os.environ.setdefault("SANDBOXCTL_CONSOLE", "127.0.0.1:0")
 ENGINES = ("podman", "docker")
 
 LAYERS = ("unit", "integration", "e2e")  # the folders under tests/, each also a marker

@@ -29,6 +29,7 @@ def up_env(root: Path, port: int, own_podman: bool = False, podman_url: str = ""
         SANDBOXCTL_RUN_DIR=str(root / "run"),
         SANDBOXCTL_NATS_URL=f"nats://127.0.0.1:{port}",
         SANDBOXCTL_DRIVERS="podman",
+        SANDBOXCTL_CONSOLE="127.0.0.1:0",  # a free port: several ups never contend for the default
         USER="local-op",
     )
     if not own_podman:

@@ -306,6 +306,7 @@ async def test_up_makes_the_credentials_and_user_add_admits_a_new_user(
             "query",
             "reaper",
             "webhooks",
+            "console",
             "driver-podman",
             "driver-docker",
             "driver-vm",

@@ -26,6 +26,8 @@ HEAVY = (
     "yaml",
     "rich",
     "opentelemetry",  # only once a call traces (observe.tracing)
+    "starlette",  # the web console's, loaded by up and serve alone
+    "uvicorn",
 )
 
 

@@ -39,6 +39,7 @@ def test_the_wheel_adds_only_sandboxctl_and_lives_beside_a_services_package_of_s
         tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
         assert tops == {"sandboxctl"}, tops
         assert "sandboxctl/py.typed" in names  # services that use the SDK get its types
+        assert {"sandboxctl/cli/console.js", "sandboxctl/cli/console.css"} <= set(names)  # the web console's
         fresh = tmp_path / "fresh"
         venv.EnvBuilder(with_pip=False).create(fresh)
         site = Path(sysconfig.get_path("purelib", vars={"base": str(fresh), "platbase": str(fresh)}))
