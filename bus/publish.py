@@ -15,6 +15,7 @@ no stream listens, ``nats.errors.TimeoutError`` when no ack came in time.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import heapq
 import itertools
 import weakref
@@ -85,7 +86,10 @@ class _Acks:
         self.waiting: dict[str, asyncio.Future[Msg]] = {}
         self.deadlines: list[tuple[float, str]] = []  # a heap
         self.tokens = itertools.count()
-        self.ready = asyncio.ensure_future(nc.subscribe(f"{self.prefix}*", cb=self._on_ack))
+        # The inbox's tasks outlive the publish that made them: they start from an empty context,
+        # not the trace that publish was part of (observe.tracing).
+        loop = asyncio.get_running_loop()
+        self.ready = loop.create_task(nc.subscribe(f"{self.prefix}*", cb=self._on_ack), context=contextvars.Context())
         self.sweeper: asyncio.Task[None] | None = None
 
     async def _on_ack(self, msg: Msg) -> None:
@@ -114,7 +118,7 @@ class _Acks:
         self.waiting[token] = future
         heapq.heappush(self.deadlines, (loop.time() + timeout, token))
         if self.sweeper is None or self.sweeper.done():
-            self.sweeper = asyncio.create_task(self._sweep(), name="sandboxctl-ack-sweeper")
+            self.sweeper = loop.create_task(self._sweep(), name="sandboxctl-ack-sweeper", context=contextvars.Context())
         try:
             await nc.publish(subject, payload, reply=self.prefix + token, headers=headers)
             msg = await future

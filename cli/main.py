@@ -1140,7 +1140,7 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
         return 0
     # With OTEL_EXPORTER_OTLP_ENDPOINT set, the call is the root of its trace (observe.tracing);
     # otherwise nothing of OpenTelemetry is imported.
-    export = tracing.setup("sandboxctl-cli", patience=TRACE_EXPORT_WAIT)
+    export = tracing.setup("sandboxctl-cli", TRACE_EXPORT_WAIT, quiet=True)
     try:
         with tracing.sending(f"sandboxctl {args.cmd}"):
             return await _call(args, config, command)

@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +33,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TRACEPARENT = "traceparent"  # the W3C trace context's header; tracestate travels with it
+TRACEPARENT = "traceparent"  # the W3C trace context's header
+TRACESTATE = "tracestate"  # vendors' entries beside it: passed on only up to TRACESTATE_MAX characters
+TRACESTATE_MAX = 512  # a sender's tracestate is copied into every event its command causes, in the log
 TRACER = "sandboxctl"
 ENDPOINT_ENVS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 
@@ -58,17 +61,20 @@ def wanted(environ: Mapping[str, str] = os.environ) -> bool:
 
 
 def setup(
-    service: str, environ: Mapping[str, str] = os.environ, patience: float | None = None
+    service: str, patience: float, environ: Mapping[str, str] = os.environ, quiet: bool = False
 ) -> Callable[[], None] | None:
     """Export this process's spans with OTLP over HTTP (``http/protobuf``) when the environment
-    asks for it: the endpoint, headers, timeout and batching are the SDK's ``OTEL_*`` settings,
-    and ``service.name`` is ``OTEL_SERVICE_NAME`` or ``service``. What to call at exit (it sends
-    what is left, trying for at most the exporter's timeout), or None when nothing is exported.
+    asks for it: the endpoint, headers and batching are the SDK's ``OTEL_*`` settings, and
+    ``service.name`` is ``OTEL_SERVICE_NAME`` or ``service``. What to call at exit, or None when
+    nothing is exported (or this process is set up already: one provider per process).
 
-    ``patience``, given, is that timeout in seconds, whatever the environment says: a CLI call
-    whose collector is away ends that much later, not the SDK's 10 s, and says so in one line."""
+    What is called at exit sends what is left, and returns within ``patience`` seconds whatever
+    the collector does (each export tries for ``patience`` too): a process whose collector is
+    away ends that much later, never after the SDK's own 10 s of retries or 30 s of shutdown.
+    ``quiet`` (a CLI call) leaves out the exporter's warnings between retries: its last word,
+    the spans it gave up on, is one line."""
     global _exporting
-    if not wanted(environ):
+    if _exporting or not wanted(environ):
         return None
     protocol = environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or ""
     if protocol and protocol != "http/protobuf":
@@ -82,13 +88,19 @@ def setup(
     resource = Resource.create({SERVICE_NAME: environ.get("OTEL_SERVICE_NAME") or service})
     provider = TracerProvider(resource=resource, shutdown_on_exit=False)  # ours to call, bounded
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(timeout=patience)))
-    if patience is not None:
-        # Each retry's warning would be a line of the call's output; the exporter's last word
-        # (an error: the spans it gave up on) is enough.
+    if quiet:
         logging.getLogger("opentelemetry.exporter.otlp.proto.http").setLevel(logging.ERROR)
     trace.set_tracer_provider(provider)
     _exporting = True
-    return provider.shutdown
+
+    def finish() -> None:
+        # On a daemon thread of its own, waited for ``patience`` at most: the SDK's shutdown
+        # joins its exporting thread for up to 30 s, and a thread pool's would be joined at exit.
+        ending = threading.Thread(target=provider.shutdown, name="sandboxctl-traces-shutdown", daemon=True)
+        ending.start()
+        ending.join(patience)
+
+    return finish
 
 
 def endpoint(environ: Mapping[str, str] = os.environ) -> str:
@@ -99,13 +111,23 @@ def endpoint(environ: Mapping[str, str] = os.environ) -> str:
     return ""
 
 
+def _propagator() -> Any:
+    """The W3C trace context's propagator, whatever the process's global one is (an application's
+    B3, OTEL_PROPAGATORS): sandboxctl's hops speak ``traceparent`` and nothing else. Baggage is
+    never read from a message nor passed on."""
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    return TraceContextTextMapPropagator()
+
+
 def inject(headers: dict[str, str]) -> None:
     """Put the current trace context into ``headers`` (nothing when there is none)."""
     if not loaded():
         return
-    from opentelemetry.propagate import inject as put
-
-    put(headers)
+    _propagator().inject(headers)
+    state = headers.get(TRACESTATE)
+    if state is not None and len(state) > TRACESTATE_MAX:
+        del headers[TRACESTATE]  # a sender's vendors' entries are not the log's to keep
 
 
 def _kind(name: str) -> SpanKind:
@@ -127,15 +149,30 @@ def sending(name: str, **attributes: Any) -> Iterator[None]:
         yield
 
 
+def carried(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """The W3C trace context in a message's ``headers`` and nothing else: ``traceparent`` (its
+    name in any case, as HTTP-minded publishers write it), and ``tracestate`` up to
+    TRACESTATE_MAX characters. Whatever else a publisher put there is never handed to
+    OpenTelemetry, which would log an oversized header in full."""
+    if not headers:
+        return {}
+    found: dict[str, str] = {}
+    for key, value in headers.items():
+        lowered = key.lower()
+        if lowered == TRACEPARENT:
+            found[TRACEPARENT] = value[:64]  # 55 characters when it is one
+        elif lowered == TRACESTATE and len(value) <= TRACESTATE_MAX:
+            found[TRACESTATE] = value
+    return found if TRACEPARENT in found else {}
+
+
 def _parent(headers: Mapping[str, str] | None) -> Any:
     """The context carried by ``headers``, or None when they carry none and this process does not
     export (then no span is made at all)."""
-    carries = bool(headers) and TRACEPARENT in headers  # type: ignore[operator]
-    if not (carries or _exporting):
+    context = carried(headers)
+    if not (context or _exporting):
         return None
-    from opentelemetry.propagate import extract
-
-    return extract(dict(headers) if carries else {})  # type: ignore[arg-type]
+    return _propagator().extract(context)
 
 
 @contextlib.contextmanager

@@ -46,6 +46,8 @@ ANSWER_TIMEOUT = 30.0
 # Seconds a CLI call that exports traces may spend sending its spans at exit (observe.tracing):
 # with its collector away, the call ends that much later, never the OpenTelemetry SDK's 10 s.
 TRACE_EXPORT_WAIT = 2.0
+# The same for up and serve as they stop: the spans of their last moments, not a long wait.
+SERVICE_TRACE_EXPORT_WAIT = 5.0
 
 
 def _default_data_dir() -> Path:

@@ -56,7 +56,7 @@ from sandboxctl.events import subjects
 from sandboxctl.events.health import ServiceHealth
 from sandboxctl.observe import address, metrics, tracing
 from sandboxctl.runtime import health
-from sandboxctl.runtime.config import Config
+from sandboxctl.runtime.config import SERVICE_TRACE_EXPORT_WAIT, Config
 from sandboxctl.runtime.health import HOST_COMPONENT, LogHead, Progress, Responder, Watch
 from sandboxctl.runtime.host import HostService, announcement
 from sandboxctl.runtime.supervise import (
@@ -1058,17 +1058,21 @@ async def _run_until_signalled(
         endpoint = await asyncio.to_thread(metrics.serve, config.metrics)
     except (OSError, ValueError) as exc:  # in use, not this host's, a name that is none
         raise Unavailable(f"cannot serve metrics on {config.metrics} ({exc}); set --metrics or {address.ENV}") from None
+    # OTLP, when OTEL_EXPORTER_OTLP_ENDPOINT asks for it: before the services, so their first
+    # messages are traced too.
+    export = tracing.setup("sandboxctl", SERVICE_TRACE_EXPORT_WAIT)
     try:
         plane = await ControlPlane(config, components=components, console=console).start()
     except BaseException:
         if endpoint is not None:
             await asyncio.to_thread(endpoint.close)
+        if export is not None:
+            await asyncio.to_thread(export)
         raise
     if endpoint is not None:
         banner += f"\nmetrics at {endpoint.url}"
     if plane.console_url:
         banner += f"\nconsole at {plane.console_url}"
-    export = tracing.setup("sandboxctl")  # OTLP, when OTEL_EXPORTER_OTLP_ENDPOINT asks for it
     if export is not None:
         banner += f"\ntraces to {tracing.endpoint()}"
     stop = asyncio.Event()

@@ -37,7 +37,10 @@ def lazy_exports(package: str) -> tuple[Any, Any]:
 
     def modules() -> dict[str, str]:
         if not where:
-            where.update(type_checking_imports(sys.modules[package].__file__ or ""))
+            try:
+                where.update(type_checking_imports(sys.modules[package].__file__ or ""))
+            except (OSError, SyntaxError) as exc:  # no source installed: no name is found
+                raise AttributeError(f"module {package!r} cannot list its exports: {exc}") from None
         return where
 
     def __getattr__(name: str) -> Any:
@@ -59,9 +62,11 @@ def type_checking_imports(path: str) -> dict[str, str]:
     import ast
 
     found: dict[str, str] = {}
-    for node in ast.parse(open(path, encoding="utf-8").read(), path).body:
+    with open(path, encoding="utf-8") as source:
+        tree = ast.parse(source.read(), path)
+    for node in tree.body:
         if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
             for statement in node.body:
-                if isinstance(statement, ast.ImportFrom) and statement.module:
+                if isinstance(statement, ast.ImportFrom) and statement.module and not statement.level:
                     found.update({alias.asname or alias.name: statement.module for alias in statement.names})
     return found

@@ -317,17 +317,19 @@ class Projector:
 
     async def apply(self, batch: list[Msg]) -> None:
         changed: dict[str, Row] = {}
-        spans = []  # one per traced event, ended once its row is committed (observe.tracing)
-        for msg in batch:
-            if msg.headers:
-                span = tracing.begin("project", msg.subject, msg.headers)
-                if span is not None:
-                    spans.append(span)
-            self._fold(stream_seq(msg), subjects.name_of(msg.subject), msg.data, changed)
-        last = stream_seq(batch[-1])
-        # One hand-off to the database thread per batch, not one per statement: each costs
-        # a queue, a future and a wake-up, on the path of every waiting client.
+        # One span per traced event as it happens, ended once its row is committed (observe.tracing);
+        # none for the events of a catch-up or a rebuild, whose traces ended long ago.
+        spans = []
         try:
+            for msg in batch:
+                if msg.headers and self.caught_up.is_set():
+                    span = tracing.begin("project", msg.subject, msg.headers)
+                    if span is not None:
+                        spans.append(span)
+                self._fold(stream_seq(msg), subjects.name_of(msg.subject), msg.data, changed)
+            last = stream_seq(batch[-1])
+            # One hand-off to the database thread per batch, not one per statement: each costs
+            # a queue, a future and a wake-up, on the path of every waiting client.
             await self._commit(changed, last)
         finally:
             for span in spans:

@@ -7,6 +7,7 @@ them once it is back. Bad input is refused with a reason and nothing is added.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -124,16 +125,19 @@ class Relayed:
 @pytest.fixture
 async def relayed(podman_config: Config, capsys: pytest.CaptureFixture[str]) -> AsyncIterator[Relayed]:
     config = quick(podman_config)
-    receiver = await Receiver().start()
-    plane = await ControlPlane(config).start()
-    client = await SandboxClient.connect(config.nats_url, actor="test")
-    setup = Relayed(config, receiver, plane, client, CLI(config, capsys))
-    try:
+    async with contextlib.AsyncExitStack() as stack:  # what started is stopped, whatever failed after
+        receiver = await Receiver().start()
+        stack.push_async_callback(receiver.stop)
+        plane = await ControlPlane(config).start()
+        try:
+            client = await SandboxClient.connect(config.nats_url, actor="test")
+        except BaseException:
+            await plane.stop()
+            raise
+        setup = Relayed(config, receiver, plane, client, CLI(config, capsys))
+        stack.push_async_callback(lambda: setup.plane.stop())  # the plane running at the end
+        stack.push_async_callback(client.close)
         yield setup
-    finally:
-        await client.close()
-        await setup.plane.stop()
-        await receiver.stop()
 
 
 async def test_webhooks_get_signed_cloudevents_in_order_with_retries_dead_letters_and_restarts(
