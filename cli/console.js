@@ -126,6 +126,13 @@
     }
   }
 
+  const TRANSIENT = new Set(["unavailable", "internal", "timeout", "outcome_unknown"]);
+
+  // An event already shown (a stream followed again replays its start) is not shown twice.
+  function fresh(container, e) {
+    return !container.querySelector('[data-seq="' + Number(e.seq) + '"]');
+  }
+
   function follow(url, handlers) {
     const source = new EventSource(url);
     source.addEventListener("open", () => live("live: following the log"));
@@ -134,6 +141,10 @@
       const problem = JSON.parse(e.data);
       live(problem.code + ": " + problem.message);
       source.close();
+      if (TRANSIENT.has(problem.code)) {
+        // NATS away longer than the SDK waits: follow again, from a fresh snapshot.
+        setTimeout(() => follow(url, handlers), 2000);
+      }
     });
     for (const [name, handle] of Object.entries(handlers)) {
       source.addEventListener(name, (e) => handle(JSON.parse(e.data)));
@@ -197,13 +208,13 @@
     followTable("sandbox=" + encodeURIComponent(name));
     const timeline = document.getElementById("timeline");
     follow("/stream/events?sandbox=" + encodeURIComponent(name) + "&since=" + body.dataset.since, {
-      event: (e) => timeline.appendChild(timelineItem(e)),
+      event: (e) => fresh(timeline, e) && timeline.appendChild(timelineItem(e)),
     });
   } else if (kind === "events") {
     const tbody = document.querySelector("#events tbody");
     follow("/stream/events" + window.location.search, {
       following: (data) => live("following the log from seq " + data.from),
-      event: (e) => tbody.appendChild(eventRow(e)),
+      event: (e) => fresh(tbody, e) && tbody.appendChild(eventRow(e)),
     });
   }
 })();

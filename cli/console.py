@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import html
+import ipaddress
 import json
 import logging
 import re
@@ -46,27 +47,43 @@ import msgspec
 import uvicorn
 from nats.aio.client import Client as NATS
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from starlette.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sandboxctl import audit
 from sandboxctl.auth import WRITE, Authorizer, AuthStore, has_role
 from sandboxctl.bus.tail import reraise_if_cancelling
 from sandboxctl.cli.attach import show_logs
 from sandboxctl.cli.output import ago, iso, short_type, why
-from sandboxctl.client import NotFound, PermissionDenied, SandboxClient, SandboxError, Unauthenticated
+from sandboxctl.client import NotFound, PermissionDenied, SandboxClient, SandboxError, Unauthenticated, Unavailable
 from sandboxctl.events import subjects
 from sandboxctl.events.replies import ErrorCode
-from sandboxctl.runtime.config import Config, parse_labels
+from sandboxctl.observe.address import parse_address
+from sandboxctl.runtime.config import CONSOLE_ENV, CONSOLE_WHAT, Config, parse_labels
 from sandboxctl.runtime.embedded import url_of
+from sandboxctl.statemachine.names import validate_name
 from sandboxctl.statemachine.phases import Phase
 
 log = logging.getLogger(__name__)
 
-COOKIE = "sandboxctl_session"
+COOKIE = "sandboxctl_session"  # + "_<port>": consoles on other ports of one host keep their own
 SESSION_IDLE = 8 * 3600.0  # seconds a session may go unused before it is closed
 SESSIONS_MAX = 256  # sessions at once: each holds a NATS connection
+SESSIONS_PER_USER = 8  # one user's sessions at once; a new one ends that user's oldest
+STREAMS_PER_SESSION = 8  # event streams one session may hold open (each follows the log)
+STREAMS_MAX = 64  # event streams at once, all sessions together
+BODY_MAX = 16384  # bytes of a form or a POST's body that are read at all
 KEEPALIVE = 10.0  # seconds between comments on a quiet event stream (a gone browser is noticed)
 RECENT_EVENTS = 100  # the events page without ``since`` starts this far back from the log's head
 LOG_LINES = 200  # a sandbox's page shows the last so many lines of its logs
@@ -102,6 +119,7 @@ class Session:
     may_write: bool
     csrf: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     used: float = field(default_factory=time.monotonic)
+    streams: set[asyncio.Task[Any]] = field(default_factory=set)  # its open event streams' producers
 
 
 @dataclass
@@ -125,7 +143,8 @@ class Filters:
         phase = q.get("phase", "").strip()
         if phase and phase not in {p.value for p in Phase}:
             raise SandboxError.of(ErrorCode.INVALID_ARGUMENT, f"unknown phase {phase[:40]!r}")
-        return cls(phase, q.get("driver", "").strip(), parsed, q.get("name", "").strip(), q.get("sandbox", "").strip())
+        sandbox = sandbox_name(q.get("sandbox", ""))
+        return cls(phase, q.get("driver", "").strip()[:64], parsed, q.get("name", "").strip()[:256], sandbox)
 
     def matches(self, row: dict[str, Any]) -> bool:
         labels = row.get("labels") or {}
@@ -137,6 +156,30 @@ class Filters:
             and (not self.sandbox or row["name"] == self.sandbox)
             and (row["phase"] != Phase.DELETED.value or self.phase == Phase.DELETED.value)
         )
+
+
+def sandbox_name(text: str) -> str:
+    """A sandbox's name from a request, checked as every command's is (it becomes a subject's
+    token); "" for none. InvalidArgument, saying why, for one that is no name."""
+    name = text.strip()
+    problem = validate_name(name) if name else None
+    if problem:
+        raise SandboxError.of(ErrorCode.INVALID_ARGUMENT, problem)
+    return name
+
+
+def allowed_host(host_header: str, bound: str) -> bool:
+    """Whether a request's Host names this console as a browser reached it: an IP address,
+    ``localhost``, or the host the console was bound to by name. Any other name may be a site's
+    own domain pointed at this address (DNS rebinding), whose pages would then be same-origin."""
+    host = urlsplit(f"//{host_header}").hostname or ""
+    if host in ("localhost", bound.lower()):
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def row_of(item: dict[str, Any]) -> dict[str, Any]:
@@ -213,6 +256,23 @@ def page(title: str, body: str, session: Session | None, kind: str = "", extra: 
     )
 
 
+class HostCheck:
+    """Answers 400 to a request whose Host is not ``allowed_host``, before any page or session."""
+
+    def __init__(self, app: ASGIApp, bound: str) -> None:
+        self.app = app
+        self.bound = bound
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not allowed_host(Headers(scope=scope).get("host", ""), self.bound):
+            refusal = PlainTextResponse(
+                "this console answers to an IP address, localhost or the host it was bound to", 400, SECURITY_HEADERS
+            )
+            await refusal(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 class _Server(uvicorn.Server):
     """uvicorn, leaving signals to the process: ``up`` and ``serve`` stop their services themselves."""
 
@@ -232,12 +292,15 @@ class Console:
         self.authorizer = Authorizer(auth) if auth is not None else None
         self.socket = listening.dup()  # uvicorn closes what it serves; the plane keeps the original
         self.url = url_of(listening)
+        self.cookie = f"{COOKIE}_{listening.getsockname()[1]}"
+        setting = parse_address(config.console, CONSOLE_WHAT) if config.console else None
+        self.bound = setting[0] if setting else ""  # the host it was bound to, as the setting names it
         self.sessions: dict[str, Session] = {}
         self._anonymous: SandboxClient | None = None  # every session's, when the server has no users
         self.tasks: list[asyncio.Task[None]] = []
-        self._streams: set[asyncio.Queue[Any]] = set()
         self._server: _Server | None = None
         self.app = Starlette(
+            middleware=[Middleware(HostCheck, bound=self.bound)],
             routes=[
                 Route("/", self.index),
                 Route("/login", self.login, methods=["GET", "POST"]),
@@ -250,10 +313,17 @@ class Console:
                 Route("/stream/events", self.stream_events),
                 Route("/static/{file}", self.static),
                 Route("/favicon.ico", lambda _request: Response(status_code=204)),
-            ]
+            ],
         )
 
     async def start(self) -> None:
+        host = self.socket.getsockname()[0]
+        if self.auth is None and not ipaddress.ip_address(host).is_loopback:
+            # Without users, whoever reaches the port acts on every sandbox.
+            raise Unavailable(
+                f"the console is served without sign-in (NATS has no users) on {host}, which is not loopback: "
+                f"serve it on 127.0.0.1, or turn it off (--console off or {CONSOLE_ENV}=off)"
+            )
         uv = uvicorn.Config(
             self.app,
             log_config=None,
@@ -273,21 +343,23 @@ class Console:
         log.info("console at %s", self.url)
 
     async def stop(self) -> None:
-        for queue in list(self._streams):  # each open event stream ends at once
-            queue.put_nowait(None)
-        if self._server is not None:
-            self._server.should_exit = True
-        if self.tasks:  # uvicorn's own graceful stop first, within a bound
-            await asyncio.wait(self.tasks[:1], timeout=5)
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        for session in list(self.sessions.values()):
-            await self._end(session)
-        if self._anonymous is not None:
-            with contextlib.suppress(Exception):
-                await self._anonymous.close()
-        self.socket.close()
+        try:
+            if self._server is not None:
+                self._server.should_exit = True
+            for session in self.sessions.values():  # each open event stream ends at once
+                for producer in session.streams:
+                    producer.cancel()
+            if self.tasks:  # uvicorn's own graceful stop first, within a bound
+                await asyncio.wait(self.tasks[:1], timeout=5)
+            for task in self.tasks:
+                task.cancel()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        finally:
+            await asyncio.gather(*(self._end(s) for s in list(self.sessions.values())), return_exceptions=True)
+            if self._anonymous is not None:
+                with contextlib.suppress(Exception):
+                    await self._anonymous.close()
+            self.socket.close()
 
     # -- sessions ---------------------------------------------------------------------------
 
@@ -302,6 +374,8 @@ class Console:
 
     async def _end(self, session: Session) -> None:
         self.sessions.pop(session.id, None)
+        for producer in session.streams:  # a stream of a session that ended ends with it
+            producer.cancel()
         if session.client is not self._anonymous:  # the shared one is closed with the console
             with contextlib.suppress(Exception):
                 await session.client.close()
@@ -321,6 +395,9 @@ class Console:
             if len(self.sessions) >= SESSIONS_MAX:
                 raise SandboxError.of(ErrorCode.UNAVAILABLE, f"the console holds {SESSIONS_MAX} sessions already")
             client = await self._connect(user=user, password=password)
+            theirs = sorted((s for s in self.sessions.values() if s.user == user), key=lambda s: s.used)
+            for oldest in theirs[: max(0, len(theirs) - SESSIONS_PER_USER + 1)]:
+                await self._end(oldest)  # one user cannot hold every session
             assert self.authorizer is not None
             # Roles as the state machine reads them (users.json where the console runs; none
             # known there: no buttons, and the state machine decides all the same).
@@ -339,7 +416,7 @@ class Console:
         return client
 
     def _session(self, request: Request) -> Session | None:
-        session = self.sessions.get(request.cookies.get(COOKIE, ""))
+        session = self.sessions.get(request.cookies.get(self.cookie, ""))
         if session is not None:
             if time.monotonic() - session.used > SESSION_IDLE:
                 return None
@@ -357,23 +434,33 @@ class Console:
             return RedirectResponse(f"/login?next={target}", 303)
         return await self._open("", "")
 
-    @staticmethod
-    def _finish(response: Response, session: Session | None = None) -> Response:
+    def _finish(self, response: Response, session: Session | None = None) -> Response:
         response.headers.update(SECURITY_HEADERS)
         if session is not None:
-            response.set_cookie(COOKIE, session.id, httponly=True, samesite="strict", path="/")
+            response.set_cookie(self.cookie, session.id, httponly=True, samesite="strict", path="/")
         return response
 
     @staticmethod
     def _same_origin(request: Request) -> bool:
-        """A POST from a page of this console (a browser names its origin; another site's is refused)."""
+        """A POST from a page of this console: browsers name the origin of every POST, and one that
+        names none, or another site, is refused (HostCheck has vouched for the Host already)."""
         origin = request.headers.get("origin")
-        return origin is None or urlsplit(origin).netloc == request.headers.get("host", "")
+        return origin is not None and urlsplit(origin).netloc == request.headers.get("host", "")
+
+    @staticmethod
+    def _token_ok(token: str, session: Session) -> bool:
+        """Whether ``token`` is the session's own (compared in constant time; any text, never an error)."""
+        return secrets.compare_digest(token.encode(errors="replace"), session.csrf.encode())
 
     @staticmethod
     async def _form(request: Request) -> dict[str, str]:
-        body = (await request.body())[:16384].decode(errors="replace")
-        return {k: v[0] for k, v in parse_qs(body, keep_blank_values=True).items()}
+        """The form in a POST's body, of which at most BODY_MAX bytes are read."""
+        body = b""
+        async for chunk in request.stream():
+            body += chunk[: BODY_MAX - len(body)]
+            if len(body) >= BODY_MAX:
+                break
+        return {k: v[0] for k, v in parse_qs(body.decode(errors="replace"), keep_blank_values=True).items()}
 
     # -- pages -------------------------------------------------------------------------------
 
@@ -388,6 +475,9 @@ class Console:
             if not self._same_origin(request):
                 return self._finish(Response("cross-origin sign-in refused", 403))
             form = await self._form(request)
+            earlier = self._session(request)
+            if earlier is not None:
+                await self._end(earlier)  # the same browser signing in again
             try:
                 session = await self._open(form.get("user", "")[:100], form.get("password", "")[:200])
             except Unauthenticated:
@@ -411,11 +501,11 @@ class Console:
         session = self._session(request)
         if session is not None:
             form = await self._form(request)
-            if not self._same_origin(request) or not secrets.compare_digest(form.get("csrf", ""), session.csrf):
+            if not self._same_origin(request) or not self._token_ok(form.get("csrf", ""), session):
                 return self._finish(Response("missing or wrong token", 403))
             await self._end(session)
         response = RedirectResponse("/login" if self.auth is not None else "/", 303)
-        response.delete_cookie(COOKIE, path="/")
+        response.delete_cookie(self.cookie, path="/")
         return self._finish(response)
 
     async def index(self, request: Request) -> Response:
@@ -443,9 +533,9 @@ class Console:
         session = await self._signed_in(request)
         if isinstance(session, Response):
             return self._finish(session)
-        name = request.path_params["name"]
         client = session.client
         try:
+            name = sandbox_name(request.path_params["name"])
             item = await client.get(name)
             history = await client.history(name)
         except SandboxError as exc:
@@ -567,10 +657,14 @@ class Console:
         if session is None:
             return self._finish(JSONResponse({"error": {"code": "unauthenticated", "message": "sign in"}}, 401))
         token = request.headers.get("x-csrf-token") or (await self._form(request)).get("csrf", "")
-        if not self._same_origin(request) or not secrets.compare_digest(token, session.csrf):
+        if not self._same_origin(request) or not self._token_ok(token, session):
             body = {"error": {"code": "permission_denied", "message": "missing or wrong token"}}
             return self._finish(JSONResponse(body, 403))
-        name, verb = request.path_params["name"], request.path_params["verb"]
+        verb = request.path_params["verb"]
+        try:
+            name = sandbox_name(request.path_params["name"])
+        except SandboxError as exc:
+            return self._finish(error_response(exc, True))
         if verb not in VERBS:
             body = {"error": {"code": "invalid_argument", "message": f"no action {verb[:20]!r}"}}
             return self._finish(JSONResponse(body, 404))
@@ -588,33 +682,58 @@ class Console:
 
     # -- server-sent events -------------------------------------------------------------
 
-    def _stream(self, produce: Callable[[asyncio.Queue[Any]], Coroutine[Any, Any, None]]) -> Response:
+    def _stream(self, session: Session, produce: Callable[[asyncio.Queue[Any]], Coroutine[Any, Any, None]]) -> Response:
         """An event stream whose messages ``produce`` puts on a queue (None ends it); a comment
-        every KEEPALIVE seconds while it is quiet, so a browser that went away is noticed."""
+        every KEEPALIVE seconds while it is quiet, so a browser that went away is noticed. It
+        ends with its producer: at the end of the session, or of its connection to NATS. Refused
+        (429) past STREAMS_PER_SESSION of the session's or STREAMS_MAX in all."""
+        if len(session.streams) >= STREAMS_PER_SESSION or sum(len(s.streams) for s in self.sessions.values()) >= (
+            STREAMS_MAX
+        ):
+            refusal = {"error": {"code": "resource_exhausted", "message": "too many event streams open; close some"}}
+            return self._finish(JSONResponse(refusal, 429))
         queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1000)
 
         async def body() -> AsyncIterator[str]:
-            self._streams.add(queue)
-            producer = asyncio.create_task(produce(queue), name="console-stream")
+            producer = asyncio.create_task(self._produce(session, produce, queue), name="console-stream")
+            session.streams.add(producer)
             try:
                 while True:
-                    try:
-                        message = await asyncio.wait_for(queue.get(), KEEPALIVE)
-                    except TimeoutError:
-                        if producer.done():
-                            return
+                    getting = asyncio.ensure_future(queue.get())
+                    await asyncio.wait({getting, producer}, timeout=KEEPALIVE, return_when=asyncio.FIRST_COMPLETED)
+                    if not getting.done():
+                        getting.cancel()
+                        if producer.done() and queue.empty():
+                            return  # the session or its connection ended
                         yield ": keepalive\n\n"
                         continue
+                    message = getting.result()
                     if message is None:
                         return
                     yield message
             finally:
-                self._streams.discard(queue)
+                session.streams.discard(producer)
                 producer.cancel()
                 await asyncio.gather(producer, return_exceptions=True)
 
         headers = {**SECURITY_HEADERS, "X-Accel-Buffering": "no"}
         return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+    @staticmethod
+    async def _produce(
+        session: Session, produce: Callable[[asyncio.Queue[Any]], Coroutine[Any, Any, None]], queue: asyncio.Queue[Any]
+    ) -> None:
+        """``produce``, ended once the session's connection to NATS is closed (a session ended,
+        the console stopping): the SDK's follow would retry on a closed connection for ever."""
+        work = asyncio.ensure_future(produce(queue))
+        try:
+            while not work.done():
+                await asyncio.wait({work}, timeout=1.0)
+                if session.client.nc.is_closed:
+                    return
+        finally:
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
 
     @staticmethod
     async def _failing(queue: asyncio.Queue[Any], exc: BaseException) -> None:
@@ -649,27 +768,30 @@ class Console:
                 items = await client.list(phases, filters.labels, include_deleted=filters.phase == Phase.DELETED.value)
                 rows = [row_of(i) for i in items if filters.matches(i)]
                 await queue.put(sse("snapshot", {"rows": rows, "counts": await counts(), "seq": head}))
-                moved: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
+                # Each sandbox that moved and its last sequence, however many events a burst holds.
+                moved: dict[str, int] = {}
+                more = asyncio.Event()
 
                 async def follow() -> None:
                     async for seq, envelope in client.events(filters.sandbox or None, head + 1, follow=True):
-                        moved.put_nowait((seq, envelope.subject))
+                        moved[envelope.subject] = seq
+                        more.set()
 
                 follower = asyncio.create_task(follow(), name="console-follow")
                 try:
                     while True:
-                        waiting = asyncio.ensure_future(moved.get())
+                        waiting = asyncio.ensure_future(more.wait())
                         await asyncio.wait({waiting, follower}, return_when=asyncio.FIRST_COMPLETED)
                         if not waiting.done():
                             waiting.cancel()
                             await follower  # its failure ends the stream
                             return
-                        batch = [waiting.result()]
-                        while not moved.empty():  # a burst is read once per sandbox
-                            batch.append(moved.get_nowait())
-                        last = max(seq for seq, _ in batch)
+                        more.clear()
+                        batch = dict(moved)  # a burst is read once per sandbox
+                        moved.clear()
+                        last = max(batch.values())
                         client.seen = max(client.seen, last)
-                        for name in dict.fromkeys(name for _, name in batch):
+                        for name in batch:
                             try:
                                 item = await client.get(name)
                             except NotFound:
@@ -682,7 +804,7 @@ class Console:
             except Exception as exc:
                 await self._failing(queue, exc)
 
-        return self._stream(produce)
+        return self._stream(session, produce)
 
     async def stream_events(self, request: Request) -> Response:
         """The log's events as ``events --follow`` prints them, with its filters: ``sandbox``,
@@ -694,11 +816,13 @@ class Console:
         q = request.query_params
         types = [t.strip() for t in q.get("type", "").split(",") if t.strip()]
         actors = [a.strip() for a in q.get("actor", "").split(",") if a.strip()]
-        sandbox = q.get("sandbox", "").strip() or None
         try:
+            sandbox = sandbox_name(q.get("sandbox", "")) or None
             since = audit.parse_point(q["since"].strip()) if q.get("since", "").strip() else None
         except ValueError as exc:
             return self._finish(error_response(SandboxError.of(ErrorCode.INVALID_ARGUMENT, str(exc)), True))
+        except SandboxError as exc:
+            return self._finish(error_response(exc, True))
         client = session.client
 
         async def produce(queue: asyncio.Queue[Any]) -> None:
@@ -713,7 +837,7 @@ class Console:
             except Exception as exc:
                 await self._failing(queue, exc)
 
-        return self._stream(produce)
+        return self._stream(session, produce)
 
     @staticmethod
     async def _head(client: SandboxClient) -> int:

@@ -44,6 +44,8 @@ from sandboxctl.observe import tracing
 from sandboxctl.observe.address import parse_address
 from sandboxctl.runtime.config import (
     ANSWER_TIMEOUT,
+    CONSOLE_ENV,
+    CONSOLE_SERVE_DEFAULT,
     CONSOLE_WHAT,
     TRACE_EXPORT_WAIT,
     Config,
@@ -228,7 +230,8 @@ METRICS_HELP = (
 
 CONSOLE_HELP = (
     "serve the web console at HOST:PORT (port 0: a free one; off: none); default SANDBOXCTL_CONSOLE, "
-    "else 127.0.0.1:4280. The address is printed once the services are up (docs/console.md)"
+    "else 127.0.0.1:4280 for up and a free port for serve. The address is printed once the services are up "
+    "(docs/console.md)"
 )
 
 
@@ -1117,6 +1120,8 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
         except ValueError as exc:
             raise Failure(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
         config.console = args.console
+    elif args.cmd == "serve" and not os.environ.get(CONSOLE_ENV, "").strip():
+        config.console = CONSOLE_SERVE_DEFAULT
     if args.cmd == "up":
         from sandboxctl.cli.console import Console  # Starlette and uvicorn: only where the console is served
         from sandboxctl.runtime.embedded import run_up

@@ -67,7 +67,10 @@ def _default_run_dir() -> Path:
 # The web console's address (cli/console.py): a port of its own, printed by up and serve, so
 # a bookmark keeps working; port 0 takes a free one, "off" serves none.
 CONSOLE_ENV = "SANDBOXCTL_CONSOLE"
-CONSOLE_DEFAULT = "127.0.0.1:4280"
+CONSOLE_DEFAULT = "127.0.0.1:4280"  # up's
+# serve's: a free port, printed, so that several serve processes (and an up) on one host never
+# contend for one (as the metrics' endpoints do).
+CONSOLE_SERVE_DEFAULT = "127.0.0.1:0"
 CONSOLE_WHAT = "console address"
 
 HOST_MAX_SANDBOXES = 256  # a host's most sandboxes unless SANDBOXCTL_HOST_MAX_SANDBOXES says otherwise
