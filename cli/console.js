@@ -126,7 +126,7 @@
     }
   }
 
-  const TRANSIENT = new Set(["unavailable", "internal", "timeout", "outcome_unknown"]);
+  const TRANSIENT = new Set(["unavailable", "timeout", "outcome_unknown"]);
 
   // An event already shown (a stream followed again replays its start) is not shown twice.
   function fresh(container, e) {

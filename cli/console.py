@@ -172,7 +172,10 @@ def allowed_host(host_header: str, bound: str) -> bool:
     """Whether a request's Host names this console as a browser reached it: an IP address,
     ``localhost``, or the host the console was bound to by name. Any other name may be a site's
     own domain pointed at this address (DNS rebinding), whose pages would then be same-origin."""
-    host = urlsplit(f"//{host_header}").hostname or ""
+    try:
+        host = urlsplit(f"//{host_header}").hostname or ""
+    except ValueError:  # not a host at all ("[::1")
+        return False
     if host in ("localhost", bound.lower()):
         return True
     try:
@@ -476,8 +479,6 @@ class Console:
                 return self._finish(Response("cross-origin sign-in refused", 403))
             form = await self._form(request)
             earlier = self._session(request)
-            if earlier is not None:
-                await self._end(earlier)  # the same browser signing in again
             try:
                 session = await self._open(form.get("user", "")[:100], form.get("password", "")[:200])
             except Unauthenticated:
@@ -485,6 +486,8 @@ class Console:
             except SandboxError as exc:
                 problem = exc.message
             else:
+                if earlier is not None:
+                    await self._end(earlier)  # the same browser signed in again: its old session goes
                 return self._finish(RedirectResponse(target, 303), session)
         body = (
             "<h1>Sign in</h1><p>Your sandboxctl user and password (its NATS credentials: "
@@ -687,20 +690,25 @@ class Console:
         every KEEPALIVE seconds while it is quiet, so a browser that went away is noticed. It
         ends with its producer: at the end of the session, or of its connection to NATS. Refused
         (429) past STREAMS_PER_SESSION of the session's or STREAMS_MAX in all."""
-        if len(session.streams) >= STREAMS_PER_SESSION or sum(len(s.streams) for s in self.sessions.values()) >= (
-            STREAMS_MAX
-        ):
+        if len(session.streams) >= STREAMS_PER_SESSION or self._open_streams() >= STREAMS_MAX:
             refusal = {"error": {"code": "resource_exhausted", "message": "too many event streams open; close some"}}
             return self._finish(JSONResponse(refusal, 429))
         queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1000)
 
         async def body() -> AsyncIterator[str]:
+            # Counted again here, with no await between the count and the add: requests made at
+            # once all pass the handler's count before any stream has begun.
+            if len(session.streams) >= STREAMS_PER_SESSION or self._open_streams() >= STREAMS_MAX:
+                yield sse("problem", {"code": "resource_exhausted", "message": "too many event streams open"})
+                return
             producer = asyncio.create_task(self._produce(session, produce, queue), name="console-stream")
             session.streams.add(producer)
+            getting: asyncio.Future[Any] | None = None
             try:
                 while True:
                     getting = asyncio.ensure_future(queue.get())
                     await asyncio.wait({getting, producer}, timeout=KEEPALIVE, return_when=asyncio.FIRST_COMPLETED)
+                    session.used = time.monotonic()  # a page that only follows is in use
                     if not getting.done():
                         getting.cancel()
                         if producer.done() and queue.empty():
@@ -712,12 +720,17 @@ class Console:
                         return
                     yield message
             finally:
+                if getting is not None:
+                    getting.cancel()
                 session.streams.discard(producer)
                 producer.cancel()
                 await asyncio.gather(producer, return_exceptions=True)
 
         headers = {**SECURITY_HEADERS, "X-Accel-Buffering": "no"}
         return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+    def _open_streams(self) -> int:
+        return sum(len(s.streams) for s in self.sessions.values())
 
     @staticmethod
     async def _produce(

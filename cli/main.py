@@ -44,6 +44,7 @@ from sandboxctl.observe import tracing
 from sandboxctl.observe.address import parse_address
 from sandboxctl.runtime.config import (
     ANSWER_TIMEOUT,
+    CONSOLE_DEFAULT,
     CONSOLE_ENV,
     CONSOLE_SERVE_DEFAULT,
     CONSOLE_WHAT,
@@ -1120,8 +1121,8 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
         except ValueError as exc:
             raise Failure(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
         config.console = args.console
-    elif args.cmd == "serve" and not os.environ.get(CONSOLE_ENV, "").strip():
-        config.console = CONSOLE_SERVE_DEFAULT
+    elif args.cmd == "serve" and config.console == CONSOLE_DEFAULT and not os.environ.get(CONSOLE_ENV, "").strip():
+        config.console = CONSOLE_SERVE_DEFAULT  # up's default, which serve leaves to up
     if args.cmd == "up":
         from sandboxctl.cli.console import Console  # Starlette and uvicorn: only where the console is served
         from sandboxctl.runtime.embedded import run_up

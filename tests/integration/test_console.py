@@ -97,6 +97,7 @@ async def test_a_host_that_may_be_another_sites_domain_and_a_post_that_names_no_
             assert (await web.get("/", headers=rebound)).status_code == 400
             assert (await web.post("/sandboxes/x/stop", headers=rebound)).status_code == 400
             assert (await web.get("/", headers={"Host": f"localhost:{port}"})).status_code == 200
+            assert (await web.get("/", headers={"Host": "[::1"})).status_code == 400  # no host at all: no error
             token = await signed(web)
             no_origin = await web.post("/sandboxes/nope/stop", headers={"X-CSRF-Token": token})
             assert no_origin.status_code == 403
