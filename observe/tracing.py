@@ -42,10 +42,6 @@ ENDPOINT_ENVS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPO
 _exporting = False  # set up with an exporter: every hop makes a span, with or without a context
 
 
-def exporting() -> bool:
-    return _exporting
-
-
 def loaded() -> bool:
     """Whether this process uses OpenTelemetry (set up here, or imported by the application)."""
     return _exporting or "opentelemetry.trace" in sys.modules
