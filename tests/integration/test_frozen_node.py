@@ -20,6 +20,9 @@ from tests.integration.test_replicas import jetstream_answers, running_cluster
 
 TARGET = 5.0  # issue 18: the longest a command may wait for its answer while a node is lost
 ELECTION_MAX = 9.0  # nats-server server/raft.go maxElectionTimeoutDefault: a follower stands by then
+# Two followers that stand at once split the vote (each votes for itself) and stand again after a
+# new random timeout: an election may take a second round. Measured on a loaded CI run: 15.8 s.
+ELECTION_ROUNDS = 2
 
 
 async def test_a_client_on_a_frozen_node_moves_to_another_and_is_answered_within_seconds(tmp_path: Path) -> None:
@@ -68,9 +71,9 @@ async def test_a_command_while_the_log_leader_is_frozen_is_answered_once_a_leade
     tmp_path: Path,
 ) -> None:
     """The node that leads the log freezes: no append is stored until the other two elect a new
-    leader (NATS's RAFT: 4 to 9 s). The state machine does not wait out a whole ack timeout per
-    attempt on the frozen leader: it asks again in short attempts, so a command is answered soon
-    after the election, stored once."""
+    leader (NATS's RAFT: 4 to 9 s a round, and a split vote takes another). The state machine does
+    not wait out a whole ack timeout per attempt on the frozen leader: it asks again in short
+    attempts, so a command is answered soon after the election, stored once."""
     async with running_cluster(tmp_path) as cluster:
         first = await cluster.connect(cluster.nodes[0])
         await jetstream_answers(first)
@@ -96,5 +99,7 @@ async def test_a_command_while_the_log_leader_is_frozen_is_answered_once_a_leade
             f"\nwith the log's leader frozen, a command was answered after {waited:.2f}s, "
             f"{after:.2f}s after the election"
         )
-        assert waited < ELECTION_MAX + 2, f"answered after {waited:.1f}s"
+        # The election is nats-server's; what the state machine owns is how soon after it the
+        # command is answered.
+        assert waited < ELECTION_ROUNDS * ELECTION_MAX + 2, f"answered after {waited:.1f}s"
         assert after < 2.5, f"answered {after:.1f}s after the log had a new leader"
