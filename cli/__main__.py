@@ -1,5 +1,5 @@
 """``python -m sandboxctl.cli``: the command line, as the ``sandboxctl`` script runs it."""
 
-from sandboxctl.cli.main import main
+from sandboxctl.cli.fast import main
 
 main()

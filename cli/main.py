@@ -24,6 +24,7 @@ import msgspec
 
 from sandboxctl import auth
 from sandboxctl.cli import spec
+from sandboxctl.cli.fast import FAST_ENV
 from sandboxctl.cli.output import BROKEN_PIPE, EXIT_CODES, HOST_COLUMNS, short_type, show, why
 from sandboxctl.cli.progress import Progress
 from sandboxctl.client import TERMINAL, PermissionDenied, SandboxClient, SandboxError
@@ -1091,6 +1092,16 @@ def _user(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _fork_server() -> Callable[[Path], Any] | None:
+    """What up and serve run for the command line's calls on this host (cli/fast.py), unless
+    SANDBOXCTL_FAST=0."""
+    if os.environ.get(FAST_ENV, "").strip() == "0":
+        return None
+    from sandboxctl.cli.forkserver import ForkServer
+
+    return ForkServer
+
+
 async def run(argv: Sequence[str], config: Config | None = None) -> int:
     argv = list(argv)
     command: list[str] = []
@@ -1127,7 +1138,14 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
         from sandboxctl.cli.console import Console  # Starlette and uvicorn: only where the console is served
         from sandboxctl.runtime.embedded import run_up
 
-        await run_up(config, port=args.port, sync_always=args.sync_always, cluster=args.cluster, console=Console)
+        await run_up(
+            config,
+            port=args.port,
+            sync_always=args.sync_always,
+            cluster=args.cluster,
+            console=Console,
+            fork_server=_fork_server(),
+        )
         return 0
     if args.cmd == "user":
         return _user(config, args)
@@ -1142,7 +1160,7 @@ async def run(argv: Sequence[str], config: Config | None = None) -> int:
             raise Failure("invalid_argument", f"unknown component {', '.join(unknown)}; known: {', '.join(COMPONENTS)}")
         from sandboxctl.cli.console import Console
 
-        await run_serve(config, components=only, console=Console)
+        await run_serve(config, components=only, console=Console, fork_server=_fork_server())
         return 0
     # With OTEL_EXPORTER_OTLP_ENDPOINT set, the call is the root of its trace (observe.tracing);
     # otherwise nothing of OpenTelemetry is imported.

@@ -31,6 +31,7 @@ from sandboxctl.events.limits import (
     SNAPSHOT_EVERY,
 )
 from sandboxctl.observe import address as metrics_address
+from sandboxctl.runtime.paths import default_data_dir, default_run_dir, run_dir
 from sandboxctl.statemachine.deadlines import parse_deadlines
 from sandboxctl.statemachine.phases import Phase
 
@@ -48,20 +49,6 @@ ANSWER_TIMEOUT = 30.0
 TRACE_EXPORT_WAIT = 2.0
 # The same for up and serve as they stop: the spans of their last moments, not a long wait.
 SERVICE_TRACE_EXPORT_WAIT = 5.0
-
-
-def _default_data_dir() -> Path:
-    if os.geteuid() == 0:
-        return Path("/var/lib/sandboxctl")
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "sandboxctl"
-
-
-def _default_run_dir() -> Path:
-    if os.geteuid() == 0:
-        return Path("/run/sandboxctl")
-    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/sandboxctl-{os.getuid()}"
-    return Path(base) / "sandboxctl"
 
 
 # The web console's address (cli/console.py): a port of its own, printed by up and serve, so
@@ -84,8 +71,8 @@ class Config:
     # Where up and serve serve the web console (cli/console.py): host:port, or "off". Off
     # unless asked for here; the command line's default is CONSOLE_DEFAULT (from_env).
     console: str = metrics_address.OFF
-    data_dir: Path = field(default_factory=_default_data_dir)
-    run_dir: Path = field(default_factory=_default_run_dir)
+    data_dir: Path = field(default_factory=default_data_dir)
+    run_dir: Path = field(default_factory=default_run_dir)
     podman_url: str = ""
     docker_url: str = ""
     # Empty means: whichever engines answer when the services start (see embedded.detect_drivers).
@@ -181,8 +168,7 @@ class Config:
         server_urls(cfg.nats_url)  # one URL or a cluster's, comma-separated: each checked
         if "SANDBOXCTL_DATA_DIR" in env:
             cfg.data_dir = Path(env["SANDBOXCTL_DATA_DIR"])
-        if "SANDBOXCTL_RUN_DIR" in env:
-            cfg.run_dir = Path(env["SANDBOXCTL_RUN_DIR"])
+        cfg.run_dir = run_dir(env)
         cfg.podman_url = env.get("SANDBOXCTL_PODMAN_URL", "")
         cfg.metrics = env.get(metrics_address.ENV, "").strip() or cfg.metrics
         metrics_address.parse_address(cfg.metrics)  # ValueError, saying what is wrong

@@ -61,6 +61,7 @@ from sandboxctl.runtime.health import HOST_COMPONENT, LogHead, Progress, Respond
 from sandboxctl.runtime.host import HostService, announcement
 from sandboxctl.runtime.supervise import (
     OK,
+    Child,
     Children,
     ChildState,
     DataDirLock,
@@ -1122,16 +1123,23 @@ async def run_serve(
     ready: Callable[[], bool] | None = None,
     started: Callable[[], None] | None = None,
     console: ConsoleFactory | None = None,
+    fork_server: Callable[[Path], Child] | None = None,
 ) -> None:
     """``sandboxctl serve``: the services against a NATS someone else runs (compose, a cluster).
 
-    The podman service it starts (when podman is a driver and no URL names one) is
-    supervised like ``up``'s server: restarted if it exits, and it dies with this process."""
+    The podman service it starts (when podman is a driver and no URL names one), and the command
+    line's fork server when one is given (``fork_server``, made for the run directory), are
+    supervised like ``up``'s server: restarted if they exit, and they die with this process."""
     if children is None:
         _setup_process((*_SAYS, *_REPLICAS_SAY))
         children = Children(config.restarts_allowed, config.restart_window)
     podman = None
+    forks: Child | None = None
     try:
+        if fork_server is not None:
+            forks = fork_server(config.run_dir)
+            forks.spawn()
+            children.add(forks)
         if not config.drivers:
             config.drivers = detect_drivers(config)
         config.default_driver = config.default_driver or config.drivers[0]
@@ -1152,6 +1160,8 @@ async def run_serve(
     finally:
         if podman is not None:
             podman.stop()
+        if forks is not None:
+            forks.stop()
 
 
 CLUSTER_SIZES = (1, 3, 5)  # nodes of an embedded cluster: RAFT wants an odd number
@@ -1223,6 +1233,7 @@ async def run_up(
     sync_always: bool = False,
     cluster: int = 1,
     console: ConsoleFactory | None = None,
+    fork_server: Callable[[Path], Child] | None = None,
 ) -> None:
     """``sandboxctl up``: a nats-server of its own (``cluster``: that many nodes, routed to each
     other on this host, every stream then replicated on 3) plus every service, until interrupted.
@@ -1289,6 +1300,7 @@ async def run_up(
             ready=lambda: all(server.answers() for server in servers),
             started=started,
             console=console,
+            fork_server=fork_server,
         )
     finally:
         for audit in audits:
