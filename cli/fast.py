@@ -5,18 +5,23 @@ Starting Python and importing asyncio, nats-py and msgspec is most of a CLI call
 ``up`` and ``serve`` therefore keep a *fork server* (cli/forkserver.py): a process of the same
 user that has imported the command line once and forks a copy of itself for each call.
 
-This module is all a call imports before that: it connects to the fork server's Unix socket in
-the run directory, checks that the process behind it is its own user's, hands over its standard
-input, output and error (SCM_RIGHTS) with its arguments, environment, working directory and
-umask, passes on Ctrl-C (and SIGTERM, SIGHUP, SIGWINCH), and exits with the call's exit code. The
-forked copy runs the command line's ``main`` on the caller's own file descriptors, so what is
-printed, what sees a terminal, the exit codes and the errors are those of a call without it.
+This module is all a call imports before that. It checks the fork server's socket in the run
+directory (a socket of its own user's, in a directory only that user may write), checks that
+the process behind it is its own user's (SO_PEERCRED), and hands over its standard input, output
+and error and its working directory (SCM_RIGHTS) with its arguments, environment, umask and the
+signals it ignores. It then passes on Ctrl-C, SIGTERM, SIGHUP and SIGWINCH, stops the call with
+itself on Ctrl-Z, and ends as the call ended: with its exit code, or by the same signal. The
+forked copy runs the command line's ``main`` on the caller's own descriptors, so what is printed,
+what sees a terminal, the exit codes and the errors are those of a call without it.
 
-The call runs in this process instead, as it always could, when no fork server answers, when it
-is another user's, another interpreter's or another copy of the code's, when the code changed
-since it started, when it is busy, for the verbs that hold a terminal or run services
-(``LOCAL_VERBS``), and with ``SANDBOXCTL_FAST=0``. ``SANDBOXCTL_FAST=require`` fails instead
-(``unavailable``) when the call cannot be handed over: for benchmarks and tests that must measure it.
+The call runs in this process instead, as it always could, whenever it cannot be handed over
+whole: no fork server answers (within ``HANDSHAKE_WAIT``), it is another user's, another
+interpreter's or another copy of the code's, the code changed since it started, it is busy, the
+caller's groups, namespaces or confinement differ from the server's, a standard descriptor is
+closed, the caller is in the background of its terminal, for the verbs in ``LOCAL_VERBS``, and
+with ``SANDBOXCTL_FAST=0``. Nothing of a call runs in the fork server until the caller has said
+go, so a call never runs twice. ``SANDBOXCTL_FAST=require`` fails instead (``unavailable``) when
+the call cannot be handed over: for benchmarks and tests that must measure it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import struct
 import sys
 from array import array
@@ -35,9 +41,12 @@ FAST_ENV = "SANDBOXCTL_FAST"
 SOCKET_NAME = "cli.sock"
 # What a call sends at most (arguments and environment): the size of Linux's ARG_MAX.
 REQUEST_MAX = 2 * 1024 * 1024
-# The verbs that always run in the caller's process: services (which outlive any call), and
-# the ones that own a terminal (raw mode, job control, its size as it changes).
-LOCAL_VERBS = frozenset({"up", "serve", "exec", "shell", "top"})
+# Seconds a fork server has to take a call and say it runs it; then the caller runs its own.
+HANDSHAKE_WAIT = 5.0
+# The verbs that always run in the caller's process: services (which outlive any call), the
+# ones that own a terminal (raw mode, its size as it changes), and the one that may prompt for a
+# password on the controlling terminal.
+LOCAL_VERBS = frozenset({"up", "serve", "exec", "shell", "top", "user"})
 # The caller's signals passed on to the call, one byte each.
 SIGNAL_BYTES = {
     signal.SIGINT: b"i",
@@ -45,15 +54,19 @@ SIGNAL_BYTES = {
     signal.SIGHUP: b"h",
     signal.SIGWINCH: b"w",
 }
-RUN = b"run"  # the fork server's first line: the call runs
+STOP_BYTE = b"z"  # Ctrl-Z: the call stops with its caller (and goes on with it: SIGCONT)
+GO = b"g"  # the caller's word that the call may run, once the server has said it would
+RUN = b"run"  # the fork server's first line, with the call's pid: it runs the call, once told to go
 FALLBACK = b"fallback"  # ... or this and why: the caller runs it itself
-EXIT = b"exit"  # its last line: the call's exit code
+EXIT = b"exit"  # the last line: the call's exit code
+KILLED = b"signal"  # ... or the signal that ended it
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
-def peer_uid(sock: socket.socket) -> int:
-    """The user of the process at the other end of a connected Unix socket (SO_PEERCRED)."""
-    return int(_CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))[1])
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """The pid, user and group of the process at the other end of a Unix socket (SO_PEERCRED)."""
+    pid, uid, gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+    return int(pid), int(uid), int(gid)
 
 
 def package_dir() -> str:
@@ -62,38 +75,99 @@ def package_dir() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def request(argv: Sequence[str]) -> dict[str, Any]:
-    """What a call hands over besides its file descriptors."""
+class NotHanded(Exception):
+    """The call was not handed over (why); nothing of it has run."""
+
+
+def _ours(path: str, mode_check: int) -> None:
+    """``path`` is this user's, not a symlink, and no one else may write to it."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise NotHanded(f"no fork server on {path} ({exc.strerror or exc})") from None
+    if st.st_uid != os.geteuid() or stat.S_IFMT(st.st_mode) != mode_check or st.st_mode & 0o022:
+        raise NotHanded(f"{path} is not a private {'socket' if mode_check == stat.S_IFSOCK else 'directory'} of ours")
+
+
+def _standard_descriptors() -> None:
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            raise NotHanded(f"descriptor {fd} is closed") from None
+        if os.isatty(fd):
+            try:
+                foreground = os.tcgetpgrp(fd) == os.getpgrp()
+            except OSError:  # not our controlling terminal: no job control between us
+                foreground = True
+            if not foreground:
+                raise NotHanded("the call runs in the background of its terminal")
+
+
+def _request(argv: Sequence[str], ignored: list[int]) -> bytes:
     mask = os.umask(0o077)
     os.umask(mask)
-    return {
-        "argv": list(argv),
-        "argv0": sys.argv[0] if sys.argv else "sandboxctl",
-        "env": dict(os.environ),
-        "cwd": os.getcwd(),
-        "umask": mask,
-        "python": sys.executable,
-        "package": package_dir(),
-    }
+    payload = json.dumps(
+        {
+            "argv": list(argv),
+            "argv0": sys.argv[0] if sys.argv else "sandboxctl",
+            "env": dict(os.environ),
+            "umask": mask,
+            "ignored": ignored,
+            "python": sys.executable,
+            "package": package_dir(),
+        }
+    ).encode()
+    if len(payload) > REQUEST_MAX:
+        raise NotHanded(f"the call's arguments and environment are over {REQUEST_MAX} bytes")
+    return struct.pack("!I", len(payload)) + payload
 
 
-class _NotHanded(Exception):
-    """The call was not handed over (why): it runs in this process."""
+class _Caller:
+    """One call handed over: its socket, and the signals it passes on."""
 
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.pid = 0  # the call's process, once it runs
+        self.pending: list[int] = []  # signals that came before it ran
+        self.previous: dict[int, Any] = {}
 
-def _connect(path: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.connect(path)
-        if peer_uid(sock) != os.geteuid():  # a socket someone else put in our place
-            raise _NotHanded(f"the fork server on {path} is another user's")
-    except OSError as exc:
-        sock.close()
-        raise _NotHanded(f"no fork server answers on {path} ({exc.strerror or exc})") from None
-    except _NotHanded:
-        sock.close()
-        raise
-    return sock
+    def catch(self) -> list[int]:
+        """Pass on the signals this process does not ignore; the ones it ignores."""
+        ignored = []
+        for signum in (*SIGNAL_BYTES, signal.SIGTSTP):
+            if signal.getsignal(signum) == signal.SIG_IGN:
+                ignored.append(int(signum))
+            else:
+                self.previous[signum] = signal.signal(signum, self.forward)
+        return ignored
+
+    def release(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous.clear()
+
+    def forward(self, signum: int, _frame: Any) -> None:
+        if not self.pid:
+            self.pending.append(signum)
+            return
+        if signum == signal.SIGTSTP:  # stop with the call, and go on with it
+            self._send(STOP_BYTE)
+            signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTSTP)  # returns once continued
+            signal.signal(signal.SIGTSTP, self.forward)
+            try:
+                os.kill(self.pid, signal.SIGCONT)
+            except OSError:
+                pass
+            return
+        self._send(SIGNAL_BYTES[signal.Signals(signum)])
+
+    def _send(self, data: bytes) -> None:
+        try:
+            self.sock.send(data)
+        except OSError:
+            pass
 
 
 def _line(reader: Any) -> bytes:
@@ -101,46 +175,69 @@ def _line(reader: Any) -> bytes:
 
 
 def hand_over(argv: Sequence[str], path: str) -> int:
-    """Run the call in the fork server on ``path``; its exit code. _NotHanded when it does not run
-    there (nothing of it has run)."""
-    payload = json.dumps(request(argv)).encode()
-    if len(payload) > REQUEST_MAX:
-        raise _NotHanded(f"the call's arguments and environment are over {REQUEST_MAX} bytes")
-    sock = _connect(path)
-    forwarded: list[int] = []
-
-    def forward(signum: int, _frame: Any) -> None:
-        forwarded.append(signum)
-        try:
-            sock.send(SIGNAL_BYTES[signal.Signals(signum)])
-        except OSError:
-            pass
-
-    previous = {signum: signal.signal(signum, forward) for signum in SIGNAL_BYTES}
+    """Run the call in the fork server on ``path``; how it ended (an exit code, or the process
+    ends by the signal that ended the call). NotHanded when it was not handed over."""
+    if not hasattr(socket, "SO_PEERCRED") or not hasattr(socket, "SCM_RIGHTS"):
+        raise NotHanded("this system cannot pass credentials and descriptors over a socket")
+    _standard_descriptors()
+    _ours(os.path.dirname(path), stat.S_IFDIR)
+    _ours(path, stat.S_IFSOCK)
+    try:
+        here = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise NotHanded(f"the working directory: {exc.strerror or exc}") from None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    caller = _Caller(sock)
     reader = sock.makefile("rb")
     try:
         try:
-            data = struct.pack("!I", len(payload)) + payload
-            sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", (0, 1, 2)))])
-            sock.sendall(data[sent:])
-            first = _line(reader)
-        except OSError as exc:  # a closed standard descriptor (EBADF), the server gone
-            raise _NotHanded(f"the fork server did not take the call ({exc.strerror or exc})") from None
-        if first != RUN:
-            raise _NotHanded(first.decode(errors="replace") or "the fork server closed the call")
-        last = _line(reader)
+            sock.settimeout(HANDSHAKE_WAIT)
+            sock.connect(path)
+            if peer_credentials(sock)[1] != os.geteuid():  # a socket someone else put in our place
+                raise NotHanded(f"the fork server on {path} is another user's")
+            data = _request(argv, caller.catch())
+            try:
+                sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", (0, 1, 2, here)))])
+                sock.sendall(data[sent:])
+            except BrokenPipeError:  # refused before the whole request was read: its line says why
+                pass
+            word, _, pid = _line(reader).partition(b" ")
+            if word != RUN or not pid.isdigit():
+                raise NotHanded((word + b" " + pid).decode(errors="replace").strip() or "the fork server said nothing")
+            sock.sendall(GO)
+        except OSError as exc:  # the server gone or silent: it was not told to go, so it does not run
+            raise NotHanded(f"the fork server on {path} did not take the call ({exc.strerror or exc})") from None
+        sock.settimeout(None)
+        caller.pid = int(pid)
+        for signum in caller.pending:
+            caller.forward(signum, None)
+        word, _, number = _line(reader).partition(b" ")
+    except NotHanded:
+        caller.release()
+        _raise_pending(caller.pending)
+        raise
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        os.close(here)
         reader.close()
         sock.close()
-    word, _, code = last.partition(b" ")
-    if word == EXIT and code.isdigit():
-        return int(code)
-    if forwarded:  # ended by the signal it was sent, as a process of its own would have been
-        return 128 + forwarded[-1]
+    caller.release()
+    if word == EXIT and number.isdigit():
+        return int(number)
+    if word == KILLED and number.isdigit():  # end as the call ended, as a shell sees a process end
+        signum = int(number)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return 128 + signum
     print("sandboxctl: internal: the call's process ended without an exit code", file=sys.stderr)
     return 1
+
+
+def _raise_pending(pending: list[int]) -> None:
+    """The signals that came while the call was being handed over, delivered here after all."""
+    for signum in pending:
+        if signal.getsignal(signum) is signal.default_int_handler:
+            sys.exit(130)  # Ctrl-C before anything ran: nothing to undo
+        signal.raise_signal(signum)
 
 
 def main() -> None:
@@ -151,7 +248,7 @@ def main() -> None:
 
         try:
             sys.exit(hand_over(argv, str(run_dir(os.environ) / SOCKET_NAME)))
-        except _NotHanded as exc:
+        except NotHanded as exc:
             if mode == "require":
                 from sandboxctl.cli.output import EXIT_CODES
                 from sandboxctl.events.replies import ErrorCode

