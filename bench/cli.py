@@ -1,19 +1,22 @@
 """The command line's own cost: a ``sandboxctl`` call against the same work done without it.
 
-Two pairs, timed side by side in one run, alternating call by call so that the machine's
-noise falls on both sides alike:
+Pairs timed side by side in one run, alternating call by call so that the machine's noise falls
+on every side alike:
 
 - ``sandboxctl get NAME -o json`` against a bare nats-py script, run by the same interpreter,
   that connects, sends the same query and prints the same JSON (the least any Python client of
-  sandboxctl can cost);
+  sandboxctl costs in a process of its own);
 - ``sandboxctl stop X && sandboxctl start X`` against ``podman stop Y && podman start Y`` on an
   identical container (same image, network none, a named volume at /workspace): each sandboxctl
   call waits for its phase (Stopped, Ready) to be in the log and projected, each podman call for
   its engine;
-- and, as the floor of any Python client, a bare nats-py script that sends the same stop and
-  start and waits for the projector's notice of each phase: against podman's CLI (what Python,
-  asyncio and nats-py cost before any of sandboxctl's code) and against sandboxctl's pair (what
-  sandboxctl's CLI adds to that floor).
+- each sandboxctl call both ways: handed to the fork server ``serve`` runs (cli/fast.py, as a
+  user's call is whenever ``up`` or ``serve`` runs on the host), and in an interpreter of its
+  own from its imports on (``SANDBOXCTL_FAST=0``, as without one);
+- and, as the floor of any Python client in a process of its own, a bare nats-py script that
+  sends the same stop and start and waits for the projector's notice of each phase: against
+  podman's CLI (what Python, asyncio and nats-py cost before any of sandboxctl's code) and
+  against sandboxctl's own-interpreter pair (what sandboxctl's code adds to that floor).
 
 Every call is a new process, as a user's is, with the control plane running in another
 (``sandboxctl serve``). Bytecode is compiled before the first timed call, as an installed
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -33,6 +37,7 @@ from typing import Any
 
 from bench.common import IMAGE, ROOT, config, engines, nats, parser, percentiles, save, workdir
 from bench.engine_latency import create_raw, delete_sandbox, remove_raw, sdk_client, serve, serve_env
+from sandboxctl.cli.fast import FAST_ENV
 from sandboxctl.client import SandboxClient
 from sandboxctl.events import subjects
 from sandboxctl.runtime.config import Config
@@ -132,7 +137,6 @@ async def deleted(cfg: Config) -> None:
 
 def measure(cfg: Config, root: Path, rounds: int) -> dict[str, Any]:
     env = serve_env(cfg)
-    env.pop("PYTHONDONTWRITEBYTECODE", None)  # an installed package runs from its bytecode
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "sandboxctl")], check=True, env=env)
     sandboxctl = str(Path(sys.executable).with_name("sandboxctl"))
     podman = shutil.which("podman") or "podman"
@@ -145,7 +149,16 @@ def measure(cfg: Config, root: Path, rounds: int) -> dict[str, Any]:
         [*bare_phase, subjects.command("stop"), subjects.projected(NAME), NAME, "stop", "Stopped"],
         [*bare_phase, subjects.command("start"), subjects.projected(NAME), NAME, "start", "Ready"],
     )
-    pairs = {"pair": ours_pair, "podman": podman_pair, "bare_pair": bare_pair}
+    # Each sandboxctl call handed to serve's fork server (and failing if it cannot be), or run
+    # in its own interpreter from its imports on (cli/fast.py).
+    fast, here = {**env, FAST_ENV: "require"}, {**env, FAST_ENV: "0"}
+    calls = {"get": (get, fast), "get_here": (get, here), "bare": (bare, env)}
+    pairs = {
+        "pair": (ours_pair, fast),
+        "pair_here": (ours_pair, here),
+        "podman": (podman_pair, env),
+        "bare_pair": (bare_pair, env),
+    }
 
     asyncio.run(ready(cfg))
     engine = sdk_client("podman", cfg.podman_url)
@@ -154,17 +167,20 @@ def measure(cfg: Config, root: Path, rounds: int) -> dict[str, Any]:
         same = json.loads(subprocess.run(bare, env=env, capture_output=True, text=True, check=True).stdout)
         assert same["name"] == NAME, same  # both sides answer the same question
         for _ in range(2):  # warm: bytecode, the page cache, podman's own first calls
-            timed(get, env), timed(bare, env)
-            for pair in pairs.values():
-                timed_pair(*pair, env)
-        sides: dict[str, list[float]] = {"get": [], "bare": [], "pair": [], "podman": [], "bare_pair": []}
+            for cmd, side_env in calls.values():
+                timed(cmd, side_env)
+            for pair, side_env in pairs.values():
+                timed_pair(*pair, side_env)
+        sides: dict[str, list[float]] = {side: [] for side in (*calls, *pairs)}
         for i in range(rounds):
-            # Alternate which side goes first, so neither always follows the other's caches.
-            for side in ("get", "bare") if i % 2 == 0 else ("bare", "get"):
-                sides[side].append(timed(get if side == "get" else bare, env))
+            # Each side first in turn, so that none always follows another's caches.
+            order = list(calls)
+            for side in order[i % len(order) :] + order[: i % len(order)]:
+                sides[side].append(timed(*calls[side]))
             order = list(pairs)
-            for side in order[i % 3 :] + order[: i % 3]:  # each side first in turn
-                sides[side].append(timed_pair(*pairs[side], env))
+            for side in order[i % len(order) :] + order[: i % len(order)]:
+                pair, side_env = pairs[side]
+                sides[side].append(timed_pair(*pair, side_env))
     finally:
         remove_raw(engine, RAW)
         engine.close()
@@ -178,10 +194,13 @@ def measure(cfg: Config, root: Path, rounds: int) -> dict[str, Any]:
     return {
         "get": figures(sides["get"], sides["bare"], GET_TARGET),
         "stop_start": figures(sides["pair"], sides["podman"], PAIR_TARGET),
-        # The floor of any Python client: a bare nats-py script's pair against podman's CLI, and
-        # sandboxctl's against that script's (what sandboxctl's own CLI adds to the floor).
+        # The same calls, each in an interpreter of its own (SANDBOXCTL_FAST=0).
+        "get_here": figures(sides["get_here"], sides["bare"], GET_TARGET),
+        "stop_start_here": figures(sides["pair_here"], sides["podman"], PAIR_TARGET),
+        # The floor of any Python client in a process of its own: a bare nats-py script's pair
+        # against podman's CLI, and sandboxctl's own-interpreter pair against that script's.
         "bare_stop_start": figures(sides["bare_pair"], sides["podman"], PAIR_TARGET),
-        "stop_start_over_bare": figures(sides["pair"], sides["bare_pair"], GET_TARGET),
+        "stop_start_over_bare": figures(sides["pair_here"], sides["bare_pair"], GET_TARGET),
         "rounds": rounds,
         "cli_import_ms": int(imports[-1].split("|")[1]) / 1000 if imports else None,
     }
@@ -192,6 +211,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=30, help="timed calls per side (default 30)")
     args = p.parse_args()
     rounds = 2 if args.quick else args.rounds
+    # An installed package runs from its bytecode; and the fork server takes only the calls whose
+    # PYTHON* settings are its own, so serve and the calls share this environment.
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     with workdir() as root, nats(root) as server, engines(root, ("podman",)) as urls:
         cfg = config(root, server.url, urls, ("podman",))
         with serve(cfg, root):
@@ -203,10 +225,12 @@ def main() -> None:
             "summary": (
                 "Wall time of whole calls, each a new process: sandboxctl get against a bare nats-py "
                 "script asking the same query, and sandboxctl stop && start against podman stop && start "
-                "on an identical container. A bare nats-py script doing the same stop && start (the "
-                "command, then the projector's notice of the phase) is the floor of any Python client: "
-                "its ratio to podman's CLI is what the interpreter, asyncio and nats-py cost per call "
-                "before sandboxctl's own code, and sandboxctl's pair is also given against it."
+                "on an identical container. Each sandboxctl call is measured handed to the fork server "
+                "that serve runs (as a call is whenever up or serve runs on the host) and in an "
+                "interpreter of its own (SANDBOXCTL_FAST=0). A bare nats-py script doing the same stop && "
+                "start (the command, then the projector's notice of the phase) is the floor of any Python "
+                "client in a process of its own: its ratio to podman's CLI is what the interpreter, "
+                "asyncio and nats-py cost per call before sandboxctl's own code."
             ),
             "results": results,
         },

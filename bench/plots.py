@@ -86,7 +86,8 @@ def cli(result: dict[str, Any]) -> Any:
     for key, name, base_label in (
         ("get", "sandboxctl get NAME", "bare nats-py script"),
         ("stop_start", "sandboxctl stop && start", "podman stop && start"),
-        ("stop_start_over_bare", "sandboxctl stop && start", "bare nats-py script's pair"),
+        ("get_here", "sandboxctl get NAME, in its own interpreter", "bare nats-py script"),
+        ("stop_start_here", "sandboxctl stop && start, in its own interpreter", "podman stop && start"),
     ):
         figures = results.get(key) or {}
         ours, base = _samples(figures.get("sandboxctl")), _samples(figures.get("baseline"))
