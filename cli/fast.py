@@ -10,9 +10,10 @@ directory (a socket of its own user's, in a directory only that user may write),
 the process behind it is its own user's (SO_PEERCRED), and hands over its standard input, output
 and error and its working directory (SCM_RIGHTS) with its arguments, environment, umask and the
 signals it ignores. It then passes on Ctrl-C, SIGTERM, SIGHUP and SIGWINCH, stops the call with
-itself on Ctrl-Z, and ends as the call ended: with its exit code, or by the same signal. The
-forked copy runs the command line's ``main`` on the caller's own descriptors, so what is printed,
-what sees a terminal, the exit codes and the errors are those of a call without it.
+itself on Ctrl-Z (SIGSTOP, then SIGCONT, to the call's process, its own user's), and ends as the
+call ended: with its exit code, or by the same signal. The forked copy runs the command line's
+``main`` on the caller's own descriptors and stream encodings, so what is printed, what sees a
+terminal, the exit codes and the errors are those of a call without it.
 
 The call runs in this process instead, as it always could, whenever it cannot be handed over
 whole: no fork server answers (within ``HANDSHAKE_WAIT``), it is another user's, another
@@ -54,7 +55,6 @@ SIGNAL_BYTES = {
     signal.SIGHUP: b"h",
     signal.SIGWINCH: b"w",
 }
-STOP_BYTE = b"z"  # Ctrl-Z: the call stops with its caller (and goes on with it: SIGCONT)
 GO = b"g"  # the caller's word that the call may run, once the server has said it would
 RUN = b"run"  # the fork server's first line, with the call's pid: it runs the call, once told to go
 FALLBACK = b"fallback"  # ... or this and why: the caller runs it itself
@@ -114,6 +114,10 @@ def _request(argv: Sequence[str], ignored: list[int]) -> bytes:
             "env": dict(os.environ),
             "umask": mask,
             "ignored": ignored,
+            "utf8_mode": sys.flags.utf8_mode,
+            "streams": [
+                [getattr(f, "encoding", None), getattr(f, "errors", None)] for f in (sys.stdin, sys.stdout, sys.stderr)
+            ],
             "python": sys.executable,
             "package": package_dir(),
         }
@@ -152,7 +156,10 @@ class _Caller:
             self.pending.append(signum)
             return
         if signum == signal.SIGTSTP:  # stop with the call, and go on with it
-            self._send(STOP_BYTE)
+            try:  # the call first: its SIGCONT below can then never come before its stop
+                os.kill(self.pid, signal.SIGSTOP)
+            except OSError:
+                pass
             signal.signal(signal.SIGTSTP, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTSTP)  # returns once continued
             signal.signal(signal.SIGTSTP, self.forward)
@@ -212,6 +219,9 @@ def hand_over(argv: Sequence[str], path: str) -> int:
         for signum in caller.pending:
             caller.forward(signum, None)
         word, _, number = _line(reader).partition(b" ")
+        if word == FALLBACK:  # it had given up waiting for the go: it never ran
+            caller.pid = 0
+            raise NotHanded(number.decode(errors="replace"))
     except NotHanded:
         caller.release()
         _raise_pending(caller.pending)
@@ -225,8 +235,12 @@ def hand_over(argv: Sequence[str], path: str) -> int:
         return int(number)
     if word == KILLED and number.isdigit():  # end as the call ended, as a shell sees a process end
         signum = int(number)
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
+        try:
+            if signum not in (signal.SIGKILL, signal.SIGSTOP):
+                signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        except (OSError, ValueError):  # not a signal this process can take: its status says it
+            pass
         return 128 + signum
     print("sandboxctl: internal: the call's process ended without an exit code", file=sys.stderr)
     return 1

@@ -23,13 +23,15 @@ What it trusts and what it does not:
 The call's copy takes the caller's descriptors, working directory, umask, ignored signals and
 environment (its time zone and locale too), so its settings and files are the caller's, as if the
 caller had run it. It runs only once the caller says go. A signal the caller passes on is raised
-in the copy; a caller that goes away hangs it up (SIGHUP). The copy says its own exit code; the
-server says how a copy ended that could not (a signal, an exit from a stuck thread).
+in the copy; a caller that goes away hangs it up (SIGHUP, then SIGKILL if that is ignored). The
+copy says its own exit code; the server says how a copy ended that could not (a signal, an exit
+from a stuck thread).
 """
 
 from __future__ import annotations
 
 import atexit
+import codecs
 import contextlib
 import io
 import json
@@ -59,7 +61,6 @@ from sandboxctl.cli.fast import (
     RUN,
     SIGNAL_BYTES,
     SOCKET_NAME,
-    STOP_BYTE,
     package_dir,
     peer_credentials,
 )
@@ -69,7 +70,17 @@ log = logging.getLogger(__name__)
 
 CALLS_MAX = 64  # calls running at once
 _SIGNALS = {byte: signum for signum, byte in SIGNAL_BYTES.items()}
-_FIELDS = {"argv": list, "argv0": str, "env": dict, "umask": int, "ignored": list, "python": str, "package": str}
+_FIELDS = {
+    "argv": list,
+    "argv0": str,
+    "env": dict,
+    "umask": int,
+    "ignored": list,
+    "utf8_mode": int,
+    "streams": list,
+    "python": str,
+    "package": str,
+}
 _DESCRIPTORS = 4  # standard input, output, error, and the working directory
 _NAMESPACES = ("mnt", "pid", "net", "ipc", "uts", "user", "cgroup")
 _CONFINEMENT = ("Uid:", "Gid:", "Groups:", "NoNewPrivs:", "Seccomp:", "CapEff:", "CapBnd:")
@@ -105,7 +116,11 @@ def _context(pid: int | str) -> tuple[str, ...]:
     confinement, and its namespaces."""
     with open(f"/proc/{pid}/status") as f:
         status = tuple(line.strip() for line in f if line.startswith(_CONFINEMENT))
-    return status + tuple(os.readlink(f"/proc/{pid}/ns/{ns}") for ns in _NAMESPACES)
+    label = ""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/attr/current") as f:
+        label = f.read(4096)  # AppArmor's or SELinux's label, where one runs
+    root = os.readlink(f"/proc/{pid}/root")  # a chroot
+    return (*status, label, root, *(os.readlink(f"/proc/{pid}/ns/{ns}") for ns in _NAMESPACES))
 
 
 def _python_settings(env: dict[str, str]) -> dict[str, str]:
@@ -136,6 +151,13 @@ def _checked(data: bytes) -> dict[str, Any]:
     valid = {int(s) for s in (*SIGNAL_BYTES, signal.SIGTSTP)}
     if not all(isinstance(s, int) and s in valid for s in req["ignored"]):
         raise Refused("an ignored signal is not one the caller passes on")
+    streams = req["streams"]
+    if len(streams) != 3 or not all(
+        isinstance(f, list) and len(f) == 2 and all(v is None or (_text(v) and len(v) < 64) for v in f) for f in streams
+    ):
+        raise Refused("the standard streams' encodings are not given")
+    if req["utf8_mode"] != sys.flags.utf8_mode:
+        raise Refused("the caller's UTF-8 mode is not the fork server's")
     if req["python"] != sys.executable or req["package"] != package_dir():
         raise Refused("the fork server runs another interpreter or another copy of sandboxctl")
     if _python_settings(env) != _python_settings(dict(os.environ)):
@@ -181,23 +203,44 @@ def _receive(conn: socket.socket) -> tuple[dict[str, Any], list[int], bytes]:
         raise
 
 
-def _streams(env: dict[str, str]) -> None:
-    """Standard input, output and error on descriptors 0, 1 and 2, as Python makes them for a
-    process of its own: the encoding PYTHONIOENCODING or the locale gives, output line-buffered
-    on a terminal, error always."""
-    encoding, _, errors = env.get("PYTHONIOENCODING", "").partition(":")
-    encoding = encoding or locale.getpreferredencoding(False)
-    sys.stdin = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)), encoding, errors or None)
+def _streams(given: list[list[str | None]], env: dict[str, str]) -> None:
+    """Standard input, output and error on descriptors 0, 1 and 2, as Python made the caller's:
+    its encodings and error handlers; output line-buffered on a terminal, error always, both
+    written through with PYTHONUNBUFFERED."""
+    through = bool(env.get("PYTHONUNBUFFERED"))
+    (in_enc, in_err), (out_enc, out_err), (err_enc, err_err) = (_known(e, r) for e, r in given)
+    sys.stdin = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)), in_enc, in_err)
     sys.stdout = io.TextIOWrapper(
-        io.BufferedWriter(io.FileIO(1, "w", closefd=False)), encoding, errors or None, line_buffering=os.isatty(1)
+        io.BufferedWriter(io.FileIO(1, "w", closefd=False)),
+        out_enc,
+        out_err,
+        line_buffering=os.isatty(1),
+        write_through=through,
     )
     sys.stderr = io.TextIOWrapper(
-        io.BufferedWriter(io.FileIO(2, "w", closefd=False)), encoding, "backslashreplace", line_buffering=True
+        io.BufferedWriter(io.FileIO(2, "w", closefd=False)),
+        err_enc,
+        err_err,
+        line_buffering=True,
+        write_through=through,
     )
+
+
+def _known(encoding: str | None, errors: str | None) -> tuple[str | None, str | None]:
+    """An encoding and error handler this interpreter knows (the caller's), or its defaults."""
+    try:
+        if encoding:
+            codecs.lookup(encoding)
+        if errors:
+            codecs.lookup_error(errors)
+    except LookupError:
+        return None, None
+    return encoding, errors
 
 
 def _watch(conn: socket.socket, early: bytes, done: threading.Event) -> None:
-    """Raise in this process each signal the caller passes on; hang up when the caller goes."""
+    """Raise in this process each signal the caller passes on; when the caller goes, hang up,
+    and end for good a call that ignores the hangup (a nohup caller's) soon after."""
     pending = list(early)
     while True:
         if pending:
@@ -211,10 +254,11 @@ def _watch(conn: socket.socket, early: bytes, done: threading.Event) -> None:
             return
         if not byte:
             os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(HANDSHAKE_WAIT)
+            if not done.is_set():
+                os.kill(os.getpid(), signal.SIGKILL)
             return
-        if byte == STOP_BYTE:
-            os.kill(os.getpid(), signal.SIGSTOP)  # the caller continues it (SIGCONT) as it goes on
-        elif byte in _SIGNALS:
+        if byte in _SIGNALS:
             os.kill(os.getpid(), _SIGNALS[byte])
 
 
@@ -247,7 +291,7 @@ def _call(conn: socket.socket, mask: set[int | signal.Signals]) -> NoReturn:
     time.tzset()
     with contextlib.suppress(locale.Error):
         locale.setlocale(locale.LC_CTYPE, "")
-    _streams(req["env"])
+    _streams(req["streams"], req["env"])
     sys.argv = [req["argv0"], *req["argv"]]
     root = logging.getLogger()
     root.handlers.clear()
@@ -255,15 +299,18 @@ def _call(conn: socket.socket, mask: set[int | signal.Signals]) -> NoReturn:
     try:
         conn.settimeout(HANDSHAKE_WAIT)
         conn.sendall(RUN + b" %d\n" % os.getpid())
-        if conn.recv(1) != GO:  # the caller gave up waiting: it runs the call itself
-            os._exit(0)
+        go = conn.recv(1)
         conn.settimeout(None)
     except OSError:
+        go = b""
+    if go != GO:  # the caller gave up waiting, or is slow to say go: it runs the call itself
+        with contextlib.suppress(OSError):  # said before this process ends, so before the server's line
+            conn.sendall(FALLBACK + b" no go within %ds\n" % HANDSHAKE_WAIT)
         os._exit(0)
     done = threading.Event()
-    threading.Thread(target=_watch, args=(conn, early, done), daemon=True).start()
     code = 1
     try:
+        threading.Thread(target=_watch, args=(conn, early, done), daemon=True).start()
         from sandboxctl.cli.main import main
 
         main(req["argv"])
@@ -334,7 +381,6 @@ def serve(path: Path) -> None:
     started = _newest_source(root)
     _preload()
     own = _context("self")
-    listener, place = _bind(path)
     calls: dict[int, socket.socket] = {}  # each running call's process and its caller
     stale = False
     woken, wake = os.pipe()  # a child's end wakes the loop (SIGCHLD)
@@ -348,6 +394,7 @@ def serve(path: Path) -> None:
     signal.signal(signal.SIGCHLD, lambda _signum, _frame: None)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C is for up, which stops us
+    listener, place = _bind(path)
     try:
         while not stale or calls:  # once stale, the calls running end before the new code starts
             ready, _, _ = select.select([listener.fileno(), woken], [], [], 5.0)

@@ -16,12 +16,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from array import array
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
-from sandboxctl.cli.fast import FAST_ENV, SOCKET_NAME
+from sandboxctl.cli.fast import FAST_ENV, SOCKET_NAME, package_dir
 from sandboxctl.runtime.embedded import free_port
 from tests.conftest import ROOT, podman
 from tests.uprun import Up, up_env
@@ -66,10 +67,11 @@ async def plane(tmp_path: Path, podman_url: str) -> AsyncIterator[tuple[Up, dict
     try:
         await up.up()
         sock = Path(env["SANDBOXCTL_RUN_DIR"]) / SOCKET_NAME
-        for _ in range(200):  # the fork server imports the command line before it listens
+        for _ in range(600):  # the fork server imports the command line before it listens
             if sock.exists():
                 break
             await asyncio.sleep(0.05)
+        assert sock.is_socket(), f"up's fork server did not listen on {sock}"
         yield up, env
     finally:
         await up.kill()
@@ -128,53 +130,148 @@ async def test_calls_at_once_each_get_their_own_output(plane: tuple[Up, dict[str
         assert (code, out, err) == (3, "", f"sandboxctl: not_found: sandbox {n} not found\n")
 
 
-async def test_ctrl_c_reaches_the_call_and_a_caller_that_dies_ends_it(plane: tuple[Up, dict[str, str]]) -> None:
-    _, env = plane
+def ignore_hangups() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+async def following(env: dict[str, str], nohup: bool = False) -> asyncio.subprocess.Process:
+    """``events --follow`` in a process of its own, once it shows the log (so it runs)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sandboxctl.cli", "events", "--follow", env=env, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        preexec_fn=ignore_hangups if nohup else None,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    first = await asyncio.wait_for(proc.stdout.readline(), 60)
+    assert first, "events --follow showed nothing"
+    return proc
+
+
+def ignored_by(pid: int) -> set[int]:
+    mask = int(Path(f"/proc/{pid}/status").read_text().split("SigIgn:")[1].split()[0], 16)
+    return {n for n in range(1, 65) if mask & (1 << (n - 1))}
+
+
+def state(pid: int) -> str:
+    """A process's state letter (R, S, T for stopped, ...)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+async def until(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(what)
+
+
+@pytest.fixture
+async def logged(plane: tuple[Up, dict[str, str]], image: str) -> AsyncIterator[dict[str, str]]:
+    """The plane's environment, with a sandbox in its log (for events --follow to show)."""
+    up, env = plane
+    name = f"fast-log-{up.port}"
+    try:
+        assert (await call({**env, **HERE}, "create", name, "--image", image, "--no-wait"))[0] == 0
+        yield env
+    finally:
+        podman("rm", "-f", "-t", "0", f"sandboxctl-{name}", check=False)
+        podman("volume", "rm", "-f", f"sandboxctl-{name}-workspace", check=False)
+
+
+async def test_ctrl_c_reaches_the_call_and_a_caller_that_dies_ends_it(logged: dict[str, str]) -> None:
+    env = logged
     server = forkserver_pid(Path(env["SANDBOXCTL_RUN_DIR"]) / SOCKET_NAME)
     for mode in (FAST, HERE):
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "sandboxctl.cli", "events", "--follow", env={**env, **mode}, cwd=ROOT,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        await asyncio.sleep(1.5)
+        proc = await following({**env, **mode})
         proc.send_signal(signal.SIGINT)
         _, err = await asyncio.wait_for(proc.communicate(), 20)
         assert proc.returncode == 130, (mode, proc.returncode, err)
-    assert not children(server)  # the call's process ended with it
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sandboxctl.cli", "events", "--follow", env={**env, **FAST}, cwd=ROOT,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    for _ in range(100):
-        if children(server):
-            break
-        await asyncio.sleep(0.05)
-    assert children(server), "the call did not reach the fork server"
+    await until(lambda: not children(server), "the call's process outlived its Ctrl-C")
+    proc = await following({**env, **FAST})
+    assert children(server), "the call did not run in the fork server"
     proc.kill()  # SIGKILL: the caller passes nothing on
     await proc.wait()
-    for _ in range(100):
-        if not children(server):
-            break
-        await asyncio.sleep(0.1)
-    assert not children(server), "the call outlived its caller"
+    await until(lambda: not children(server), "the call outlived its caller")
+    # A caller that ignores hangups (nohup) and dies: its call is ended all the same.
+    proc = await following({**env, **FAST}, nohup=True)
+    (call_pid,) = children(server)
+    assert signal.SIGHUP in ignored_by(call_pid), "the call does not ignore hangups as its caller does"
+    proc.kill()
+    await proc.wait()
+    await until(lambda: not children(server), "the call outlived its caller", 20)
+
+
+async def test_ctrl_z_stops_the_call_with_its_caller_and_a_call_killed_ends_its_caller_so(
+    logged: dict[str, str],
+) -> None:
+    env = logged
+    server = forkserver_pid(Path(env["SANDBOXCTL_RUN_DIR"]) / SOCKET_NAME)
+    proc = await following({**env, **FAST})
+    (call_pid,) = children(server)
+    for _ in range(3):
+        proc.send_signal(signal.SIGTSTP)
+        await until(lambda: state(proc.pid) == "T" and state(call_pid) == "T", "Ctrl-Z did not stop both")
+        proc.send_signal(signal.SIGCONT)
+        await until(lambda: state(proc.pid) != "T" and state(call_pid) != "T", "the call did not go on")
+    proc.send_signal(signal.SIGINT)
+    await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 130
+    for signum in (signal.SIGKILL, signal.SIGTERM):
+        proc = await following({**env, **FAST})
+        (call_pid,) = children(server)
+        os.kill(call_pid, signum)
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+        assert proc.returncode == -signum, (signum, proc.returncode, err)  # ended by it, as the call was
+        assert b"Traceback" not in err, err
+
+
+def request(**changed: object) -> bytes:
+    """A request as cli/fast.py sends it, with ``changed`` fields."""
+    fields: dict[str, object] = {
+        "argv": ["get", "x"],
+        "argv0": "sandboxctl",
+        "env": dict(os.environ),
+        "umask": 0o022,
+        "ignored": [],
+        "utf8_mode": sys.flags.utf8_mode,
+        "streams": [["utf-8", "strict"]] * 3,
+        "python": sys.executable,
+        "package": package_dir(),
+        **changed,
+    }
+    payload = json.dumps(fields).encode()
+    return struct.pack("!I", len(payload)) + payload
 
 
 async def test_a_bad_request_is_refused_and_the_server_serves_on(plane: tuple[Up, dict[str, str]]) -> None:
     _, env = plane
     path = str(Path(env["SANDBOXCTL_RUN_DIR"]) / SOCKET_NAME)
     deep = b"[" * 200000
-    for payload in (
-        b"\0\0\0\x05hello",
-        struct.pack("!I", 2**31) + b"{}",
-        b"\0\0\0\x02{}",
-        struct.pack("!I", len(deep)) + deep,
+    for payload, fds in (
+        (request(), False),  # whole, but without its descriptors
+        (struct.pack("!I", 2**31) + b"{}", True),
+        (b"\0\0\0\x05hello", True),
+        (struct.pack("!I", len(deep)) + deep, True),
+        (request(argv="get x"), True),
+        (request(umask=-1), True),
+        (request(ignored=[9]), True),  # SIGKILL cannot be ignored
+        (request(argv=["up"]), True),  # a verb that runs in its caller
+        (request(env={**os.environ, "PYTHONPATH": "/elsewhere"}), True),
+        (request(package="/elsewhere"), True),
+        (request(streams=[["utf-8", "strict"]]), True),
     ):
         with socket.socket(socket.AF_UNIX) as sock:
             sock.connect(path)
-            sock.sendall(payload)  # no descriptors with it
+            here = os.open(".", os.O_PATH | os.O_DIRECTORY)
+            try:
+                ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", (0, 1, 2, here)))] if fds else []
+                with contextlib.suppress(BrokenPipeError):
+                    sock.sendmsg([payload], ancillary)
+            finally:
+                os.close(here)
             sock.settimeout(10)
             answer = sock.makefile("rb").readline()
-        assert answer.startswith(b"fallback "), answer
+        assert answer.startswith(b"fallback "), (payload[:80], answer)
     assert (await call({**env, **FAST}, "get", "x"))[0] == 3
 
 
