@@ -1079,7 +1079,13 @@ async def _run_until_signalled(
     if children is not None:
         fatal.append(children.fatal)
         states = children.states
-        plane.extra_reports.append(lambda: [_child_report(s, getattr(s.child, "problem", "")) for s in states])
+        # The plane's own children; a helper of the host's (the command line's fork server) is
+        # not part of its health, and says what fails in the log.
+        plane.extra_reports.append(
+            lambda: [
+                _child_report(s, getattr(s.child, "problem", "")) for s in states if getattr(s.child, "essential", True)
+            ]
+        )
         children.start()
     waits = [asyncio.ensure_future(e.wait()) for e in (stop, *fatal)]
     failure = ""

@@ -446,8 +446,8 @@ class Child(Protocol):
     """A process ``up`` runs: nats-server, the podman service, the command line's fork server.
 
     One that fails more than its restarts allow ends ``up`` (so that an outer supervisor starts
-    it again), unless it has ``essential = False``: then it is given up alone, logged, and shown
-    in health as failed."""
+    it again), unless it has ``essential = False``: then it is given up alone and logged. Such a
+    helper of the host's is not part of the plane's health (``status``)."""
 
     name: str
     proc: subprocess.Popen[bytes] | None
