@@ -133,6 +133,8 @@ class _Caller:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.pid = 0  # the call's process, once it runs
+        self.pidfd = -1  # ... held, so that a stop or a go-on never reaches another process
+        self.stopping = False
         self.pending: list[int] = []  # signals that came before it ran
         self.previous: dict[int, Any] = {}
 
@@ -156,19 +158,25 @@ class _Caller:
             self.pending.append(signum)
             return
         if signum == signal.SIGTSTP:  # stop with the call, and go on with it
-            try:  # the call first: its SIGCONT below can then never come before its stop
-                os.kill(self.pid, signal.SIGSTOP)
-            except OSError:
-                pass
-            signal.signal(signal.SIGTSTP, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTSTP)  # returns once continued
-            signal.signal(signal.SIGTSTP, self.forward)
+            if self.stopping:  # a second Ctrl-Z while stopping: one stop
+                return
+            self.stopping = True
             try:
-                os.kill(self.pid, signal.SIGCONT)
-            except OSError:
-                pass
+                self._signal(signal.SIGSTOP)  # the call first: its SIGCONT can never come before its stop
+                signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTSTP)  # returns once continued
+                signal.signal(signal.SIGTSTP, self.forward)
+                self._signal(signal.SIGCONT)
+            finally:
+                self.stopping = False
             return
         self._send(SIGNAL_BYTES[signal.Signals(signum)])
+
+    def _signal(self, signum: int) -> None:
+        try:
+            signal.pidfd_send_signal(self.pidfd, signum)
+        except OSError:  # it has ended
+            pass
 
     def _send(self, data: bytes) -> None:
         try:
@@ -215,6 +223,10 @@ def hand_over(argv: Sequence[str], path: str) -> int:
         except OSError as exc:  # the server gone or silent: it was not told to go, so it does not run
             raise NotHanded(f"the fork server on {path} did not take the call ({exc.strerror or exc})") from None
         sock.settimeout(None)
+        try:
+            caller.pidfd = os.pidfd_open(int(pid))
+        except OSError:  # it has ended already: its line says how
+            pass
         caller.pid = int(pid)
         for signum in caller.pending:
             caller.forward(signum, None)
@@ -228,6 +240,8 @@ def hand_over(argv: Sequence[str], path: str) -> int:
         raise
     finally:
         os.close(here)
+        if caller.pidfd >= 0:
+            os.close(caller.pidfd)
         reader.close()
         sock.close()
     caller.release()

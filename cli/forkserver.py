@@ -210,20 +210,16 @@ def _streams(given: list[list[str | None]], env: dict[str, str]) -> None:
     through = bool(env.get("PYTHONUNBUFFERED"))
     (in_enc, in_err), (out_enc, out_err), (err_enc, err_err) = (_known(e, r) for e, r in given)
     sys.stdin = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)), in_enc, in_err)
-    sys.stdout = io.TextIOWrapper(
-        io.BufferedWriter(io.FileIO(1, "w", closefd=False)),
-        out_enc,
-        out_err,
-        line_buffering=os.isatty(1),
-        write_through=through,
-    )
-    sys.stderr = io.TextIOWrapper(
-        io.BufferedWriter(io.FileIO(2, "w", closefd=False)),
-        err_enc,
-        err_err,
-        line_buffering=True,
-        write_through=through,
-    )
+    sys.stdout = _writer(1, out_enc, out_err, os.isatty(1), through)
+    sys.stderr = _writer(2, err_enc, err_err, True, through)
+
+
+def _writer(fd: int, encoding: str | None, errors: str | None, line: bool, through: bool) -> io.TextIOWrapper:
+    """A text stream on ``fd`` as CPython makes one: on the raw file, written through, when unbuffered."""
+    raw = io.FileIO(fd, "w", closefd=False)
+    if through:
+        return io.TextIOWrapper(raw, encoding, errors, line_buffering=line, write_through=True)
+    return io.TextIOWrapper(io.BufferedWriter(raw), encoding, errors, line_buffering=line)
 
 
 def _known(encoding: str | None, errors: str | None) -> tuple[str | None, str | None]:
@@ -233,7 +229,7 @@ def _known(encoding: str | None, errors: str | None) -> tuple[str | None, str | 
             codecs.lookup(encoding)
         if errors:
             codecs.lookup_error(errors)
-    except LookupError:
+    except (LookupError, UnicodeError, ValueError):
         return None, None
     return encoding, errors
 
@@ -395,12 +391,23 @@ def serve(path: Path) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C is for up, which stops us
     listener, place = _bind(path)
+    poller = select.poll()
+    poller.register(listener, select.POLLIN)
+    poller.register(woken, select.POLLIN)
+    callers: dict[int, int] = {}  # each call's caller socket (fd), and the call's process
     try:
         while not stale or calls:  # once stale, the calls running end before the new code starts
-            ready, _, _ = select.select([listener.fileno(), woken], [], [], 5.0)
+            ready = dict(poller.poll(5000))
             if woken in ready:
                 with contextlib.suppress(OSError):
                     os.read(woken, 4096)
+            for fd, events in ready.items():
+                # A caller gone (killed while its call was stopped by Ctrl-Z, too): the call goes on,
+                # so that it sees the hangup and ends.
+                if fd in callers and events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
+                    poller.unregister(fd)
+                    with contextlib.suppress(OSError):
+                        os.kill(callers.pop(fd), signal.SIGCONT)
             while calls:
                 try:
                     pid, status = os.waitpid(-1, os.WNOHANG)
@@ -410,6 +417,8 @@ def serve(path: Path) -> None:
                     break
                 caller = calls.pop(pid, None)
                 if caller is not None:  # unread if the call said its own exit code already
+                    if callers.pop(caller.fileno(), None) is not None:
+                        poller.unregister(caller)
                     with contextlib.suppress(OSError), caller:
                         caller.setblocking(False)
                         caller.send(_ended(status))
@@ -444,6 +453,8 @@ def serve(path: Path) -> None:
                     os._exit(70)  # whatever happens in the copy, it never returns to this loop
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
             calls[pid] = conn
+            callers[conn.fileno()] = pid
+            poller.register(conn, select.POLLRDHUP)
     finally:
         with contextlib.suppress(OSError):
             st = os.stat(path)

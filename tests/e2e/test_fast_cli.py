@@ -42,13 +42,17 @@ async def call(env: dict[str, str], *argv: str, cwd: Path = ROOT, stdin: bytes |
 
 
 def forkserver_pid(socket_path: Path) -> int:
+    """The fork server on ``socket_path`` (not one of its calls, which have its command line)."""
+    found = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             with contextlib.suppress(OSError):
                 argv = (entry / "cmdline").read_bytes().split(b"\0")
                 if b"sandboxctl.cli.forkserver" in argv and str(socket_path).encode() in argv:
-                    return int(entry.name)
-    raise AssertionError(f"no fork server on {socket_path}")
+                    found.add(int(entry.name))
+    servers = [pid for pid in found if not any(pid in children(other) for other in found)]
+    assert len(servers) == 1, f"fork servers on {socket_path}: {servers}"
+    return servers[0]
 
 
 def children(pid: int) -> set[int]:
@@ -140,6 +144,7 @@ async def following(env: dict[str, str], nohup: bool = False) -> asyncio.subproc
         sys.executable, "-m", "sandboxctl.cli", "events", "--follow", env=env, cwd=ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         preexec_fn=ignore_hangups if nohup else None,
+        process_group=0,  # a job of its own, as a shell starts it: Ctrl-Z stops it even here
     )  # fmt: skip
     assert proc.stdout is not None
     first = await asyncio.wait_for(proc.stdout.readline(), 60)
@@ -157,12 +162,12 @@ def state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
-async def until(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+async def until(check: Callable[[], bool], what: str | Callable[[], str], timeout: float = 10.0) -> None:
     for _ in range(int(timeout / 0.05)):
         if check():
             return
         await asyncio.sleep(0.05)
-    raise AssertionError(what)
+    raise AssertionError(what() if callable(what) else what)
 
 
 @pytest.fixture
@@ -193,6 +198,7 @@ async def test_ctrl_c_reaches_the_call_and_a_caller_that_dies_ends_it(logged: di
     await proc.wait()
     await until(lambda: not children(server), "the call outlived its caller")
     # A caller that ignores hangups (nohup) and dies: its call is ended all the same.
+    await until(lambda: not children(server), "the last call's process did not end")
     proc = await following({**env, **FAST}, nohup=True)
     (call_pid,) = children(server)
     assert signal.SIGHUP in ignored_by(call_pid), "the call does not ignore hangups as its caller does"
@@ -210,13 +216,31 @@ async def test_ctrl_z_stops_the_call_with_its_caller_and_a_call_killed_ends_its_
     (call_pid,) = children(server)
     for _ in range(3):
         proc.send_signal(signal.SIGTSTP)
-        await until(lambda: state(proc.pid) == "T" and state(call_pid) == "T", "Ctrl-Z did not stop both")
+        await until(
+            lambda: state(proc.pid) == "T" and state(call_pid) == "T",
+            lambda: f"Ctrl-Z did not stop both: caller {state(proc.pid)}, call {state(call_pid)}",
+            20,
+        )
         proc.send_signal(signal.SIGCONT)
         await until(lambda: state(proc.pid) != "T" and state(call_pid) != "T", "the call did not go on")
     proc.send_signal(signal.SIGINT)
     await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 130
+    # A caller killed while stopped with its call: the call goes on, sees its caller gone, and ends.
+    await until(lambda: not children(server), "the last call's process did not end")
+    proc = await following({**env, **FAST})
+    (call_pid,) = children(server)
+    proc.send_signal(signal.SIGTSTP)
+    await until(
+        lambda: state(proc.pid) == "T" and state(call_pid) == "T",
+        lambda: f"Ctrl-Z did not stop both: caller {state(proc.pid)}, call {state(call_pid)}",
+        20,
+    )
+    proc.kill()
+    await proc.wait()
+    await until(lambda: not children(server), "a stopped call outlived its caller", 20)
     for signum in (signal.SIGKILL, signal.SIGTERM):
+        await until(lambda: not children(server), "the last call's process did not end")
         proc = await following({**env, **FAST})
         (call_pid,) = children(server)
         os.kill(call_pid, signum)
@@ -353,7 +377,7 @@ async def other_users(base: Path) -> None:
         [sys.executable, "-m", "sandboxctl.cli.forkserver", str(run / SOCKET_NAME)], env=env, cwd=ROOT
     )
     try:
-        for _ in range(200):
+        for _ in range(600):
             if (run / SOCKET_NAME).exists():
                 break
             await asyncio.sleep(0.05)
