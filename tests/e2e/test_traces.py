@@ -106,8 +106,10 @@ def child(spans: dict[str, Seen], parent: Seen, prefix: str) -> Seen:
     return found[0]
 
 
-async def trace_of(received: Collector, trace_id: str, enough: int, timeout: float = 20.0) -> list[Seen]:
-    """The spans of ``trace_id`` received, once there are ``enough`` of them."""
+async def trace_of(received: Collector, trace_id: str, enough: int, timeout: float = 60.0) -> list[Seen]:
+    """The spans of ``trace_id`` received, once there are ``enough`` of them. A minute: an export
+    the collector was slow to answer on a loaded machine is sent again after the exporter's own
+    timeout (5 s in a service) and backoff; on one CI run a span had not come after 20 s."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
