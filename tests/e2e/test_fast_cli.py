@@ -17,14 +17,14 @@ import sys
 import tempfile
 import time
 from array import array
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from sandboxctl.cli.fast import FAST_ENV, SOCKET_NAME, package_dir
 from sandboxctl.runtime.embedded import free_port
-from tests.conftest import ROOT, podman
+from tests.conftest import ROOT, podman, until
 from tests.uprun import Up, up_env
 
 FAST = {FAST_ENV: "require"}  # handed over, or a failure: never quietly run in the caller
@@ -168,14 +168,6 @@ def signals(pid: int) -> str:
     return " ".join(line.replace("\t", "") for line in lines if line.startswith(("State", "Sig", "ShdPnd", "PPid")))
 
 
-async def until(check: Callable[[], bool], what: str | Callable[[], str], timeout: float = 10.0) -> None:
-    for _ in range(int(timeout / 0.05)):
-        if check():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(what() if callable(what) else what)
-
-
 @pytest.fixture
 async def logged(plane: tuple[Up, dict[str, str]], image: str) -> AsyncIterator[dict[str, str]]:
     """The plane's environment, with a sandbox in its log (for events --follow to show)."""
@@ -197,20 +189,20 @@ async def test_ctrl_c_reaches_the_call_and_a_caller_that_dies_ends_it(logged: di
         proc.send_signal(signal.SIGINT)
         _, err = await asyncio.wait_for(proc.communicate(), 20)
         assert proc.returncode == 130, (mode, proc.returncode, err)
-    await until(lambda: not children(server), "the call's process outlived its Ctrl-C")
+    await until(lambda: not children(server), "end of the call's process after its Ctrl-C")
     proc = await following({**env, **FAST})
     assert children(server), "the call did not run in the fork server"
     proc.kill()  # SIGKILL: the caller passes nothing on
     await proc.wait()
-    await until(lambda: not children(server), "the call outlived its caller")
+    await until(lambda: not children(server), "end of the call after its caller was killed")
     # A caller that ignores hangups (nohup) and dies: its call is ended all the same.
-    await until(lambda: not children(server), "the last call's process did not end")
+    await until(lambda: not children(server), "end of the last call's process")
     proc = await following({**env, **FAST}, nohup=True)
     (call_pid,) = children(server)
     assert signal.SIGHUP in ignored_by(call_pid), "the call does not ignore hangups as its caller does"
     proc.kill()
     await proc.wait()
-    await until(lambda: not children(server), "the call outlived its caller", 20)
+    await until(lambda: not children(server), "end of the call after its caller, ignoring hangups, was killed")
 
 
 async def ctrl_z(proc: asyncio.subprocess.Process, call_pid: int) -> None:
@@ -220,7 +212,7 @@ async def ctrl_z(proc: asyncio.subprocess.Process, call_pid: int) -> None:
     for _ in range(3):
         proc.send_signal(signal.SIGTSTP)
         with contextlib.suppress(AssertionError):
-            await until(lambda: state(proc.pid) == "T" and state(call_pid) == "T", "", 5)
+            await until(lambda: state(proc.pid) == "T" and state(call_pid) == "T", "stop", 5)
             return
     raise AssertionError(f"Ctrl-Z did not stop both: caller {signals(proc.pid)}; call {signals(call_pid)}")
 
@@ -235,20 +227,20 @@ async def test_ctrl_z_stops_the_call_with_its_caller_and_a_call_killed_ends_its_
     for _ in range(3):
         await ctrl_z(proc, call_pid)
         proc.send_signal(signal.SIGCONT)
-        await until(lambda: state(proc.pid) != "T" and state(call_pid) != "T", "the call did not go on")
+        await until(lambda: state(proc.pid) != "T" and state(call_pid) != "T", "the call going on with its caller")
     proc.send_signal(signal.SIGINT)
     await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 130
     # A caller killed while stopped with its call: the call goes on, sees its caller gone, and ends.
-    await until(lambda: not children(server), "the last call's process did not end")
+    await until(lambda: not children(server), "end of the last call's process")
     proc = await following({**env, **FAST})
     (call_pid,) = children(server)
     await ctrl_z(proc, call_pid)
     proc.kill()
     await proc.wait()
-    await until(lambda: not children(server), "a stopped call outlived its caller", 20)
+    await until(lambda: not children(server), "end of a stopped call after its caller was killed")
     for signum in (signal.SIGKILL, signal.SIGTERM):
-        await until(lambda: not children(server), "the last call's process did not end")
+        await until(lambda: not children(server), "end of the last call's process")
         proc = await following({**env, **FAST})
         (call_pid,) = children(server)
         os.kill(call_pid, signum)
