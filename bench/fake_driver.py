@@ -8,7 +8,7 @@ used by the product or by its tests of engine behaviour.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from sandboxctl.drivers.base import ContainerInfo, ContainerMissing, EngineEvent, SandboxSpec
 
@@ -68,7 +68,7 @@ class FakeDriver:
                 self._containers[spec.name] = info
             return info
 
-    def start(self, sandbox: str, sandbox_id: str) -> ContainerInfo:
+    def start(self, sandbox: str, sandbox_id: str, launched: Callable[[], None] | None = None) -> ContainerInfo:
         return self._run(sandbox, sandbox_id, True)
 
     def stop(self, sandbox: str, sandbox_id: str, timeout: float) -> ContainerInfo:

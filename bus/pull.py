@@ -47,6 +47,13 @@ class Pull:
     again (with the pin's id) well within ``pin_timeout``. A standby is pinned at once when the
     pinned reader gives up its pin (``release``), and within ``pin_timeout`` when it stops asking
     (a killed or frozen process).
+
+    With ``keep_alive``, the messages of the batch the reader is working that it has not yet
+    acknowledged or naked, and those delivered meanwhile for its next batch, are kept alive (an
+    in-progress ack every third of the ack wait), so a short ack wait redelivers soon what a
+    reader that died had been given, never what a live one is still working on (for up to
+    MAX_BUSY: a reader busy with one batch for longer is taken to be stuck, and its messages
+    are let go, as its pin is).
     """
 
     EXPIRES = 10.0
@@ -62,6 +69,7 @@ class Pull:
         idle_timeout: float = 1.0,
         group: str = "",
         pin_timeout: float = 0.0,
+        keep_alive: bool = False,
     ) -> None:
         assert config.durable_name, "a Pull reads a durable consumer"
         # Named as well as durable, as nats-py's pull_subscribe makes it: created on
@@ -93,6 +101,8 @@ class Pull:
         self._heartbeat = min(self.HEARTBEAT, self._expires / 4)
         self.pin = ""  # the pin this reader holds ("": none, it stands by)
         self._busy_since = 0.0  # when the reader began working the last batch it was given (0: it is not)
+        self._keep_alive = keep_alive
+        self._in_hand: list[Msg] = []  # the batch the reader is working
 
     async def _deliver(self, msg: Msg) -> None:
         self._heard = time.monotonic()
@@ -194,7 +204,11 @@ class Pull:
     async def batches(self) -> AsyncIterator[list[Msg]]:
         """Yield the messages delivered since the last yield; an empty list means idle."""
         reopen = True
-        keeper = asyncio.create_task(self._keep_pin(), name=f"pull-{self._durable}-pin") if self._group else None
+        keepers = []
+        if self._group:
+            keepers.append(asyncio.create_task(self._keep_pin(), name=f"pull-{self._durable}-pin"))
+        if self._keep_alive:
+            keepers.append(asyncio.create_task(self._keep_in_hand(), name=f"pull-{self._durable}-alive"))
         try:
             while True:
                 reraise_if_cancelling()
@@ -211,9 +225,9 @@ class Pull:
                         log.info("pull %s: request went silent, asking again", self._config.durable_name)
                         await self._ask()
                     taken = await self._take()
-                    self._busy_since = time.monotonic()
+                    self._busy_since, self._in_hand = time.monotonic(), taken
                     yield taken
-                    self._busy_since = 0.0
+                    self._busy_since, self._in_hand = 0.0, []
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # disconnects, server restarts, no responders
@@ -222,8 +236,25 @@ class Pull:
                     reopen = True
                     await asyncio.sleep(0.25)
         finally:
-            if keeper is not None:
+            for keeper in keepers:
                 keeper.cancel()
+
+    async def _keep_in_hand(self) -> None:
+        """Keep alive what the reader was given and has not settled yet (see ``keep_alive``)."""
+        every = (self._config.ack_wait or 30.0) / 3
+        while True:
+            await asyncio.sleep(every)
+            busy_since = self._busy_since
+            if not busy_since or time.monotonic() - busy_since > self.MAX_BUSY:
+                continue
+            for msg in self._in_hand + self._buffer:
+                if msg.is_acked:  # settled, naked with a delay too (in progress would undo the delay)
+                    continue
+                try:
+                    await msg.in_progress()
+                except Exception as exc:  # it comes again after the ack wait, as it would anyway
+                    reraise_if_cancelling()
+                    log.debug("pull %s: could not keep %s alive: %r", self._durable, msg.subject, exc)
 
     async def _keep_pin(self) -> None:
         """While the pinned reader works what it was given, ask again (for one message, under the

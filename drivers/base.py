@@ -34,6 +34,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import logging
 import math
 import os
 import secrets
@@ -49,6 +50,8 @@ import msgspec
 
 from sandboxctl.events import limits
 from sandboxctl.events.spec import NO_RESOURCES, Resources
+
+log = logging.getLogger(__name__)
 
 MANAGED = "sandboxctl.managed"
 WORKSPACE = "/workspace"  # where a sandbox's workspace volume is mounted, and its working directory
@@ -330,6 +333,17 @@ def refuse_if_aborted(control: ExecControl | None) -> None:
         raise DriverError("exec", "ended before it started")
 
 
+def tell_launched(launched: Callable[[], None] | None) -> None:
+    """Call a start's ``launched`` (see Driver.start): what it does is the caller's, and never
+    fails the start, which is under way."""
+    if launched is None:
+        return
+    try:
+        launched()
+    except Exception:
+        log.exception("a start's launched callback failed; the start goes on")
+
+
 class Driver(Protocol):
     name: str
     # How many operations the engine takes at once before it serialises them and
@@ -345,8 +359,14 @@ class Driver(Protocol):
         Refuses a container or volume of that name that is not the sandbox's."""
         ...
 
-    def start(self, sandbox: str, sandbox_id: str) -> ContainerInfo:
-        """Start the sandbox's container; ContainerMissing if it has none (whatever else has its name)."""
+    def start(self, sandbox: str, sandbox_id: str, launched: Callable[[], None] | None = None) -> ContainerInfo:
+        """Start the sandbox's container; ContainerMissing if it has none (whatever else has its name).
+        ``launched``, when given, is called (on the calling thread) when the start is under
+        way and before it is done, so that what waits on the start may go on meanwhile: a
+        container engine's as its start call is made, a VM's once its qemu runs (the guest then
+        boots for seconds), so that nothing the caller does meanwhile delays the launch. It is
+        not called for a start that has nothing to do or fails before that point, and may be
+        called again when the start is tried again."""
         ...
 
     def stop(self, sandbox: str, sandbox_id: str, timeout: float) -> ContainerInfo:
@@ -613,8 +633,9 @@ class EngineDriver:
     # Start and stop address the container by its id and inspect once after: two engine calls,
     # as many as by name. Engines answer 304 for a container already in that state.
 
-    def start(self, sandbox: str, sandbox_id: str) -> ContainerInfo:
+    def start(self, sandbox: str, sandbox_id: str, launched: Callable[[], None] | None = None) -> ContainerInfo:
         def act(container_id: str) -> ContainerInfo:
+            tell_launched(launched)
             self._start(container_id)
             return self._info("start", container_id)
 

@@ -63,7 +63,7 @@ mkdir -p "$G/bin" "$G/lib" "$G/sbctl" "$G/etc/acpi/PWRF"
 cat >"$G/lib/sandboxctl.sh" <<'EOF'
 # sandboxctl guest library, sourced by /init and /bin/sandboxctl-agent (busybox sh).
 SBX_RUN=/run/sandboxctl
-SBX_BOOT= SBX_CMD= SBX_ENV= SBX_TERM=3
+SBX_BOOT= SBX_CMD= SBX_ENV= SBX_TERM=3 SBX_CONSOLES=4
 set -f
 for w in $(cat /proc/cmdline); do
   case $w in
@@ -71,6 +71,7 @@ for w in $(cat /proc/cmdline); do
   sandboxctl.cmd=*) SBX_CMD=${w#*=} ;;
   sandboxctl.env=*) SBX_ENV=${w#*=} ;;
   sandboxctl.term=*) SBX_TERM=${w#*=} ;;
+  sandboxctl.consoles=*) SBX_CONSOLES=${w#*=} ;;
   esac
 done
 set +f
@@ -95,6 +96,9 @@ EOF
 # busybox applet of the same name: this busybox prefers its applets to the image's programs).
 cat >"$G/sbctl/launch" <<'EOF'
 cd /workspace 2>/dev/null || cd /
+# Descriptor 7 is open for the main command only: a byte on it tells /init the command is about
+# to run (its ready marker waits for that); the command itself never holds it.
+{ printf . >&7; exec 7>&-; } 2>/dev/null
 [ $# -gt 0 ] || exit 0
 case $1 in */*) exec "$@" ;; esac
 name=$1
@@ -117,6 +121,7 @@ exec 2>/dev/null
 # No such console (QEMU was given fewer): exit 1, and the caller stops restarting this agent.
 { exec <"$tty" >"$tty"; } || exit 1
 stty raw -echo
+: >"$SBX_RUN/listening.${tty##*/}"  # what /init waits for before it says ready
 last=
 while :; do
   IFS= read -r line || { sleep 0.2; continue; }
@@ -255,17 +260,46 @@ shutdown() {
 trap shutdown USR1 TERM
 
 acpid -c /etc/acpi -l /run/acpid.log
-for n in 0 1 2 3; do
+# One exec agent per virtio console the host gave (sandboxctl.consoles), each /dev/hvcN.
+case $SBX_CONSOLES in '' | *[!0-9]* | 0*) SBX_CONSOLES=4 ;; esac
+n=0
+while [ $n -lt "$SBX_CONSOLES" ]; do
   setsid sh -c "while sandboxctl-agent /dev/hvc$n; do sleep 0.2; done" &
+  n=$((n + 1))
+done
+listening() {
+  n=0
+  while [ $n -lt "$SBX_CONSOLES" ]; do
+    [ -e "$SBX_RUN/listening.hvc$n" ] || return 1
+    n=$((n + 1))
+  done
+}
+if [ -n "$SBX_CMD" ]; then
+  mkfifo "$SBX_RUN/main.out" "$SBX_RUN/main.gate"
+  # The command's output is passed to the console only once the ready marker is out, so nothing
+  # it prints comes before the marker or passes for a line of the guest's own (it waits in the
+  # pipe meanwhile). Init holds the gate open (fd 8), so the word it writes there is never lost.
+  exec 8<>"$SBX_RUN/main.gate"
+  { read -r _ <"$SBX_RUN/main.gate"; exec cat; } <"$SBX_RUN/main.out" 8>&- &
+  catpid=$!
+  : >"$SBX_RUN/main.started"
+  setsid sandboxctl-run "$SBX_ENV" "$SBX_CMD" </dev/null >"$SBX_RUN/main.out" 2>&1 7>>"$SBX_RUN/main.started" 8>&- &
+  cmdpid=$!
+fi
+# Ready once the exec agents listen and the command is launched (as a container engine's start
+# returns once the container's process runs): the work of starting them is the boot's, and a
+# host that hears "ready" finds the guest settled, an exec answered at once. At most 10 s.
+i=0
+until { [ -z "$SBX_CMD" ] || [ -s "$SBX_RUN/main.started" ] || ! kill -0 "$cmdpid" 2>/dev/null; } && listening; do
+  i=$((i + 1))
+  [ $i -lt 500 ] || break
+  sleep 0.02
 done
 echo "sandboxctl-ready $SBX_BOOT"
 
 if [ -n "$SBX_CMD" ]; then
-  mkfifo "$SBX_RUN/main.out"
-  cat "$SBX_RUN/main.out" &
-  catpid=$!
-  setsid sandboxctl-run "$SBX_ENV" "$SBX_CMD" </dev/null >"$SBX_RUN/main.out" 2>&1 &
-  cmdpid=$!
+  echo go >&8
+  exec 8>&-
   wait "$cmdpid"
   code=$?
   i=0

@@ -98,6 +98,11 @@ FACTS_CONSUMER = "sandboxctl-statemachine"
 # Commands go to every instance at once: the sequence guard refuses the loser of a race.
 FACTS_GROUP = "statemachine"
 FACTS_PIN_TIMEOUT = 1.5
+# A fact delivered to an instance that dies before it acknowledges it (delivered in the moment
+# before the server knew the instance was gone) comes again to the next pinned instance after
+# FACTS_ACK_WAIT; facts in the hands of a live instance are kept alive while it works them (up to
+# Pull.MAX_BUSY, after which it is taken to be stuck).
+FACTS_ACK_WAIT = 5.0
 
 # The ids of the events a fact or the watchdog causes start with these. A command id cannot hold
 # a "/" (events/limits.py), and user names cannot start with "sandboxctl-" (auth/roles.py), so
@@ -934,8 +939,10 @@ class StateMachineService:
     # -- facts -------------------------------------------------------------------
 
     async def _consume_facts(self) -> None:
-        config = durable_pull(FACTS_CONSUMER, subjects.FACTS_ALL, ack_wait=30.0, max_ack_pending=10_000)
-        pull = Pull(self.js, subjects.FACTS_STREAM, config, group=FACTS_GROUP, pin_timeout=FACTS_PIN_TIMEOUT)
+        config = durable_pull(FACTS_CONSUMER, subjects.FACTS_ALL, ack_wait=FACTS_ACK_WAIT, max_ack_pending=10_000)
+        pull = Pull(
+            self.js, subjects.FACTS_STREAM, config, group=FACTS_GROUP, pin_timeout=FACTS_PIN_TIMEOUT, keep_alive=True
+        )
         self._facts = pull
         try:
             async for msgs in pull.batches():

@@ -152,6 +152,22 @@ def spec_of(name: str, created: SandboxCreated) -> SandboxSpec:
     )
 
 
+REPORTED = ""  # the key of a fact a work order reported while it was worked (a create's ContainerCreated)
+
+
+def order_fact_id(order: Envelope, index: int) -> str:
+    """The id (Nats-Msg-Id) of a work order's ``index``-th fact: the same on every delivery of
+    the order, so a fact reported again is stored once."""
+    return f"{order.id}:fact:{index}"
+
+
+def made(info: ContainerInfo) -> tuple[str, Fact]:
+    return (
+        f"{info.container_id}:created",
+        ContainerCreated(container_id=info.container_id, sandbox_id=info.sandbox_id),
+    )
+
+
 def started(info: ContainerInfo) -> tuple[str, Fact]:
     return (
         f"{info.container_id}:{info.incarnation}:started",
@@ -297,16 +313,17 @@ class DriverWorker:
         """(stream, durable) of the JetStream consumer this worker works, for its backlog's gauges."""
         return ((subjects.LOG_STREAM, self.durable),)
 
-    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Engine calls block (the SDKs are synchronous); they run on the worker's own threads,
         which ``stop`` abandons rather than waits for: a stop hanging in the engine cannot hold us.
         Each call of the driver's own is timed (sandboxctl_engine_call_seconds)."""
+        call = functools.partial(fn, **kwargs) if kwargs else fn
         if getattr(fn, "__self__", None) is not self.driver:
-            return await self._threads.call(fn, *args)
+            return await self._threads.call(call, *args)
         began, outcome = time.monotonic(), "error"
         try:
             with tracing.step(f"engine {self.driver.name}.{fn.__name__}"):
-                result = await self._threads.call(fn, *args)
+                result = await self._threads.call(call, *args)
             outcome = "ok"
             return result
         finally:
@@ -469,9 +486,11 @@ class DriverWorker:
                 facts = await self.perform(envelope)
                 # Keyed by the work order, not the container run: a start of a container
                 # that is still running reports the same run as before, and is still news.
-                for index, (_, fact) in enumerate(facts):
+                for index, (key, fact) in enumerate(facts):
+                    if key == REPORTED:  # reported while the order was worked, under this same id
+                        continue
                     fact.request_id = envelope.id  # an answer to this work order, not an observation
-                    await self.report(envelope.subject, f"{envelope.id}:fact:{index}", fact, cause=envelope)
+                    await self.report(envelope.subject, order_fact_id(envelope, index), fact, cause=envelope)
         except Exception as exc:
             reraise_if_cancelling()
             if cannot_store(exc):
@@ -542,11 +561,42 @@ class DriverWorker:
         name = envelope.subject
         sandbox_id = getattr(event, "sandbox_id", "")
         facts: Facts = []
+        reporting: asyncio.Future[None] | None = None
         try:
             if isinstance(event, SandboxCreated) and event.clone_from:
                 facts.extend(await self._clone(spec_of(name, event), event))
             elif isinstance(event, SandboxCreated):
-                facts.extend(await self._make(spec_of(name, event)))
+                # ContainerCreated is reported while the container starts, once the start is under
+                # way (the driver says so: a VM once its qemu runs, so its launch is not kept waiting
+                # on the report): the state machine has taken it by the time the start is reported,
+                # so Ready waits for one fact, not two. The start's outcome, a failure too, is this
+                # order's second fact.
+                spec = spec_of(name, event)
+                info = await self._patiently(self.driver.create, spec)
+                _, created = made(info)
+                created.request_id = envelope.id
+                facts.append((REPORTED, created))
+                loop = asyncio.get_running_loop()
+                running: asyncio.Future[None] = loop.create_future()
+
+                def ran() -> None:
+                    if not running.done():
+                        running.set_result(None)
+
+                async def report_created() -> None:
+                    await running
+                    await self.report(name, order_fact_id(envelope, 0), created, cause=envelope)
+
+                reporting = asyncio.ensure_future(report_created())
+
+                def launched() -> None:  # on the driver's thread; the loop may be gone (a stop)
+                    with contextlib.suppress(RuntimeError):
+                        loop.call_soon_threadsafe(ran)
+
+                try:
+                    facts.append(started(await self._start_container(name, spec.sandbox_id, launched)))
+                finally:
+                    ran()  # the start is over (or never said it launched): reported now
             elif isinstance(event, SandboxStopRequested):
                 info = await self._stop(name, sandbox_id, event.timeout)
                 facts.append(exited(info, requested=True) if not info.running else started(info))
@@ -585,16 +635,15 @@ class DriverWorker:
             facts.append(removed("", sandbox_id, envelope.id))
         except DriverError as exc:
             facts.append(failed(exc, sandbox_id, envelope.id))
+        finally:
+            if reporting is not None:  # stored before any later fact of the order is reported
+                await reporting
         return facts
 
     async def _make(self, spec: SandboxSpec, again: bool = False) -> Facts:
         """Make the container (``again``: in place of the sandbox's own, on its workspace) and start it."""
         info = await self._patiently(self.driver.remake if again else self.driver.create, spec)
-        created = ContainerCreated(container_id=info.container_id, sandbox_id=info.sandbox_id)
-        return [
-            (f"{info.container_id}:created", created),
-            started(await self._start_container(spec.name, spec.sandbox_id)),
-        ]
+        return [made(info), started(await self._start_container(spec.name, spec.sandbox_id))]
 
     async def _clone(self, spec: SandboxSpec, event: SandboxCreated) -> Facts:
         """Make the clone's container on a workspace of its own, copy the source's workspace into it
@@ -615,11 +664,7 @@ class DriverWorker:
             finally:
                 if paused:
                     await self._run(self.driver.resume, source, source_id)
-        created = ContainerCreated(container_id=info.container_id, sandbox_id=info.sandbox_id)
-        return [
-            (f"{info.container_id}:created", created),
-            started(await self._start_container(spec.name, spec.sandbox_id)),
-        ]
+        return [made(info), started(await self._start_container(spec.name, spec.sandbox_id))]
 
     async def _archive(self, name: str, sandbox_id: str, obj: str) -> tuple[str, Fact]:
         """Stream the workspace into the object store and, only once the stored object is whole and
@@ -766,15 +811,17 @@ class DriverWorker:
         # restore", so an order that comes again (even once the sandbox is Ready and in use) only
         # starts it, and never unpacks the archive over newer files.
         await store.delete(obj)
-        created = ContainerCreated(container_id=info.container_id, sandbox_id=info.sandbox_id)
-        return [
-            (f"{info.container_id}:created", created),
-            started(await self._start_container(name, sandbox_id)),
-        ]
+        return [made(info), started(await self._start_container(name, sandbox_id))]
 
-    async def _start_container(self, name: str, sandbox_id: str) -> ContainerInfo:
+    async def _start_container(
+        self, name: str, sandbox_id: str, launched: Callable[[], None] | None = None
+    ) -> ContainerInfo:
         info: ContainerInfo = await self._patiently(
-            self.driver.start, name, sandbox_id, done=lambda i: i.running and not i.stopping
+            self.driver.start,
+            name,
+            sandbox_id,
+            done=lambda i: i.running and not i.stopping,
+            launched=launched,
         )
         return info
 
@@ -843,9 +890,13 @@ class DriverWorker:
         return None if created is None else spec_of(name, created)
 
     async def _patiently(
-        self, operation: Callable[..., Any], *args: Any, done: Callable[[ContainerInfo], bool] | None = None
+        self,
+        operation: Callable[..., Any],
+        *args: Any,
+        done: Callable[[ContainerInfo], bool] | None = None,
+        **kwargs: Any,
     ) -> Any:
-        """``operation(*args)`` on the engine, riding out an engine that took the request and stopped
+        """``operation(*args, **kwargs)`` on the engine, riding out an engine that took the request and stopped
         answering (paused, overloaded): a read timeout is no failure yet, since the engine may still
         carry the request out. The order stays in hand (kept alive) while the sandbox's container is
         looked at again with backoff until the engine answers; then what it shows is the outcome if
@@ -857,7 +908,7 @@ class DriverWorker:
         while True:
             reraise_if_cancelling()
             try:
-                return await self._run(operation, *args)
+                return await self._run(operation, *args, **kwargs)
             except EngineTimeout as exc:
                 timeout = exc
             log.warning(

@@ -176,7 +176,13 @@ class VMEngine:
         paused = pid is not None and machine.paused()
         booted = bool(machine.started_at())
         status = "paused" if paused else "running" if pid is not None else "exited" if booted else "created"
-        return {"Running": pid is not None, "Paused": paused, "Status": status, "Pid": pid or 0}
+        return {
+            "Running": pid is not None,
+            "Paused": paused,
+            "Status": status,
+            "Pid": pid or 0,
+            "StartedAt": machine.booted_at(),  # qemu's launch, as an engine's StartedAt (RFC 3339)
+        }
 
     def _boot(self, directory: Path) -> None:
         """A boot by hand, from what the VM's record says it is made of."""

@@ -48,9 +48,19 @@ from sandboxctl.drivers.base import (
     SandboxSpec,
     grace_seconds,
     refuse_if_aborted,
+    tell_launched,
 )
 from sandboxctl.drivers.vm import accel, disks
-from sandboxctl.drivers.vm.machine import Guest, Machine, MachineSpec, VMError, default_guest_dir
+from sandboxctl.drivers.vm.machine import (
+    Growth,
+    Guest,
+    Machine,
+    MachineSpec,
+    VMError,
+    alive,
+    default_guest_dir,
+    log_tail,
+)
 from sandboxctl.events.limits import VM_MEMORY_MIN
 from sandboxctl.events.spec import Resources
 
@@ -63,6 +73,7 @@ LAYER = "layer.img"
 WORKSPACE_DISK = "workspace.img"
 SWEEP_EVERY = 1.0  # seconds between the sweeps that find VMs booted or ended by anyone else
 HISTORY = 1024  # events kept for a watcher that asks for those since a moment
+FOLLOW_POLL = 0.1  # seconds between looks at a followed log where it cannot be watched (no inotify)
 
 
 class VMRecord(msgspec.Struct, kw_only=True):
@@ -268,14 +279,18 @@ class VMDriver:
             return False
         return (directory / WORKSPACE_DISK).exists()
 
-    def list_managed(self, ask_qemu: bool = True) -> list[ContainerInfo]:
-        infos = []
+    def _records(self) -> list[VMRecord]:
+        """The record of every VM, each in the directory of its own sandbox id."""
+        records = []
         with contextlib.suppress(FileNotFoundError):
             for entry in sorted(self.sandboxes_dir.iterdir()):
                 record = self._record(entry.name)
                 if record is not None and record.sandbox_id == entry.name:
-                    infos.append(self._info(record, ask_qemu))
-        return infos
+                    records.append(record)
+        return records
+
+    def list_managed(self, ask_qemu: bool = True) -> list[ContainerInfo]:
+        return [self._info(record, ask_qemu) for record in self._records()]
 
     # -- the lifecycle ----------------------------------------------------------------------
 
@@ -285,10 +300,11 @@ class VMDriver:
             if existing.sandbox != spec.name:
                 raise DriverError("create", f"the VM of sandbox id {spec.sandbox_id} is sandbox {existing.sandbox}'s")
             return self._info(existing)
-        for info in self.list_managed(ask_qemu=False):
-            if info.sandbox == spec.name and info.sandbox_id != spec.sandbox_id:
+        for other in self._records():  # the records alone: no VM's state is needed to tell
+            if other.sandbox == spec.name and other.sandbox_id != spec.sandbox_id:
                 raise DriverError(
-                    "create", f"a VM for sandbox {spec.name} already exists and belongs to sandbox id {info.sandbox_id}"
+                    "create",
+                    f"a VM for sandbox {spec.name} already exists and belongs to sandbox id {other.sandbox_id}",
                 )
         _boots_in("create", spec.resources)
         directory = self._dir(spec.sandbox_id)
@@ -296,9 +312,7 @@ class VMDriver:
             image = self._images.info(spec.image)
             root = disks.root_disk(spec.image, self.images_dir, self.engine_cli, image)
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            if not (directory / WORKSPACE_DISK).exists():
-                disks.make_workspace(directory / WORKSPACE_DISK)
-            disks.make_layer(directory / LAYER)
+            disks.make_disks(directory / WORKSPACE_DISK, directory / LAYER)
         except disks.DiskError as exc:
             raise DriverError("create", str(exc)) from exc
         # What a container of the image would run with, but for what the user said.
@@ -318,7 +332,7 @@ class VMDriver:
         self._write_record(record)
         return self._info(record)
 
-    def start(self, sandbox: str, sandbox_id: str) -> ContainerInfo:
+    def start(self, sandbox: str, sandbox_id: str, launched: Callable[[], None] | None = None) -> ContainerInfo:
         record = self._own("start", sandbox, sandbox_id)
         machine = self._machine(sandbox_id)
         if machine.pid() is not None:
@@ -344,8 +358,13 @@ class VMDriver:
         try:
             # Watched from its launch: the watcher's QMP connection is made while the guest boots,
             # not in the moment the start is reported. Its end before it was ready is this start's
-            # failure, reported by the start alone (see _ended).
-            machine.boot(spec, timeout=max(self.timeout, 60.0), launched=lambda: self._watch(sandbox_id))
+            # failure, reported by the start alone (see _ended). The caller hears of the launch
+            # then too (a create reports its ContainerCreated while the guest boots).
+            def on_launch() -> None:
+                self._watch(sandbox_id)
+                tell_launched(launched)
+
+            machine.boot(spec, timeout=max(self.timeout, 60.0), launched=on_launch)
         except VMError as exc:
             raise DriverError("start", str(exc)) from exc
         info = self._info(record)
@@ -496,8 +515,7 @@ class VMDriver:
         self._own("logs", sandbox, sandbox_id)
         if since is not None:
             raise DriverError("logs", "a VM's console log has no times: --since is not available on vm sandboxes")
-        path = self._quiet_machine(sandbox_id).logs()
-        return _read_log(path, tail, follow, lambda: self._quiet_machine(sandbox_id).pid() is not None)
+        return _read_log(self._quiet_machine(sandbox_id), tail, follow)
 
     def interactive(self, sandbox: str, sandbox_id: str, command: list[str], tty: bool) -> list[str]:
         self._own("exec", sandbox, sandbox_id)
@@ -690,34 +708,36 @@ class _Ending:
         self.event.set()
 
 
-def _read_log(path: Path, tail: int | None, follow: bool, running: Callable[[], bool]) -> Iterator[bytes]:
-    """The serial log: its last ``tail`` lines, then (with ``follow``) what comes, until the VM ends."""
+def _read_log(machine: Machine, tail: int | None, follow: bool) -> Iterator[bytes]:
+    """The serial log: its last ``tail`` lines, then (with ``follow``) what comes, as qemu writes
+    it, until the VM that runs now ends. That qemu is taken before the log is read: while it
+    runs, no boot trims the log (machine.trim_log) under the reader."""
+    path = machine.logs()
+    pidfd = machine.pidfd() if follow else None
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        data = b""
-    if tail is not None:
-        lines = data.splitlines(keepends=True)
-        data = b"".join(lines[-tail:]) if tail > 0 else b""
-    if data:
-        yield data
-    if not follow:
-        return
-    offset = path.stat().st_size if path.exists() else 0
-    while True:
+        data, offset = log_tail(path, tail)
+        if data:
+            yield data
+        if not follow:
+            return
+        growth = Growth(path, offset)  # from what was read: nothing written since is missed
         try:
-            with open(path, "rb") as log:
-                log.seek(offset)
-                chunk = log.read(CHUNK)
-        except FileNotFoundError:
-            return
-        if chunk:
-            offset += len(chunk)
-            yield chunk
-            continue
-        if not running():
-            return
-        time.sleep(0.1)
+            while True:
+                chunk = growth.read()
+                if chunk:
+                    yield chunk
+                elif pidfd is None or not alive(pidfd):
+                    rest = growth.read()  # what it wrote before it ended
+                    if rest:
+                        yield rest
+                    return
+                else:
+                    growth.wait(pidfd, math.inf, poll=FOLLOW_POLL)  # woken by a write or by its end
+        finally:
+            growth.close()
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
 
 
 def _after(history: collections.deque[EngineEvent], last: EngineEvent | None) -> list[EngineEvent]:

@@ -10,14 +10,17 @@ a restarted worker finds a VM it did not start (QEMU runs daemonized, outside th
 **Kernel command line.** The guest learns what to run from keys on it (at most 2047 bytes in
 all): ``sandboxctl.boot=<boot id>``, ``sandboxctl.cmd=<argv>`` (absent: the VM idles),
 ``sandboxctl.env=<environment>`` (each item ``NAME=value``; ``PATH`` is added when not given)
-and ``sandboxctl.term=<seconds>`` (how long a stop gives the processes after SIGTERM). A list is
+``sandboxctl.term=<seconds>`` (how long a stop gives the processes after SIGTERM) and
+``sandboxctl.consoles=<n>`` (the virtio consoles, each with an exec agent: CONSOLES). A list is
 its items joined by ``,``, each item ``_`` + base64 of its bytes (the ``_`` keeps an empty
 argument a field).
 
-**Serial console** (``serial.log``, appended across boots: the sandbox's log). The command's
+**Serial console** (``serial.log``, appended across boots: the sandbox's log; a boot first trims
+one grown past LOG_KEEP to its last half, at a line's start). The command's
 output (stdout and stderr merged, on a pipe, not a tty) goes there with the kernel's few
 messages (``quiet``) and the guest's markers, each on a line of its own:
-``sandboxctl-ready <boot id>`` once the disks are mounted and the exec agents listen;
+``sandboxctl-ready <boot id>`` once the disks are mounted, the exec agents listen and the
+command is launched (so the guest is settled when the host hears it);
 ``sandboxctl-exit <code>`` when the command ended by itself (not when a stop ended it);
 ``sandboxctl-fail <why>`` when the guest cannot set up (its disks missing, say), before it
 powers off. When the command ends, or the ACPI power button is pressed (QMP
@@ -51,6 +54,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ctypes
 import fcntl
 import json
 import os
@@ -83,7 +87,9 @@ END = b"\x1e"  # what begins an exec's end marker (a record separator)
 ACK_RESEND = 1.0  # seconds without an ack before an exec request is sent again
 KILL_WAIT = 5.0  # seconds an exec's kill is tried for
 ACK_WAIT = 30.0  # seconds an exec waits for its ack before the VM counts as unresponsive
-READY_POLL = 0.01  # seconds between looks for the guest's ready marker in the serial log
+READY_POLL = 0.002  # seconds between looks for the ready marker where the log cannot be watched
+READY_LOOK = 1.0  # seconds between looks at the boot's deadline while the log is watched
+IN_MODIFY = 0x2  # inotify: the file was written to
 STOP_LOOK = 1.0  # seconds between a watcher's looks at whether it is to stop
 EVENTS = ("SHUTDOWN", "RESET", "STOP", "RESUME", "POWERDOWN")
 SOCKET_PATH_MAX = 107  # sun_path, less its NUL
@@ -93,7 +99,9 @@ SOCKET_PATH_MAX = 107  # sun_path, less its NUL
 NICE = 10
 
 _EXIT = re.compile(rb"sandboxctl-exit (-?\d+)\r?\n")
-_FAIL = re.compile(rb"sandboxctl-fail ([^\r\n]*)")
+_FAIL = re.compile(rb"sandboxctl-fail ([^\r\n]*)\r?\n")  # the whole line: qemu writes it a byte at a time
+LOG_KEEP = 8 << 20  # bytes of serial log a boot keeps from the boots before (the last half, past it)
+TAIL_BLOCK = 64 << 10  # bytes read at a time from a log's end for its last lines
 POWER_DOWN = b"reboot: Power down"  # the kernel's last line when the guest powers itself off
 
 
@@ -179,13 +187,151 @@ def _tsc_khz() -> int | None:
     return None
 
 
-def _alive(pidfd: int) -> bool:
+def alive(pidfd: int) -> bool:
     return not select.select([pidfd], [], [], 0)[0]
 
 
 def _wait_gone(pidfd: int, timeout: float | None) -> bool:
     """Wait until the process of ``pidfd`` has exited; whether it did within ``timeout``."""
     return bool(select.select([pidfd], [], [], timeout)[0])
+
+
+def _inotify(path: Path) -> int:
+    """An inotify descriptor (non-blocking) readable once ``path`` is written to; -1 where none
+    can be had (no such call, or the watches of this user are used up)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = int(libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
+    except (OSError, AttributeError):
+        return -1
+    if fd < 0:
+        return -1
+    if int(libc.inotify_add_watch(fd, os.fsencode(path), IN_MODIFY)) < 0:
+        os.close(fd)
+        return -1
+    return fd
+
+
+class Growth:
+    """The bytes appended to a file from ``offset`` on, read as they come: ``wait`` returns once
+    the file is written to (inotify), the process of ``pidfd`` ends or ``timeout`` passes. So
+    the guest's ready marker is seen the moment qemu writes it, not at the next look of a poll,
+    and a follower of the log has each line as it is written. Without inotify, ``wait`` is a
+    poll of READY_POLL seconds."""
+
+    PARTIAL_MAX = 4096  # the most of an unfinished line ``lines`` looks at again
+
+    def __init__(self, path: Path, offset: int) -> None:
+        self.path, self.offset = path, offset
+        self._partial = b""  # the last line read, while it has no end
+        self._fd = -1
+        self._notify = _inotify(path)
+
+    def read(self) -> bytes:
+        """What was written since the last read (since ``offset`` at first; the file may not
+        exist yet)."""
+        if self._fd < 0:
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return b""
+            os.lseek(self._fd, self.offset, os.SEEK_SET)
+        chunks = []
+        while chunk := os.read(self._fd, 65536):
+            chunks.append(chunk)
+        new = b"".join(chunks)
+        self.offset += len(new)
+        return new
+
+    def lines(self) -> bytes:
+        """What was written since the last look, from the start of the line it continues (up to
+        PARTIAL_MAX bytes of it): qemu writes the serial log a byte at a time, and a marker may
+        come in several reads."""
+        text = self._partial + self.read()
+        self._partial = text[text.rfind(b"\n") + 1 :][-self.PARTIAL_MAX :]
+        return text
+
+    def wait(self, pidfd: int | None, timeout: float, poll: float = READY_POLL) -> None:
+        """Until the file is written to, the process ends or ``timeout`` passes; without inotify,
+        for ``poll`` seconds at most."""
+        timeout = max(0.0, timeout)
+        if self._notify < 0:
+            if pidfd is None:
+                time.sleep(min(timeout, poll))
+            else:
+                _wait_gone(pidfd, min(timeout, poll))
+            return
+        watched = [self._notify] if pidfd is None else [pidfd, self._notify]
+        if self._notify in select.select(watched, [], [], min(timeout, READY_LOOK))[0]:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self._notify, 4096):  # the events: only that there were some matters
+                    pass
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        notify, self._fd, self._notify = self._notify, -1, -1
+        if notify >= 0:
+            # Closing an inotify descriptor that had a watch waits for the kernel to retire it
+            # (an RCU grace period: 7 to 20 ms measured here), so it is closed off the boot's path.
+            try:
+                threading.Thread(target=os.close, args=(notify,), name="sandboxctl-inotify-close", daemon=True).start()
+            except RuntimeError:  # no thread to be had: closed here, late rather than never
+                os.close(notify)
+
+
+def trim_log(path: Path, keep: int = LOG_KEEP) -> None:
+    """Bound a log that is appended to across boots: one grown past ``keep`` bytes is cut to its
+    last ``keep // 2`` from the start of a line. Called before qemu opens it, so no one writes
+    meanwhile (a reader following the last boot keeps the file it had)."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return
+    if size <= keep:
+        return
+    with path.open("rb") as f:
+        f.seek(size - keep // 2)
+        kept = f.read()
+    newline = kept.find(b"\n")
+    if 0 <= newline < len(kept) - 1:
+        kept = kept[newline + 1 :]
+    tmp = path.with_name(path.name + ".trim")
+    tmp.write_bytes(kept)
+    tmp.replace(path)
+
+
+def log_tail(path: Path, lines: int | None) -> tuple[bytes, int]:
+    """The last ``lines`` lines of the log at ``path`` (all of it for None), and the offset its
+    reading ended at (where a follower goes on from). Read from the end, a block at a time, each
+    looked at once: a tail costs what it shows (and the lines' length), not the whole log."""
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        return b"", 0
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if lines is None:
+            return f.read(size), size
+        if lines <= 0:
+            return b"", size
+        blocks: list[bytes] = []
+        start, newlines = size, 0
+        # one newline more than the lines wanted (the last line's own end counts when it has one)
+        while start > 0 and newlines <= lines:
+            step = min(TAIL_BLOCK, start)
+            start -= step
+            f.seek(start)
+            block = f.read(step)
+            blocks.append(block)
+            newlines += block.count(b"\n")
+        data = b"".join(reversed(blocks))
+        cut = len(data)
+        for _ in range(lines + 1 if data.endswith(b"\n") else lines):
+            cut = data.rfind(b"\n", 0, cut)
+            if cut < 0:
+                break
+        return data[cut + 1 :], size
 
 
 def _run_private(coro: Any, timeout: float) -> Any:
@@ -272,7 +418,8 @@ class Machine:
             return None
         return pid if os.fsencode(str(self.directory) + "/") in cmdline else None
 
-    def _pidfd(self) -> int | None:
+    def pidfd(self) -> int | None:
+        """A pidfd of the running qemu (the caller closes it), None when none runs."""
         pid = self.pid()
         if pid is None:
             return None
@@ -329,7 +476,7 @@ class Machine:
 
     def kill(self) -> None:
         """SIGKILL the qemu and return once it is gone (the guest gets no chance to unmount)."""
-        pidfd = self._pidfd()
+        pidfd = self.pidfd()
         if pidfd is None:
             return
         try:
@@ -341,7 +488,7 @@ class Machine:
 
     def boot(self, spec: MachineSpec, timeout: float = 60.0, launched: Callable[[], None] | None = None) -> int:
         """Start the VM (qemu daemonized, outliving the caller) and return its pid once the guest
-        prints this boot's ready marker (looked for every READY_POLL seconds); ``launched`` is
+        prints this boot's ready marker (seen as qemu writes it to the serial log); ``launched`` is
         called once qemu runs, before the guest is ready (to begin watching it meanwhile).
         ``VMError`` (with qemu's complaint or the last serial lines) if qemu refuses, the guest
         fails (too little memory: a kernel panic) or the timeout passes; the qemu is killed then."""
@@ -366,6 +513,7 @@ class Machine:
         for name in ("qemu.pid", *(f"hvc{n}.sock" for n in range(CONSOLES)), "qmp.sock", "events.sock"):
             with contextlib.suppress(FileNotFoundError):
                 (self.directory / name).unlink()
+        trim_log(self.logs())
         try:
             offset = self.logs().stat().st_size
         except FileNotFoundError:
@@ -386,28 +534,34 @@ class Machine:
         if done.returncode != 0:
             complaint = " ".join((done.stderr or done.stdout).split())[:400]
             raise VMError(f"qemu refused to start the VM: {complaint}")
-        pid, pidfd = self.pid(), self._pidfd()
+        pid, pidfd = self.pid(), self.pidfd()
         if pid is None or pidfd is None:
             raise VMError(f"the VM stopped while booting: {self._tail()}")
         try:
-            if launched is not None:
-                launched()
-            deadline = time.monotonic() + timeout
-            ready = re.compile(rb"sandboxctl-ready " + boot_id.encode() + rb"\b")
-            while True:
-                text = self._log_since_boot()
-                if ready.search(text):
-                    return pid  # (a short command may have ended and powered off already)
-                failed = _FAIL.search(text)
-                if failed:
-                    self._kill_fd(pidfd)
-                    raise VMError(f"the VM failed to start: {failed.group(1).decode(errors='replace')}")
-                if not _alive(pidfd):
-                    raise VMError(f"the VM stopped while booting: {self._tail()}")
-                if time.monotonic() > deadline:
-                    self._kill_fd(pidfd)
-                    raise VMError(f"the VM did not become ready within {timeout:g} s: {self._tail()}")
-                _wait_gone(pidfd, READY_POLL)
+            log = Growth(self.logs(), offset)  # watched before the first read: no write is missed
+            try:
+                if launched is not None:
+                    launched()
+                deadline = time.monotonic() + timeout
+                ready = re.compile(rb"sandboxctl-ready " + boot_id.encode() + rb"\b")
+                while True:
+                    fresh = log.lines()
+                    if ready.search(fresh):
+                        return pid  # (a short command may have ended and powered off already)
+                    failed = _FAIL.search(fresh)
+                    if failed:
+                        self._kill_fd(pidfd)
+                        raise VMError(f"the VM failed to start: {failed.group(1).decode(errors='replace')}")
+                    if not alive(pidfd):
+                        if ready.search(log.lines()):  # it wrote the marker, then ended, since the read
+                            return pid
+                        raise VMError(f"the VM stopped while booting: {self._tail()}")
+                    if time.monotonic() > deadline:
+                        self._kill_fd(pidfd)
+                        raise VMError(f"the VM did not become ready within {timeout:g} s: {self._tail()}")
+                    log.wait(pidfd, deadline - time.monotonic())
+            finally:
+                log.close()
         finally:
             os.close(pidfd)
 
@@ -437,7 +591,7 @@ class Machine:
         khz = _tsc_khz() if spec.accel == "tcg" else None
         if khz:
             parts.append(f"tsc_early_khz={khz}")
-        parts += [f"sandboxctl.boot={boot_id}", f"sandboxctl.term={GUEST_TERM}"]
+        parts += [f"sandboxctl.boot={boot_id}", f"sandboxctl.term={GUEST_TERM}", f"sandboxctl.consoles={CONSOLES}"]
         parts.append("sandboxctl.env=" + _list([f"{k}={v}" for k, v in env.items()]))
         if spec.command:
             parts.append("sandboxctl.cmd=" + _list(spec.command))
@@ -525,7 +679,7 @@ class Machine:
         powers off), wait up to ``grace`` seconds for qemu to exit, then QMP quit, then SIGKILL.
         Returns once qemu is gone; no-op if it is not running. A grace of GUEST_TERM + 2 s or more
         lets the guest finish unmounting even when its command ignores SIGTERM."""
-        pidfd = self._pidfd()
+        pidfd = self.pidfd()
         if pidfd is None:
             return
         try:
@@ -552,7 +706,7 @@ class Machine:
         milliseconds of a kill -9). Ends after "EXITED", or within STOP_LOOK seconds of ``stop``
         being set: a watcher wakes only for its VM's news and that look, not to take the
         interpreter's lock from the control plane's hops every few milliseconds."""
-        pidfd = self._pidfd()
+        pidfd = self.pidfd()
         if pidfd is None:
             yield "EXITED"
             return
@@ -681,7 +835,7 @@ class Machine:
             raise VMError("exec needs a command")
         if any("\0" in a for a in argv):
             raise VMError("the command cannot contain NUL bytes")
-        pidfd = self._pidfd()
+        pidfd = self.pidfd()
         if pidfd is None:
             raise VMError("the VM is not running")
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import json
+import re
 import time
 from collections.abc import Iterator
 
@@ -177,6 +179,43 @@ async def test_a_start_by_hand_on_a_stopped_sandbox_makes_it_ready(
     engine("start", f"sandboxctl-{name}")
     item = await client.wait_for(name, "Ready", reply.seq + 1, timeout=15)
     assert item["last_error"] == ""
+
+
+def _instant(stamp: str) -> float:
+    """An engine's RFC 3339 time (nanoseconds, Z or an offset) as seconds since the epoch."""
+    found = re.fullmatch(r"(\S+?T[\d:]+)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)", stamp.strip())
+    assert found, stamp
+    whole = datetime.datetime.fromisoformat(found[1] + ("+00:00" if found[3] == "Z" else found[3]))
+    return whole.timestamp() + float("0." + (found[2] or "0"))
+
+
+async def test_the_container_made_is_reported_before_it_starts(
+    client: SandboxClient, names, image: str, engine: AnyEngine
+) -> None:
+    """ContainerCreated is in the facts stream while the container (or VM) starts, not once it has
+    started: the state machine has taken it by the time the start is reported. (It is sent beside
+    the start, so it is held to the first half of the start, not to before it.)"""
+    name = names.new()
+    await client.create(name, image)
+    await client.wait_for(name, "Ready")
+    js = client.nc.jetstream()
+    sub = await js.subscribe(subjects.facts_of(name), ordered_consumer=True)
+    try:
+        stored: dict[str, float] = {}
+        reported = 0.0
+        while "ContainerCreated" not in stored or "ContainerStarted" not in stored:
+            msg = await sub.next_msg(timeout=10)
+            fact = decode_fact(msg.data)
+            kind = type(fact.data).__name__
+            stored.setdefault(kind, msg.metadata.timestamp.timestamp())
+            if kind == "ContainerStarted":
+                reported = reported or fact.time.timestamp()
+    finally:
+        await sub.unsubscribe()
+    inspected = json.loads(engine("container", "inspect", f"sandboxctl-{name}").stdout)[0]["State"]
+    started_at = _instant(inspected["StartedAt"])
+    assert started_at < reported, (inspected["StartedAt"], reported)
+    assert stored["ContainerCreated"] < started_at + (reported - started_at) / 2, (stored, inspected["StartedAt"])
 
 
 async def test_removal_by_hand_of_a_stopped_sandbox_is_backend_missing(
@@ -455,8 +494,21 @@ def test_resume_semantics(driver, names, image: str, engine: AnyEngine) -> None:
     info = driver.create(SandboxSpec(name=name, sandbox_id="sb-1", image=image, labels={"team": "x"}))
     assert not info.running and info.sandbox_id == "sb-1" and info.sandbox == name
     assert driver.create(SandboxSpec(name=name, sandbox_id="sb-1", image=image)).container_id == info.container_id
-    first = driver.start(name, "sb-1")
+    launches: list[tuple[bool, bool]] = []  # at each call of launched: (the VM runs, its guest is ready)
+
+    def launched() -> None:
+        if isinstance(engine, VMEngine):
+            directory = engine.find(name)
+            assert directory is not None
+            machine = engine.machine(directory)
+            launches.append((machine.pid() is not None, machine.ready()))
+        else:
+            launches.append((True, False))  # the start call is about to be made
+
+    first = driver.start(name, "sb-1", launched=launched)
     assert first.running and first.incarnation
+    # once: a VM once its qemu runs, seconds before its guest is ready; a container as it is started
+    assert launches == [(True, False)]
     assert driver.start(name, "sb-1").incarnation == first.incarnation  # resuming a running container is a no-op
     stopped = driver.stop(name, "sb-1", 5)
     assert not stopped.running and driver.stop(name, "sb-1", 5).running is False  # stopping twice is fine

@@ -801,9 +801,9 @@ async def test_late_facts_of_an_earlier_run_move_nothing(
     worker = next(w for w in plane.workers if w.driver.name == "podman")
     real_start, release = worker.driver.start, threading.Event()
 
-    def held_start(sandbox: str, sandbox_id: str) -> Any:
+    def held_start(sandbox: str, sandbox_id: str, launched: Any = None) -> Any:
         release.wait(30)
-        return real_start(sandbox, sandbox_id)
+        return real_start(sandbox, sandbox_id, launched=launched)
 
     monkeypatch.setattr(worker.driver, "start", held_start)
     started = await client.start(name)

@@ -344,7 +344,8 @@ def test_make_workspace_makes_a_sparse_labelled_disk_any_user_can_write(tmp_path
     disk = tmp_path / "workspace.ext4"
     disks.make_workspace(disk)
     assert disk.stat().st_size == disks.WORKSPACE_SIZE
-    assert 0 < disks.disk_usage(disk) < disks.WORKSPACE_SIZE // 8  # sparse
+    # sparse, and its journal left unwritten (a new sparse file reads as zeros): not 33 MiB of it
+    assert 0 < disks.disk_usage(disk) < 4 * MIB
     assert label(disk) == disks.LABEL_WORKSPACE
     root = debugfs(disk, "stat /")
     assert "Mode:  0777" in root and "User:     0" in root
@@ -377,6 +378,25 @@ def test_make_layer_makes_a_fresh_layer_even_over_one(tmp_path: Path) -> None:
     assert "old" not in debugfs(disk, "ls /")
     assert label(disk) == disks.LABEL_LAYER and fsck_clean(disk)
     assert leftovers(tmp_path, keep=disk.name) == []
+
+
+def test_make_disks_makes_both_at_once_and_never_a_workspace_over_one(tmp_path: Path) -> None:
+    workspace, layer_disk = tmp_path / "workspace.ext4", tmp_path / "layer.ext4"
+    disks.make_disks(workspace, layer_disk)
+    assert label(workspace) == disks.LABEL_WORKSPACE and label(layer_disk) == disks.LABEL_LAYER
+    assert fsck_clean(workspace) and fsck_clean(layer_disk)
+    debugfs_write(workspace, "mkdir kept")
+    debugfs_write(layer_disk, "mkdir old")
+    disks.make_disks(workspace, layer_disk)  # a create worked again: the layer is fresh, the files stay
+    assert "kept" in debugfs(workspace, "ls /") and "old" not in debugfs(layer_disk, "ls /")
+    assert leftovers(tmp_path) == sorted([workspace.name, layer_disk.name])  # no temporary file left
+
+
+def test_make_disks_fails_with_the_layers_error_once_both_are_done(tmp_path: Path) -> None:
+    workspace = tmp_path / "workspace.ext4"
+    with pytest.raises(DiskError, match="layer"):
+        disks.make_disks(workspace, tmp_path / "missing" / "layer.ext4")
+    assert fsck_clean(workspace)  # made whole, not cut off by the layer's failure
 
 
 # -- check -------------------------------------------------------------------------------------------

@@ -21,13 +21,16 @@ from pathlib import Path
 
 import pytest
 
+from sandboxctl.cli import attach
 from sandboxctl.client import SandboxClient
 from sandboxctl.client.errors import InvalidArgument
 from sandboxctl.drivers.vm.machine import Guest, Machine, default_guest_dir
+from sandboxctl.events.facts import ContainerCreated
 from sandboxctl.events.spec import Resources
 from sandboxctl.runtime.config import Config
 from sandboxctl.runtime.embedded import ControlPlane
 from tests.conftest import CLI, cli_process, phase
+from tests.logview import facts_of
 from tests.vmengine import qemu_pids
 
 
@@ -91,7 +94,7 @@ async def test_a_vm_sandbox_keeps_its_workspace_across_stop_and_start_and_delete
     vm_config: Config, vm_cli: CLI, vm_client: SandboxClient, names, image: str
 ) -> None:
     name = names.new("vm")
-    idle = "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done"
+    idle = "trap 'exit 0' TERM; while :; do echo tick; sleep 1 & wait $!; done"
     code, _, err = await vm_cli(
         "create", name, "--driver", "vm", "--image", image, "--memory", "256m", "--env", "GREETING=hi",
         "--", "sh", "-c", idle,
@@ -102,6 +105,12 @@ async def test_a_vm_sandbox_keeps_its_workspace_across_stop_and_start_and_delete
     code, out, err = await vm_cli("get", name, "-o", "json")
     assert code == 0 and json.loads(out)["acceleration"] in ("kvm", "tcg"), err
     directory = vm_dir(vm_config, item)
+    # The create's ContainerCreated is reported once qemu runs, while the guest boots (qemu's
+    # launch is not kept waiting on the report): after the boot's record, written just before it.
+    launched_at = json.loads((directory / "boot.json").read_text())["time"]
+    facts = await facts_of(vm_client.nc.jetstream(), name)
+    created = [envelope.time.timestamp() for _, envelope in facts if isinstance(envelope.data, ContainerCreated)]
+    assert len(created) == 1 and created[0] > launched_at, (created, launched_at)
     code, out, err = await vm_cli(
         "exec", name, "--", "sh", "-c", 'echo agent work > /workspace/notes.txt; echo "$GREETING $PATH"; uname -r'
     )
@@ -110,9 +119,22 @@ async def test_a_vm_sandbox_keeps_its_workspace_across_stop_and_start_and_delete
     assert environment == "hi /bin"  # the image's environment (PATH=/bin), the sandbox's over it
     assert "-cloud-" in kernel  # the guest's own kernel, not the host's container
     first = vm_pid(vm_config, item)
-
-    reply = await vm_client.stop(name)
-    await vm_client.wait_for(name, "Stopped", reply.seq, timeout=60)
+    # logs --follow prints what the command writes as it writes it, and ends when the VM stops.
+    seen: list[bytes] = []
+    follow = asyncio.create_task(
+        attach.show_logs(vm_client, vm_config, name, tail=0, follow=True, output=lambda _fd, chunk: seen.append(chunk))
+    )
+    try:
+        for _ in range(100):
+            if b"".join(seen).count(b"tick") >= 2:
+                break
+            await asyncio.sleep(0.1)
+        assert b"".join(seen).count(b"tick") >= 2 and b"sandboxctl-ready" not in b"".join(seen), seen
+        reply = await vm_client.stop(name)
+        await vm_client.wait_for(name, "Stopped", reply.seq, timeout=60)
+        await asyncio.wait_for(follow, 15)
+    finally:
+        follow.cancel()
     assert qemu_pids(directory) == []  # powered off: no CPU, no memory held
     assert (directory / "workspace.img").exists()
     check = await asyncio.to_thread(

@@ -152,6 +152,37 @@ def test_command_exit_code_and_end(vm: Machine, disks: MachineSpec) -> None:
         run(vm, "true")
 
 
+def test_the_command_runs_when_ready_and_nothing_it_prints_passes_for_the_guests_lines(
+    vm: Machine, disks: MachineSpec
+) -> None:
+    """Ready once the command is launched (its file is there when boot returns, and an exec is
+    answered), and its output reaches the log only after the ready marker: a command that
+    prints the guest's failure marker, or its ready marker, at once does not fail or fake the boot."""
+    spec = MachineSpec(
+        root=disks.root,
+        layer=disks.layer,
+        workspace=disks.workspace,
+        command=(
+            "sh",
+            "-c",
+            'echo "sandboxctl-fail pretended"; echo "sandboxctl-ready $(cat /proc/cmdline)"; '
+            "touch /workspace/ran; sleep 3600",
+        ),
+    )
+    vm.boot(spec)
+    since = vm.logs().read_bytes()
+    boot = vm.started_at().encode()
+    ours = since.index(b"sandboxctl-ready " + boot + b"\n")
+    assert since.rfind(b"sandboxctl-fail pretended") in (-1, *range(ours, len(since)))
+    deadline = time.monotonic() + 20
+    while b"sandboxctl-fail pretended" not in vm.logs().read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    log = vm.logs().read_bytes()
+    assert ours < log.index(b"sandboxctl-fail pretended")  # passed on, after the marker
+    code, _ = run(vm, "sh", "-c", "until [ -e /workspace/ran ]; do sleep 0.1; done")
+    assert code == 0 and vm.pid() is not None
+
+
 def test_watch_sees_events_and_a_kill_at_once(vm: Machine, disks: MachineSpec) -> None:
     pid = vm.boot(disks)
     seen: list[tuple[str, float]] = []

@@ -3,7 +3,9 @@ else. The drivers acting on that rule on real podman and docker are tests/e2e/te
 
 from __future__ import annotations
 
-from sandboxctl.drivers.base import SANDBOX_ID, ContainerMissing, DriverError, engine_failure, owned_by
+import pytest
+
+from sandboxctl.drivers.base import SANDBOX_ID, ContainerMissing, DriverError, engine_failure, owned_by, tell_launched
 
 
 def test_only_the_sandbox_id_label_makes_an_object_the_sandboxs() -> None:
@@ -24,3 +26,17 @@ def test_what_the_engines_say_of_a_container_they_have_not_is_missing_whatever_t
         assert isinstance(engine_failure("list", RuntimeError(message), message), ContainerMissing)
     other = engine_failure("list", RuntimeError("permission denied"), "permission denied")
     assert isinstance(other, DriverError) and not isinstance(other, ContainerMissing)
+
+
+def test_a_start_goes_on_whatever_its_launched_callback_does(caplog: pytest.LogCaptureFixture) -> None:
+    """The caller's callback runs on the driver's thread in the middle of a start: its failure
+    (the caller's loop gone, say) is logged, never the start's."""
+    calls: list[str] = []
+
+    def failing() -> None:
+        calls.append("called")
+        raise RuntimeError("Event loop is closed")
+
+    tell_launched(failing)
+    tell_launched(None)
+    assert calls == ["called"] and "launched callback failed" in caplog.text
