@@ -54,6 +54,10 @@ MIB = 1 << 20
 WORKSPACE_SIZE = 1 << 30  # sparse: only what the guest writes takes space
 LAYER_SIZE = 1 << 30  # sparse
 ROOT_MIN_SIZE = 64 * MIB
+SPARE_SIZES = {LABEL_WORKSPACE: WORKSPACE_SIZE, LABEL_LAYER: LAYER_SIZE}  # the disks Spares makes ahead
+SPARES = 2  # of each, so that two creates in a row both find one
+SPARES_MAX = 64
+FILL_DELAY = 0.5  # seconds a fill waits after a take, so as not to compete with that VM's launch
 
 # Seconds each tool may take. A root build holds its image's lock for at most about
 # EXPORT_TIMEOUT + MKFS_TIMEOUT + 2 * ENGINE_TIMEOUT, so a waiter gives up after LOCK_TIMEOUT.
@@ -220,23 +224,154 @@ def make_workspace(path: Path, size: int = WORKSPACE_SIZE) -> None:
     _sync_dir(path.parent)
 
 
-def make_disks(workspace: Path, layer: Path) -> None:
+def make_disks(workspace: Path, layer: Path, spares: Spares | None = None) -> None:
     """A new VM's disks: its workspace (``make_workspace``), unless one is at ``workspace``
-    already (a sandbox's files are never made anew), and a fresh layer (``make_layer``).
+    already (a sandbox's files are never made anew), and a fresh layer (``make_layer``). Each
+    is a spare from ``spares`` where one is at hand (``Spares.take``), made here otherwise.
 
-    The two are made at once, the layer on a thread of its own: each is a few short processes
-    (mkfs, debugfs) that mostly wait on the kernel, so together they take little more than the
-    workspace alone. Both are finished, made or failed, when this returns; DiskError is the
-    workspace's if both failed."""
+    What is made here is made at once, the layer on a thread of its own: each is a few short
+    processes (mkfs, debugfs) that mostly wait on the kernel, so together they take little more
+    than the workspace alone. Both are finished, made or failed, when this returns; DiskError is
+    the workspace's if both failed."""
+    need_workspace = not workspace.exists()
+    if need_workspace and spares is not None and spares.take(LABEL_WORKSPACE, workspace):
+        need_workspace = False
+    if spares is not None and spares.take(LABEL_LAYER, layer):
+        if need_workspace:
+            make_workspace(workspace)
+        return
+    if not need_workspace:
+        make_layer(layer)
+        return
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sandboxctl-disk") as pool:
         layer_made = pool.submit(make_layer, layer)
         try:
-            if not workspace.exists():
-                make_workspace(workspace)
+            make_workspace(workspace)
         finally:
             layer_failed = layer_made.exception()
     if layer_failed is not None:
         raise layer_failed
+
+
+class Spares:
+    """Blank disks made ahead, so that a create need not wait for mkfs: up to ``count``
+    workspaces and ``count`` layers of today's sizes (``SPARE_SIZES``) in ``directory``.
+
+    A spare is blank and belongs to no sandbox. Each is made whole under a temporary name and
+    renamed in, so a disk under a spare's name is always complete. ``take`` moves one out of
+    ``directory`` with one atomic rename (two takers, threads or processes, never get the same
+    disk) into the sandbox's directory, and places it as ``make_workspace`` or ``make_layer``
+    would place a new one: a workspace never over another.
+
+    The spares are made again on a thread of the driver's (``start``), woken after each take.
+    It waits ``FILL_DELAY`` first, so that its mkfs does not compete with the launch of the VM
+    that took the disk, and makes one disk at a time under a lock of ``directory``. A spare of
+    another size than today's (an older version's) is never taken and is removed by the next
+    fill. A fill that fails is logged and tried again at the next take; a create then makes its
+    own disks, as with no spares at all (``count`` 0).
+    """
+
+    def __init__(self, directory: Path, count: int = SPARES) -> None:
+        if not 0 <= count <= SPARES_MAX:
+            raise ValueError(f"a VM driver keeps 0 to {SPARES_MAX} spares of each disk, not {count}")
+        self.directory = directory
+        self.count = count
+        self._wake = threading.Event()
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def take(self, label: str, path: Path) -> bool:
+        """Place a spare disk labelled ``label`` (LABEL_WORKSPACE or LABEL_LAYER) at ``path``;
+        False when none is at hand (the caller makes one). DiskError if a workspace is at
+        ``path`` already."""
+        try:
+            names = sorted(n for n in os.listdir(self.directory) if _spare_label(n) == label)
+        except OSError:
+            names = []
+        self._wake.set()
+        for name in names:
+            claim = path.parent / f".{path.name}.{secrets.token_hex(4)}.spare"
+            try:
+                os.rename(self.directory / name, claim)
+            except FileNotFoundError:
+                continue  # another taker's
+            except OSError as exc:  # another filesystem, say: the caller makes its disk
+                log.warning("could not take the spare disk %s: %s", self.directory / name, exc)
+                return False
+            try:
+                if label == LABEL_WORKSPACE:
+                    os.link(claim, path)
+                else:
+                    os.replace(claim, path)
+            except FileExistsError as exc:
+                raise DiskError(f"workspace {path} already exists: a workspace is never made over another") from exc
+            except OSError as exc:
+                raise DiskError(f"{label} {path}: {exc}") from exc
+            finally:
+                _remove(claim)
+            _sync_dir(path.parent)
+            return True
+        return False
+
+    def fill(self) -> int:
+        """Make spares until ``count`` of each are at hand, and remove those of other sizes and
+        what a fill that died left half-made; returns how many were made."""
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        made = 0
+        with _locked(self.directory / ".lock", f"spare disks in {self.directory}"):
+            have = dict.fromkeys(SPARE_SIZES, 0)
+            for name in os.listdir(self.directory):
+                label = _spare_label(name)
+                if label is not None:
+                    have[label] += 1
+                elif name != ".lock":
+                    _remove(self.directory / name)
+            for label, size in SPARE_SIZES.items():
+                for _ in range(self.count - have[label]):
+                    if self._closed.is_set():
+                        return made
+                    disk = self.directory / f"{label}-{size}-{secrets.token_hex(8)}.ext4"
+                    with _scratch(disk) as tmp:
+                        _mkfs(tmp, size, label, f"spare {disk}")
+                        if label == LABEL_WORKSPACE:
+                            _open_root_dir(tmp, f"spare {disk}")
+                        os.rename(tmp, disk)
+                    made += 1
+        _sync_dir(self.directory)
+        return made
+
+    def start(self) -> None:
+        """Fill now, and again after each take, on a daemon thread, until ``close``."""
+        if self.count == 0 or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._filler, name="sandboxctl-vm-spares", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._wake.set()
+
+    def _filler(self) -> None:
+        first = True
+        while not self._closed.is_set():
+            if not first:
+                self._wake.wait()
+                self._wake.clear()
+                if self._closed.wait(FILL_DELAY):
+                    return
+            first = False
+            try:
+                self.fill()
+            except (DiskError, OSError) as exc:
+                log.warning("could not make spare VM disks (a create makes its own): %s", exc)
+
+
+def _spare_label(name: str) -> str | None:
+    """The label of the spare disk named ``name`` if it is one of today's sizes, else None."""
+    for label, size in SPARE_SIZES.items():
+        if name.startswith(f"{label}-{size}-") and name.endswith(".ext4"):
+            return label
+    return None
 
 
 def make_layer(path: Path, size: int = LAYER_SIZE) -> None:

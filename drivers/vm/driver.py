@@ -5,7 +5,9 @@ Everything sandboxctl makes for a VM lives in one directory named by the sandbox
 and the id of this make of it, which stands where a container id stands), the writable layer
 over the image's shared root disk, the **workspace disk**, and what qemu runs with (pidfile, QMP
 and console sockets, the serial log). Only ``delete`` removes the workspace disk, and only in the
-directory of the sandbox id it was given.
+directory of the sandbox id it was given. Blank disks are made ahead in ``<vm dir>/spares/``
+(``disks.Spares``): a create takes its workspace and layer from there when it can, so that it
+waits for no mkfs; a spare belongs to no sandbox until it is moved into one's directory.
 
 What a container engine keeps (the container's state, its events) is kept here on disk and read
 from the processes themselves, so the worker, the CLI (exec, logs) and an operator all see the
@@ -138,6 +140,7 @@ class VMDriver:
         acceleration: str = "",
         engine_cli: Iterable[str] = ("podman",),
         timeout: float = 60.0,
+        spares: int = disks.SPARES,
     ) -> None:
         self.directory = directory
         self.guest_dir = guest_dir or default_guest_dir()
@@ -154,12 +157,18 @@ class VMDriver:
         # looks for VMs removed by anyone else: a removal is reported once, by whoever made it.
         self._removing = threading.Lock()
         self._closed = threading.Event()
+        self._spares = disks.Spares(self.spares_dir, spares)
+        self._spares.start()
 
     # -- where things are ----------------------------------------------------------------
 
     @property
     def sandboxes_dir(self) -> Path:
         return self.directory / "sandboxes"
+
+    @property
+    def spares_dir(self) -> Path:
+        return self.directory / "spares"
 
     @property
     def images_dir(self) -> Path:
@@ -312,7 +321,7 @@ class VMDriver:
             image = self._images.info(spec.image)
             root = disks.root_disk(spec.image, self.images_dir, self.engine_cli, image)
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            disks.make_disks(directory / WORKSPACE_DISK, directory / LAYER)
+            disks.make_disks(directory / WORKSPACE_DISK, directory / LAYER, self._spares)
         except disks.DiskError as exc:
             raise DriverError("create", str(exc)) from exc
         # What a container of the image would run with, but for what the user said.
@@ -344,7 +353,7 @@ class VMDriver:
             mended = disks.check(directory / WORKSPACE_DISK)
             if mended:
                 self._log_line(directory, f"sandboxctl: the workspace disk was mended before boot: {mended}")
-            if not (directory / LAYER).exists():
+            if not (directory / LAYER).exists() and not self._spares.take(disks.LABEL_LAYER, directory / LAYER):
                 disks.make_layer(directory / LAYER)
         except disks.DiskError as exc:
             raise DriverError("start", f"the workspace disk of sandbox {sandbox} is damaged: {exc}") from exc
@@ -694,6 +703,7 @@ class VMDriver:
 
     def close(self) -> None:
         self._closed.set()
+        self._spares.close()
         with self._news:
             self._news.notify_all()
 

@@ -399,6 +399,120 @@ def test_make_disks_fails_with_the_layers_error_once_both_are_done(tmp_path: Pat
     assert fsck_clean(workspace)  # made whole, not cut off by the layer's failure
 
 
+# -- spares ------------------------------------------------------------------------------------------
+
+
+def spares_of(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name != ".lock") if directory.exists() else []
+
+
+def until_spares(directory: Path, count: int) -> list[str]:
+    deadline = time.monotonic() + 30
+    while len(spares_of(directory)) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return spares_of(directory)
+
+
+def test_spares_are_made_whole_and_taken_once_each_as_a_new_disk_would_be(tmp_path: Path) -> None:
+    spares = disks.Spares(tmp_path / "spares", count=2)
+    assert spares.fill() == 4 and spares.fill() == 0  # two of each, then nothing more to make
+    made = spares_of(spares.directory)
+    assert len(made) == 4 and all(disks._spare_label(name) is not None for name in made)
+
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    workspace, layer_disk = sandbox / "workspace.ext4", sandbox / "layer.ext4"
+    assert spares.take(disks.LABEL_WORKSPACE, workspace) and spares.take(disks.LABEL_LAYER, layer_disk)
+    assert len(spares_of(spares.directory)) == 2  # moved out, not copied
+    assert label(workspace) == disks.LABEL_WORKSPACE and label(layer_disk) == disks.LABEL_LAYER
+    assert workspace.stat().st_size == disks.WORKSPACE_SIZE and layer_disk.stat().st_size == disks.LAYER_SIZE
+    assert workspace.stat().st_nlink == 1 and 0 < disks.disk_usage(workspace) < 4 * MIB
+    root = debugfs(workspace, "stat /")
+    assert "Mode:  0777" in root and "User:     0" in root  # as make_workspace makes it
+    assert fsck_clean(workspace) and fsck_clean(layer_disk)
+    assert leftovers(sandbox) == sorted([workspace.name, layer_disk.name])
+
+    # A workspace is never placed over another: the one there keeps its files.
+    debugfs_write(workspace, "mkdir kept")
+    before = digest(workspace)
+    with pytest.raises(DiskError, match="already exists"):
+        spares.take(disks.LABEL_WORKSPACE, workspace)
+    assert digest(workspace) == before and leftovers(sandbox) == sorted([workspace.name, layer_disk.name])
+    # A layer is: a fresh one replaces it.
+    debugfs_write(layer_disk, "mkdir old")
+    assert spares.take(disks.LABEL_LAYER, layer_disk) and "old" not in debugfs(layer_disk, "ls /")
+
+    assert not spares.take(disks.LABEL_LAYER, sandbox / "another-layer.ext4")  # none left: the caller makes one
+    assert not (sandbox / "another-layer.ext4").exists()
+
+
+def test_spares_of_another_size_or_half_made_are_never_taken_and_a_fill_removes_them(tmp_path: Path) -> None:
+    directory = tmp_path / "spares"
+    directory.mkdir()
+    old = directory / f"{disks.LABEL_WORKSPACE}-{16 * MIB}-0123456789abcdef.ext4"  # an older version's size
+    disks.make_workspace(old, 16 * MIB)
+    half = directory / f".{disks.LABEL_LAYER}-{disks.LAYER_SIZE}-0123456789abcdef.ext4.1234abcd.tmp"
+    half.write_bytes(b"cut off")
+    spares = disks.Spares(directory, count=1)
+    assert not spares.take(disks.LABEL_WORKSPACE, tmp_path / "workspace.ext4")
+    assert not spares.take(disks.LABEL_LAYER, tmp_path / "layer.ext4")
+    assert spares.fill() == 2
+    assert not old.exists() and not half.exists() and len(spares_of(directory)) == 2
+
+
+def test_takers_at_once_never_get_the_same_spare(tmp_path: Path) -> None:
+    spares = disks.Spares(tmp_path / "spares", count=3)
+    spares.fill()
+    barrier = threading.Barrier(6)
+    taken: list[Path] = []
+
+    def take(i: int) -> None:
+        path = tmp_path / f"workspace-{i}.ext4"
+        barrier.wait()
+        if spares.take(disks.LABEL_WORKSPACE, path):
+            taken.append(path)
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(taken) == 3  # each of the three spares once, the other takers none
+    assert len({path.stat().st_ino for path in taken}) == 3
+    assert len(spares_of(spares.directory)) == 3  # the layers, untouched
+
+
+def test_the_filler_makes_spares_again_after_a_take_and_stops_when_closed(tmp_path: Path) -> None:
+    spares = disks.Spares(tmp_path / "spares", count=1)
+    spares.start()
+    try:
+        first = until_spares(spares.directory, 2)
+        assert len(first) == 2
+        assert spares.take(disks.LABEL_WORKSPACE, tmp_path / "workspace.ext4")
+        again = until_spares(spares.directory, 2)
+        assert len(again) == 2 and again != first  # made again
+    finally:
+        spares.close()
+    assert spares._thread is not None
+    spares._thread.join(10)
+    assert not spares._thread.is_alive()
+
+
+def test_make_disks_takes_spares_and_makes_what_none_is_at_hand_for(tmp_path: Path) -> None:
+    spares = disks.Spares(tmp_path / "spares", count=1)
+    spares.fill()
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    disks.make_disks(first / "workspace.ext4", first / "layer.ext4", spares)
+    assert spares_of(spares.directory) == []  # both taken
+    disks.make_disks(second / "workspace.ext4", second / "layer.ext4", spares)  # none left: made here
+    for directory in (first, second):
+        assert label(directory / "workspace.ext4") == disks.LABEL_WORKSPACE
+        assert label(directory / "layer.ext4") == disks.LABEL_LAYER
+        assert leftovers(directory) == ["layer.ext4", "workspace.ext4"]
+
+
 # -- check -------------------------------------------------------------------------------------------
 
 

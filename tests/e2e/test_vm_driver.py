@@ -24,6 +24,7 @@ import pytest
 from sandboxctl.cli import attach
 from sandboxctl.client import SandboxClient
 from sandboxctl.client.errors import InvalidArgument
+from sandboxctl.drivers.vm import disks
 from sandboxctl.drivers.vm.machine import Guest, Machine, default_guest_dir
 from sandboxctl.events.facts import ContainerCreated
 from sandboxctl.events.spec import Resources
@@ -66,6 +67,20 @@ def vm_cli(vm_config: Config, vm_plane: ControlPlane, capsys: pytest.CaptureFixt
     return CLI(vm_config, capsys)
 
 
+async def until_spares(directory: Path, count: int) -> dict[str, int]:
+    """The spare disks in ``directory`` by name, with their inodes, once there are ``count``."""
+
+    def look() -> dict[str, int]:
+        return {p.name: p.stat().st_ino for p in directory.glob("*.ext4")} if directory.exists() else {}
+
+    for _ in range(300):
+        found = await asyncio.to_thread(look)
+        if len(found) >= count:
+            return found
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{directory} holds {len(found)} spare disks after 30 s, not {count}")
+
+
 def read_some(fd: int) -> bytes:
     """What the terminal has within a moment (b"" if nothing): never blocks for long, so no
     thread is left reading once the test is over."""
@@ -95,6 +110,8 @@ async def test_a_vm_sandbox_keeps_its_workspace_across_stop_and_start_and_delete
 ) -> None:
     name = names.new("vm")
     idle = "trap 'exit 0' TERM; while :; do echo tick; sleep 1 & wait $!; done"
+    # The driver makes blank disks ahead, and a create takes its own from them: no mkfs to wait for.
+    spares = await until_spares(vm_config.vm_dir / "spares", 2 * disks.SPARES)
     code, _, err = await vm_cli(
         "create", name, "--driver", "vm", "--image", image, "--memory", "256m", "--env", "GREETING=hi",
         "--", "sh", "-c", idle,
@@ -105,6 +122,10 @@ async def test_a_vm_sandbox_keeps_its_workspace_across_stop_and_start_and_delete
     code, out, err = await vm_cli("get", name, "-o", "json")
     assert code == 0 and json.loads(out)["acceleration"] in ("kvm", "tcg"), err
     directory = vm_dir(vm_config, item)
+    assert (directory / "workspace.img").stat().st_ino in spares.values()
+    assert (directory / "layer.img").stat().st_ino in spares.values()
+    again = await until_spares(vm_config.vm_dir / "spares", 2 * disks.SPARES)
+    assert len(set(again) - set(spares)) == 2  # the two taken are made again
     # The create's ContainerCreated is reported once qemu runs, while the guest boots (qemu's
     # launch is not kept waiting on the report): after the boot's record, written just before it.
     launched_at = json.loads((directory / "boot.json").read_text())["time"]
@@ -153,6 +174,7 @@ async def test_a_vm_sandbox_keeps_its_workspace_across_stop_and_start_and_delete
     reply = await vm_client.delete(name)
     await vm_client.wait_for(name, "Deleted", reply.seq, timeout=60)
     assert not directory.exists() and qemu_pids(directory) == []
+    assert set(await until_spares(vm_config.vm_dir / "spares", 2 * disks.SPARES)) == set(again)  # no sandbox's
     moves = ("created", "ready", "stop_requested", "stopped", "start_requested", "delete_requested", "deleted")
     types = [t for h in await vm_client.history(name) if (t := h["type"].split(".")[2]) in moves]  # not the leases
     assert types == [
