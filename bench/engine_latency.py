@@ -373,6 +373,20 @@ def vm_of(sandboxes: Path, name: str) -> Machine | None:
     return None
 
 
+def spares_at(directory: Path) -> set[int]:
+    """The inodes of the spare disks the vm driver has made ahead in ``directory``."""
+    with contextlib.suppress(OSError):
+        return {entry.stat().st_ino for entry in directory.glob("*.ext4")}
+    return set()
+
+
+def took_spare(directory: Path, spares: set[int]) -> bool:
+    """Whether the VM in ``directory`` has both its disks from ``spares`` (by inode)."""
+    with contextlib.suppress(OSError):
+        return {(directory / name).stat().st_ino for name in (WORKSPACE_DISK, LAYER)} <= spares
+    return False
+
+
 def outside_vm(verb: str, t0: float, t_end: float, moments: Moments) -> float | None:
     """The part of an operation from ``t0`` to ``t_end`` (wall clock) that is not the VM's own: for
     a start or a create, all but launch to ready marker; for a stop, what follows qemu's exit.
@@ -616,7 +630,9 @@ async def measure_vm(client: SandboxClient, cfg: Config, cycles: int, tag: str, 
                         kib = rss_kib(machine.pid())
                         if kib is not None:
                             rss[side].append(kib)
-        raw_disks: list[float] = []  # the raw create's disks, made (the sandbox's are the same function's)
+        raw_disks: list[float] = []  # the raw create's disks, made in its call
+        took_spares = 0  # the sandbox creates whose disks were spares the driver made ahead
+        raw_without_disks: list[float | None] = []  # the raw create's outside_vm, its disks left out
         for cycle in range(cycles + 1):
             pair = []
             for side in ("sandboxctl", "raw") if cycle % 2 == 0 else ("raw", "sandboxctl"):
@@ -626,11 +642,15 @@ async def measure_vm(client: SandboxClient, cfg: Config, cycles: int, tag: str, 
                     subs.append(await client.nc.subscribe(subjects.projected(new), cb=notices.record))
                     names.append(new)
                     moments = Moments(functools.partial(vm_of, cfg.vm_dir / "sandboxes", new))
+                    spare_disks = await asyncio.to_thread(spares_at, cfg.vm_dir / "spares")
                     t0 = time.time()
                     sample = await sandboxctl_op(client, new, "create", VM_WAIT_S)
                     pair.append(("sandboxctl", sample))
                     outside["create"][side].append(outside_vm("create", t0, time.time(), moments.end()))
                     sample.update(moments.marks())
+                    vm = await asyncio.to_thread(vm_of, cfg.vm_dir / "sandboxes", new)
+                    if vm is not None and await asyncio.to_thread(took_spare, vm.directory, spare_disks):
+                        took_spares += 1
                     await delete_sandbox(client, new)
                 else:
                     fresh = raw_vm(f"c{cycle}")
@@ -645,6 +665,7 @@ async def measure_vm(client: SandboxClient, cfg: Config, cycles: int, tag: str, 
                         lookup = made_raw[1] - made_raw[0]
                         outside["create"][side].append(None if seen is None else seen - lookup)
                         raw_disks.append(fresh.disks_s)
+                        raw_without_disks.append(None if seen is None else seen - lookup - fresh.disks_s)
                     finally:
                         moments.end()
                         await asyncio.to_thread(fresh.remove)
@@ -652,6 +673,8 @@ async def measure_vm(client: SandboxClient, cfg: Config, cycles: int, tag: str, 
                 for side in outside["create"]:
                     outside["create"][side].clear()
                 raw_disks.clear()
+                raw_without_disks.clear()
+                took_spares = 0
             else:
                 keep(ops["create"], pair, boots)
         await asyncio.sleep(1.0)  # let the last notices arrive
@@ -669,6 +692,16 @@ async def measure_vm(client: SandboxClient, cfg: Config, cycles: int, tag: str, 
             )
         if "create" in results and raw_disks:
             results["create"]["raw_disks"] = percentiles(raw_disks)
+            # The driver takes a create's disks made ahead (disks.Spares), the raw side makes its
+            # own in its call: the control plane's own part, with the disks out of both sides.
+            results["create"]["took_spares"] = took_spares
+            created = results["create"]["outside_vm"]
+            without = [v for v in raw_without_disks if v is not None]
+            if without and "sandboxctl" in created:
+                created["raw_without_disks"] = percentiles(without, keep=True)
+                created["added_p50_ms_without_disks"] = (
+                    created["sandboxctl"]["p50_ms"] - created["raw_without_disks"]["p50_ms"]
+                )
         for verb in ("stop", "start"):  # the other side's VM running (booted a moment before) or not
             split = {
                 state: [

@@ -202,6 +202,18 @@ def _engine_latency(r: dict[str, Any]) -> list[Row]:
                         outside["added_p50_ms"] <= r.get("target_added_p50_ms", TARGET_ADDED_P50_MS),
                     )
                 )
+            if "added_p50_ms_without_disks" in outside:
+                rows.append(
+                    Row(
+                        f"{engine} {verb}: the same with the disks left out of both sides (sandboxctl took made-ahead "
+                        f"disks in {case.get('took_spares', '?')} of {ours['n']}; the raw side makes its own in "
+                        f"{_ms(case['raw_disks']['p50_ms'])} at p50)",
+                        _ms(outside["sandboxctl"]["p50_ms"]),
+                        f"{_ms(outside['raw_without_disks']['p50_ms'])} raw",
+                        _added_ms(outside["added_p50_ms_without_disks"]),
+                        "none: reported",
+                    )
+                )
     vm = r.get("vm") or {}
     if vm:
         rss = vm["rss_kib"]
