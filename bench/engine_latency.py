@@ -34,7 +34,9 @@ are not mistaken for control-plane cost.
 the vm driver (a QEMU microVM), against the raw path on an identical VM: ``Machine`` from
 drivers/vm/machine.py driven directly, booting the same image's root disk (the very file
 ``disks.root_disk`` built for the sandbox), a workspace and a layer disk made by
-``disks.make_disks`` as the driver makes them, the same -m, CPUs, accelerator, command and environment.
+``disks.make_disks`` in its call (the driver takes its own made ahead, ``disks.Spares``: the
+create's added time with the disks left out of both sides is reported beside it,
+``added_p50_ms_without_disks``), the same -m, CPUs, accelerator, command and environment.
 The raw call is ``Machine.boot`` for a start (qemu launched to the guest's ready marker: that is
 also the **boot time** reported), ``Machine.powerdown`` for a stop (the power button to qemu's
 exit), and making the two disks then ``Machine.boot`` for a create. The raw driver sequence adds
@@ -764,7 +766,8 @@ def outside_figures(verb: str, sides: dict[str, list[float | None]]) -> dict[str
     out: dict[str, Any] = {
         "is": {
             "start": "launch of qemu from the command, plus ready marker to Ready",
-            "create": "disks and launch of qemu from the command, plus ready marker to Ready",
+            "create": "disks (sandboxctl's made ahead, the raw side's in its call) and launch of qemu from the "
+            "command, plus ready marker to Ready",
         }.get(verb, "qemu's exit to Stopped"),
         **{side: percentiles(values, keep=True) for side, values in seen.items() if values},
     }

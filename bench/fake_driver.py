@@ -93,6 +93,9 @@ class FakeDriver:
         with self._lock:
             return list(self._containers.values())
 
+    def prepare(self) -> None:
+        """Nothing to make ahead."""
+
     def events(self, since: float | None = None) -> Iterator[EngineEvent]:
         self._stopped.wait()  # a fake engine changes nothing behind our back
         return iter(())

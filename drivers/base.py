@@ -354,6 +354,13 @@ class Driver(Protocol):
     timeout: float
 
     def ping(self) -> None: ...
+    def prepare(self) -> None:
+        """Called once by the worker that will drive this engine, before its first order: work
+        done ahead for creates to come (the vm driver's blank disks), which a driver made for
+        one call (the CLI's exec, logs, copy) never does. Returns at once; the work goes on on
+        the driver's own thread until ``close``."""
+        ...
+
     def create(self, spec: SandboxSpec) -> ContainerInfo:
         """Make the container (and the workspace volume unless the sandbox's is there), not started.
         Refuses a container or volume of that name that is not the sandbox's."""
@@ -469,6 +476,9 @@ class EngineDriver:
 
     name = ""
     parallelism = 1
+
+    def prepare(self) -> None:
+        """Nothing: an engine's containers and volumes are made at create."""
 
     def __init__(self, base_url: str, timeout: float) -> None:
         self.base_url = base_url

@@ -638,6 +638,7 @@ class ControlPlane:
         # With users.json in the auth directory, every service connects as its own user and commands need roles.
         self.auth = AuthStore(config.auth_path)
         self.auth_enabled = self.auth.enabled
+        self._own_drivers = drivers is None  # made here, so closed by stop; a caller's are its own
         if drivers is None:
             drivers = {n: make_driver(n, config) for n in config.drivers} if "worker" in self.components else {}
         self.drivers = drivers
@@ -943,6 +944,9 @@ class ControlPlane:
         for nc in self.connections:
             await _within(5, "a NATS connection", nc.close())
         self.connections.clear()
+        if self._own_drivers:
+            for driver in self.drivers.values():
+                driver.close()  # its threads (the vm driver's watchers, sweep and disks made ahead) end
         if self._console_socket is not None:
             self._console_socket.close()
             self._console_socket = None

@@ -291,6 +291,7 @@ class DriverWorker:
 
     async def start(self) -> None:
         await ensure_streams(self.js)
+        self.driver.prepare()
         # Made before anything is placed on this host (its announcement comes after the workers
         # have started), so that no order for it can come before its consumer's first position.
         if self.host and not self.first_seq:

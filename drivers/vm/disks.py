@@ -56,6 +56,7 @@ LAYER_SIZE = 1 << 30  # sparse
 ROOT_MIN_SIZE = 64 * MIB
 SPARE_SIZES = {LABEL_WORKSPACE: WORKSPACE_SIZE, LABEL_LAYER: LAYER_SIZE}  # the disks Spares makes ahead
 SPARES = 2  # of each, so that two creates in a row both find one
+SPARE_FORMAT = 1  # in a spare's name: a blank disk made otherwise (mkfs options, root mode) is another format
 SPARES_MAX = 64
 FILL_DELAY = 0.5  # seconds a fill waits after a take, so as not to compete with that VM's launch
 
@@ -233,6 +234,7 @@ def make_disks(workspace: Path, layer: Path, spares: Spares | None = None) -> No
     processes (mkfs, debugfs) that mostly wait on the kernel, so together they take little more
     than the workspace alone. Both are finished, made or failed, when this returns; DiskError is
     the workspace's if both failed."""
+    sweep_claims(workspace)
     need_workspace = not workspace.exists()
     if need_workspace and spares is not None and spares.take(LABEL_WORKSPACE, workspace):
         need_workspace = False
@@ -263,12 +265,13 @@ class Spares:
     disk) into the sandbox's directory, and places it as ``make_workspace`` or ``make_layer``
     would place a new one: a workspace never over another.
 
-    The spares are made again on a thread of the driver's (``start``), woken after each take.
-    It waits ``FILL_DELAY`` first, so that its mkfs does not compete with the launch of the VM
-    that took the disk, and makes one disk at a time under a lock of ``directory``. A spare of
-    another size than today's (an older version's) is never taken and is removed by the next
-    fill. A fill that fails is logged and tried again at the next take; a create then makes its
-    own disks, as with no spares at all (``count`` 0).
+    The spares are made on a thread of the driver's (``start``, from the worker's driver
+    alone), woken after each take. It waits ``FILL_DELAY`` first, so that its mkfs does not
+    compete with the launch of the VM that took the disk, and makes one disk at a time under a
+    lock of ``directory``. A spare's name carries its format (``SPARE_FORMAT``) and size: one of
+    another (an older version's) is never taken and is removed by the next fill. A fill that
+    fails is logged and tried again at the next take; a create then makes its own disks, as
+    with no spares at all (``count`` 0).
     """
 
     def __init__(self, directory: Path, count: int = SPARES) -> None:
@@ -288,30 +291,35 @@ class Spares:
             names = sorted(n for n in os.listdir(self.directory) if _spare_label(n) == label)
         except OSError:
             names = []
-        self._wake.set()
-        for name in names:
-            claim = path.parent / f".{path.name}.{secrets.token_hex(4)}.spare"
-            try:
-                os.rename(self.directory / name, claim)
-            except FileNotFoundError:
-                continue  # another taker's
-            except OSError as exc:  # another filesystem, say: the caller makes its disk
-                log.warning("could not take the spare disk %s: %s", self.directory / name, exc)
-                return False
-            try:
+        try:
+            for name in names:
+                # A layer in one rename, which replaces one at ``path``. A workspace is never
+                # placed over another, so it is first moved beside ``path`` (the rename is the
+                # take), then linked there, which fails if a workspace is there.
+                target = path if label == LABEL_LAYER else path.parent / f".{path.name}.{secrets.token_hex(4)}.spare"
+                try:
+                    os.rename(self.directory / name, target)
+                except FileNotFoundError:
+                    continue  # another taker's (or no directory at ``path``: the caller's make says so)
+                except OSError as exc:  # another filesystem, say: the caller makes its disk
+                    log.warning("could not take the spare disk %s: %s", self.directory / name, exc)
+                    return False
                 if label == LABEL_WORKSPACE:
-                    os.link(claim, path)
-                else:
-                    os.replace(claim, path)
-            except FileExistsError as exc:
-                raise DiskError(f"workspace {path} already exists: a workspace is never made over another") from exc
-            except OSError as exc:
-                raise DiskError(f"{label} {path}: {exc}") from exc
-            finally:
-                _remove(claim)
-            _sync_dir(path.parent)
-            return True
-        return False
+                    try:
+                        os.link(target, path)
+                    except FileExistsError as exc:
+                        raise DiskError(
+                            f"workspace {path} already exists: a workspace is never made over another"
+                        ) from exc
+                    except OSError as exc:
+                        raise DiskError(f"workspace {path}: {exc}") from exc
+                    finally:
+                        _remove(target)
+                _sync_dir(path.parent)
+                return True
+            return False
+        finally:
+            self._wake.set()  # after the take: a fill that looks now sees the disk gone
 
     def fill(self) -> int:
         """Make spares until ``count`` of each are at hand, and remove those of other sizes and
@@ -330,7 +338,7 @@ class Spares:
                 for _ in range(self.count - have[label]):
                     if self._closed.is_set():
                         return made
-                    disk = self.directory / f"{label}-{size}-{secrets.token_hex(8)}.ext4"
+                    disk = self.directory / f"{_spare_prefix(label, size)}{secrets.token_hex(8)}.ext4"
                     with _scratch(disk) as tmp:
                         _mkfs(tmp, size, label, f"spare {disk}")
                         if label == LABEL_WORKSPACE:
@@ -366,12 +374,27 @@ class Spares:
                 log.warning("could not make spare VM disks (a create makes its own): %s", exc)
 
 
+def _spare_prefix(label: str, size: int) -> str:
+    return f"{label}-v{SPARE_FORMAT}-{size}-"
+
+
 def _spare_label(name: str) -> str | None:
-    """The label of the spare disk named ``name`` if it is one of today's sizes, else None."""
+    """The label of the spare disk named ``name`` if it is one of today's (format and size),
+    else None."""
     for label, size in SPARE_SIZES.items():
-        if name.startswith(f"{label}-{size}-") and name.endswith(".ext4"):
+        if name.startswith(_spare_prefix(label, size)) and name.endswith(".ext4"):
             return label
     return None
+
+
+def sweep_claims(path: Path) -> None:
+    """Remove what a take of a spare workspace for ``path`` left beside it when its process was
+    killed in the middle (``Spares.take``): a blank disk not yet placed, or a second name of
+    the one placed. Only for a directory no other take works in (a create's own)."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(path.parent):
+            if name.startswith(f".{path.name}.") and name.endswith(".spare"):
+                _remove(path.parent / name)
 
 
 def make_layer(path: Path, size: int = LAYER_SIZE) -> None:

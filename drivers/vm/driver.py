@@ -157,8 +157,7 @@ class VMDriver:
         # looks for VMs removed by anyone else: a removal is reported once, by whoever made it.
         self._removing = threading.Lock()
         self._closed = threading.Event()
-        self._spares = disks.Spares(self.spares_dir, spares)
-        self._spares.start()
+        self._spares = disks.Spares(self.spares_dir, spares)  # made by the worker's driver alone (prepare)
 
     # -- where things are ----------------------------------------------------------------
 
@@ -265,6 +264,11 @@ class VMDriver:
             path.unlink(missing_ok=True)
         else:
             path.write_text(incarnation)
+
+    def prepare(self) -> None:
+        """Start making blank disks ahead (``disks.Spares``), for the creates of the worker that
+        called it."""
+        self._spares.start()
 
     def ping(self) -> None:
         try:

@@ -403,7 +403,8 @@ def test_make_disks_fails_with_the_layers_error_once_both_are_done(tmp_path: Pat
 
 
 def spares_of(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir() if p.name != ".lock") if directory.exists() else []
+    """The spares in ``directory``: whole disks of today's format and sizes, not what is being made."""
+    return sorted(n for n in os.listdir(directory) if disks._spare_label(n)) if directory.exists() else []
 
 
 def until_spares(directory: Path, count: int) -> list[str]:
@@ -416,8 +417,7 @@ def until_spares(directory: Path, count: int) -> list[str]:
 def test_spares_are_made_whole_and_taken_once_each_as_a_new_disk_would_be(tmp_path: Path) -> None:
     spares = disks.Spares(tmp_path / "spares", count=2)
     assert spares.fill() == 4 and spares.fill() == 0  # two of each, then nothing more to make
-    made = spares_of(spares.directory)
-    assert len(made) == 4 and all(disks._spare_label(name) is not None for name in made)
+    assert len(spares_of(spares.directory)) == 4 and len(os.listdir(spares.directory)) == 5  # and the lock
 
     sandbox = tmp_path / "sandbox"
     sandbox.mkdir()
@@ -449,15 +449,19 @@ def test_spares_are_made_whole_and_taken_once_each_as_a_new_disk_would_be(tmp_pa
 def test_spares_of_another_size_or_half_made_are_never_taken_and_a_fill_removes_them(tmp_path: Path) -> None:
     directory = tmp_path / "spares"
     directory.mkdir()
-    old = directory / f"{disks.LABEL_WORKSPACE}-{16 * MIB}-0123456789abcdef.ext4"  # an older version's size
+    size = disks.WORKSPACE_SIZE
+    old = directory / f"{disks.LABEL_WORKSPACE}-v{disks.SPARE_FORMAT}-{16 * MIB}-0123456789abcdef.ext4"  # a size
     disks.make_workspace(old, 16 * MIB)
-    half = directory / f".{disks.LABEL_LAYER}-{disks.LAYER_SIZE}-0123456789abcdef.ext4.1234abcd.tmp"
+    unversioned = directory / f"{disks.LABEL_WORKSPACE}-{size}-0123456789abcdef.ext4"  # an older format's
+    disks.make_workspace(unversioned, size)
+    half = directory / f".{disks.LABEL_LAYER}-v{disks.SPARE_FORMAT}-{size}-0123456789abcdef.ext4.1234abcd.tmp"
     half.write_bytes(b"cut off")
     spares = disks.Spares(directory, count=1)
     assert not spares.take(disks.LABEL_WORKSPACE, tmp_path / "workspace.ext4")
     assert not spares.take(disks.LABEL_LAYER, tmp_path / "layer.ext4")
     assert spares.fill() == 2
-    assert not old.exists() and not half.exists() and len(spares_of(directory)) == 2
+    assert not old.exists() and not unversioned.exists() and not half.exists()
+    assert sorted(os.listdir(directory)) == sorted([".lock", *spares_of(directory)]) and len(spares_of(directory)) == 2
 
 
 def test_takers_at_once_never_get_the_same_spare(tmp_path: Path) -> None:
@@ -511,6 +515,22 @@ def test_make_disks_takes_spares_and_makes_what_none_is_at_hand_for(tmp_path: Pa
         assert label(directory / "workspace.ext4") == disks.LABEL_WORKSPACE
         assert label(directory / "layer.ext4") == disks.LABEL_LAYER
         assert leftovers(directory) == ["layer.ext4", "workspace.ext4"]
+
+
+@pytest.mark.parametrize("killed", ["before its link", "after its link"])
+def test_make_disks_removes_what_a_take_killed_in_the_middle_left(tmp_path: Path, killed: str) -> None:
+    """A take moves its spare beside the workspace, links it in place, removes the first name:
+    a create worked again after its process died between two of these leaves neither."""
+    workspace, layer_disk = tmp_path / "workspace.ext4", tmp_path / "layer.ext4"
+    claim = tmp_path / ".workspace.ext4.0123abcd.spare"
+    disks.make_workspace(claim, 16 * MIB)
+    if killed == "after its link":
+        os.link(claim, workspace)
+        debugfs_write(workspace, "mkdir kept")
+    disks.make_disks(workspace, layer_disk, disks.Spares(tmp_path / "spares", count=0))
+    assert leftovers(tmp_path) == ["layer.ext4", "workspace.ext4"]
+    assert workspace.stat().st_nlink == 1 and label(workspace) == disks.LABEL_WORKSPACE
+    assert ("kept" in debugfs(workspace, "ls /")) is (killed == "after its link")  # never made anew
 
 
 # -- check -------------------------------------------------------------------------------------------

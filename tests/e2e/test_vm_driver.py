@@ -29,7 +29,7 @@ from sandboxctl.drivers.vm.machine import Guest, Machine, default_guest_dir
 from sandboxctl.events.facts import ContainerCreated
 from sandboxctl.events.spec import Resources
 from sandboxctl.runtime.config import Config
-from sandboxctl.runtime.embedded import ControlPlane
+from sandboxctl.runtime.embedded import ControlPlane, make_driver
 from tests.conftest import CLI, cli_process, phase
 from tests.logview import facts_of
 from tests.vmengine import qemu_pids
@@ -354,3 +354,24 @@ async def test_vm_sandboxes_show_the_hosts_acceleration(vm_cli: CLI) -> None:
     assert host["engines"] == ["vm"] and host["acceleration"] in ("kvm", "tcg")
     code, out, err = await vm_cli("hosts")
     assert code == 0 and f"vm ({host['acceleration']})" in out, err
+
+
+async def test_only_the_workers_driver_makes_disks_ahead_and_a_plane_that_stops_ends_it(
+    vm_config: Config, tmp_path: Path
+) -> None:
+    """The CLI makes a driver for each exec, logs or copy: it never makes disks ahead."""
+    spares = vm_config.vm_dir / "spares"
+    cli_driver = make_driver("vm", vm_config)
+    try:
+        await asyncio.sleep(disks.FILL_DELAY * 2)
+        assert not spares.exists()
+    finally:
+        cli_driver.close()
+    plane = await ControlPlane(vm_config).start()
+    try:
+        await until_spares(spares, 2 * disks.SPARES)  # the worker's driver makes them
+    finally:
+        await plane.stop()
+    filler = plane.drivers["vm"]._spares._thread  # type: ignore[attr-defined]
+    await asyncio.to_thread(filler.join, 10)
+    assert not filler.is_alive()
