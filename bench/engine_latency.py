@@ -48,6 +48,10 @@ disk found and the check of the start. The headline raw figure leaves these **ou
 baseline, qemu alone, is the one the target is held to, and the added time over the sequence is
 reported beside it (``vm.e2fsck_before_start`` is that check, measured).
 
+The creates come after the stops and starts, with the long-lived sandbox and raw VM of those
+stopped, so that each create is measured with no other VM running (an idle guest under TCG still
+takes a share of a core).
+
 Since a boot varies by hundreds of milliseconds, each side's time **outside the VM's own** is
 also reported (``outside_vm``): for a start or a create, all but qemu's launch to the guest's
 ready marker; for a stop, what follows qemu's exit. For a create the raw side's is its raw call's
@@ -632,6 +636,11 @@ async def measure_vm(client: SandboxClient, cfg: Config, cycles: int, tag: str, 
                         kib = rss_kib(machine.pid())
                         if kib is not None:
                             rss[side].append(kib)
+        # Each create is measured with no other VM running: the two above, idle but each still
+        # taking a share of a core under TCG, are stopped first (untimed).
+        reply = await client.stop(name)
+        await client.wait_for(name, "Stopped", reply.seq, timeout=VM_WAIT_S)
+        await asyncio.to_thread(made.stop)
         raw_disks: list[float] = []  # the raw create's disks, made in its call
         took_spares = 0  # the sandbox creates whose disks were spares the driver made ahead
         raw_without_disks: list[float | None] = []  # the raw create's outside_vm, its disks left out
