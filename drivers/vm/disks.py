@@ -236,12 +236,17 @@ def make_disks(workspace: Path, layer: Path, spares: Spares | None = None) -> No
     the workspace's if both failed."""
     sweep_claims(workspace)
     need_workspace = not workspace.exists()
-    if need_workspace and spares is not None and spares.take(LABEL_WORKSPACE, workspace):
-        need_workspace = False
-    if spares is not None and spares.take(LABEL_LAYER, layer):
+    took = need_workspace and spares is not None and spares.take(LABEL_WORKSPACE, workspace, sync=False)
+    need_workspace = need_workspace and not took
+    if spares is not None and spares.take(LABEL_LAYER, layer, sync=False):
         if need_workspace:
             make_workspace(workspace)
+        _sync_dir(layer.parent)  # the placings made durable, both at once when in one directory
+        if layer.parent != workspace.parent and took:
+            _sync_dir(workspace.parent)
         return
+    if took:
+        _sync_dir(workspace.parent)
     if not need_workspace:
         make_layer(layer)
         return
@@ -283,10 +288,11 @@ class Spares:
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def take(self, label: str, path: Path) -> bool:
+    def take(self, label: str, path: Path, sync: bool = True) -> bool:
         """Place a spare disk labelled ``label`` (LABEL_WORKSPACE or LABEL_LAYER) at ``path``;
         False when none is at hand (the caller makes one). DiskError if a workspace is at
-        ``path`` already."""
+        ``path`` already. ``sync``: make the placing durable (else the caller syncs ``path``'s
+        directory itself)."""
         try:
             names = sorted(n for n in os.listdir(self.directory) if _spare_label(n) == label)
         except OSError:
@@ -315,7 +321,8 @@ class Spares:
                         raise DiskError(f"workspace {path}: {exc}") from exc
                     finally:
                         _remove(target)
-                _sync_dir(path.parent)
+                if sync:
+                    _sync_dir(path.parent)
                 return True
             return False
         finally:
