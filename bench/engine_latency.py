@@ -34,8 +34,8 @@ are not mistaken for control-plane cost.
 the vm driver (a QEMU microVM), against the raw path on an identical VM: ``Machine`` from
 drivers/vm/machine.py driven directly, booting the same image's root disk (the very file
 ``disks.root_disk`` built for the sandbox), a workspace and a layer disk made by
-``disks.make_disks`` in its call (the driver takes its own made ahead, ``disks.Spares``: the
-create's added time with the disks left out of both sides is reported beside it,
+``disks.make_disks`` in its call (the driver takes its own made ahead, ``disks.Spares``, so
+the create's target is held to its added time with the disks left out of both sides,
 ``added_p50_ms_without_disks``), the same -m, CPUs, accelerator, command and environment.
 The raw call is ``Machine.boot`` for a start (qemu launched to the guest's ready marker: that is
 also the **boot time** reported), ``Machine.powerdown`` for a stop (the power button to qemu's
@@ -704,15 +704,18 @@ async def measure_vm(client: SandboxClient, cfg: Config, cycles: int, tag: str, 
         if "create" in results and raw_disks:
             results["create"]["raw_disks"] = percentiles(raw_disks)
             # The driver takes a create's disks made ahead (disks.Spares), the raw side makes its
-            # own in its call: the control plane's own part, with the disks out of both sides.
+            # own in its call: the control plane's own part, with the disks out of both sides, is
+            # the one the target is held to (the stricter baseline, as for the image's lookup).
             results["create"]["took_spares"] = took_spares
             created = results["create"]["outside_vm"]
             without = [v for v in raw_without_disks if v is not None]
             if without and "sandboxctl" in created:
                 created["raw_without_disks"] = percentiles(without, keep=True)
-                created["added_p50_ms_without_disks"] = (
+                created["added_p50_ms_without_disks"] = added = (
                     created["sandboxctl"]["p50_ms"] - created["raw_without_disks"]["p50_ms"]
                 )
+                results["create"]["target_held_to"] = "outside_vm_without_disks"
+                results["create"]["target_met"] = added <= TARGET_ADDED_P50_MS
         for verb in ("stop", "start"):  # the other side's VM running (booted a moment before) or not
             split = {
                 state: [
@@ -775,8 +778,7 @@ def outside_figures(verb: str, sides: dict[str, list[float | None]]) -> dict[str
     out: dict[str, Any] = {
         "is": {
             "start": "launch of qemu from the command, plus ready marker to Ready",
-            "create": "disks (sandboxctl's made ahead, the raw side's in its call) and launch of qemu from the "
-            "command, plus ready marker to Ready",
+            "create": "disks and launch of qemu from the command, plus ready marker to Ready",
         }.get(verb, "qemu's exit to Stopped"),
         **{side: percentiles(values, keep=True) for side, values in seen.items() if values},
     }
@@ -940,7 +942,8 @@ def main() -> None:
                 "Control plane in its own process (sandboxctl serve); the client measures from this one. "
                 "raw_driver_sequence is get + call + reload, the engine calls the driver makes; for vm, what "
                 "raw_driver_sequence_is says (for a start: the e2fsck -p of the workspace the driver runs "
-                "before each boot, left out of the raw figure the target is held to). "
+                "before each boot, left out of the raw figure the target is held to; for a create, the raw "
+                "side's disks, which sandboxctl takes made ahead). "
                 "hops_p50_ms splits sandboxctl's time by the envelope and JetStream timestamps. "
                 "vm: boot is Machine.boot, qemu launched to the guest's ready marker, over every raw boot; "
                 "rss_kib the VmRSS of each running VM's qemu, sampled once both are Ready. "

@@ -164,6 +164,7 @@ class Layout:
 
 
 _PHASE = {"stop": "Stopped", "start": "Ready", "create": "Ready"}
+HELD_OUTSIDE = ("outside_vm", "outside_vm_without_disks")  # a vm case's target, held below its totals
 
 
 def _engine_latency(r: dict[str, Any]) -> list[Row]:
@@ -177,7 +178,8 @@ def _engine_latency(r: dict[str, Any]) -> list[Row]:
             raw = case["raw_sdk_call"] if "raw_sdk_call" in case else case["raw_call"]
             raw_is = case.get("raw_call_is", "SDK call")
             outside = case.get("outside_vm") or {}
-            held_below = case.get("target_held_to") == "outside_vm" and "added_p50_ms" in outside
+            held_below = case.get("target_held_to") in HELD_OUTSIDE and "added_p50_ms" in outside
+            without_disks = case.get("target_held_to") == "outside_vm_without_disks"
             interval = case.get("added_p50_ms_95ci") or []
             rows.append(
                 Row(
@@ -198,8 +200,10 @@ def _engine_latency(r: dict[str, Any]) -> list[Row]:
                         _ms(outside["sandboxctl"]["p50_ms"]),
                         f"{_ms(outside['raw']['p50_ms'])} raw",
                         _added_ms(outside["added_p50_ms"]),
-                        target,
-                        outside["added_p50_ms"] <= r.get("target_added_p50_ms", TARGET_ADDED_P50_MS),
+                        "held on the next row: sandboxctl's disks are made ahead" if without_disks else target,
+                        None
+                        if without_disks
+                        else outside["added_p50_ms"] <= r.get("target_added_p50_ms", TARGET_ADDED_P50_MS),
                     )
                 )
             if "added_p50_ms_without_disks" in outside:
@@ -211,7 +215,8 @@ def _engine_latency(r: dict[str, Any]) -> list[Row]:
                         _ms(outside["sandboxctl"]["p50_ms"]),
                         f"{_ms(outside['raw_without_disks']['p50_ms'])} raw",
                         _added_ms(outside["added_p50_ms_without_disks"]),
-                        "none: reported",
+                        target if without_disks else "none: reported",
+                        case.get("target_met") if without_disks else None,
                     )
                 )
     vm = r.get("vm") or {}
