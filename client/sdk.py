@@ -62,7 +62,7 @@ from sandboxctl.events.commands import (
     command_decoder,
 )
 from sandboxctl.events.envelope import Envelope, encode, new_id
-from sandboxctl.events.limits import HOST_MAX, HOST_PATTERN
+from sandboxctl.events.limits import HOST_MAX, HOST_PATTERN, SEQ_MAX
 from sandboxctl.events.replies import ErrorCode, Reply, reply_decoder
 from sandboxctl.events.spec import Resources
 from sandboxctl.statemachine.phases import Phase
@@ -205,6 +205,11 @@ def _phase(phase: Phase | str) -> Phase:
         raise InvalidArgument(
             f"unknown phase {str(phase)[:40]!r}; phases are {', '.join(p.value for p in Phase)}"
         ) from None
+
+
+def _position(value: object) -> bool:
+    """Whether ``value`` (from a notice or a row) can be a position in the log."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= SEQ_MAX
 
 
 def _refuses_login(exc: Exception) -> bool:
@@ -743,7 +748,7 @@ class SandboxClient:
         seen. A query changes nothing, so while no replica answers, or the one that does is behind
         (``unavailable``), it is asked again, up to ``retries`` times."""
         if kind in MONOTONIC_QUERIES:
-            request["at_least"] = self.seen
+            request["at_least"] = max(self.seen, request.get("at_least", 0))
         payload = msgspec.json.encode(request)
         for attempt in range(self.retries + 1):
             try:
@@ -998,16 +1003,22 @@ class SandboxClient:
         target = _phase(phase)
         changed = asyncio.Event()
         noticed: list[dict[str, Any]] = []
+        floor = 0  # the log position the last notice without its row announced
 
         async def poke(msg: Any) -> None:
-            # A notice carries the row it announces (the projector commits it first); an older
-            # projector's notice carries none, and the row is read back with a get.
+            # A notice carries the row it announces, sent while the projector commits it; one of a
+            # row too large to carry (or an older projector's) carries none, and the row is read
+            # back with a get that waits for the commit (``at_least`` the notice's position).
+            nonlocal floor
             try:
-                item = json.loads(msg.data).get("item")
+                notice = json.loads(msg.data)
             except ValueError:
-                item = None
+                notice = None
+            item = notice.get("item") if isinstance(notice, dict) else None
             if isinstance(item, dict):
                 noticed.append(item)
+            elif isinstance(notice, dict) and _position(notice.get("seq")):
+                floor = max(floor, notice["seq"])
             changed.set()
 
         sub = await self.nc.subscribe(subjects.projected(name), cb=poke)
@@ -1021,7 +1032,7 @@ class SandboxClient:
                     noticed.clear()
                 else:
                     try:
-                        item = await self.get(name)
+                        item = await self.query("get", name=name, at_least=floor)
                     except NotFound:
                         item = None
                 if on_change is not None and item is not None:
@@ -1029,6 +1040,9 @@ class SandboxClient:
                 verdict = wait_verdict(name, target, after_seq, item)
                 if verdict is True:
                     assert item is not None
+                    if _position(item.get("last_seq")):
+                        # What the wait saw, this client's reads see from now on, from any replica.
+                        self.seen = max(self.seen, item["last_seq"])
                     return item
                 if isinstance(verdict, SandboxError):
                     if target is Phase.DELETED and item is not None and await self._deleted_since(name, after_seq):

@@ -106,8 +106,9 @@ class Projector:
     """Folds the log into the SQLite projection that queries read.
 
     Consumes: every log entry, in order, from its checkpoint on (an ordered Tail; a reader
-    process when far behind). Produces: one row per sandbox (its current state) and, after each
-    commit, a notice on ``sandboxctl.projected.<name>`` carrying the committed row. Promises:
+    process when far behind). Produces: one row per sandbox (its current state) and, as each batch
+    is folded, a notice on ``sandboxctl.projected.<name>`` carrying the row it commits (sent while
+    the commit runs: a query with ``at_least`` its position waits for the commit). Promises:
     rows and position commit in one transaction, so a crash keeps a whole batch or none and a
     restart resumes right after the last committed sequence; it folds with the state machine's
     own ``evolve`` (through ``fold_logged``), so it never disagrees with the decider."""
@@ -341,14 +342,19 @@ class Projector:
 
     async def _commit(self, changed: dict[str, Row], last: int) -> None:
         upserts = [row.values() for row in changed.values()]
-        await self._submit(upserts, last)
+        writing = self._submit(upserts, last)
+        try:
+            if self.notify:
+                # Told while SQLite writes: what a notice says is in the log already, and a get that
+                # asks for at least its position (``at_least``, as the SDK's do) waits for the write.
+                await self._announce(upserts)
+        finally:
+            await writing
         self.position = last
-        if self.notify:
-            await self._announce(upserts)
 
     async def _announce(self, upserts: list[tuple[object, ...]]) -> None:
-        """Tell waiters what was committed: the row as a get would read it, so a waiter
-        has its answer without asking for it."""
+        """Tell waiters what the log now holds: the row as a get will read it once committed, so
+        a waiter has its answer without asking for it."""
         for values in upserts:
             name, notice = projected_notice(values)
             await self.nc.publish(subjects.projected(name), notice)

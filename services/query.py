@@ -91,6 +91,7 @@ QUERIES = ("get", "list", "history", "summary", "hosts")
 # How long a query waits for its projection to reach the log position its client has seen
 # before answering ``unavailable``: a projector a little behind catches up in far less.
 READ_PATIENCE = 1.0
+READ_PAUSE = (0.0005, 0.01)  # seconds between its looks at the projection's position: first, at most
 
 
 class Behind(Exception):
@@ -305,10 +306,12 @@ class QueryService:
         a little behind, then raises Behind."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + READ_PATIENCE
+        pause = READ_PAUSE[0]  # short at first: the commit a client just heard of is under way
         while (position := await checkpoint(self.db)) < at_least:
             if loop.time() >= deadline:
                 raise Behind(position, at_least)
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, READ_PAUSE[1])
         return position
 
     async def _list(self, request: ListRequest, position: int) -> Reply:

@@ -222,13 +222,15 @@ def make_workspace(path: Path, size: int = WORKSPACE_SIZE) -> None:
             raise DiskError(f"workspace {path} already exists: a workspace is never made over another") from exc
         except OSError as exc:
             raise DiskError(f"workspace {path}: {exc}") from exc
-    _sync_dir(path.parent)
+    sync_dir(path.parent)
 
 
-def make_disks(workspace: Path, layer: Path, spares: Spares | None = None) -> None:
+def make_disks(workspace: Path, layer: Path, spares: Spares | None = None, sync: bool = True) -> None:
     """A new VM's disks: its workspace (``make_workspace``), unless one is at ``workspace``
     already (a sandbox's files are never made anew), and a fresh layer (``make_layer``). Each
     is a spare from ``spares`` where one is at hand (``Spares.take``), made here otherwise.
+    ``sync=False`` leaves the placing of spares to be made durable by the caller (``sync_dir``
+    of their directory), before it tells anyone the disks are there.
 
     What is made here is made at once, the layer on a thread of its own: each is a few short
     processes (mkfs, debugfs) that mostly wait on the kernel, so together they take little more
@@ -241,12 +243,13 @@ def make_disks(workspace: Path, layer: Path, spares: Spares | None = None) -> No
     if spares is not None and spares.take(LABEL_LAYER, layer, sync=False):
         if need_workspace:
             make_workspace(workspace)
-        _sync_dir(layer.parent)  # the placings made durable, both at once when in one directory
-        if layer.parent != workspace.parent and took:
-            _sync_dir(workspace.parent)
+        if sync:
+            sync_dir(layer.parent)  # the placings made durable, both at once when in one directory
+        if sync and layer.parent != workspace.parent and took:
+            sync_dir(workspace.parent)
         return
-    if took:
-        _sync_dir(workspace.parent)
+    if took and sync:
+        sync_dir(workspace.parent)
     if not need_workspace:
         make_layer(layer)
         return
@@ -322,7 +325,7 @@ class Spares:
                     finally:
                         _remove(target)
                 if sync:
-                    _sync_dir(path.parent)
+                    sync_dir(path.parent)
                 return True
             return False
         finally:
@@ -352,7 +355,7 @@ class Spares:
                             _open_root_dir(tmp, f"spare {disk}")
                         os.rename(tmp, disk)
                     made += 1
-        _sync_dir(self.directory)
+        sync_dir(self.directory)
         return made
 
     def start(self) -> None:
@@ -416,7 +419,7 @@ def make_layer(path: Path, size: int = LAYER_SIZE) -> None:
             os.replace(tmp, path)
         except OSError as exc:
             raise DiskError(f"layer {path}: {exc}") from exc
-    _sync_dir(path.parent)
+    sync_dir(path.parent)
 
 
 def check(path: Path) -> str:
@@ -501,7 +504,7 @@ def _build_root(image: str, ident: str, disk: Path, engine: Sequence[str]) -> No
         os.chmod(image_tmp, 0o444)
         _fsync(image_tmp)
         os.rename(image_tmp, disk)
-        _sync_dir(cache_dir)
+        sync_dir(cache_dir)
     except OSError as exc:
         raise DiskError(f"{what}: {exc}") from exc
     finally:
@@ -809,7 +812,8 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _sync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable; best effort (the disk itself is already synced)."""
+def sync_dir(path: Path) -> None:
+    """Make the renames and links in ``path`` durable; best effort (the disks themselves are
+    already synced)."""
     with contextlib.suppress(OSError):
         _fsync(path)

@@ -325,7 +325,9 @@ class VMDriver:
             image = self._images.info(spec.image)
             root = disks.root_disk(spec.image, self.images_dir, self.engine_cli, image)
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            disks.make_disks(directory / WORKSPACE_DISK, directory / LAYER, self._spares)
+            # Made durable as the VM launches (start), not on the create's path: the placing of
+            # spare disks is a few renames, which the guest's boot more than covers.
+            disks.make_disks(directory / WORKSPACE_DISK, directory / LAYER, self._spares, sync=False)
         except disks.DiskError as exc:
             raise DriverError("create", str(exc)) from exc
         # What a container of the image would run with, but for what the user said.
@@ -372,9 +374,11 @@ class VMDriver:
             # Watched from its launch: the watcher's QMP connection is made while the guest boots,
             # not in the moment the start is reported. Its end before it was ready is this start's
             # failure, reported by the start alone (see _ended). The caller hears of the launch
-            # then too (a create reports its ContainerCreated while the guest boots).
+            # then too (a create reports its ContainerCreated while the guest boots), once what
+            # the VM runs with is durable (a create's disks, its record, this boot's).
             def on_launch() -> None:
                 self._watch(sandbox_id)
+                disks.sync_dir(directory)
                 tell_launched(launched)
 
             machine.boot(spec, timeout=max(self.timeout, 60.0), launched=on_launch)

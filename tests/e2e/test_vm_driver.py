@@ -7,6 +7,7 @@ delete removes the workspace, and bad input is an Error with its reason that del
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -24,8 +25,11 @@ import pytest
 from sandboxctl.cli import attach
 from sandboxctl.client import SandboxClient
 from sandboxctl.client.errors import InvalidArgument
+from sandboxctl.drivers.base import SandboxSpec
 from sandboxctl.drivers.vm import disks
+from sandboxctl.drivers.vm.driver import VMDriver
 from sandboxctl.drivers.vm.machine import Guest, Machine, default_guest_dir
+from sandboxctl.events.envelope import new_id
 from sandboxctl.events.facts import ContainerCreated
 from sandboxctl.events.spec import Resources
 from sandboxctl.runtime.config import Config
@@ -375,3 +379,34 @@ async def test_only_the_workers_driver_makes_disks_ahead_and_a_plane_that_stops_
     filler = plane.drivers["vm"]._spares._thread  # type: ignore[attr-defined]
     await asyncio.to_thread(filler.join, 10)
     assert not filler.is_alive()
+
+
+def test_a_vms_disks_taken_ahead_are_made_durable_before_its_launch_is_told(
+    vm_config: Config, image: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A create places its spare disks without waiting on the filesystem's sync; the start makes
+    them (and the VM's record) durable while qemu boots, before it tells anyone of the launch."""
+    driver = make_driver("vm", vm_config)
+    assert isinstance(driver, VMDriver)
+    made = disks.Spares(driver.spares_dir, disks.SPARES)
+    made.fill()
+    spares = {entry.stat().st_ino for entry in driver.spares_dir.glob("*.ext4")}
+    told: list[tuple[str, Path | None]] = []
+    sync = disks.sync_dir
+
+    def synced(path: Path) -> None:
+        told.append(("synced", Path(path)))
+        sync(path)
+
+    monkeypatch.setattr(disks, "sync_dir", synced)
+    spec = SandboxSpec(name="durable", sandbox_id=new_id(), image=image)
+    directory = driver.sandboxes_dir / spec.sandbox_id
+    try:
+        driver.create(spec)
+        assert {(directory / n).stat().st_ino for n in ("workspace.img", "layer.img")} <= spares
+        driver.start(spec.name, spec.sandbox_id, launched=lambda: told.append(("launched", None)))
+        assert ("synced", directory) in told[: told.index(("launched", None))], told
+    finally:
+        with contextlib.suppress(Exception):
+            driver.delete(spec.name, spec.sandbox_id)
+        driver.close()
