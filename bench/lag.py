@@ -167,11 +167,14 @@ class Probe:
             asyncio.get_running_loop().call_later(READ_PATIENCE, self._verify, name, notice.seq)
 
     def _verify(self, name: str, seq: int) -> None:
-        """Is the row really queryable at the notice? A read as the query service would do it."""
+        """Is the row queryable by the time a query that asks for it would give up waiting
+        (``READ_PATIENCE`` after its notice)? A read as the query service would do it."""
         assert self.db is not None
-        with contextlib.closing(sqlite3.connect(self.db, timeout=5)) as db:
-            row = db.execute("SELECT last_seq FROM sandboxes WHERE name = ?", (name,)).fetchone()
-        self.checks -= 1
+        try:
+            with contextlib.closing(sqlite3.connect(self.db, timeout=5)) as db:
+                row = db.execute("SELECT last_seq FROM sandboxes WHERE name = ?", (name,)).fetchone()
+        finally:
+            self.checks -= 1
         if row is not None and row[0] >= seq:
             self.verified += 1
         else:
@@ -389,8 +392,9 @@ def main() -> None:
                 f"Target: p99 at most {TARGET_P99_MS:g} ms."
             ),
             "notes": (
-                "Queryable = the projector's post-commit notice for the sandbox arrived with a sequence at or past "
-                "the event's (an upper bound; sampled notices are checked against SQLite). One sandbox in "
+                "Queryable = the projector's notice for the sandbox arrived with a sequence at or past the "
+                "event's (sent while its row commits: a query asking for at least that sequence waits for the "
+                f"commit; sampled rows are checked in SQLite {READ_PATIENCE:g} s after their notice). One sandbox in "
                 f"{SAMPLE_EVERY} is timed, every event of it. The projector and the reader each run in a process "
                 "of their own; the load generator paces on a fixed schedule. A 2-core machine shared with other "
                 "work: tail latencies are noisy."

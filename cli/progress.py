@@ -9,6 +9,7 @@ imported only for a terminal: a script's call pays nothing for it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from types import TracebackType
@@ -57,10 +58,18 @@ class Progress:
     async def wait(
         self, client: SandboxClient, name: str, target: Phase, after_seq: int, timeout: float
     ) -> dict[str, Any]:
-        """``client.wait_for`` the sandbox's ``target``, each row looked at on the way shown."""
-        return await client.wait_for(
+        """``client.wait_for`` the sandbox's ``target``, each row looked at on the way shown; said
+        done once the projection has committed it too, so that a command that follows, in another
+        process (which has seen nothing yet), reads it: the wait ends on the projector's notice,
+        sent while its row commits, and a get asks for at least what the wait saw."""
+        from sandboxctl.client.errors import NotFound
+
+        row = await client.wait_for(
             name, target, after_seq, timeout, on_change=lambda row: self.moved(name, str(row.get("phase", "")))
         )
+        with contextlib.suppress(NotFound):  # a wait for Deleted: the row may be gone already
+            await client.get(name)
+        return row
 
     def moved(self, name: str, phase: str) -> None:
         """``name`` is in ``phase`` now (said once per phase it passes through)."""

@@ -207,9 +207,15 @@ def _phase(phase: Phase | str) -> Phase:
         ) from None
 
 
-def _position(value: object) -> bool:
+def _is_seq(value: object) -> bool:
     """Whether ``value`` (from a notice or a row) can be a position in the log."""
     return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= SEQ_MAX
+
+
+def _row_seq(row: dict[str, Any]) -> int:
+    """The log position a row reflects (0 if it carries none that can be one)."""
+    seq = row.get("last_seq")
+    return seq if isinstance(seq, int) and _is_seq(seq) else 0
 
 
 def _refuses_login(exc: Exception) -> bool:
@@ -1004,6 +1010,7 @@ class SandboxClient:
         changed = asyncio.Event()
         noticed: list[dict[str, Any]] = []
         floor = 0  # the log position the last notice without its row announced
+        newest = 0  # the log position of the newest row taken
 
         async def poke(msg: Any) -> None:
             # A notice carries the row it announces, sent while the projector commits it; one of a
@@ -1017,7 +1024,7 @@ class SandboxClient:
             item = notice.get("item") if isinstance(notice, dict) else None
             if isinstance(item, dict):
                 noticed.append(item)
-            elif isinstance(notice, dict) and _position(notice.get("seq")):
+            elif isinstance(notice, dict) and _is_seq(notice.get("seq")):
                 floor = max(floor, notice["seq"])
             changed.set()
 
@@ -1027,22 +1034,24 @@ class SandboxClient:
         try:
             while True:
                 changed.clear()
-                if noticed:
-                    item: dict[str, Any] | None = noticed[-1]
+                if noticed:  # the newest: replicas' projectors each send theirs, a lagging one late
+                    item: dict[str, Any] | None = max(noticed, key=_row_seq)
                     noticed.clear()
                 else:
                     try:
                         item = await self.query("get", name=name, at_least=floor)
                     except NotFound:
                         item = None
-                if on_change is not None and item is not None:
-                    on_change(item)
-                verdict = wait_verdict(name, target, after_seq, item)
+                stale = item is not None and _row_seq(item) < newest  # older than one shown already
+                if item is not None and not stale:
+                    newest = _row_seq(item)
+                    # What the wait saw, this client's reads see from now on, from any replica.
+                    self.seen = max(self.seen, newest)
+                    if on_change is not None:
+                        on_change(item)
+                verdict = False if stale else wait_verdict(name, target, after_seq, item)
                 if verdict is True:
                     assert item is not None
-                    if _position(item.get("last_seq")):
-                        # What the wait saw, this client's reads see from now on, from any replica.
-                        self.seen = max(self.seen, item["last_seq"])
                     return item
                 if isinstance(verdict, SandboxError):
                     if target is Phase.DELETED and item is not None and await self._deleted_since(name, after_seq):

@@ -219,7 +219,7 @@ NOTICE_MAX = 256 * 1024
 
 
 def projected_notice(row: tuple[Any, ...]) -> tuple[str, bytes]:
-    """The sandbox a committed row belongs to, and the projector's notice of it: name, phase,
+    """The sandbox a row belongs to, and the projector's notice of it: name, phase,
     sequence and the row as ``sandbox_row`` gives it (left out past NOTICE_MAX). The JSON columns
     go in as the JSON they are stored as, not decoded and encoded again: the projector sends one
     or two per command."""

@@ -337,7 +337,9 @@ class Projector:
                 span.end()
 
     def _submit(self, upserts: list[tuple[object, ...]], last: int) -> asyncio.Future[None]:
-        """Hand rows (their values as they are now) and position to the database thread."""
+        """Hand rows (their values as they are now) and position to the database thread: the
+        write is under way when this returns (a future, not a coroutine), so the caller may do
+        other things while it runs."""
         return asyncio.ensure_future(in_db_thread(self.db, _write_batch, upserts, last))
 
     async def _commit(self, changed: dict[str, Row], last: int) -> None:
@@ -350,7 +352,7 @@ class Projector:
                 await self._announce(upserts)
         finally:
             await writing
-        self.position = last
+            self.position = last
 
     async def _announce(self, upserts: list[tuple[object, ...]]) -> None:
         """Tell waiters what the log now holds: the row as a get will read it once committed, so

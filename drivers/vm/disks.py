@@ -230,13 +230,17 @@ def make_disks(workspace: Path, layer: Path, spares: Spares | None = None, sync:
     already (a sandbox's files are never made anew), and a fresh layer (``make_layer``). Each
     is a spare from ``spares`` where one is at hand (``Spares.take``), made here otherwise.
     ``sync=False`` leaves the placing of spares to be made durable by the caller (``sync_dir``
-    of their directory), before it tells anyone the disks are there.
+    of their directory), which must do so before it tells anyone the disks are there.
 
     What is made here is made at once, the layer on a thread of its own: each is a few short
     processes (mkfs, debugfs) that mostly wait on the kernel, so together they take little more
     than the workspace alone. Both are finished, made or failed, when this returns; DiskError is
     the workspace's if both failed."""
-    sweep_claims(workspace)
+    # What a make or a take killed in the middle left beside the disks (``_scratch``, ``Spares.take``):
+    # a half-made disk, a blank one not yet placed, a second name of the one placed. A create's own
+    # directory: no other make or take works in it.
+    for disk in (workspace, layer):
+        _remove_leftovers(disk.parent, disk.name)
     need_workspace = not workspace.exists()
     took = need_workspace and spares is not None and spares.take(LABEL_WORKSPACE, workspace, sync=False)
     need_workspace = need_workspace and not took
@@ -395,16 +399,6 @@ def _spare_label(name: str) -> str | None:
         if name.startswith(_spare_prefix(label, size)) and name.endswith(".ext4"):
             return label
     return None
-
-
-def sweep_claims(path: Path) -> None:
-    """Remove what a take of a spare workspace for ``path`` left beside it when its process was
-    killed in the middle (``Spares.take``): a blank disk not yet placed, or a second name of
-    the one placed. Only for a directory no other take works in (a create's own)."""
-    with contextlib.suppress(OSError):
-        for name in os.listdir(path.parent):
-            if name.startswith(f".{path.name}.") and name.endswith(".spare"):
-                _remove(path.parent / name)
 
 
 def make_layer(path: Path, size: int = LAYER_SIZE) -> None:
@@ -661,9 +655,10 @@ def _tree_size(tree: Path) -> tuple[int, int]:
     return max(size, ROOT_MIN_SIZE), entries
 
 
-def _remove_leftovers(cache_dir: Path, ident: str) -> None:
-    """Remove what an interrupted build of this image left (its lock is held, so none is running)."""
-    for leftover in cache_dir.glob(f".{ident}.*"):
+def _remove_leftovers(directory: Path, name: str) -> None:
+    """Remove what an interrupted make of ``name`` left in ``directory`` (``.<name>.*``); the caller
+    knows none is running (it holds the image's lock, or works the sandbox's directory alone)."""
+    for leftover in directory.glob(f".{name}.*"):
         _remove(leftover)
 
 

@@ -349,10 +349,30 @@ class VMDriver:
 
     def start(self, sandbox: str, sandbox_id: str, launched: Callable[[], None] | None = None) -> ContainerInfo:
         record = self._own("start", sandbox, sandbox_id)
+        directory = self._dir(sandbox_id)
+        synced = False
+
+        def sync() -> None:
+            """Make the names in the VM's directory durable (a create places its spare disks there
+            without waiting for it): as qemu launches, while the guest boots, before anyone is told
+            of the launch; at the end of a start that launched nothing, all the same."""
+            nonlocal synced
+            disks.sync_dir(directory)
+            synced = True
+
+        try:
+            return self._start(record, directory, launched, sync)
+        finally:
+            if not synced:
+                sync()
+
+    def _start(
+        self, record: VMRecord, directory: Path, launched: Callable[[], None] | None, sync: Callable[[], None]
+    ) -> ContainerInfo:
+        sandbox, sandbox_id = record.sandbox, record.sandbox_id
         machine = self._machine(sandbox_id)
         if machine.pid() is not None:
             return self._info(record)
-        directory = self._dir(sandbox_id)
         try:
             # The guest must find the workspace sound: mended where e2fsck can, refused with its
             # words where it cannot, and never made anew (its files are the user's).
@@ -374,11 +394,11 @@ class VMDriver:
             # Watched from its launch: the watcher's QMP connection is made while the guest boots,
             # not in the moment the start is reported. Its end before it was ready is this start's
             # failure, reported by the start alone (see _ended). The caller hears of the launch
-            # then too (a create reports its ContainerCreated while the guest boots), once what
-            # the VM runs with is durable (a create's disks, its record, this boot's).
+            # then too (a create reports its ContainerCreated while the guest boots), once the
+            # VM's directory is synced.
             def on_launch() -> None:
                 self._watch(sandbox_id)
-                disks.sync_dir(directory)
+                sync()
                 tell_launched(launched)
 
             machine.boot(spec, timeout=max(self.timeout, 60.0), launched=on_launch)

@@ -56,6 +56,7 @@ import base64
 import contextlib
 import ctypes
 import fcntl
+import functools
 import json
 import os
 import re
@@ -176,8 +177,10 @@ def _list(values: Sequence[str | bytes]) -> str:
     return ",".join(_item(v) for v in values)
 
 
+@functools.cache
 def _tsc_khz() -> int | None:
-    """The host TSC in kHz, from /proc/cpuinfo: microvm under TCG cannot calibrate it and hangs."""
+    """The host TSC in kHz, from /proc/cpuinfo: microvm under TCG cannot calibrate it and hangs.
+    Read once per process, not on each boot's path."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")

@@ -520,10 +520,12 @@ def test_make_disks_takes_spares_and_makes_what_none_is_at_hand_for(tmp_path: Pa
 @pytest.mark.parametrize("killed", ["before its link", "after its link"])
 def test_make_disks_removes_what_a_take_killed_in_the_middle_left(tmp_path: Path, killed: str) -> None:
     """A take moves its spare beside the workspace, links it in place, removes the first name:
-    a create worked again after its process died between two of these leaves neither."""
+    a create worked again after its process died between two of these leaves neither, nor the
+    half-made layer of a make that died."""
     workspace, layer_disk = tmp_path / "workspace.ext4", tmp_path / "layer.ext4"
     claim = tmp_path / ".workspace.ext4.0123abcd.spare"
     disks.make_workspace(claim, 16 * MIB)
+    (tmp_path / ".layer.ext4.4567cdef.tmp").write_bytes(b"half made")
     if killed == "after its link":
         os.link(claim, workspace)
         debugfs_write(workspace, "mkdir kept")

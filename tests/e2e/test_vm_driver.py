@@ -25,7 +25,7 @@ import pytest
 from sandboxctl.cli import attach
 from sandboxctl.client import SandboxClient
 from sandboxctl.client.errors import InvalidArgument
-from sandboxctl.drivers.base import SandboxSpec
+from sandboxctl.drivers.base import DriverError, SandboxSpec
 from sandboxctl.drivers.vm import disks
 from sandboxctl.drivers.vm.driver import VMDriver
 from sandboxctl.drivers.vm.machine import Guest, Machine, default_guest_dir
@@ -382,10 +382,11 @@ async def test_only_the_workers_driver_makes_disks_ahead_and_a_plane_that_stops_
 
 
 def test_a_vms_disks_taken_ahead_are_made_durable_before_its_launch_is_told(
-    vm_config: Config, image: str, monkeypatch: pytest.MonkeyPatch
+    vm_config: Config, image: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """A create places its spare disks without waiting on the filesystem's sync; the start makes
-    them (and the VM's record) durable while qemu boots, before it tells anyone of the launch."""
+    their names durable while qemu boots, before it tells anyone of the launch, and a start that
+    fails before any launch makes them durable all the same."""
     driver = make_driver("vm", vm_config)
     assert isinstance(driver, VMDriver)
     made = disks.Spares(driver.spares_dir, disks.SPARES)
@@ -404,6 +405,13 @@ def test_a_vms_disks_taken_ahead_are_made_durable_before_its_launch_is_told(
     try:
         driver.create(spec)
         assert {(directory / n).stat().st_ino for n in ("workspace.img", "layer.img")} <= spares
+        assert ("synced", directory) not in told  # not on the create's path
+        told.clear()
+        no_guest = VMDriver(driver.directory, guest_dir=tmp_path / "no-guest", spares=0)
+        with pytest.raises(DriverError, match="no VM guest kernel"):
+            no_guest.start(spec.name, spec.sandbox_id, launched=lambda: told.append(("launched", None)))
+        assert told == [("synced", directory)]
+        told.clear()
         driver.start(spec.name, spec.sandbox_id, launched=lambda: told.append(("launched", None)))
         assert ("synced", directory) in told[: told.index(("launched", None))], told
     finally:

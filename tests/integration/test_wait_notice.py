@@ -9,6 +9,7 @@ until the test lets it go, so the order of notice and commit is the test's to ch
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from sandboxctl.bus.streams import ensure_streams
-from sandboxctl.client import SandboxClient
+from sandboxctl.client import SandboxClient, WaitTimeout
 from sandboxctl.events import subjects
 from sandboxctl.events.envelope import Envelope, encode, new_id, now
 from sandboxctl.events.lifecycle import LifecycleEvent, SandboxCreated, SandboxReady
@@ -119,3 +120,29 @@ async def test_a_notice_too_large_to_carry_its_row_is_read_back_no_older_than_it
     row = await asyncio.wait_for(waiting, 10)
     assert (row["phase"], row["last_seq"]) == ("Ready", ready_seq)
     assert seen == [("Provisioning", ready_seq - 1), ("Ready", ready_seq)]
+
+
+async def test_a_late_notice_of_an_older_row_never_takes_a_wait_back(
+    readers: tuple[ControlPlane, NATS, SandboxClient],
+) -> None:
+    """Each projector replica sends its own notices: one behind sends the row as it was, after a
+    newer one was seen. The wait shows the newer row alone, and the client reads no older."""
+    plane, nc, client = readers
+    provisioning = await append(nc, "w3", SandboxCreated(sandbox_id=new_id(), image=IMAGE, driver="podman"))
+    ready = await append(nc, "w3", SandboxReady(incarnation="run-1"))
+    await until(lambda: plane.projector.position >= ready, "the Ready row committed")
+    row = await client.get("w3")
+    shown: list[tuple[str, int]] = []
+
+    def on_change(item: dict[str, Any]) -> None:
+        shown.append((item["phase"], item["last_seq"]))
+
+    waiting = asyncio.create_task(client.wait_for("w3", Phase.STOPPED, timeout=1.5, on_change=on_change))
+    await until(lambda: shown, "the row read by the wait")
+    behind = {**row, "phase": "Provisioning", "last_seq": provisioning}  # a replica that is behind
+    notice = {"name": "w3", "phase": "Provisioning", "seq": provisioning, "item": behind}
+    await nc.publish(subjects.projected("w3"), json.dumps(notice).encode())
+    with pytest.raises(WaitTimeout):
+        await waiting
+    assert set(shown) == {("Ready", ready)}  # (looked at again each second)
+    assert client.seen >= ready
